@@ -1,0 +1,1 @@
+"""FoT crossbatch fine-tuning."""

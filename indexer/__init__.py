@@ -1,0 +1,1 @@
+"""Indexer: repository files -> tree-sitter chunks -> memory (keys, values) cached in SQLite."""

@@ -1,0 +1,25 @@
+"""The few user-facing errors. Each message says what went wrong and what to do about it."""
+
+
+class LongLlamaError(Exception):
+    """Base class for errors shown to users (CLI prints the message, the server shows it)."""
+
+
+class ModelError(LongLlamaError):
+    """No usable model: not found, not installed, or cannot be converted."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint exists but is wrong: missing keys, wrong shapes, unknown type, unsafe pickle."""
+
+
+class StoreError(LongLlamaError):
+    """The index database cannot be opened, written or trusted."""
+
+
+class StoreMismatch(StoreError):
+    """The index was built by a different model (fingerprint mismatch)."""
+
+
+class IndexBusy(StoreError):
+    """Another process holds the index writer lock."""

@@ -1,0 +1,203 @@
+"""Pure tensor functions of the attention path: RoPE, local + memory attention, top-k retrieval.
+
+Letters used in shapes: B batch, H query heads, Hkv key/value heads, G = H // Hkv query heads per
+key/value head, T queries, L local keys, M memory keys, K retrieved keys, D head dim.
+
+Memory attention is LongLLaMA's (spec §2.2): ONE softmax over the local causal keys and all memory
+keys, with the same 1/sqrt(D) scale; scores are clamped from below at max(finfo.min, -1e6) after the
+additive masks, exactly as the reference, so masked rows behave identically (even fully masked
+padding rows, whose logits the golden tests compare).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .memory import MemCache
+
+# Memory keys scored per block; bounds the (T, M) score matrix to (T, MEM_BLOCK) at a time.
+MEM_BLOCK = 16384
+
+
+def min_score(dtype: torch.dtype) -> float:
+    return max(torch.finfo(dtype).min, -1e6)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (B, T, D) for integer positions (B, T); HF's rotate_half convention (spec §1.3)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B, T, D)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def relative_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Local positions rebased to start at 0 in each row (spec §2.2.5): (B, L) -> (B, L)."""
+    return positions - positions.min(dim=-1, keepdim=True).values
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, Hkv, G, T, D): query heads grouped by the key/value head they share."""
+    b, h, t, d = q.shape
+    return q.view(b, kv_heads, h // kv_heads, t, d)
+
+
+def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, Hk, G, T, D), k (B, Hk, L, D), mask (B, 1, T, L) -> clamped scores (B, Hk, G, T, L)."""
+    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * scale
+    return torch.clamp_min(s + mask[:, :, None], min_score(s.dtype))
+
+
+def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
+    s = torch.matmul(q, mem_k[:, :, None].to(q.dtype).transpose(-1, -2)) * scale
+    mask = mem_mask[:, :, None, :, 0].to(s.dtype)[..., None, :]  # (B, 1, 1, 1, M)
+    return torch.clamp_min(s + mask, min_score(s.dtype))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           memory: MemCache | None = None, grouping: tuple[int, int] | None = None,
+           topk: int | None = None, want_memory_weights: bool = False,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Local causal attention plus (optionally) memory, one softmax.
+
+    q: (B, H, T, D) rotated; k, v: (B, Hkv, L, D) rotated local keys and values; mask: (B, 1, T, L)
+    additive. memory: keys/values (B or 1, Hkv, M, D). grouping: (heads, queries) tile as the
+    reference's mem_attention_grouping (pure tiling, same result). topk: attend only to the top-k
+    memory keys of each query and head (exact retrieval; k >= M equals dense).
+    Returns (B, H, T, D) and, if asked, memory attention mass (B, M) summed over heads and queries.
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    if memory is not None and memory.num_tokens == 0:
+        memory = None
+    if memory is not None and memory.keys.shape[0] != b:
+        memory = MemCache(memory.keys.expand(b, -1, -1, -1), memory.values.expand(b, -1, -1, -1),
+                          memory.mask.expand(b, -1, -1, -1))
+    tile_h, tile_q = grouping if grouping else (h, t)
+    tile_kv = max(1, math.ceil(tile_h / g))  # tile over key/value heads so GQA groups stay whole
+    if topk is not None and memory is not None and topk < memory.num_tokens:
+        tile_q = min(tile_q, 128)  # gathered (T, K, D) values grow with T: keep tiles small
+    qg = _grouped(q, hkv)  # (B, Hkv, G, T, D)
+    outs, weights = [], None
+    if want_memory_weights and memory is not None:
+        weights = torch.zeros(b, memory.num_tokens, dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(d)
+    for h0 in range(0, hkv, tile_kv):
+        hs = slice(h0, min(h0 + tile_kv, hkv))
+        mem = None if memory is None else MemCache(memory.keys[:, hs], memory.values[:, hs], memory.mask)
+        row = []
+        for t0 in range(0, t, tile_q):
+            ts = slice(t0, min(t0 + tile_q, t))
+            out_tile, w_tile = _attend_tile(qg[:, hs, :, ts], k[:, hs], v[:, hs], mask[:, :, ts], mem,
+                                            scale, topk, weights is not None)
+            row.append(out_tile)
+            if w_tile is not None:
+                weights += w_tile
+        outs.append(torch.cat(row, dim=3))
+    out = torch.cat(outs, dim=1)  # (B, Hkv, G, T, D)
+    return out.reshape(b, h, t, d), weights
+
+
+def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
+    """One (heads, queries) tile of `attend`; q (B, Hk, G, T, D). Returns ((B, Hk, G, T, D), weights)."""
+    s_loc = _local_scores(q, k, mask, scale)  # (B, Hk, G, T, L)
+    if mem is None:
+        w = torch.softmax(s_loc, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(w, v[:, :, None]), None
+    if topk is not None and topk < mem.num_tokens:
+        return _attend_topk(q, s_loc, v, mem, scale, topk, want_weights)
+    if mem.num_tokens <= MEM_BLOCK:
+        s_mem = _memory_scores(q, mem.keys, mem.mask, scale)  # (B, Hk, G, T, M)
+        w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
+        n_loc = s_loc.shape[-1]
+        w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
+        out = torch.matmul(w_loc, v[:, :, None]) + torch.matmul(w_mem.to(q.dtype), mem.values[:, :, None].to(q.dtype))
+        return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
+    return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
+
+
+def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
+    """Dense memory attention streamed over memory blocks with a running log-sum-exp (flash-style)."""
+    s_loc = s_loc.float()
+    run_max = s_loc.amax(dim=-1, keepdim=True)  # (B, Hk, G, T, 1)
+    p = torch.exp(s_loc - run_max)
+    run_sum = p.sum(dim=-1, keepdim=True)
+    acc = torch.matmul(p, v[:, :, None].float())  # (B, Hk, G, T, D)
+    for m0 in range(0, mem.num_tokens, MEM_BLOCK):
+        ms = slice(m0, m0 + MEM_BLOCK)
+        s = _memory_scores(q, mem.keys[:, :, ms], mem.mask[:, :, ms], scale).float()
+        new_max = torch.maximum(run_max, s.amax(dim=-1, keepdim=True))
+        correction = torch.exp(run_max - new_max)
+        p = torch.exp(s - new_max)
+        run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
+        acc = acc * correction + torch.matmul(p, mem.values[:, :, None, ms].float())
+        run_max = new_max
+    out = (acc / run_sum).to(q.dtype)
+    weights = None
+    if want_weights:  # second pass: exact probabilities per memory slot
+        weights = torch.cat([
+            (torch.exp(_memory_scores(q, mem.keys[:, :, m0:m0 + MEM_BLOCK], mem.mask[:, :, m0:m0 + MEM_BLOCK],
+                                      scale).float() - run_max) / run_sum).sum(dim=(1, 2, 3))
+            for m0 in range(0, mem.num_tokens, MEM_BLOCK)], dim=-1)
+    return out, weights
+
+
+def _attend_topk(q, s_loc, v, mem, scale, topk, want_weights):
+    """Each query and head attends to its top-k memory keys (exact search, blockwise) plus local keys."""
+    best_s = best_i = None
+    for m0 in range(0, mem.num_tokens, MEM_BLOCK):
+        s = _memory_scores(q, mem.keys[:, :, m0:m0 + MEM_BLOCK], mem.mask[:, :, m0:m0 + MEM_BLOCK], scale)
+        idx = torch.arange(m0, m0 + s.shape[-1], device=s.device).expand_as(s)
+        if best_s is not None:
+            s, idx = torch.cat([best_s, s], dim=-1), torch.cat([best_i, idx], dim=-1)
+        best_s, pos = torch.topk(s, min(topk, s.shape[-1]), dim=-1)  # (B, Hk, G, T, K)
+        best_i = torch.gather(idx, -1, pos)
+    w = torch.softmax(torch.cat([s_loc, best_s], dim=-1), dim=-1, dtype=torch.float32)
+    n_loc = s_loc.shape[-1]
+    bsz, hk, g, t, kk = best_i.shape
+    vals = mem.values.to(q.dtype)  # (B, Hk, M, D)
+    flat = best_i.reshape(bsz, hk, g * t * kk, 1).expand(-1, -1, -1, vals.shape[-1])
+    picked = torch.gather(vals, 2, flat).view(bsz, hk, g, t, kk, -1)  # (B, Hk, G, T, K, D)
+    out = torch.matmul(w[..., :n_loc].to(q.dtype), v[:, :, None])
+    out = out + torch.einsum("bhgtk,bhgtkd->bhgtd", w[..., n_loc:].to(q.dtype), picked)
+    weights = None
+    if want_weights:
+        weights = torch.zeros(bsz, mem.num_tokens, dtype=torch.float32, device=q.device)
+        weights.scatter_add_(1, best_i.reshape(bsz, -1), w[..., n_loc:].reshape(bsz, -1))
+    return out, weights
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                memory: MemCache | None = None, causal: bool = False) -> torch.Tensor:
+    """torch's scaled_dot_product_attention over concat(local, memory) keys (config.torch_attention).
+
+    Also the fast path for plain layers. mask: (B, 1, T, L) additive or None with causal=True.
+    """
+    hkv, h = k.shape[1], q.shape[1]
+    if memory is not None and memory.num_tokens:
+        b, t = q.shape[0], q.shape[2]
+        mem_k = memory.keys.to(k.dtype).expand(b, -1, -1, -1)
+        mem_v = memory.values.to(v.dtype).expand(b, -1, -1, -1)
+        mem_mask = memory.mask[:, :, :, 0].to(q.dtype).expand(b, 1, -1)[:, :, None].expand(b, 1, t, -1)
+        if mask is None:
+            mask = torch.full((t, k.shape[2]), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+            mask = mask.expand(b, 1, t, -1)
+        k, v = torch.cat([k, mem_k], dim=2), torch.cat([v, mem_v], dim=2)
+        mask = torch.cat([mask.to(q.dtype), mem_mask], dim=-1).clamp_min(min_score(q.dtype))
+        causal = False
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=h != hkv)

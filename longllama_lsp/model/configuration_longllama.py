@@ -1,0 +1,76 @@
+"""LongLLaMA configuration: a LLaMA config plus the Focused Transformer memory keys.
+
+Every key of the published LongLLaMA checkpoints (syzymon/long_llama_3b, _3b_v1_1, _code_7b,
+_code_7b_instruct) is a field here, so their config.json loads as is (spec §1.1, §1.2).
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+MEM_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@strict
+class LongLlamaConfig(LlamaConfig):
+    model_type = "longllama"
+
+    # 0-based decoder layers that attend to memory; [] = plain LLaMA run in independent windows.
+    mem_layers: list[int] | tuple[int, ...] = ()
+    # Storage dtype of memory keys/values, cast back to the compute dtype inside attention.
+    mem_dtype: str = "bfloat16"
+    # True: RoPE in memory layers (local keys rotated, memory keys at position 0). False: no RoPE there.
+    mem_positionals: bool = True
+    # (heads, queries) tile of the memory-attention score matrix, to bound peak memory; None = one tile.
+    mem_attention_grouping: list[int] | tuple[int, int] | None = None
+    # Use torch's scaled_dot_product_attention for local+memory attention.
+    torch_attention: bool = False
+    # With gradient checkpointing on, checkpoint only layers whose index is a multiple of this.
+    gradient_checkpoint_every_ith: int = 1
+    # Final input tokens kept in the local (generation) cache rather than pushed to memory.
+    last_context_length: int = 1024
+    # Per-head top-k over memory keys (exact retrieval) when memory exceeds the device budget; None = dense.
+    mem_topk: int | None = None
+
+    def __post_init__(self, **kwargs):
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        if rope_scaling is not None:
+            # The reference refuses any rope scaling (spec §1.1); so do we, rather than silently ignore it.
+            raise ValueError(f"LongLLaMA does not support rope_scaling, got {rope_scaling!r}")
+        self.mem_layers = [int(i) for i in self.mem_layers]
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = tuple(int(x) for x in self.mem_attention_grouping)
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        bad = [i for i in self.mem_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"mem_layers {bad} outside 0..{self.num_hidden_layers - 1}")
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
+        if self.mem_attention_grouping is not None and len(self.mem_attention_grouping) != 2:
+            raise ValueError(f"mem_attention_grouping must be (heads, queries), got {self.mem_attention_grouping}")
+        if self.last_context_length < 1:
+            raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
+
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
+
+
+# Named presets; "tiny" runs anywhere in milliseconds (tests), the others mirror published configs.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                 last_context_length=16, mem_layers=[1], mem_dtype="float32"),
+    "long_llama_3b": dict(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+                          num_attention_heads=32, max_position_embeddings=2048, last_context_length=1024,
+                          mem_layers=[6, 12, 18], mem_dtype="bfloat16", rms_norm_eps=1e-6,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "long_llama_code_7b": dict(vocab_size=32016, hidden_size=4096, intermediate_size=11008,
+                               num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096,
+                               last_context_length=3072, mem_layers=[8, 16, 24], mem_dtype="bfloat16",
+                               rope_theta=1e6, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}

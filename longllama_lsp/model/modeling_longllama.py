@@ -1,0 +1,453 @@
+"""LongLLaMA: LLaMA with Focused Transformer memory layers, for any LLaMA-family checkpoint.
+
+Inference follows the reference implementation exactly (spec §2): the input is cut into windows of
+`max_position_embeddings` tokens; every window but the last `last_context_length` tokens passes
+through the model with no local context carried over and leaves its (key, value) pairs in the
+memory layers' memory; memory layers attend with one softmax to their local causal keys and all
+memory keys (stored unrotated, i.e. at position 0). Parameter names are HF LLaMA's, so published
+LongLLaMA checkpoints and plain LLaMA checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from .attention import apply_rope, attend, relative_positions, rope_cos_sin, sdpa_attend
+from .configuration_longllama import LongLlamaConfig
+from .memory import MemCache, Memory
+
+if TYPE_CHECKING:
+    from .crossbatch import CrossBatch
+
+
+@dataclass
+class LocalCache:
+    """One layer's local (generation) cache: keys/values (B, Hkv, L, D) before RoPE, positions (B, L)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+class LongLlamaCache:
+    """What `past_key_values` holds: every layer's local cache, the local padding mask, and memory.
+
+    The reference's 6-tuple per layer (spec §2.3) as an object: `layers[i]` is a LocalCache (or None
+    before any token was cached), `key_mask` (B, L) is 1 for real tokens, `memory` maps memory layer
+    -> MemCache. Assign `cache.memory` to swap the memory (it is an unordered bag).
+    """
+
+    def __init__(self, layers: list[LocalCache | None], key_mask: torch.Tensor | None, memory: Memory):
+        self.layers, self.key_mask, self.memory = layers, key_mask, memory
+
+    @property
+    def local_length(self) -> int:
+        first = self.layers[0] if self.layers else None
+        return 0 if first is None else first.keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        return self.local_length
+
+    def next_position(self) -> torch.Tensor:
+        """(B, 1): one past the largest cached position (the reference's _prepare_pos_ids)."""
+        return self.layers[0].positions.max(dim=-1, keepdim=True).values + 1
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` local tokens (prefix reuse after an edit)."""
+        for i, c in enumerate(self.layers):
+            if c is not None:
+                self.layers[i] = LocalCache(c.keys[:, :, :length], c.values[:, :, :length], c.positions[:, :length])
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[:, :length]
+
+
+@dataclass
+class LongLlamaOutput:
+    """A plain dataclass: transformers' ModelOutput renames past_key_values in v5."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: LongLlamaCache | None = None
+    hidden_states: torch.Tensor | None = None
+    # {memory layer: (B, M) attention mass on each memory slot, summed over heads and queries}
+    memory_attention: dict[int, torch.Tensor] | None = None
+
+
+@dataclass
+class _Window:
+    """What every layer of one window needs: positions, additive mask, cache and memory state."""
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    mask: torch.Tensor  # (B, 1, T, Lc+T) additive causal + padding mask over cached + new keys
+    flush: bool  # the local cache overflows the window: move it to memory / drop it
+    use_cache: bool
+    crossbatch: CrossBatch | None = None
+    want_memory_weights: bool = False
+
+
+class LongLlamaAttention(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.is_memory_layer = layer_idx in config.mem_layers
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                     config.head_dim)
+        self.uses_rope = not self.is_memory_layer or config.mem_positionals
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+        self.mem_dtype = getattr(torch, config.mem_dtype)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def memory_update(self, k: torch.Tensor, v: torch.Tensor, key_mask_row: torch.Tensor) -> MemCache:
+        """Keys rotated "as if first" = unrotated (RoPE at 0 is the identity); mask (B, 1, T, 1)."""
+        return MemCache(k.to(self.mem_dtype), v.to(self.mem_dtype), key_mask_row[..., None])
+
+    def forward(self, x: torch.Tensor, w: _Window, rope: Callable, local: LocalCache | None,
+                memory: MemCache | None):
+        """x: (B, T, C). Returns (out (B, T, C), new local cache, new memory, memory attention)."""
+        q, k, v = self.project(x)
+        if w.crossbatch is not None and self.is_memory_layer:
+            return self._crossbatch(q, k, v, w, rope), None, memory, None
+        mask, positions = w.mask, w.positions
+        # Reference: only a window with no local cache and no caching writes itself to memory.
+        update = self.memory_update(k, v, mask[:, :, -1]) if self.is_memory_layer and local is None \
+            and not w.use_cache else None
+        if local is not None:
+            if w.flush:  # the whole previous local cache leaves: memory layers keep it in memory
+                if self.is_memory_layer:
+                    moved = self.memory_update(local.keys, local.values, mask[:, :, -1, :local.keys.shape[2]])
+                    memory = moved if memory is None else MemCache.concat([memory, moved])
+                mask = mask[..., local.keys.shape[2]:]
+            else:
+                k, v = torch.cat([local.keys, k], dim=2), torch.cat([local.values, v], dim=2)
+                positions = torch.cat([local.positions, positions], dim=1)
+        new_local = LocalCache(k, v, positions) if w.use_cache else None
+        if self.uses_rope:
+            cos, sin = rope(relative_positions(positions), q.dtype)
+            q, k = apply_rope(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:]), apply_rope(k, cos, sin)
+        memory_in = memory if self.is_memory_layer else None
+        weights = None
+        if self.config.torch_attention and not w.want_memory_weights and not self.config.mem_topk:
+            out = sdpa_attend(q, k, v, mask, memory_in)
+        else:
+            out, weights = attend(q, k, v, mask, memory_in, self.config.mem_attention_grouping,
+                                  self.config.mem_topk, w.want_memory_weights and self.is_memory_layer)
+        if update is not None:
+            memory = update if memory is None else MemCache.concat([memory, update])
+        return self._output(out), new_local, memory, weights
+
+    def _crossbatch(self, q, k, v, w: _Window, rope) -> torch.Tensor:
+        """FoT training (spec §3.2): previous rows' keys at position 0, own keys causal."""
+        from .crossbatch import crossbatch_attention, visible_contexts
+        k_mem = k
+        if self.uses_rope:
+            cos, sin = rope(relative_positions(w.positions), q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cb = w.crossbatch
+        visible = visible_contexts(q.shape[0], cb.range, cb.pack, cb.stepping).to(q.device)
+        return self._output(crossbatch_attention(q, k, k_mem, v, visible, local_mask=w.mask))
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class LongLlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LongLlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, w: _Window, rope, local, memory):
+        h, new_local, memory, weights = self.self_attn(self.input_layernorm(x), w, rope, local, memory)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_local, memory, weights
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LongLlamaConfig
+    config: LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongLlamaDecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"decoder\.version"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LlamaRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, LongLlamaModel):
+            module.inv_freq.copy_(module.compute_inv_freq()[0])
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        inv_freq, self.rope_scaling = self.compute_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        rope_type = (self.config.rope_parameters or {}).get("rope_type", "default")
+        if rope_type == "default":
+            d = self.config.head_dim
+            return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
+        return ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, positions, dtype, self.rope_scaling)
+
+    def forward_window(self, input_ids: torch.Tensor, w: _Window, local: list[LocalCache | None] | None,
+                       memory: dict[int, MemCache], stop_after: int | None = None):
+        """One window through the layers (all, or up to `stop_after`). Returns hidden, caches, memory."""
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        new_local, weights, memory = [], {}, dict(memory)
+        for i, layer in enumerate(self.layers[: None if stop_after is None else stop_after + 1]):
+            cache_i = local[i] if local is not None else None
+            if self.gradient_checkpointing and self.training and i % self.config.gradient_checkpoint_every_ith == 0:
+                # Non-reentrant: memory keys/values stay differentiable (the reference's recipe detaches them).
+                x, c, m, a = checkpoint(layer, x, w, self.rope, cache_i, memory.get(i), use_reentrant=False)
+            else:
+                x, c, m, a = layer(x, w, self.rope, cache_i, memory.get(i))
+            new_local.append(c)
+            if m is not None:
+                memory[i] = m
+            if a is not None:
+                weights[i] = a
+        if stop_after is None:
+            x = self.norm(x)
+        return x, new_local, memory, weights
+
+
+def _additive_mask(key_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Lc+T) 1/0 key mask -> (B, 1, T, Lc+T): causal over the new T tokens plus padding."""
+    b, total = key_mask.shape
+    lo = torch.finfo(dtype).min
+    past = total - t
+    q_idx = torch.arange(t, device=key_mask.device)[:, None] + past
+    k_idx = torch.arange(total, device=key_mask.device)[None, :]
+    hidden = (k_idx > q_idx)[None, None] | (key_mask[:, None, None, :] == 0)
+    return torch.zeros(b, 1, t, total, dtype=dtype, device=key_mask.device).masked_fill(hidden, lo)
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @property
+    def window(self) -> int:
+        """Window size (the reference's lctx = max_position_embeddings)."""
+        return self.config.max_position_embeddings
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: LongLlamaCache | None = None,
+                memory: Memory | None = None, use_cache: bool | None = None,
+                last_context_length: int | None = None, labels: torch.LongTensor | None = None,
+                crossbatch: CrossBatch | None = None, output_memory_attention: bool = False,
+                logits_to_keep: int = 0, **_unused) -> LongLlamaOutput:
+        """Logits for input_ids (B, T), with memory and local cache handled as the reference does.
+
+        memory: initial memory (e.g. assembled from the index); must be None when past_key_values
+        (which carries its own memory) is given. crossbatch: FoT training mode (memory layers attend
+        to previous batch rows); input must fit one window.
+        """
+        if crossbatch is not None:
+            return self._forward_crossbatch(input_ids, labels, crossbatch, attention_mask)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        lcl = self.config.last_context_length if last_context_length is None else last_context_length
+        if past_key_values is not None and memory is not None:
+            raise ValueError("pass memory either in past_key_values or as memory=, not both")
+        b, t = input_ids.shape
+        cache = past_key_values
+        local = cache.layers if cache is not None and cache.local_length else None
+        mem_state = dict(cache.memory if cache is not None else (memory or {}))
+        n_cached = cache.local_length if local is not None else 0
+        if position_ids is None:
+            start = cache.next_position() if local is not None else torch.zeros(b, 1, dtype=torch.long,
+                                                                                  device=input_ids.device)
+            position_ids = torch.arange(t, device=input_ids.device)[None] + start
+        key_mask = self._key_mask(attention_mask, cache if local is not None else None, b, n_cached + t,
+                                  input_ids.device)
+        hidden, weights = [], {}
+        mem_len = max(t - lcl, 0)
+        spans = [(s, min(s + self.window, mem_len)) for s in range(0, mem_len, self.window)] + [(mem_len, t)]
+        for beg, end in spans:
+            if beg == end and (beg, end) != spans[-1]:
+                continue
+            last = (beg, end) == spans[-1]
+            window_cache = use_cache if (last or local is not None) else False
+            h, local, mem_state, key_mask, w = self._run_window(
+                input_ids[:, beg:end], position_ids[:, beg:end], key_mask, local, mem_state, window_cache,
+                output_memory_attention, n_new_after=t - end)
+            hidden.append(h)
+            weights = w  # memory grows across windows: report the last window's attention
+        hidden_states = torch.cat(hidden, dim=1)
+        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        loss = self._lm_loss(logits, labels) if labels is not None else None
+        new_cache = None
+        if use_cache or mem_state:
+            new_cache = LongLlamaCache(local if local is not None else [None] * len(self.model.layers),
+                                       key_mask if local is not None else None, Memory(mem_state))
+        return LongLlamaOutput(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=hidden_states,
+                               memory_attention=weights or None)
+
+    def _key_mask(self, attention_mask, cache, b, total, device) -> torch.Tensor:
+        """(B, Lc+T) 1/0 mask over cached + new tokens (the reference slices the caller's full mask)."""
+        if attention_mask is not None:
+            if attention_mask.shape[-1] < total:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {total} "
+                                 "(local cache + input)")
+            return attention_mask[:, -total:].to(device)
+        mask = torch.ones(b, total, dtype=torch.long, device=device)
+        if cache is not None and cache.key_mask is not None:
+            mask[:, : cache.key_mask.shape[1]] = cache.key_mask
+        return mask
+
+    def _run_window(self, ids, positions, key_mask, local, mem_state, use_cache, want_weights, n_new_after):
+        """One window; key_mask spans (cached + all remaining input). Returns the rolled state."""
+        t = ids.shape[1]
+        n_cached = local[0].keys.shape[2] if local is not None and local[0] is not None else 0
+        window_mask = key_mask[:, : n_cached + t]
+        flush = local is not None and n_cached + t > self.window
+        w = _Window(positions=positions, mask=_additive_mask(window_mask, t, self.dtype), flush=flush,
+                    use_cache=use_cache, want_memory_weights=want_weights)
+        h, new_local, mem_state, weights = self.model.forward_window(ids, w, local, mem_state)
+        kept = t if flush else n_cached + t  # local tokens after this window
+        rest = key_mask[:, n_cached + t:]  # mask of the input still to come
+        key_mask = torch.cat([window_mask[:, -kept:] if use_cache else window_mask[:, :0], rest], dim=1)
+        return h, (new_local if use_cache else None), mem_state, key_mask, weights
+
+    def _forward_crossbatch(self, input_ids, labels, crossbatch: CrossBatch, attention_mask=None):
+        b, t = input_ids.shape
+        if t > self.window:
+            raise ValueError(f"crossbatch rows must fit one window ({self.window} tokens), got {t}")
+        key_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        w = _Window(positions=positions, mask=_additive_mask(key_mask, t, self.dtype), flush=False,
+                    use_cache=False, crossbatch=crossbatch)
+        h, _, _, _ = self.model.forward_window(input_ids, w, None, {})
+        logits = self.lm_head(h)
+        return LongLlamaOutput(loss=self._lm_loss(logits, labels) if labels is not None else None, logits=logits)
+
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                           labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+
+    @torch.inference_mode()
+    def encode_memory(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      memory: Memory | None = None) -> Memory:
+        """The memory (keys, values per memory layer) that `input_ids` (B, T) leaves behind.
+
+        Runs only up to the last memory layer (no LM head). Windows of T > window are encoded one
+        after another as the reference does. With `memory`, the chunk is encoded after that memory
+        (sequential encoding) and only the chunk's own part is returned.
+        """
+        if not self.config.mem_layers:
+            raise ValueError("this model has no memory layers (mem_layers is empty)")
+        b, t = input_ids.shape
+        key_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        start = memory.num_tokens if memory is not None else 0
+        state = dict(memory or {})
+        for beg in range(0, t, self.window):
+            end = min(beg + self.window, t)
+            positions = torch.arange(beg, end, device=input_ids.device)[None].expand(b, -1)
+            w = _Window(positions=positions, mask=_additive_mask(key_mask[:, beg:end], end - beg, self.dtype),
+                        flush=False, use_cache=False)
+            _, _, state, _ = self.model.forward_window(input_ids[:, beg:end], w, None, state,
+                                                       stop_after=max(self.config.mem_layers))
+        return Memory({i: MemCache(c.keys[:, :, start:], c.values[:, :, start:], c.mask[:, :, start:])
+                       for i, c in state.items()})
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, memory: Memory | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id: int | list[int] | None = None, last_context_length: int | None = None,
+                 should_stop: Callable[[torch.Tensor], bool] | None = None,
+                 on_token: Callable[[int], None] | None = None, generator: torch.Generator | None = None,
+                 return_scores: bool = False):
+        """Greedy or sampled decoding with the local cache (overflow moves to memory, spec §2.3).
+
+        Returns sequences (B, T + new) or, with return_scores, (sequences, scores (B, new, V)).
+        should_stop(sequences) is checked between steps (cancellation); on_token streams row 0.
+        """
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Positions from the mask, as the reference's prepare_inputs_for_generation (pads get -1).
+        positions = attention_mask.long().cumsum(-1) - 1
+        out = self(input_ids, attention_mask=attention_mask, position_ids=positions, memory=memory,
+                   use_cache=True, last_context_length=last_context_length, logits_to_keep=1)
+        seqs, scores, done = input_ids, [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            scores.append(logits)
+            nxt = self._pick(logits, do_sample, temperature, top_p, top_k, generator)
+            nxt = torch.where(done, torch.full_like(nxt, self.config.pad_token_id or 0), nxt)
+            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
+            if on_token is not None:
+                on_token(int(nxt[0]))
+            done |= torch.tensor([int(x) in eos for x in nxt], device=done.device)
+            if bool(done.all()) or (should_stop is not None and should_stop(seqs)):
+                break
+            pos = attention_mask.long().sum(-1, keepdim=True) - 1
+            out = self(nxt[:, None], attention_mask=attention_mask, position_ids=pos,
+                       past_key_values=out.past_key_values, use_cache=True, last_context_length=last_context_length)
+        return (seqs, torch.stack(scores, dim=1)) if return_scores else seqs
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_p, top_k, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / max(temperature, 1e-5)
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, -1) > top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
