@@ -54,17 +54,31 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.view(b, kv_heads, h // kv_heads, t, d)
 
 
+def _flat(q: torch.Tensor) -> torch.Tensor:
+    """(B, Hk, G, T, D) -> (B, Hk, G*T, D): one plain matmul per key/value head, no broadcast copies."""
+    b, hk, g, t, d = q.shape
+    return q.reshape(b, hk, g * t, d)
+
+
 def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hk, G, T, D), k (B, Hk, L, D), mask (B, 1, T, L) -> clamped scores (B, Hk, G, T, L)."""
-    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)) * scale
+    b, hk, g, t, _ = q.shape
+    s = torch.matmul(_flat(q), k.transpose(-1, -2)).view(b, hk, g, t, -1) * scale
     return torch.clamp_min(s + mask[:, :, None], min_score(s.dtype))
 
 
 def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
-    s = torch.matmul(q, mem_k[:, :, None].to(q.dtype).transpose(-1, -2)) * scale
-    mask = mem_mask[:, :, None, :, 0].to(s.dtype)[..., None, :]  # (B, 1, 1, 1, M)
+    b, hk, g, t, _ = q.shape
+    s = torch.matmul(_flat(q), mem_k.to(q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    mask = mem_mask[:, :, :, 0].to(s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
     return torch.clamp_min(s + mask, min_score(s.dtype))
+
+
+def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w (B, Hk, G, T, N) @ v (B, Hk, N, D) -> (B, Hk, G, T, D)."""
+    b, hk, g, t, n = w.shape
+    return torch.matmul(w.reshape(b, hk, g * t, n), v).view(b, hk, g, t, -1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -117,7 +131,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
     s_loc = _local_scores(q, k, mask, scale)  # (B, Hk, G, T, L)
     if mem is None:
         w = torch.softmax(s_loc, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(w, v[:, :, None]), None
+        return _weighted(w, v), None
     if topk is not None and topk < mem.num_tokens:
         return _attend_topk(q, s_loc, v, mem, scale, topk, want_weights)
     if mem.num_tokens <= MEM_BLOCK:
@@ -125,7 +139,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
         w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
         n_loc = s_loc.shape[-1]
         w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
-        out = torch.matmul(w_loc, v[:, :, None]) + torch.matmul(w_mem.to(q.dtype), mem.values[:, :, None].to(q.dtype))
+        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.dtype))
         return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
     return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
 
@@ -136,7 +150,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
     run_max = s_loc.amax(dim=-1, keepdim=True)  # (B, Hk, G, T, 1)
     p = torch.exp(s_loc - run_max)
     run_sum = p.sum(dim=-1, keepdim=True)
-    acc = torch.matmul(p, v[:, :, None].float())  # (B, Hk, G, T, D)
+    acc = _weighted(p, v.float())  # (B, Hk, G, T, D)
     for m0 in range(0, mem.num_tokens, MEM_BLOCK):
         ms = slice(m0, m0 + MEM_BLOCK)
         s = _memory_scores(q, mem.keys[:, :, ms], mem.mask[:, :, ms], scale).float()
@@ -144,7 +158,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
         correction = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
         run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + torch.matmul(p, mem.values[:, :, None, ms].float())
+        acc = acc * correction + _weighted(p, mem.values[:, :, ms].float())
         run_max = new_max
     out = (acc / run_sum).to(q.dtype)
     weights = None
@@ -169,10 +183,10 @@ def _attend_topk(q, s_loc, v, mem, scale, topk, want_weights):
     w = torch.softmax(torch.cat([s_loc, best_s], dim=-1), dim=-1, dtype=torch.float32)
     n_loc = s_loc.shape[-1]
     bsz, hk, g, t, kk = best_i.shape
-    vals = mem.values.to(q.dtype)  # (B, Hk, M, D)
+    vals = mem.values  # (B, Hk, M, D), gathered before the cast: only K rows per query are converted
     flat = best_i.reshape(bsz, hk, g * t * kk, 1).expand(-1, -1, -1, vals.shape[-1])
-    picked = torch.gather(vals, 2, flat).view(bsz, hk, g, t, kk, -1)  # (B, Hk, G, T, K, D)
-    out = torch.matmul(w[..., :n_loc].to(q.dtype), v[:, :, None])
+    picked = torch.gather(vals, 2, flat).view(bsz, hk, g, t, kk, -1).to(q.dtype)  # (B, Hk, G, T, K, D)
+    out = _weighted(w[..., :n_loc].to(q.dtype), v)
     out = out + torch.einsum("bhgtk,bhgtkd->bhgtd", w[..., n_loc:].to(q.dtype), picked)
     weights = None
     if want_weights:
@@ -197,7 +211,10 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
             mask = torch.full((t, k.shape[2]), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
             mask = mask.expand(b, 1, t, -1)
         k, v = torch.cat([k, mem_k], dim=2), torch.cat([v, mem_v], dim=2)
-        mask = torch.cat([mask.to(q.dtype), mem_mask], dim=-1).clamp_min(min_score(q.dtype))
+        # Not clamped: finfo.min swamps any score, so fully masked rows stay uniform as in the reference.
+        mask = torch.cat([mask.to(q.dtype), mem_mask], dim=-1)
         causal = False
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=h != hkv)

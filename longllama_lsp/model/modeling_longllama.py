@@ -11,7 +11,7 @@ LongLLaMA checkpoints and plain LLaMA checkpoints load unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from .attention import apply_rope, attend, relative_positions, rope_cos_sin, sdpa_attend
+from .attention import apply_rope, attend, rope_cos_sin, sdpa_attend
 from .configuration_longllama import LongLlamaConfig
 from .memory import MemCache, Memory
 
@@ -31,11 +31,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class LocalCache:
-    """One layer's local (generation) cache: keys/values (B, Hkv, L, D) before RoPE, positions (B, L)."""
+    """One layer's local (generation) cache: keys/values (B, Hkv, L, D) before RoPE, positions (B, L).
+
+    `rotated` keeps the keys after RoPE for the window base `base` (B, 1) (the smallest local
+    position): the reference re-rotates every key at every step; while the base is unchanged the
+    result is the same, so decoding rotates only the new token.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
+    rotated: torch.Tensor | None = None
+    base: torch.Tensor | None = None
 
 
 class LongLlamaCache:
@@ -65,7 +72,9 @@ class LongLlamaCache:
         """Keep the first `length` local tokens (prefix reuse after an edit)."""
         for i, c in enumerate(self.layers):
             if c is not None:
-                self.layers[i] = LocalCache(c.keys[:, :, :length], c.values[:, :, :length], c.positions[:, :length])
+                rotated = c.rotated[:, :, :length] if c.rotated is not None else None
+                self.layers[i] = LocalCache(c.keys[:, :, :length], c.values[:, :, :length], c.positions[:, :length],
+                                            rotated, c.base)
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :length]
 
@@ -92,6 +101,16 @@ class _Window:
     use_cache: bool
     crossbatch: CrossBatch | None = None
     want_memory_weights: bool = False
+    no_padding: bool = False  # every key is a real token: plain layers may use SDPA's causal kernel
+    rope_memo: dict = field(default_factory=dict)  # cos/sin shared by all layers of the window
+
+    def rope(self, rope: Callable, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (B, L, D) of the local positions rebased to 0, and the base (B, 1)."""
+        key = (positions.shape[1], dtype)
+        if key not in self.rope_memo:
+            base = positions.min(dim=-1, keepdim=True).values
+            self.rope_memo[key] = (*rope(positions - base, dtype), base)
+        return self.rope_memo[key]
 
 
 class LongLlamaAttention(nn.Module):
@@ -139,13 +158,25 @@ class LongLlamaAttention(nn.Module):
             else:
                 k, v = torch.cat([local.keys, k], dim=2), torch.cat([local.values, v], dim=2)
                 positions = torch.cat([local.positions, positions], dim=1)
-        new_local = LocalCache(k, v, positions) if w.use_cache else None
+        k_pre = k
+        rotated = base = None
         if self.uses_rope:
-            cos, sin = rope(relative_positions(positions), q.dtype)
-            q, k = apply_rope(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:]), apply_rope(k, cos, sin)
+            cos, sin, base = w.rope(rope, positions, q.dtype)
+            t = q.shape[2]
+            q = apply_rope(q, cos[:, -t:], sin[:, -t:])
+            reuse = local is not None and not w.flush and local.rotated is not None and torch.equal(local.base, base)
+            if reuse:
+                k = torch.cat([local.rotated, apply_rope(k[:, :, -t:], cos[:, -t:], sin[:, -t:])], dim=2)
+            else:
+                k = apply_rope(k, cos, sin)
+            rotated = k
+        new_local = LocalCache(k_pre, v, positions, rotated, base) if w.use_cache else None
         memory_in = memory if self.is_memory_layer else None
         weights = None
-        if self.config.torch_attention and not w.want_memory_weights and not self.config.mem_topk:
+        if not self.is_memory_layer:  # plain causal attention: torch's fused kernel
+            causal = w.no_padding and k.shape[2] == q.shape[2]
+            out = sdpa_attend(q, k, v, None if causal else mask, causal=causal)
+        elif self.config.torch_attention and not w.want_memory_weights and not self.config.mem_topk:
             out = sdpa_attend(q, k, v, mask, memory_in)
         else:
             out, weights = attend(q, k, v, mask, memory_in, self.config.mem_attention_grouping,
@@ -159,7 +190,7 @@ class LongLlamaAttention(nn.Module):
         from .crossbatch import crossbatch_attention, visible_contexts
         k_mem = k
         if self.uses_rope:
-            cos, sin = rope(relative_positions(w.positions), q.dtype)
+            cos, sin, _ = w.rope(rope, w.positions, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cb = w.crossbatch
         visible = visible_contexts(q.shape[0], cb.range, cb.pack, cb.stepping).to(q.device)
@@ -351,7 +382,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         window_mask = key_mask[:, : n_cached + t]
         flush = local is not None and n_cached + t > self.window
         w = _Window(positions=positions, mask=_additive_mask(window_mask, t, self.dtype), flush=flush,
-                    use_cache=use_cache, want_memory_weights=want_weights)
+                    use_cache=use_cache, want_memory_weights=want_weights, no_padding=bool(window_mask.all()))
         h, new_local, mem_state, weights = self.model.forward_window(ids, w, local, mem_state)
         kept = t if flush else n_cached + t  # local tokens after this window
         rest = key_mask[:, n_cached + t:]  # mask of the input still to come
@@ -393,7 +424,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
             end = min(beg + self.window, t)
             positions = torch.arange(beg, end, device=input_ids.device)[None].expand(b, -1)
             w = _Window(positions=positions, mask=_additive_mask(key_mask[:, beg:end], end - beg, self.dtype),
-                        flush=False, use_cache=False)
+                        flush=False, use_cache=False, no_padding=bool(key_mask[:, beg:end].all()))
             _, _, state, _ = self.model.forward_window(input_ids[:, beg:end], w, None, state,
                                                        stop_after=max(self.config.mem_layers))
         return Memory({i: MemCache(c.keys[:, :, start:], c.values[:, :, start:], c.mask[:, :, start:])

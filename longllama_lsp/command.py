@@ -1,0 +1,23 @@
+"""A CLI subcommand as plain data: how it adds its arguments and how it runs."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --device / --dtype, shared by every command that loads the model."""
+    p.add_argument("--model", metavar="PATH", help="LongLLaMA checkpoint dir, LLaMA dir or GGUF file "
+                   "(default: $LONGLLAMA_MODEL, else the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")

@@ -1,0 +1,69 @@
+"""Shared fixtures: the golden tiny checkpoint, a seeded tiny GQA model, report header."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "longllama-tiny"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_report_header(config):
+    import transformers
+    import tree_sitter
+
+    return (f"torch {torch.__version__} (cuda {torch.cuda.is_available()}), transformers {transformers.__version__}, "
+            f"sqlite {sqlite3.sqlite_version}, tree-sitter {getattr(tree_sitter, '__version__', '?')}")
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    """Test Data: tests/fixtures/longllama-tiny (the reference implementation's golden checkpoint)."""
+    from longllama_lsp.model import LongLlamaForCausalLM
+
+    return LongLlamaForCausalLM.from_pretrained(GOLDEN).eval()
+
+
+@pytest.fixture(scope="session")
+def golden_cases():
+    from safetensors.torch import load_file
+
+    return load_file(GOLDEN / "cases.safetensors")
+
+
+def make_tiny(seed: int = 0, **overrides):
+    """A seeded tiny random LongLLaMA (GQA 4/2 heads, tied embeddings unless overridden)."""
+    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LongLlamaConfig(**{**PRESETS["tiny"], "tie_word_embeddings": True, **overrides})
+    return LongLlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("LONGLLAMA_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
