@@ -1,0 +1,52 @@
+"""A real byte-level BPE for chunker tests, trained once per process on stdlib sources (~1 s).
+
+The production tokenizer (SmolLM2 from GGUF) is not available offline in tests; a byte-level BPE
+trained on Python code behaves like it (whitespace runs, merges across identifiers), unlike a
+whitespace split. See docs: /work/shared/reference/environment.md §5.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+STDLIB = Path(json.__file__).parent.parent  # e.g. ~/.pyenv/versions/3.11.7/lib/python3.11
+
+
+def stdlib_texts(limit_chars: int) -> Iterator[str]:
+    """UTF-8 .py files of the top-level stdlib, sorted, up to about `limit_chars` characters."""
+    total = 0
+    for path in sorted(STDLIB.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        yield text
+        total += len(text)
+        if total >= limit_chars:
+            return
+
+
+@functools.cache
+def stdlib_tokenizer(vocab_size: int = 4096) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_texts(1_500_000), trainer=trainer)
+    return tok
+
+
+def count_tokens_fn() -> Callable[[str], int]:
+    """`len(tok.encode(s))` in the shape production passes to chunk_file."""
+    tok = stdlib_tokenizer()
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
