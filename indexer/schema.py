@@ -1,0 +1,223 @@
+"""What the index database holds: row types, the numbered migrations, and the memory blob layout.
+
+One SQLite file per (repository, model). Tables:
+
+    meta      key/value: fingerprint (digest), fingerprint_details (JSON), schema_version, created_at
+    files     path PK; whole-file content hash, size, mtime_ns, language, decode policy,
+              status ('indexed' | 'skipped') and skip_reason, indexed_at
+    chunks    id PK; path -> files(path) ON DELETE CASCADE; ordinal (unique per path); byte and
+              1-based inclusive line ranges; symbol, kind, token_count, content_hash (sha256 of the text)
+    memories  content_hash PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data
+
+Memories are keyed by content hash alone (the whole file belongs to one model fingerprint, and each
+row repeats it), so identical chunk text anywhere in the repository, or on another branch, is
+encoded once. A chunk row may exist before its memory: the pipeline encodes what is missing.
+
+Memory blob layout (`data`), native little-endian, no header:
+
+    for layer in layers (ascending):  keys (Hkv, T, D) then values (Hkv, T, D), C-contiguous, in `dtype`
+
+`mask` is the float32 (T,) additive mask, or NULL when every slot is visible (the usual case).
+Blobs go last in the row so metadata queries never read overflow pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from sqlite_utils import Database, Migrations
+
+from longllama_lsp.model.memory import MemCache, Memory
+
+MEM_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                      "bfloat16": torch.bfloat16}
+
+migrations = Migrations("longllama-index")
+
+
+@migrations()
+def m001_create_tables(db: Database) -> None:
+    for sql in (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE files (
+            path TEXT PRIMARY KEY,
+            content_hash TEXT,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            language TEXT,
+            decode TEXT,
+            status TEXT NOT NULL CHECK (status IN ('indexed', 'skipped')),
+            skip_reason TEXT,
+            indexed_at REAL NOT NULL)""",
+        """CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
+            ordinal INTEGER NOT NULL,
+            start_byte INTEGER NOT NULL,
+            end_byte INTEGER NOT NULL,
+            start_line INTEGER NOT NULL,
+            end_line INTEGER NOT NULL,
+            symbol TEXT,
+            kind TEXT,
+            token_count INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            UNIQUE (path, ordinal))""",
+        "CREATE INDEX chunks_content_hash ON chunks (content_hash)",
+        """CREATE TABLE memories (
+            content_hash TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            dtype TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            layers TEXT NOT NULL,
+            nbytes INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            mask BLOB,
+            data BLOB NOT NULL)""",
+    ):
+        db.execute(sql)
+
+
+SCHEMA_VERSION = len(migrations._migrations)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that determines a chunk's memory bytes (house style 20). Equal digest = reusable cache."""
+
+    config_hash: str
+    weights_hash: str
+    tokenizer_hash: str
+    mem_dtype: str  # one of MEM_DTYPES
+    mem_layers: tuple[int, ...]
+    kv_heads: int
+    head_dim: int
+    # Memory keys are raw k_proj outputs, i.e. rotated as if at position 0 (spec §2.2.6).
+    key_layout: str = "unrotated"
+
+    def __post_init__(self):
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"mem_dtype must be one of {list(MEM_DTYPES)}, got {self.mem_dtype!r}")
+        object.__setattr__(self, "mem_layers", tuple(sorted(int(i) for i in self.mem_layers)))
+
+    @classmethod
+    def from_details(cls, details: dict[str, Any], kv_heads: int, head_dim: int) -> Fingerprint:
+        """From `longllama_lsp.model.loading.fingerprint_details(path)` plus the model's KV shape."""
+        if not details.get("mem_layers") or details.get("mem_dtype") not in MEM_DTYPES:
+            raise ValueError(f"model has no memory layers to index (mem_layers={details.get('mem_layers')}, "
+                             f"mem_dtype={details.get('mem_dtype')})")
+        return cls(config_hash=details["config_sha256"],
+                   weights_hash=_json_sha256({"weights": details["weights"],
+                                              "adapter": details.get("adapter")}),
+                   tokenizer_hash=_json_sha256(details["tokenizer"]), mem_dtype=details["mem_dtype"],
+                   mem_layers=tuple(details["mem_layers"]), kv_heads=kv_heads, head_dim=head_dim)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return MEM_DTYPES[self.mem_dtype]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        return cls(**json.loads(text))
+
+
+def _json_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class FileRow:
+    """One repository file as indexed (or skipped, with the reason)."""
+
+    path: str  # repository-relative, '/'-separated
+    content_hash: str | None  # sha256 hex of the file bytes
+    size: int
+    mtime_ns: int
+    language: str | None = None
+    decode: str | None = None  # how bytes became text, e.g. 'utf-8' or 'utf-8-replace'
+    status: str = "indexed"  # 'indexed' | 'skipped'
+    skip_reason: str | None = None  # e.g. 'binary', 'too large', 'generated'
+    indexed_at: float = field(default=0.0, compare=False)  # set by the store
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """A stored chunk: where it is and what content (hash) its memory is."""
+
+    id: int
+    path: str
+    ordinal: int
+    start_byte: int
+    end_byte: int
+    start_line: int  # 1-based, inclusive
+    end_line: int  # 1-based, inclusive
+    symbol: str | None
+    kind: str | None
+    token_count: int
+    content_hash: str
+
+
+CHUNK_INPUT_FIELDS = ("start_byte", "end_byte", "start_line", "end_line", "symbol", "kind",
+                      "token_count", "content_hash")
+
+
+def encode_memory(memory: Memory, fp: Fingerprint) -> tuple[dict, bytes | None, bytes]:
+    """Validate `memory` against the model fingerprint and lay it out as (row fields, mask, data)."""
+    if list(memory) != list(fp.mem_layers):
+        raise ValueError(f"memory layers {list(memory)} != model mem_layers {list(fp.mem_layers)}")
+    t = memory.num_tokens
+    if t == 0:
+        raise ValueError("refusing to store an empty memory (0 tokens)")
+    expected = (1, fp.kv_heads, t, fp.head_dim)
+    parts, mask = [], None
+    for layer, cache in memory.items():
+        for name, x in (("keys", cache.keys), ("values", cache.values)):
+            if tuple(x.shape) != expected or x.dtype != fp.torch_dtype:
+                raise ValueError(f"layer {layer} {name}: got {tuple(x.shape)} {x.dtype}, "
+                                 f"expected {expected} {fp.torch_dtype}")
+            # Raw bytes through numpy (which has no bfloat16, hence the uint8 view); bytes.join is the one
+            # copy and, unlike torch.cat, does not stall when other processes hog the CPU threads.
+            parts.append(memoryview(x.detach().to("cpu").contiguous().view(torch.uint8).numpy()).cast("B"))
+        m = cache.mask.detach().reshape(-1).to("cpu", torch.float32)
+        if mask is None:
+            mask = m
+        elif not torch.equal(m, mask):
+            raise ValueError(f"layer {layer} mask differs from layer {fp.mem_layers[0]}'s")
+    data = b"".join(parts)  # (2 * L * Hkv * T * D * itemsize,) bytes
+    mask_blob = mask.numpy().tobytes() if bool((mask != 0).any()) else None
+    row = dict(n_tokens=t, dtype=fp.mem_dtype, shape=json.dumps([fp.kv_heads, t, fp.head_dim]),
+               layers=json.dumps(list(fp.mem_layers)), nbytes=len(data))
+    return row, mask_blob, data
+
+
+def decode_memory(dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes) -> Memory:
+    """Inverse of encode_memory; one copy (bytes -> bytearray), the tensors are views of it."""
+    h, t, d = json.loads(shape)
+    layer_ids = json.loads(layers)
+    tdtype = MEM_DTYPES[dtype]
+    n = h * t * d
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+    if len(data) != 2 * len(layer_ids) * n * itemsize:
+        raise ValueError(f"memory blob has {len(data)} bytes, expected {2 * len(layer_ids) * n * itemsize}")
+    flat = torch.frombuffer(bytearray(data), dtype=tdtype)  # bytearray: writable, no warning
+    if mask is None:
+        m = torch.zeros(1, 1, t, 1, dtype=torch.float32)
+    else:
+        m = torch.frombuffer(bytearray(mask), dtype=torch.float32).view(1, 1, t, 1)
+    out = {}
+    for i, layer in enumerate(layer_ids):
+        k = flat[2 * i * n:(2 * i + 1) * n].view(1, h, t, d)  # (1, Hkv, T, D)
+        v = flat[(2 * i + 1) * n:(2 * i + 2) * n].view(1, h, t, d)
+        out[layer] = MemCache(k, v, m)
+    return Memory(out)

@@ -1,0 +1,398 @@
+"""The index store: one SQLite database per (repository, model) holding files, chunks and memories.
+
+    with Store.open(index_path(root, fp), fp) as store:          # the one writer (lock file)
+        rows = store.replace_file(file_row, chunks)              # one transaction per file
+        todo = store.missing_memories(r.content_hash for r in rows)
+        store.put_memories({h: encode(h) for h in todo})         # batched transactions
+    with Store.open(path, fp, readonly=True) as reader: ...      # never blocked (WAL snapshot)
+
+Durability: WAL with synchronous=NORMAL. Every commit is atomic and survives a killed process (the
+WAL is in the OS page cache); only a power loss can drop the last few commits, never corrupt the
+file. The index is a cache of the repository, so losing a commit costs re-encoding a few chunks,
+while FULL would fsync on every per-file commit.
+
+Garbage collection: memories are content-addressed, so a memory whose chunks vanish (file deleted,
+branch switched) is kept until `gc()`. The pipeline calls `gc()` once at the end of a full
+indexing pass, never during per-file updates, so content that comes back (branch switched back,
+code moved in two steps) is not re-encoded.
+
+Memory tensors live in BLOB rows rather than in side files (unlike house style 19) so a chunk, its
+memory and the file row commit in one SQLite transaction: kill -9 can never leave a half-written
+tensor file or an orphan. Cold reads measured ~680 MiB/s (environment.md §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from indexer.schema import (
+    CHUNK_INPUT_FIELDS,
+    SCHEMA_VERSION,
+    ChunkRow,
+    FileRow,
+    Fingerprint,
+    decode_memory,
+    encode_memory,
+    migrations,
+)
+from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
+from longllama_lsp.model.memory import Memory
+
+MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data"
+CHUNK_COLUMNS = ", ".join(ChunkRow.__dataclass_fields__)
+FILE_COLUMNS = ", ".join(FileRow.__dataclass_fields__)
+
+
+def index_path(root: str | os.PathLike, fingerprint: Fingerprint) -> Path:
+    """Default database location: <root>/.longllama/index-<fingerprint[:12]>.db."""
+    return Path(root) / ".longllama" / f"index-{fingerprint.digest[:12]}.db"
+
+
+@dataclass
+class StoreStats:
+    """What `longllama status` shows."""
+
+    path: str
+    fingerprint: str
+    model: dict[str, Any]
+    schema_version: int
+    files: int  # indexed files
+    chunks: int
+    tokens: int  # sum of chunk token counts
+    memories: int  # distinct encoded contents
+    memory_bytes: int
+    chunks_missing_memory: int
+    bytes_on_disk: int  # db + wal + shm
+    skipped: list[tuple[str, str | None]] = field(default_factory=list)  # (path, reason)
+
+
+class _WriterLock:
+    """Exclusive flock on <db>.lock; released by the kernel when the process dies, even on kill -9."""
+
+    def __init__(self, db_path: Path):
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise IndexBusy(f"index {db_path} is being written by another process (PID {holder}); "
+                            "wait for it to finish or stop it") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+
+@contextlib.contextmanager
+def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
+    """Turn sqlite3 failures into StoreError with what to do; the transaction is already rolled back."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        msg = str(e)
+        if "full" in msg:
+            hint = "free disk space and index again; nothing written since the last completed file was kept"
+        elif "readonly" in msg or "read-only" in msg:
+            hint = "the database or its directory is read-only; fix the permissions or open it read-only"
+        elif "locked" in msg or "busy" in msg:
+            hint = "another connection holds the database; try again"
+        else:
+            hint = "delete the file to rebuild the index if this persists"
+        raise StoreError(f"index {path}: {action} failed: {msg}; {hint}") from e
+
+
+class Store:
+    """The index database; use `Store.open(...)` as a context manager.
+
+    One connection: use a Store from one thread at a time (the indexer's), readers open their own.
+    """
+
+    def __init__(self, path: Path, fingerprint: Fingerprint, db: Database, readonly: bool,
+                 lock: _WriterLock | None):
+        self.path, self.fingerprint, self.db, self.readonly = path, fingerprint, db, readonly
+        self._lock = lock
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint: Fingerprint, *, readonly: bool = False) -> Store:
+        """Open (creating and migrating if needed) the index; readers don't take the writer lock.
+
+        Raises IndexBusy if another process is writing, StoreMismatch if another model built it,
+        StoreError if it cannot be opened.
+        """
+        path = Path(path).absolute()
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"no index at {path}; run `longllama index` first")
+            return cls._connect(path, fingerprint, readonly=True, lock=None)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = _WriterLock(path)
+        except OSError as e:
+            raise StoreError(f"cannot create index at {path}: {e}") from e
+        try:
+            return cls._connect(path, fingerprint, readonly=False, lock=lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _connect(cls, path: Path, fp: Fingerprint, readonly: bool, lock: _WriterLock | None) -> Store:
+        with _sqlite_errors(path, "open"):
+            if readonly:
+                conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db = Database(conn)
+            db.execute("PRAGMA busy_timeout = 5000")
+            store = cls(path, fp, db, readonly, lock)
+            try:
+                store._setup()
+            except BaseException:
+                conn.close()
+                raise
+        return store
+
+    def _setup(self) -> None:
+        if self.readonly:
+            pending = migrations.pending(self.db)
+            if pending:
+                raise StoreError(f"index {self.path} has an older schema ({[m.name for m in pending]} "
+                                 "pending); run `longllama index` once to upgrade it")
+        else:
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"index {self.path}: cannot enable WAL (journal_mode={mode})")
+            self.db.execute("PRAGMA synchronous = NORMAL")  # see module docstring
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA journal_size_limit = 67108864")  # truncate the WAL back to 64 MiB
+            with self.db.atomic():  # migrations and the model's meta rows commit together, or not at all
+                migrations.apply(self.db)
+                self._init_meta()
+        self._check_meta()
+
+    def _init_meta(self) -> None:
+        known = {m.name for m in migrations._migrations}
+        unknown = [m.name for m in migrations.applied(self.db) if m.name not in known]
+        if unknown:
+            raise StoreError(f"index {self.path} was made by a newer longllama (migrations {unknown})")
+        rows = {"fingerprint": self.fingerprint.digest, "fingerprint_details": self.fingerprint.to_json(),
+                "created_at": str(time.time())}
+        for key, value in rows.items():
+            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, value])
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                        [str(SCHEMA_VERSION)])
+
+    def _check_meta(self) -> None:
+        meta = self.meta()
+        theirs = meta.get("fingerprint")
+        if theirs != self.fingerprint.digest:
+            raise StoreMismatch(
+                f"index {self.path} was built by model {theirs} ({meta.get('fingerprint_details')}), "
+                f"not by the loaded model {self.fingerprint.digest} ({self.fingerprint.to_json()}); "
+                f"use the loaded model's own index ({self.path.with_name(index_path('', self.fingerprint).name)})"
+                " or delete this file")
+
+    def close(self) -> None:
+        if self.db is None:
+            return
+        if not self.readonly:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # best effort: readers may hold it
+                self.db.execute("PRAGMA optimize")
+        self.db.conn.close()
+        self.db = None  # type: ignore[assignment]
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """Group writes into one atomic commit (nested calls become savepoints)."""
+        if self.readonly:
+            raise StoreError(f"index {self.path} is open read-only")
+        with _sqlite_errors(self.path, "write"), self.db.atomic():
+            yield self
+
+    # -- files and chunks -----------------------------------------------------------------------
+
+    def replace_file(self, file: FileRow, chunks: Sequence[Any] = ()) -> list[ChunkRow]:
+        """Atomically set one file's row and chunks (any objects with Chunk's attributes, in order)."""
+        if file.status == "skipped" and chunks:
+            raise ValueError(f"{file.path}: a skipped file cannot have chunks")
+        values = [_chunk_values(file.path, i, c) for i, c in enumerate(chunks)]
+        row = {**vars(file), "indexed_at": time.time()}
+        with self.transaction():
+            self.db.execute("DELETE FROM chunks WHERE path = ?", [file.path])
+            self.db.execute(f"INSERT OR REPLACE INTO files ({FILE_COLUMNS}) VALUES "
+                            f"({', '.join('?' * len(row))})", list(row.values()))
+            self.db.conn.executemany(
+                f"INSERT INTO chunks ({CHUNK_COLUMNS}) VALUES (NULL, {', '.join('?' * 10)})", values)
+        return self.chunks(file.path)
+
+    def delete_file(self, path: str) -> bool:
+        """Forget a file and its chunks (their memories stay until gc)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM chunks WHERE path = ?", [path])
+            return self.db.execute("DELETE FROM files WHERE path = ?", [path]).rowcount > 0
+
+    def file(self, path: str) -> FileRow | None:
+        row = self.db.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", [path]).fetchone()
+        return FileRow(*row) if row else None
+
+    def files(self) -> list[FileRow]:
+        return [FileRow(*r) for r in self.db.execute(f"SELECT {FILE_COLUMNS} FROM files ORDER BY path")]
+
+    def chunks(self, path: str | None = None) -> list[ChunkRow]:
+        """Chunks of one file (or all), in (path, ordinal) order."""
+        where, args = ("WHERE path = ?", [path]) if path is not None else ("", [])
+        sql = f"SELECT {CHUNK_COLUMNS} FROM chunks {where} ORDER BY path, ordinal"
+        return [ChunkRow(*r) for r in self.db.execute(sql, args)]
+
+    def chunks_missing_memory(self) -> list[ChunkRow]:
+        """Chunks whose content has no memory yet (what a resumed run must encode)."""
+        cols = ", ".join(f"c.{c}" for c in ChunkRow.__dataclass_fields__)
+        sql = (f"SELECT {cols} FROM chunks c LEFT JOIN memories m ON m.content_hash = c.content_hash "
+               "WHERE m.content_hash IS NULL ORDER BY c.path, c.ordinal")
+        return [ChunkRow(*r) for r in self.db.execute(sql)]
+
+    # -- memories -------------------------------------------------------------------------------
+
+    def missing_memories(self, hashes: Iterable[str]) -> set[str]:
+        """The subset of `hashes` with no stored memory (what still needs the model)."""
+        sql = ("SELECT DISTINCT value FROM json_each(?) "
+               "WHERE value NOT IN (SELECT content_hash FROM memories)")
+        return {r[0] for r in self.db.execute(sql, [json.dumps(list(hashes))])}
+
+    def put_memories(self, memories: Mapping[str, Memory], *, batch_bytes: int = 64 << 20) -> int:
+        """Store memories by content hash (already stored ones are kept); returns how many were new.
+
+        Commits every ~batch_bytes, so a kill loses at most one batch of encoding work.
+        """
+        added, pending, size = 0, [], 0
+        for content_hash, memory in memories.items():
+            row, mask, data = encode_memory(memory, self.fingerprint)
+            pending.append([content_hash, self.fingerprint.digest, row["n_tokens"], row["dtype"],
+                            row["shape"], row["layers"], row["nbytes"], time.time(), mask, data])
+            size += row["nbytes"]
+            if size >= batch_bytes:
+                added, pending, size = added + self._insert_memories(pending), [], 0
+        return added + self._insert_memories(pending)
+
+    def _insert_memories(self, rows: list[list]) -> int:
+        if not rows:
+            return 0
+        with self.transaction():
+            before = self.db.conn.total_changes
+            self.db.conn.executemany(
+                "INSERT OR IGNORE INTO memories (content_hash, fingerprint, n_tokens, dtype, shape, layers, "
+                "nbytes, created_at, mask, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            return self.db.conn.total_changes - before
+
+    def get_memory(self, content_hash: str) -> Memory | None:
+        return next((m for _, m in self.iter_memories([content_hash])), None)
+
+    def iter_memories(self, hashes: Iterable[str] | None = None, *, batch: int = 8
+                      ) -> Iterator[tuple[str, Memory]]:
+        """Stream (content_hash, Memory) in storage order; hashes with no memory are skipped.
+
+        `batch` rows are fetched at a time (larger batches only hold more blobs in RAM). Decoding is
+        one bytearray copy per blob: ~400 MiB/s against ~550 MiB/s for bare SQLite reads (warm cache).
+        """
+        if hashes is None:
+            cur = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE fingerprint = ? "
+                                  "ORDER BY rowid", [self.fingerprint.digest])
+            yield from self._decode_rows(cur, batch)
+            return
+        # Look the rowids up in the primary-key index first: `ORDER BY rowid` on the joined query would
+        # make SQLite sort whole rows, blobs included, before returning the first one.
+        rowids = sorted(r[0] for r in self.db.execute(
+            "SELECT rowid FROM memories WHERE fingerprint = ? AND content_hash IN "
+            "(SELECT value FROM json_each(?))",
+            [self.fingerprint.digest, json.dumps(list(hashes))]))
+        for i in range(0, len(rowids), 4096):
+            cur = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE rowid IN "
+                                  "(SELECT value FROM json_each(?))", [json.dumps(rowids[i:i + 4096])])
+            yield from self._decode_rows(cur, batch)
+
+    def _decode_rows(self, cur: sqlite3.Cursor, batch: int) -> Iterator[tuple[str, Memory]]:
+        while rows := cur.fetchmany(batch):
+            for content_hash, dtype, shape, layers, mask, data in rows:
+                try:
+                    memory = decode_memory(dtype, shape, layers, mask, data)
+                except ValueError as e:
+                    raise StoreError(f"index {self.path}: memory {content_hash} is corrupt ({e}); "
+                                     "delete the file to rebuild the index") from e
+                yield content_hash, memory
+
+    def gc(self) -> int:
+        """Delete memories no chunk references; returns how many. Run after a full indexing pass."""
+        with self.transaction():
+            return self.db.execute(
+                "DELETE FROM memories WHERE content_hash NOT IN (SELECT content_hash FROM chunks)").rowcount
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
+    def stats(self) -> StoreStats:
+        one = lambda sql: self.db.execute(sql).fetchone()  # noqa: E731
+        files, = one("SELECT count(*) FROM files WHERE status = 'indexed'")
+        chunks, tokens = one("SELECT count(*), coalesce(sum(token_count), 0) FROM chunks")
+        memories, mem_bytes = one("SELECT count(*), coalesce(sum(nbytes), 0) FROM memories")
+        skipped = self.db.execute("SELECT path, skip_reason FROM files WHERE status = 'skipped' "
+                                  "ORDER BY path").fetchall()
+        parts = (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+        on_disk = sum(p.stat().st_size for p in parts if p.exists())
+        meta = self.meta()
+        return StoreStats(path=str(self.path), fingerprint=meta["fingerprint"],
+                          model=json.loads(meta["fingerprint_details"]),
+                          schema_version=int(meta["schema_version"]), files=files, chunks=chunks,
+                          tokens=tokens, memories=memories, memory_bytes=mem_bytes,
+                          chunks_missing_memory=len(self.chunks_missing_memory()), bytes_on_disk=on_disk,
+                          skipped=[tuple(r) for r in skipped])
+
+    def check(self) -> list[str]:
+        """Problems found by SQLite's integrity and foreign-key checks ([] = healthy)."""
+        problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        problems += [f"foreign key: {tuple(r)}" for r in self.db.execute("PRAGMA foreign_key_check")]
+        return problems
+
+
+def _chunk_values(path: str, ordinal: int, chunk: Any) -> list:
+    """Validate one chunk (a chunker Chunk or anything with its attributes) into a chunks row."""
+    chunk_path = getattr(chunk, "path", path)
+    if chunk_path != path:
+        raise ValueError(f"chunk {ordinal} belongs to {chunk_path!r}, not {path!r}")
+    try:
+        values = [getattr(chunk, f) for f in CHUNK_INPUT_FIELDS]
+    except AttributeError as e:
+        raise ValueError(f"{path} chunk {ordinal}: {e}") from e
+    h = values[-1]
+    if not (isinstance(h, str) and len(h) == 64):
+        raise ValueError(f"{path} chunk {ordinal}: content_hash must be 64 hex chars, got {h!r}")
+    return [path, ordinal, *values]
