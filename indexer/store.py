@@ -131,9 +131,10 @@ class Store:
     # -- lifetime -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, fingerprint: Fingerprint, *, readonly: bool = False) -> Store:
+    def open(cls, path: str | os.PathLike, fingerprint: Fingerprint | None, *, readonly: bool = False) -> Store:
         """Open (creating and migrating if needed) the index; readers don't take the writer lock.
 
+        A reader may pass fingerprint=None to adopt the stored one (inspection only).
         Raises IndexBusy if another process is writing, StoreMismatch if another model built it,
         StoreError if it cannot be opened.
         """
@@ -204,6 +205,8 @@ class Store:
     def _check_meta(self) -> None:
         meta = self.meta()
         theirs = meta.get("fingerprint")
+        if self.fingerprint is None and self.readonly:  # a reader that only inspects (longllama status)
+            self.fingerprint = Fingerprint.from_json(meta["fingerprint_details"])
         if theirs != self.fingerprint.digest:
             raise StoreMismatch(
                 f"index {self.path} was built by model {theirs} ({meta.get('fingerprint_details')}), "

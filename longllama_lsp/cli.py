@@ -9,6 +9,7 @@ import importlib
 import logging
 import sys
 
+from .command import Command
 from .errors import LongLlamaError
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
@@ -36,6 +37,14 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _unavailable(name: str, exc: ImportError) -> Command:
+    def run(_args) -> int:
+        raise LongLlamaError(f"`longllama {name}` is unavailable: {exc}. Install the missing package "
+                             "(e.g. `pip install -e '.[train]'` for training commands).")
+
+    return Command(lambda p: p.add_argument("rest", nargs=argparse.REMAINDER), run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longllama", description="Repository-aware code completion and Q&A on LongLLaMA memory.",
@@ -43,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (spec, help_text) in COMMANDS.items():
-        command = _load(spec)
+        try:
+            command = _load(spec)
+        except ImportError as exc:  # e.g. the train extra is not installed: only this command fails
+            command = _unavailable(name, exc)
         p = sub.add_parser(name, help=help_text, description=command.description or help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(p)

@@ -1,0 +1,297 @@
+"""The one place the indexer's stages meet: walk -> chunk -> diff by content hash -> encode -> store -> bank.
+
+    with Indexer.open(root, model, tokenizer, model_dir) as ix:
+        ix.index(progress=print)          # a full pass: only new content reaches the model
+        ix.update(["src/app.py"])         # after a save: only that file's changed chunks
+        memory = ix.bank.memory()
+
+Resumable by construction: a file's chunk rows commit (one transaction) before their memories are
+encoded, and memories commit in batches, so after a kill the next pass finds the chunks whose
+memory is missing and encodes just those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.bank import MemoryBank
+from indexer.chunker import chunk_file, decode_bytes
+from indexer.encoder import Encoder
+from indexer.schema import ChunkRow, FileRow, Fingerprint
+from indexer.store import Store, index_path
+from indexer.walker import Decision, WalkRules, explain, walk_with_skips
+from longllama_lsp.model.memory import Memory
+
+logger = logging.getLogger(__name__)
+
+ENCODE_BATCH_CHUNKS = 64  # chunks per encode + commit round: the most work a kill -9 can lose
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows; `phase` is 'scan' (walk + chunk) or 'encode'."""
+
+    phase: str
+    done: int
+    total: int
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class IndexSummary:
+    files_indexed: int = 0
+    files_changed: int = 0
+    files_deleted: int = 0
+    files_skipped: int = 0
+    chunks: int = 0
+    chunks_encoded: int = 0
+    tokens_encoded: int = 0
+    seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.tokens_encoded / self.seconds if self.seconds else 0.0
+        return (f"{self.files_indexed} files ({self.files_changed} changed, {self.files_deleted} deleted, "
+                f"{self.files_skipped} skipped), {self.chunks} chunks; encoded {self.chunks_encoded} chunks / "
+                f"{self.tokens_encoded} tokens in {self.seconds:.1f} s ({rate:.0f} tokens/s)")
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def fingerprint_for(model, model_dir: Path) -> Fingerprint:
+    from longllama_lsp.model.loading import fingerprint_details
+
+    cfg = model.config
+    return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
+
+
+class Indexer:
+    """Keeps one repository's memory current: SQLite cache on disk, MemoryBank on the device.
+
+    `lock` guards the bank: the indexer holds it only while changing the bank; the engine holds it
+    while a request uses `bank.memory()` views.
+    """
+
+    def __init__(self, root: Path, store: Store, bank: MemoryBank, encoder: Encoder,
+                 rules: WalkRules = WalkRules(), chunk_tokens: int = 256):
+        self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
+        self.rules, self.chunk_tokens = rules, chunk_tokens
+        self.lock = threading.RLock()
+        self.loaded = False  # bank filled from the store
+        self.state = "idle"  # idle | indexing | watching
+        self._watcher = None
+        self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
+
+    @classmethod
+    def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,
+             device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),
+             chunk_tokens: int = 256, batch_tokens: int = 4096) -> Indexer:
+        fp = fingerprint_for(model, Path(model_dir))
+        store = Store.open(db_path or index_path(root, fp), fp)
+        device = device or next(model.parameters()).device
+        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+        return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens), rules, chunk_tokens)
+
+    def __enter__(self) -> Indexer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop_watching()
+        self.store.close()
+
+    # -- full pass ------------------------------------------------------------------------------
+
+    def index(self, progress: ProgressFn | None = None) -> IndexSummary:
+        """Bring store and bank up to date with the whole tree."""
+        t0, summary = time.perf_counter(), IndexSummary()
+        self.state = "indexing"
+        try:
+            decisions = list(walk_with_skips(self.root, self.rules))
+            wanted = {d.file.path: d for d in decisions if d.file is not None}
+            summary.skipped = [(d.path, d.reason) for d in decisions if d.file is None]
+            summary.files_skipped = len(summary.skipped)
+            summary.files_deleted = self._delete_missing(set(wanted))
+            changed = self._scan(list(wanted.values()), summary, progress)
+            if not self.loaded:
+                with self.lock:
+                    self.bank.load_from_store(self.store)
+                self.loaded = True
+            self._encode_missing(summary, progress)
+            self._refresh_bank(changed)
+            self.store.gc()
+        finally:
+            self.state = "watching" if self._watcher else "idle"
+        summary.files_indexed = len(self.store.files())
+        summary.chunks = len(self.store.chunks())
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    def _delete_missing(self, wanted: set[str]) -> int:
+        gone = [f.path for f in self.store.files() if f.path not in wanted]
+        for path in gone:
+            self._forget(path)
+        return len(gone)
+
+    def _forget(self, path: str) -> None:
+        self.store.delete_file(path)
+        with self.lock:
+            self.bank.remove_file(path)
+
+    def _scan(self, files: list[Decision], summary: IndexSummary, progress: ProgressFn | None) -> list[str]:
+        """Chunk every new or changed file into the store; returns the paths whose chunks changed."""
+        changed = []
+        for n, decision in enumerate(files, 1):
+            if self._scan_file(decision.file.path, decision.file.abs_path):
+                changed.append(decision.file.path)
+            if progress is not None:
+                progress(Progress("scan", n, len(files), message=decision.file.path))
+        summary.files_changed = len(changed)
+        return changed
+
+    def _scan_file(self, rel: str, path: Path) -> bool:
+        """Re-chunk `rel` if its bytes changed. True when its chunk rows changed."""
+        try:
+            st = path.stat()
+            old = self.store.file(rel)
+            if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                return False  # unchanged by size and mtime: not even read
+            data = path.read_bytes()
+        except OSError as exc:  # vanished or unreadable since the walk
+            logger.info("skipping %s: %s", rel, exc)
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        if old is not None and old.content_hash == digest and old.status == "indexed":
+            self.store.replace_file(FileRow(rel, digest, st.st_size, st.st_mtime_ns, old.language, old.decode),
+                                    self.store.chunks(rel))
+            return True  # same content, new chunk ids: the bank reloads them (no model time)
+        chunked = chunk_file(rel, data, self.encoder.count_tokens, self.chunk_tokens)
+        status = "skipped" if chunked.skip_reason else "indexed"
+        row = FileRow(rel, digest, st.st_size, st.st_mtime_ns, chunked.language, chunked.decode_policy,
+                      status, chunked.skip_reason)
+        self.store.replace_file(row, chunked.chunks)
+        for c in chunked.chunks:
+            self._texts[c.content_hash] = c.text
+        return True
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None) -> None:
+        rows = self.store.chunks_missing_memory()
+        todo = {r.content_hash: r for r in rows}  # identical content anywhere is encoded once
+        hashes = list(todo)
+        t0, tokens = time.perf_counter(), 0
+        for start in range(0, len(hashes), ENCODE_BATCH_CHUNKS):
+            batch = hashes[start:start + ENCODE_BATCH_CHUNKS]
+            texts = {h: self._text_of(todo[h]) for h in batch}
+            texts = {h: t for h, t in texts.items() if t is not None}
+            memories = dict(zip(texts, self.encoder.encode(list(texts.values()))))
+            self.store.put_memories(memories)
+            tokens += sum(m.num_tokens for m in memories.values())
+            summary.chunks_encoded += len(memories)
+            for h in batch:
+                self._texts.pop(h, None)
+            if progress is not None:
+                elapsed = time.perf_counter() - t0
+                progress(Progress("encode", min(start + len(batch), len(hashes)), len(hashes), tokens,
+                                  tokens / elapsed if elapsed else 0.0))
+        summary.tokens_encoded += tokens
+
+    def _text_of(self, row: ChunkRow) -> str | None:
+        """The chunk's text: from this run's chunking, else re-read (a run that was killed)."""
+        if row.content_hash in self._texts:
+            return self._texts[row.content_hash]
+        file = self.store.file(row.path)
+        try:
+            data = (self.root / row.path).read_bytes()
+        except OSError:
+            return None
+        text = decode_bytes(data[row.start_byte:row.end_byte], file.decode if file else "utf-8")
+        if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != row.content_hash:
+            return None  # the file changed since it was chunked; the next scan re-chunks it
+        return text
+
+    def _refresh_bank(self, paths: Iterable[str]) -> None:
+        """Replace the bank's chunks of `paths` with their stored memories."""
+        paths = list(paths)
+        if not paths:
+            return
+        with self.lock:
+            for path in paths:
+                self.bank.remove_file(path)
+            self.bank.load_from_store(self.store, paths=paths)
+
+    # -- incremental ----------------------------------------------------------------------------
+
+    def update(self, paths: Iterable[str | os.PathLike], progress: ProgressFn | None = None) -> IndexSummary:
+        """Re-index just these paths (files or directories; created, changed, moved or deleted)."""
+        t0, summary, changed = time.perf_counter(), IndexSummary(), []
+        stored = {f.path for f in self.store.files()}
+        for rel in sorted({self._relative(p) for p in paths} - {None}):
+            target = self.root / rel
+            if target.is_dir():
+                for d in walk_with_skips(self.root, self.rules):
+                    if d.file is not None and d.file.path.startswith(rel.rstrip("/") + "/"):
+                        changed += [d.file.path] if self._scan_file(d.file.path, d.file.abs_path) else []
+                continue
+            decision = explain(self.root, rel, self.rules) if target.exists() else None
+            if decision is not None and decision.file is not None:
+                changed += [rel] if self._scan_file(rel, decision.file.abs_path) else []
+            else:  # deleted, moved away, or now ignored: drop it and anything stored below it
+                for path in [p for p in stored if p == rel or p.startswith(rel.rstrip("/") + "/")]:
+                    self._forget(path)
+                    summary.files_deleted += 1
+        summary.files_changed = len(changed)
+        self._encode_missing(summary, progress)
+        self._refresh_bank(changed)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    def _relative(self, path: str | os.PathLike) -> str | None:
+        p = Path(path)
+        p = p if p.is_absolute() else self.root / p
+        try:
+            rel = p.resolve().relative_to(self.root) if p.exists() else p.relative_to(self.root)
+        except ValueError:
+            return None  # outside the repository
+        return rel.as_posix() if str(rel) != "." else None
+
+    # -- watching -------------------------------------------------------------------------------
+
+    def start_watching(self, debounce: float = 0.3, on_update: Callable[[IndexSummary], None] | None = None):
+        from indexer.watcher import Watcher
+
+        if self._watcher is None:
+            self._watcher = Watcher(self.root, self.update, debounce=debounce, on_update=on_update)
+            self._watcher.start()
+            self.state = "watching"
+        return self._watcher
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def memory(self, exclude_paths: Iterable[str] = ()) -> Memory:
+        with self.lock:
+            return self.bank.memory(exclude_paths=exclude_paths)
+
+    def status(self) -> dict:
+        stats = self.store.stats()
+        bank = self.bank.status()
+        return {"root": str(self.root), "state": self.state, "files": stats.files, "chunks": stats.chunks,
+                "tokens": stats.tokens, "memory_tokens": bank.live_tokens, "bytes_on_disk": stats.bytes_on_disk,
+                "db": stats.path, "fingerprint": stats.fingerprint, "chunks_missing_memory": stats.chunks_missing_memory,
+                "skipped": stats.skipped, "bank": bank}
