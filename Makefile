@@ -29,3 +29,6 @@ bench-model:  ## forward tokens/s vs transformers' Llama; decode time with 16k/6
 
 bench-index:  ## indexing throughput, bytes/token, save-to-memory latency, bank load speed
 	$(ACT) python bench/bench_index.py
+
+editors-test:  ## editor clients against the real server (VS Code build needs the npm registry)
+	$(ACT) $(MAKE) -C editors editors-test
