@@ -1,9 +1,10 @@
 """A stand-in for indexer.pipeline.Indexer: one chunk per file, encoded into a real MemoryBank.
 
-The server takes it through the hidden `--indexer-factory tests.helpers_indexer:make` option, so
-the end-to-end tests see work-done progress and sources without the real pipeline. It encodes
-through `engine.call` (the engine worker owns the model) and sleeps a little per file, so the
-progress notifications are observable.
+The server takes it through the hidden `--indexer-factory helpers_indexer:make` option (tests/ on
+PYTHONPATH), so end-to-end tests see work-done progress and sources without the real pipeline's
+SQLite store. It encodes through `engine.call` (the engine worker owns the model), reports
+progress as indexer.pipeline.Progress does, and sleeps a little per file, so the progress
+notifications are observable.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ from indexer.bank import MemoryBank
 
 @dataclass(frozen=True)
 class ChunkMeta:
+    """What MemoryBank.slot_owner returns (the ChunkRow fields that sources use)."""
+
     id: str
     path: str
     start_line: int
@@ -30,18 +34,19 @@ class ChunkMeta:
 
 class FakeIndexer:
     def __init__(self, root: Path, engine: Any, delay_s: float = 0.05):
-        self.root, self.engine, self.delay_s = Path(root), engine, delay_s
+        self.root, self.engine, self.delay_s = Path(root).resolve(), engine, delay_s
         cfg = engine.model.config
         self.bank = MemoryBank(cfg.mem_layers, cfg.num_key_value_heads, cfg.head_dim, getattr(torch, cfg.mem_dtype),
                                engine.model.device)
         self.files = 0
-        self.watching = False
+        self.state = "idle"
 
     def _encode(self, ids: list[int]):
         return self.engine.model.encode_memory(torch.tensor([ids], device=self.engine.model.device))
 
     def index(self, progress=None) -> None:
-        paths = sorted(p for p in self.root.rglob("*.py") if p.is_file())
+        self.state = "indexing"
+        paths = sorted(p for p in self.root.rglob("*.py") if p.is_file() and ".longllama" not in p.parts)
         window = self.engine.model.window
         for i, path in enumerate(paths, 1):
             rel = path.relative_to(self.root).as_posix()
@@ -51,19 +56,23 @@ class FakeIndexer:
                 memory = self.engine.call(self._encode, ids)
                 self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem))
             self.files = i
-            if progress is not None:
-                progress(i, len(paths), rel)
+            if progress is not None:  # indexer.pipeline.Progress's fields
+                progress(SimpleNamespace(phase="encode", done=i, total=len(paths), message=rel))
             time.sleep(self.delay_s)
+        self.state = "idle"
 
     def start_watching(self) -> None:
-        self.watching = True
+        self.state = "watching"
 
-    def stop(self) -> None:
-        self.watching = False
+    def close(self) -> None:
+        self.state = "idle"
+
+    stop = close
 
     def status(self) -> dict:
-        return {"root": str(self.root), "files": self.files, "chunks": len(self.bank),
-                "memoryTokens": self.bank.status().live_tokens, "watching": self.watching}
+        bank = self.bank.status()
+        return {"root": self.root, "state": self.state, "files": self.files, "chunks": len(self.bank),
+                "memory_tokens": bank.live_tokens, "bank": bank}
 
 
 def make(root: Path, engine: Any, settings: Any) -> FakeIndexer:

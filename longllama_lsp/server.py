@@ -1,0 +1,231 @@
+"""longllama-lsp: the language server (pygls 2.x) and its command line.
+
+Handlers only translate (house style 5): LSP types in, a `LongLlamaServer` method (service.py) or
+the Engine, LSP types out. Methods: textDocument/inlineCompletion (InlineCompletionOptions),
+textDocument/completion, longllama/ask, longllama/status, workspace/executeCommand
+(longllama.ask, longllama.reindex), didChangeConfiguration; see protocol.py for the custom ones.
+The JSON-RPC fixes over pygls are in rpc.py.
+
+    longllama-lsp                                   stdio (nothing but protocol on stdout)
+    longllama-lsp --tcp [--host 127.0.0.1] --port N
+    longllama-lsp --tcp --host 0.0.0.0 --allow-remote --token SECRET   (clients send initializationOptions.token)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+from .command import Command, add_model_arguments
+from .documents import Document
+from .engine import Completion
+from .prompt import word_before
+from .protocol import (
+    ASK,
+    COMMAND_ASK,
+    COMMAND_REINDEX,
+    STATUS,
+    AskParams,
+    AskResult,
+    ReindexResult,
+    StatusParams,
+    StatusResult,
+)
+from .service import (
+    EngineFactory,
+    IndexerFactory,
+    LongLlamaServer,
+    apply_log_level,
+    default_indexer_factory,
+)
+from .settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+
+# -- handlers (translate only) ---------------------------------------------------------------------------
+
+def build_server(engine_factory: EngineFactory | None = None, indexer_factory: IndexerFactory | None = None,
+                 auth_token: str | None = None, model_overrides: ModelSettings | None = None) -> LongLlamaServer:
+    server = LongLlamaServer(engine_factory, indexer_factory, auth_token, model_overrides)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: LongLlamaServer, params: types.InitializeParams) -> None:
+        ls.on_initialize(params)
+
+    @server.feature(types.INITIALIZED)
+    async def initialized(ls: LongLlamaServer, params: types.InitializedParams) -> None:
+        await ls.on_initialized()
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: LongLlamaServer, *args: Any) -> None:
+        ls.shutdown_all()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: LongLlamaServer, params: types.DidChangeConfigurationParams) -> None:
+        ls.update_settings(params.settings)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: LongLlamaServer, params: types.DidOpenTextDocumentParams) -> None:
+        ls.touch(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: LongLlamaServer, params: types.DidChangeTextDocumentParams) -> None:
+        ls.document_changed(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
+    def did_save(ls: LongLlamaServer, params: types.DidSaveTextDocumentParams) -> None:
+        logger.debug("saved %s", params.text_document.uri)  # the indexers' watchers pick the file up
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: LongLlamaServer, params: types.InlineCompletionParams):
+        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+        done, _ = await ls.complete(params.text_document.uri, params.position, automatic)
+        if done is None or not done.text:
+            return types.InlineCompletionList(items=[])
+        at = types.Range(start=params.position, end=params.position)
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=done.text, range=at)])
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "("]))
+    async def completion(ls: LongLlamaServer, params: types.CompletionParams):
+        kind = params.context.trigger_kind if params.context else types.CompletionTriggerKind.Invoked
+        done, doc = await ls.complete(params.text_document.uri, params.position,
+                                      kind != types.CompletionTriggerKind.Invoked)
+        if done is None or not done.text:
+            return types.CompletionList(is_incomplete=True, items=[])
+        return types.CompletionList(is_incomplete=True, items=[
+            completion_item(doc, params.position, done, ls.position_encoding)])
+
+    @server.feature(ASK)
+    async def ask(ls: LongLlamaServer, params: AskParams) -> AskResult:
+        uri = params.text_document.uri if params.text_document else None
+        return await ls.ask(params.question, uri, params.max_tokens)
+
+    @server.feature(STATUS)
+    def status(ls: LongLlamaServer, params: StatusParams | None) -> StatusResult:
+        return ls.status()
+
+    @server.command(COMMAND_ASK)
+    async def ask_command(ls: LongLlamaServer, *args: Any) -> AskResult:
+        if not args or not isinstance(args[0], str) or (len(args) > 1 and not isinstance(args[1], str)):
+            raise JsonRpcInvalidParams("longllama.ask takes [question] or [question, uri]")
+        return await ls.ask(args[0], args[1] if len(args) > 1 else None)
+
+    @server.command(COMMAND_REINDEX)
+    def reindex_command(ls: LongLlamaServer, *args: Any) -> ReindexResult:
+        return ls.reindex()
+
+    return server
+
+
+def completion_item(doc: Document, position: types.Position, done: Completion, encoding: str) -> types.CompletionItem:
+    """A completion as an item whose edit replaces the word before the cursor with word + completion."""
+    offset = doc.offset_at(position, encoding)
+    line_start = doc.text.rfind("\n", 0, offset) + 1
+    word = word_before(doc.text[line_start:offset])
+    start = doc.position_at(offset - len(word), encoding)
+    new_text = word + done.text
+    first = new_text.strip().splitlines()[0] if new_text.strip() else new_text
+    label = first if len(first) <= 60 else first[:59] + "…"
+    sources = "\n".join(f"{s.location} ({s.weight:.1%})" for s in done.sources)
+    return types.CompletionItem(
+        label=label, kind=types.CompletionItemKind.Text, detail="LongLLaMA", preselect=True, sort_text="0",
+        filter_text=new_text, insert_text=new_text, insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=types.Range(start=start, end=position), new_text=new_text),
+        documentation=types.MarkupContent(kind=types.MarkupKind.PlainText,
+                                          value=done.text + (f"\n\nSources:\n{sources}" if sources else "")))
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    p.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1; others need "
+                   "--allow-remote and --token)")
+    p.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.add_argument("--token", help="clients must send this in initializationOptions.token")
+    p.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
+    p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
+    # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, settings).
+    p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
+    add_model_arguments(p)
+
+
+def check_listen_address(args: argparse.Namespace) -> str | None:
+    """Why the TCP address is refused, or None."""
+    if not args.tcp:
+        return None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    if not args.allow_remote:
+        return f"--host {args.host} is not a loopback address: add --allow-remote (and --token) to listen on it"
+    if not args.token:
+        return f"--host {args.host} needs --token: remote clients must authenticate"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    refusal = check_listen_address(args)
+    if refusal:
+        print(f"longllama-lsp: error: {refusal}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_file, verbose=getattr(args, "verbose", False))
+    indexer_factory: IndexerFactory | None = None if args.no_index else default_indexer_factory
+    if args.indexer_factory and not args.no_index:
+        module, _, attr = args.indexer_factory.partition(":")
+        indexer_factory = getattr(importlib.import_module(module), attr)
+    server = build_server(indexer_factory=indexer_factory, auth_token=args.token,
+                          model_overrides=ModelSettings(args.model, args.device, args.dtype))
+    if args.tcp:
+        logger.info("listening on %s:%d", args.host, args.port)
+        server.start_tcp(args.host, args.port)
+        return 0
+    protocol_out = guard_stdout()
+    server.start_io(sys.stdin.buffer, protocol_out)
+    return 0
+
+
+def guard_stdout():
+    """The real stdout for the protocol only; fd 1 and sys.stdout now lead to stderr (stray prints, C libs)."""
+    sys.stdout.flush()
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol_out
+
+
+def setup_logging(log_file: str | None, verbose: bool = False) -> None:
+    handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message body at INFO
+    apply_log_level("debug" if verbose else "info")
+
+
+cli = Command(add_arguments, run, description="Run the language server: stdio by default, or --tcp.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longllama-lsp", description=cli.description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

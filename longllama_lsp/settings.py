@@ -1,0 +1,216 @@
+"""The server's settings tree: nested dataclasses read from camelCase `initializationOptions` and
+`workspace/didChangeConfiguration`.
+
+Every field carries its description (and bounds) in `metadata`, so `settings_table()` can hand the
+docs generator and editor plugins one machine-readable list. Parsing never fails: a bad value is
+reported by its dotted camelCase key and replaced by that key's default; the rest is kept
+(jedi-language-server's `lsp_initialize` pattern, house style 9).
+
+    {"model": {"path": null, "device": null, "dtype": null},
+     "completion": {"mode": "line", "maxTokens": 48, "debounceMs": 75, "contextTokens": null},
+     "ask": {"maxTokens": 256},
+     "memory": {"enabled": true, "budgetTokens": 65536},
+     "indexing": {"enabled": true},
+     "logLevel": "info"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cattrs
+
+# Keys of initializationOptions that are not settings (checked elsewhere), so not "unknown".
+NON_SETTING_KEYS = frozenset({"token"})
+
+
+def _doc(text: str, **bounds: Any) -> dict[str, Any]:
+    return {"doc": text, **bounds}
+
+
+@dataclass
+class ModelSettings:
+    # None: --model, $LONGLLAMA_MODEL, else the bundled SmolLM2-135M-Instruct (converted on first use).
+    path: str | None = field(default=None, metadata=_doc(
+        "LongLLaMA checkpoint dir, LLaMA dir or GGUF file (default: $LONGLLAMA_MODEL, else bundled SmolLM2)"))
+    device: str | None = field(default=None, metadata=_doc("cpu, cuda, cuda:1 ... (default: cuda when present)"))
+    dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata=_doc(
+        "compute dtype (default: float32 on cpu, bfloat16 on cuda)"))
+
+
+@dataclass
+class CompletionSettings:
+    mode: Literal["line", "block"] = field(default="line", metadata=_doc(
+        "line: stop at the end of the line; block: stop when the indentation drops below the cursor's block"))
+    # 48 tokens ~ one long line or a short block; keeps CPU latency under a second on SmolLM2-135M.
+    max_tokens: int = field(default=48, metadata=_doc("most tokens generated per completion", min=1, max=1024))
+    # 75 ms: the low end of what peers use (75-350 ms); typing faster than this never reaches the model.
+    debounce_ms: int = field(default=75, metadata=_doc(
+        "wait this long after an automatic trigger before generating", min=0, max=5000))
+    # None: window - maxTokens, capped by the model's last_context_length (spec §2.3 flush cliff).
+    context_tokens: int | None = field(default=None, metadata=_doc(
+        "tokens before the cursor kept as local context (the rest goes to memory)", min=8))
+
+
+@dataclass
+class AskSettings:
+    max_tokens: int = field(default=256, metadata=_doc("most tokens in an answer to longllama/ask", min=1,
+                                                        max=4096))
+
+
+@dataclass
+class MemorySettings:
+    enabled: bool = field(default=True, metadata=_doc("attend to the repository and the rest of the file"))
+    # 65536 tokens ~ 150 MB of bf16 memory on SmolLM2-135M; about 2,000 files of 30 tokens/line.
+    budget_tokens: int = field(default=65536, metadata=_doc(
+        "most repository tokens kept in memory (lower-priority chunks are evicted)", min=0))
+
+
+@dataclass
+class IndexingSettings:
+    enabled: bool = field(default=True, metadata=_doc("index the workspace folders and watch them for changes"))
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    completion: CompletionSettings = field(default_factory=CompletionSettings)
+    ask: AskSettings = field(default_factory=AskSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    indexing: IndexingSettings = field(default_factory=IndexingSettings)
+    log_level: Literal["error", "warning", "info", "debug"] = field(default="info", metadata=_doc(
+        "log level for stderr / --log-file and window/logMessage"))
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def _strict_converter() -> cattrs.Converter:
+    """cattrs, minus its coercions: "12" is not an int and "no" is not True."""
+    conv = cattrs.Converter()
+
+    def exact(kind: type, accept: tuple[type, ...]):
+        def hook(value: Any, _: type) -> Any:
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, accept):
+                raise TypeError(f"expected {_type_name(kind)}, got {value!r}")
+            return kind(value)
+        return hook
+
+    conv.register_structure_hook(int, exact(int, (int,)))
+    conv.register_structure_hook(float, exact(float, (int, float)))
+    conv.register_structure_hook(bool, exact(bool, (bool,)))
+    conv.register_structure_hook(str, exact(str, (str,)))
+    return conv
+
+
+_CONVERTER = _strict_converter()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def parse_settings(data: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:
+    """Settings from a camelCase mapping, and a list of problems ("completion.maxTokens: expected ...").
+
+    Keys missing from `data` take their value from `base` (default: the defaults); bad values take
+    the default of their key.
+    """
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"settings: expected an object, got {type(data).__name__} (using defaults)")
+        data = {}
+    base = base or Settings()
+    return _parse_section(Settings, data, base, Settings(), "", problems), problems
+
+
+def _parse_section(cls: type, data: dict, base: Any, defaults: Any, prefix: str, problems: list[str]) -> Any:
+    hints = _hints(cls)
+    known = {camel(f.name) for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known and not (prefix == "" and key in NON_SETTING_KEYS):
+            problems.append(f"{prefix}{key}: unknown setting (ignored)")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key, tp = camel(f.name), hints[f.name]
+        current, default = getattr(base, f.name), getattr(defaults, f.name)
+        if key not in data:
+            values[f.name] = current
+        elif _is_section(tp):
+            sub = data[key]
+            if not isinstance(sub, dict):
+                problems.append(f"{prefix}{key}: expected an object, got {sub!r} (using defaults)")
+                values[f.name] = default
+            else:
+                values[f.name] = _parse_section(tp, sub, current, default, f"{prefix}{key}.", problems)
+        else:
+            values[f.name] = _parse_value(f, tp, data[key], default, f"{prefix}{key}", problems)
+    return cls(**values)
+
+
+def _parse_value(f: dataclasses.Field, tp: Any, raw: Any, default: Any, key: str, problems: list[str]) -> Any:
+    try:
+        value = _CONVERTER.structure(raw, tp)
+    except Exception:  # cattrs wraps the hook's TypeError; say what was expected instead
+        problems.append(f"{key}: expected {_type_name(tp)}, got {raw!r} (using default {default!r})")
+        return default
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        problems.append(f"{key}: {value!r} is outside {_bounds(lo, hi)} (using default {default!r})")
+        return default
+    return value
+
+
+def _bounds(lo: Any, hi: Any) -> str:
+    return f"{lo}..{hi}" if hi is not None else f">= {lo}"
+
+
+def _type_name(tp: Any) -> str:
+    """A JSON-schema-ish name: integer, number, boolean, string, "a" | "b", ... | null."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a).replace("'", '"') for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "null"}.get(tp, str(tp))
+
+
+def settings_table() -> list[dict[str, Any]]:
+    """Every setting as {name, type, default, description[, min, max]}; name is the dotted camelCase key."""
+    rows: list[dict[str, Any]] = []
+
+    def walk(cls: type, instance: Any, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, value = hints[f.name], getattr(instance, f.name)
+            if _is_section(tp):
+                walk(tp, value, f"{prefix}{camel(f.name)}.")
+                continue
+            row = {"name": prefix + camel(f.name), "type": _type_name(tp), "default": value,
+                   "description": f.metadata.get("doc", "")}
+            row.update({k: f.metadata[k] for k in ("min", "max") if k in f.metadata})
+            rows.append(row)
+
+    walk(Settings, Settings(), "")
+    return rows
+
+
+def to_camel_dict(settings: Settings) -> dict[str, Any]:
+    """The settings as the camelCase mapping clients send (for `longllama/status` and docs)."""
+    def conv(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {camel(f.name): conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return obj
+    return conv(settings)

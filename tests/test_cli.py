@@ -1,0 +1,51 @@
+"""The CLI's commands, their --help, and the README's documentation of them agree."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longllama_lsp.cli import COMMANDS, build_parser, main
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_every_command_is_in_the_readme_table():
+    documented = set(re.findall(r"^\| `longllama (\w+)", README, flags=re.M))
+    assert documented == set(COMMANDS), f"README table {sorted(documented)} != commands {sorted(COMMANDS)}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: longllama {name}" in out and len(out.splitlines()) > 3
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_readme_flags_exist(name):
+    """Each flag the README shows for a command is accepted by that command's parser."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    known = {opt for action in sub._actions for opt in action.option_strings}
+    row = next(line for line in README.splitlines() if line.startswith(f"| `longllama {name}"))
+    for flag in re.findall(r"(--[a-z][a-z-]+)", row):
+        assert flag in known, f"README mentions {flag} for `longllama {name}`, which does not accept it"
+
+
+def test_top_level_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_unknown_command_fails_cleanly():
+    proc = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

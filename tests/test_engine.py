@@ -1,0 +1,242 @@
+"""The engine and the prompt functions, called directly (no server).
+
+Test Data: a seeded tiny LongLLaMA with the SmolLM2 tokenizer (tests/helpers_models.py); a
+MemoryBank filled from two small files written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers_indexer import ChunkMeta
+from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
+
+from longllama_lsp.engine import Cancelled, Completion, Engine, EngineOptions
+from longllama_lsp.prompt import StopRule, build_prompt, finish, trim_overlap, window_start, word_before
+
+ATOL = 1e-4
+
+
+CODE = '''import os
+
+
+def greet(name):
+    """Say hello."""
+    print("hello", name)
+
+
+class Greeter:
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def greet(self, name):
+        return self.prefix + name
+
+
+def main():
+    g = Greeter("hi ")
+    greet(g.greet("world"))
+'''
+
+
+@pytest.fixture
+def engine(tiny_model, smol_tokenizer):  # noqa: F811
+    eng = Engine(tiny_model, smol_tokenizer, options=EngineOptions(max_tokens=8, answer_max_tokens=8))
+    yield eng
+    eng.close()
+
+
+# -- prompt.py (pure) ------------------------------------------------------------------------------------
+
+def test_window_start_moves_in_strides():
+    assert window_start(10, 64, 16) == 0
+    assert window_start(65, 64, 16) == 16
+    assert window_start(80, 64, 16) == 16  # typing 15 more tokens keeps k: the local cache stays valid
+    assert window_start(81, 64, 16) == 32
+
+
+def test_build_prompt_splits_window_and_memory_blocks(smol_tokenizer):  # noqa: F811
+    text = CODE * 3
+    offset = text.index("class Greeter", len(CODE) * 2)
+    p = build_prompt(smol_tokenizer, text, offset, context_tokens=64, stride=16)
+    head_ids = smol_tokenizer(text[:offset], add_special_tokens=False)["input_ids"]
+    assert p.window_start % 16 == 0 and len(p.ids) <= 64
+    assert [t for b in p.before for t in b.ids] + p.ids == head_ids
+    assert p.before[0].start_line == 1 and all(b.start_line <= b.end_line for b in p.before)
+    assert p.suffix == text[offset:] and p.after[0].start_line == text[:offset].count("\n") + 1
+    assert p.line_prefix == ""
+    typed = build_prompt(smol_tokenizer, text[:offset] + "cl" + text[offset:], offset + 2, 64, 16)
+    assert typed.window_start == p.window_start and [b.key for b in typed.after] == [b.key for b in p.after]
+
+
+@pytest.mark.parametrize("mode, prefix, suffix, generated, expected, done", [
+    ("line", "x = ", "\n", "foo(1)\nbar", "foo(1)", True),
+    ("line", "x = ", "\n", "foo(1", "foo(1", False),
+    ("line", "def f(x):", "\n", "\n    return x\n", "\n    return x", True),  # next line after a full line
+    ("line", "    ", "\n", "\n", "", True),  # blank line: no next-line completions
+    ("block", "def f(x):", "\n", "\n    y = x\n    return y\ndef g", "\n    y = x\n    return y", True),
+    ("block", "    y = ", "\n", "x\n    return y\n\n\n", "x\n    return y", True),
+    ("block", "    y = ", "\n", "x\n    return y\nprint", "x\n    return y", True),
+    ("block", "if (a) {", "\n", "\n  b();\n}\nfoo", "\n  b();\n}", True),
+    ("block", "    y = ", ")\n", "x\n    z", "x", True),  # text after the cursor: line mode
+])
+def test_stop_rule(mode, prefix, suffix, generated, expected, done):
+    assert StopRule(mode, prefix, suffix)(generated) == (expected, done)
+
+
+def test_trim_overlap_and_finish():
+    assert trim_overlap("foo(x)", ")") == "foo(x"
+    assert trim_overlap("foo", "o()") == "foo"  # short identifier overlap is not a duplicate
+    assert trim_overlap("\n    return x", "\n    return x\n") == ""
+    assert finish("a + b  \n", " + b\n") == "a"
+    assert finish("   \n", "") == ""
+    assert word_before("    self.gre") == "gre" and word_before("x = ") == ""
+
+
+# -- prefix reuse ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_crop_then_continue_equals_fresh_forward(tiny_model, smol_tokenizer):  # noqa: F811
+    """What prefix reuse relies on: crop the local cache, feed the changed tokens == a fresh prefill."""
+    old = smol_tokenizer(CODE[:200], add_special_tokens=False)["input_ids"][:50]
+    new = old[:40] + smol_tokenizer(" other tokens here", add_special_tokens=False)["input_ids"]
+    memory = tiny_model.encode_memory(torch.tensor([old[:30]]))
+    for mem in (None, memory):
+        fresh = tiny_model(torch.tensor([new]), memory=mem, use_cache=True, last_context_length=128).logits[0, -1]
+        cache = tiny_model(torch.tensor([old]), memory=mem, use_cache=True, last_context_length=128).past_key_values
+        cache.crop(40)
+        reused = tiny_model(torch.tensor([new[40:]]), past_key_values=cache, use_cache=True,
+                            last_context_length=128).logits[0, -1]
+        assert (fresh - reused).abs().max().item() < ATOL
+
+
+def test_engine_generate_reuses_the_common_prefix(engine, smol_tokenizer):  # noqa: F811
+    ids = smol_tokenizer(CODE[:300], add_special_tokens=False)["input_ids"][:60]
+    edited = ids[:50] + ids[52:60]
+    memory = engine.model.encode_memory(torch.tensor([ids[:20]]))
+    first = engine.generate(ids, memory, 6, session="doc")
+    again = engine.generate(edited, memory, 6, session="doc")
+    fresh = engine.generate(edited, memory, 6)
+    assert first.reused_tokens == 0 and again.reused_tokens == 50 and again.timings["prefillTokens"] == 8
+    assert again.tokens == fresh.tokens
+
+
+def test_typing_reuses_the_local_cache(engine):
+    offset = CODE.index("def main")
+    first = engine.complete(CODE, offset, path="/repo/a.py")
+    typed = CODE[:offset] + "def" + CODE[offset:]
+    second = engine.complete(typed, offset + 3, path="/repo/a.py")
+    assert isinstance(first, Completion) and isinstance(second, Completion)
+    assert second.reused_tokens >= second.prompt_tokens - 3
+    assert second.memory_tokens > 0  # the text before the window and after the cursor
+    assert {"queue", "prompt", "memory", "prefill", "decode", "total"} <= set(second.timings)
+
+
+def test_local_window_leaves_room_for_max_tokens(engine):
+    assert engine.context_tokens(8) == 64  # min(last_context_length, window - max_tokens)
+    assert engine.context_tokens(100) == 28
+    with pytest.raises(ValueError, match="window"):  # the token level refuses a flush mid-generation
+        engine.generate(list(range(100, 130)), None, 100)
+    long = engine.complete(CODE, len(CODE), max_tokens=500)  # the text level clamps to half the window
+    assert long.generated_tokens <= 64 and long.prompt_tokens <= 64
+    with pytest.raises(ValueError, match="outside"):
+        engine.submit_complete(CODE, len(CODE) + 1)
+
+
+# -- cancellation ----------------------------------------------------------------------------------------
+
+def test_cancelled_request_stops_within_one_step(engine, smol_tokenizer):  # noqa: F811
+    ids = smol_tokenizer("def f(x):\n    return", add_special_tokens=False)["input_ids"]
+    seen, holder = [], []
+
+    def on_token(tok):
+        seen.append(tok)
+        if len(seen) == 3:
+            holder[0].cancel()
+
+    holder.append(engine.submit_generate(ids, None, 100, on_token=on_token, stop=lambda new: False))
+    with pytest.raises(Cancelled):
+        holder[0].result(timeout=60)
+    assert len(seen) == 3
+
+
+def test_newest_request_per_document_wins(engine):
+    gate = threading.Event()
+    blocker = engine.submit(lambda req: gate.wait(30))
+    older = engine.submit_complete(CODE, 20, path="a.py", key="file:///a.py")
+    other = engine.submit_complete(CODE, 20, path="b.py", key="file:///b.py")
+    newer = engine.submit_complete(CODE, 25, path="a.py", key="file:///a.py")
+    gate.set()
+    blocker.result(timeout=30)
+    assert older.superseded and older.future.cancelled()
+    assert isinstance(newer.result(timeout=60), Completion) and isinstance(other.result(timeout=60), Completion)
+    hold = threading.Event()
+    stale = engine.submit(lambda req: hold.wait(30), key="file:///c.py")  # e.g. didChange while generating
+    engine.cancel("file:///c.py")
+    hold.set()
+    assert stale.superseded and stale.cancelled
+
+
+# -- memory and sources ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def repo(tmp_path, engine, smol_tokenizer):  # noqa: F811
+    """A bank with a.py and b.py, one chunk each, as an indexer would leave it."""
+    from indexer.bank import MemoryBank
+
+    cfg = engine.model.config
+    bank = MemoryBank(cfg.mem_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    files = {"a.py": CODE[:250], "b.py": CODE[250:]}
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+        ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"][:100]
+        bank.add(rel, engine.model.encode_memory(torch.tensor([ids])), ChunkMeta(rel, rel, 1, 9, rel[0]))
+    return SimpleNamespace(bank=bank, root=tmp_path)
+
+
+def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):
+    engine.repositories.append(repo)
+    text = "def main():\n    g = Gre"
+    done = engine.complete(text, len(text), path=str(repo.root / "a.py"))
+    assert done.memory_tokens == repo.bank.status().span_tokens  # a.py's slots are masked, not removed
+    assert [s.path for s in done.sources] == ["b.py"]
+    assert done.sources[0].file == str(repo.root / "b.py") and 0 < done.sources[0].weight <= 1
+    without = engine.complete(text, len(text), path=str(repo.root / "a.py"), memory=False)
+    assert without.sources == [] and without.memory_tokens == 0
+
+
+def test_answer_streams_tokens_and_names_sources(engine, repo):
+    engine.repositories.append(repo)
+    pieces: list[str] = []
+    answer = engine.answer("What does Greeter do?", on_token=pieces.append)
+    assert "".join(pieces).strip() == answer.text
+    assert answer.generated_tokens > 0 and {s.path for s in answer.sources} <= {"a.py", "b.py"}
+    assert answer.sources, "the bank is the only memory: something must be attended"
+
+
+# -- the CLI commands ------------------------------------------------------------------------------------
+
+def test_offset_of_counts_lines_as_lsp_does():
+    from longllama_lsp.commands import offset_of
+
+    text = "a\x0cb\nc😀d\r\ne"
+    assert offset_of(text, 2, 3) == text.index("d") and offset_of(text, 3, 2) == len(text)
+    with pytest.raises(ValueError, match="line 4"):
+        offset_of(text, 4, 1)
+    with pytest.raises(ValueError, match="column 9"):
+        offset_of(text, 1, 9)
+
+
+def test_complete_command_prints_json(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from longllama_lsp.cli import main
+
+    (tmp_path / "m.py").write_text(CODE)
+    assert main(["complete", f"{tmp_path / 'm.py'}:19:5", "--model", str(tiny_model_dir), "--no-memory",
+                 "--json", "--max-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"text", "sources", "timings", "stop_reason"} <= set(out) and out["generated_tokens"] <= 4

@@ -1,0 +1,431 @@
+"""The language server: documents and positions (unit), then the real server process end to end.
+
+Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) passed with
+--model; a three-file repository written to tmp_path for the indexing test. The e2e tests drive
+`python -m longllama_lsp.server` with pytest-lsp's client, and with raw JSON-RPC frames over
+stdio and TCP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import pytest_lsp
+from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
+from pytest_lsp import ClientServerConfig
+
+from longllama_lsp.documents import Document, PositionError
+from longllama_lsp.engine import Completion
+from longllama_lsp.protocol import METHOD_TO_TYPES, AskParams
+from longllama_lsp.server import check_listen_address, completion_item
+
+TESTS = Path(__file__).parent
+UTF16 = types.PositionEncodingKind.Utf16
+SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
+EMOJI_LINE = "s = '😀😀'; total = value + other"
+
+
+def pos(line: int, character: int) -> types.Position:
+    return types.Position(line=line, character=character)
+
+
+# -- unit: documents and positions ---------------------------------------------------------------------
+
+def test_utf16_positions_after_emoji():
+    doc = Document("file:///a.py", "x = 1\n" + EMOJI_LINE + "\n")
+    col16 = EMOJI_LINE.index("value") + 2  # each emoji is two UTF-16 code units
+    assert doc.offset_at(pos(1, col16), UTF16) == 6 + EMOJI_LINE.index("value")
+    assert doc.offset_at(pos(1, col16), types.PositionEncodingKind.Utf32) == 6 + col16  # code points
+    assert doc.position_at(6 + EMOJI_LINE.index("value"), UTF16) == pos(1, col16)
+    assert doc.offset_at(pos(0, 99), UTF16) == 5  # past the end of a line: the end of that line
+    assert doc.offset_at(pos(2, 0), UTF16) == len(doc.text)  # the empty line after the final newline
+    with pytest.raises(PositionError, match="past the end"):
+        doc.offset_at(pos(3, 0), UTF16)
+
+
+def test_incremental_changes_use_lsp_line_breaks_only():
+    doc = Document("file:///a.py", "a\x0cb\nc😀d\r\ne")  # a form feed is not a line break in LSP
+    doc.apply(types.TextDocumentContentChangePartial(range=types.Range(pos(1, 3), pos(1, 4)), text="X"), UTF16)
+    assert doc.text == "a\x0cb\nc😀X\r\ne"
+    doc.apply(types.TextDocumentContentChangePartial(range=types.Range(pos(2, 1), pos(2, 1)), text="!"), UTF16)
+    assert doc.text.endswith("\r\ne!")
+    doc.apply(types.TextDocumentContentChangeWholeDocument(text="new"), UTF16)
+    assert doc.text == "new" and doc.line_starts == [0]
+
+
+def test_completion_item_replaces_the_word_before_the_cursor():
+    doc = Document("file:///a.py", EMOJI_LINE)
+    cursor = pos(0, EMOJI_LINE.index("value") + 2 + 3)  # after "val"
+    done = Completion("ue + 1", 1, [], {}, "stop", "line")
+    item = completion_item(doc, cursor, done, UTF16)
+    assert item.text_edit.range == types.Range(pos(0, cursor.character - 3), cursor)
+    assert item.text_edit.new_text == "value + 1" == item.insert_text and item.label == "value + 1"
+
+
+def test_non_loopback_addresses_need_allow_remote_and_token():
+    def ns(**kw):
+        return argparse.Namespace(**{"tcp": True, "host": "127.0.0.1", "allow_remote": False, "token": None, **kw})
+    assert check_listen_address(ns()) is None and check_listen_address(ns(host="::1")) is None
+    assert "--allow-remote" in check_listen_address(ns(host="0.0.0.0"))
+    assert "--token" in check_listen_address(ns(host="0.0.0.0", allow_remote=True))
+    assert check_listen_address(ns(host="0.0.0.0", allow_remote=True, token="s3cret")) is None
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """Test Data: the tiny LongLLaMA with a 1024-token window, so a long generation can be cancelled."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-1k"), smol_tokenizer_dir, max_position_embeddings=1024)
+
+
+def server_command(model_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
+
+
+def server_env() -> dict[str, str]:
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+INIT_OPTIONS = {"completion": {"maxTokens": "lots", "debounceMs": 0}, "ask": {"maxTokens": 12},
+                "logLevel": "debug"}
+
+
+def typed(client):
+    """Teach the test client our message types (protocol.py), as an editor plugin would."""
+    proto = client.protocol
+    message_type, result_type = proto.get_message_type, proto.get_result_type
+    proto.get_message_type = lambda m: METHOD_TO_TYPES[m][0] if m in METHOD_TO_TYPES else message_type(m)
+    proto.get_result_type = lambda m: METHOD_TO_TYPES[m][1] if m in METHOD_TO_TYPES else result_type(m)
+    return client
+
+
+async def status(client):
+    return await client.protocol.send_request_async("longllama/status", None)
+
+
+async def start(command: list[str], root: Path, options: dict):
+    client = typed(await ClientServerConfig(server_command=command, server_env=server_env()).start())
+    caps = pytest_lsp.client_capabilities("neovim")
+    caps.general.position_encodings = ("utf-16",)  # what most clients speak (Neovim prefers utf-8)
+    result = await client.initialize_session(types.InitializeParams(
+        capabilities=caps, root_uri=root.as_uri(), initialization_options=options,
+        workspace_folders=[types.WorkspaceFolder(uri=root.as_uri(), name=root.name)]))
+    return client, result
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def lsp(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
+    client, result = await start(server_command(model_dir, "--no-index"), root, INIT_OPTIONS)
+    client.init_result, client.root = result, root
+    yield client
+    await client.shutdown_session()
+    await client.stop()
+
+
+def e2e(fn):
+    return pytest.mark.e2e(pytest.mark.asyncio(loop_scope="module")(fn))
+
+
+def open_doc(client, name: str, text: str) -> str:
+    uri = (client.root / name).as_uri()
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+    return uri
+
+
+def inline_params(uri: str, position: types.Position) -> types.InlineCompletionParams:
+    return types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=position,
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked))
+
+
+async def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := predicate()):
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@e2e
+async def test_initialize_advertises_inline_completion(lsp):
+    caps = lsp.init_result.capabilities
+    assert caps.inline_completion_provider is not None and caps.completion_provider is not None
+    assert {"longllama.ask", "longllama.reindex"} <= set(caps.execute_command_provider.commands)
+    assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
+    assert caps.position_encoding == UTF16
+
+
+@e2e
+async def test_invalid_settings_are_shown_and_replaced_by_defaults(lsp):
+    message = await wait_for(lambda: [m for m in lsp.messages if "completion.maxTokens" in m.message])
+    assert message[0].type == types.MessageType.Warning
+    settings = (await status(lsp)).settings
+    assert settings["completion"]["maxTokens"] == 48 and settings["ask"]["maxTokens"] == 12
+    lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"longllama": {"completion": {"mode": "paragraph", "debounceMs": 0}, "ask": {"maxTokens": 12}}}))
+    await wait_for(lambda: [m for m in lsp.messages if "completion.mode" in m.message])
+
+
+@e2e
+async def test_inline_and_plain_completion(lsp):
+    uri = open_doc(lsp, "greet.py", SOURCE)
+    end = pos(9, 7)
+    inline = await lsp.text_document_inline_completion_async(inline_params(uri, end))
+    assert len(inline.items) == 1 and inline.items[0].insert_text.strip()
+    assert inline.items[0].range == types.Range(start=end, end=end)
+    plain = await lsp.text_document_completion_async(types.CompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=end))
+    item = plain.items[0]
+    assert item.text_edit.range == types.Range(start=pos(9, 4), end=end) and item.text_edit.new_text.startswith("gre")
+    now = await status(lsp)
+    assert now.engine == "ready" and now.documents >= 1 and now.last_timings["total"] > 0
+
+
+@e2e
+async def test_did_change_then_complete_after_an_emoji(lsp):
+    uri = open_doc(lsp, "emoji.py", "x = 1\n")
+    lsp.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[types.TextDocumentContentChangePartial(range=types.Range(pos(1, 0), pos(1, 0)),
+                                                                text=EMOJI_LINE[:EMOJI_LINE.index("value") + 3])]))
+    cursor = pos(1, EMOJI_LINE.index("value") + 3 + 2)  # after "val"; the two emoji count twice in UTF-16
+    plain = await lsp.text_document_completion_async(types.CompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=cursor))
+    edit = plain.items[0].text_edit
+    assert edit.range.start == pos(1, cursor.character - 3) and edit.new_text.startswith("val")
+
+
+@e2e
+async def test_cancel_request_stops_generation(lsp):
+    lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={
+        "completion": {"maxTokens": 900, "mode": "block", "debounceMs": 0}, "ask": {"maxTokens": 12}}))
+    uri = open_doc(lsp, "long.py", "def f(x):\n")
+    before = (await status(lsp)).requests
+    future = lsp.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, pos(1, 0)),
+                                       msg_id="to-cancel")
+    for _ in range(200):  # wait until the engine is generating (900 tokens take many seconds)
+        if (await status(lsp)).running is not None:
+            break
+    lsp.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="to-cancel"))
+    with pytest.raises(JsonRpcRequestCancelled):
+        await asyncio.wrap_future(future)
+    for _ in range(100):
+        now = await status(lsp)
+        if now.running is None:
+            break
+        await asyncio.sleep(0.05)
+    assert now.running is None and now.requests["cancelled"] == before["cancelled"] + 1
+    assert now.requests["completed"] == before["completed"]
+    lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={
+        "completion": {"maxTokens": 8, "debounceMs": 0}, "ask": {"maxTokens": 12}}))
+
+
+@e2e
+async def test_ask_returns_answer_and_sources(lsp):
+    uri = open_doc(lsp, "ask.py", SOURCE * 4)  # longer than nothing: the document joins the memory
+    result = await lsp.protocol.send_request_async("longllama/ask", AskParams(
+        "What does greet print?", types.TextDocumentIdentifier(uri=uri)))
+    assert isinstance(result.answer, str) and result.stop_reason in ("eos", "max_tokens")
+    assert result.sources and result.sources[0].path == "ask.py" and result.sources[0].uri == uri
+    via_command = await lsp.workspace_execute_command_async(types.ExecuteCommandParams(
+        command="longllama.ask", arguments=["What is main?"]))
+    assert isinstance(via_command["answer"], str) and "sources" in via_command
+
+
+@e2e
+async def test_bad_requests_get_errors_and_the_server_keeps_state(lsp):
+    uri = open_doc(lsp, "keep.py", SOURCE)
+    with pytest.raises(JsonRpcInvalidParams, match="unknown document"):
+        await lsp.text_document_inline_completion_async(inline_params("file:///nowhere.py", pos(0, 0)))
+    with pytest.raises(JsonRpcInvalidParams, match="past the end"):
+        await lsp.text_document_inline_completion_async(inline_params(uri, pos(50, 0)))
+    with pytest.raises(JsonRpcInvalidParams, match="too long"):
+        await lsp.protocol.send_request_async("longllama/ask", AskParams("x" * 100_000))
+    # pygls 2.1.1 never answers a request whose params do not deserialize; we answer -32602.
+    for msg_id, method, params, missing in [
+            ("raw-1", "textDocument/inlineCompletion", {"textDocument": {"uri": uri}, "position": {"line": 0}},
+             "context"),
+            ("raw-2", "longllama/ask", {"textDocument": {"uri": uri}}, "question")]:
+        future = asyncio.get_running_loop().create_future()
+        lsp.protocol._request_futures[msg_id] = future
+        lsp.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+        with pytest.raises(JsonRpcException) as err:
+            await asyncio.wait_for(future, 10)
+        assert err.value.code == -32602 and missing in err.value.message
+    inline = await lsp.text_document_inline_completion_async(inline_params(uri, pos(9, 7)))
+    assert inline.items  # same document, still served
+
+
+# -- raw JSON-RPC over stdio and TCP ---------------------------------------------------------------------
+
+class RawClient:
+    """Frames JSON-RPC by hand: anything else on the server's stdout breaks the parse."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer):
+        self.reader, self.writer = reader, writer
+
+    async def send(self, message: dict | bytes) -> None:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        self.writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await self.writer.drain()
+
+    async def receive(self, timeout: float = 60) -> dict:
+        header = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        assert header.startswith(b"Content-Length: "), header
+        length = int(header.split(b"\r\n")[0].split(b": ")[1])
+        return json.loads(await self.reader.readexactly(length))
+
+    async def response(self, msg_id) -> dict:
+        while True:
+            msg = await self.receive()
+            if msg.get("id") == msg_id and "method" not in msg:
+                return msg
+            if "method" in msg and "id" in msg:  # a server->client request (e.g. progress create)
+                await self.send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
+
+
+def initialize(msg_id, root: Path, options: dict | None = None) -> dict:
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": {
+        "processId": None, "rootUri": root.as_uri(), "capabilities": {}, "initializationOptions": options or {}}}
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_raw_stdio_errors_for_garbage_early_and_undeserializable_requests(model_dir, tmp_path):
+    proc = await asyncio.create_subprocess_exec(*server_command(model_dir, "--no-index"), env=server_env(),
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    raw = RawClient(proc.stdout, proc.stdin)
+    try:
+        await raw.send(b"{not json")
+        assert (await raw.receive())["error"]["code"] == -32700
+        await raw.send({"jsonrpc": "2.0", "id": 1, "method": "longllama/status"})
+        assert (await raw.response(1))["error"]["code"] == -32002  # before initialize
+        await raw.send(initialize(2, tmp_path, {"ask": {"maxTokens": 8}}))
+        assert "inlineCompletionProvider" in (await raw.response(2))["result"]["capabilities"]
+        await raw.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        uri = (tmp_path / "a.py").as_uri()
+        await raw.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": uri, "languageId": "python", "version": 1, "text": SOURCE}}})
+        await raw.send({"jsonrpc": "2.0", "id": 3, "method": "textDocument/inlineCompletion",
+                        "params": {"textDocument": {"uri": uri}, "position": {"line": 9, "character": 7}}})
+        error = (await raw.response(3))["error"]
+        assert error["code"] == -32602 and "context" in error["message"]
+        await raw.send({"jsonrpc": "2.0", "id": 4, "method": "longllama/ask", "params": {"question": 42}})
+        await raw.send({"jsonrpc": "2.0", "id": 5, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": 9, "character": 7}, "context": {"triggerKind": 1}}})
+        assert "result" in await raw.response(5)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_tcp_with_token(model_dir, tmp_path):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *server_command(model_dir, "--no-index", "--tcp", "--port", str(port), "--token", "s3cret"),
+        env=server_env(), stdout=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(300):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        raw = RawClient(reader, writer)
+        second_reader, second_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(second_reader.read(), 30) == b""  # one client at a time
+        second_writer.close()
+        await raw.send(initialize(1, tmp_path, {"token": "wrong"}))
+        assert (await raw.response(1))["error"]["code"] == -32001
+        await raw.send({"jsonrpc": "2.0", "id": 2, "method": "longllama/status"})
+        assert (await raw.response(2))["error"]["code"] == -32001
+        await raw.send(initialize(3, tmp_path, {"token": "s3cret"}))
+        assert "result" in await raw.response(3)
+        writer.close()
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert await proc.stdout.read() == b""  # nothing on stdout in TCP mode either
+
+
+# -- indexing with work-done progress --------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
+    """Test Data: three small Python files in tmp_path, indexed by indexer.pipeline (the real one)."""
+    for name, body in {"alpha.py": "def alpha():\n    return 1\n", "beta.py": "def beta(x):\n    return x * 2\n",
+                       "pkg/gamma.py": "class Gamma:\n    pass\n"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    client, _ = await start(server_command(model_dir), tmp_path, {"ask": {"maxTokens": 8},
+                                                                  "completion": {"debounceMs": 0}})
+    try:
+        def ended():
+            return [v for values in client.progress_reports.values() for v in values
+                    if isinstance(v, types.WorkDoneProgressEnd)]
+        await wait_for(ended, 120)
+        reports = next(iter(client.progress_reports.values()))
+        assert isinstance(reports[0], types.WorkDoneProgressBegin)
+        steps = [r.message for r in reports if isinstance(r, types.WorkDoneProgressReport)]
+        assert steps and steps[-1].startswith("encode") and reports[-1].message.startswith("3 files")
+        for _ in range(200):  # the watcher starts right after the progress ends
+            if (now := await status(client)).indexing == "watching":
+                break
+            await asyncio.sleep(0.05)
+        assert now.indexing == "watching" and now.files == 3 and now.chunks >= 3 and now.memory_tokens > 0
+        assert now.details[0]["bank"]["live_chunks"] == now.chunks  # the indexer's own status, as JSON
+        answer = await client.protocol.send_request_async("longllama/ask", AskParams("What does beta return?"))
+        assert answer.sources and {s.path for s in answer.sources} <= {"alpha.py", "beta.py", "pkg/gamma.py"}
+        assert answer.sources[0].uri == (tmp_path / answer.sources[0].path).as_uri()
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_a_model_that_fails_to_load_is_reported_and_completions_stay_empty(tmp_path):
+    """Test Data: --model pointing at an empty folder."""
+    (tmp_path / "not-a-model").mkdir()
+    command = [sys.executable, "-m", "longllama_lsp.server", "--model", str(tmp_path / "not-a-model"), "--no-index"]
+    client, _ = await start(command, tmp_path, {})
+    try:
+        shown = await wait_for(lambda: [m for m in client.messages if m.type == types.MessageType.Error], 120)
+        assert "could not be loaded" in shown[0].message
+        client.root = tmp_path
+        uri = open_doc(client, "a.py", SOURCE)
+        assert not (await client.text_document_inline_completion_async(inline_params(uri, pos(9, 7)))).items
+        with pytest.raises(JsonRpcException) as err:
+            await client.protocol.send_request_async("longllama/ask", AskParams("why?"))
+        assert err.value.code == -32003
+        now = await status(client)
+        assert now.engine == "error" and now.error
+    finally:
+        await client.shutdown_session()
+        await client.stop()
