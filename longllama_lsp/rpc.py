@@ -86,7 +86,8 @@ class LongLlamaProtocol(LanguageServerProtocol):
                 msg_id = message["id"] if isinstance(message["id"], (int, str)) else None
                 self._send_response(msg_id, error=JsonRpcInvalidRequest(
                     'Invalid Request: "jsonrpc": "2.0" is missing').to_response_error())
-            logger.warning("ignored a message that is not JSON-RPC 2.0: %.200s", message)
+            # Name the method only: the body may quote the user's code (secrets included).
+            logger.warning("ignored a message that is not JSON-RPC 2.0 (method %.80r)", message.get("method"))
             return
         method = getattr(message, "method", None)
         if method == types.INITIALIZE:

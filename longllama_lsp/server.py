@@ -209,12 +209,22 @@ def guard_stdout():
 
 def setup_logging(log_file: str | None, verbose: bool = False) -> None:
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message body at INFO
     apply_log_level("debug" if verbose else "info")
+
+
+class RedactingFormatter(logging.Formatter):
+    """Masks credentials (indexer.secrets patterns) in every log line, tracebacks included: messages
+    and exceptions can quote the user's buffers or requests (house rule: secrets never reach the logs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from indexer.secrets import redact
+
+        return redact(super().format(record))
 
 
 cli = Command(add_arguments, run, description="Run the language server: stdio by default, or --tcp.")

@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -114,9 +115,12 @@ class LongLlamaServer(LanguageServer):
         self.call_soon(self.window_show_message, types.ShowMessageParams(type=kind, message=message))
 
     def report_server_error(self, error: Exception, source: Any) -> None:
-        # A body that is not JSON: answer with ParseError (id null), as JSON-RPC 2.0 §5.1 asks.
-        if isinstance(error, json.JSONDecodeError) and self.protocol.writer is not None:
-            self.protocol._send_response(None, error=JsonRpcParseError(f"Parse error: {error}").to_response_error())
+        # A body that is not JSON: answer with ParseError (id null), as JSON-RPC 2.0 §5.1 asks. That
+        # includes bytes that are not UTF-8 and nesting deeper than the parser's recursion limit.
+        if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, RecursionError)) \
+                and self.protocol.writer is not None:
+            reason = "too deeply nested" if isinstance(error, RecursionError) else str(error)
+            self.protocol._send_response(None, error=JsonRpcParseError(f"Parse error: {reason}").to_response_error())
             return
         logger.error("server error (%s): %s", getattr(source, "__name__", source), error)
 
@@ -302,6 +306,7 @@ class LongLlamaServer(LanguageServer):
     def touch(self, uri: str) -> None:
         """An opened file (and its folder) ranks first when the memory budget evicts chunks."""
         path = to_fs_path(uri)
+        path = os.path.normpath(path) if path else path  # ws/../outside is not inside ws
         for indexer in self.indexers:
             bank, root = getattr(indexer, "bank", None), Path(getattr(indexer, "root", "/"))
             if path and bank is not None and hasattr(bank, "touch") and Path(path).is_relative_to(root):

@@ -145,7 +145,7 @@ def test_same_directory_grouping_and_seeded_file_order(tmp_path):
 
 
 def test_dedup_size_language_and_secret_filters(tmp_path):
-    root = write(tmp_path / "repo", {"a/one.py": "same = 1\n", "b/two.py": "same = 1\n", "a/big.py": "#" * 5000,
+    root = write(tmp_path / "repo", {"a/one.py": "same = 1\n", "b/two.py": "same = 1\n", "a/big.py": "# comment\n" * 600,  # many short lines: not "minified"
                                      "a/notes.txt": "text\n", "a/key.py": "KEY = '''\n" + SECRET + "'''\n",
                                      "a/ok.py": "ok = 2\n"})
     (root / "a/blob.py").write_bytes(b"\x00\x01binary")

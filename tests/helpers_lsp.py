@@ -1,0 +1,170 @@
+"""A synchronous raw JSON-RPC client for the real `longllama-lsp` process (stdio or TCP).
+
+Used by tests/test_reliability.py and tests/test_security.py: frames are written by hand (so tests
+can send broken ones), a reader thread parses the server's frames into a queue, and `request()`
+waits for the reply with a given id. Server->client requests are answered with null.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+
+
+def server_env() -> dict[str, str]:
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+def server_command(model_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
+
+
+def frame(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class SyncClient:
+    """One connection to a server: `send_raw` bytes, `notify`, `request` (waits for the reply)."""
+
+    def __init__(self, read, write, close=None):
+        self._read, self._write, self._close = read, write, close
+        self.replies: dict[object, dict] = {}
+        self.notifications: list[dict] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.eof = False
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @classmethod
+    def over_process(cls, proc: subprocess.Popen) -> SyncClient:
+        def write(data: bytes) -> None:
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        return cls(proc.stdout, write)
+
+    @classmethod
+    def over_tcp(cls, host: str, port: int, timeout: float = 120) -> SyncClient:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = socket.create_connection((host, port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        sock.settimeout(None)
+        return cls(sock.makefile("rb"), sock.sendall, sock.close)
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                length = None
+                while True:
+                    line = self._read.readline()
+                    if not line:
+                        raise EOFError
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    elif line == b"\r\n" and length is not None:
+                        break
+                msg = json.loads(self._read.read(length))
+                if "method" in msg and "id" in msg:  # e.g. window/workDoneProgress/create
+                    self.send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
+                    continue
+                with self._cond:
+                    if "method" in msg:
+                        self.notifications.append(msg)
+                    else:
+                        key = msg.get("id")
+                        self.replies[key if not isinstance(key, list) else json.dumps(key)] = msg
+                    self._cond.notify_all()
+        except (EOFError, OSError, ValueError):
+            with self._cond:
+                self.eof = True
+                self._cond.notify_all()
+
+    def send_raw(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def send(self, message: dict) -> None:
+        self.send_raw(frame(json.dumps(message).encode()))
+
+    def notify(self, method: str, params) -> None:
+        self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def next_id(self) -> str:
+        return f"t-{next(self._ids)}"
+
+    def wait_reply(self, msg_id, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while msg_id not in self.replies:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.eof:
+                    raise AssertionError(f"no reply to {msg_id!r} (eof={self.eof})")
+                self._cond.wait(left)
+            return self.replies.pop(msg_id)
+
+    def wait_null_reply(self, timeout: float = 30) -> dict:
+        return self.wait_reply(None, timeout)
+
+    def request(self, method: str, params=None, timeout: float = 60, msg_id=None) -> dict:
+        msg_id = msg_id if msg_id is not None else self.next_id()
+        message = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return self.wait_reply(msg_id, timeout)
+
+    def initialize(self, root: Path, options: dict | None = None, timeout: float = 120) -> dict:
+        reply = self.request("initialize", {"processId": None, "rootUri": root.as_uri(), "capabilities": {},
+                                            "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
+                                            "initializationOptions": options or {}}, timeout)
+        self.notify("initialized", {})
+        return reply
+
+    def open(self, uri: str, text: str, version: int = 1) -> None:
+        self.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python",
+                                                              "version": version, "text": text}})
+
+    def complete(self, uri: str, line: int, character: int, timeout: float = 120, msg_id=None) -> dict:
+        return self.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+            "context": {"triggerKind": 1}}, timeout, msg_id)
+
+    def status(self, timeout: float = 60) -> dict:
+        return self.request("longllama/status", None, timeout)["result"]
+
+    def close(self) -> None:
+        if self._close:
+            self._close()
+
+
+def wait_until(predicate, timeout: float = 60, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := predicate()):
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")

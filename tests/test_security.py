@@ -1,0 +1,191 @@
+"""Security (issue #9): listen address, workspace confinement, secrets out of the index and the logs,
+no repository code run.
+
+Test Data: the seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py); a small repository
+written to tmp_path with planted fake credentials (an AWS access key id in code and in `.env`, a PEM
+private key), a `conftest.py` and `setup.py` that would write a marker file if imported, and symlinks
+to a folder outside the workspace. The real indexer (indexer.pipeline) indexes it through the server.
+The fake keys below are made up (AWS's documented example format), never valid.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_lsp import SyncClient, server_command, server_env, wait_until
+from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+
+AWS_KEY = "AKIAQWERTYUIOPASDFGH"
+ENV_SECRET = "hunter2-Zx9Qv7Lm3Np8Rt"
+PEM_BODY = "MIIEowIBAAKCAQEA7fAkEkEyFoRtHeSeCuRiTyTeStZ9"
+OUTSIDE_MARKER = "OUTSIDE_THE_WORKSPACE_5f3a9c"
+SECRETS = [AWS_KEY, ENV_SECRET, PEM_BODY, OUTSIDE_MARKER]
+
+MARKER_CODE = "import pathlib\npathlib.Path({path!r}).write_text('imported')\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sec"), smol_tokenizer_dir)
+
+
+def plant_repo(base: Path) -> tuple[Path, Path, Path]:
+    root, outside, markers = base / "repo", base / "outside", base / "markers"
+    for d in (root / "pkg", outside, markers):
+        d.mkdir(parents=True)
+    (root / "app.py").write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")
+    (root / "pkg" / "config.py").write_text(f'REGION = "eu-west-1"\nAWS_ACCESS_KEY_ID = "{AWS_KEY}"\n')
+    (root / ".env").write_text(f"DB_PASSWORD={ENV_SECRET}\n")
+    (root / "deploy.key").write_text(f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----\n")
+    (root / "notes.md").write_text(f"# Notes\n\n-----BEGIN PRIVATE KEY-----\n{PEM_BODY}\n-----END PRIVATE KEY-----\n")
+    (root / "conftest.py").write_text(MARKER_CODE.format(path=str(markers / "conftest-ran")))
+    (root / "setup.py").write_text(MARKER_CODE.format(path=str(markers / "setup-ran")))
+    (outside / "stolen.py").write_text(f'TOKEN = "{OUTSIDE_MARKER}"\n')
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "leak.py").symlink_to(outside / "stolen.py")
+    return root, outside, markers
+
+
+@pytest.fixture(scope="module")
+def indexed(model_dir, tmp_path_factory):
+    """The server with the real indexer on the planted repository, indexing done (state 'watching')."""
+    base = tmp_path_factory.mktemp("sec")
+    root, outside, markers = plant_repo(base)
+    log = base / "server.log"
+    proc = subprocess.Popen(server_command(model_dir, "--verbose", "--log-file", str(log)), env=server_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=base)
+    client = SyncClient.over_process(proc)
+    client.proc, client.root, client.outside, client.markers, client.log = proc, root, outside, markers, log
+    assert "result" in client.initialize(root, {"completion": {"maxTokens": 4, "debounceMs": 0},
+                                                "ask": {"maxTokens": 4}, "logLevel": "debug"})
+    client.final = wait_until(lambda: (s := client.status())["indexing"] in ("watching", "error") and s, 180, 0.2)
+    yield client
+    proc.kill()
+    proc.wait()
+
+
+# -- listen address ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needs", [(["--host", "0.0.0.0"], "--allow-remote"),
+                                          (["--host", "192.168.1.10", "--allow-remote"], "--token"),
+                                          (["--host", "::"], "--allow-remote")])
+def test_non_loopback_tcp_is_refused_without_allow_remote_and_token(tmp_path, capsys, extra, needs):
+    """The command line refuses before loading anything or opening a socket (exit status 2)."""
+    from longllama_lsp.server import main
+
+    assert main(["--tcp", "--port", "1", *extra, "--model", str(tmp_path / "never-loaded")]) == 2
+    out = capsys.readouterr()
+    assert needs in out.err and out.out == ""
+
+
+def test_tcp_host_defaults_to_loopback():
+    import argparse
+
+    from longllama_lsp.server import add_arguments, check_listen_address
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--tcp"])
+    assert args.host == "127.0.0.1" and check_listen_address(args) is None
+
+
+def test_log_lines_are_redacted():
+    import logging
+
+    from longllama_lsp.server import RedactingFormatter
+
+    try:
+        raise ValueError(f"bad value {AWS_KEY}")
+    except ValueError:
+        import sys as _sys
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "got %s", (AWS_KEY,), _sys.exc_info())
+    line = RedactingFormatter("%(message)s").format(record)
+    assert AWS_KEY not in line and "[REDACTED]" in line and "ValueError" in line
+
+
+def listening_addresses(port: int) -> set[str]:
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.slow
+def test_tcp_listens_on_loopback_by_default(tmp_path):
+    """The real process: its listening socket is 127.0.0.1 only (read from /proc/net/tcp)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "longllama_lsp.server", "--tcp", "--port", str(port), "--no-index",
+                             "--model", str(tmp_path / "never-loaded")], env=server_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        addresses = wait_until(lambda: listening_addresses(port), 120)
+        assert addresses == {"0100007F"}, addresses  # 127.0.0.1 only, little-endian hex
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- indexing: secrets, symlinks, no code executed ----------------------------------------------------------
+
+def test_index_holds_workspace_code_but_no_secrets_or_outside_files(indexed):
+    assert indexed.final["indexing"] == "watching", indexed.final
+    assert indexed.final["files"] >= 3  # app.py, pkg/config.py is skipped (secret), conftest.py, setup.py
+    db_files = list((indexed.root / ".longllama").iterdir())
+    assert any(f.suffix == ".db" for f in db_files)
+    blob = b"".join(f.read_bytes() for f in db_files if f.is_file())
+    assert len(blob) > 0
+    for secret in SECRETS:
+        assert secret.encode() not in blob, f"{secret} is in the index"
+
+
+def test_no_repository_code_is_imported_or_run(indexed):
+    assert not list(indexed.markers.iterdir()), "indexing ran repository code"
+
+
+def test_requests_for_files_outside_the_workspace_do_not_read_them(indexed):
+    """The server only knows what the editor sent (didOpen): URIs outside the workspace, with ../ or
+    through a symlink that leaves it are 'unknown document', never read from disk."""
+    stolen = indexed.outside / "stolen.py"
+    for uri in [stolen.as_uri(), (indexed.root / ".." / "outside" / "stolen.py").as_uri().replace("%2E", "."),
+                f"{indexed.root.as_uri()}/../outside/stolen.py", (indexed.root / "leak.py").as_uri(),
+                (indexed.root / "escape" / "stolen.py").as_uri(), "file:///etc/passwd"]:
+        reply = indexed.complete(uri, 0, 0)
+        assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
+        reply = indexed.request("longllama/ask", {"question": "what is TOKEN?", "textDocument": {"uri": uri}})
+        assert reply["error"]["code"] == -32602, reply
+    answer = indexed.request("longllama/ask", {"question": "What is TOKEN?"}, timeout=120)["result"]
+    assert OUTSIDE_MARKER not in answer["answer"]
+    assert all(not s["path"].startswith(("..", "/")) and "escape" not in s["path"] for s in answer["sources"])
+
+
+def test_secrets_sent_by_the_editor_stay_out_of_the_log(indexed):
+    """A buffer with a key, a broken message quoting it, a bad request carrying it: none in the log file."""
+    uri = (indexed.root / "scratch.py").as_uri()
+    indexed.open(uri, f'KEY = "{AWS_KEY}"\nx = 1\n')
+    indexed.send({"id": 99, "method": "longllama/ask", "params": {"question": f"is {AWS_KEY} valid?"}})  # no jsonrpc
+    indexed.request("longllama/ask", {"question": ["list", AWS_KEY], "textDocument": {"uri": uri}})
+    indexed.request("longllama/ask", {"question": f"what is {ENV_SECRET}?", "textDocument": {"uri": uri}}, 120)
+    indexed.notify("textDocument/didChange", {"textDocument": {"uri": uri}, "contentChanges": [{"bogus": AWS_KEY}]})
+    assert "result" in indexed.complete(uri, 1, 5)
+    indexed.status()
+    time.sleep(0.5)  # let the log handler flush
+    text = indexed.log.read_text(errors="replace")
+    assert "model ready" in text  # the log is being written
+    for secret in SECRETS:
+        assert secret not in text, f"{secret} leaked into the log"
