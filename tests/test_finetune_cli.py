@@ -1,0 +1,138 @@
+"""`longllama finetune / train / eval` (finetune/commands.py) and the evaluation (finetune/evaluate.py).
+
+Test Data: a tmp repository of small stdlib modules; a seeded tiny LongLLaMA checkpoint with the
+recall task's byte-level tokenizer (fixtures from test_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import STDLIB, base_dir, one_thread, tok_dir  # noqa: F401  (fixtures)
+
+from longllama_lsp import cli
+
+REPOS = {"alpha": {"pkg/colorsys.py": "colorsys.py", "pkg/bisect.py": "bisect.py", "pkg/keyword.py": "keyword.py",
+                   "tools/tool.py": "json/tool.py", "tools/scanner.py": "json/scanner.py"},
+         "beta": {"a/decoder.py": "json/decoder.py", "a/encoder.py": "json/encoder.py", "b/fnmatch.py": "fnmatch.py"}}
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, Path]:
+    """Test Data: two small repositories of stdlib modules."""
+    out = {}
+    for name, files in REPOS.items():
+        root = tmp_path_factory.mktemp(name)
+        for rel, src in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(STDLIB / src, root / rel)
+        out[name] = root
+    return out
+
+
+def test_every_finetune_command_has_help(capsys):
+    for name in ("finetune", "train", "eval"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: longllama " + name in capsys.readouterr().out
+
+
+def test_finetune_repo_end_to_end_prints_three_perplexities(repos, base_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "ft"
+    rc = cli.main(["finetune", "--repo", str(repos["alpha"]), "--model", str(base_dir), "--out", str(out),
+                   "--steps", "3", "--seq-len", "32", "--window", "32", "--max-windows", "4", "--lr", "1e-3",
+                   "--heldout-fraction", "0.3", "--no-progress", "--keep-always"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "(a) no memory" in text and "(b)/(c) repository memory" in text
+    assert ("helps:" in text) or ("does not help:" in text)
+    report = json.loads((out / "finetune_report.json").read_text())
+    for key in ("no_memory_before", "memory_before", "memory_after", "no_memory_after"):
+        assert math.isfinite(report[key]) and report[key] > 1
+    assert report["steps"] == 3 and report["saved"] == "delta" and report["helps"] == (
+        report["memory_after"] < report["memory_before"])
+    assert (out / "adapter.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    from finetune.train import load_trained
+
+    load_trained(out)  # the delta applies to its base model (fingerprint checked)
+
+
+def test_finetune_discards_a_result_that_does_not_help(repos, base_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "ft0"
+    rc = cli.main(["finetune", "--repo", str(repos["alpha"]), "--model", str(base_dir), "--out", str(out),
+                   "--steps", "1", "--lr", "1e-9", "--warmup", "0", "--seq-len", "32", "--window", "32",
+                   "--max-windows", "2", "--heldout-fraction", "0.3", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads((out / "finetune_report.json").read_text())
+    if not report["helps"]:
+        assert "discarded" in text and not (out / "adapter.safetensors").exists()
+
+
+def test_eval_cli_table_and_json(repos, base_dir, tmp_path, capsys):  # noqa: F811
+    js = tmp_path / "eval.json"
+    rc = cli.main(["eval", "--repo", str(repos["alpha"]), "--repo", str(repos["beta"]), "--model", str(base_dir),
+                   "--window", "32", "--max-windows", "3", "--heldout-fraction", "0.5", "--json", str(js),
+                   "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "TOTAL" in text and "ppl distract" in text
+    report = json.loads(js.read_text())
+    assert set(report["perplexity"]) == {"none", "own", "repo", "distract"}
+    assert all(math.isfinite(v) for v in report["perplexity"].values())
+    for f in report["files"]:
+        assert f["memory_tokens"]["none"] == 0
+        assert f["memory_tokens"]["distract"] > f["memory_tokens"]["repo"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny(base_dir):  # noqa: F811
+    from longllama_lsp.model.loading import load_model, load_tokenizer
+
+    return load_model(base_dir), load_tokenizer(base_dir)
+
+
+def test_batched_padded_memory_encoding_equals_one_by_one(tiny, repos):
+    from finetune.evaluate import EvalArgs, MemoryCache, load_repo
+
+    model, tok = tiny
+    repo = load_repo(repos["beta"], tok, EvalArgs(window=32), heldout=[])
+    items = {p: t[:150] for p, t in repo.files.items()}
+    batched, single = MemoryCache(model, 32, batch_size=8, progress=False), MemoryCache(model, 32, 1, progress=False)
+    batched.ensure(items)
+    single.ensure(items)
+    for p in items:
+        a, b = batched.get(p), single.get(p)
+        assert a.num_tokens == len(items[p])
+        for layer in a:
+            torch.testing.assert_close(a[layer].keys, b[layer].keys, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a[layer].values, b[layer].values, rtol=1e-5, atol=1e-6)
+
+
+def test_conditions_follow_their_definitions(tiny, repos):
+    """own == none on a one-window file; own == scoring each window with its earlier windows as memory;
+    distractors are ratio x the repository's tokens."""
+    from finetune.evaluate import EvalArgs, EvalRepo, evaluate, score_windows
+    from longllama_lsp.model import Memory
+
+    model, tok = tiny
+    ids = list(range(3, 3 + 80))
+    repo = EvalRepo("r", Path("."), {"one.py": ids[:30], "long.py": ids, "other.py": ids[::-1]}, ["one.py", "long.py"])
+    unrelated = EvalRepo("u", Path("."), {"x.py": list(range(5, 200)) * 3}, [])
+    args = EvalArgs(window=32, distractor_ratio=1.5, batch_size=2)
+    report = evaluate(model, [repo], args, [unrelated], progress=False)
+    one, long = report.files
+    assert one.nll["own"] == pytest.approx(one.nll["none"], rel=1e-5)
+    windows = [ids[i:i + 32] for i in range(0, len(ids), 32)]
+    enc = [model.encode_memory(torch.tensor([w])) for w in windows]
+    memories = [Memory.concat(enc[:i]) if i else None for i in range(len(windows))]
+    want = sum(score_windows(model, [w], lambda _, m=m: m)[0] for w, m in zip(windows, memories, strict=True))
+    assert long.nll["own"] == pytest.approx(want, rel=1e-4)
+    assert long.memory_tokens["repo"] == 30 + 80
+    assert long.memory_tokens["distract"] == 110 + int(1.5 * (30 + 80 + 80))
+    assert report.ppl("none") > 1 and "TOTAL" in report.table()
