@@ -9,6 +9,7 @@ sequential encoding, in perplexity of held-out code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,14 +28,22 @@ class EncodeStats:
 class Encoder:
     """Turns chunk texts into per-chunk Memory on the model's device.
 
-    batch_tokens bounds the padded batch (rows x longest row), which bounds activation memory.
+    A batch holds rows of one token length only, so no row is padded: padding changes the rounding
+    of the other rows' keys/values (attention reductions run over the padded width), and a chunk's
+    cached memory must not depend on which chunks happened to be encoded with it (a rebuilt index
+    equals an incrementally updated one, bit for bit). On CPU each chunk runs alone
+    (`max_batch_rows=1`): batching is no faster there (bench/bench_index.py), and with several
+    threads even equal-length batches round differently from single rows.
+    batch_tokens bounds rows x length, which bounds activation memory.
     """
 
-    def __init__(self, model, tokenizer, batch_tokens: int = 4096, max_chunk_tokens: int | None = None):
+    def __init__(self, model, tokenizer, batch_tokens: int = 4096, max_chunk_tokens: int | None = None,
+                 max_batch_rows: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.batch_tokens = batch_tokens
         self.max_chunk_tokens = max_chunk_tokens or model.config.max_position_embeddings
         self.device = next(model.parameters()).device
+        self.max_batch_rows = max_batch_rows or (1 if self.device.type == "cpu" else 1 << 30)
         self.stats = EncodeStats()
 
     def token_ids(self, text: str) -> list[int]:
@@ -49,19 +58,20 @@ class Encoder:
         ids = [self.token_ids(t) for t in texts]
         out: list[Memory | None] = [None] * len(ids)
         for batch in self._batches(ids):
-            for i, memory in zip(batch, self._encode_batch([ids[i] for i in batch])):
+            for i, memory in zip(batch, self._encode_batch([ids[i] for i in batch]), strict=True):
                 out[i] = memory
             if progress is not None:
                 progress(len(batch), sum(len(ids[i]) for i in batch))
         return out  # type: ignore[return-value]
 
     def _batches(self, ids: list[list[int]]) -> list[list[int]]:
-        """Indices grouped by similar length (sorted), each group's padded size <= batch_tokens."""
+        """Indices grouped by equal length (longest first), each group's size <= batch_tokens and rows."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         batches, current = [], []
         for i in order:
-            longest = len(ids[current[0]]) if current else len(ids[i])
-            if current and longest * (len(current) + 1) > self.batch_tokens:
+            n = len(ids[i])
+            if current and (len(ids[current[0]]) != n or n * (len(current) + 1) > self.batch_tokens
+                            or len(current) >= self.max_batch_rows):
                 batches.append(current)
                 current = []
             current.append(i)
@@ -71,8 +81,6 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_batch(self, rows: list[list[int]]) -> list[Memory]:
-        import time
-
         t0 = time.perf_counter()
         lengths = [max(len(r), 1) for r in rows]
         width = max(lengths)
@@ -83,8 +91,7 @@ class Encoder:
             r = r or [pad]
             input_ids[b, : len(r)] = torch.tensor(r)
             mask[b, : len(r)] = 1
-        # Right padding: causal attention means real tokens never see the pads, so each row's
-        # keys/values equal its unbatched encoding.
+        # Rows have equal length (see _batches); only an empty text is padded, to one pad token.
         memory = self.model.encode_memory(input_ids.to(self.device), attention_mask=mask.to(self.device))
         out = [Memory({i: MemCache(c.keys[b:b + 1, :, :n].clone(), c.values[b:b + 1, :, :n].clone(),
                                    torch.zeros(1, 1, n, 1, dtype=torch.float32, device=c.keys.device))

@@ -31,6 +31,7 @@ from longllama_lsp.model.memory import Memory
 
 logger = logging.getLogger(__name__)
 
+OWN_DIR = ".longllama/"  # our own database: not worth a 'skipped' line in status
 ENCODE_BATCH_CHUNKS = 64  # chunks per encode + commit round: the most work a kill -9 can lose
 
 
@@ -83,9 +84,11 @@ class Indexer:
     """
 
     def __init__(self, root: Path, store: Store, bank: MemoryBank, encoder: Encoder,
-                 rules: WalkRules = WalkRules(), chunk_tokens: int = 256):
+                 rules: WalkRules = WalkRules(), chunk_tokens: int = 256):  # noqa: B008 (frozen)
         self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
-        self.rules, self.chunk_tokens = rules, chunk_tokens
+        # A chunk longer than the model's window would be cut short by the encoder: its memory
+        # would miss the tail while its row claims the whole text.
+        self.rules, self.chunk_tokens = rules, min(chunk_tokens, encoder.max_chunk_tokens)
         self.lock = threading.RLock()
         self.loaded = False  # bank filled from the store
         self.state = "idle"  # idle | indexing | watching
@@ -94,7 +97,7 @@ class Indexer:
 
     @classmethod
     def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,
-             device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),
+             device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
              chunk_tokens: int = 256, batch_tokens: int = 4096) -> Indexer:
         fp = fingerprint_for(model, Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp)
@@ -121,9 +124,11 @@ class Indexer:
         try:
             decisions = list(walk_with_skips(self.root, self.rules))
             wanted = {d.file.path: d for d in decisions if d.file is not None}
-            summary.skipped = [(d.path, d.reason) for d in decisions if d.file is None]
+            summary.skipped = [(d.path, d.reason) for d in decisions
+                               if d.file is None and not d.path.startswith(OWN_DIR)]
             summary.files_skipped = len(summary.skipped)
-            summary.files_deleted = self._delete_missing(set(wanted))
+            summary.files_deleted = self._delete_missing(set(wanted) | {p for p, _ in summary.skipped})
+            summary.files_deleted += self._record_skips(summary.skipped)
             changed = self._scan(list(wanted.values()), summary, progress)
             if not self.loaded:
                 with self.lock:
@@ -134,7 +139,7 @@ class Indexer:
             self.store.gc()
         finally:
             self.state = "watching" if self._watcher else "idle"
-        summary.files_indexed = len(self.store.files())
+        summary.files_indexed = sum(f.status == "indexed" for f in self.store.files())
         summary.chunks = len(self.store.chunks())
         summary.seconds = time.perf_counter() - t0
         return summary
@@ -144,6 +149,26 @@ class Indexer:
         for path in gone:
             self._forget(path)
         return len(gone)
+
+    def _record_skips(self, skipped: list[tuple[str, str]]) -> int:
+        """Keep the walk's skip reasons as 'skipped' rows, for `longllama status`; returns how many of
+        those paths were indexed before (now ignored, say) and so left the index."""
+        dropped = 0
+        for path, reason in skipped:
+            old = self.store.file(path)
+            if old is not None and old.status == "skipped" and old.skip_reason == reason:
+                continue
+            if old is not None and old.status == "indexed":
+                with self.lock:
+                    self.bank.remove_file(path)
+                dropped += 1
+            try:
+                st = (self.root / path).lstat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = 0, 0
+            self.store.replace_file(FileRow(path, None, size, mtime, status="skipped", skip_reason=reason))
+        return dropped
 
     def _forget(self, path: str) -> None:
         self.store.delete_file(path)
@@ -166,8 +191,9 @@ class Indexer:
         try:
             st = path.stat()
             old = self.store.file(rel)
-            if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
-                return False  # unchanged by size and mtime: not even read
+            if old is not None and old.content_hash is not None and old.size == st.st_size \
+                    and old.mtime_ns == st.st_mtime_ns:
+                return False  # unchanged by size and mtime: not even read (a walk skip has no hash)
             data = path.read_bytes()
         except OSError as exc:  # vanished or unreadable since the walk
             logger.info("skipping %s: %s", rel, exc)
@@ -197,7 +223,7 @@ class Indexer:
             batch = hashes[start:start + ENCODE_BATCH_CHUNKS]
             texts = {h: self._text_of(todo[h]) for h in batch}
             texts = {h: t for h, t in texts.items() if t is not None}
-            memories = dict(zip(texts, self.encoder.encode(list(texts.values()))))
+            memories = dict(zip(texts, self.encoder.encode(list(texts.values())), strict=True))
             self.store.put_memories(memories)
             tokens += sum(m.num_tokens for m in memories.values())
             summary.chunks_encoded += len(memories)

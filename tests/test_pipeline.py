@@ -1,0 +1,397 @@
+"""indexer.pipeline end to end on real code: incremental re-encoding, renames, deletes, rebuild
+equivalence, kill -9 and resume, CLI output, model mismatch.
+
+Test Data: copies of the stdlib `json` package (and, for the kill test, `email`), which nobody here
+wrote, indexed with a seeded tiny random LongLLaMA that uses the real SmolLM2 tokenizer
+(tests/helpers_models.py). The watcher has its own file, tests/test_watcher.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_models import smol_tokenizer_dir, tiny_model_dir, write_tiny_model  # noqa: F401
+
+from indexer.pipeline import Indexer
+from indexer.store import Store
+from longllama_lsp.cli import main as cli_main
+from longllama_lsp.errors import StoreMismatch
+
+STDLIB = Path(json.__file__).parent.parent
+REPO = Path(__file__).resolve().parents[1]
+CHUNK_TOKENS = 96  # under the tiny model's 128-token window, so files make many chunks
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box: one thread is faster than two fighting (see bench_index)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, one_thread):  # noqa: F811
+    from longllama_lsp.model.loading import load_model, load_tokenizer
+
+    return load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir), tiny_model_dir
+
+
+def copy_packages(dest: Path, *packages: str) -> Path:
+    for name in packages:
+        shutil.copytree(STDLIB / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "test", "tests"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def template(tiny, tmp_path_factory) -> Path:
+    """A copy of `json`, indexed once; tests start from copies of it (mtimes kept: nothing to redo)."""
+    root = copy_packages(tmp_path_factory.mktemp("template"), "json")
+    with open_ix(root, tiny) as ix:
+        ix.index()
+    return root
+
+
+@pytest.fixture
+def repo(template, tmp_path) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(template, root)  # copy2 keeps mtimes: the copy is already up to date
+    return root
+
+
+def open_ix(root: Path, tiny, db_path: Path | None = None) -> Indexer:
+    model, tok, model_dir = tiny
+    return Indexer.open(root, model, tok, model_dir, db_path=db_path, chunk_tokens=CHUNK_TOKENS)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def bank_contents(ix: Indexer) -> Counter:
+    """Multiset of (path, content_hash, digest of the chunk's keys and values in every memory layer)."""
+    memory = ix.bank.memory()
+    out = Counter()
+    for chunk_id, row in ix.bank.resident().items():
+        s = ix.bank.chunk_slots(chunk_id)
+        tensors = "".join(digest(c.keys[0, :, s.start:s.stop]) + digest(c.values[0, :, s.start:s.stop])
+                          for _, c in sorted(memory.items()))
+        out[(row.path, row.content_hash, tensors)] += 1
+    return out
+
+
+def tables(db: Path) -> dict[str, list]:
+    """files / chunks / memories rows without ids and timestamps; memory blobs as digests."""
+    con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return {
+            "files": con.execute("SELECT path, content_hash, size, mtime_ns, language, decode, status, "
+                                 "skip_reason FROM files ORDER BY path").fetchall(),
+            "chunks": con.execute("SELECT path, ordinal, start_byte, end_byte, start_line, end_line, symbol, "
+                                  "kind, token_count, content_hash FROM chunks ORDER BY path, ordinal").fetchall(),
+            "memories": con.execute("SELECT content_hash, fingerprint, n_tokens, dtype, shape, layers, nbytes, "
+                                    "mask, sha256(data) FROM memories ORDER BY content_hash").fetchall()
+            if _has_sha256(con) else
+            [(*r[:-1], hashlib.sha256(r[-1]).hexdigest()) for r in con.execute(
+                "SELECT content_hash, fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data "
+                "FROM memories ORDER BY content_hash")],
+        }
+    finally:
+        con.close()
+
+
+def _has_sha256(con: sqlite3.Connection) -> bool:
+    try:
+        con.execute("SELECT sha256('')")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def hashes(ix: Indexer, path: str | None = None) -> set[str]:
+    return {c.content_hash for c in ix.store.chunks(path)}
+
+
+def orphans(store: Store) -> int:
+    """Memory rows no chunk refers to."""
+    return store.db.execute("SELECT count(*) FROM memories WHERE content_hash NOT IN "
+                            "(SELECT content_hash FROM chunks)").fetchone()[0]
+
+
+def edit_function(path: Path, name: str, line: str = "    _edited = True  # edited\n") -> None:
+    """Insert `line` as the first body line of `def name(` (after its signature)."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = next(i for i, s in enumerate(lines) if s.lstrip().startswith(f"def {name}("))
+    sig_end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":"))
+    indent = len(lines[sig_end + 1]) - len(lines[sig_end + 1].lstrip())
+    lines.insert(sig_end + 1, " " * indent + line.lstrip())
+    path.write_text("".join(lines))
+
+
+# -- incremental indexing ------------------------------------------------------------------------
+
+def test_second_run_encodes_nothing(repo, tiny):
+    with open_ix(repo, tiny) as ix:
+        summary = ix.index()
+        assert summary.chunks_encoded == 0 and summary.files_changed == 0
+        assert summary.files_indexed == 5 and summary.chunks > 50
+        assert len(ix.bank) == summary.chunks  # the bank was loaded from the store, not re-encoded
+        assert ix.encoder.stats.chunks == 0
+
+
+@pytest.mark.parametrize("via", ["index", "update"])
+def test_editing_one_function_reencodes_only_its_chunks(repo, tiny, via):
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        before_all, before_file = hashes(ix), ix.store.chunks("json/decoder.py")
+        edit_function(repo / "json/decoder.py", "JSONObject")
+        summary = ix.index() if via == "index" else ix.update([repo / "json/decoder.py"])
+        after_file = ix.store.chunks("json/decoder.py")
+        new = {c.content_hash for c in after_file} - before_all
+        assert 1 <= len(new) <= 3  # the function's chunk(s), nothing else
+        assert summary.chunks_encoded == len(new) == ix.encoder.stats.chunks
+        assert all(c.symbol and "JSONObject" in c.symbol for c in after_file if c.content_hash in new)
+        # the other chunks of the file keep their content hash, i.e. their memory
+        unchanged = [c for c in after_file if c.content_hash not in new]
+        assert len(unchanged) >= len(before_file) - 3
+        assert Counter((r.path, r.content_hash) for r in ix.bank.resident().values()) == \
+            Counter((r.path, r.content_hash) for r in ix.store.chunks())
+
+
+def test_rename_reencodes_nothing(repo, tiny):
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        old = hashes(ix, "json/scanner.py")
+        (repo / "json/scanner.py").rename(repo / "json/lexer.py")
+        summary = ix.update([repo / "json/scanner.py", repo / "json/lexer.py"])  # what the watcher sends
+        assert summary.chunks_encoded == 0
+        paths = {r.path for r in ix.bank.resident().values()}
+        assert "json/lexer.py" in paths and "json/scanner.py" not in paths
+        assert hashes(ix, "json/lexer.py") == old
+        # the same through a full pass (rename back)
+        (repo / "json/lexer.py").rename(repo / "json/scanner.py")
+        summary = ix.index()
+        assert summary.chunks_encoded == 0 and summary.files_deleted == 1
+        assert "json/lexer.py" not in {r.path for r in ix.bank.resident().values()}
+
+
+@pytest.mark.parametrize("via", ["index", "update"])
+def test_delete_removes_memory_from_bank_and_store(repo, tiny, via):
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        only_there = hashes(ix, "json/encoder.py") - _others(ix, "json/encoder.py")
+        assert only_there
+        tokens = ix.bank.status().live_tokens
+        (repo / "json/encoder.py").unlink()
+        summary = ix.index() if via == "index" else ix.update(["json/encoder.py"])
+        assert summary.files_deleted == 1 and summary.chunks_encoded == 0
+        assert all(r.path != "json/encoder.py" for r in ix.bank.resident().values())
+        assert ix.bank.status().live_tokens < tokens
+        assert ix.store.chunks("json/encoder.py") == [] and ix.store.file("json/encoder.py") is None
+        if via == "update":  # per-file updates keep memories (content may come back) until gc
+            ix.store.gc()
+        assert not any(ix.store.get_memory(h) for h in only_there)
+        assert orphans(ix.store) == 0
+
+
+def test_ignored_file_leaves_and_comes_back(repo, tiny):
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        (repo / ".longllamaignore").write_text("json/tool.py\n")
+        summary = ix.index()
+        assert summary.files_deleted == 1 and summary.files_skipped == 1
+        assert all(r.path != "json/tool.py" for r in ix.bank.resident().values())
+        [(path, reason)] = [s for s in ix.store.stats().skipped if s[0] == "json/tool.py"]
+        assert ".longllamaignore" in reason
+        (repo / ".longllamaignore").unlink()  # json/tool.py itself is unchanged (same size and mtime)
+        ix.index()
+        assert ix.store.file("json/tool.py").status == "indexed"
+        assert any(r.path == "json/tool.py" for r in ix.bank.resident().values())
+
+
+def _others(ix: Indexer, path: str) -> set[str]:
+    return {c.content_hash for c in ix.store.chunks() if c.path != path}
+
+
+def test_bank_equals_fresh_rebuild_after_edits(repo, tiny, tmp_path):
+    """After a sequence of edits, the bank (and the tables) equal a from-scratch index, bit for bit."""
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        decoder = repo / "json/decoder.py"
+        original = decoder.read_text()
+        edit_function(decoder, "py_scanstring")
+        ix.update([decoder])
+        shutil.copy(repo / "json/tool.py", repo / "json/tool_copy.py")  # duplicate content: shared memory
+        (repo / "json/scanner.py").rename(repo / "json/lexer.py")
+        ix.update(["json/tool_copy.py", "json/scanner.py", "json/lexer.py"])
+        edit_function(repo / "json/encoder.py", "py_encode_basestring", "    s = s  # a\n")
+        (repo / "json/__init__.py").unlink()
+        ix.index()
+        decoder.write_text(original)  # revert: its old memories are gone after gc, encoded again
+        (repo / "json/sub").mkdir()
+        (repo / "json/sub/extra.py").write_text("def extra(x):\n    return x + 1\n")
+        ix.update([decoder, repo / "json/sub"])
+        ix.store.gc()
+        incremental = bank_contents(ix)
+        db = ix.store.path
+    fresh_root = tmp_path / "fresh"
+    shutil.copytree(repo, fresh_root, ignore=shutil.ignore_patterns(".longllama"))
+    with open_ix(fresh_root, tiny, db_path=tmp_path / "fresh.db") as fresh:
+        fresh.index()
+        rebuilt = bank_contents(fresh)
+    assert sum(incremental.values()) > 50
+    assert {(p, h) for p, h, _ in incremental} == {(p, h) for p, h, _ in rebuilt}
+    assert incremental == rebuilt  # same tensors, bit for bit, whatever batch each chunk was encoded in
+    ours, theirs = tables(db), tables(tmp_path / "fresh.db")
+    assert ours["chunks"] == theirs["chunks"] and ours["memories"] == theirs["memories"]
+    assert [r[:2] for r in ours["files"]] == [r[:2] for r in theirs["files"]]
+
+
+def test_chunks_never_outgrow_the_window(tiny, tmp_path):
+    """--chunk-tokens above the model's window is clamped: every memory covers its whole chunk."""
+    model, tok, model_dir = tiny
+    repo = small_repo(tmp_path / "repo")
+    with Indexer.open(repo, model, tok, model_dir, chunk_tokens=4096) as ix:
+        assert ix.chunk_tokens == model.window == 128
+        ix.index()
+        n_tokens = {h: m.num_tokens for h, m in ix.store.iter_memories()}
+        assert all(n_tokens[c.content_hash] == c.token_count <= 128 for c in ix.store.chunks())
+
+
+# -- kill -9 and resume --------------------------------------------------------------------------
+
+KILL_DRIVER = """
+import os, random, signal, sys, time
+import torch
+torch.set_num_threads(1)  # no OpenMP threads yet: forking below is safe
+import indexer.pipeline as p
+from longllama_lsp.cli import main
+
+p.ENCODE_BATCH_CHUNKS = 8  # many small commits: kills land between and inside them
+root, model_dir, chunk_tokens, rounds = sys.argv[1:5]
+argv = ["index", root, "--model", model_dir, "--chunk-tokens", chunk_tokens, "-q"]
+rng, kills = random.Random(1234), 0
+# The imports above take most of a start; forked children skip them, so many kills stay cheap.
+for attempt in range(int(rounds) + 1):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(main(argv))
+    if attempt < int(rounds):
+        time.sleep(rng.uniform(0.5, 3.0))
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)  # mid-index: no cleanup, no atexit; the kernel drops the lock
+            kills += 1
+    _, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status  # the last run, never killed, completes
+print(f"kills={kills}")
+"""
+
+
+@pytest.mark.slow
+def test_kill9_mid_index_then_resume_equals_uninterrupted(tiny, tmp_path):
+    """SIGKILL `longllama index` at random moments, resume: the database equals an uninterrupted run's."""
+    root = copy_packages(tmp_path / "killed", "json", "email")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", KILL_DRIVER, str(root), str(tiny[2]), str(CHUNK_TOKENS), "5"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kills = int(done.stdout.split("kills=")[1])
+    assert kills >= 2, done.stdout
+    [db] = (root / ".longllama").glob("index-*.db")
+    reference_root = copy_packages(tmp_path / "reference", "json", "email")
+    for src, dst in zip(sorted(root.rglob("*.py")), sorted(reference_root.rglob("*.py")), strict=True):
+        shutil.copystat(src, dst)  # same mtimes, so the files rows compare equal
+    with open_ix(reference_root, tiny, db_path=tmp_path / "reference.db") as ix:
+        ix.index()
+    resumed, reference = tables(db), tables(tmp_path / "reference.db")
+    assert resumed["files"] == reference["files"]
+    assert resumed["chunks"] == reference["chunks"]
+    assert resumed["memories"] == reference["memories"]
+    with Store.open(db, None, readonly=True) as store:
+        assert store.check() == []
+        assert orphans(store) == 0 and store.stats().chunks_missing_memory == 0
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_explain(repo, capsys):
+    (repo / ".gitignore").write_text("generated/\n")
+    (repo / "generated").mkdir()
+    (repo / "generated/out.py").write_text("x = 1\n")
+    (repo / ".env").write_text("API_KEY=abc\n")
+    for path, verdict in [("json/decoder.py", "json/decoder.py: indexed ("),
+                          ("generated/out.py", "not indexed ("), (".env", ".env: not indexed (")]:
+        assert cli_main(["index", str(repo), "--explain", path]) == 0
+        out = capsys.readouterr().out.strip()
+        assert verdict in out and out.endswith(")"), out
+    assert cli_main(["index", str(repo), "--explain", "generated/out.py"]) == 0
+    assert ".gitignore" in capsys.readouterr().out
+
+
+def small_repo(root: Path) -> Path:
+    (root / "json").mkdir(parents=True)
+    for name in ("scanner.py", "tool.py"):
+        shutil.copy2(STDLIB / "json" / name, root / "json" / name)
+    return root
+
+
+def test_cli_index_and_status(tiny, capsys, tmp_path):
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["status", str(repo)]) == 1
+    assert "not indexed yet" in capsys.readouterr().out
+    (repo / "blob.bin").write_bytes(b"\x00\x01" * 100)
+    args = ["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"indexed {repo.resolve()}: 2 files (2 changed, 0 deleted, ")
+    assert "database: " in out and "tokens/s" in out
+    assert cli_main(args + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chunks_encoded"] == 0 and summary["files_indexed"] == 2
+    assert cli_main(["status", str(repo)]) == 0
+    status = capsys.readouterr().out
+    [db] = (repo / ".longllama").glob("index-*.db")
+    with Store.open(db, None, readonly=True) as store:
+        stats = store.stats()
+    assert f"files:    {stats.files}\n" in status and f"chunks:   {stats.chunks} (0 not encoded yet)" in status
+    assert f"tokens:   {stats.tokens}\n" in status and "mem_layers [1]" in status
+    assert "blob.bin: " in status  # skipped files are listed with their reason
+    assert cli_main(["status", str(repo), "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["chunks"] == stats.chunks and as_json["chunks_missing_memory"] == 0
+
+
+# -- model mismatch ------------------------------------------------------------------------------
+
+def test_index_of_another_model_refuses_to_open(tiny, smol_tokenizer_dir, tmp_path):  # noqa: F811
+    from longllama_lsp.model.loading import load_model
+
+    other_dir = write_tiny_model(tmp_path / "other", smol_tokenizer_dir, seed=1)
+    other = (load_model(other_dir).eval(), tiny[1], other_dir)
+    repo = small_repo(tmp_path / "repo")
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+    [db] = (repo / ".longllama").glob("index-*.db")
+    with pytest.raises(StoreMismatch, match="was built by model"):
+        open_ix(repo, other, db_path=db)
+    with open_ix(repo, other) as ix:  # its default database is its own: no mixing, a separate index
+        assert ix.store.path != db.absolute()
+        assert ix.index().chunks_encoded > 0
+    with open_ix(repo, tiny) as ix:  # the first model's index is untouched
+        assert ix.index().chunks_encoded == 0
