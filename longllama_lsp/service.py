@@ -501,9 +501,11 @@ class _LspLogHandler(logging.Handler):
             return
         self._local.busy = True
         try:
+            from indexer.secrets import redact  # the editor's log is a log too: no credentials in it
+
             kind = self.KINDS.get(record.levelno, types.MessageType.Log)
             self.server.call_soon(self.server.window_log_message,
-                                  types.LogMessageParams(type=kind, message=self.format(record)))
+                                  types.LogMessageParams(type=kind, message=redact(self.format(record))))
         except Exception:  # noqa: BLE001 - logging must never break the server
             pass
         finally:

@@ -10,6 +10,8 @@ The fake keys below are made up (AWS's documented example format), never valid.
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 import time
@@ -189,3 +191,8 @@ def test_secrets_sent_by_the_editor_stay_out_of_the_log(indexed):
     assert "model ready" in text  # the log is being written
     for secret in SECRETS:
         assert secret not in text, f"{secret} leaked into the log"
+    # The editor's log (window/logMessage) is a log too.
+    editor_log = json.dumps([n for n in indexed.notifications if n.get("method") == "window/logMessage"])
+    assert "logMessage" in editor_log and "indexed" in editor_log  # messages do reach the editor
+    for secret in SECRETS:
+        assert secret not in editor_log, f"{secret} leaked into window/logMessage"
