@@ -35,15 +35,6 @@ CHUNK_TOKENS = 96  # under the tiny model's 128-token window, so files make many
 # -- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box: one thread is faster than two fighting (see bench_index)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_model_dir, one_thread):  # noqa: F811
     from longllama_lsp.model.loading import load_model, load_tokenizer
 

@@ -25,12 +25,9 @@ REPO_FILES = {"pkg/a": ["json/decoder.py", "json/scanner.py", "json/tool.py"],
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
+    """Every test here runs on tiny tensors (conftest's one_thread)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def relative_positions(positions: torch.Tensor) -> torch.Tensor:
-    """Local positions rebased to start at 0 in each row (spec §2.2.5): (B, L) -> (B, L)."""
-    return positions - positions.min(dim=-1, keepdim=True).values
-
-
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(B, H, T, D) -> (B, Hkv, G, T, D): query heads grouped by the key/value head they share."""
     b, h, t, d = q.shape
