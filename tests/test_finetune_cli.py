@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import STDLIB, base_dir, one_thread, tok_dir  # noqa: F401  (fixtures)
+from test_train import STDLIB, _single_thread, base_dir, tok_dir  # noqa: F401  (fixtures)
 
 from longllama_lsp import cli
 
