@@ -248,17 +248,19 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         model, base = LongLlamaForCausalLM(config).to(device=device, dtype=dtype), None
     else:
         base = resolve_model_path(margs.path)
+        start_delta = None
         if (base / "adapter.json").is_file() and not (base / "config.json").is_file():
-            from longllama_lsp.errors import CheckpointError
-
-            raise CheckpointError(f"{base} is a weight delta: train from its base model "
-                                  f"({json.loads((base / 'adapter.json').read_text())['base_model']})")
+            # A weight delta (an earlier run's output): continue from it, on its base model, so the
+            # new delta again applies to that base (training in stages, e.g. a d schedule per run).
+            start_delta = base / "adapter.safetensors"
+            base = Path(json.loads((base / "adapter.json").read_text())["base_model"])
         config = load_config(base)
         for k, v in margs.config_overrides.items():
             setattr(config, k, v)
         model = build_model(config, read_state_dict(base), device=device, dtype=dtype, source=base)
-        if (adapter := find_adapter(base)) is not None:
-            apply_weight_delta(model, adapter)
+        for adapter in (find_adapter(base), start_delta):
+            if adapter is not None:
+                apply_weight_delta(model, adapter)
         tokenizer = load_tokenizer(margs.tokenizer or base)
     return prepare_trainable(model, margs), tokenizer, base
 

@@ -245,6 +245,25 @@ def test_memory_mode_trains_only_memory_attention(corpus, base_dir, tmp_path):
     assert set(load_file(tmp_path / "mem" / "adapter.safetensors")) == trained
 
 
+def test_training_continues_from_a_delta_on_its_base(corpus, base_dir, tmp_path):
+    """Stage 2 of a recipe: --model a delta dir starts from the delta; the new delta is again of the base."""
+    from safetensors.torch import load_file
+
+    from longllama_lsp.model.loading import load_model, model_fingerprint
+
+    train(config(corpus, tmp_path / "s1", steps=2, model_path=str(base_dir), model_train="memory", output="delta"))
+    stage1 = load_file(tmp_path / "s1" / "adapter.safetensors")
+    cfg = config(corpus, tmp_path / "s2", steps=1, lr=0.0, model_path=str(tmp_path / "s1"), model_train="memory",
+                 output="delta", max_grad_norm=None)
+    train(cfg)  # lr 0: the weights it starts from are what it saves
+    meta = json.loads((tmp_path / "s2" / "adapter.json").read_text())
+    assert Path(meta["base_model"]) == base_dir.resolve() and meta["base_fingerprint"] == model_fingerprint(base_dir)
+    stage2 = load_file(tmp_path / "s2" / "adapter.safetensors")
+    assert stage2.keys() == stage1.keys() and all(torch.equal(stage2[k], stage1[k]) for k in stage1)
+    assert not torch.equal(stage1["model.layers.1.self_attn.q_proj.weight"],
+                           load_model(base_dir).state_dict()["model.layers.1.self_attn.q_proj.weight"])
+
+
 def test_config_toml_overrides_and_errors(tmp_path):
     cfg = RunConfig.load(Path(__file__).parents[1] / "finetune" / "configs" / "tiny.toml",
                          ["train.lr=0.5", "data.sources=['x']", "model.train=memory", "train.out_dir=/tmp/r"])
