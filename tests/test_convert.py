@@ -116,6 +116,32 @@ def test_bundled_model_is_converted_once_into_the_cache(smollm2, monkeypatch):
     assert resolve_model(progress=no_progress) == smollm2.path  # second time: no conversion
 
 
+def test_bundled_model_carries_the_fot_trained_memory_layers(smollm2, tmp_path):
+    """The shipped FoT delta (issue 6) is installed beside the converted weights and applied on load."""
+    from safetensors.torch import load_file
+
+    from longllama_lsp.model.loading import fingerprint_details
+    from longllama_lsp.resolve import DEFAULT_MEMORY_ADAPTER, install_adapter
+
+    installed = smollm2.path / "adapter.safetensors"
+    assert installed.read_bytes() == DEFAULT_MEMORY_ADAPTER.read_bytes()
+    delta = load_file(str(DEFAULT_MEMORY_ADAPTER))
+    assert {n.split(".")[2] for n in delta} == {"7", "14", "21"} and len(delta) == 12  # q/k/v/o of memory layers
+    trained, untrained = load_model(smollm2.path), load_model(smollm2.path, adapter=False)
+    for name, p in trained.state_dict().items():
+        if name in delta:
+            assert torch.equal(p, delta[name].float()) and not torch.equal(p, untrained.state_dict()[name])
+        else:
+            assert torch.equal(p, untrained.state_dict()[name])
+    assert fingerprint_details(smollm2.path)["adapter"] == file_sha256(installed)  # the index follows the weights
+    stale = tmp_path / "ckpt"
+    stale.mkdir()
+    (stale / "adapter.safetensors").write_bytes(b"older delta")
+    install_adapter(DEFAULT_MEMORY_ADAPTER, stale)
+    assert (stale / "adapter.safetensors").read_bytes() == DEFAULT_MEMORY_ADAPTER.read_bytes()
+    assert [p.name for p in stale.iterdir()] == ["adapter.safetensors"]  # no temporary file left
+
+
 def test_smollm2_checkpoint_layout(smollm2):
     path = smollm2.path
     config = config_of(path)
@@ -179,7 +205,7 @@ def test_smollm2_logits_equal_transformers_gguf_model(smollm2):
     ids = load_tokenizer(smollm2.path)(CODE, return_tensors="pt")["input_ids"]
     reference = AutoModelForCausalLM.from_pretrained(str(smollm2.gguf.parent), gguf_file=smollm2.gguf.name,
                                                      dtype=torch.float32).eval()
-    converted = load_model(smollm2.path, model_cls=LlamaForCausalLM)
+    converted = load_model(smollm2.path, model_cls=LlamaForCausalLM, adapter=False)  # the GGUF's own weights
     assert torch.equal(converted(ids).logits, reference(ids).logits)
 
 
