@@ -131,7 +131,7 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(corpus, tok_dir, tmp_path):
-    """2 processes (torchrun; accelerate picks up the environment: DDP over gloo on CPU) vs one
+    """2 processes (`accelerate launch --multi_gpu`: DDP, over gloo on this CPU-only machine) vs one
     process, same config and global batch: same loss curve and weights within fp tolerance."""
     toml = tmp_path / "cfg.toml"
     toml.write_text(f"""
@@ -158,9 +158,10 @@ cpu = true
     one = _launch([sys.executable, "-m", "longllama_lsp.cli", "train", str(toml), "--out", str(tmp_path / "one")],
                   tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(_free_port()), "-m", "longllama_lsp.cli", "train", str(toml), "--out", str(tmp_path / "two")],
-                  tmp_path)
+    two = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), "-m", "longllama_lsp.cli", "train", str(toml),
+                   "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["processes"] == 2
     a = [r["loss"] for r in metrics(tmp_path / "one")]
