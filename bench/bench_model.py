@@ -76,8 +76,8 @@ def forward_throughput(llama, ours, lengths, repeats, device) -> list[dict]:
     rows = []
     for t in lengths:
         ids = torch.randint(0, llama.config.vocab_size, (1, t), device=device)
-        hf = lambda: llama(ids, logits_to_keep=1, use_cache=False)  # noqa: E731
-        mine = lambda: ours(ids, logits_to_keep=1, use_cache=False, last_context_length=t)  # noqa: E731
+        hf = lambda ids=ids: llama(ids, logits_to_keep=1, use_cache=False)  # noqa: E731
+        mine = lambda ids=ids, t=t: ours(ids, logits_to_keep=1, use_cache=False, last_context_length=t)  # noqa: E731
         hf(), mine()  # warm up
         times_hf, times_ours = [], []
         for _ in range(repeats):

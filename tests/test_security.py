@@ -11,7 +11,6 @@ The fake keys below are made up (AWS's documented example format), never valid.
 from __future__ import annotations
 
 import json
-
 import subprocess
 import sys
 import time
