@@ -332,3 +332,30 @@ def test_sentencepiece_only_tokenizer_says_what_to_install(tmp_path, monkeypatch
 def test_no_tokenizer(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_memory_training_tells_fot_trained_checkpoints_from_untrained(tmp_path):
+    """Which checkpoints may have memory on without a warning (untrained memory hurts: issue 6)."""
+    import json as _json
+
+    from longllama_lsp.model.loading import memory_training
+
+    def ckpt(name: str, model_type: str = "longllama", files: dict[str, str] | None = None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(_json.dumps({"model_type": model_type}))
+        for f, text in (files or {}).items():
+            (d / f).write_text(text)
+        return d
+
+    def converted_from(kind: str) -> dict[str, str]:
+        return {"longllama_convert.json": _json.dumps({"source_kind": kind})}
+
+    gguf = ckpt("gguf", files=converted_from("gguf"))
+    assert memory_training(gguf) is None
+    (gguf / "adapter.safetensors").write_bytes(b"")
+    assert "delta" in memory_training(gguf)
+    assert memory_training(ckpt("llama", "llama")) is None
+    assert memory_training(ckpt("published")) == "LongLLaMA checkpoint"
+    assert "training.json" in memory_training(ckpt("trained", files={"training.json": "{}"}))
+    assert memory_training(ckpt("resaved", files=converted_from("longllama"))) == "converted from a LongLLaMA checkpoint"

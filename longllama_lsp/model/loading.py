@@ -246,6 +246,29 @@ def find_adapter(path: str | Path) -> Path | None:
     return file if file.is_file() else None
 
 
+def memory_training(path: str | Path) -> str | None:
+    """How the checkpoint's memory layers were FoT-trained, or None when they were not.
+
+    Untrained memory layers make predictions worse (BENCHMARKS.md, issue 6), so callers warn when
+    memory is on without this. Evidence, in order: a FoT weight delta (adapter.safetensors: ours or
+    `longllama finetune`'s), a full `longllama train` output (training.json), a LongLLaMA checkpoint
+    that no conversion of ours produced (a published one), a conversion of a LongLLaMA checkpoint.
+    """
+    path = Path(path)
+    if find_adapter(path) is not None:
+        return "FoT weight delta (adapter.safetensors)"
+    if (path / "training.json").is_file():
+        return "trained by longllama train (training.json)"
+    provenance = path / "longllama_convert.json"  # convert.PROVENANCE_NAME (convert imports this module)
+    if not provenance.is_file():
+        return "LongLLaMA checkpoint" if read_config_dict(path).get("model_type") == "longllama" else None
+    try:
+        kind = json.loads(provenance.read_text()).get("source_kind")
+    except (OSError, ValueError):
+        return None
+    return "converted from a LongLLaMA checkpoint" if kind == "longllama" else None
+
+
 def apply_weight_delta(model: nn.Module, path: str | Path) -> list[str]:
     """Overwrite parameters of `model` in place with the tensors of a safetensors file; returns their names.
 
