@@ -34,10 +34,20 @@ def _engine(args: argparse.Namespace, **options: Any) -> Engine:
     engine = Engine.load(args.model, args.device, args.dtype, options=opts)
     engine.wait_ready()
     if not args.no_memory:
+        warn_if_memory_untrained(engine.model_dir)
         indexer = _index(Path(args.root), engine)
         if indexer is not None:
             engine.repositories.append(indexer)
     return engine
+
+
+def warn_if_memory_untrained(model_dir: Path | None) -> None:
+    """Untrained memory layers make predictions worse (BENCHMARKS.md, issue 6): say so once."""
+    from .model.loading import memory_training
+
+    if model_dir is not None and memory_training(model_dir) is None:
+        logger.warning("the memory layers of %s are not FoT-trained: repository memory may make answers "
+                       "worse; pass --no-memory, or train them (longllama finetune)", model_dir)
 
 
 def _index(root: Path, engine: Engine) -> Any | None:

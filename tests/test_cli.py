@@ -49,3 +49,22 @@ def test_top_level_help_lists_commands():
 def test_unknown_command_fails_cleanly():
     proc = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_ask_and_complete_warn_when_memory_layers_are_untrained(tmp_path, caplog):
+    import json
+
+    from longllama_lsp.commands import warn_if_memory_untrained
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "longllama"}))
+    (plain / "longllama_convert.json").write_text(json.dumps({"source_kind": "gguf"}))
+    with caplog.at_level("WARNING"):
+        warn_if_memory_untrained(plain)
+    assert "not FoT-trained" in caplog.text and "--no-memory" in caplog.text
+    caplog.clear()
+    (plain / "adapter.safetensors").write_bytes(b"")  # a FoT delta: memory trained, no warning
+    with caplog.at_level("WARNING"):
+        warn_if_memory_untrained(plain)
+    assert caplog.text == ""
