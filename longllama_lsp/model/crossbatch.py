@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class CrossBatch:
-    """Cross-batch setting of one training step: `range` extra contexts (R, the paper's d−1),
+    """Cross-batch setting of one training step: `range` extra contexts (R, the paper's d: its d contexts are 1 positive + d−1 negatives),
     `pack` rows per document stream (k of `doc_aware_k{k}`), `stepping` = a range per pack row."""
 
     range: int
