@@ -9,6 +9,10 @@ The JSON-RPC fixes over pygls are in rpc.py.
     longllama-lsp                                   stdio (nothing but protocol on stdout)
     longllama-lsp --tcp [--host 127.0.0.1] --port N
     longllama-lsp --tcp --host 0.0.0.0 --allow-remote --token SECRET   (clients send initializationOptions.token)
+
+Over TCP every connection is its own LSP session (documents, initialize/shutdown, token check), and
+all of them share one engine (the model is loaded once) and one indexer per workspace root
+(service.SharedServices, service.serve_tcp). The process serves until it is stopped.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from .service import (
     EngineFactory,
     IndexerFactory,
     LongLlamaServer,
+    SharedServices,
     apply_log_level,
     default_indexer_factory,
+    serve_tcp,
 )
 from .settings import ModelSettings
 
@@ -54,8 +60,10 @@ logger = logging.getLogger(__name__)
 # -- handlers (translate only) ---------------------------------------------------------------------------
 
 def build_server(engine_factory: EngineFactory | None = None, indexer_factory: IndexerFactory | None = None,
-                 auth_token: str | None = None, model_overrides: ModelSettings | None = None) -> LongLlamaServer:
-    server = LongLlamaServer(engine_factory, indexer_factory, auth_token, model_overrides)
+                 auth_token: str | None = None, model_overrides: ModelSettings | None = None,
+                 shared: SharedServices | None = None) -> LongLlamaServer:
+    """One session; pass `shared` to bind it to a process's engine and indexers (TCP: one per connection)."""
+    server = LongLlamaServer(engine_factory, indexer_factory, auth_token, model_overrides, shared=shared)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: LongLlamaServer, params: types.InitializeParams) -> None:
@@ -147,7 +155,7 @@ def completion_item(doc: Document, position: types.Position, done: Completion, e
 # -- command line -----------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    p.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio (many clients, one model)")
     p.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1; others need "
                    "--allow-remote and --token)")
     p.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
@@ -187,12 +195,14 @@ def run(args: argparse.Namespace) -> int:
     if args.indexer_factory and not args.no_index:
         module, _, attr = args.indexer_factory.partition(":")
         indexer_factory = getattr(importlib.import_module(module), attr)
-    server = build_server(indexer_factory=indexer_factory, auth_token=args.token,
-                          model_overrides=ModelSettings(args.model, args.device, args.dtype))
+    overrides = ModelSettings(args.model, args.device, args.dtype)
     if args.tcp:
-        logger.info("listening on %s:%d", args.host, args.port)
-        server.start_tcp(args.host, args.port)
+        shared = SharedServices(indexer_factory=indexer_factory, model_overrides=overrides, multi=True)
+        serve_tcp(args.host, args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,
+                  on_listening=lambda socks: logger.info("listening on %s", ", ".join(
+                      str(s.getsockname()) for s in socks)))
         return 0
+    server = build_server(indexer_factory=indexer_factory, auth_token=args.token, model_overrides=overrides)
     protocol_out = guard_stdout()
     server.start_io(sys.stdin.buffer, protocol_out)
     return 0

@@ -4,21 +4,31 @@
 ask (through the Engine, whose worker thread owns the model), status, settings updates, and
 indexing of every workspace folder with work-done progress. The engine loads after `initialized`;
 the indexers start once it is ready, and completions use whatever is indexed so far.
+
+One `LongLlamaServer` is one LSP session (its documents, settings, initialize/shutdown, auth). What a
+process holds once is in `SharedServices`: the engine (the model is loaded once) and one indexer per
+workspace root. stdio has one session; `serve_tcp` makes one session per connection, all on one
+event loop and one `SharedServices`, so N editors share the model. A session's completions are keyed
+by (session, uri) in the engine, so editors do not supersede each other; a dropped connection
+cancels that session's pending requests and releases its roots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +42,7 @@ from pygls.exceptions import (
 )
 from pygls.io_ import run_async
 from pygls.lsp.server import LanguageServer
+from pygls.protocol.language_server import lsp_method
 from pygls.uris import from_fs_path, to_fs_path
 
 from . import __version__
@@ -48,8 +59,115 @@ MAX_DOCUMENT_CHARS = 4_000_000  # ~100k lines; larger buffers are refused rather
 MAX_QUESTION_CHARS = 20_000
 PROGRESS_EVERY_S = 0.2  # throttle $/progress reports
 
+MAX_TCP_SESSIONS = 64  # concurrent connections; more are closed at once (each holds documents and caches)
+
 EngineFactory = Callable[[ModelSettings, EngineOptions], Engine]
 IndexerFactory = Callable[[Path, Engine, Settings], Any]
+
+# The session whose handler is running (set per TCP connection task; tasks inherit it): its log
+# records go to that editor only. Records from other threads (engine worker, indexer) go to all.
+CURRENT_SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar("longllama_session", default=None)
+
+
+@dataclasses.dataclass(eq=False)
+class _SharedRoot:
+    indexer: Any
+    users: set[int] = dataclasses.field(default_factory=set)  # session ids
+    indexed: bool = False  # indexed once and watching
+
+
+class SharedServices:
+    """What the sessions of one process share: the engine (one model, one worker thread) and one
+    indexer per workspace root, reference-counted by the sessions that use that root.
+
+    `multi` (TCP): sessions come and go; the engine stays loaded until the process ends (`close`), and
+    a session's `shutdown` only releases its roots. Otherwise (stdio) the only session's `shutdown`
+    closes the engine, as before."""
+
+    def __init__(self, engine_factory: EngineFactory | None = None, indexer_factory: IndexerFactory | None = None,
+                 model_overrides: ModelSettings | None = None, multi: bool = False):
+        self.engine_factory = engine_factory or default_engine_factory
+        self.indexer_factory = indexer_factory
+        self.model_overrides = model_overrides or ModelSettings()
+        self.multi = multi
+        self.engine: Engine | None = None
+        self.engine_model: ModelSettings | None = None
+        self.engine_ready: asyncio.Future | None = None
+        self.roots: dict[Path, _SharedRoot] = {}
+        self.index_lock: asyncio.Lock | None = None  # one indexing pass at a time (they share the worker)
+        self.sessions: dict[int, Any] = {}  # id -> live session (serve_tcp)
+        self._ids = itertools.count(1)
+
+    def new_session_id(self) -> int:
+        return next(self._ids)
+
+    def start_engine(self, model: ModelSettings, options: EngineOptions) -> asyncio.Future:
+        """The engine's ready future; the first caller creates the engine (its worker loads the model)."""
+        if self.engine_ready is None:
+            loop = asyncio.get_running_loop()
+            self.engine_ready, self.engine_model = loop.create_future(), model
+            logger.info("loading model %s (device %s, dtype %s)", model.path or "(default)", model.device, model.dtype)
+            try:
+                self.engine = self.engine_factory(model, options)
+            except Exception as exc:  # noqa: BLE001 - every session shows it (ready_engine), none waits forever
+                logger.exception("creating the engine failed")
+                self.engine_ready.set_exception(exc)
+                self.engine_ready.exception()  # mark retrieved
+                return self.engine_ready
+            # A fresh context: "model ready" is news for every session, not only the first one.
+            loop.create_task(self._wait_engine(), context=contextvars.Context())
+        return self.engine_ready
+
+    async def _wait_engine(self) -> None:
+        engine, ready = self.engine, self.engine_ready
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.wait_ready)
+        except Exception as exc:  # noqa: BLE001 - every session shows it, the server keeps answering
+            ready.set_exception(exc)
+            ready.exception()  # mark retrieved
+            return
+        ready.set_result(engine)
+        logger.info("model ready: %s", engine.status())
+
+    async def acquire_root(self, root: Path, session_id: int, settings: Settings) -> _SharedRoot:
+        """The root's indexer (opened on first use, then shared); `session_id` now uses it."""
+        entry = self.roots.get(root)
+        if entry is None:
+            indexer = await asyncio.get_running_loop().run_in_executor(
+                None, self.indexer_factory, root, self.engine, settings)
+            entry = self.roots.get(root)  # another session may have opened it meanwhile
+            if entry is None:
+                entry = self.roots[root] = _SharedRoot(indexer)
+                self.engine.repositories.append(indexer)  # serve from what is indexed so far
+            else:
+                _close_indexer(indexer)
+        entry.users.add(session_id)
+        return entry
+
+    def release_roots(self, session_id: int) -> None:
+        """`session_id` no longer uses its roots; an indexer nobody uses is closed."""
+        for root, entry in list(self.roots.items()):
+            entry.users.discard(session_id)
+            if not entry.users:
+                del self.roots[root]
+                _close_indexer(entry.indexer)
+                if self.engine is not None and entry.indexer in self.engine.repositories:
+                    self.engine.repositories.remove(entry.indexer)
+
+    def close(self) -> None:
+        """The process is ending: close every indexer and the engine."""
+        for entry in self.roots.values():
+            _close_indexer(entry.indexer)
+        self.roots.clear()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _close_indexer(indexer: Any) -> None:
+    try:
+        (getattr(indexer, "close", None) or indexer.stop)()
+    except Exception:  # noqa: BLE001
+        logger.exception("stopping the indexer failed")
 
 
 class LongLlamaServer(LanguageServer):
@@ -58,15 +176,20 @@ class LongLlamaServer(LanguageServer):
     protocol: LongLlamaProtocol
 
     def __init__(self, engine_factory: EngineFactory | None = None, indexer_factory: IndexerFactory | None = None,
-                 auth_token: str | None = None, model_overrides: ModelSettings | None = None):
-        super().__init__("longllama-lsp", __version__, protocol_cls=LongLlamaProtocol, max_workers=4,
+                 auth_token: str | None = None, model_overrides: ModelSettings | None = None,
+                 shared: SharedServices | None = None):
+        shared = shared or SharedServices(engine_factory, indexer_factory, model_overrides)
+        super().__init__("longllama-lsp", __version__,
+                         protocol_cls=TcpSessionProtocol if shared.multi else LongLlamaProtocol, max_workers=4,
                          converter_factory=wire_converter,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.shared = shared
+        self.session_id = shared.new_session_id()
         self.documents = Documents()
         self.settings = Settings()
-        self.engine_factory = engine_factory or default_engine_factory
-        self.indexer_factory = indexer_factory
-        self.model_overrides = model_overrides or ModelSettings()
+        self.engine_factory = shared.engine_factory
+        self.indexer_factory = shared.indexer_factory
+        self.model_overrides = shared.model_overrides
         self.auth_token = auth_token
         self.authenticated = auth_token is None
         self.engine: Engine | None = None
@@ -80,6 +203,11 @@ class LongLlamaServer(LanguageServer):
         self._tickets: dict[str, int] = {}
         self._supports_progress = False
         self._shown_errors: set[str] = set()
+        self.ended = False
+
+    def engine_key(self, uri: str) -> Hashable:
+        """The engine's newest-wins and prefix-cache key of a document: per session when sessions share it."""
+        return (self.session_id, uri) if self.shared.multi else uri
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -124,38 +252,6 @@ class LongLlamaServer(LanguageServer):
             return
         logger.error("server error (%s): %s", getattr(source, "__name__", source), error)
 
-    def start_tcp(self, host: str, port: int) -> None:
-        """pygls' TCP server, but one client at a time: pygls shares one protocol (and so one
-        authenticated flag) between connections, so a second client could ride on the first one's token."""
-        self._stop_event = stop_event = threading.Event()
-        active: list[asyncio.StreamWriter] = []
-
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if active:
-                logger.warning("refused a second TCP client while one is connected")
-                writer.close()
-                return
-            active.append(writer)
-            self.authenticated = self.auth_token is None
-            self.protocol.initialize_received = False
-            self.protocol.set_writer(writer)  # type: ignore[arg-type]
-            try:
-                await run_async(stop_event=stop_event, reader=reader, protocol=self.protocol, logger=logger,
-                                error_handler=self.report_server_error)
-            finally:
-                active.clear()
-            self.shutdown()  # as pygls: the session ends with its client
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(connection, host, port)
-            async with self._server:
-                await self._server.serve_forever()
-
-        try:
-            asyncio.run(serve())
-        except asyncio.CancelledError:
-            logger.debug("TCP server stopped")
-
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def on_initialize(self, params: types.InitializeParams) -> None:
@@ -176,29 +272,30 @@ class LongLlamaServer(LanguageServer):
         self._supports_progress = bool(window and window.work_done_progress)
 
     async def on_initialized(self) -> None:
+        if self.ended or self._engine_ready is not None:
+            return
         self.loop = asyncio.get_running_loop()
         _LspLogHandler.install(self)
         for problem in self._problems:
             self.show(f"longllama: invalid setting {problem}")
-        self._engine_ready = self.loop.create_future()
         model = self.effective_model_settings()
-        logger.info("loading model %s (device %s, dtype %s)", model.path or "(default)", model.device, model.dtype)
-        self.engine = self.engine_factory(model, engine_options(self.settings))
+        if self.shared.engine_ready is not None and model != self.shared.engine_model:
+            self.show("longllama: this server already runs another model; model settings take effect when the "
+                      "server restarts", types.MessageType.Info)
+        self._engine_ready = self.shared.start_engine(model, engine_options(self.settings))
+        self.engine = self.shared.engine
         asyncio.ensure_future(self._after_load())
 
     async def _after_load(self) -> None:
-        engine = self.engine
         try:
-            await self.loop.run_in_executor(None, engine.wait_ready)
+            await asyncio.shield(self._engine_ready)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - shown to the user, the server keeps answering
-            self._engine_ready.set_exception(exc)
-            self._engine_ready.exception()  # mark retrieved
             self.show(f"longllama: the model could not be loaded: {exc}", types.MessageType.Error)
             self.indexing_state = "off"
             return
-        self._engine_ready.set_result(engine)
-        logger.info("model ready: %s", engine.status())
-        if self.settings.indexing.enabled and self.indexer_factory is not None:
+        if self.settings.indexing.enabled and self.indexer_factory is not None and not self.ended:
             await self.start_indexing()
 
     def effective_model_settings(self) -> ModelSettings:
@@ -206,9 +303,32 @@ class LongLlamaServer(LanguageServer):
         return ModelSettings(path=o.path or s.path, device=o.device or s.device, dtype=o.dtype or s.dtype)
 
     def shutdown_all(self) -> None:
+        """The client's `shutdown`: release this session's indexers; the engine closes with the last
+        (stdio) session, or when a TCP server's process ends."""
         self.stop_indexing()
-        if self.engine is not None:
+        if self.engine is not None and not self.shared.multi:
             self.engine.close()
+
+    def end_session(self) -> None:
+        """The connection is gone (exit, EOF or a reset): cancel what it still waits for, release its
+        roots, stop its logs. Other sessions and the shared engine are untouched."""
+        if self.ended:
+            return
+        self.ended = True
+        _LspLogHandler.uninstall(self)
+        self.protocol.set_writer(_Discard())  # replies to the cancelled requests go nowhere
+        for future in list(self.protocol._request_futures.values()):
+            future.cancel()  # the handlers' _await cancels their engine requests
+        self.protocol._request_futures.clear()
+        if self.engine is not None:
+            for uri in list(self._tickets):
+                self.engine.cancel(self.engine_key(uri))
+        self._tickets.clear()
+        self.stop_indexing()
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._thread_pool is not None:
+            self._thread_pool.shutdown(wait=False, cancel_futures=True)
 
     def update_settings(self, data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("longllama"), dict):
@@ -220,7 +340,7 @@ class LongLlamaServer(LanguageServer):
         for problem in problems:
             self.show(f"longllama: invalid setting {problem}")
         apply_log_level(self.settings.log_level)
-        if self.engine is not None:
+        if self.engine is not None:  # what requests do not carry (context tokens): shared, the last update wins
             self.engine.options = engine_options(self.settings)
         if self.settings.model != old.model and self.engine is not None:
             self.show("longllama: model settings take effect when the server restarts", types.MessageType.Info)
@@ -233,19 +353,29 @@ class LongLlamaServer(LanguageServer):
     # -- indexing -------------------------------------------------------------------------------------
 
     async def start_indexing(self) -> None:
-        """Create one indexer per workspace folder, index with work-done progress, then watch."""
-        if self.engine is None or self.engine.state != "ready" or self.indexing_state == "indexing":
+        """One indexer per workspace folder (shared with other sessions on the same root), index with
+        work-done progress, then watch. A root another session already indexed is only joined."""
+        if self.engine is None or self.engine.state != "ready" or self.indexing_state == "indexing" or self.ended:
             return
         self.stop_indexing()
         self.indexing_state, self.indexing_error = "indexing", None
+        shared = self.shared
+        shared.index_lock = shared.index_lock or asyncio.Lock()
         try:
-            for root in self.roots:
-                indexer = await self.loop.run_in_executor(None, self.indexer_factory, root, self.engine, self.settings)
-                self.indexers.append(indexer)
-                self.engine.repositories.append(indexer)  # serve from what is indexed so far
-            for indexer in list(self.indexers):
-                await self._index_with_progress(indexer)
-                await self.loop.run_in_executor(None, indexer.start_watching)
+            async with shared.index_lock:
+                entries = []
+                for root in self.roots:
+                    if self.ended:
+                        return
+                    entries.append(await shared.acquire_root(root, self.session_id, self.settings))
+                    self.indexers.append(entries[-1].indexer)
+                for entry in entries:
+                    if not entry.indexed and not self.ended:
+                        await self._index_with_progress(entry.indexer)
+                        if self.ended or self.session_id not in entry.users:
+                            return  # the session ended meanwhile: its roots were released
+                        await self.loop.run_in_executor(None, entry.indexer.start_watching)
+                        entry.indexed = True
             self.indexing_state = "watching" if self.indexers else "idle"
         except Exception as exc:  # noqa: BLE001 - completions keep working without (some) memory
             logger.exception("indexing failed")
@@ -253,13 +383,7 @@ class LongLlamaServer(LanguageServer):
             self.show(f"longllama: indexing failed: {exc}", types.MessageType.Error)
 
     def stop_indexing(self) -> None:
-        for indexer in self.indexers:
-            try:
-                (getattr(indexer, "close", None) or indexer.stop)()
-            except Exception:  # noqa: BLE001
-                logger.exception("stopping the indexer failed")
-            if self.engine is not None and indexer in self.engine.repositories:
-                self.engine.repositories.remove(indexer)
+        self.shared.release_roots(self.session_id)
         self.indexers = []
         self.indexing_state = "off" if not self.settings.indexing.enabled else self.indexing_state
 
@@ -317,6 +441,9 @@ class LongLlamaServer(LanguageServer):
         if self.indexer_factory is None or not self.settings.indexing.enabled or self.engine is None \
                 or self.engine.state != "ready":
             return ReindexResult(started=False)
+        for entry in self.shared.roots.values():
+            if self.session_id in entry.users:
+                entry.indexed = False  # index again even if other sessions keep the indexer open
         asyncio.ensure_future(self.start_indexing())
         return ReindexResult(started=True, roots=[str(r) for r in self.roots])
 
@@ -361,14 +488,16 @@ class LongLlamaServer(LanguageServer):
             await asyncio.sleep(self.settings.completion.debounce_ms / 1000)
         if self._tickets.get(uri) != ticket:
             return None, snapshot
-        req = engine.submit_complete(text, offset, path=to_fs_path(uri) or uri, key=uri)
+        c = self.settings.completion  # per request: sessions share the engine, not their settings
+        req = engine.submit_complete(text, offset, path=to_fs_path(uri) or uri, key=self.engine_key(uri),
+                                     mode=c.mode, max_tokens=c.max_tokens, memory=self.settings.memory.enabled)
         return await self._await(req), snapshot
 
     def document_changed(self, uri: str) -> None:
         """A pending or running completion for `uri` is stale now: free the worker for the next one."""
         self._tickets[uri] = self._tickets.get(uri, 0) + 1
         if self.engine is not None:
-            self.engine.cancel(uri)
+            self.engine.cancel(self.engine_key(uri))
 
     async def ask(self, question: str, uri: str | None = None, max_tokens: int | None = None) -> AskResult:
         if not question.strip():
@@ -382,8 +511,9 @@ class LongLlamaServer(LanguageServer):
             except UnknownDocument as exc:
                 raise JsonRpcInvalidParams(str(exc)) from None
         engine = await self.ready_engine()
-        answer: Answer | None = await self._await(engine.submit_answer(question, document=document,
-                                                                      max_tokens=max_tokens))
+        answer: Answer | None = await self._await(engine.submit_answer(
+            question, document=document, max_tokens=max_tokens or self.settings.ask.max_tokens,
+            memory=self.settings.memory.enabled))
         if answer is None:
             raise JsonRpcServerError("the question was superseded by a newer one", -32000)
         return AskResult(answer.text, [self.source_info(s) for s in answer.sources], answer.stop_reason,
@@ -468,6 +598,77 @@ def default_indexer_factory(root: Path, engine: Engine, settings: Settings) -> A
                         budget_tokens=settings.memory.budget_tokens or None)
 
 
+# -- TCP: one session per connection -----------------------------------------------------------------------
+
+class TcpSessionProtocol(LongLlamaProtocol):
+    """A connection's protocol: `exit` ends this session and its connection, not the process."""
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, *args: Any):
+        if (user_handler := self.fm.features.get(types.EXIT)) is not None:
+            yield user_handler, args, None
+        # Close the connection: serve_tcp's loop sees EOF and ends the session (end_session cancels the
+        # pending requests; not from here, this notification's own future is among them).
+        writer, self.writer = self.writer, _Discard()
+        if self._server._stop_event is not None:
+            self._server._stop_event.set()
+        if writer is not None:
+            writer.close()
+
+
+class _Discard:
+    """The writer of a session whose connection is gone."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def serve_tcp(host: str, port: int, new_session: Callable[[], LongLlamaServer], shared: SharedServices,
+              max_sessions: int = MAX_TCP_SESSIONS, on_listening: Callable[[list[Any]], None] | None = None) -> None:
+    """Serve LSP over TCP, one session (`new_session()`, bound to `shared`) per connection, until the
+    process is stopped. Each session authenticates on its own (its token check, its initialize)."""
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if len(shared.sessions) >= max_sessions:
+            logger.warning("refused a TCP client from %s: %d sessions already", peer, max_sessions)
+            writer.close()
+            return
+        session = new_session()
+        CURRENT_SESSION.set(session)  # this task's context: its handlers' logs go to this client
+        shared.sessions[session.session_id] = session
+        session._stop_event = threading.Event()
+        session.protocol.set_writer(writer)  # type: ignore[arg-type]
+        logger.info("TCP session %d from %s (%d open)", session.session_id, peer, len(shared.sessions))
+        try:
+            await run_async(stop_event=session._stop_event, reader=reader, protocol=session.protocol, logger=logger,
+                            error_handler=session.report_server_error)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+            logger.info("TCP session %d: connection lost (%s)", session.session_id, type(exc).__name__)
+        finally:
+            shared.sessions.pop(session.session_id, None)
+            session.end_session()
+            writer.close()
+            logger.info("TCP session %d ended (%d open)", session.session_id, len(shared.sessions))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(connection, host, port)
+        if on_listening is not None:
+            on_listening(server.sockets)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(serve())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        logger.debug("TCP server stopped")
+    finally:
+        shared.close()
+
+
 # -- logging --------------------------------------------------------------------------------------------
 
 _LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
@@ -485,16 +686,27 @@ class _LspLogHandler(logging.Handler):
     KINDS = {logging.ERROR: types.MessageType.Error, logging.WARNING: types.MessageType.Warning,
              logging.INFO: types.MessageType.Info}
 
-    def __init__(self, server: LongLlamaServer):
+    # The sessions that receive records: a record logged inside a session's handler (CURRENT_SESSION)
+    # goes to that session only, any other (worker and indexer threads) to all of them.
+    sessions: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self):
         super().__init__()
-        self.server = server
         self._local = threading.local()
 
     @classmethod
     def install(cls, server: LongLlamaServer) -> None:
+        if not server.shared.multi:
+            cls.sessions.clear()  # one session at a time: the newest (as before)
+        cls.sessions.add(server)
         for name in _OUR_LOGGERS:
             log = logging.getLogger(name)
-            log.handlers = [h for h in log.handlers if not isinstance(h, cls)] + [cls(server)]
+            if not any(isinstance(h, cls) for h in log.handlers):
+                log.handlers = [*log.handlers, cls()]
+
+    @classmethod
+    def uninstall(cls, server: LongLlamaServer) -> None:
+        cls.sessions.discard(server)
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._local, "busy", False):
@@ -504,8 +716,14 @@ class _LspLogHandler(logging.Handler):
             from indexer.secrets import redact  # the editor's log is a log too: no credentials in it
 
             kind = self.KINDS.get(record.levelno, types.MessageType.Log)
-            self.server.call_soon(self.server.window_log_message,
-                                  types.LogMessageParams(type=kind, message=redact(self.format(record))))
+            current = CURRENT_SESSION.get()
+            if current is None:
+                targets = list(self.sessions)
+            else:  # a session's own record: to it alone, and nowhere once it ended
+                targets = [current] if current in self.sessions else []
+            for server in targets:
+                server.call_soon(server.window_log_message,
+                                 types.LogMessageParams(type=kind, message=redact(self.format(record))))
         except Exception:  # noqa: BLE001 - logging must never break the server
             pass
         finally:

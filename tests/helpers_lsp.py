@@ -11,10 +11,12 @@ import itertools
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TESTS = Path(__file__).parent
@@ -47,6 +49,7 @@ class SyncClient:
     def __init__(self, read, write, close=None):
         self._read, self._write, self._close = read, write, close
         self.replies: dict[object, dict] = {}
+        self.received_at: dict[object, float] = {}  # reply id -> time.monotonic() when it was read
         self.notifications: list[dict] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -73,7 +76,9 @@ class SyncClient:
                     raise
                 time.sleep(0.1)
         sock.settimeout(None)
-        return cls(sock.makefile("rb"), sock.sendall, sock.close)
+        client = cls(sock.makefile("rb"), sock.sendall, sock.close)
+        client.sock = sock
+        return client
 
     def _pump(self) -> None:
         try:
@@ -96,7 +101,9 @@ class SyncClient:
                         self.notifications.append(msg)
                     else:
                         key = msg.get("id")
-                        self.replies[key if not isinstance(key, list) else json.dumps(key)] = msg
+                        key = key if not isinstance(key, list) else json.dumps(key)
+                        self.replies[key] = msg
+                        self.received_at[key] = time.monotonic()
                     self._cond.notify_all()
         except (EOFError, OSError, ValueError):
             with self._cond:
@@ -160,6 +167,17 @@ class SyncClient:
         if self._close:
             self._close()
 
+    def abort(self) -> None:
+        """Drop a TCP connection abruptly: a reset (SO_LINGER 0), no shutdown/exit, replies unread."""
+        sock = self.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)  # wakes the reader thread locally; nothing is sent
+        deadline = time.monotonic() + 5
+        while not self.eof and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._read.close()
+        sock.close()  # last reference: the kernel sends RST
+
 
 def wait_until(predicate, timeout: float = 60, every: float = 0.1):
     deadline = time.monotonic() + timeout
@@ -168,3 +186,89 @@ def wait_until(predicate, timeout: float = 60, every: float = 0.1):
             return value
         time.sleep(every)
     raise AssertionError("condition not met in time")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- load: editors looping over one server ---------------------------------------------------------------
+
+CANCELLED = -32800  # RequestCancelled
+
+
+@dataclass
+class LoadStats:
+    """What a load run saw; lists are appended to from the editor threads (list.append is atomic)."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, every request with a reply
+    waited: list[float] = field(default_factory=list)  # seconds, the completions waited for (C in editor_loop)
+    answered: list[str] = field(default_factory=list)  # request ids with a result
+    cancelled: list[str] = field(default_factory=list)  # request ids answered with RequestCancelled
+    failures: list[str] = field(default_factory=list)  # any other error, a timeout, a lost reply
+
+    def summary(self) -> dict:
+        def pct(values: list[float], q: float) -> float:
+            values = sorted(values)
+            return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else float("nan")
+        return {"requests": len(self.answered) + len(self.cancelled) + len(self.failures),
+                "answered": len(self.answered), "cancelled": len(self.cancelled), "failures": len(self.failures),
+                "p50_s": pct(self.latencies, 0.5), "p95_s": pct(self.latencies, 0.95),
+                "max_s": pct(self.latencies, 1.0), "waited_p50_s": pct(self.waited, 0.5),
+                "waited_p95_s": pct(self.waited, 0.95)}
+
+
+def editor_loop(client: SyncClient, uri: str, text: str, line: int, character: int, rounds: int,
+                stats: LoadStats, timeout: float = 60) -> None:
+    """A bounded editing session on `uri` (opened here), `line`:`character` at the end of a word.
+
+    Each round: a completion (A) left in flight, an edit (A is stale now), a completion (B) cancelled
+    at once with $/cancelRequest, a completion (C) waited for; then the replies to A and B. Every
+    request must get a result or RequestCancelled within `timeout` s; the edit alternately types and
+    deletes one character at the cursor. 3 requests and 1 edit per round."""
+    version = 1
+
+    def inline(col: int) -> str:
+        msg_id = client.next_id()
+        sent[msg_id] = time.monotonic()
+        client.send({"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": col},
+            "context": {"triggerKind": 1}}})
+        return msg_id
+
+    def collect(msg_id: str, waited: bool = False) -> None:
+        try:
+            reply = client.wait_reply(msg_id, timeout)
+        except AssertionError as exc:
+            stats.failures.append(f"{uri} {msg_id}: {exc}")
+            return
+        stats.latencies.append(client.received_at.pop(msg_id, time.monotonic()) - sent.pop(msg_id))
+        if waited:
+            stats.waited.append(stats.latencies[-1])
+        if "result" in reply:
+            stats.answered.append(msg_id)
+        elif reply.get("error", {}).get("code") == CANCELLED:
+            stats.cancelled.append(msg_id)
+        else:
+            stats.failures.append(f"{uri} {msg_id}: {reply}")
+
+    sent: dict[str, float] = {}
+    client.open(uri, text)
+    col = character
+    for r in range(rounds):
+        a = inline(col)
+        version += 1
+        typed = r % 2 == 0
+        change = {"range": {"start": {"line": line, "character": col},
+                            "end": {"line": line, "character": col if typed else col - 1}}, "text": "e" if typed else ""}
+        col = col + 1 if typed else col - 1
+        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+                                                 "contentChanges": [change]})
+        b = inline(col)
+        client.notify("$/cancelRequest", {"id": b})
+        c = inline(col)
+        collect(c, waited=True)
+        collect(a)
+        collect(b)

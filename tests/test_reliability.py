@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, frame, rss_kib, server_command, server_env
+from helpers_lsp import SyncClient, frame, rss_kib, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -200,6 +200,21 @@ def test_ten_megabyte_document_is_refused_and_memory_is_returned(server):
     server.growth_after_huge_kib = rss_kib(server.proc.pid) - before
 
 
+def test_the_editors_log_is_redacted_too(server):
+    """A refused request is logged with its id ("refused request '<id>' ..."), and our log records also
+    go to the editor as window/logMessage: a credential in the id must be masked there, as in the log
+    file. Fails when service._LspLogHandler.emit does not call redact() (tried: RELIABILITY.md)."""
+    secret = "AKIA" + "QWERTYUIOPASDFGH"  # the AWS key id pattern of indexer.secrets
+
+    def editor_log() -> str:
+        return json.dumps([n for n in server.notifications if n.get("method") == "window/logMessage"])
+    reply = server.request("textDocument/inlineCompletion", {"textDocument": {"uri": server.uri},
+                                                             "position": "not a position"}, msg_id=f"req-{secret}")
+    assert reply.get("error", {}).get("code") == -32602, reply
+    wait_until(lambda: "refused request" in editor_log() and "req-" in editor_log(), 10)
+    assert secret not in editor_log() and "req-[REDACTED]" in editor_log()
+
+
 def test_flood_of_did_change_then_completion_sees_every_edit(server):
     uri = (server.root / "flood.py").as_uri()
     server.open(uri, "")
@@ -297,8 +312,8 @@ def test_load_four_editors_on_the_stdio_server(server):
 
 @pytest.mark.slow
 def test_tcp_load_four_editors_on_one_connection(model_dir, tmp_path):
-    """The TCP server takes one client at a time (a second is refused: see test_server.py), so the
-    concurrency is 4 documents driven by 4 threads over that one connection, as a busy editor does."""
+    """4 documents driven by 4 threads over one connection, as a busy editor does (N connections to
+    one server: tests/test_tcp_load.py)."""
     port = free_port()
     proc = start_tcp_server(model_dir, port)
     try:
@@ -317,7 +332,8 @@ def test_tcp_load_four_editors_on_one_connection(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tcp_load_four_servers_four_clients(model_dir, tmp_path):
-    """4 servers (one client each, the TCP limit), 4 clients looping concurrently."""
+    """4 servers (4 processes, 4 models), one client each, looping concurrently: the cost of one
+    process per editor (one process for all of them: tests/test_tcp_load.py)."""
     ports = [free_port() for _ in range(4)]
     procs = [start_tcp_server(model_dir, p) for p in ports]
     try:

@@ -1,0 +1,140 @@
+"""Load over TCP (issue #9): N editors connected at once to one `longllama-lsp --tcp` process.
+
+Test Data: the seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py), 1024-token window,
+one `--no-index --tcp --token` process on a free 127.0.0.1 port for the module. Each connection is its own
+LSP session sharing the one model. The clients loop (tests/helpers_lsp.editor_loop: completions left
+in flight, edits that make them stale, completions cancelled with $/cancelRequest) with timeouts: every
+request must get a result or RequestCancelled, a client that resets its socket or exits must not
+disturb the others, and the process must stay up and keep serving new clients.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers_lsp import (
+    LoadStats,
+    SyncClient,
+    editor_loop,
+    free_port,
+    rss_kib,
+    server_command,
+    server_env,
+    wait_until,
+)
+from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+
+SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
+TOKEN = "s3cret"
+OPTIONS = {"completion": {"maxTokens": 4, "debounceMs": 0}, "ask": {"maxTokens": 4}, "token": TOKEN}
+CLIENTS, ROUNDS = 4, 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-tcp"), smol_tokenizer_dir, max_position_embeddings=1024)
+
+
+def start(model_dir: Path, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(server_command(model_dir, "--no-index", "--tcp", "--port", str(port), *extra),
+                            env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+
+
+def connect(port: int, root: Path, options: dict | None = None) -> SyncClient:
+    client = SyncClient.over_tcp("127.0.0.1", port, timeout=120)
+    reply = client.initialize(root, OPTIONS if options is None else options, timeout=120)
+    assert "result" in reply, reply
+    return client
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port, root = free_port(), tmp_path_factory.mktemp("ws")
+    proc = start(model_dir, port, "--token", TOKEN, "--log-file", str(root.parent / "tcp.log"))
+    proc.port, proc.root, proc.log = port, root, root.parent / "tcp.log"
+    warm = connect(port, proc.root)  # loads the model; ends with a clean shutdown + exit
+    uri = (proc.root / "warm.py").as_uri()
+    warm.open(uri, SOURCE)
+    assert warm.complete(uri, 9, 7)["result"]["items"]
+    assert warm.request("shutdown")["result"] is None
+    warm.notify("exit", None)
+    wait_until(lambda: warm.eof, 30)
+    yield proc
+    proc.kill()
+    out, _ = proc.communicate()
+    assert out == b""  # nothing on stdout in TCP mode
+
+
+def test_four_clients_at_once_every_request_answered_or_cancelled(server):
+    """4 sessions loop concurrently while a 5th resets its connection mid-frame with requests in flight
+    and a 6th exits cleanly: the 4 finish, every request answered or cancelled, and the process serves
+    a new client afterwards with nothing left pending."""
+    assert server.poll() is None, "the server ended with its first client"
+    clients = [connect(server.port, server.root) for _ in range(CLIENTS)]
+    dropper, leaver = connect(server.port, server.root), connect(server.port, server.root)
+    rss0 = rss_kib(server.pid)
+    stats = LoadStats()
+    threads = [threading.Thread(target=editor_loop, args=(c, (server.root / f"c{i}.py").as_uri(), SOURCE, 9, 7,
+                                                           ROUNDS, stats)) for i, c in enumerate(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    # The dropper: requests in flight, half a frame, then a reset.
+    drop_uri = (server.root / "drop.py").as_uri()
+    dropper.open(drop_uri, SOURCE)
+    for _ in range(3):
+        dropper.send({"jsonrpc": "2.0", "id": dropper.next_id(), "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": drop_uri}, "position": {"line": 9, "character": 7},
+            "context": {"triggerKind": 1}}})
+    dropper.send_raw(b"Content-Length: 500\r\n\r\n{\"jsonrpc\": \"2.0\", \"id\": 1")
+    dropper.abort()
+    # The leaver: a clean shutdown + exit ends its session only.
+    assert leaver.request("shutdown")["result"] is None
+    leaver.notify("exit", None)
+    wait_until(lambda: leaver.eof, 30)
+    for t in threads:
+        t.join(120)
+    wall = time.monotonic() - t0
+    assert not any(t.is_alive() for t in threads), "deadlock: a client loop never finished"
+    numbers = {**stats.summary(), "clients": CLIENTS, "rounds": ROUNDS, "wall_s": round(wall, 2),
+               "rss_mb": round(rss_kib(server.pid) / 1024), "rss_growth_mb": round((rss_kib(server.pid) - rss0) / 1024)}
+    print("tcp load (4 concurrent sessions, one process):", numbers)
+    assert not stats.failures, stats.failures[:3]
+    assert numbers["requests"] == CLIENTS * ROUNDS * 3
+    assert len(stats.answered) >= CLIENTS * ROUNDS  # C of every round at least
+    assert server.poll() is None
+    for c in clients:
+        status = c.status()
+        assert status["engine"] == "ready" and status["documents"] == 1  # its own documents only
+    wait_until(lambda: clients[0].status()["pending"] == 0 and clients[0].status()["running"] is None, 30)
+    late = connect(server.port, server.root)
+    uri = (server.root / "late.py").as_uri()
+    late.open(uri, SOURCE)
+    assert late.complete(uri, 9, 7)["result"]["items"]
+    assert late.status()["documents"] == 1
+    for c in [*clients, late]:
+        c.close()
+    log = server.log.read_text()
+    assert "connection lost" in log or "TCP session 6 ended" in log
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_the_token_is_checked_per_connection(server, tmp_path):
+    """An authenticated client does not open the door for the next connection, nor the reverse."""
+    good = connect(server.port, tmp_path)
+    bad = SyncClient.over_tcp("127.0.0.1", server.port)
+    assert bad.request("longllama/status")["error"]["code"] == -32002  # not initialized
+    assert bad.initialize(tmp_path, {"token": "wrong"})["error"]["code"] == -32001
+    assert bad.request("longllama/status")["error"]["code"] == -32001
+    assert good.status()["engine"] == "ready"
+    none = SyncClient.over_tcp("127.0.0.1", server.port)
+    assert none.initialize(tmp_path, {})["error"]["code"] == -32001
+    assert none.request("longllama/status")["error"]["code"] == -32001
+    assert good.status()["version"]
+    for c in (good, bad, none):
+        c.close()
