@@ -21,12 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .model.memory import MemCache, Memory
 from .prompt import Block
+
+if TYPE_CHECKING:  # torch loads with the model, not with this module (see engine.py)
+    import torch
+
+    from .model.memory import Memory
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class Assembler:
         """Top chunks by attention share; attention: (M,) mass per slot, norm: queries * heads * layers."""
         if attention is None or not norm or not asm.segments:
             return []
+        import torch
+
         share = attention / norm  # (M,)
         found: dict[Any, Source] = {}
         starts = [s.start for s in asm.segments]
@@ -192,6 +196,10 @@ def concat(parts: Sequence[Memory], device: torch.device | str, copy: bool = Tru
 
     copy=False lets a single part through as it is (an encoded block, which nothing else changes).
     """
+    import torch
+
+    from .model.memory import MemCache, Memory
+
     parts = [p for p in parts if len(p)]
     if len(parts) == 1 and not copy and (dtype is None or parts[0][next(iter(parts[0]))].keys.dtype == dtype):
         return parts[0]

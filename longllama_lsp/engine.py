@@ -37,17 +37,23 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .assembly import NOTHING, Assembler, Source
 from .errors import LongLlamaError, ModelError
-from .model.memory import Memory
-from .prompt import Block, StopRule, build_prompt, finish, incremental_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model.memory import Memory
+
+# torch (and transformers) are imported on the worker thread when the model loads, not with this
+# module: the language server answers `initialize` without waiting ~10 s for them (issue 4).
+from .prompt import Block, StopRule, SyntaxBlock, build_prompt, finish, incremental_text, rest_of_line
 
 logger = logging.getLogger(__name__)
 
+SMALL_STEP = 16  # tokens: a prefill chunk this short runs with the decode threads
 FOREGROUND, BACKGROUND = 0, 1  # queue priorities: completions and answers before indexing work
 
 ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is in your memory. "
@@ -110,6 +116,16 @@ class EngineOptions:
     # tokens, then every 8th: +70% per step while on (42k-token memory, SmolLM2, CPU).
     source_steps: int = 3
     source_every: int = 8
+    # Completions take their sources from the last prompt token only: sampling generated tokens too
+    # made each decode step 1.8x slower (792 vs 440 ms/token, 4k memory tokens, busy 2-core CPU).
+    completion_source_steps: int = 0
+    # Torch threads for steps of a few tokens (decode, and typing's short prefills). None: one thread
+    # on a CPU whose load average says the cores are taken, else torch's own count. Measured on a
+    # 2-core CPU at load ~10: 3,425 ms/token with 2 threads against 792 ms/token with 1 (each op of
+    # a one-token step wakes the other thread, which the scheduler has given to someone else).
+    decode_threads: int | None = None
+    # Keys typed along the last suggestion get the rest of it without the model (see _typeahead).
+    typeahead: bool = True
 
 
 class Request:
@@ -182,9 +198,14 @@ class Engine:
         self._latest: dict[Hashable, Request] = {}
         self._lock = threading.Lock()
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
+        # Per document: (text before the cursor, completion, text after it) of the last completion,
+        # so keys typed along the suggestion are answered from it without the model (typeahead).
+        self._suggested: OrderedDict[Hashable, tuple[str, str, str]] = OrderedDict()
         self._assembler: Assembler | None = None
         self.last_timings: dict[str, float] = {}
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "typeahead": 0}
+        # Worker milliseconds spent per outcome: "cancelled" is the compute that typing threw away.
+        self.busy_ms = {"completed": 0.0, "cancelled": 0.0, "failed": 0.0}
         self.running: int | None = None  # id of the request on the worker
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="longllama-engine", daemon=True)
@@ -254,6 +275,8 @@ class Engine:
                 if self._load_error is not None:
                     raise self._load_error
                 req.check()
+                import torch
+
                 with torch.inference_mode():
                     result = req.fn(req)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
@@ -270,6 +293,7 @@ class Engine:
                     if req.key is not None and self._latest.get(req.key) is req:
                         del self._latest[req.key]
             self.counts[outcome] += 1
+            self.busy_ms[outcome] += (time.perf_counter() - req.started) * 1000
 
     def submit(self, fn: Callable[[Request], Any], key: Hashable | None = None,
                priority: int = FOREGROUND) -> Request:
@@ -336,8 +360,40 @@ class Engine:
             raise ValueError(f"mode must be 'line' or 'block', got {mode!r}")
         use_memory = self.options.memory if memory is None else memory
         key = key if key is not None else ("doc", path)
+        ahead = self._typeahead(key, text, offset, mode)
+        if ahead is not None:
+            return ahead
         return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key),
                            key=key)
+
+    def _typeahead(self, key: Hashable, text: str, offset: int, mode: str) -> Request | None:
+        """A request already answered with the rest of the last suggestion, when the keys typed since
+        it follow that suggestion (same text after the cursor): what the model would say again, at no
+        cost. It supersedes older requests for the document like any new request."""
+        last = self._suggested.get(key)
+        if last is None or not self.options.typeahead:
+            return None
+        head, suggestion, suffix = last
+        if len(text) - offset != len(suffix) or offset <= len(head) or text[offset:] != suffix \
+                or not text.startswith(head):
+            return None
+        typed = text[len(head):offset]
+        rest = suggestion[len(typed):]
+        if not suggestion.startswith(typed) or not rest.strip():
+            return None
+        t0 = time.perf_counter()
+        req = Request(lambda _req: None, key)
+        with self._lock:
+            older = self._latest.pop(key, None)
+        if older is not None:
+            older.superseded = True
+            older.cancel()
+        timings = {"queue": 0.0, "typeahead": 1.0, "generatedTokens": 0, "total": _ms(t0, time.perf_counter())}
+        self.last_timings = timings
+        self.counts["typeahead"] += 1
+        req.future.set_running_or_notify_cancel()
+        req.future.set_result(Completion(rest, req.id, [], timings, "typeahead", mode))
+        return req
 
     def complete(self, text: str, offset: int, path: str | None = None, mode: str | None = None,
                  **kwargs: Any) -> Completion:
@@ -384,8 +440,9 @@ class Engine:
         return max(1, min(wanted, window - max_new_tokens))
 
     def status(self) -> dict[str, Any]:
+        busy = {f"{k}Ms": int(v) for k, v in self.busy_ms.items()}  # worker time per outcome
         out: dict[str, Any] = {"state": self.state, "model": self.name, "pending": self.pending,
-                               "running": self.running, "requests": dict(self.counts),
+                               "running": self.running, "requests": {**self.counts, **busy},
                                "sessions": len(self._sessions), "lastTimings": dict(self.last_timings)}
         if self._ready.is_set() and self._model is not None:
             m = self._model
@@ -408,20 +465,31 @@ class Engine:
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after) if use_memory else NOTHING
         t2 = time.perf_counter()
-        rule, kept = StopRule(mode, prompt.line_prefix, prompt.suffix), [""]
+        syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
+            else None
+        rule, kept = StopRule(mode, prompt.line_prefix, prompt.suffix, syntax), [""]
 
         def stop(new: list[int]) -> bool:
             kept[0], done = rule(self._continuation(ids, new))
             return done
 
-        gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, asm.memory is not None)
+        gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, asm.memory is not None,
+                             sample_steps=self.options.completion_source_steps)
         if gen.stop_reason != "stop":
             kept[0], _ = rule(self._continuation(ids, gen.tokens))
         out = finish(kept[0], prompt.suffix)
         sources = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         timings = {"queue": _ms(req.submitted, req.started or t0), "prompt": _ms(t0, t1), "memory": _ms(t1, t2),
-                   **gen.timings, "total": _ms(t0, time.perf_counter())}
+                   **gen.timings, "total": _ms(t0, time.perf_counter()), "memoryTokens": asm.tokens,
+                   "generatedTokens": len(gen.tokens)}
         self.last_timings = timings
+        if out.strip():
+            self._suggested[key] = (text[:offset], out, text[offset:])
+            self._suggested.move_to_end(key)
+            while len(self._suggested) > self.options.sessions:
+                self._suggested.popitem(last=False)
+        else:
+            self._suggested.pop(key, None)
         return Completion(out, req.id, sources, timings, gen.stop_reason, rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
 
@@ -455,6 +523,8 @@ class Engine:
         return Answer(text.strip(), req.id, sources, timings, gen.stop_reason, asm.tokens, len(gen.tokens))
 
     def _encode(self, ids: list[int]) -> Memory:
+        import torch
+
         return self._model.encode_memory(torch.tensor([ids], device=self._model.device))
 
     def _clamp(self, max_new: int) -> int:
@@ -496,7 +566,9 @@ class Engine:
 
     def _generate(self, req: Request, ids: list[int], memory: Memory | None, max_new: int,
                   stop: Callable[[list[int]], bool] | None, on_token: Callable[[int, list[int]], None] | None,
-                  session: Hashable | None, want_sources: bool) -> Generation:
+                  session: Hashable | None, want_sources: bool, sample_steps: int | None = None) -> Generation:
+        import torch
+
         model = self._model
         window = model.window
         if not ids:
@@ -525,13 +597,18 @@ class Engine:
 
         generated: list[int] = []
         reason = "max_tokens"
+        threads = torch.get_num_threads()
+        few = self._decode_threads(model, threads)
         try:
             rest = ids[reused:]
             chunk = max(1, self.options.prefill_chunk)
             for b in range(0, len(rest) - 1, chunk):
                 req.check()
-                step(rest[b:min(b + chunk, len(rest) - 1)], False)
+                part = rest[b:min(b + chunk, len(rest) - 1)]
+                torch.set_num_threads(few if len(part) <= SMALL_STEP else threads)
+                step(part, False)
             req.check()
+            torch.set_num_threads(few)
             out = step(rest[-1:], want_sources)  # the last prompt token's query predicts the first token
             t1 = time.perf_counter()
             stop_ids = self._stop_ids()
@@ -549,7 +626,7 @@ class Engine:
                 if len(generated) == max_new:
                     break
                 req.check()
-                out = step([nxt], want_sources and self._samples_sources(len(generated)))
+                out = step([nxt], want_sources and self._samples_sources(len(generated), sample_steps))
             t2 = time.perf_counter()
         except Cancelled:
             self._save(session, state)
@@ -557,14 +634,31 @@ class Engine:
         except BaseException:
             self._sessions.pop(session, None)
             raise
+        finally:
+            torch.set_num_threads(threads)
         self._save(session, state)
         return Generation(generated, reason, len(ids), reused, acc[0], float(queries[0]),
                           {"prefill": _ms(t0, t1), "decode": _ms(t1, t2), "prefillTokens": len(ids) - reused})
 
-    def _samples_sources(self, generated: int) -> bool:
+    def _decode_threads(self, model: Any, threads: int) -> int:
+        """Threads for few-token steps (see EngineOptions.decode_threads)."""
+        if self.options.decode_threads is not None:
+            return max(1, self.options.decode_threads)
+        if str(getattr(model, "device", "cpu")).startswith("cpu") and threads > 1:
+            try:
+                busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5  # more runnable threads than cores
+            except OSError:
+                busy = False
+            return 1 if busy else threads
+        return threads
+
+    def _samples_sources(self, generated: int, steps: int | None = None) -> bool:
         """Memory-attention weights cost a second pass over memory: take them for the first
-        `source_steps` generated tokens, then every `source_every`-th (sources of long answers)."""
+        `source_steps` generated tokens, then every `source_every`-th (sources of long answers).
+        `steps` (completions) replaces both: the first `steps` generated tokens only."""
         opts = self.options
+        if steps is not None:
+            return generated < steps
         return generated < opts.source_steps or (opts.source_every > 0 and generated % opts.source_every == 0)
 
     def _resume(self, session: Hashable | None, ids: list[int], memory: Memory | None) -> _Session:
@@ -581,6 +675,8 @@ class Engine:
         old.cache.crop(common)
         old.fed = old.fed[:common]
         if old.memory is not memory:  # bank or buffer memory changed: swap it, keep the local states
+            from .model.memory import Memory
+
             old.cache.memory = memory if memory is not None else Memory({})
             old.memory = memory
         return old
@@ -597,6 +693,8 @@ class Engine:
 # -- loading ------------------------------------------------------------------------------------------
 
 def default_device(device: str | None) -> str:
+    import torch
+
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -604,6 +702,8 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None = None, device
                              dtype: str | None = None, config_value: str | None = None) -> tuple[Any, Any, Path]:
     """(model, tokenizer, checkpoint folder): --model, the model.path setting, $LONGLLAMA_MODEL or the
     bundled SmolLM2, converted on first use (resolve.py), loaded by model/loading.py."""
+    import torch
+
     from .model.loading import load_model, load_tokenizer
     from .resolve import resolve_model
 

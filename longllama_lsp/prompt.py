@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -119,6 +120,137 @@ def rest_of_line(suffix: str) -> str:
     return suffix[: m.start()] if m else suffix
 
 
+MAX_SYNTAX_BYTES = 1 << 20  # larger buffers skip the tree-sitter stop (a parse per check would cost too much)
+
+
+class SyntaxBlock:
+    """The block around the cursor per tree-sitter, for block mode's stop (issue 4).
+
+    Brace languages: the innermost node holding the cursor that opens with `{`; the completion ends
+    right after the generated text closes it (strings and comments do not count, unlike a brace
+    count). Python: the innermost `block` holding the cursor line; a generated line ends the
+    completion when it is indented below that block's statements, unless it starts inside a
+    string (a docstring's lines are not a dedent). Each check re-parses the top-level definition
+    around the cursor plus the generated text (a few KB: well under a millisecond per token).
+    """
+
+    def __init__(self, parser: Any, head: bytes, open_at: int | None, indent: int | None, python: bool):
+        self.parser, self.head, self.open_at, self.indent, self.python = parser, head, open_at, indent, python
+
+    @classmethod
+    def at(cls, path: str | None, text: str, offset: int) -> SyntaxBlock | None:
+        """The block at code-point `offset` of `text` (path picks the grammar); None without one."""
+        if not path:
+            return None
+        try:
+            import tree_sitter as ts
+
+            from indexer.languages import language_for, ts_language
+        except ImportError:
+            return None
+        name = language_for(path)
+        lang = ts_language(name)
+        if lang is None:
+            return None
+        head = text[:offset].encode("utf-8")
+        data = head + text[offset:].encode("utf-8")
+        if len(data) > MAX_SYNTAX_BYTES:
+            return None
+        parser = ts.Parser(lang)
+        cur = len(head)
+        chain = _chain(parser.parse(data).root_node, cur)
+        if not chain:
+            return None
+        top = chain[0].start_byte
+        python = name == "python"
+        open_at = indent = None
+        if python:
+            line_start = head.rfind(b"\n") + 1
+            cursor_indent = _indent(head[line_start:].decode("utf-8", "replace"))
+            blocks = [n for n in chain if n.type == "block" and n.start_point[1] <= cursor_indent]
+            # a parse error around the cursor (an unclosed bracket) can hide the inner blocks
+            broken = chain[0].has_error
+            indent = blocks[-1].start_point[1] if blocks and not broken else None
+        else:
+            braces = [n for n in chain if _opens_brace(n) and _close_after(n, cur)]
+            open_at = braces[-1].start_byte - top if braces else None
+        if open_at is None and indent is None and not python:
+            return None
+        return cls(parser, head[top:], open_at, indent, python)
+
+    def _tree(self, generated: str) -> tuple[Any, bytes]:
+        gen = generated.encode("utf-8")
+        return self.parser.parse(self.head + gen).root_node, gen
+
+    def closed(self, generated: str) -> str | None:
+        """Brace languages: `generated` up to the brace that closes the cursor's block, if it does."""
+        if self.open_at is None or "}" not in generated:
+            return None
+        root, gen = self._tree(generated)
+        cur = len(self.head)
+        for node in _chain(root, cur):
+            if node.start_byte == self.open_at and _opens_brace(node):
+                last = node.children[-1]
+                if last.type == "}" and not last.is_missing and last.start_byte >= cur:
+                    return gen[: last.end_byte - cur].decode("utf-8", "replace")
+                return None
+        return None
+
+    def in_string(self, generated: str, line_starts: Sequence[int]) -> list[bool]:
+        """Python: for each code-point offset into `generated`, whether it lies inside a string."""
+        root, gen = self._tree(generated)
+        data = self.head + gen
+        cur = len(self.head)
+        out = []
+        for start in line_starts:
+            at = cur + len(generated[:start].encode("utf-8"))
+            node = root.descendant_for_byte_range(at, at + 1)
+            inside = False
+            while node is not None:
+                if node.type in ("string", "concatenated_string") and node.start_byte < at:
+                    inside = True
+                    break
+                node = node.parent
+            # a string still open at the end of the generated text is an ERROR to tree-sitter
+            out.append(inside or (root.has_error and _open_triple_quote(data[:at])))
+        return out
+
+
+def _open_triple_quote(code: bytes) -> bool:
+    """Whether Python `code` ends inside a triple-quoted string (quotes scanned in order)."""
+    opened: bytes | None = None
+    i = 0
+    while True:
+        hits = [(code.find(q, i), q) for q in ((opened,) if opened else (b'"""', b"'''"))]
+        hits = [(k, q) for k, q in hits if k >= 0]
+        if not hits:
+            return opened is not None
+        k, q = min(hits)
+        opened = None if opened else q
+        i = k + 3
+
+
+def _chain(root: Any, cur: int) -> list[Any]:
+    """Nodes from the top-level one down: each the last child that starts before byte `cur`."""
+    out, node = [], root
+    while True:
+        kids = [c for c in node.children if c.start_byte < cur]
+        if not kids:
+            return out
+        node = kids[-1]
+        out.append(node)
+
+
+def _opens_brace(node: Any) -> bool:
+    return node.child_count >= 2 and node.children[0].type == "{"
+
+
+def _close_after(node: Any, cur: int) -> bool:
+    """The node's closing brace is missing or at/after the cursor (the cursor is inside the braces)."""
+    last = node.children[-1]
+    return last.type != "}" or last.is_missing or last.start_byte >= cur
+
+
 class StopRule:
     """Decides, on the text generated so far, where a completion ends.
 
@@ -127,12 +259,14 @@ class StopRule:
     whose indentation drops out of the cursor's block (below the cursor line, or to it when the
     cursor line opens a block with ':' or a bracket), a closing bracket at the block's level
     included; or at two blank lines. Block mode acts as line mode when text follows the cursor on
-    its line.
+    its line. With a `SyntaxBlock` (tree-sitter), block mode also ends right after a brace that
+    closes the cursor's block, measures Python dedents against the enclosing block's indentation,
+    and ignores "dedented" lines inside strings.
     """
 
     OPENERS = (":", "{", "(", "[", "=>")
 
-    def __init__(self, mode: str, line_prefix: str, suffix: str):
+    def __init__(self, mode: str, line_prefix: str, suffix: str, syntax: SyntaxBlock | None = None):
         if mode not in ("line", "block"):
             raise ValueError(f"mode must be 'line' or 'block', got {mode!r}")
         after_cursor = rest_of_line(suffix)
@@ -140,6 +274,9 @@ class StopRule:
         self.next_line_ok = bool(line_prefix.strip()) and not after_cursor.strip()
         self.base = _indent(line_prefix)
         self.opens = line_prefix.rstrip().endswith(self.OPENERS)
+        self.syntax = syntax if self.mode == "block" else None
+        if self.syntax is not None and self.syntax.python and not self.opens and self.syntax.indent is not None:
+            self.base = min(self.base, self.syntax.indent)  # the enclosing block's statements
 
     def __call__(self, text: str) -> tuple[str, bool]:
         """(the part of `text` to keep, whether the completion is finished)."""
@@ -154,8 +291,20 @@ class StopRule:
         return (text, False) if nl < 0 else (text[:nl].rstrip("\r"), True)
 
     def _block(self, text: str) -> tuple[str, bool]:
+        kept, done = self._indented_block(text)
+        syntax = self.syntax
+        if syntax is not None and syntax.open_at is not None:
+            closed = syntax.closed(text)
+            # the brace that closes the block wins over the indentation stop just before its line
+            if closed is not None and (not done or len(closed) <= len(kept)
+                                       or text[len(kept):len(closed)].strip() == "}"):
+                return closed, True
+        return kept, done
+
+    def _indented_block(self, text: str) -> tuple[str, bool]:
         lines = text.split("\n")
         blank_run = 0
+        strings: list[bool] | None = None
         for i in range(1, len(lines)):
             line, complete = lines[i], i < len(lines) - 1
             if not line.strip():
@@ -166,6 +315,12 @@ class StopRule:
             blank_run = 0
             ind = _indent(line)
             if (ind <= self.base) if self.opens else (ind < self.base):
+                if self.syntax is not None and self.syntax.python:
+                    if strings is None:  # one parse per check, only when a line dedents
+                        starts = list(itertools.accumulate([0] + [len(x) + 1 for x in lines[:-1]]))
+                        strings = self.syntax.in_string(text, starts)
+                    if strings[i]:
+                        continue
                 if self.opens and ind == self.base and line.lstrip()[0] in ")]}":
                     if complete:
                         return "\n".join(lines[: i + 1]), True

@@ -15,7 +15,15 @@ from helpers_indexer import ChunkMeta
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.engine import Cancelled, Completion, Engine, EngineOptions
-from longllama_lsp.prompt import StopRule, build_prompt, finish, trim_overlap, window_start, word_before
+from longllama_lsp.prompt import (
+    StopRule,
+    SyntaxBlock,
+    build_prompt,
+    finish,
+    trim_overlap,
+    window_start,
+    word_before,
+)
 
 ATOL = 1e-4
 
@@ -87,6 +95,47 @@ def test_stop_rule(mode, prefix, suffix, generated, expected, done):
     assert StopRule(mode, prefix, suffix)(generated) == (expected, done)
 
 
+def _syntax_stop(path: str, marked: str, generated: str) -> tuple[str, int]:
+    """Feed `generated` token by token (here: char by char) as the engine does: (kept, chars fed)."""
+    offset = marked.index("|")
+    text = marked.replace("|", "")
+    rule = StopRule("block", text[:offset].rsplit("\n", 1)[-1], text[offset:], SyntaxBlock.at(path, text, offset))
+    for k in range(1, len(generated) + 1):
+        kept, done = rule(generated[:k])
+        if done:
+            return kept, k
+    return rule(generated)[0], -1
+
+
+def test_block_stop_at_the_brace_that_closes_the_cursors_block_js():
+    src = "function f(x) {\n  if (x) {\n    |\n  }\n  return 2;\n}\n"
+    # a brace inside a string does not count; the closing brace is kept (finish() trims it against the suffix)
+    generated = "const s = '}';\n    g(s); }\n    more();\n"
+    kept, fed = _syntax_stop("a.js", src, generated)
+    assert kept == "const s = '}';\n    g(s); }" and fed == len(kept)
+    # the indentation rule alone misses a brace at the end of an indented line
+    assert StopRule("block", "    ", "\n  }\n")(generated) == (generated, False)
+
+
+def test_block_stop_at_the_brace_that_closes_the_cursors_block_go():
+    src = "package m\n\nfunc f() int {\n\tx := 1\n\t|\n"
+    kept, _ = _syntax_stop("m.go", src, "if x > 0 {\n\t\treturn 1\n\t}\n\treturn 0\n}\n\nfunc g() {}\n")
+    assert kept == "if x > 0 {\n\t\treturn 1\n\t}\n\treturn 0\n}"  # the inner block's brace does not stop it
+    assert finish(kept, "\n}\n").endswith("return 0")  # the buffer's own closing brace is not repeated
+
+
+def test_block_stop_python_dedent_below_the_enclosing_block_not_inside_strings():
+    src = "def f(x):\n    y = 1\n    |\n"
+    kept, _ = _syntax_stop("a.py", src, 'z = """\ndoc at column 0\n"""\n    return z\ndef g():\n    pass\n')
+    assert kept == 'z = """\ndoc at column 0\n"""\n    return z'  # the docstring line is no dedent
+    # a continuation line: the block is the method body (8), not the cursor line's indentation (17)
+    src = "class A:\n    def f(self, x):\n        y = call(a,\n                 |\n        )\n"
+    assert SyntaxBlock.at("a.py", src.replace("|", ""), src.index("|")).indent == 8
+    kept, _ = _syntax_stop("a.py", src, "b)\n        return y\n\n    def g(self):\n        pass\n")
+    assert kept.rstrip() == "b)\n        return y"
+    assert SyntaxBlock.at("notes.txt", "x", 1) is None and SyntaxBlock.at(None, "x", 1) is None
+
+
 def test_trim_overlap_and_finish():
     assert trim_overlap("foo(x)", ")") == "foo(x"
     assert trim_overlap("foo", "o()") == "foo"  # short identifier overlap is not a duplicate
@@ -125,6 +174,7 @@ def test_engine_generate_reuses_the_common_prefix(engine, smol_tokenizer):  # no
 
 
 def test_typing_reuses_the_local_cache(engine):
+    engine.options.typeahead = False  # keys that follow the suggestion would skip the model
     offset = CODE.index("def main")
     first = engine.complete(CODE, offset, path="/repo/a.py")
     typed = CODE[:offset] + "def" + CODE[offset:]
@@ -133,6 +183,24 @@ def test_typing_reuses_the_local_cache(engine):
     assert second.reused_tokens >= second.prompt_tokens - 3
     assert second.memory_tokens > 0  # the text before the window and after the cursor
     assert {"queue", "prompt", "memory", "prefill", "decode", "total"} <= set(second.timings)
+
+
+def test_keys_typed_along_the_suggestion_are_answered_from_it(engine):
+    offset = CODE.index("def main")
+    first = engine.complete(CODE, offset, path="/repo/a.py", key="k")
+    if first.text.strip():  # a suggestion is remembered with the text around it
+        assert engine._suggested["k"] == (CODE[:offset], first.text, CODE[offset:])
+    engine._suggested["k"] = (CODE[:offset], "def main2():", CODE[offset:])  # the tiny model's own are noise
+    ahead = engine.complete(CODE[:offset] + "de" + CODE[offset:], offset + 2, path="/repo/a.py", key="k")
+    assert ahead.text == "f main2():" and ahead.stop_reason == "typeahead"
+    assert engine.status()["requests"]["typeahead"] == 1 and engine.last_timings["typeahead"] == 1
+    # a key off the suggestion, or the text after the cursor changed: the model again
+    again = engine.complete(CODE[:offset] + "dx" + CODE[offset:], offset + 2, path="/repo/a.py", key="k")
+    assert again.stop_reason != "typeahead"
+    engine._suggested["k"] = (CODE[:offset], "def main2():", CODE[offset:])
+    edited = CODE[:offset] + "de" + CODE[offset:] + "# more\n"
+    assert engine.complete(edited, offset + 2, path="/repo/a.py", key="k").stop_reason != "typeahead"
+    assert engine.status()["requests"]["typeahead"] == 1
 
 
 def test_local_window_leaves_room_for_max_tokens(engine):
