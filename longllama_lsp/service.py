@@ -295,8 +295,19 @@ class LongLlamaServer(LanguageServer):
             self.show(f"longllama: the model could not be loaded: {exc}", types.MessageType.Error)
             self.indexing_state = "off"
             return
+        self.warn_if_memory_untrained()
         if self.settings.indexing.enabled and self.indexer_factory is not None and not self.ended:
             await self.start_indexing()
+
+    def warn_if_memory_untrained(self) -> None:
+        """Untrained memory layers make completions worse (BENCHMARKS.md, issue 6): say so once."""
+        from .model.loading import memory_training
+
+        model_dir = getattr(self.engine, "model_dir", None)
+        if self.settings.memory.enabled and model_dir is not None and memory_training(model_dir) is None:
+            self.show(f"longllama: the memory layers of {Path(model_dir).name} are not FoT-trained, so repository "
+                      f"memory may make completions worse; set memory.enabled = false or train them "
+                      f"(longllama finetune)", types.MessageType.Warning, once=True)
 
     def effective_model_settings(self) -> ModelSettings:
         s, o = self.settings.model, self.model_overrides

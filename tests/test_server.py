@@ -452,6 +452,24 @@ async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
+async def test_untrained_memory_layers_are_reported_once(model_dir, tmp_path):
+    """Test Data: the tiny model marked as converted from a GGUF (no FoT delta, no training record)."""
+    import shutil
+
+    untrained = tmp_path / "converted"
+    shutil.copytree(model_dir, untrained)
+    (untrained / "longllama_convert.json").write_text(json.dumps({"source_kind": "gguf"}))
+    client, _ = await start(server_command(untrained, "--no-index"), tmp_path, {})
+    try:
+        shown = await wait_for(lambda: [m for m in client.messages if "not FoT-trained" in m.message], 120)
+        assert shown[0].type == types.MessageType.Warning and "memory.enabled = false" in shown[0].message
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
 async def test_a_model_that_fails_to_load_is_reported_and_completions_stay_empty(tmp_path):
     """Test Data: --model pointing at an empty folder."""
     (tmp_path / "not-a-model").mkdir()
