@@ -202,6 +202,7 @@ class Engine:
         # so keys typed along the suggestion are answered from it without the model (typeahead).
         self._suggested: OrderedDict[Hashable, tuple[str, str, str]] = OrderedDict()
         self._assembler: Assembler | None = None
+        self._token_texts: list[str] | None = None  # each token id decoded alone (token healing)
         self.last_timings: dict[str, float] = {}
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "typeahead": 0}
         # Worker milliseconds spent per outcome: "cancelled" is the compute that typing threw away.
@@ -461,7 +462,8 @@ class Engine:
         max_new = self._clamp(max_tokens or self.options.max_tokens)
         ctx = self.context_tokens(max_new)
         prompt = build_prompt(self._tokenizer, text, offset, ctx, memory_tokens=self.options.buffer_memory_tokens)
-        ids = prompt.ids or self._start_ids()
+        ids, healed = self._heal(prompt.ids, prompt.line_prefix)
+        ids = ids or self._start_ids()
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after) if use_memory else NOTHING
         t2 = time.perf_counter()
@@ -469,14 +471,19 @@ class Engine:
             else None
         rule, kept = StopRule(mode, prompt.line_prefix, prompt.suffix, syntax), [""]
 
+        def after_cursor(new: list[int]) -> str:
+            return self._continuation(ids, new)[len(healed):]  # the healed indentation is already typed
+
         def stop(new: list[int]) -> bool:
-            kept[0], done = rule(self._continuation(ids, new))
+            if len(self._continuation(ids, new)) < len(healed):
+                return False
+            kept[0], done = rule(after_cursor(new))
             return done
 
         gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, asm.memory is not None,
-                             sample_steps=self.options.completion_source_steps)
+                             sample_steps=self.options.completion_source_steps, forced_prefix=healed)
         if gen.stop_reason != "stop":
-            kept[0], _ = rule(self._continuation(ids, gen.tokens))
+            kept[0], _ = rule(after_cursor(gen.tokens))
         out = finish(kept[0], prompt.suffix)
         sources = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         timings = {"queue": _ms(req.submitted, req.started or t0), "prompt": _ms(t0, t1), "memory": _ms(t1, t2),
@@ -548,6 +555,40 @@ class Engine:
         bos = getattr(self._tokenizer, "bos_token_id", None)
         return [bos] if bos is not None else self._tokenizer("\n", add_special_tokens=False)["input_ids"]
 
+    def _heal(self, ids: list[int], line_prefix: str) -> tuple[list[int], str]:
+        """Token healing for a cursor right after indentation: (prompt ids, whitespace to regenerate).
+
+        BPE tokenizers merge a line's start with its first word ("\n   " + " return"), so a prompt
+        that ends inside the indentation ("\n    ") ends on a split the model never saw in training:
+        it then tends to answer nothing or a mis-indented line. Drop the trailing whitespace tokens
+        (back to the line's newline at most) and let generation redo them, forced to start with
+        exactly that text.
+        """
+        if not line_prefix or line_prefix.strip(" \t"):
+            return ids, ""
+        cut, removed = len(ids), ""
+        while cut > 1:
+            piece = self._tokenizer.decode(ids[cut - 1:cut], skip_special_tokens=True)
+            if not piece or piece.strip() or not ("\n" + line_prefix).endswith(piece + removed):
+                break
+            cut, removed = cut - 1, piece + removed
+            if "\n" in piece:
+                break
+        return (ids[:cut], removed) if removed else (ids, "")
+
+    def _allowed_after(self, done: str, prefix: str) -> Any:
+        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask)."""
+        import torch
+
+        if self._token_texts is None:
+            n = len(self._tokenizer)
+            self._token_texts = [self._tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
+        need = prefix[len(done):]
+        ok = [bool(t) and (need.startswith(t) or t.startswith(need)) for t in self._token_texts]
+        mask = torch.zeros(self._model.config.vocab_size, dtype=torch.bool)
+        mask[: len(ok)] = torch.tensor(ok)
+        return mask
+
     def _continuation(self, prompt_ids: Sequence[int], new: Sequence[int]) -> str:
         """Text of `new` as it continues the prompt (decoding alone drops SentencePiece's leading space)."""
         anchor = list(prompt_ids[-2:])
@@ -566,7 +607,8 @@ class Engine:
 
     def _generate(self, req: Request, ids: list[int], memory: Memory | None, max_new: int,
                   stop: Callable[[list[int]], bool] | None, on_token: Callable[[int, list[int]], None] | None,
-                  session: Hashable | None, want_sources: bool, sample_steps: int | None = None) -> Generation:
+                  session: Hashable | None, want_sources: bool, sample_steps: int | None = None,
+                  forced_prefix: str = "") -> Generation:
         import torch
 
         model = self._model
@@ -613,7 +655,13 @@ class Engine:
             t1 = time.perf_counter()
             stop_ids = self._stop_ids()
             while len(generated) < max_new:
-                nxt = int(out.logits[0, -1].argmax())
+                logits = out.logits[0, -1]
+                done = self._continuation(ids, generated) if forced_prefix else ""
+                if forced_prefix and len(done) < len(forced_prefix) and forced_prefix.startswith(done):
+                    allowed = self._allowed_after(done, forced_prefix).to(logits.device)
+                    if bool(allowed.any()):
+                        logits = logits.masked_fill(~allowed, float("-inf"))
+                nxt = int(logits.argmax())
                 if nxt in stop_ids:
                     reason = "eos"
                     break

@@ -203,6 +203,26 @@ def test_keys_typed_along_the_suggestion_are_answered_from_it(engine):
     assert engine.status()["requests"]["typeahead"] == 1
 
 
+def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):  # noqa: F811
+    """After indentation the prompt ends before the whitespace tokens and generation must redo them."""
+    engine.options.typeahead = False
+    text = "def area(r):\n    pi = 3.14\n    \n"
+    offset = text.index("    \n") + 4
+    ids = smol_tokenizer(text[:offset])["input_ids"]
+    healed_ids, healed = engine._heal(ids, "    ")
+    assert healed == "\n    " and healed_ids == ids[: len(healed_ids)] and len(healed_ids) < len(ids)
+    assert smol_tokenizer.decode(healed_ids).endswith("3.14")  # "\n    " is one token: redone whole
+    assert engine._heal(ids, "    x") == (ids, "")  # not only whitespace before the cursor: as is
+    mask = engine._allowed_after("", "\n    ")
+    allowed = {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
+    assert {"\n", "\n   ", "\n    "} <= allowed and "\n\n" not in allowed and " return" not in allowed
+    assert all("\n    ".startswith(t) or t.startswith("\n    ") for t in allowed)
+    engine.options.max_tokens = 4
+    got = engine.complete(text, offset, path="/repo/area.py")
+    assert isinstance(got, Completion) and got.prompt_tokens == len(healed_ids)
+    assert "\n" not in got.text  # line mode: the regenerated line break is not part of the answer
+
+
 def test_local_window_leaves_room_for_max_tokens(engine):
     assert engine.context_tokens(8) == 64  # min(last_context_length, window - max_tokens)
     assert engine.context_tokens(100) == 28
