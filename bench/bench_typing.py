@@ -41,9 +41,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from helpers_lsp import SyncClient  # noqa: E402
 
 EVAL = Path("/work/data/eval")
 WORKSPACE = Path.home() / ".cache" / "longllama-bench" / "workspace"
@@ -82,82 +86,39 @@ def build_workspace(dest: Path) -> tuple[Path, int, str]:
     return dest, line, rel
 
 
-# -- a raw JSON-RPC client with timestamps ------------------------------------------------------------
+# -- the tests' JSON-RPC client (tests/helpers_lsp.py), with timestamps ---------------------------------
 
-class Client:
+class Client(SyncClient):
+    """SyncClient plus what the benchmark times: send time of a request, arrival time of its reply."""
+
     def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.replies: dict[object, tuple[float, dict]] = {}
-        self.messages: list[dict] = []
-        self._cond = threading.Condition()
-        self._next = 0
-        self._wlock = threading.Lock()
-        threading.Thread(target=self._pump, daemon=True).start()
+        def write(data: bytes) -> None:
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        super().__init__(proc.stdout, write)
 
-    def _pump(self) -> None:
-        out = self.proc.stdout
-        try:
-            while True:
-                length = None
-                while True:
-                    line = out.readline()
-                    if not line:
-                        raise EOFError
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                    elif line == b"\r\n" and length is not None:
-                        break
-                msg = json.loads(out.read(length))
-                now = time.perf_counter()
-                if "method" in msg and "id" in msg:  # server -> client request (progress create)
-                    self.send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
-                    continue
-                with self._cond:
-                    if "method" in msg:
-                        self.messages.append(msg)
-                    else:
-                        self.replies[msg.get("id")] = (now, msg)
-                    self._cond.notify_all()
-        except (EOFError, OSError, ValueError):
-            with self._cond:
-                self._cond.notify_all()
-
-    def send(self, msg: dict) -> None:
-        body = json.dumps(msg).encode()
-        with self._wlock:
-            self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            self.proc.stdin.flush()
-
-    def notify(self, method: str, params) -> None:
-        self.send({"jsonrpc": "2.0", "method": method, "params": params})
-
-    def request_async(self, method: str, params=None) -> tuple[int, float]:
-        self._next += 1
-        msg = {"jsonrpc": "2.0", "id": self._next, "method": method}
+    def request_async(self, method: str, params=None) -> tuple[str, float]:
+        msg_id = self.next_id()
+        msg = {"jsonrpc": "2.0", "id": msg_id, "method": method}
         if params is not None:
             msg["params"] = params
-        sent = time.perf_counter()
+        sent = time.monotonic()
         self.send(msg)
-        return self._next, sent
+        return msg_id, sent
 
     def wait(self, msg_id, timeout: float) -> tuple[float, dict] | None:
-        deadline = time.perf_counter() + timeout
-        with self._cond:
-            while msg_id not in self.replies:
-                left = deadline - time.perf_counter()
-                if left <= 0 or self.proc.poll() is not None:
-                    return None
-                self._cond.wait(left)
-            return self.replies.pop(msg_id)
+        """(arrival time.monotonic(), reply), or None after `timeout` or if the server is gone."""
+        try:
+            reply = self.wait_reply(msg_id, timeout)
+        except AssertionError:
+            return None
+        return self.received_at.pop(msg_id), reply
 
-    def request(self, method: str, params=None, timeout: float = 600) -> dict:
-        msg_id, _ = self.request_async(method, params)
-        got = self.wait(msg_id, timeout)
-        if got is None:
-            raise RuntimeError(f"no reply to {method} in {timeout} s")
-        if "error" in got[1]:
-            raise RuntimeError(f"{method}: {got[1]['error']}")
-        return got[1].get("result")
+    def result(self, method: str, params=None, timeout: float = 600):
+        reply = self.request(method, params, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -196,13 +157,13 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
     client = Client(proc)
     result: dict = {"memory_budget": memory, "init_options": options}
     try:
-        client.request("initialize", {"processId": os.getpid(), "rootUri": root.as_uri(), "capabilities": {
+        client.result("initialize", {"processId": os.getpid(), "rootUri": root.as_uri(), "capabilities": {
             "window": {"workDoneProgress": True}}, "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
             "initializationOptions": options}, timeout=300)
         result["initialize_s"] = round(time.perf_counter() - t_start, 2)
         client.notify("initialized", {})
         while True:  # model loaded, repository indexed (or loaded from the index) and watched
-            st = client.request("longllama/status")
+            st = client.result("longllama/status")
             if st["engine"] == "error":
                 raise RuntimeError(f"engine error: {st.get('error')}")
             # (with indexing off the status may keep saying "waiting")
@@ -229,9 +190,9 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
         wid, sent = client.request_async("textDocument/inlineCompletion", inline_params(uri, line, col, False))
         got = client.wait(wid, 600)
         result["warmup_ms"] = round((got[0] - sent) * 1000, 1)
-        result["warmup_timings"] = client.request("longllama/status")["lastTimings"]
+        result["warmup_timings"] = client.result("longllama/status")["lastTimings"]
 
-        before = client.request("longllama/status")["requests"]
+        before = client.result("longllama/status")["requests"]
         cpu0, wall0 = cpu_seconds(proc.pid), time.perf_counter()
         load = [os.getloadavg()[0]]
         samples, cancelled, empty, version, pending = [], 0, 0, 1, None
@@ -255,7 +216,7 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
                 if got is not None:
                     pending = None
                     items = (got[1].get("result") or {}).get("items") or []
-                    timings = client.request("longllama/status")["lastTimings"]
+                    timings = client.result("longllama/status")["lastTimings"]
                     samples.append({"keystroke": i + 1, "prefix": typed[: i + 1], "ms": round((got[0] - sent) * 1000, 1),
                                     "text": items[0]["insertText"] if items else "", "timings": timings})
                     empty += not items
@@ -263,8 +224,9 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
         if pending is not None:
             client.wait(pending[0], args.patience)
         client.replies.clear()
+        client.received_at.clear()
         cpu1, wall1 = cpu_seconds(proc.pid), time.perf_counter()
-        after = client.request("longllama/status")["requests"]
+        after = client.result("longllama/status")["requests"]
         lat = [s["ms"] for s in samples]
 
         model_runs = [s for s in samples if "typeahead" not in s["timings"]]
@@ -285,7 +247,7 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
             completed_work_ms=after.get("completedMs", 0) - before.get("completedMs", 0),
             server_cpu_s=round(cpu1 - cpu0, 2), session_wall_s=round(wall1 - wall0, 2),
             load_avg_during=[round(min(load), 2), round(max(load), 2)], samples=samples)
-        client.request("shutdown")
+        client.result("shutdown")
         client.notify("exit", None)
         proc.wait(timeout=30)
     finally:
