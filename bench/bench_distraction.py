@@ -52,6 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from facts import cpu_model  # noqa: E402
+
 SITE = Path(torch.__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = sorted(p for p in Path("~/.cache/longllama/models").expanduser().glob("smollm2-135m-instruct-*")
                            if (p / "tokenizer.json").is_file())
@@ -112,15 +114,7 @@ def log(msg: str) -> None:
 
 
 def machine_facts(args) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts = {"nproc": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
+    facts = {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__,
              "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
              "device": args.device, "nice": os.nice(0), "loadavg_start": list(os.getloadavg())}
     if args.device.startswith("cuda") and torch.cuda.is_available():

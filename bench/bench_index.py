@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from facts import cpu_model
+
 FULL_PACKAGES = ("json", "email", "asyncio", "logging")  # ~1.1M characters of stdlib code
 QUICK_PACKAGES = ("json",)
 
@@ -57,11 +59,7 @@ def machine_facts() -> dict:
     facts = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
              "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-             "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        facts["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+             "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M")}
     return facts
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
+from facts import cpu_model  # noqa: E402
 from helpers_lsp import LoadStats, SyncClient, editor_loop, free_port, server_env  # noqa: E402
 
 SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
@@ -49,11 +50,7 @@ def proc_kib(pid: int, field: str) -> int:
 def machine_facts() -> dict:
     facts = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "nproc": os.cpu_count(),
              "affinity": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-             "loadavg_before": os.getloadavg()}
-    try:
-        facts["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        facts["cpu"] = platform.machine()
+             "loadavg_before": os.getloadavg(), "cpu": cpu_model()}
     try:
         import torch
         facts["torch"] = torch.__version__

@@ -13,24 +13,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from facts import cpu_model
 
 
 def machine_facts(device: str) -> dict:
     facts = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "cpu": platform.processor() or platform.machine(), "device": device,
+             "cpu": cpu_model(), "cores": os.cpu_count(), "device": device,
              "date": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        import os
-        facts["cores"] = os.cpu_count()
-        facts["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except Exception:
-        pass
     if device.startswith("cuda"):
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts

@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
+from facts import cpu_model  # noqa: E402
 from helpers_lsp import SyncClient  # noqa: E402
 
 EVAL = Path("/work/data/eval")
@@ -259,15 +260,7 @@ def run_session(args, root: Path, rel: str, line_no: int, memory: int, log_dir: 
 # -- report ----------------------------------------------------------------------------------------------
 
 def machine_facts(threads: int | None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "nproc": os.cpu_count(), "cpu": cpu,
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "nproc": os.cpu_count(), "cpu": cpu_model(),
             "python": platform.python_version(), "torch_threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (package default)"),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}

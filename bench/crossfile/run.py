@@ -43,8 +43,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(HERE), str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
+from facts import cpu_model  # noqa: E402
 from helpers_lsp import SyncClient  # noqa: E402
 from metrics import score  # noqa: E402
 from retrieval import WINDOW, SnippetIndex, build_header, fit_prefix  # noqa: E402
@@ -63,8 +64,7 @@ SYSTEMS = {
 # -- machine and server ------------------------------------------------------------------------------
 
 def machine_facts(threads: int) -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     mem = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                 if ln.startswith("MemTotal")), 0)
     import torch
