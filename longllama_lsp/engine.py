@@ -471,19 +471,22 @@ class Engine:
             else None
         rule, kept = StopRule(mode, prompt.line_prefix, prompt.suffix, syntax), [""]
 
-        def after_cursor(new: list[int]) -> str:
-            return self._continuation(ids, new)[len(healed):]  # the healed indentation is already typed
+        def after_cursor(new: list[int]) -> str | None:
+            """The text after the cursor: the continuation less the healed indentation (already typed)."""
+            text = self._continuation(ids, new)
+            return text[len(healed):] if len(text) >= len(healed) else None
 
         def stop(new: list[int]) -> bool:
-            if len(self._continuation(ids, new)) < len(healed):
+            text = after_cursor(new)
+            if text is None:
                 return False
-            kept[0], done = rule(after_cursor(new))
+            kept[0], done = rule(text)
             return done
 
         gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, asm.memory is not None,
                              sample_steps=self.options.completion_source_steps, forced_prefix=healed)
         if gen.stop_reason != "stop":
-            kept[0], _ = rule(after_cursor(gen.tokens))
+            kept[0], _ = rule(after_cursor(gen.tokens) or "")
         out = finish(kept[0], prompt.suffix)
         sources = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         timings = {"queue": _ms(req.submitted, req.started or t0), "prompt": _ms(t0, t1), "memory": _ms(t1, t2),
@@ -654,12 +657,14 @@ class Engine:
             out = step(rest[-1:], want_sources)  # the last prompt token's query predicts the first token
             t1 = time.perf_counter()
             stop_ids = self._stop_ids()
+            forcing = bool(forced_prefix)  # until the generated text covers forced_prefix
             while len(generated) < max_new:
                 logits = out.logits[0, -1]
-                done = self._continuation(ids, generated) if forced_prefix else ""
-                if forced_prefix and len(done) < len(forced_prefix) and forced_prefix.startswith(done):
-                    allowed = self._allowed_after(done, forced_prefix).to(logits.device)
-                    if bool(allowed.any()):
+                if forcing:
+                    done = self._continuation(ids, generated)
+                    forcing = len(done) < len(forced_prefix) and forced_prefix.startswith(done)
+                    allowed = self._allowed_after(done, forced_prefix).to(logits.device) if forcing else None
+                    if allowed is not None and bool(allowed.any()):
                         logits = logits.masked_fill(~allowed, float("-inf"))
                 nxt = int(logits.argmax())
                 if nxt in stop_ids:
