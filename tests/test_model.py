@@ -187,3 +187,56 @@ def test_crop_then_prefill_equals_fresh_prefill():
     reused = model(b[:, 31:], past_key_values=cache, use_cache=True).logits
     fresh = model(b, use_cache=True).logits[:, 31:]
     assert max_diff(reused, fresh) < 1e-5
+
+
+def _step(model, cache, token: int):
+    out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
+@pytest.mark.parametrize("mem_positionals", [True, False])
+@torch.inference_mode()
+def test_in_place_cache_growth_equals_recompute(monkeypatch, mem_positionals):
+    """Decoding appends into the cache's arena in place; past its capacity (a 3-token headroom here)
+    it moves to a bigger one. Every step equals a full recompute, with and without memory RoPE."""
+    from longllama_lsp.model import modeling_longllama
+
+    monkeypatch.setattr(modeling_longllama._Arena, "HEADROOM", 3)
+    model = make_tiny(seed=8, max_position_embeddings=64, last_context_length=64, mem_positionals=mem_positionals)
+    seq = torch.randint(0, 99, (1, 30))
+    cache = model(seq[:, :20], use_cache=True).past_key_values
+    arenas = {id(c.arena) for c in cache.layers}
+    for i in range(20, 30):
+        logits, cache = _step(model, cache, int(seq[0, i]))
+        assert max_diff(logits, model(seq[:, : i + 1], use_cache=False).logits[:, -1]) < 1e-5
+    assert all(c.arena is not None for c in cache.layers)
+    assert not arenas & {id(c.arena) for c in cache.layers}  # grew past the first arenas
+
+
+@torch.inference_mode()
+def test_two_continuations_of_one_cache_do_not_overwrite_each_other():
+    """A cache continued twice (the second continuation copies) and a cropped cache both stay right."""
+    model = make_tiny(seed=9, max_position_embeddings=64, last_context_length=64)
+    prompt = torch.randint(0, 99, (1, 20))
+    cache = model(prompt, use_cache=True).past_key_values
+    _, after_a = _step(model, cache, 5)
+    _, after_b = _step(model, cache, 7)  # same starting cache: must not write over token 5
+    logits_a, _ = _step(model, after_a, 11)
+    logits_b, _ = _step(model, after_b, 11)
+    recompute = lambda *toks: model(torch.cat([prompt, torch.tensor([list(toks)])], dim=1)).logits[:, -1]  # noqa: E731
+    assert max_diff(logits_a, recompute(5, 11)) < 1e-5
+    assert max_diff(logits_b, recompute(7, 11)) < 1e-5
+    after_a.crop(18)
+    logits_c, _ = _step(model, after_a, 3)
+    assert max_diff(logits_c, model(torch.cat([prompt[:, :18], torch.tensor([[3]])], dim=1)).logits[:, -1]) < 1e-5
+    assert max_diff(_step(model, after_b, 13)[0], recompute(7, 13)) < 1e-5  # still intact
+
+
+def test_cache_with_autograd_is_not_written_in_place():
+    """With autograd on, the local cache is built by concatenation (no arena): gradients stay right."""
+    model = make_tiny(seed=10, max_position_embeddings=64, last_context_length=64)
+    cache = model(torch.randint(0, 99, (1, 12)), use_cache=True).past_key_values
+    assert all(c.arena is None for c in cache.layers)
+    out = model(torch.tensor([[4]]), past_key_values=cache, use_cache=True)
+    out.logits.sum().backward()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
