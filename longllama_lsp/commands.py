@@ -26,12 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".", metavar="DIR", help="repository to index and use as memory (default: .)")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="most tokens to generate")
-    add_model_arguments(p)
+    add_model_arguments(p, decoding=True)
 
 
 def _engine(args: argparse.Namespace, **options: Any) -> Engine:
     opts = EngineOptions(memory=not args.no_memory, **{k: v for k, v in options.items() if v is not None})
-    engine = Engine.load(args.model, args.device, args.dtype, options=opts)
+    engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
     engine.wait_ready()
     if not args.no_memory:
         warn_if_memory_untrained(engine.model_dir)

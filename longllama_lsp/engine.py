@@ -124,7 +124,7 @@ class EngineOptions:
     # 2-core CPU at load ~10: 3,425 ms/token with 2 threads against 792 ms/token with 1 (each op of
     # a one-token step wakes the other thread, which the scheduler has given to someone else).
     decode_threads: int | None = None
-    # Keys typed along the last suggestion get the rest of it without the model (see _typeahead).
+    # Keys typed along the last suggestion get the rest of it without the model (see typeahead).
     typeahead: bool = True
 
 
@@ -216,10 +216,11 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike | None = None, device: str | None = None,
-             dtype: str | None = None, config_value: str | None = None, **kwargs: Any) -> Engine:
+             dtype: str | None = None, config_value: str | None = None, decode_dtype: str | None = None,
+             **kwargs: Any) -> Engine:
         """An engine whose worker loads the model (resolve.py + model/loading.py) before its first request."""
         def loader() -> tuple[Any, Any, Path]:
-            return load_model_and_tokenizer(model_path, device, dtype, config_value)
+            return load_model_and_tokenizer(model_path, device, dtype, config_value, decode_dtype)
         return cls(loader=loader, name=str(model_path or config_value or ""), **kwargs)
 
     @property
@@ -361,16 +362,17 @@ class Engine:
             raise ValueError(f"mode must be 'line' or 'block', got {mode!r}")
         use_memory = self.options.memory if memory is None else memory
         key = key if key is not None else ("doc", path)
-        ahead = self._typeahead(key, text, offset, mode)
+        ahead = self.typeahead(key, text, offset, mode)
         if ahead is not None:
             return ahead
         return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key),
                            key=key)
 
-    def _typeahead(self, key: Hashable, text: str, offset: int, mode: str) -> Request | None:
+    def typeahead(self, key: Hashable, text: str, offset: int, mode: str | None = None) -> Request | None:
         """A request already answered with the rest of the last suggestion, when the keys typed since
         it follow that suggestion (same text after the cursor): what the model would say again, at no
-        cost. It supersedes older requests for the document like any new request."""
+        cost. It supersedes older requests for the document like any new request. None otherwise."""
+        mode = mode or self.options.mode
         last = self._suggested.get(key)
         if last is None or not self.options.typeahead:
             return None
@@ -447,7 +449,11 @@ class Engine:
                                "sessions": len(self._sessions), "lastTimings": dict(self.last_timings)}
         if self._ready.is_set() and self._model is not None:
             m = self._model
+            from .model.decode_weights import decode_dtype
+
+            decode = decode_dtype(m)
             out.update(device=str(m.device), dtype=str(m.dtype).replace("torch.", ""), window=m.window,
+                       decodeDtype=str(decode or m.dtype).replace("torch.", ""),
                        contextTokens=self.context_tokens(min(self.options.max_tokens, m.window // 2)),
                        memLayers=list(m.config.mem_layers))
         if self._load_error is not None:
@@ -646,15 +652,18 @@ class Engine:
         few = self._decode_threads(model, threads)
         try:
             rest = ids[reused:]
+            # A keystroke's few new tokens go in one step (one read of the weights; sources from all
+            # of them); a long prompt in chunks, then its last token alone for the sources.
+            last = len(rest) if len(rest) <= SMALL_STEP else 1
             chunk = max(1, self.options.prefill_chunk)
-            for b in range(0, len(rest) - 1, chunk):
+            for b in range(0, len(rest) - last, chunk):
                 req.check()
-                part = rest[b:min(b + chunk, len(rest) - 1)]
+                part = rest[b:min(b + chunk, len(rest) - last)]
                 torch.set_num_threads(few if len(part) <= SMALL_STEP else threads)
                 step(part, False)
             req.check()
             torch.set_num_threads(few)
-            out = step(rest[-1:], want_sources)  # the last prompt token's query predicts the first token
+            out = step(rest[-last:], want_sources)  # its last query predicts the first new token
             t1 = time.perf_counter()
             stop_ids = self._stop_ids()
             forcing = bool(forced_prefix)  # until the generated text covers forced_prefix
@@ -752,16 +761,26 @@ def default_device(device: str | None) -> str:
 
 
 def load_model_and_tokenizer(model_path: str | os.PathLike | None = None, device: str | None = None,
-                             dtype: str | None = None, config_value: str | None = None) -> tuple[Any, Any, Path]:
+                             dtype: str | None = None, config_value: str | None = None,
+                             decode_dtype: str | None = None) -> tuple[Any, Any, Path]:
     """(model, tokenizer, checkpoint folder): --model, the model.path setting, $LONGLLAMA_MODEL or the
-    bundled SmolLM2, converted on first use (resolve.py), loaded by model/loading.py."""
+    bundled SmolLM2, converted on first use (resolve.py), loaded by model/loading.py.
+
+    decode_dtype: weights for steps of a few tokens (model/decode_weights.py). None: bfloat16 copies
+    when the model runs in float32 on a CPU, else none.
+    """
     import torch
 
+    from .model.decode_weights import add_decode_weights
     from .model.loading import load_model, load_tokenizer
     from .resolve import resolve_model
 
     device = default_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     path = resolve_model(explicit=str(model_path) if model_path else None, config_value=config_value)
-    model = load_model(path, device=device, dtype=torch_dtype)
-    return model.eval(), load_tokenizer(path), Path(path)
+    model = load_model(path, device=device, dtype=torch_dtype).eval()
+    decode = decode_dtype or ("bfloat16" if device == "cpu" and torch_dtype == torch.float32 else None)
+    if decode is not None and getattr(torch, decode) != torch_dtype:
+        added = add_decode_weights(model, getattr(torch, decode))
+        logger.info("decode steps use %s weight copies (+%.0f MB)", decode, added / 2**20)
+    return model, load_tokenizer(path), Path(path)

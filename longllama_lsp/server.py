@@ -165,7 +165,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
     # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, settings).
     p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
-    add_model_arguments(p)
+    add_model_arguments(p, decoding=True)
 
 
 def check_listen_address(args: argparse.Namespace) -> str | None:
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if args.indexer_factory and not args.no_index:
         module, _, attr = args.indexer_factory.partition(":")
         indexer_factory = getattr(importlib.import_module(module), attr)
-    overrides = ModelSettings(args.model, args.device, args.dtype)
+    overrides = ModelSettings(args.model, args.device, args.dtype, args.decode_dtype)
     if args.tcp:
         shared = SharedServices(indexer_factory=indexer_factory, model_overrides=overrides, multi=True)
         serve_tcp(args.host, args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,

@@ -48,6 +48,7 @@ from pygls.uris import from_fs_path, to_fs_path
 from . import __version__
 from .documents import Document, Documents, PositionError, UnknownDocument
 from .engine import Answer, Cancelled, Completion, Engine, EngineOptions, Source
+from .prompt import word_before
 from .protocol import MODEL_UNAVAILABLE, UNAUTHORIZED, AskResult, ReindexResult, SourceInfo, StatusResult
 from .protocol import converter as wire_converter
 from .rpc import LongLlamaProtocol
@@ -311,7 +312,8 @@ class LongLlamaServer(LanguageServer):
 
     def effective_model_settings(self) -> ModelSettings:
         s, o = self.settings.model, self.model_overrides
-        return ModelSettings(path=o.path or s.path, device=o.device or s.device, dtype=o.dtype or s.dtype)
+        return ModelSettings(path=o.path or s.path, device=o.device or s.device, dtype=o.dtype or s.dtype,
+                             decode_dtype=o.decode_dtype or s.decode_dtype)
 
     def shutdown_all(self) -> None:
         """The client's `shutdown`: release this session's indexers; the engine closes with the last
@@ -495,11 +497,16 @@ class LongLlamaServer(LanguageServer):
         engine = await self.ready_engine(required=False)
         if engine is None:
             return None, snapshot
-        if automatic and self.settings.completion.debounce_ms:
-            await asyncio.sleep(self.settings.completion.debounce_ms / 1000)
+        c = self.settings.completion  # per request: sessions share the engine, not their settings
+        if automatic:
+            known = engine.typeahead(self.engine_key(uri), text, offset, c.mode)  # no model: no debounce
+            if known is not None:
+                return await self._await(known), snapshot
+            delay = c.debounce_ms if word_before(text[max(0, offset - 1):offset]) else c.boundary_debounce_ms
+            if delay:
+                await asyncio.sleep(delay / 1000)
         if self._tickets.get(uri) != ticket:
             return None, snapshot
-        c = self.settings.completion  # per request: sessions share the engine, not their settings
         req = engine.submit_complete(text, offset, path=to_fs_path(uri) or uri, key=self.engine_key(uri),
                                      mode=c.mode, max_tokens=c.max_tokens, memory=self.settings.memory.enabled)
         return await self._await(req), snapshot
@@ -596,7 +603,7 @@ def engine_options(s: Settings) -> EngineOptions:
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:
-    return Engine.load(model.path, model.device, model.dtype, options=options)
+    return Engine.load(model.path, model.device, model.dtype, options=options, decode_dtype=model.decode_dtype)
 
 
 def default_indexer_factory(root: Path, engine: Engine, settings: Settings) -> Any:

@@ -240,3 +240,25 @@ def test_cache_with_autograd_is_not_written_in_place():
     out = model(torch.tensor([[4]]), past_key_values=cache, use_cache=True)
     out.logits.sum().backward()
     assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
+
+
+def test_decode_weights_serve_small_steps_only():
+    """bfloat16 copies of the linear weights answer inputs of <= 16 rows; larger inputs, autograd and
+    the saved state are float32's, untouched (model/decode_weights.py)."""
+    from torch import nn
+
+    from longllama_lsp.model.decode_weights import SMALL_ROWS, DecodeLinear, add_decode_weights, decode_dtype
+
+    plain = make_tiny(seed=11, max_position_embeddings=64, last_context_length=64)
+    fast = make_tiny(seed=11, max_position_embeddings=64, last_context_length=64)
+    names = set(fast.state_dict())
+    linears = [m for m in fast.modules() if type(m) is nn.Linear]
+    added = add_decode_weights(fast)
+    assert added == sum(m.weight.numel() * 2 for m in linears) and decode_dtype(fast) == torch.bfloat16
+    assert all(type(m) is DecodeLinear for m in linears) and set(fast.state_dict()) == names
+    small, large = torch.randint(0, 99, (1, SMALL_ROWS)), torch.randint(0, 99, (1, SMALL_ROWS + 1))
+    with torch.inference_mode():
+        assert torch.equal(fast(large).logits, plain(large).logits)
+        a, b = fast(small).logits, plain(small).logits
+        assert 0 < max_diff(a, b) < 0.05 * b.abs().max()  # bfloat16 rounding, not another function
+    assert torch.equal(fast(small).logits, plain(small).logits)  # autograd on: float32 weights

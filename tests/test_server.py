@@ -213,6 +213,51 @@ async def test_did_change_then_complete_after_an_emoji(lsp):
     assert edit.range.start == pos(1, cursor.character - 3) and edit.new_text.startswith("val")
 
 
+def automatic_params(uri: str, position: types.Position) -> types.InlineCompletionParams:
+    return types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=position,
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
+
+
+@e2e
+async def test_debounce_inside_words_only_and_typeahead_without_debounce(lsp):
+    """Automatic requests wait debounceMs inside a word, boundaryDebounceMs after a space or
+    punctuation; keys typed along the last suggestion are answered from it at once."""
+    lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={
+        "completion": {"maxTokens": 8, "debounceMs": 3000, "boundaryDebounceMs": 0}, "ask": {"maxTokens": 12}}))
+    text = "def greet(name):\n    print(name)\n\nvalue = greet("
+    uri = open_doc(lsp, "debounce.py", text)
+    after_paren = pos(3, len("value = greet("))
+
+    async def timed(position):
+        t0 = time.monotonic()
+        result = await lsp.text_document_inline_completion_async(automatic_params(uri, position))
+        return result, time.monotonic() - t0
+
+    try:
+        await lsp.text_document_inline_completion_async(inline_params(uri, after_paren))  # model loaded, prefilled
+        _, word_s = await timed(pos(3, len("value = gr")))  # inside "greet"
+        assert word_s >= 3.0, word_s
+        first, boundary_s = await timed(after_paren)
+        assert boundary_s < 2.5, boundary_s  # no 3 s wait after "("
+        suggestion = first.items[0].insert_text if first.items else ""
+        assert suggestion.strip(), "the model suggested nothing after '(': nothing to type along"
+        first_char = suggestion[0]
+        lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"completion": {
+            "maxTokens": 8, "debounceMs": 3000, "boundaryDebounceMs": 3000}, "ask": {"maxTokens": 12}}))
+        lsp.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[types.TextDocumentContentChangePartial(range=types.Range(after_paren, after_paren),
+                                                                    text=first_char)]))
+        along = pos(3, after_paren.character + 1)
+        second, along_s = await timed(along)
+        assert along_s < 2.5 and second.items[0].insert_text == suggestion[1:]
+        assert (await status(lsp)).last_timings.get("typeahead") == 1
+    finally:
+        lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={
+            "completion": {"maxTokens": 8, "debounceMs": 0}, "ask": {"maxTokens": 12}}))
+
+
 @e2e
 async def test_cancel_request_stops_generation(lsp):
     lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={

@@ -63,7 +63,7 @@ class LocalCache:
         if self.arena is not None and self.arena.can_append(n, t):
             return LocalCache(*self.arena.append(new), self.base, self.arena)
         old = [self.keys, self.values, self.positions, self.rotated]
-        full = [None if a is None else torch.cat([a, b], dim=_Arena.seq_dim(a)) for a, b in zip(old, new)]
+        full = [None if a is None else torch.cat([a, b], dim=_Arena.seq_dim(a)) for a, b in zip(old, new, strict=True)]
         return LocalCache.build(*full, self.base)
 
 
@@ -107,7 +107,7 @@ class _Arena:
 
     def append(self, parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         t = parts[0].shape[2]
-        for buf, part in zip(self.buffers, parts):
+        for buf, part in zip(self.buffers, parts, strict=True):
             if buf is not None:
                 buf.narrow(self.seq_dim(buf), self.length, t).copy_(part)
         self.length += t
