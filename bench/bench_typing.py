@@ -5,7 +5,8 @@ starts it (initializationOptions, workspace folder = a real repository), a real 
 a line inside a function body is typed character by character:
 
 - every keystroke sends `textDocument/didChange` (incremental) and then an automatic
-  `textDocument/inlineCompletion` (the server waits `completion.debounceMs`, 75 ms by default,
+  `textDocument/inlineCompletion` (the server waits `completion.debounceMs`, 75 ms by default, inside
+  a word, and `completion.boundaryDebounceMs`, 0 by default, after a space or punctuation,
   before it generates); the request still open when the next key is pressed gets `$/cancelRequest`,
   as VS Code does;
 - keys come every `--interval` seconds (75 ms: a fast typist inside a word); after a word boundary
@@ -275,7 +276,8 @@ def markdown(results: dict, command: str) -> str:
            f"Typed: `{results['typed']}` into `{results['file']}` line {results['line']} (inside "
            f"`Session.request`), {results['interval_ms']} ms between keys, {results['think_ms']} ms pause after a "
            "word boundary (waiting for the suggestion if it is later). Latency = request sent -> reply, "
-           "client side, 75 ms server debounce included; completed requests after the warm-up. Torch threads "
+           "client side, server debounce included (75 ms inside a word; after a word boundary 0, the default "
+           "`boundaryDebounceMs`); completed requests after the warm-up. Torch threads "
            "in the server: 2 for prefill chunks, 1 for few-token steps while the load average exceeds the "
            "cores (engine `decode_threads`).", "",
            "| repository memory | p50 | p95 | max | model-answered p50 / p95 | completed / keystrokes | cancelled "
