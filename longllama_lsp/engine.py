@@ -404,13 +404,14 @@ class Engine:
 
     def submit_answer(self, question: str, on_token: Callable[[str], None] | None = None,
                       document: tuple[str, str] | None = None, max_tokens: int | None = None,
-                      memory: bool | None = None) -> Request:
-        """Queue an answer; `document` = (path, text) of the file the question is about, if any."""
+                      memory: bool | None = None, key: Hashable = ("ask",)) -> Request:
+        """Queue an answer; `document` = (path, text) of the file the question is about, if any. A newer
+        question with the same `key` supersedes it (one key per editor session)."""
         if not question.strip():
             raise ValueError("the question is empty")
         use_memory = self.options.memory if memory is None else memory
         return self.submit(lambda req: self._answer(req, question, on_token, document, max_tokens, use_memory),
-                           key=("ask",))
+                           key=key)
 
     def answer(self, question: str, on_token: Callable[[str], None] | None = None, **kwargs: Any) -> Answer:
         return self.submit_answer(question, on_token, **kwargs).result()

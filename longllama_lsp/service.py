@@ -531,7 +531,7 @@ class LongLlamaServer(LanguageServer):
         engine = await self.ready_engine()
         answer: Answer | None = await self._await(engine.submit_answer(
             question, document=document, max_tokens=max_tokens or self.settings.ask.max_tokens,
-            memory=self.settings.memory.enabled))
+            memory=self.settings.memory.enabled, key=self.engine_key("longllama/ask")))
         if answer is None:
             raise JsonRpcServerError("the question was superseded by a newer one", -32000)
         return AskResult(answer.text, [self.source_info(s) for s in answer.sources], answer.stop_reason,

@@ -268,6 +268,19 @@ def test_newest_request_per_document_wins(engine):
     assert stale.superseded and stale.cancelled
 
 
+
+def test_questions_from_two_sessions_both_get_answers(engine):
+    """Questions supersede the same session's older question only (two editors on one TCP server)."""
+    gate = threading.Event()
+    blocker = engine.submit(lambda req: gate.wait(30))
+    first = engine.submit_answer("What is main?", key=(1, "longllama/ask"))
+    second = engine.submit_answer("What is os?", key=(2, "longllama/ask"))
+    newer = engine.submit_answer("What does main call?", key=(2, "longllama/ask"))
+    gate.set()
+    blocker.result(timeout=30)
+    assert second.superseded and not first.superseded
+    assert first.result(timeout=60).text is not None and newer.result(timeout=60).text is not None
+
 # -- memory and sources ----------------------------------------------------------------------------------
 
 @pytest.fixture
