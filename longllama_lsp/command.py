@@ -25,4 +25,4 @@ def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -
     if decoding:
         p.add_argument("--decode-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights for steps of a few tokens (default: bfloat16 copies when the model runs "
-                       "in float32 on a CPU, ~1.5x faster decoding; float32: none)")
+                       "in float32 on a CPU, ~1.5x faster decoding; the --dtype value: no copies)")

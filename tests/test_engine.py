@@ -341,3 +341,15 @@ def test_complete_command_prints_json(tiny_model_dir, tmp_path, capsys):  # noqa
                  "--json", "--max-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"text", "sources", "timings", "stop_reason"} <= set(out) and out["generated_tokens"] <= 4
+
+
+def test_cpu_float32_models_get_bfloat16_decode_copies_unless_told(tiny_model_dir):  # noqa: F811
+    from longllama_lsp.engine import load_model_and_tokenizer
+    from longllama_lsp.model.decode_weights import decode_dtype
+
+    model, _, _ = load_model_and_tokenizer(tiny_model_dir, "cpu")
+    assert decode_dtype(model) == torch.bfloat16
+    model, _, _ = load_model_and_tokenizer(tiny_model_dir, "cpu", decode_dtype="float32")
+    assert decode_dtype(model) is None
+    model, _, _ = load_model_and_tokenizer(tiny_model_dir, "cpu", dtype="bfloat16")
+    assert decode_dtype(model) is None  # already half size: nothing to gain
