@@ -353,8 +353,9 @@ class Engine:
 
     def submit_complete(self, text: str, offset: int, path: str | None = None, mode: str | None = None,
                         max_tokens: int | None = None, memory: bool | None = None,
-                        key: Hashable | None = None) -> Request:
-        """Queue a completion at code-point `offset` of `text`; resolves to a Completion."""
+                        key: Hashable | None = None, sources: bool = True) -> Request:
+        """Queue a completion at code-point `offset` of `text`; resolves to a Completion.
+        sources=False skips the memory-attention pass that names them (nobody will show them)."""
         if not 0 <= offset <= len(text):
             raise ValueError(f"offset {offset} outside the document (0..{len(text)})")
         mode = mode or self.options.mode
@@ -365,8 +366,8 @@ class Engine:
         ahead = self.typeahead(key, text, offset, mode)
         if ahead is not None:
             return ahead
-        return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key),
-                           key=key)
+        return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key,
+                                                      sources), key=key)
 
     def typeahead(self, key: Hashable, text: str, offset: int, mode: str | None = None) -> Request | None:
         """A request already answered with the rest of the last suggestion, when the keys typed since
@@ -464,7 +465,7 @@ class Engine:
     # -- jobs (worker thread) ------------------------------------------------------------------------
 
     def _complete(self, req: Request, text: str, offset: int, path: str | None, mode: str,
-                  max_tokens: int | None, use_memory: bool, key: Hashable) -> Completion:
+                  max_tokens: int | None, use_memory: bool, key: Hashable, sources: bool = True) -> Completion:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.max_tokens)
         ctx = self.context_tokens(max_new)
@@ -490,7 +491,7 @@ class Engine:
             kept[0], done = rule(text)
             return done
 
-        gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, asm.memory is not None,
+        gen = self._generate(req, ids, asm.memory, max_new, stop, None, key, sources and asm.memory is not None,
                              sample_steps=self.options.completion_source_steps, forced_prefix=healed)
         if gen.stop_reason != "stop":
             kept[0], _ = rule(after_cursor(gen.tokens) or "")

@@ -96,7 +96,7 @@ def build_server(engine_factory: EngineFactory | None = None, indexer_factory: I
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: LongLlamaServer, params: types.InlineCompletionParams):
         automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-        done, _ = await ls.complete(params.text_document.uri, params.position, automatic)
+        done, _ = await ls.complete(params.text_document.uri, params.position, automatic, sources=False)
         if done is None or not done.text:
             return types.InlineCompletionList(items=[])
         at = types.Range(start=params.position, end=params.position)

@@ -486,10 +486,11 @@ class LongLlamaServer(LanguageServer):
                 return None
             raise JsonRpcServerError(f"the model is unavailable: {exc}", MODEL_UNAVAILABLE) from None
 
-    async def complete(self, uri: str, position: types.Position,
-                       automatic: bool = False) -> tuple[Completion | None, Document]:
+    async def complete(self, uri: str, position: types.Position, automatic: bool = False,
+                       sources: bool = True) -> tuple[Completion | None, Document]:
         """One completion at `position` (None when superseded by a newer request for the document),
-        and the document as it was when the request arrived: the position refers to that version."""
+        and the document as it was when the request arrived: the position refers to that version.
+        sources=False: the reply has no place for them (inline completion), so they are not computed."""
         doc, offset = self.document_and_offset(uri, position)
         snapshot = Document(uri, doc.text, doc.version, doc.language_id)
         text = doc.text
@@ -508,7 +509,8 @@ class LongLlamaServer(LanguageServer):
         if self._tickets.get(uri) != ticket:
             return None, snapshot
         req = engine.submit_complete(text, offset, path=to_fs_path(uri) or uri, key=self.engine_key(uri),
-                                     mode=c.mode, max_tokens=c.max_tokens, memory=self.settings.memory.enabled)
+                                     mode=c.mode, max_tokens=c.max_tokens, memory=self.settings.memory.enabled,
+                                     sources=sources)
         return await self._await(req), snapshot
 
     def document_changed(self, uri: str) -> None:

@@ -307,6 +307,8 @@ def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):
     assert done.sources[0].file == str(repo.root / "b.py") and 0 < done.sources[0].weight <= 1
     without = engine.complete(text, len(text), path=str(repo.root / "a.py"), memory=False)
     assert without.sources == [] and without.memory_tokens == 0
+    unnamed = engine.complete(text, len(text), path=str(repo.root / "a.py"), sources=False)  # inline replies
+    assert unnamed.sources == [] and unnamed.text == done.text and unnamed.memory_tokens == done.memory_tokens
 
 
 def test_answer_streams_tokens_and_names_sources(engine, repo):
