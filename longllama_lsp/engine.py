@@ -736,7 +736,7 @@ class Engine:
         common = min(_common_prefix(old.fed, ids), len(ids) - 1, old.cache.local_length)
         if common <= 0:
             return fresh
-        old.cache.crop(common)
+        old.cache.crop(common, reuse_storage=True)  # the engine alone holds it: no copy of the kept part
         old.fed = old.fed[:common]
         if old.memory is not memory:  # bank or buffer memory changed: swap it, keep the local states
             from .model.memory import Memory

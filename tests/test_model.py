@@ -262,3 +262,17 @@ def test_decode_weights_serve_small_steps_only():
         a, b = fast(small).logits, plain(small).logits
         assert 0 < max_diff(a, b) < 0.05 * b.abs().max()  # bfloat16 rounding, not another function
     assert torch.equal(fast(small).logits, plain(small).logits)  # autograd on: float32 weights
+
+
+@torch.inference_mode()
+def test_crop_reusing_storage_writes_in_place_and_equals_fresh_prefill():
+    """The engine's prefix reuse: crop, then the changed tokens go into the same storage (no copy)."""
+    model = make_tiny(seed=12, max_position_embeddings=64, last_context_length=64)
+    a = torch.randint(0, 99, (1, 40))
+    b = torch.cat([a[:, :31], torch.randint(0, 99, (1, 6))], dim=1)
+    cache = model(a, use_cache=True).past_key_values
+    arenas = [c.arena for c in cache.layers]
+    cache.crop(31, reuse_storage=True)
+    out = model(b[:, 31:], past_key_values=cache, use_cache=True)
+    assert max_diff(out.logits, model(b).logits[:, 31:]) < 1e-5
+    assert [c.arena for c in out.past_key_values.layers] == arenas

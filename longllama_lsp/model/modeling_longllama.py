@@ -140,13 +140,22 @@ class LongLlamaCache:
         """(B, 1): one past the largest cached position (the reference's _prepare_pos_ids)."""
         return self.layers[0].positions.max(dim=-1, keepdim=True).values + 1
 
-    def crop(self, length: int) -> None:
-        """Keep the first `length` local tokens (prefix reuse after an edit)."""
+    def crop(self, length: int, reuse_storage: bool = False) -> None:
+        """Keep the first `length` local tokens (prefix reuse after an edit).
+
+        reuse_storage: the next tokens are written in place over the dropped ones instead of copying
+        the kept ones first; only for the sole owner of this cache (the engine's per-document cache),
+        since anything else holding a longer view of it would see those slots change.
+        """
         for i, c in enumerate(self.layers):
             if c is not None:
                 rotated = c.rotated[:, :, :length] if c.rotated is not None else None
+                arena = c.arena if reuse_storage and c.arena is not None \
+                    and c.arena.length == c.keys.shape[2] else None
+                if arena is not None:
+                    arena.length = length
                 self.layers[i] = LocalCache(c.keys[:, :, :length], c.values[:, :, :length], c.positions[:, :length],
-                                            rotated, c.base)
+                                            rotated, c.base, arena)
         if self.key_mask is not None:
             self.key_mask = self.key_mask[:, :length]
 
