@@ -319,6 +319,9 @@ def test_tcp_load_four_editors_on_one_connection(model_dir, tmp_path):
     try:
         client = SyncClient.over_tcp("127.0.0.1", port)
         assert "result" in client.initialize(tmp_path, OPTIONS)
+        deadline = time.monotonic() + 120  # initialize is answered before torch loads: wait for the model
+        while client.status()["engine"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.2)
         rss0 = rss_kib(proc.pid)
         numbers = run_load([client], tmp_path, per_client=4, rounds=5)
         numbers["rss_growth_mb"] = (rss_kib(proc.pid) - rss0) / 1024
