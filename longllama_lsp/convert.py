@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .command import Command
+from .command import DTYPES, Command
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ Progress = Callable[[str], None]
 
 CONVERT_FORMAT = 1  # bump when the output changes, so cached conversions (resolve.py) are redone
 PROVENANCE_NAME = "longllama_convert.json"
-DTYPES = ("float32", "bfloat16", "float16")
 MEM_DTYPES = ("float32", "float16", "bfloat16")  # configuration_longllama.MEM_DTYPES (a test keeps them equal)
 # Window (= max_position_embeddings, the reference's lctx) for sources that are not LongLLaMA yet.
 # 2048: a full 2048-token forward of SmolLM2-135M takes ~4.5 s on 2 CPU cores and cost grows
