@@ -26,7 +26,7 @@ import torch
 from facts import cpu_model
 from torch import nn
 
-from longllama_lsp.engine import load_model_and_tokenizer
+from longllama_lsp.load import load_model_and_tokenizer
 from longllama_lsp.model.decode_weights import DecodeLinear, add_decode_weights
 
 DEFAULT_FILE = Path("/work/data/eval/requests/requests/sessions.py")  # requests 2.32.3

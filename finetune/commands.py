@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longllama_lsp.command import Command, add_model_arguments
+from longllama_lsp.cli import Command, add_model_arguments, add_repository_argument
 
 logger = logging.getLogger(__name__)
 
 
 def _device(name: str | None) -> str:
-    import torch
+    from longllama_lsp.load import resolve_device_dtype
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device_dtype(name)[0]
 
 
 def _mixed_precision(dtype: str | None, device: str) -> str:
@@ -30,12 +30,12 @@ def _mixed_precision(dtype: str | None, device: str) -> str:
 
 def load_eval_model(path: str | None, device: str, dtype: str | None):
     """(model, tokenizer, model dir) for evaluation: a checkpoint, or a training delta dir (adapter.json)."""
-    import torch
+    from finetune.outputs import load_trained
+    from longllama_lsp.load import resolve_device_dtype
+    from longllama_lsp.resolve import resolve_model
 
-    from finetune.train import load_trained, resolve_model_path
-
-    model_dir = resolve_model_path(path)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model_dir = Path(resolve_model(path))
+    device, torch_dtype = resolve_device_dtype(device, dtype)
     model, tokenizer = load_trained(model_dir, device, torch_dtype)
     return model.eval(), tokenizer, model_dir
 
@@ -54,7 +54,7 @@ Whether memory beats no memory at all ((c) vs (a)) is reported too."""
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", default=".", help="repository to train on (default: .)")
+    add_repository_argument(p, "repository to train on")
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="output directory (model delta, report, metrics)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on the memory layers' attention "
@@ -178,7 +178,7 @@ finetune = Command(_finetune_args, run_finetune, FINETUNE_HELP)
 
 TRAIN_HELP = """\
 FoT crossbatch training from a TOML config with [model], [data] and [train] tables
-(finetune/configs/*.toml; fields: finetune.train.ModelArgs / TrainArgs, finetune.config.DataArgs).
+(finetune/configs/*.toml; fields: finetune.config.ModelArgs / TrainArgs / DataArgs).
 Multi-GPU / multi-node: `accelerate launch [--multi_gpu|--use_fsdp ...] -m longllama_lsp.cli train CONFIG`."""
 
 
@@ -229,7 +229,7 @@ unrelated repositories (distractors: the other --repo's, or --distractors-from).
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", action="append", required=True, help="repository (repeatable)")
+    add_repository_argument(p, "repository to evaluate on", repeat=True)
     add_model_arguments(p)
     p.add_argument("--heldout", action="append", default=None, metavar="PATH",
                    help="held-out file relative to its repository (repeatable; default: a seeded split)")

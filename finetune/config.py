@@ -1,13 +1,24 @@
-"""Fine-tuning configuration dataclasses, loaded from TOML sections or CLI flags.
-
-Only `DataArgs` lives here so far; model and trainer settings belong next to train.py.
+"""Fine-tuning configuration, loaded from TOML tables or CLI flags: `[data]` (DataArgs), `[model]`
+(ModelArgs), `[train]` (TrainArgs), together a RunConfig; and what a run directory records of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import platform
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+import tomllib
+
+TRAIN_MODES = ("all", "memory", "lora")
+OUTPUTS = ("auto", "full", "delta", "none")
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -86,3 +97,147 @@ class DataArgs:
         d = dataclasses.asdict(self)
         d["d_schedule"] = [list(p) for p in self.d_schedule]
         return d
+
+
+@dataclass
+class ModelArgs:
+    """Which model to train and which of its parameters."""
+
+    path: str | None = None  # checkpoint dir; None = resolve_model() (the bundled SmolLM2 LongLLaMA)
+    preset: str | None = None  # instead of path: random init from PRESETS[preset] (toys, tests)
+    tokenizer: str | None = None  # tokenizer dir for `preset` (default: path)
+    # LongLlamaConfig fields set before the model is built, e.g. {max_position_embeddings = 64}.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0  # weights of a `preset` model
+    dtype: str = "float32"  # master weights; bf16 compute is train.mixed_precision
+    train: str = "memory"  # all | memory (q,k,v,o of mem_layers: FoT adds no parameters) | lora
+    lora_r: int = 16
+    lora_alpha: float = 32.0  # LoRA scale = alpha / r
+    lora_dropout: float = 0.0  # > 0 makes runs depend on the RNG (restored on resume)
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJ))
+    lora_layers: str | list[int] = "memory"  # "memory", "all", or layer indices
+    gradient_checkpointing: bool = False  # non-reentrant: memory K/V stay differentiable
+
+    def __post_init__(self):
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"model.train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if self.path is not None and self.preset is not None:
+            raise ValueError("give model.path or model.preset, not both")
+        if isinstance(self.lora_layers, str) and self.lora_layers not in ("memory", "all"):
+            raise ValueError(f"model.lora_layers must be 'memory', 'all' or a list of layers, got {self.lora_layers!r}")
+
+
+@dataclass
+class TrainArgs:
+    """Optimization, logging and checkpointing. Defaults: the paper's constant LR after warmup."""
+
+    out_dir: str = "runs/fot"
+    steps: int = 100  # optimizer steps
+    max_minutes: float | None = None  # stop after the step that crosses this wall-clock budget
+    lr: float = 2e-5  # LongLLaMA-3B FoT: constant 2e-5 (spec §3.3)
+    warmup_steps: int = 0  # linear warmup from 0, then constant
+    weight_decay: float = 0.01  # spec §3.3
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1  # data batches per optimizer step (over all processes)
+    micro_batch_size: int | None = None  # rows per forward, a multiple of data.pack; None = B / processes
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+    cpu: bool = False  # force CPU even when CUDA is present
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # held-out loss every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 2  # held-out data batches per evaluation; 0 = no evaluation
+    heldout_fraction: float = 0.05  # files per source kept out of training for that evaluation
+    save_every: int = 0  # checkpoint every N steps (and at the end when > 0)
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint dir
+    output: str = "auto"  # auto (delta unless train=all) | full | delta | none
+    progress: bool = True  # tqdm bar on stderr
+
+    def __post_init__(self):
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)  # TOML gives a list
+        if self.output not in OUTPUTS:
+            raise ValueError(f"train.output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.steps < 0 or self.grad_accum < 1 or self.warmup_steps < 0:
+            raise ValueError("train.steps >= 0, train.grad_accum >= 1 and train.warmup_steps >= 0 required")
+
+
+def _section(cls, d: dict[str, Any], name: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown [{name}] keys {unknown}; expected some of {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass
+class RunConfig:
+    """The `[model]`, `[data]` and `[train]` tables of a training TOML."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    source_toml: str | None = None  # the TOML text it was loaded from, kept in the run dir
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(d) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(f"unknown config tables {unknown}; expected [model], [data], [train]")
+        return cls(model=_section(ModelArgs, d.get("model", {}), "model"),
+                   data=DataArgs.from_dict(d.get("data", {})),
+                   train=_section(TrainArgs, d.get("train", {}), "train"))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+        """From a TOML file (or defaults when None), then `section.key=value` overrides (TOML values)."""
+        text = Path(path).read_text(encoding="utf-8") if path is not None else ""
+        d = tomllib.loads(text)
+        for item in overrides:
+            apply_override(d, item)
+        cfg = cls.from_dict(d)
+        cfg.source_toml = text or None
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "data": self.data.to_dict(),
+                "train": dataclasses.asdict(self.train)}
+
+
+def apply_override(d: dict[str, Any], item: str) -> None:
+    """`train.lr=1e-4`, `data.sources=["a", "b"]`, `model.path=/x` (bare strings need no quotes)."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2:
+        raise ValueError(f"override {item!r} is not section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "peft", "safetensors", "tokenizers", "longllama-lsp"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    import torch
+
+    out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def write_run_config(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    d = {**cfg.to_dict(), "versions": package_versions(), "argv": sys.argv, **(extra or {})}
+    (run_dir / "train_config.json").write_text(json.dumps(d, indent=2, default=str) + "\n")
+    if cfg.source_toml:
+        (run_dir / "train_config.toml").write_text(cfg.source_toml)

@@ -1,4 +1,5 @@
-"""FoT crossbatch training (spec §3): run config, the accelerate loop, checkpoints, outputs.
+"""FoT crossbatch training (spec §3): the model made trainable, the accelerate loop, checkpoints.
+The run config is in config.py, the output formats (full checkpoint, weight delta) in outputs.py.
 
     cfg = RunConfig.load("finetune/configs/tiny.toml", ["train.steps=20"])
     result = train(cfg)                    # model + data from cfg, everything written to train.out_dir
@@ -23,9 +24,7 @@ Run directory (`train.out_dir`):
     train_config.json      the three config sections + package versions (+ the TOML given)
     metrics.jsonl          one line per logged step {"step", "loss", "lr", "tokens_per_s", ...} and eval
     checkpoints/step-N/    accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
-    output, by train.output: "full" = config.json + model.safetensors + tokenizer (load by path);
-                             "delta" = adapter.safetensors + adapter.json (only the trained tensors,
-                             LoRA merged; applied on the base model named by its fingerprint)
+    output, by train.output: "full" or "delta" (outputs.py)
 """
 
 from __future__ import annotations
@@ -35,192 +34,27 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from importlib import metadata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 
-from finetune.config import DataArgs
+from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs, write_run_config
+from finetune.outputs import layer_of, load_trained, memory_attention_names, save_output
+
+__all__ = ["ModelArgs", "RunConfig", "TrainArgs", "TrainResult", "load_for_training", "load_trained",
+           "make_accelerator", "prepare_trainable", "save_output", "train", "train_loop"]
 
 logger = logging.getLogger(__name__)
-
-TRAIN_MODES = ("all", "memory", "lora")
-OUTPUTS = ("auto", "full", "delta", "none")
-ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-DELTA_FORMAT = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class ModelArgs:
-    """Which model to train and which of its parameters."""
-
-    path: str | None = None  # checkpoint dir; None = resolve_model() (the bundled SmolLM2 LongLLaMA)
-    preset: str | None = None  # instead of path: random init from PRESETS[preset] (toys, tests)
-    tokenizer: str | None = None  # tokenizer dir for `preset` (default: path)
-    # LongLlamaConfig fields set before the model is built, e.g. {max_position_embeddings = 64}.
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    init_seed: int = 0  # weights of a `preset` model
-    dtype: str = "float32"  # master weights; bf16 compute is train.mixed_precision
-    train: str = "memory"  # all | memory (q,k,v,o of mem_layers: FoT adds no parameters) | lora
-    lora_r: int = 16
-    lora_alpha: float = 32.0  # LoRA scale = alpha / r
-    lora_dropout: float = 0.0  # > 0 makes runs depend on the RNG (restored on resume)
-    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJ))
-    lora_layers: str | list[int] = "memory"  # "memory", "all", or layer indices
-    gradient_checkpointing: bool = False  # non-reentrant: memory K/V stay differentiable
-
-    def __post_init__(self):
-        if self.train not in TRAIN_MODES:
-            raise ValueError(f"model.train must be one of {TRAIN_MODES}, got {self.train!r}")
-        if self.path is not None and self.preset is not None:
-            raise ValueError("give model.path or model.preset, not both")
-        if isinstance(self.lora_layers, str) and self.lora_layers not in ("memory", "all"):
-            raise ValueError(f"model.lora_layers must be 'memory', 'all' or a list of layers, got {self.lora_layers!r}")
-
-
-@dataclass
-class TrainArgs:
-    """Optimization, logging and checkpointing. Defaults: the paper's constant LR after warmup."""
-
-    out_dir: str = "runs/fot"
-    steps: int = 100  # optimizer steps
-    max_minutes: float | None = None  # stop after the step that crosses this wall-clock budget
-    lr: float = 2e-5  # LongLLaMA-3B FoT: constant 2e-5 (spec §3.3)
-    warmup_steps: int = 0  # linear warmup from 0, then constant
-    weight_decay: float = 0.01  # spec §3.3
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1  # data batches per optimizer step (over all processes)
-    micro_batch_size: int | None = None  # rows per forward, a multiple of data.pack; None = B / processes
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
-    cpu: bool = False  # force CPU even when CUDA is present
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # held-out loss every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 2  # held-out data batches per evaluation; 0 = no evaluation
-    heldout_fraction: float = 0.05  # files per source kept out of training for that evaluation
-    save_every: int = 0  # checkpoint every N steps (and at the end when > 0)
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "latest" or a checkpoint dir
-    output: str = "auto"  # auto (delta unless train=all) | full | delta | none
-    progress: bool = True  # tqdm bar on stderr
-
-    def __post_init__(self):
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)  # TOML gives a list
-        if self.output not in OUTPUTS:
-            raise ValueError(f"train.output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.steps < 0 or self.grad_accum < 1 or self.warmup_steps < 0:
-            raise ValueError("train.steps >= 0, train.grad_accum >= 1 and train.warmup_steps >= 0 required")
-
-
-def _section(cls, d: dict[str, Any], name: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown [{name}] keys {unknown}; expected some of {sorted(known)}")
-    return cls(**d)
-
-
-@dataclass
-class RunConfig:
-    """The `[model]`, `[data]` and `[train]` tables of a training TOML."""
-
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    source_toml: str | None = None  # the TOML text it was loaded from, kept in the run dir
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        unknown = sorted(set(d) - {"model", "data", "train"})
-        if unknown:
-            raise ValueError(f"unknown config tables {unknown}; expected [model], [data], [train]")
-        return cls(model=_section(ModelArgs, d.get("model", {}), "model"),
-                   data=DataArgs.from_dict(d.get("data", {})),
-                   train=_section(TrainArgs, d.get("train", {}), "train"))
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-        """From a TOML file (or defaults when None), then `section.key=value` overrides (TOML values)."""
-        text = Path(path).read_text(encoding="utf-8") if path is not None else ""
-        d = tomllib.loads(text)
-        for item in overrides:
-            apply_override(d, item)
-        cfg = cls.from_dict(d)
-        cfg.source_toml = text or None
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": dataclasses.asdict(self.model), "data": self.data.to_dict(),
-                "train": dataclasses.asdict(self.train)}
-
-
-def apply_override(d: dict[str, Any], item: str) -> None:
-    """`train.lr=1e-4`, `data.sources=["a", "b"]`, `model.path=/x` (bare strings need no quotes)."""
-    key, sep, raw = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2:
-        raise ValueError(f"override {item!r} is not section.key=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    node = d
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "safetensors", "tokenizers", "longllama-lsp"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["cuda"] = str(torch.version.cuda)
-    return out
-
-
-def write_run_config(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = {**cfg.to_dict(), "versions": package_versions(), "argv": sys.argv, **(extra or {})}
-    (run_dir / "train_config.json").write_text(json.dumps(d, indent=2, default=str) + "\n")
-    if cfg.source_toml:
-        (run_dir / "train_config.toml").write_text(cfg.source_toml)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model: load, choose trainable parameters
-
-
-def resolve_model_path(explicit: str | None) -> Path:
-    """`explicit`, else the project default (longllama_lsp.resolve, when present)."""
-    try:
-        from longllama_lsp.resolve import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return Path(resolve_model(explicit))
-    if explicit is None:
-        from longllama_lsp.errors import ModelError
-
-        raise ModelError("no model given: pass --model PATH (model.path in the config)")
-    return Path(explicit)
 
 
 def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
@@ -234,6 +68,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         load_tokenizer,
         read_state_dict,
     )
+    from longllama_lsp.resolve import resolve_model
 
     dtype = getattr(torch, margs.dtype)
     if margs.preset is not None:
@@ -247,7 +82,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         torch.manual_seed(margs.init_seed)
         model, base = LongLlamaForCausalLM(config).to(device=device, dtype=dtype), None
     else:
-        base = resolve_model_path(margs.path)
+        base = Path(resolve_model(margs.path))
         start_delta = None
         if (base / "adapter.json").is_file() and not (base / "config.json").is_file():
             # A weight delta (an earlier run's output): continue from it, on its base model, so the
@@ -265,15 +100,6 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
     return prepare_trainable(model, margs), tokenizer, base
 
 
-def memory_attention_names(model) -> list[str]:
-    """Parameter names of q/k/v/o of the memory layers (what FoT trains; it adds no parameters)."""
-    layers = set(model.config.mem_layers)
-    if not layers:
-        raise ValueError("model.train = 'memory' needs a model with memory layers (mem_layers is empty)")
-    return [n for n, _ in model.named_parameters()
-            if _layer_of(n) in layers and any(f"self_attn.{p}." in n for p in ATTENTION_PROJ)]
-
-
 def lora_module_names(model, margs: ModelArgs) -> list[str]:
     """Full module names LoRA wraps: `lora_targets` of `lora_layers`."""
     if margs.lora_layers == "memory":
@@ -282,19 +108,11 @@ def lora_module_names(model, margs: ModelArgs) -> list[str]:
         layers = set(range(model.config.num_hidden_layers))
     else:
         layers = {int(i) for i in margs.lora_layers}
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _layer_of(n) in layers
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and layer_of(n) in layers
              and n.rsplit(".", 1)[-1] in margs.lora_targets]
     if not names:
         raise ValueError(f"LoRA targets {margs.lora_targets} match no linear layer in layers {sorted(layers)}")
     return names
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    for a, b in zip(parts, parts[1:], strict=False):
-        if a == "layers" and b.isdigit():
-            return int(b)
-    return None
 
 
 def prepare_trainable(model, margs: ModelArgs):
@@ -547,124 +365,6 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     if not (ckpt / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a training checkpoint (no trainer_state.json)")
     return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-def trained_state_dict(model, acc=None) -> dict[str, torch.Tensor]:
-    """Full state dict with base-model names; LoRA merged (W + B·A·alpha/r).
-
-    `model` as prepared by `acc` (gathered from FSDP shards by accelerate) or a plain module.
-    """
-    state = acc.get_state_dict(model) if acc is not None else model.state_dict()
-    peft_cfg = getattr(acc.unwrap_model(model) if acc is not None else model, "peft_config", None)
-    if not peft_cfg:
-        return {k: v for k, v in state.items()}
-    scale = {name: c.lora_alpha / c.r for name, c in peft_cfg.items()}
-    prefix = "base_model.model."
-    out, lora = {}, {}
-    for k, v in state.items():
-        k = k.removeprefix(prefix)
-        if ".lora_A." in k or ".lora_B." in k:
-            module, kind, adapter = _split_lora_key(k)
-            lora.setdefault((module, adapter), {})[kind] = v
-        else:
-            out[k.replace(".base_layer.", ".")] = v
-    for (module, adapter), ab in lora.items():
-        w = out[f"{module}.weight"]
-        delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scale[adapter]
-        out[f"{module}.weight"] = (w.float() + delta).to(w.dtype)
-    return out
-
-
-def _split_lora_key(k: str) -> tuple[str, str, str]:
-    """'m.q_proj.lora_A.default.weight' -> ('m.q_proj', 'lora_A', 'default')."""
-    for kind in ("lora_A", "lora_B"):
-        head, sep, tail = k.partition(f".{kind}.")
-        if sep:
-            return head, kind, tail.removesuffix(".weight")
-    raise AssertionError(k)
-
-
-def delta_names(model, margs: ModelArgs) -> list[str]:
-    """Parameters `margs.train` changes, by base-model name."""
-    if margs.train == "memory":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return memory_attention_names(base)
-    if margs.train == "lora":
-        modules = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")
-                   and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)}
-        return [f"{m}.weight" for m in sorted(modules)]
-    raise ValueError("train = 'all' changes every tensor: write a full checkpoint (output = 'full')")
-
-
-def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path | None, kind: str = "auto",
-                acc=None, extra: dict[str, Any] | None = None) -> Path | None:
-    """Write the trained model into out_dir as a full checkpoint or a weight delta. Returns out_dir.
-
-    `model`: plain, or as prepared by `acc` (then every process must call this; the main one writes).
-    """
-    from safetensors.torch import save_file
-
-    if kind == "auto":
-        kind = "full" if cfg.model.train == "all" or base_path is None else "delta"
-    if kind == "none":
-        return None
-    state = trained_state_dict(model, acc)
-    if acc is not None:
-        if not acc.is_main_process:
-            return None
-        model = acc.unwrap_model(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    info = {"train": cfg.model.train, "versions": package_versions(), **(extra or {})}
-    if kind == "full":
-        if base.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        base.config.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        (out_dir / "training.json").write_text(json.dumps({**cfg.to_dict(), **info}, indent=2, default=str) + "\n")
-        return out_dir
-    if base_path is None:
-        raise ValueError("a weight delta needs a base checkpoint (model.path); use output = 'full'")
-    from longllama_lsp.model.loading import model_fingerprint
-
-    names = delta_names(model, cfg.model)
-    tensors = {n: state[n].detach().contiguous().cpu().clone() for n in names}
-    save_file(tensors, str(out_dir / "adapter.safetensors"), metadata={"format": "longllama-delta"})
-    meta = {"format": DELTA_FORMAT, "kind": "replace", "base_model": str(Path(base_path).resolve()),
-            "base_fingerprint": model_fingerprint(base_path), "mem_layers": list(base.config.mem_layers),
-            "tensors": {n: list(t.shape) for n, t in tensors.items()}, **info,
-            "lora": ({"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "targets": cfg.model.lora_targets,
-                      "layers": cfg.model.lora_layers, "merged": True} if cfg.model.train == "lora" else None)}
-    (out_dir / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out_dir / "training.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    return out_dir
-
-
-def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 base: str | Path | None = None, check_fingerprint: bool = True):
-    """(model, tokenizer) from a training output: a full checkpoint, or a delta dir on its base model."""
-    from longllama_lsp.errors import CheckpointError
-    from longllama_lsp.model.loading import apply_weight_delta, load_model, load_tokenizer, model_fingerprint
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return load_model(path, device, dtype), load_tokenizer(path)
-    meta_file = path / "adapter.json"
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: neither a checkpoint (config.json) nor a weight delta (adapter.json)")
-    meta = json.loads(meta_file.read_text())
-    base_path = Path(base or meta["base_model"])
-    if check_fingerprint and model_fingerprint(base_path) != meta["base_fingerprint"]:
-        raise CheckpointError(f"{path}: trained on another base model than {base_path} (fingerprint mismatch)")
-    model = load_model(base_path, device, dtype)
-    apply_weight_delta(model, path / "adapter.safetensors")
-    return model, load_tokenizer(base_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ When free slots below `end` exceed `compact_threshold` of `end`, live slots are 
 included, so a request copies nothing; excluding chunks copies only the (end,) mask.
 
 Views alias the bank: a returned Memory is valid until the next add/remove/compact. The bank is not
-thread-safe; one engine worker owns it (house style 22).
+thread-safe: its indexer changes it holding `Indexer.lock`, and the engine copies the views under
+that lock (longllama_lsp/assembly.py).
 
 Budget (`budget_tokens`): when adding would exceed it, chunks of lower priority are evicted, or the
 new chunk is dropped if nothing lower is resident. Priority, highest first:

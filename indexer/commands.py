@@ -8,35 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from longllama_lsp.command import Command, add_model_arguments
-
-
-def load_model_for(args: argparse.Namespace):
-    """(model, tokenizer, model_dir) from --model / LONGLLAMA_MODEL / the bundled default."""
-    import torch
-
-    from longllama_lsp.model.loading import load_model, load_tokenizer
-    from longllama_lsp.resolve import resolve_model
-
-    model_dir = resolve_model(getattr(args, "model", None))
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
-    model = load_model(model_dir, device=device, dtype=getattr(torch, dtype)).eval()
-    return model, load_tokenizer(model_dir), model_dir
+from longllama_lsp.cli import Command, ProgressBars, add_model_arguments, add_repository_argument
 
 
 def open_indexer(args: argparse.Namespace):
+    """The indexer of --repo on the model of --model / LONGLLAMA_MODEL / the bundled default (this
+    process only indexes, so the encoder runs on this thread)."""
     from indexer.pipeline import Indexer
     from indexer.walker import WalkRules
+    from longllama_lsp.load import load_model_and_tokenizer
 
-    model, tokenizer, model_dir = load_model_for(args)
+    model, tokenizer, model_dir = load_model_and_tokenizer(args.model, args.device, args.dtype, decoding=False)
     rules = WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
-    return Indexer.open(Path(args.root), model, tokenizer, model_dir, rules=rules,
+    return Indexer.open(Path(args.repo), model, tokenizer, model_dir, rules=rules,
                         budget_tokens=args.memory_budget, chunk_tokens=args.chunk_tokens)
 
 
 def _add_index_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", nargs="?", default=".", help="repository root (default: .)")
+    add_repository_argument(p, "repository to index", positional_alias=True)
     add_model_arguments(p)
     p.add_argument("--chunk-tokens", type=int, default=256, help="token budget per chunk (default: 256)")
     p.add_argument("--max-file-kb", type=float, default=1024, help="skip files larger than this (default: 1024 KiB)")
@@ -46,42 +35,12 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="also index .env files, keys and files that look like they hold credentials (off by default)")
 
 
-class ProgressBars:
-    """tqdm bars on stderr for the scan and encode phases."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bars = enabled, {}
-
-    def __call__(self, p) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(p.phase)
-        if bar is None:
-            unit = "file" if p.phase == "scan" else "chunk"
-            label = "scanning" if p.phase == "scan" else "encoding"
-            bar = self.bars[p.phase] = tqdm(total=p.total, desc=label, unit=unit, file=sys.stderr, leave=True,
-                                            dynamic_ncols=True)
-        bar.total = p.total
-        bar.n = p.done
-        if p.phase == "encode":
-            bar.set_postfix_str(f"{p.tokens} tok, {p.tokens_per_s:.0f} tok/s", refresh=False)
-        bar.refresh()
-        if p.done >= p.total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
 def run_index(args: argparse.Namespace) -> int:
     from indexer.walker import WalkRules, explain
 
     if args.explain:
         rules = WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
-        decision = explain(Path(args.root), Path(args.explain), rules)
+        decision = explain(Path(args.repo), Path(args.explain), rules)
         print(f"{decision.path or args.explain}: {'indexed' if decision.indexed else 'not indexed'} ({decision.reason})")
         return 0
     bars = ProgressBars(enabled=not args.quiet)
@@ -128,9 +87,9 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
 def run_status(args: argparse.Namespace) -> int:
     from indexer.store import Store
 
-    dbs = sorted((Path(args.root) / ".longllama").glob("index-*.db"))
+    dbs = sorted((Path(args.repo) / ".longllama").glob("index-*.db"))
     if not dbs:
-        print(f"{Path(args.root).resolve()}: not indexed yet (run `longllama index {args.root}`)")
+        print(f"{Path(args.repo).resolve()}: not indexed yet (run `longllama index --repo {args.repo}`)")
         return 1
     for db in dbs:
         with Store.open(db, None, readonly=True) as store:
@@ -150,7 +109,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", nargs="?", default=".", help="repository root (default: .)")
+    add_repository_argument(p, "indexed repository", positional_alias=True)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list at most N skipped files")
 
@@ -158,7 +117,7 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 index = Command(_add_index_only, run_index,
                 "Walk the repository (honouring .gitignore and .longllamaignore, never secrets), cut files into\n"
                 "tree-sitter chunks, and encode each new chunk into the model's memory. The cache lives in\n"
-                "ROOT/.longllama/ and is keyed by content hash and model: re-runs, renames and branch switches\n"
+                "REPO/.longllama/ and is keyed by content hash and model: re-runs, renames and branch switches\n"
                 "cost no model time. Safe to interrupt: the next run resumes.")
 watch = Command(_add_watch, run_watch, "Index, then keep the index current as files are created, edited, moved or deleted.")
 status = Command(_add_status, run_status, "Show what is indexed (files, chunks, tokens, disk use, model) and what was skipped and why.")

@@ -35,11 +35,15 @@ class Encoder:
     (`max_batch_rows=1`): batching is no faster there (bench/bench_index.py), and with several
     threads even equal-length batches round differently from single rows.
     batch_tokens bounds rows x length, which bounds activation memory.
+
+    run_model(fn) runs fn() where the model may run: the engine's worker thread, its one owner, when
+    the language server or the CLI indexes (longllama_lsp/workspace.py); by default right here.
     """
 
     def __init__(self, model, tokenizer, batch_tokens: int = 4096, max_chunk_tokens: int | None = None,
-                 max_batch_rows: int | None = None):
+                 max_batch_rows: int | None = None, run_model: Callable[[Callable[[], Memory]], Memory] | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.run_model = run_model or (lambda fn: fn())
         self.batch_tokens = batch_tokens
         self.max_chunk_tokens = max_chunk_tokens or model.config.max_position_embeddings
         self.device = next(model.parameters()).device
@@ -92,7 +96,8 @@ class Encoder:
             input_ids[b, : len(r)] = torch.tensor(r)
             mask[b, : len(r)] = 1
         # Rows have equal length (see _batches); only an empty text is padded, to one pad token.
-        memory = self.model.encode_memory(input_ids.to(self.device), attention_mask=mask.to(self.device))
+        memory = self.run_model(lambda: self.model.encode_memory(input_ids.to(self.device),
+                                                                 attention_mask=mask.to(self.device)))
         out = [Memory({i: MemCache(c.keys[b:b + 1, :, :n].clone(), c.values[b:b + 1, :, :n].clone(),
                                    torch.zeros(1, 1, n, 1, dtype=torch.float32, device=c.keys.device))
                        for i, c in memory.items()})

@@ -98,12 +98,14 @@ class Indexer:
     @classmethod
     def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,
              device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
-             chunk_tokens: int = 256, batch_tokens: int = 4096) -> Indexer:
+             chunk_tokens: int = 256, batch_tokens: int = 4096,
+             run_model: Callable[[Callable[[], Memory]], Memory] | None = None) -> Indexer:
+        """run_model: runs each encode on the model's owner thread (the engine's worker); None: here."""
         fp = fingerprint_for(model, Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp)
         device = device or next(model.parameters()).device
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
-        return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens), rules, chunk_tokens)
+        return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
         return self
@@ -309,10 +311,6 @@ class Indexer:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
-
-    def memory(self, exclude_paths: Iterable[str] = ()) -> Memory:
-        with self.lock:
-            return self.bank.memory(exclude_paths=exclude_paths)
 
     def status(self) -> dict:
         stats = self.store.stats()

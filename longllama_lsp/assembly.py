@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .prompt import Block
+from .repository import Bank, MemorySource
 
 if TYPE_CHECKING:  # torch loads with the model, not with this module (see engine.py)
     import torch
@@ -53,7 +54,7 @@ class Segment:
 
     start: int
     length: int
-    bank: Any = None
+    bank: Bank | None = None
     root: Path | None = None
     block: Block | None = None
     path: str | None = None  # shown path of a buffer block (relative to its repository when inside one)
@@ -74,10 +75,12 @@ NOTHING = Assembled(None, [])
 
 
 class Assembler:
-    """Builds request memories from repositories (objects with .bank, .root, optional .lock) and blocks."""
+    """Builds request memories from repositories (repository.MemorySource, read through the
+    `repositories` provider per request) and blocks."""
 
     def __init__(self, encode: Callable[[list[int]], Memory], device: torch.device | str,
-                 repositories: list[Any], cache_tokens: int = 1 << 17, dtype: torch.dtype | None = None):
+                 repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
+                 dtype: torch.dtype | None = None):
         self.encode, self.device, self.repositories = encode, device, repositories
         # The request copy is made in the compute dtype: attention then skips a cast of all of memory
         # per decode step (bf16 -> fp32 on CPU: 270 -> 197 ms/step at 42k memory tokens, SmolLM2).
@@ -90,23 +93,19 @@ class Assembler:
     def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True) -> Assembled:
         """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map."""
         banks = []  # (repo, bank, root, path relative to root)
-        for repo in list(self.repositories):
-            bank = getattr(repo, "bank", None)
-            if bank is not None and len(bank):
-                root = Path(getattr(repo, "root", ".")).resolve()
-                banks.append((repo, bank, root, relative(path, root) if exclude_current else None))
-        versions = [getattr(bank, "version", None) for _, bank, _, _ in banks]
-        key = tuple((id(b), v, rel) for (_, b, _, rel), v in zip(banks, versions, strict=True)) + tuple(b.key for b in blocks)
-        cacheable = None not in versions
-        if cacheable and self._last is not None and self._last[0] == key:
+        for repo in self.repositories():
+            if len(repo.bank):
+                root = Path(repo.root).resolve()
+                banks.append((repo, repo.bank, root, relative(path, root) if exclude_current else None))
+        key = tuple((id(b), b.version, rel) for _, b, _, rel in banks) + tuple(b.key for b in blocks)
+        if self._last is not None and self._last[0] == key:
             return self._last[1]
         shown = self.display_path(path)
         block_parts = [(self.block_memory(b), Segment(0, 0, block=b, path=shown, file=path)) for b in blocks]
         with contextlib.ExitStack() as locks:  # views alias the banks: copy them while the indexer waits
             parts = []
             for repo, bank, root, rel in banks:
-                if getattr(repo, "lock", None) is not None:
-                    locks.enter_context(repo.lock)
+                locks.enter_context(repo.lock)
                 mem = bank.memory(exclude_paths=[rel] if rel else ())
                 if mem.num_tokens:
                     parts.append((mem, Segment(0, 0, bank=bank, root=root)))
@@ -118,13 +117,13 @@ class Assembler:
         for mem, seg in parts:
             seg.start, seg.length, offset = offset, mem.num_tokens, offset + mem.num_tokens
         out = Assembled(memory, [seg for _, seg in parts])
-        self._last = (key, out) if cacheable else None
+        self._last = (key, out)
         return out
 
     def display_path(self, path: str | None) -> str | None:
         """`path` relative to the first repository root that holds it (as bank sources are named)."""
-        for repo in list(self.repositories):
-            rel = relative(path, Path(getattr(repo, "root", ".")).resolve())
+        for repo in self.repositories():
+            rel = relative(path, Path(repo.root).resolve())
             if rel and path and Path(path).is_absolute():
                 return rel
         return path
@@ -170,7 +169,7 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     if meta is None:
         return None, None
     chunk_id = getattr(meta, "id", None)
-    slots = seg.bank.chunk_slots(chunk_id) if chunk_id is not None and hasattr(seg.bank, "chunk_slots") else None
+    slots = seg.bank.chunk_slots(chunk_id) if chunk_id is not None else None
     w = float(share[seg.start + slots.start:seg.start + slots.stop].sum()) if slots else float(share[slot])
     file = str(seg.root / meta.path) if seg.root is not None else None
     return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(

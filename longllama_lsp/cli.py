@@ -1,5 +1,8 @@
-"""`longllama`: the command line. Each subcommand lives in its own module; imports are lazy so
-`longllama --help` answers instantly and a missing optional dependency only affects its command.
+"""`longllama`: the command line, and what every command shares (arguments, progress bars).
+
+Each subcommand lives in its own module as a `Command`; imports are lazy so `longllama --help`
+answers instantly and a missing optional dependency only affects its command. The CLI reaches the
+engine and the indexers through the workspace (workspace.py), never through the language server.
 """
 
 from __future__ import annotations
@@ -8,9 +11,88 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .command import Command
+from . import __version__
 from .errors import LongLlamaError
+
+if TYPE_CHECKING:
+    from .repository import Progress
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute / on-disk dtypes the CLI accepts
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as plain data: how it adds its arguments and how it runs."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -> None:
+    """--model / --device / --dtype, shared by every command that loads the model (+ --decode-dtype for
+    the commands that generate)."""
+    p.add_argument("--model", metavar="PATH", help="LongLLaMA checkpoint dir, LLaMA dir or GGUF file "
+                   "(default: $LONGLLAMA_MODEL, else the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    if decoding:
+        p.add_argument("--decode-dtype", default=None, choices=DTYPES,
+                       help="weights for steps of a few tokens (default: bfloat16 copies when the model runs "
+                       "in float32 on a CPU, ~1.5x faster decoding; the --dtype value: no copies)")
+
+
+def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bool = False,
+                            positional_alias: bool = False) -> None:
+    """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required).
+    Old spellings stay as hidden aliases: `--root DIR` (ask, complete), a positional (index, watch, status)."""
+    if repeat:
+        p.add_argument("--repo", action="append", required=True, metavar="DIR", help=help + " (repeatable)")
+        return
+    p.add_argument("--repo", default=".", metavar="DIR", help=help + " (default: .)")
+    p.add_argument("--root", dest="repo", help=argparse.SUPPRESS)
+    if positional_alias:
+        p.add_argument("repo", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_version_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+class ProgressBars:
+    """tqdm bars on stderr for the indexer's phases (repository.Progress: 'scan', then 'encode')."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bars = enabled, {}
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(p.phase)
+        if bar is None:
+            unit = "file" if p.phase == "scan" else "chunk"
+            label = "scanning" if p.phase == "scan" else "encoding"
+            bar = self.bars[p.phase] = tqdm(total=p.total, desc=label, unit=unit, file=sys.stderr, leave=True,
+                                            dynamic_ncols=True)
+        bar.total = p.total
+        bar.n = p.done
+        if p.phase == "encode":
+            bar.set_postfix_str(f"{p.tokens} tok, {p.tokens_per_s:.0f} tok/s", refresh=False)
+        bar.refresh()
+        if p.done >= p.total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="longllama", description="Repository-aware code completion and Q&A on LongLLaMA memory.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (spec, help_text) in COMMANDS.items():
         try:

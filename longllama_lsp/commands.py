@@ -1,8 +1,8 @@
 """`longllama ask` and `longllama complete`: the engine from the command line.
 
-Both load the model, index --root first (indexer.pipeline, progress bar on stderr) unless
---no-memory, then call the engine once. Answers stream to stdout as they are generated, then the
-sources follow; a completion prints its text, or everything with --json.
+Both load the model, index --repo first (a Workspace: the indexer encodes on the engine's worker,
+progress bars on stderr) unless --no-memory, then call the engine once. Answers stream to stdout as
+they are generated, then the sources follow; a completion prints its text, or everything with --json.
 """
 
 from __future__ import annotations
@@ -15,66 +15,56 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .command import Command, add_model_arguments
+from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument
 from .documents import Document
 from .engine import Engine, EngineOptions, Source
+from .workspace import Workspace, memory_untrained
 
 logger = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=".", metavar="DIR", help="repository to index and use as memory (default: .)")
+    add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="most tokens to generate")
     add_model_arguments(p, decoding=True)
 
 
-def _engine(args: argparse.Namespace, **options: Any) -> Engine:
+def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
+    """The engine, loaded, with --repo indexed into its memory (unless --no-memory)."""
     opts = EngineOptions(memory=not args.no_memory, **{k: v for k, v in options.items() if v is not None})
     engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
-    engine.wait_ready()
-    if not args.no_memory:
-        warn_if_memory_untrained(engine.model_dir)
-        indexer = _index(Path(args.root), engine)
-        if indexer is not None:
-            engine.repositories.append(indexer)
-    return engine
+    workspace = Workspace(engine)
+    try:
+        engine.wait_ready()
+        if not args.no_memory:
+            warn_if_memory_untrained(engine.model_dir)
+            _index(workspace, Path(args.repo))
+    except BaseException:
+        workspace.close()
+        raise
+    return workspace
 
 
 def warn_if_memory_untrained(model_dir: Path | None) -> None:
-    """Untrained memory layers make predictions worse (BENCHMARKS.md, issue 6): say so once."""
-    from .model.loading import memory_training
-
-    if model_dir is not None and memory_training(model_dir) is None:
+    """Untrained memory layers make predictions worse: say so once (workspace.memory_untrained)."""
+    if memory_untrained(model_dir):
         logger.warning("the memory layers of %s are not FoT-trained: repository memory may make answers "
                        "worse; pass --no-memory, or train them (longllama finetune)", model_dir)
 
 
-def _index(root: Path, engine: Engine) -> Any | None:
-    """Index `root` (progress bars on stderr); None if the indexer cannot run here."""
+def _index(workspace: Workspace, root: Path) -> None:
+    """Index `root` (progress bars on stderr); memory is the file itself only if the indexer cannot run."""
     try:
-        from indexer.commands import ProgressBars
-
-        from .server import default_indexer_factory
-        from .settings import Settings
-
-        indexer = default_indexer_factory(root.resolve(), engine, Settings())
+        repo = workspace.open(root, user="cli")
     except ImportError as exc:
         logger.warning("indexing unavailable (%s): memory is the file itself only", exc)
-        return None
+        return
     bars = ProgressBars(enabled=sys.stderr.isatty())
     try:
-        summary = indexer.index(progress=bars)
+        workspace.index(repo, progress=bars)
     finally:
         bars.close()
-    logger.info("indexed %s: %s", root, summary.line() if hasattr(summary, "line") else summary)
-    return indexer
-
-
-def _close(engine: Engine) -> None:
-    for repo in engine.repositories:
-        (getattr(repo, "close", None) or repo.stop)()
-    engine.close()
 
 
 def format_sources(sources: list[Source]) -> str:
@@ -89,19 +79,19 @@ def add_ask_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    engine = _engine(args, answer_max_tokens=args.max_tokens)
+    workspace = _workspace(args, answer_max_tokens=args.max_tokens)
     try:
         def stream(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        answer = engine.answer(args.question, on_token=stream)
+        answer = workspace.engine.answer(args.question, on_token=stream)
         sys.stdout.write("\n")
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")
         logger.info("timings (ms): %s", answer.timings)
     finally:
-        _close(engine)
+        workspace.close()
     return 0
 
 
@@ -143,11 +133,11 @@ def run_complete(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"longllama complete: error: {exc}", file=sys.stderr)
         return 2
-    engine = _engine(args, max_tokens=args.max_tokens, mode=args.mode)
+    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode)
     try:
-        done = engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)
+        done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)
     finally:
-        _close(engine)
+        workspace.close()
     if args.json:
         print(json.dumps(dataclasses.asdict(done), indent=2))
     else:

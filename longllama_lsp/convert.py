@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .command import DTYPES, Command
+from .cli import DTYPES, Command
 from .errors import ModelError
 
 if TYPE_CHECKING:

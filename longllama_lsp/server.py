@@ -12,7 +12,7 @@ The JSON-RPC fixes over pygls are in rpc.py.
 
 Over TCP every connection is its own LSP session (documents, initialize/shutdown, token check), and
 all of them share one engine (the model is loaded once) and one indexer per workspace root
-(service.SharedServices, service.serve_tcp). The process serves until it is stopped.
+(shared.SharedServices, tcp.serve_tcp). The process serves until it is stopped.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
-from .command import Command, add_model_arguments
+from .cli import Command, add_model_arguments, add_version_argument
 from .documents import Document
 from .engine import Completion
+from .logs import RedactingFormatter, setup_logging
 from .prompt import word_before
 from .protocol import (
     ASK,
@@ -43,27 +44,24 @@ from .protocol import (
     StatusParams,
     StatusResult,
 )
-from .service import (
-    EngineFactory,
-    IndexerFactory,
-    LongLlamaServer,
-    SharedServices,
-    apply_log_level,
-    default_indexer_factory,
-    serve_tcp,
-)
+from .service import LongLlamaServer
 from .settings import ModelSettings
+from .shared import EngineFactory, SharedServices
+from .tcp import serve_tcp
+from .workspace import RepositoryFactory, open_indexer
+
+__all__ = ["RedactingFormatter", "add_arguments", "build_server", "check_listen_address", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
 
 # -- handlers (translate only) ---------------------------------------------------------------------------
 
-def build_server(engine_factory: EngineFactory | None = None, indexer_factory: IndexerFactory | None = None,
+def build_server(engine_factory: EngineFactory | None = None, repository_factory: RepositoryFactory | None = None,
                  auth_token: str | None = None, model_overrides: ModelSettings | None = None,
                  shared: SharedServices | None = None) -> LongLlamaServer:
     """One session; pass `shared` to bind it to a process's engine and indexers (TCP: one per connection)."""
-    server = LongLlamaServer(engine_factory, indexer_factory, auth_token, model_overrides, shared=shared)
+    server = LongLlamaServer(engine_factory, repository_factory, auth_token, model_overrides, shared=shared)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: LongLlamaServer, params: types.InitializeParams) -> None:
@@ -163,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="clients must send this in initializationOptions.token")
     p.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
-    # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, settings).
+    # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, budget_tokens).
     p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
     add_model_arguments(p, decoding=True)
 
@@ -191,18 +189,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"longllama-lsp: error: {refusal}", file=sys.stderr)
         return 2
     setup_logging(args.log_file, verbose=getattr(args, "verbose", False))
-    indexer_factory: IndexerFactory | None = None if args.no_index else default_indexer_factory
+    repository_factory: RepositoryFactory | None = None if args.no_index else open_indexer
     if args.indexer_factory and not args.no_index:
         module, _, attr = args.indexer_factory.partition(":")
-        indexer_factory = getattr(importlib.import_module(module), attr)
+        repository_factory = getattr(importlib.import_module(module), attr)
     overrides = ModelSettings(args.model, args.device, args.dtype, args.decode_dtype)
     if args.tcp:
-        shared = SharedServices(indexer_factory=indexer_factory, model_overrides=overrides, multi=True)
+        shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True)
         serve_tcp(args.host, args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,
                   on_listening=lambda socks: logger.info("listening on %s", ", ".join(
                       str(s.getsockname()) for s in socks)))
         return 0
-    server = build_server(indexer_factory=indexer_factory, auth_token=args.token, model_overrides=overrides)
+    server = build_server(repository_factory=repository_factory, auth_token=args.token, model_overrides=overrides)
     protocol_out = guard_stdout()
     server.start_io(sys.stdin.buffer, protocol_out)
     return 0
@@ -217,32 +215,13 @@ def guard_stdout():
     return protocol_out
 
 
-def setup_logging(log_file: str | None, verbose: bool = False) -> None:
-    handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message body at INFO
-    apply_log_level("debug" if verbose else "info")
-
-
-class RedactingFormatter(logging.Formatter):
-    """Masks credentials (indexer.secrets patterns) in every log line, tracebacks included: messages
-    and exceptions can quote the user's buffers or requests (house rule: secrets never reach the logs)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from indexer.secrets import redact
-
-        return redact(super().format(record))
-
-
 cli = Command(add_arguments, run, description="Run the language server: stdio by default, or --tcp.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longllama-lsp", description=cli.description)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_version_argument(parser)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -1,14 +1,16 @@
 """A stand-in for indexer.pipeline.Indexer: one chunk per file, encoded into a real MemoryBank.
 
-The server takes it through the hidden `--indexer-factory helpers_indexer:make` option (tests/ on
-PYTHONPATH), so end-to-end tests see work-done progress and sources without the real pipeline's
-SQLite store. It encodes through `engine.call` (the engine worker owns the model), reports
-progress as indexer.pipeline.Progress does, and sleeps a little per file, so the progress
-notifications are observable.
+It implements longllama_lsp.repository.Repository, as the real indexer does. The server takes it
+through the hidden `--indexer-factory helpers_indexer:make` option (tests/ on PYTHONPATH), so
+end-to-end tests see work-done progress and sources without the real pipeline's SQLite store. It
+encodes through `engine.on_worker` (the engine's worker owns the model), reports progress as
+indexer.pipeline.Progress does, and sleeps a little per file, so the progress notifications are
+observable.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class FakeIndexer:
         cfg = engine.model.config
         self.bank = MemoryBank(cfg.mem_layers, cfg.num_key_value_heads, cfg.head_dim, getattr(torch, cfg.mem_dtype),
                                engine.model.device)
+        self.lock = threading.RLock()  # held while the bank changes (the engine copies under it)
         self.files = 0
         self.state = "idle"
 
@@ -53,11 +56,13 @@ class FakeIndexer:
             text = path.read_text(encoding="utf-8")
             ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"][:window]
             if ids:
-                memory = self.engine.call(self._encode, ids)
-                self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem))
+                memory = self.engine.on_worker(lambda ids=ids: self._encode(ids))
+                with self.lock:
+                    self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem))
             self.files = i
             if progress is not None:  # indexer.pipeline.Progress's fields
-                progress(SimpleNamespace(phase="encode", done=i, total=len(paths), message=rel))
+                progress(SimpleNamespace(phase="encode", done=i, total=len(paths), tokens=0, tokens_per_s=0.0,
+                                         message=rel))
             time.sleep(self.delay_s)
         self.state = "idle"
 
@@ -67,13 +72,11 @@ class FakeIndexer:
     def close(self) -> None:
         self.state = "idle"
 
-    stop = close
-
     def status(self) -> dict:
         bank = self.bank.status()
         return {"root": self.root, "state": self.state, "files": self.files, "chunks": len(self.bank),
                 "memory_tokens": bank.live_tokens, "bank": bank}
 
 
-def make(root: Path, engine: Any, settings: Any) -> FakeIndexer:
+def make(root: Path, engine: Any, budget_tokens: int | None) -> FakeIndexer:
     return FakeIndexer(root, engine)

@@ -68,3 +68,27 @@ def test_ask_and_complete_warn_when_memory_layers_are_untrained(tmp_path, caplog
     with caplog.at_level("WARNING"):
         warn_if_memory_untrained(plain)
     assert caplog.text == ""
+
+
+def test_version_on_both_entry_points(capsys):
+    from longllama_lsp import __version__, server
+    from longllama_lsp.cli import main
+
+    for entry, prog in ((main, "longllama"), (server.main, "longllama-lsp")):
+        with pytest.raises(SystemExit) as done:
+            entry(["--version"])
+        assert done.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["index", "--repo", "R"], ["index", "R"], ["watch", "R"], ["status", "--repo", "R"], ["status", "R"],
+    ["ask", "q", "--repo", "R"], ["ask", "q", "--root", "R"], ["complete", "a.py:1:1", "--root", "R"],
+    ["finetune", "--repo", "R", "--out", "O"], ["eval", "--repo", "R"],
+])
+def test_the_repository_is_spelled_repo_everywhere_old_spellings_still_parse(argv):
+    from longllama_lsp.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.repo in ("R", ["R"])
+    help_text = build_parser()._subparsers._group_actions[0].choices[argv[0]].format_help()
+    assert "--repo DIR" in help_text and "--root" not in help_text

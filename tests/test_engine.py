@@ -213,7 +213,7 @@ def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):
     assert healed == "\n    " and healed_ids == ids[: len(healed_ids)] and len(healed_ids) < len(ids)
     assert smol_tokenizer.decode(healed_ids).endswith("3.14")  # "\n    " is one token: redone whole
     assert engine._heal(ids, "    x") == (ids, "")  # not only whitespace before the cursor: as is
-    mask = engine._allowed_after("", "\n    ")
+    mask = engine.decoder._allowed_after("", "\n    ")
     allowed = {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
     assert {"\n", "\n   ", "\n    "} <= allowed and "\n\n" not in allowed and " return" not in allowed
     assert all("\n    ".startswith(t) or t.startswith("\n    ") for t in allowed)
@@ -295,11 +295,11 @@ def repo(tmp_path, engine, smol_tokenizer):  # noqa: F811
         (tmp_path / rel).write_text(text)
         ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"][:100]
         bank.add(rel, engine.model.encode_memory(torch.tensor([ids])), ChunkMeta(rel, rel, 1, 9, rel[0]))
-    return SimpleNamespace(bank=bank, root=tmp_path)
+    return SimpleNamespace(bank=bank, root=tmp_path, lock=threading.RLock())  # a repository.MemorySource
 
 
 def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):
-    engine.repositories.append(repo)
+    engine.repositories = lambda: (repo,)
     text = "def main():\n    g = Gre"
     done = engine.complete(text, len(text), path=str(repo.root / "a.py"))
     assert done.memory_tokens == repo.bank.status().span_tokens  # a.py's slots are masked, not removed
@@ -312,7 +312,7 @@ def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):
 
 
 def test_answer_streams_tokens_and_names_sources(engine, repo):
-    engine.repositories.append(repo)
+    engine.repositories = lambda: (repo,)
     pieces: list[str] = []
     answer = engine.answer("What does Greeter do?", on_token=pieces.append)
     assert "".join(pieces).strip() == answer.text
@@ -346,7 +346,7 @@ def test_complete_command_prints_json(tiny_model_dir, tmp_path, capsys):  # noqa
 
 
 def test_cpu_float32_models_get_bfloat16_decode_copies_unless_told(tiny_model_dir):  # noqa: F811
-    from longllama_lsp.engine import load_model_and_tokenizer
+    from longllama_lsp.load import load_model_and_tokenizer
     from longllama_lsp.model.decode_weights import decode_dtype
 
     model, _, _ = load_model_and_tokenizer(tiny_model_dir, "cpu")

@@ -203,7 +203,7 @@ def test_ten_megabyte_document_is_refused_and_memory_is_returned(server):
 def test_the_editors_log_is_redacted_too(server):
     """A refused request is logged with its id ("refused request '<id>' ..."), and our log records also
     go to the editor as window/logMessage: a credential in the id must be masked there, as in the log
-    file. Fails when service._LspLogHandler.emit does not call redact() (tried: RELIABILITY.md)."""
+    file. Fails when logs.LspLogHandler.emit does not call redact() (tried: RELIABILITY.md)."""
     secret = "AKIA" + "QWERTYUIOPASDFGH"  # the AWS key id pattern of indexer.secrets
 
     def editor_log() -> str:

@@ -1,0 +1,150 @@
+"""What a training run writes and how it is read back: a full checkpoint or a weight delta.
+
+    "full"  = config.json + model.safetensors + tokenizer (load by path)
+    "delta" = adapter.safetensors + adapter.json (only the trained tensors, LoRA merged; applied on
+              the base model named by its fingerprint)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import ATTENTION_PROJ, ModelArgs, RunConfig, package_versions
+
+DELTA_FORMAT = 1
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index in a parameter or module name ('model.layers.3.self_attn...' -> 3)."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
+def memory_attention_names(model) -> list[str]:
+    """Parameter names of q/k/v/o of the memory layers (what FoT trains; it adds no parameters)."""
+    layers = set(model.config.mem_layers)
+    if not layers:
+        raise ValueError("model.train = 'memory' needs a model with memory layers (mem_layers is empty)")
+    return [n for n, _ in model.named_parameters()
+            if layer_of(n) in layers and any(f"self_attn.{p}." in n for p in ATTENTION_PROJ)]
+
+
+def trained_state_dict(model, acc=None) -> dict[str, torch.Tensor]:
+    """Full state dict with base-model names; LoRA merged (W + B·A·alpha/r).
+
+    `model` as prepared by `acc` (gathered from FSDP shards by accelerate) or a plain module.
+    """
+    state = acc.get_state_dict(model) if acc is not None else model.state_dict()
+    peft_cfg = getattr(acc.unwrap_model(model) if acc is not None else model, "peft_config", None)
+    if not peft_cfg:
+        return {k: v for k, v in state.items()}
+    scale = {name: c.lora_alpha / c.r for name, c in peft_cfg.items()}
+    prefix = "base_model.model."
+    out, lora = {}, {}
+    for k, v in state.items():
+        k = k.removeprefix(prefix)
+        if ".lora_A." in k or ".lora_B." in k:
+            module, kind, adapter = _split_lora_key(k)
+            lora.setdefault((module, adapter), {})[kind] = v
+        else:
+            out[k.replace(".base_layer.", ".")] = v
+    for (module, adapter), ab in lora.items():
+        w = out[f"{module}.weight"]
+        delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scale[adapter]
+        out[f"{module}.weight"] = (w.float() + delta).to(w.dtype)
+    return out
+
+
+def _split_lora_key(k: str) -> tuple[str, str, str]:
+    """'m.q_proj.lora_A.default.weight' -> ('m.q_proj', 'lora_A', 'default')."""
+    for kind in ("lora_A", "lora_B"):
+        head, sep, tail = k.partition(f".{kind}.")
+        if sep:
+            return head, kind, tail.removesuffix(".weight")
+    raise AssertionError(k)
+
+
+def delta_names(model, margs: ModelArgs) -> list[str]:
+    """Parameters `margs.train` changes, by base-model name."""
+    if margs.train == "memory":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return memory_attention_names(base)
+    if margs.train == "lora":
+        modules = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")
+                   and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)}
+        return [f"{m}.weight" for m in sorted(modules)]
+    raise ValueError("train = 'all' changes every tensor: write a full checkpoint (output = 'full')")
+
+
+def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path | None, kind: str = "auto",
+                acc=None, extra: dict[str, Any] | None = None) -> Path | None:
+    """Write the trained model into out_dir as a full checkpoint or a weight delta. Returns out_dir.
+
+    `model`: plain, or as prepared by `acc` (then every process must call this; the main one writes).
+    """
+    from safetensors.torch import save_file
+
+    if kind == "auto":
+        kind = "full" if cfg.model.train == "all" or base_path is None else "delta"
+    if kind == "none":
+        return None
+    state = trained_state_dict(model, acc)
+    if acc is not None:
+        if not acc.is_main_process:
+            return None
+        model = acc.unwrap_model(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    info = {"train": cfg.model.train, "versions": package_versions(), **(extra or {})}
+    if kind == "full":
+        if base.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        base.config.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        (out_dir / "training.json").write_text(json.dumps({**cfg.to_dict(), **info}, indent=2, default=str) + "\n")
+        return out_dir
+    if base_path is None:
+        raise ValueError("a weight delta needs a base checkpoint (model.path); use output = 'full'")
+    from longllama_lsp.model.loading import model_fingerprint
+
+    names = delta_names(model, cfg.model)
+    tensors = {n: state[n].detach().contiguous().cpu().clone() for n in names}
+    save_file(tensors, str(out_dir / "adapter.safetensors"), metadata={"format": "longllama-delta"})
+    meta = {"format": DELTA_FORMAT, "kind": "replace", "base_model": str(Path(base_path).resolve()),
+            "base_fingerprint": model_fingerprint(base_path), "mem_layers": list(base.config.mem_layers),
+            "tensors": {n: list(t.shape) for n, t in tensors.items()}, **info,
+            "lora": ({"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "targets": cfg.model.lora_targets,
+                      "layers": cfg.model.lora_layers, "merged": True} if cfg.model.train == "lora" else None)}
+    (out_dir / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "training.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    return out_dir
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                 base: str | Path | None = None, check_fingerprint: bool = True):
+    """(model, tokenizer) from a training output: a full checkpoint, or a delta dir on its base model."""
+    from longllama_lsp.errors import CheckpointError
+    from longllama_lsp.model.loading import apply_weight_delta, load_model, load_tokenizer, model_fingerprint
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return load_model(path, device, dtype), load_tokenizer(path)
+    meta_file = path / "adapter.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: neither a checkpoint (config.json) nor a weight delta (adapter.json)")
+    meta = json.loads(meta_file.read_text())
+    base_path = Path(base or meta["base_model"])
+    if check_fingerprint and model_fingerprint(base_path) != meta["base_fingerprint"]:
+        raise CheckpointError(f"{path}: trained on another base model than {base_path} (fingerprint mismatch)")
+    model = load_model(base_path, device, dtype)
+    apply_weight_delta(model, path / "adapter.safetensors")
+    return model, load_tokenizer(base_path)

@@ -1,0 +1,287 @@
+"""The product's one decode loop: chunked prefill, greedy decoding, prefix reuse. Worker thread only.
+
+Prefix reuse: each session (a document) keeps the `LongLlamaCache` of its last request and the
+tokens in it. A new request crops that cache to the common token prefix (`cache.crop`) and prefills
+only the rest; positions continue from the crop point because RoPE positions are rebased inside
+the local window (spec §2.2.5). The memory part is swapped (`cache.memory = ...`) when it changed;
+local states above the first memory layer were computed with the old memory then (an approximation
+accepted for speed; with unchanged memory reuse is exact, see tests/test_engine.py).
+
+Threads: the worker is the only thread that runs the model (the indexer encodes through it too), so
+switching torch's process-wide thread count for few-token steps here touches no one else's work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .worker import Cancelled, Request
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model.memory import Memory
+
+logger = logging.getLogger(__name__)
+
+SMALL_STEP = 16  # tokens: a prefill chunk this short runs with the decode threads
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stop_reason: str  # "stop" (the caller's rule), "eos", "max_tokens"
+    prompt_tokens: int
+    reused_tokens: int  # prompt tokens whose local cache came from the previous request
+    memory_attention: torch.Tensor | None  # (M,) attention mass per memory slot, summed
+    attention_norm: float  # queries * heads * memory layers: divide by it for shares
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+
+
+@dataclass
+class DecodeOptions:
+    prefill_chunk: int = 256  # tokens per prefill forward: the cancellation granularity of prefill
+    sessions: int = 4  # documents whose local cache is kept (each up to a window of all layers)
+    # Sources from memory-attention weights of the last prompt token and the first 3 generated
+    # tokens, then every 8th: +70% per step while on (42k-token memory, SmolLM2, CPU).
+    source_steps: int = 3
+    source_every: int = 8
+    # Torch threads for steps of a few tokens (decode, and typing's short prefills). None: one thread
+    # on a CPU whose load average says the cores are taken, else torch's own count. Measured on a
+    # 2-core CPU at load ~10: 3,425 ms/token with 2 threads against 792 ms/token with 1 (each op of
+    # a one-token step wakes the other thread, which the scheduler has given to someone else).
+    decode_threads: int | None = None
+
+
+@dataclass
+class _Session:
+    cache: Any  # LongLlamaCache
+    fed: list[int]  # tokens whose keys/values are in the local cache
+    memory: Memory | None  # the memory the cache was computed with
+
+
+@dataclass
+class _AttentionSum:
+    """Memory-attention mass summed over the steps that asked for sources."""
+
+    mass: torch.Tensor | None = None  # (M,)
+    queries: int = 0  # queries * heads * memory layers that contributed
+
+    def add(self, weights: dict[int, torch.Tensor], tokens: int, heads: int) -> None:
+        mass = sum(w[0].float() for w in weights.values())  # (M,)
+        self.mass = mass if self.mass is None else self.mass + mass
+        self.queries += tokens * heads * len(weights)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1000, 2)
+
+
+class Decoder:
+    """Greedy decoding on one model with per-session prefix reuse (see the module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: Callable[[], DecodeOptions]):
+        self.model, self.tokenizer, self._options = model, tokenizer, options
+        self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
+        self._token_texts: list[str] | None = None  # each token id decoded alone (forced prefixes)
+
+    @property
+    def options(self) -> DecodeOptions:
+        return self._options()  # the engine's current options (settings updates replace them)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def generate(self, req: Request, ids: list[int], memory: Memory | None, max_new: int, *,
+                 stop: Callable[[list[int]], bool] | None = None,
+                 on_token: Callable[[int, list[int]], None] | None = None, session: Hashable | None = None,
+                 sources: bool = False, source_steps: int | None = None, forced_prefix: str = "") -> Generation:
+        """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
+        samples memory attention (see `_samples_sources`); the text of the first generated tokens is
+        forced to start with `forced_prefix` (token healing)."""
+        import torch
+
+        window = self.model.window
+        if not ids:
+            raise ValueError("generate needs at least one prompt token")
+        if len(ids) + max_new > window:
+            raise ValueError(f"{len(ids)} prompt + {max_new} new tokens exceed the model window ({window}); "
+                             "keep last_context_length + max_new_tokens <= window (spec §2.3)")
+        t0 = time.perf_counter()
+        state = self._resume(session, ids, memory)
+        reused = len(state.fed)
+        attention = _AttentionSum()
+        threads = torch.get_num_threads()
+        try:
+            out = self._prefill(req, state, ids[reused:], memory, attention, sources, threads)
+            t1 = time.perf_counter()
+            generated, reason = self._decode(req, state, out, ids, memory, max_new, stop, on_token, attention,
+                                             sources, source_steps, forced_prefix)
+            t2 = time.perf_counter()
+        except BaseException as exc:
+            if isinstance(exc, Cancelled):
+                self._save(session, state)  # a cancelled request's cache serves the next one
+            else:
+                self._sessions.pop(session, None)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        self._save(session, state)
+        return Generation(generated, reason, len(ids), reused, attention.mass, float(attention.queries),
+                          {"prefill": ms(t0, t1), "decode": ms(t1, t2), "prefillTokens": len(ids) - reused})
+
+    def _step(self, state: _Session, tokens: list[int], memory: Memory | None, attention: _AttentionSum,
+              sources: bool) -> Any:
+        import torch
+
+        model = self.model
+        out = model(torch.tensor([tokens], device=model.device), past_key_values=state.cache,
+                    memory=memory if state.cache is None else None, use_cache=True,
+                    last_context_length=model.window, output_memory_attention=sources, logits_to_keep=1)
+        state.cache = out.past_key_values
+        state.fed.extend(tokens)
+        if sources and out.memory_attention:
+            attention.add(out.memory_attention, len(tokens), model.config.num_attention_heads)
+        return out
+
+    def _prefill(self, req: Request, state: _Session, rest: list[int], memory: Memory | None,
+                 attention: _AttentionSum, sources: bool, threads: int) -> Any:
+        """Feed the prompt tokens not in the cache; returns the output of the last step."""
+        import torch
+
+        few = self._decode_threads(threads)
+        # A keystroke's few new tokens go in one step (one read of the weights; sources from all
+        # of them); a long prompt in chunks, then its last token alone for the sources.
+        last = len(rest) if len(rest) <= SMALL_STEP else 1
+        chunk = max(1, self.options.prefill_chunk)
+        for b in range(0, len(rest) - last, chunk):
+            req.check()
+            part = rest[b:min(b + chunk, len(rest) - last)]
+            torch.set_num_threads(few if len(part) <= SMALL_STEP else threads)
+            self._step(state, part, memory, attention, False)
+        req.check()
+        torch.set_num_threads(few)
+        return self._step(state, rest[-last:], memory, attention, sources)  # its last query predicts token 1
+
+    def _decode(self, req: Request, state: _Session, out: Any, ids: list[int], memory: Memory | None,
+                max_new: int, stop: Callable[[list[int]], bool] | None,
+                on_token: Callable[[int, list[int]], None] | None, attention: _AttentionSum, sources: bool,
+                source_steps: int | None, forced_prefix: str) -> tuple[list[int], str]:
+        """Greedy steps after the prefill: (generated ids, stop reason)."""
+        generated: list[int] = []
+        stop_ids = self._stop_ids()
+        forcing = bool(forced_prefix)  # until the generated text covers forced_prefix
+        while len(generated) < max_new:
+            logits = out.logits[0, -1]
+            if forcing:
+                done = self.continuation(ids, generated)
+                forcing = len(done) < len(forced_prefix) and forced_prefix.startswith(done)
+                allowed = self._allowed_after(done, forced_prefix).to(logits.device) if forcing else None
+                if allowed is not None and bool(allowed.any()):
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+            nxt = int(logits.argmax())
+            if nxt in stop_ids:
+                return generated, "eos"
+            generated.append(nxt)
+            if on_token is not None:
+                on_token(nxt, generated)
+            if stop is not None and stop(generated):
+                return generated, "stop"
+            if len(generated) == max_new:
+                break
+            req.check()
+            out = self._step(state, [nxt], memory, attention,
+                             sources and self._samples_sources(len(generated), source_steps))
+        return generated, "max_tokens"
+
+    def continuation(self, prompt_ids: Sequence[int], new: Sequence[int]) -> str:
+        """Text of `new` as it continues the prompt (decoding alone drops SentencePiece's leading space)."""
+        anchor = list(prompt_ids[-2:])
+        head = self.tokenizer.decode(anchor, skip_special_tokens=True)
+        full = self.tokenizer.decode(anchor + list(new), skip_special_tokens=True)
+        return full[len(head):] if full.startswith(head) else self.tokenizer.decode(list(new),
+                                                                                   skip_special_tokens=True)
+
+    def _allowed_after(self, done: str, prefix: str) -> Any:
+        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask)."""
+        import torch
+
+        if self._token_texts is None:
+            n = len(self.tokenizer)
+            self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
+        need = prefix[len(done):]
+        ok = [bool(t) and (need.startswith(t) or t.startswith(need)) for t in self._token_texts]
+        mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+        mask[: len(ok)] = torch.tensor(ok)
+        return mask
+
+    def _stop_ids(self) -> set[int]:
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        for eos in (getattr(self.tokenizer, "eos_token_id", None), self.model.config.eos_token_id):
+            ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        return ids
+
+    def _decode_threads(self, threads: int) -> int:
+        """Threads for few-token steps (see DecodeOptions.decode_threads)."""
+        if self.options.decode_threads is not None:
+            return max(1, self.options.decode_threads)
+        if str(getattr(self.model, "device", "cpu")).startswith("cpu") and threads > 1:
+            try:
+                busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5  # more runnable threads than cores
+            except OSError:
+                busy = False
+            return 1 if busy else threads
+        return threads
+
+    def _samples_sources(self, generated: int, steps: int | None = None) -> bool:
+        """Memory-attention weights cost a second pass over memory: take them for the first
+        `source_steps` generated tokens, then every `source_every`-th (sources of long answers).
+        `steps` (completions) replaces both: the first `steps` generated tokens only."""
+        opts = self.options
+        if steps is not None:
+            return generated < steps
+        return generated < opts.source_steps or (opts.source_every > 0 and generated % opts.source_every == 0)
+
+    def _resume(self, session: Hashable | None, ids: list[int], memory: Memory | None) -> _Session:
+        """The session's cache cropped to the common prefix with `ids` (at least one token left to feed)."""
+        fresh = _Session(None, [], memory)
+        if session is None:
+            return fresh
+        old = self._sessions.pop(session, None)
+        if old is None or old.cache is None:
+            return fresh
+        common = min(common_prefix(old.fed, ids), len(ids) - 1, old.cache.local_length)
+        if common <= 0:
+            return fresh
+        old.cache.crop(common, reuse_storage=True)  # the decoder alone holds it: no copy of the kept part
+        old.fed = old.fed[:common]
+        if old.memory is not memory:  # bank or buffer memory changed: swap it, keep the local states
+            from .model.memory import Memory
+
+            old.cache.memory = memory if memory is not None else Memory({})
+            old.memory = memory
+        return old
+
+    def _save(self, session: Hashable | None, state: _Session) -> None:
+        if session is None or state.cache is None or not state.fed:
+            return
+        self._sessions[session] = state
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > self.options.sessions:
+            self._sessions.popitem(last=False)
+

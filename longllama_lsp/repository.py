@@ -1,0 +1,68 @@
+"""The typed seam between a repository's indexer and the rest: what the engine reads, what the
+workspace drives. indexer.pipeline.Indexer and the test fake (tests/helpers_indexer.py) implement it.
+
+    indexer (Repository) -> workspace (one per root) -> engine (reads MemorySource) -> server / CLI
+
+Plain Protocols, no imports of the indexer: the engine and the server depend on this module only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .model.memory import Memory
+
+
+class Bank(Protocol):
+    """A repository's memory on the device (indexer.bank.MemoryBank)."""
+
+    version: int  # bumped on every change: what is built from memory() may be cached until then
+
+    def __len__(self) -> int: ...
+
+    def memory(self, exclude_paths: Iterable[str] = ()) -> Memory: ...
+
+    def slot_owner(self, slot: int) -> Any | None: ...  # the chunk row (path, start_line, ...) of a slot
+
+    def chunk_slots(self, chunk_id: Hashable) -> range | None: ...
+
+    def touch(self, path: str) -> None: ...
+
+
+class MemorySource(Protocol):
+    """What the engine reads: a bank, the root its paths are relative to, the lock that guards it."""
+
+    root: Path
+    bank: Bank
+    lock: AbstractContextManager  # held by the indexer while it changes the bank, by the engine while it copies
+
+
+class Progress(Protocol):
+    """One progress report: `phase` is 'scan' (files) or 'encode' (chunks)."""
+
+    phase: str
+    done: int
+    total: int
+    tokens: int  # encoded so far
+    tokens_per_s: float
+    message: str
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@runtime_checkable
+class Repository(MemorySource, Protocol):
+    """One indexed root, as the workspace drives it."""
+
+    def index(self, progress: ProgressFn | None = None) -> Any: ...  # a full pass; returns a summary
+
+    def start_watching(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...

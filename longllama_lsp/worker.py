@@ -1,0 +1,177 @@
+"""The request queue and the one thread that owns the model (house style 22).
+
+Callers on any thread `submit` a function; it runs on the worker, which hands its result or error to
+the request's future. Lower priority values run first (completions and answers before indexing
+encodes). Per `key` the newest request wins: submitting one cancels the older ones. Cancellation is
+a flag the running function checks between model steps (`Request.check`), so it stops within one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FOREGROUND, BACKGROUND = 0, 1  # queue priorities: completions and answers, then indexing encodes
+
+
+class Cancelled(Exception):
+    """The request was cancelled: by the client, or by a newer request for the same document."""
+
+
+class Request:
+    """A queued unit of work; `future` resolves to its result, or raises Cancelled."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, fn: Callable[[Request], Any], key: Hashable | None = None, priority: int = FOREGROUND):
+        self.id = next(self._ids)
+        self.fn, self.key, self.priority = fn, key, priority
+        self.future: Future = Future()
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.superseded = False  # cancelled because a newer request with the same key arrived
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self.future.cancel()  # succeeds only while queued
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check(self) -> None:
+        """Raise Cancelled if the request was cancelled (called between model steps)."""
+        if self._cancel.is_set():
+            raise Cancelled(f"request {self.id} cancelled")
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.future.result(timeout)
+
+
+class Worker:
+    """One thread: `start()` runs `setup` on it (loading the model), then serves the queue.
+
+    `wrap(fn, request)` runs each request's function (the engine enters torch.inference_mode there).
+    """
+
+    def __init__(self, setup: Callable[[], None], wrap: Callable[[Callable[[Request], Any], Request], Any]):
+        self._setup, self._wrap = setup, wrap
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._latest: dict[Hashable, Request] = {}
+        self._lock = threading.Lock()  # guards _latest, and _closed against a racing submit
+        self._closed = False
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "typeahead": 0}
+        # Worker milliseconds spent per outcome: "cancelled" is the compute that typing threw away.
+        self.busy_ms = {"completed": 0.0, "cancelled": 0.0, "failed": 0.0}
+        self.running: int | None = None  # id of the request on the worker
+        self._thread = threading.Thread(target=self._run, name="longllama-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[[Request], Any], key: Hashable | None = None,
+               priority: int = FOREGROUND) -> Request:
+        """Queue fn(request). A request with a `key` cancels older ones with that key."""
+        req = Request(fn, key, priority)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            older = self._latest.get(key) if key is not None else None
+            if key is not None:
+                self._latest[key] = req
+            self._queue.put((priority, next(self._seq), req))
+        if older is not None:
+            older.superseded = True
+            older.cancel()
+        return req
+
+    def answered(self, req: Request, result: Any) -> Request:
+        """`req` (not queued) resolved at once with `result`; it supersedes older requests of its key."""
+        with self._lock:
+            older = self._latest.pop(req.key, None) if req.key is not None else None
+        if older is not None:
+            older.superseded = True
+            older.cancel()
+        req.future.set_running_or_notify_cancel()
+        req.future.set_result(result)
+        return req
+
+    def cancel(self, key: Hashable) -> None:
+        """Cancel the newest request for `key` as stale (its caller gets an empty result, not an error)."""
+        with self._lock:
+            req = self._latest.get(key)
+        if req is not None:
+            req.superseded = True
+            req.cancel()
+
+    def close(self) -> None:
+        """Cancel all queued work and stop the thread (the running request stops at its next step)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._latest.values())
+            self._queue.put((-1, -1, None))
+        for req in pending:
+            req.cancel()
+        if self._thread.is_alive() and not self.on_thread():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        self._setup()
+        while True:
+            _, _, req = self._queue.get()
+            if req is None:
+                self._drain()
+                return
+            if req.future.set_running_or_notify_cancel():
+                self._serve(req)
+
+    def _drain(self) -> None:
+        """Closed: what is still queued (unkeyed background work too) is cancelled, so no caller waits forever."""
+        while True:
+            try:
+                _, _, req = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if req is not None:
+                req.cancel()
+
+    def _serve(self, req: Request) -> None:
+        req.started = time.perf_counter()
+        self.running = req.id
+        try:
+            req.check()
+            result = self._wrap(req.fn, req)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            outcome = "cancelled" if isinstance(exc, Cancelled) else "failed"
+            if not isinstance(exc, (Cancelled, ValueError)):
+                logger.exception("request %s failed", req.id)
+            req.future.set_exception(exc)
+        else:
+            outcome = "completed"
+            req.future.set_result(result)
+        finally:
+            self.running = None
+            with self._lock:
+                if req.key is not None and self._latest.get(req.key) is req:
+                    del self._latest[req.key]
+        self.counts[outcome] += 1
+        self.busy_ms[outcome] += (time.perf_counter() - req.started) * 1000

@@ -1,0 +1,176 @@
+"""The workspace: the engine and one repository (indexer) per root; the only module that joins them.
+
+    indexer (Repository) -> Workspace -> Engine -> server (service.py) and CLI (commands.py)
+
+The engine reads the repositories' banks through `Workspace.repositories` (the provider it is
+given); nothing else appends to or removes from what it reads. A root is opened on first use and
+shared by its users (LSP sessions, the CLI), reference-counted; the last user's release closes it.
+Indexers encode through the engine's worker (`Engine.on_worker`): one thread owns the model.
+
+Every method blocks (opening and indexing take seconds to minutes): the server runs them on an
+executor thread, the CLI calls them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .repository import ProgressFn, Repository
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+logger = logging.getLogger(__name__)
+
+# (root, engine, memory budget in tokens or None) -> a Repository for that root
+RepositoryFactory = Callable[[Path, "Engine", "int | None"], Repository]
+
+
+def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None) -> Repository:
+    """indexer.pipeline.Indexer for `root` on the engine's model; it encodes on the engine's worker."""
+    from indexer.pipeline import Indexer
+
+    if engine.model_dir is None:
+        raise ValueError("indexing needs the model's checkpoint folder (Engine.model_dir)")
+    return Indexer.open(root, engine.model, engine.tokenizer, engine.model_dir, budget_tokens=budget_tokens,
+                        run_model=engine.on_worker)
+
+
+@dataclasses.dataclass(eq=False)
+class _Root:
+    repository: Repository
+    users: set[Hashable] = dataclasses.field(default_factory=set)
+    indexed: bool = False  # indexed once and watching
+
+
+class Workspace:
+    """The engine and the repositories it reads; see the module docstring."""
+
+    def __init__(self, engine: Engine, open_repository: RepositoryFactory | None = open_indexer):
+        self.engine = engine
+        self.open_repository = open_repository  # None: no indexing (memory is the open buffer only)
+        self._roots: dict[Path, _Root] = {}
+        self._lock = threading.Lock()
+        engine.repositories = self.repositories
+
+    def repositories(self) -> tuple[Repository, ...]:
+        """What the engine reads now (called on its worker, per request)."""
+        with self._lock:
+            return tuple(entry.repository for entry in self._roots.values())
+
+    def open(self, root: Path, user: Hashable, budget_tokens: int | None = None) -> Repository:
+        """The repository of `root`, opened on first use and then shared; `user` now uses it."""
+        if self.open_repository is None:
+            raise RuntimeError("this workspace does not index")
+        root = Path(root).resolve()
+        with self._lock:
+            entry = self._roots.get(root)
+        if entry is None:
+            opened = self.open_repository(root, self.engine, budget_tokens)
+            with self._lock:
+                entry = self._roots.get(root)  # another user may have opened it meanwhile
+                if entry is None:
+                    entry, opened = self._roots.setdefault(root, _Root(opened)), None
+            if opened is not None:
+                _close(opened)
+        with self._lock:
+            entry.users.add(user)
+        return entry.repository
+
+    def needs_index(self, repo: Repository) -> bool:
+        entry = self._entry(repo)
+        return entry is not None and not entry.indexed
+
+    def index(self, repo: Repository, progress: ProgressFn | None = None) -> Any:
+        """A full pass over `repo` (only new content reaches the model); returns its summary."""
+        summary = repo.index(progress=progress)
+        logger.info("indexed %s: %s", repo.root, summary_line(repo))
+        return summary
+
+    def watch(self, repo: Repository) -> None:
+        """Keep `repo` current from now on (after its first `index`)."""
+        entry = self._entry(repo)
+        if entry is not None and not entry.indexed:
+            repo.start_watching()
+            entry.indexed = True
+
+    def reindex(self, user: Hashable) -> None:
+        """The next indexing pass of `user` indexes its roots again, even if other users keep them open."""
+        with self._lock:
+            for entry in self._roots.values():
+                if user in entry.users:
+                    entry.indexed = False
+
+    def release(self, user: Hashable) -> None:
+        """`user` no longer uses its roots; a repository nobody uses is closed."""
+        closing = []
+        with self._lock:
+            for root, entry in list(self._roots.items()):
+                entry.users.discard(user)
+                if not entry.users:
+                    closing.append(self._roots.pop(root).repository)
+        for repo in closing:
+            _close(repo)
+
+    def touch(self, path: str) -> None:
+        """An opened file (and its folder) ranks first when a memory budget evicts chunks."""
+        path = os.path.normpath(path)  # ws/../outside is not inside ws
+        for repo in self.repositories():
+            if Path(path).is_relative_to(repo.root):
+                with repo.lock:
+                    repo.bank.touch(Path(path).relative_to(repo.root).as_posix())
+
+    def untrained_memory(self) -> Path | None:
+        """The engine's checkpoint folder when its memory layers are untrained (see `memory_untrained`)."""
+        model_dir = self.engine.model_dir
+        return Path(model_dir) if memory_untrained(model_dir) else None
+
+    def close(self) -> None:
+        """Close every repository and the engine."""
+        with self._lock:
+            repos = [entry.repository for entry in self._roots.values()]
+            self._roots.clear()
+        for repo in repos:
+            _close(repo)
+        self.engine.close()
+
+    def _entry(self, repo: Repository) -> _Root | None:
+        with self._lock:
+            return next((e for e in self._roots.values() if e.repository is repo), None)
+
+
+def memory_untrained(model_dir: Path | None) -> bool:
+    """Whether the memory layers of `model_dir` are not FoT-trained: repository memory may then make
+    predictions worse (BENCHMARKS.md, issue 6). The server and the CLI each say so once."""
+    from .model.loading import memory_training
+
+    return model_dir is not None and memory_training(model_dir) is None
+
+
+def repository_status(repo: Repository) -> dict[str, Any]:
+    """The repository's status() as plain JSON (it may hold dataclasses and paths)."""
+    def plain(value: Any) -> Any:
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+    try:
+        return json.loads(json.dumps(repo.status(), default=plain))
+    except Exception as exc:  # noqa: BLE001 - status must answer even when an indexer is broken
+        return {"error": str(exc)}
+
+
+def summary_line(repo: Repository) -> str:
+    d = repository_status(repo)
+    return f"{d.get('files', '?')} files, {d.get('chunks', '?')} chunks"
+
+
+def _close(repo: Repository) -> None:
+    try:
+        repo.close()
+    except Exception:  # noqa: BLE001 - one broken indexer does not keep the others open
+        logger.exception("closing the indexer of %s failed", repo.root)
