@@ -80,10 +80,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from finetune.config import DataArgs
+    from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs
     from finetune.data import fot_batches, split_repo_files
     from finetune.evaluate import EvalArgs, evaluate, load_repo
-    from finetune.train import ModelArgs, RunConfig, TrainArgs, load_for_training, save_output, train_loop
+    from finetune.outputs import save_output
+    from finetune.train import load_for_training, train_loop
 
     device = _device(args.device)
     mode = "all" if args.train_all else "lora" if args.lora else "memory"
@@ -193,7 +194,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from finetune.train import RunConfig, train
+    from finetune.config import RunConfig
+    from finetune.train import train
 
     overrides = list(args.override)
     for key, value in (("train.out_dir", args.out), ("train.steps", args.steps), ("model.path", args.model),

@@ -429,7 +429,7 @@ class LongLlamaServer(LanguageServer):
             window=engine.get("window"), context_tokens=engine.get("contextTokens"), indexing=self.indexing_state,
             roots=[str(r) for r in self.roots], files=sum(int(d.get("files", 0)) for d in details),
             chunks=sum(int(d.get("chunks", 0)) for d in details),
-            memory_tokens=sum(int(d.get("memoryTokens", d.get("memory_tokens", 0))) for d in details),
+            memory_tokens=sum(int(d.get("memory_tokens", 0)) for d in details),
             documents=len(self.documents), pending=engine.get("pending", 0), running=engine.get("running"),
             requests=engine.get("requests", {}),
             last_timings=engine.get("lastTimings", {}), settings=to_camel_dict(self.settings), details=details,

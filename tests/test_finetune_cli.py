@@ -58,7 +58,7 @@ def test_finetune_repo_end_to_end_prints_three_perplexities(repos, base_dir, tmp
     assert report["steps"] == 3 and report["saved"] == "delta" and report["helps"] == (
         report["memory_after"] < report["memory_before"])
     assert (out / "adapter.safetensors").is_file() and (out / "metrics.jsonl").is_file()
-    from finetune.train import load_trained
+    from finetune.outputs import load_trained
 
     load_trained(out)  # the delta applies to its base model (fingerprint checked)
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.train import RunConfig, load_trained, train
+from finetune.config import RunConfig
+from finetune.outputs import load_trained
+from finetune.train import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECALL = FIXTURES / "recall-tiny"
@@ -54,7 +56,9 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_dir(tok_dir, tmp_path_factory) -> Path:
     """Test Data: a seeded tiny LongLLaMA checkpoint (safetensors + config + tokenizer) on disk."""
-    from finetune.train import ModelArgs, load_for_training, save_output
+    from finetune.config import ModelArgs
+    from finetune.outputs import save_output
+    from finetune.train import load_for_training
 
     model, tok, _ = load_for_training(ModelArgs(preset="tiny", tokenizer=str(tok_dir), train="all"))
     d = tmp_path_factory.mktemp("base")
