@@ -1,0 +1,138 @@
+"""Who may talk to a server, and where a running server says how to reach it.
+
+Every local user can connect to a loopback port, so a TCP or HTTP server always wants a token. The
+token never travels on the command line (`ps` shows argv to every user): it comes from the
+environment (`LONGLLAMA_TOKEN`), from a private file (`--token-file`, regular, ours, mode 0600), or is
+made fresh and published in a *server record*: a private JSON file in a private runtime directory
+that tells this user's own tools (`longllama complete`, `ask`) the port and token of a running
+server, so they can reuse its loaded model instead of loading one per call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import LongLlamaError
+from .resolve import cache_dir
+
+TOKEN_ENV = "LONGLLAMA_TOKEN"
+MAX_PRIVATE_FILE = 64 * 1024  # bytes; a token file or server record is tiny
+
+
+class AuthError(LongLlamaError):
+    """A token file or runtime directory that other users could read or replace."""
+
+
+def runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR/longllama, else <cache>/run: created 0700; refused if a link or not ours."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "longllama" if base else cache_dir() / "run"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise AuthError(f"{path} is not a directory owned by you: refusing to keep server tokens there")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def read_private_file(path: str | os.PathLike) -> str:
+    """The text of a file only this user can read; AuthError otherwise (never follows a final symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise AuthError(f"cannot open {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise AuthError(f"{path} is owned by another user")
+        if st.st_mode & 0o077:
+            raise AuthError(f"{path} is readable by other users: chmod 600 {path}")
+        data = f.read(MAX_PRIVATE_FILE + 1)
+    if len(data) > MAX_PRIVATE_FILE:
+        raise AuthError(f"{path} is larger than {MAX_PRIVATE_FILE} bytes")
+    return data.decode("utf-8", errors="replace")
+
+
+def server_token(token_file: str | os.PathLike | None = None) -> str:
+    """The token clients must present: $LONGLLAMA_TOKEN, else the token file, else a fresh random one."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if token_file is not None:
+        token = read_private_file(token_file).strip()
+        if not token:
+            raise AuthError(f"{token_file} is empty")
+        return token
+    return secrets.token_urlsafe(32)
+
+
+def tokens_match(given: object, expected: str) -> bool:
+    """Constant-time comparison; anything but a string is a mismatch."""
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclass
+class ServerRecord:
+    """What a running server publishes for this user's own tools."""
+
+    pid: int
+    host: str
+    port: int
+    token: str
+    protocol: str = "lsp"  # "lsp" (TCP, one LSP session per connection) or "http" (OpenAI-compatible)
+    roots: list[str] = field(default_factory=list)  # repositories the server has open now
+
+    @property
+    def path(self) -> Path:
+        return runtime_dir() / f"server-{self.protocol}-{self.pid}-{self.port}.json"
+
+
+def publish(record: ServerRecord) -> Path:
+    """Write (or rewrite) the record atomically, mode 0600."""
+    path = record.path
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(record), f)
+    os.replace(tmp, path)
+    return path
+
+
+def unpublish(record: ServerRecord) -> None:
+    try:
+        record.path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def running_servers(protocol: str = "lsp") -> list[ServerRecord]:
+    """This user's live servers of one protocol; records of dead processes are removed."""
+    found = []
+    for path in sorted(runtime_dir().glob(f"server-{protocol}-*.json")):
+        try:
+            record = ServerRecord(**json.loads(read_private_file(path)))
+        except (AuthError, ValueError, TypeError):
+            continue
+        if _alive(record.pid):
+            found.append(record)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process reusing the pid: not our server
+        return False
+    return True
