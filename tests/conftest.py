@@ -51,6 +51,14 @@ def make_tiny(seed: int = 0, **overrides):
     return LongLlamaForCausalLM(cfg).eval()
 
 
+def greedy(model, input_ids, max_new_tokens: int, **kwargs):
+    """(sequences, raw logits (B, new, V)) of transformers' greedy `generate`, run to max_new_tokens
+    (eos_token_id=None: the golden cases were generated without an end-of-sequence stop)."""
+    out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                         output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is faster than two fighting, much faster on a busy CPU."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN, make_tiny
+from conftest import GOLDEN, greedy, make_tiny
 
 from longllama_lsp.model import LongLlamaConfig, LongLlamaForCausalLM, Memory
 
@@ -43,7 +43,7 @@ def test_golden_b_memory_windows_and_caches(golden_model, golden_cases):
 
 @torch.no_grad()
 def test_golden_c_greedy_generation_with_cache_overflow(golden_model, golden_cases):
-    seqs, scores = golden_model.generate(golden_cases["C.input_ids"], max_new_tokens=40, return_scores=True)
+    seqs, scores = greedy(golden_model, golden_cases["C.input_ids"], 40)
     assert torch.equal(seqs, golden_cases["C.generated"])
     assert max_diff(scores, golden_cases["C.scores"]) < ATOL
 
@@ -81,7 +81,7 @@ def test_cached_generation_equals_recompute():
     """Each greedy step with the local cache equals a full recompute from scratch (within one window)."""
     model = make_tiny(seed=1, max_position_embeddings=64, last_context_length=48)
     prompt = torch.randint(0, 99, (1, 30))
-    seqs, scores = model.generate(prompt, max_new_tokens=12, return_scores=True)
+    seqs, scores = greedy(model, prompt, 12)
     for step in range(12):
         prefix = seqs[:, : 30 + step]
         assert max_diff(model(prefix, use_cache=False).logits[:, -1], scores[:, step]) < 1e-4
@@ -160,9 +160,10 @@ def test_crossbatch_gradients_reach_memory_layer_values():
     assert model.model.layers[1].self_attn.v_proj.weight.grad.abs().sum() > 0
 
 
-def test_unknown_rope_scaling_is_refused():
-    with pytest.raises(ValueError, match="rope_scaling"):
-        LongLlamaConfig(rope_scaling={"type": "linear", "factor": 2.0})
+def test_unknown_rope_type_is_refused():
+    """Every rope_type transformers computes is accepted (tests/test_families.py); others fail at once."""
+    with pytest.raises(ValueError, match="rope_type 'bogus' is not supported"):
+        LongLlamaConfig(rope_scaling={"type": "bogus", "factor": 2.0})
 
 
 def test_config_has_every_published_key():

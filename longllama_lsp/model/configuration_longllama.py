@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
+NORM_TYPES = ("rms", "layer")
+MLP_TYPES = ("gated", "plain")
 
 
 @strict
@@ -32,12 +35,17 @@ class LongLlamaConfig(LlamaConfig):
     last_context_length: int = 1024
     # Per-head top-k over memory keys (exact retrieval) when memory exceeds the device budget; None = dense.
     mem_topk: int | None = None
+    # Family switches (convert.py sets them; LLaMA's values are the defaults). qkv_bias: bias on the q/k/v
+    # projections only (Qwen2); None = attention_bias, which puts it on all four (o_proj too).
+    qkv_bias: bool | None = None
+    # "rms": RMSNorm (LLaMA); "layer": LayerNorm with bias, eps = rms_norm_eps (StarCoder2).
+    norm_type: str = "rms"
+    # "gated": act(gate_proj(x)) * up_proj(x) -> down_proj (LLaMA); "plain": act(up_proj(x)) -> down_proj (StarCoder2).
+    mlp_type: str = "gated"
 
     def __post_init__(self, **kwargs):
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if rope_scaling is not None:
-            # The reference refuses any rope scaling (spec §1.1); so do we, rather than silently ignore it.
-            raise ValueError(f"LongLLaMA does not support rope_scaling, got {rope_scaling!r}")
+        # rope_scaling (the older hub key, {"type": ...}) is turned into rope_parameters by LlamaConfig,
+        # as transformers does for the same file; every rope_type it knows is computed by the model.
         self.mem_layers = [int(i) for i in self.mem_layers]
         if self.mem_attention_grouping is not None:
             self.mem_attention_grouping = tuple(int(x) for x in self.mem_attention_grouping)
@@ -52,8 +60,22 @@ class LongLlamaConfig(LlamaConfig):
             raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
         if self.mem_attention_grouping is not None and len(self.mem_attention_grouping) != 2:
             raise ValueError(f"mem_attention_grouping must be (heads, queries), got {self.mem_attention_grouping}")
+        for name, value, allowed in (("norm_type", self.norm_type, NORM_TYPES), ("mlp_type", self.mlp_type, MLP_TYPES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        rope = self.rope_parameters or {}
+        if rope.get("rope_type", "default") not in ("default", *ROPE_INIT_FUNCTIONS):
+            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (known: default, "
+                             f"{', '.join(ROPE_INIT_FUNCTIONS)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:  # our RoPE rotates the whole head
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor {rope['partial_rotary_factor']}) "
+                             f"are not supported")
         if self.last_context_length < 1:
             raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        return self.attention_bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def rope_theta(self) -> float:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -125,6 +127,10 @@ class LongLlamaCache:
     -> MemCache. Assign `cache.memory` to swap the memory (it is an unordered bag).
     """
 
+    # Read by transformers' GenerationMixin: this cache can be neither compiled nor rolled back a step.
+    is_compileable = False
+    is_croppable = False
+
     def __init__(self, layers: list[LocalCache | None], key_mask: torch.Tensor | None, memory: Memory):
         self.layers, self.key_mask, self.memory = layers, key_mask, memory
 
@@ -171,6 +177,21 @@ class LongLlamaOutput:
     # {memory layer: (B, M) attention mass on each memory slot, summed over heads and queries}
     memory_attention: dict[int, torch.Tensor] | None = None
 
+    # transformers' GenerationMixin (v5) reads a model output as a mapping with the cache under "cache".
+    _MAPPING_NAMES: ClassVar[dict[str, str]] = {"cache": "past_key_values"}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, self._MAPPING_NAMES.get(key, key), None)
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return self.get(key)
+
 
 @dataclass
 class _Window:
@@ -202,11 +223,11 @@ class LongLlamaAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                      config.head_dim)
         self.uses_rope = not self.is_memory_layer or config.mem_positionals
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+        qkv_bias = config.attention_qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.mem_dtype = getattr(torch, config.mem_dtype)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,13 +314,32 @@ class LongLlamaAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
+class PlainMLP(nn.Module):
+    """StarCoder2's MLP, down_proj(act(up_proj(x))) (its c_fc/c_proj, renamed by convert)."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def make_norm(config: LongLlamaConfig) -> nn.Module:
+    if config.norm_type == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class LongLlamaDecoderLayer(nn.Module):
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
         self.self_attn = LongLlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = PlainMLP(config) if config.mlp_type == "plain" else LlamaMLP(config)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
 
     def forward(self, x, w: _Window, rope, local, memory):
         h, new_local, memory, weights = self.self_attn(self.input_layernorm(x), w, rope, local, memory)
@@ -325,6 +365,9 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LlamaRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
         elif isinstance(module, LongLlamaModel):
             module.inv_freq.copy_(module.compute_inv_freq()[0])
 
@@ -334,7 +377,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config)
         inv_freq, self.rope_scaling = self.compute_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.gradient_checkpointing = False
@@ -383,7 +426,7 @@ def _additive_mask(key_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.
     return torch.zeros(b, 1, t, total, dtype=dtype, device=key_mask.device).masked_fill(hidden, lo)
 
 
-class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LongLlamaConfig):
@@ -522,55 +565,43 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         return Memory({i: MemCache(c.keys[:, :, start:], c.values[:, :, start:], c.mask[:, :, start:])
                        for i, c in state.items()})
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, memory: Memory | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_id: int | list[int] | None = None, last_context_length: int | None = None,
-                 should_stop: Callable[[torch.Tensor], bool] | None = None,
-                 on_token: Callable[[int], None] | None = None, generator: torch.Generator | None = None,
-                 return_scores: bool = False):
-        """Greedy or sampled decoding with the local cache (overflow moves to memory, spec §2.3).
+    # ------------------------------------------------------------- transformers' GenerationMixin
+    # `generate` is transformers' own (every standard argument works: generation_config, streamer,
+    # stopping_criteria, logits_processor, sampling); repository memory is a model kwarg:
+    # model.generate(ids, memory=memory, max_new_tokens=32). These hooks make one step's forward
+    # arguments exactly as the reference's decoding: the whole prompt (with the memory) first, then
+    # one new token at a time on the LongLlamaCache (whose overflow moves to memory, spec §2.3).
 
-        Returns sequences (B, T + new) or, with return_scores, (sequences, scores (B, new, V)).
-        should_stop(sequences) is checked between steps (cancellation); on_token streams row 0.
-        """
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the forward returns its own LongLlamaCache; a DynamicCache made for it would be ignored
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: LongLlamaCache | None = None,
+                                      attention_mask: torch.Tensor | None = None, memory: Memory | None = None,
+                                      **kwargs) -> dict[str, Any]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Positions from the mask, as the reference's prepare_inputs_for_generation (pads get -1).
-        positions = attention_mask.long().cumsum(-1) - 1
-        out = self(input_ids, attention_mask=attention_mask, position_ids=positions, memory=memory,
-                   use_cache=True, last_context_length=last_context_length, logits_to_keep=1)
-        seqs, scores, done = input_ids, [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            scores.append(logits)
-            nxt = self._pick(logits, do_sample, temperature, top_p, top_k, generator)
-            nxt = torch.where(done, torch.full_like(nxt, self.config.pad_token_id or 0), nxt)
-            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
-            if on_token is not None:
-                on_token(int(nxt[0]))
-            done |= torch.tensor([int(x) in eos for x in nxt], device=done.device)
-            if bool(done.all()) or (should_stop is not None and should_stop(seqs)):
-                break
-            pos = attention_mask.long().sum(-1, keepdim=True) - 1
-            out = self(nxt[:, None], attention_mask=attention_mask, position_ids=pos,
-                       past_key_values=out.past_key_values, use_cache=True, last_context_length=last_context_length)
-        return (seqs, torch.stack(scores, dim=1)) if return_scores else seqs
+        # Positions count real tokens, as the reference's prepare_inputs_for_generation (left pads get -1).
+        positions = attention_mask.long().cumsum(-1) - 1  # (B, T)
+        kwargs.pop("position_ids", None)
+        kwargs.pop("is_first_iteration", None)
+        step: dict[str, Any] = dict(attention_mask=attention_mask, **kwargs)
+        if cache is None or not kwargs.get("use_cache", True):  # the prompt, or a recompute without a cache
+            return {**step, "input_ids": input_ids, "position_ids": positions, "memory": memory}
+        n = next_sequence_length or 1  # new tokens past the cache
+        return {**step, "input_ids": input_ids[:, -n:], "position_ids": positions[:, -n:], "past_key_values": cache}
 
-    @staticmethod
-    def _pick(logits, do_sample, temperature, top_p, top_k, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits / max(temperature, 1e-5)
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, -1) > top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, adapter: bool = True, **kwargs):
+        """transformers' from_pretrained, plus the folder's adapter.safetensors (the FoT-trained memory
+        delta that `longllama convert` and `longllama finetune` ship), as loading.load_model applies it.
+        adapter=False loads the weights without it."""
+        from .loading import apply_weight_delta, find_adapter
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        file = find_adapter(pretrained_model_name_or_path) if adapter and Path(
+            pretrained_model_name_or_path).is_dir() else None
+        if file is not None:
+            apply_weight_delta(model, file)
+        return model
