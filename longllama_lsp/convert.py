@@ -4,10 +4,12 @@
     longllama convert path/to/llama-dir --mem-layers 8,16,24 --window 4096 --out my-longllama
 
 Sources: a llama-architecture GGUF file (dequantized with transformers' GGUF reader; tokenizer and
-chat template kept), a HF LLaMA-family folder (model_type llama, or mistral without a sliding
-window smaller than ours), a LongLLaMA folder (re-saved with new memory settings), or a hub id
+chat template kept), a HF folder of a LLaMA-style family (FAMILIES: LLaMA/CodeLlama, Llama-3.x and
+DeepSeek-Coder with any rope_scaling, Mistral, Qwen2/Qwen2.5-Coder, StarCoder2; a sliding window
+must not be smaller than ours), a LongLLaMA folder (re-saved with new memory settings), or a hub id
 (only when online). Memory layers add no parameters (spec §1.3), so conversion is a config change
-plus a re-save of the same tensors as safetensors.
+(the family's switches, see LongLlamaConfig) plus a re-save of the same tensors as safetensors, and
+a README.md model card.
 
 The output is written into `OUT.tmp-XXXX` and renamed into place at the end, so an interrupted
 conversion never leaves a half checkpoint at OUT.
@@ -53,13 +55,33 @@ MEM_DTYPES = ("float32", "float16", "bfloat16")  # configuration_longllama.MEM_D
 # quadratically inside a window (8192 would also mean 1.6 GB of logits); LongLLaMA-3B uses 2048 too.
 DEFAULT_WINDOW = 2048
 MAX_SHARD_BYTES = 2 << 30  # larger checkpoints are written as model-0000k-of-0000n.safetensors
-SOURCE_MODEL_TYPES = ("llama", "mistral", "longllama")
+# model_type -> the family, as the model card names it. Each differs from LLaMA only in config switches.
+FAMILIES = {"llama": "LLaMA (LLaMA 1-3.x, CodeLlama, DeepSeek-Coder)", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5-Coder",
+            "starcoder2": "StarCoder2", "longllama": "LongLLaMA"}
+SOURCE_MODEL_TYPES = tuple(FAMILIES)
+# What our model lacks for families people ask about; any other model_type gets the generic error.
+MISSING = {
+    "gemma": "embeddings scaled by sqrt(hidden_size), RMSNorm with (1 + weight), a GeGLU MLP",
+    "gemma2": "embeddings scaled by sqrt(hidden_size), RMSNorm with (1 + weight), extra norms around attention "
+              "and MLP, logit soft-capping, alternating sliding-window layers",
+    "gemma3": "embeddings scaled by sqrt(hidden_size), RMSNorm with (1 + weight), per-head q/k norms, "
+              "alternating sliding-window layers with two RoPE bases",
+    "qwen3": "per-head RMSNorm of queries and keys (q_norm, k_norm)",
+    "phi3": "fused qkv_proj and gate_up_proj weights",
+    "phi": "partial rotary embeddings and parallel attention + MLP blocks",
+    "gpt_bigcode": "learned absolute positions instead of RoPE, multi-query attention with fused c_attn",
+    "gpt2": "learned absolute positions instead of RoPE, fused c_attn",
+    "mixtral": "a mixture-of-experts MLP", "qwen2_moe": "a mixture-of-experts MLP",
+    "deepseek_v2": "multi-head latent attention and a mixture-of-experts MLP",
+    "deepseek_v3": "multi-head latent attention and a mixture-of-experts MLP",
+}
 # Config keys that describe the source file or tooling, not the model.
 _DROP_CONFIG_KEYS = frozenset({"model_type", "transformers_version", "architectures", "auto_map", "dtype",
                                "torch_dtype", "_name_or_path", "_model_name_or_path"})
 # What a hub download fetches (not e.g. LongLLaMA-Code's quantized/ folder); plus the tokenizer files.
 HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+                "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md"]  # README: the licence
+MODEL_CARD = "README.md"
 
 
 def print_to_stderr(message: str) -> None:
@@ -120,6 +142,7 @@ def convert(src: str | Path, out: str | Path, mem_layers: Sequence[int] | None =
         source.write_tokenizer(tmp)
         _write_generation_config(source, config, tmp)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(_provenance(source, config), indent=2) + "\n")
+        write_model_card(tmp, out.name)
     progress(f"Wrote {out}")
     return out
 
@@ -156,16 +179,30 @@ def _read_gguf(path: Path, progress: Progress) -> Source:
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    arch, num_layers = _gguf_arch(path)
+    with _corrupt_gguf_is_model_error(path):
+        arch, num_layers = _gguf_arch(path)
     if arch != "llama":
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only llama-family GGUF files)")
     progress(f"Reading {path.name} (dequantizing to float32)...")
     # tqdm.auto writes a bar per call to stderr, which is the server's log; our progress lines suffice.
-    with mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items):
+    with mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items), _corrupt_gguf_is_model_error(path):
         parsed = gguf_utils.load_gguf_checkpoint(str(path), return_tensors=True,
                                                  model_to_load=_NameSkeleton(num_layers))
     config = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS or k == "model_type"}
     return Source("gguf", path, config, parsed["tensors"], lambda out: _gguf_tokenizer(path, out))
+
+
+@contextlib.contextmanager
+def _corrupt_gguf_is_model_error(path: Path) -> Iterator[None]:
+    """gguf's reader fails on a truncated or damaged file with whatever its parsing hits
+    (struct.error, numpy's ValueError, IndexError...): one clear error instead."""
+    import struct
+
+    try:
+        yield
+    except (struct.error, ValueError, IndexError, KeyError, EOFError, OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: corrupt or truncated GGUF file, cannot read it ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); download it again") from None
 
 
 def _gguf_arch(path: Path) -> tuple[str, int]:
@@ -226,18 +263,60 @@ def _read_folder(path: Path, progress: Progress) -> Source:
     from .model.loading import read_config_dict, read_state_dict
 
     config = read_config_dict(path)
-    model_type = config.get("model_type")
-    if model_type not in SOURCE_MODEL_TYPES:
-        raise ModelError(f"{path}: model_type {model_type!r} cannot be converted "
-                         f"(LLaMA family only: {', '.join(SOURCE_MODEL_TYPES)})")
+    check_family(config.get("model_type"), path)
     if config.get("quantization_config"):
         raise ModelError(f"{path}: quantized checkpoints ({config['quantization_config'].get('quant_method')}) "
                          f"cannot be converted; use the full-precision checkpoint or a GGUF file")
     progress(f"Reading {path}...")
     generation = path / "generation_config.json"
-    return Source("longllama" if model_type == "longllama" else "llama", path, config, read_state_dict(path),
+    return Source("longllama" if config["model_type"] == "longllama" else "llama", path, config,
+                  family_tensors(config["model_type"], read_state_dict(path)),
                   lambda out: _copy_tokenizer(path, out, progress),
                   generation if generation.is_file() else None)
+
+
+def check_family(model_type: Any, path: Path) -> None:
+    """ModelError naming what is missing unless `model_type` is one of FAMILIES."""
+    if model_type in FAMILIES:
+        return
+    what = MISSING.get(model_type, "it is not one of the LLaMA-style families this converter knows")
+    raise ModelError(f"{path}: model_type {model_type!r} cannot be converted: our model lacks {what}. "
+                     f"Convertible: {', '.join(FAMILIES.values())}")
+
+
+def family_tensors(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The source's tensors under our (HF LLaMA) names: StarCoder2 calls its MLP c_fc / c_proj."""
+    if model_type != "starcoder2":
+        return tensors
+    names = {".mlp.c_fc.": ".mlp.up_proj.", ".mlp.c_proj.": ".mlp.down_proj."}
+    renamed = {}
+    for name, tensor in tensors.items():
+        for old, new in names.items():
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    return renamed
+
+
+def family_config(raw: dict[str, Any], window: int, path: Path) -> dict[str, Any]:
+    """The source config's keys with its family's differences from LLaMA turned into our switches."""
+    raw = dict(raw)
+    model_type = raw.get("model_type", "llama")
+    # Our windows are full attention: a sliding window is the same computation only if it covers them.
+    sliding = raw.pop("sliding_window", None)
+    if model_type == "qwen2" and not raw.pop("use_sliding_window", False):
+        sliding = None
+    if sliding is not None and sliding < window:
+        raise ModelError(f"{path}: sliding_window {sliding} < window {window}: "
+                         f"pass --window {sliding} (or less) to convert it")
+    for key in ("use_sliding_window", "max_window_layers", "layer_types", "residual_dropout", "embedding_dropout"):
+        raw.pop(key, None)
+    if model_type == "qwen2":  # bias on q/k/v, none on o_proj
+        raw.update(attention_bias=False, qkv_bias=True)
+    elif model_type == "starcoder2":  # LayerNorms, GELU MLP without gate, biases everywhere
+        use_bias = raw.pop("use_bias", True)
+        raw.update(attention_bias=use_bias, mlp_bias=use_bias, norm_type="layer", mlp_type="plain",
+                   rms_norm_eps=raw.pop("norm_epsilon", 1e-5))
+    return raw
 
 
 def _copy_tokenizer(src: Path, out: Path, progress: Progress) -> None:
@@ -274,7 +353,6 @@ def target_config(source: Source, mem_layers: Sequence[int] | None, mem_dtype: s
     from .model.configuration_longllama import LongLlamaConfig
 
     raw = dict(source.config)
-    model_type = raw.get("model_type", "llama")
     src_window = int(raw.get("max_position_embeddings") or DEFAULT_WINDOW)
     if source.kind == "longllama":
         window = window or src_window
@@ -287,11 +365,8 @@ def target_config(source: Source, mem_layers: Sequence[int] | None, mem_dtype: s
         mem_layers = default_mem_layers(int(raw["num_hidden_layers"])) if mem_layers is None else mem_layers
         mem_dtype = mem_dtype or "bfloat16"
     last_context_length = last_context_length or window // 2
-    if model_type == "mistral":
-        sliding = raw.pop("sliding_window", None)
-        if sliding is not None and sliding < window:
-            raise ModelError(f"{source.path}: sliding_window {sliding} < window {window}: "
-                             f"pass --window {sliding} (or less) to convert it as a LLaMA")
+    raw = family_config(raw, window, source.path)
+    _pin_rope_context(raw, src_window)
     if mem_dtype not in MEM_DTYPES:
         raise ModelError(f"mem_dtype must be one of {', '.join(MEM_DTYPES)}, got {mem_dtype!r}")
     if not 1 <= last_context_length <= window:
@@ -303,6 +378,14 @@ def target_config(source: Source, mem_layers: Sequence[int] | None, mem_dtype: s
         return LongLlamaConfig(**kwargs)
     except Exception as exc:  # strict-dataclass validation errors are not ValueErrors
         raise ModelError(f"{source.path}: cannot make a LongLLaMA config: {exc}") from None
+
+
+def _pin_rope_context(raw: dict[str, Any], src_window: int) -> None:
+    """llama3 / yarn / longrope scaling is computed against the pretraining context, which transformers
+    takes from max_position_embeddings when the config does not say; we replace that by our window."""
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in ("llama3", "yarn", "longrope"):
+        rope.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings", src_window))
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -387,12 +470,82 @@ def _provenance(source: Source, config: LongLlamaConfig) -> dict[str, Any]:
         "hub_id": source.hub_id,
         "source_sha256": source_sha256(source.path),
         "source_max_position_embeddings": source.config.get("max_position_embeddings"),
+        "source_model_type": source.config.get("model_type", "llama"),
+        "source_license": source_license(source.path),
         "options": {"mem_layers": list(config.mem_layers), "mem_dtype": config.mem_dtype,
                     "window": config.max_position_embeddings, "last_context_length": config.last_context_length,
                     "dtype": str(config.dtype).removeprefix("torch.")},
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def source_license(path: Path) -> str | None:
+    """The source's licence when it says: GGUF `general.license`, or a hub model card's `license:` line."""
+    if path.is_file():
+        try:
+            from transformers.integrations.gguf import read_gguf_metadata
+
+            value = read_gguf_metadata(str(path))[0].get("general.license")
+        except Exception:  # noqa: BLE001 - older transformers, unreadable metadata: unknown
+            return None
+        return str(value) if value else None
+    try:
+        card = (path / MODEL_CARD).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    front = card.split("\n---", 1)[0] if card.startswith("---") else ""  # YAML front matter
+    found = re.search(r"^license:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", front, flags=re.M)
+    return found.group(1) if found else None
+
+
+def write_model_card(folder: Path, name: str | None = None) -> None:
+    """README.md of a converted folder: source, family, memory layers, the memory delta, licence.
+    Rewritten when the folder changes (resolve.install_adapter adds the default delta)."""
+    from .model.loading import find_adapter, memory_training
+
+    prov = json.loads((folder / PROVENANCE_NAME).read_text(encoding="utf-8"))
+    opts = prov["options"]
+    source = prov.get("hub_id") or Path(prov["source"]).name
+    trained = memory_training(folder)
+    delta = (f"`{find_adapter(folder).name}`: {trained}; applied by `load_model` and `from_pretrained`"
+             if find_adapter(folder) else f"none{f' ({trained})' if trained else ''}")
+    layers = ", ".join(map(str, opts["mem_layers"])) or "none"
+    untrained = "" if trained or not opts["mem_layers"] else (
+        "\nThe memory layers are not FoT-trained: with memory on, predictions get worse until they are "
+        "(`longllama finetune`).\n")
+    licence = prov.get("source_license")
+    family = FAMILIES.get(prov.get("source_model_type", ""), prov.get("source_model_type"))
+    card = f"""---
+license: {licence or "other"}
+tags: [longllama, focused-transformer]
+---
+# {name or folder.name}
+
+LongLLaMA (Focused Transformer memory layers) made by `longllama convert` from **{source}** ({family}, \
+{prov["source_kind"]} source, sha256 `{prov["source_sha256"][:16]}...`).
+
+| | |
+|---|---|
+| memory layers (0-based) | {layers} |
+| memory dtype | {opts["mem_dtype"]} |
+| window | {opts["window"]} tokens (last {opts["last_context_length"]} kept as local context) |
+| weights | {opts["dtype"]} safetensors |
+| FoT memory delta | {delta} |
+| licence | {licence or "unknown: see the source's licence, which applies to these weights"} |
+{untrained}
+Load it with one import (it registers model_type "longllama" with transformers' Auto classes):
+
+```python
+import longllama_lsp.model  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name or folder.name}")
+```
+
+Provenance: `{PROVENANCE_NAME}`.
+"""
+    (folder / MODEL_CARD).write_text(card, encoding="utf-8")
 
 
 def source_sha256(path: Path) -> str:

@@ -24,7 +24,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .convert import CONVERT_FORMAT, PROVENANCE_NAME, Progress, convert, download, is_hub_id, print_to_stderr
+from .convert import (
+    CONVERT_FORMAT,
+    PROVENANCE_NAME,
+    Progress,
+    convert,
+    download,
+    is_hub_id,
+    print_to_stderr,
+    write_model_card,
+)
 from .errors import ModelError
 from .model.loading import module_available, read_config_dict
 
@@ -103,6 +112,8 @@ def install_adapter(adapter: Path, checkpoint: Path) -> None:
     tmp = checkpoint / f".{ADAPTER_NAME}.tmp-{os.getpid()}"
     tmp.write_bytes(data)
     os.replace(tmp, dest)
+    if (checkpoint / PROVENANCE_NAME).is_file():
+        write_model_card(checkpoint)  # the card names the delta
 
 
 def find_bundled_gguf(search_path: Sequence[str] | None = None) -> Path:

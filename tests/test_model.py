@@ -162,7 +162,9 @@ def test_crossbatch_gradients_reach_memory_layer_values():
 
 def test_unknown_rope_type_is_refused():
     """Every rope_type transformers computes is accepted (tests/test_families.py); others fail at once."""
-    with pytest.raises(ValueError, match="rope_type 'bogus' is not supported"):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    with pytest.raises(StrictDataclassClassValidationError, match="rope_type 'bogus' is not supported"):
         LongLlamaConfig(rope_scaling={"type": "bogus", "factor": 2.0})
 
 
