@@ -142,6 +142,23 @@ def test_bundled_model_carries_the_fot_trained_memory_layers(smollm2, tmp_path):
     assert [p.name for p in stale.iterdir()] == ["adapter.safetensors"]  # no temporary file left
 
 
+@torch.no_grad()
+def test_bundled_model_through_from_pretrained_has_fot_trained_memory(smollm2):
+    """Hugging Face users get the FoT delta too (from_pretrained used to ignore adapter.safetensors)."""
+    from safetensors.torch import load_file
+
+    from longllama_lsp.model import LongLlamaForCausalLM
+    from longllama_lsp.model.loading import memory_training
+
+    assert memory_training(smollm2.path) == "FoT weight delta (adapter.safetensors)"
+    delta = load_file(str(smollm2.path / "adapter.safetensors"))
+    hf = LongLlamaForCausalLM.from_pretrained(smollm2.path).state_dict()
+    assert all(torch.equal(hf[name], tensor.float()) for name, tensor in delta.items())
+    card = (smollm2.path / "README.md").read_text()
+    assert "| FoT memory delta | `adapter.safetensors`: FoT weight delta" in card
+    assert "| memory layers (0-based) | 7, 14, 21 |" in card and "not FoT-trained" not in card
+
+
 def test_smollm2_checkpoint_layout(smollm2):
     path = smollm2.path
     config = config_of(path)
