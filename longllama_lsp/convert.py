@@ -82,6 +82,10 @@ _DROP_CONFIG_KEYS = frozenset({"model_type", "transformers_version", "architectu
 HUB_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "pytorch_model*.bin", "pytorch_model.bin.index.json", "README.md"]  # README: the licence
 MODEL_CARD = "README.md"
+# GGUF general.architecture -> transformers' classes whose parameter names its tensors map to
+# (llama.cpp writes Mistral and CodeLlama as "llama").
+GGUF_ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                      "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM")}
 
 
 def print_to_stderr(message: str) -> None:
@@ -181,15 +185,17 @@ def _read_gguf(path: Path, progress: Progress) -> Source:
 
     with _corrupt_gguf_is_model_error(path):
         arch, num_layers = _gguf_arch(path)
-    if arch != "llama":
-        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (only llama-family GGUF files)")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (GGUF files of "
+                         f"{', '.join(GGUF_ARCHITECTURES)} are)")
     progress(f"Reading {path.name} (dequantizing to float32)...")
     # tqdm.auto writes a bar per call to stderr, which is the server's log; our progress lines suffice.
     with mock.patch.object(gguf_utils, "tqdm", lambda items, **_: items), _corrupt_gguf_is_model_error(path):
         parsed = gguf_utils.load_gguf_checkpoint(str(path), return_tensors=True,
-                                                 model_to_load=_NameSkeleton(num_layers))
+                                                 model_to_load=_NameSkeleton(arch, num_layers))
     config = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS or k == "model_type"}
-    return Source("gguf", path, config, parsed["tensors"], lambda out: _gguf_tokenizer(path, out))
+    return Source("gguf", path, config, family_tensors(config.get("model_type", arch), parsed["tensors"]),
+                  lambda out: _gguf_tokenizer(path, out))
 
 
 @contextlib.contextmanager
@@ -226,15 +232,16 @@ class _NameSkeleton:
     submodule (~400 times, ~20 s for SmolLM2); one flat level maps the same names.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, arch: str, num_layers: int):
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
 
-        self.config = LlamaConfig(vocab_size=1, hidden_size=2, intermediate_size=1, num_attention_heads=1,
-                                  num_key_value_heads=1, num_hidden_layers=num_layers,
-                                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        config_cls, model_cls = (getattr(transformers, name) for name in GGUF_ARCHITECTURES[arch])
+        self.config = config_cls(vocab_size=1, hidden_size=2, intermediate_size=1, num_attention_heads=1,
+                                 num_key_value_heads=1, num_hidden_layers=num_layers,
+                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
         with torch.device("meta"):
-            self._names = list(LlamaForCausalLM(self.config).state_dict())
+            self._names = list(model_cls(self.config).state_dict())
 
     def state_dict(self) -> dict[str, None]:
         return dict.fromkeys(self._names)
@@ -316,6 +323,7 @@ def family_config(raw: dict[str, Any], window: int, path: Path) -> dict[str, Any
         use_bias = raw.pop("use_bias", True)
         raw.update(attention_bias=use_bias, mlp_bias=use_bias, norm_type="layer", mlp_type="plain",
                    rms_norm_eps=raw.pop("norm_epsilon", 1e-5))
+        raw.setdefault("hidden_act", "gelu_pytorch_tanh")  # StarCoder2's default; a GGUF file does not say
     return raw
 
 

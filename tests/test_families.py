@@ -264,3 +264,64 @@ def test_reconverting_keeps_the_rope_scaling(tmp_path):
     assert json.loads((second / "config.json").read_text())["rope_parameters"]["rope_type"] == "yarn"
     ids = torch.randint(3, 99, (1, 30))
     assert max_diff(load_model(second)(ids, last_context_length=64).logits, transformers_logits(src, ids)) < ATOL
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+def write_gguf(folder: Path, file: Path) -> Path:
+    """The saved transformers model in `folder` as a float32 GGUF file, as llama.cpp's converter writes
+    it (gguf's tensor names; q/k rows permuted for the llama architecture), with a byte-level tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    raw = json.loads((folder / "config.json").read_text())
+    arch = raw["model_type"]
+    config_cls, model_cls = family_classes(arch)
+    model = model_cls.from_pretrained(folder, dtype=torch.float32)
+    c = model.config
+    w = gguf.GGUFWriter(str(file), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if arch == "starcoder2":
+        w.add_layer_norm_eps(c.norm_epsilon)
+    else:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    tokens = [*sorted(pre_tokenizers.ByteLevel.alphabet())[: c.vocab_size - 2], "ab", "<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    for name, tensor in state.items():
+        t = tensor.numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return file
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-tied", "qwen2-untied", "starcoder2"])
+@torch.no_grad()
+def test_family_from_gguf_equals_transformers(case, tmp_path):
+    src = save_family(tmp_path / "src", **CASES[case])
+    out = convert(write_gguf(src, tmp_path / "tiny.gguf"), tmp_path / "out", mem_layers=[])
+    ids = torch.randint(3, 99, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert max_diff(load_model(out)(ids, last_context_length=64).logits, transformers_logits(src, ids)) < ATOL
+    assert json.loads((out / "longllama_convert.json").read_text())["source_kind"] == "gguf"
