@@ -255,6 +255,18 @@ def test_generate_left_padded_batch_equals_each_row_alone(tiny_model):  # noqa: 
         assert both[i, 14:].tolist() == alone[0, r.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+@torch.no_grad()
+def test_scaled_rope_keeps_the_pretraining_context_when_the_window_shrinks(tmp_path, rope_type):
+    """Without original_max_position_embeddings transformers takes max_position_embeddings (64 here);
+    convert must pin that, not our smaller window (32)."""
+    scaling = {k: v for k, v in ROPE_SCALINGS[rope_type].items() if k != "original_max_position_embeddings"}
+    src = save_family(tmp_path / "src", "llama", rope_scaling=scaling)
+    out = convert(src, tmp_path / "out", mem_layers=[], window=32)
+    ids = torch.randint(3, 99, (1, 30))
+    assert max_diff(load_model(out)(ids, last_context_length=32).logits, transformers_logits(src, ids)) < ATOL
+
+
 @torch.no_grad()
 def test_reconverting_keeps_the_rope_scaling(tmp_path):
     """A LongLLaMA folder made from a yarn-scaled source converts again to the same model."""
