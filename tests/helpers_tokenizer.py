@@ -31,6 +31,17 @@ def stdlib_texts(limit_chars: int) -> Iterator[str]:
             return
 
 
+def tiny_tokenizer(folder: Path) -> None:
+    """A 29-token letter-level tokenizer (<unk> <s> </s> a-z) saved in the HF layout, for tiny checkpoints."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
 @functools.cache
 def stdlib_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     tok = Tokenizer(models.BPE())

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import GOLDEN
+from helpers_tokenizer import tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -43,17 +44,6 @@ TOKENIZERS = GOLDEN.parents[2].parent / "shared" / "reference" / "tokenizers"
 
 def no_progress(message: str) -> None:
     raise AssertionError(f"unexpected progress: {message}")
-
-
-def tiny_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
 
 
 def tiny_llama_dir(folder: Path, *, model_type: str = "llama", bin_file: bool = False, **overrides) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers_tokenizer import tiny_tokenizer
 from safetensors.torch import save_file
 
 from longllama_lsp.convert import convert
@@ -35,17 +36,6 @@ ROPE_SCALINGS = {
 
 def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
-
-
-def tiny_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
 
 
 def family_classes(family: str):
