@@ -3,8 +3,8 @@
     longllama convert SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-longllama
     longllama convert path/to/llama-dir --mem-layers 8,16,24 --window 4096 --out my-longllama
 
-Sources: a llama-architecture GGUF file (dequantized with transformers' GGUF reader; tokenizer and
-chat template kept), a HF folder of a LLaMA-style family (FAMILIES: LLaMA/CodeLlama, Llama-3.x and
+Sources: a GGUF file of the llama, qwen2 or starcoder2 architecture (dequantized with transformers'
+GGUF reader; tokenizer and chat template kept), a HF folder of a LLaMA-style family (FAMILIES: LLaMA/CodeLlama, Llama-3.x and
 DeepSeek-Coder with any rope_scaling, Mistral, Qwen2/Qwen2.5-Coder, StarCoder2; a sliding window
 must not be smaller than ours), a LongLLaMA folder (re-saved with new memory settings), or a hub id
 (only when online). Memory layers add no parameters (spec §1.3), so conversion is a config change
@@ -56,9 +56,8 @@ MEM_DTYPES = ("float32", "float16", "bfloat16")  # configuration_longllama.MEM_D
 DEFAULT_WINDOW = 2048
 MAX_SHARD_BYTES = 2 << 30  # larger checkpoints are written as model-0000k-of-0000n.safetensors
 # model_type -> the family, as the model card names it. Each differs from LLaMA only in config switches.
-FAMILIES = {"llama": "LLaMA (LLaMA 1-3.x, CodeLlama, DeepSeek-Coder)", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5-Coder",
+FAMILIES = {"llama": "LLaMA architecture", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5-Coder",
             "starcoder2": "StarCoder2", "longllama": "LongLLaMA"}
-SOURCE_MODEL_TYPES = tuple(FAMILIES)
 # What our model lacks for families people ask about; any other model_type gets the generic error.
 MISSING = {
     "gemma": "embeddings scaled by sqrt(hidden_size), RMSNorm with (1 + weight), a GeGLU MLP",
@@ -390,7 +389,8 @@ def target_config(source: Source, mem_layers: Sequence[int] | None, mem_dtype: s
 
 def _pin_rope_context(raw: dict[str, Any], src_window: int) -> None:
     """llama3 / yarn / longrope scaling is computed against the pretraining context, which transformers
-    takes from max_position_embeddings when the config does not say; we replace that by our window."""
+    takes from max_position_embeddings when the config does not say; convert sets max_position_embeddings
+    to the window, so the source's value is written down first."""
     rope = raw.get("rope_scaling") or raw.get("rope_parameters")
     if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in ("llama3", "yarn", "longrope"):
         rope.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings", src_window))
@@ -516,8 +516,8 @@ def write_model_card(folder: Path, name: str | None = None) -> None:
     opts = prov["options"]
     source = prov.get("hub_id") or Path(prov["source"]).name
     trained = memory_training(folder)
-    delta = (f"`{find_adapter(folder).name}`: {trained}; applied by `load_model` and `from_pretrained`"
-             if find_adapter(folder) else f"none{f' ({trained})' if trained else ''}")
+    delta = (f"{trained}; applied by `load_model` and `from_pretrained`" if find_adapter(folder)
+             else f"none{f' ({trained})' if trained else ''}")
     layers = ", ".join(map(str, opts["mem_layers"])) or "none"
     untrained = "" if trained or not opts["mem_layers"] else (
         "\nThe memory layers are not FoT-trained: with memory on, predictions get worse until they are "
@@ -545,10 +545,11 @@ LongLLaMA (Focused Transformer memory layers) made by `longllama convert` from *
 Load it with one import (it registers model_type "longllama" with transformers' Auto classes):
 
 ```python
-import longllama_lsp.model  # noqa: F401
+import longllama_lsp.model  # registers model_type "longllama"
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{name or folder.name}")
+model = AutoModelForCausalLM.from_pretrained("{name or folder.name}")  # applies adapter.safetensors if present
+tokenizer = AutoTokenizer.from_pretrained("{name or folder.name}")
 ```
 
 Provenance: `{PROVENANCE_NAME}`.
@@ -620,7 +621,8 @@ def _layers(text: str) -> list[int]:
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="GGUF file, LLaMA or LongLLaMA checkpoint folder, or hub id (online only)")
+    parser.add_argument("src", help="GGUF file, checkpoint folder (LLaMA, Mistral, Qwen2, StarCoder2 or LongLLaMA), "
+                                    "or hub id (online only)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
     parser.add_argument("--mem-layers", type=_layers, default=None, metavar="I,J,K",
                         help="0-based memory layers, or 'none' (default: the source's for LongLLaMA, else every "
@@ -646,5 +648,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 cli = Command(add_convert_arguments, run_convert,
-              description="Convert a GGUF file or a LLaMA/LongLLaMA checkpoint into a LongLLaMA checkpoint "
-                          "folder (safetensors + tokenizer + config with memory layers).")
+              description="Convert a GGUF file or a LLaMA / Mistral / Qwen2 / StarCoder2 / LongLLaMA checkpoint "
+                          "into a LongLLaMA checkpoint folder (safetensors + tokenizer + config with memory "
+                          "layers + a README.md model card).")

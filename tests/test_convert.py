@@ -145,7 +145,7 @@ def test_bundled_model_through_from_pretrained_has_fot_trained_memory(smollm2):
     hf = LongLlamaForCausalLM.from_pretrained(smollm2.path).state_dict()
     assert all(torch.equal(hf[name], tensor.float()) for name, tensor in delta.items())
     card = (smollm2.path / "README.md").read_text()
-    assert "| FoT memory delta | `adapter.safetensors`: FoT weight delta" in card
+    assert "| FoT memory delta | FoT weight delta (adapter.safetensors); applied by" in card
     assert "| memory layers (0-based) | 7, 14, 21 |" in card and "not FoT-trained" not in card
 
 
