@@ -26,7 +26,7 @@ from indexer.chunker import chunk_file, decode_bytes
 from indexer.encoder import Encoder
 from indexer.schema import ChunkRow, FileRow, Fingerprint
 from indexer.store import Store, index_path
-from indexer.walker import Decision, WalkRules, explain, walk_with_skips
+from indexer.walker import Decision, WalkRules, explain, printable_path, walk_with_skips
 from longllama_lsp.model.memory import Memory
 
 logger = logging.getLogger(__name__)
@@ -197,8 +197,11 @@ class Indexer:
                     and old.mtime_ns == st.st_mtime_ns:
                 return False  # unchanged by size and mtime: not even read (a walk skip has no hash)
             data = path.read_bytes()
-        except OSError as exc:  # vanished or unreadable since the walk
+        except OSError as exc:  # vanished or unreadable since the walk: recorded, the pass goes on
             logger.info("skipping %s: %s", rel, exc)
+            if path.exists():
+                self.store.replace_file(FileRow(rel, None, 0, 0, status="skipped",
+                                                skip_reason=f"unreadable: {exc.strerror or exc}"))
             return False
         digest = hashlib.sha256(data).hexdigest()
         if old is not None and old.content_hash == digest and old.status == "indexed":
@@ -294,6 +297,8 @@ class Indexer:
             rel = p.resolve().relative_to(self.root) if p.exists() else p.relative_to(self.root)
         except ValueError:
             return None  # outside the repository
+        if printable_path(rel.as_posix()) != rel.as_posix():
+            return None  # an undecodable name: the full pass records it as skipped
         return rel.as_posix() if str(rel) != "." else None
 
     # -- watching -------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 One SQLite file per (repository, model). Tables:
 
-    meta      key/value: fingerprint (digest), fingerprint_details (JSON), schema_version, created_at
+    meta      key/value: fingerprint (digest), fingerprint_details (JSON), schema_version, created_at,
+              db_id and owner_mac (this user's MAC of db_id: the database was written on this machine)
     files     path PK; whole-file content hash, size, mtime_ns, language, decode policy,
               status ('indexed' | 'skipped') and skip_reason, indexed_at
     chunks    id PK; path -> files(path) ON DELETE CASCADE; ordinal (unique per path); byte and
               1-based inclusive line ranges; symbol, kind, token_count, content_hash (sha256 of the text)
-    memories  content_hash PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data
+    memories  content_hash PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data, mac
+              (mac: keyed BLAKE2b of the row under this user's key, indexer.signing)
 
 Memories are keyed by content hash alone (the whole file belongs to one model fingerprint, and each
 row repeats it), so identical chunk text anywhere in the repository, or on another branch, is
@@ -80,6 +82,12 @@ def m001_create_tables(db: Database) -> None:
             data BLOB NOT NULL)""",
     ):
         db.execute(sql)
+
+
+@migrations()
+def m002_memory_mac(db: Database) -> None:
+    """Each memory row's MAC under the user's key (indexer.signing): rows without one are not trusted."""
+    db.execute("ALTER TABLE memories ADD COLUMN mac BLOB")
 
 
 SCHEMA_VERSION = len(migrations._migrations)

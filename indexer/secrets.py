@@ -1,37 +1,74 @@
 """Recognise credentials by file name and by content, so they are never indexed or logged.
 
-`looks_like_secret(text)` answers with a reason (never the secret itself); `redact(text)` masks
-matches, for the server's logs. Patterns follow the well-known token formats (the same families
-gitleaks and GitHub secret scanning look for); the generic `password = "..."` rule also needs a
-high-entropy value with letters and digits, so ordinary code like `token = "<your token here>"` passes.
+Content rules are a maintained rule set rather than our own regexes: the plugins of Yelp's
+detect-secrets (https://github.com/Yelp/detect-secrets; AWS, GitHub, GitLab, Slack, Stripe, SendGrid,
+JWT, private keys, URLs with a password, `password = ...` keywords, high-entropy base64 strings, ...)
+with its own false-positive filters (templated values, `$VAR`, indirect references, UUIDs, ids),
+plus a few rules from gitleaks' published config for formats detect-secrets 1.5 lacks
+(https://github.com/gitleaks/gitleaks/blob/master/config/gitleaks.toml: huggingface-access-token,
+npm-access-token, gcp-api-key, github-fine-grained-pat). `scan(text, path)` names the rule that
+matched and the line (never the secret); `redact(text)` masks every match, for the server's logs.
+
+detect-secrets' own scanner runs every plugin on every line (~0.04 MB/s here); we first find the
+candidate lines with each rule's regex over the whole text at C speed, then run the plugins and
+filters on those lines only.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from detect_secrets.core.potential_secret import PotentialSecret
+from detect_secrets.filters import heuristic
+from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
+from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString
+from detect_secrets.plugins.keyword import KeywordDetector
+from detect_secrets.util.code_snippet import get_code_snippet
+from detect_secrets.util.filetype import FileType, determine_file_type
 
 from indexer.languages import SPECS, language_for
 
 # Exact file names that hold credentials.
 _SECRET_NAMES = {
     ".env": "environment file (.env)",
+    ".envrc": "environment file (.envrc, direnv)",
     ".netrc": "credential file (.netrc)",
     "_netrc": "credential file (_netrc)",
     ".npmrc": "credential file (.npmrc)",
+    ".yarnrc.yml": "credential file (.yarnrc.yml, npmAuthToken)",
     ".pypirc": "credential file (.pypirc)",
     ".pgpass": "credential file (.pgpass)",
+    ".my.cnf": "credential file (.my.cnf)",
     ".htpasswd": "credential file (.htpasswd)",
     ".git-credentials": "credential file (.git-credentials)",
     ".dockercfg": "credential file (.dockercfg)",
+    ".vault-token": "credential file (.vault-token)",
+    ".s3cfg": "credential file (.s3cfg)",
+    ".boto": "credential file (.boto)",
+    "kubeconfig": "Kubernetes credentials (kubeconfig)",
+    "application_default_credentials.json": "Google Cloud credentials",
     "credentials": "credential file",
     "credentials.json": "credential file",
     "id_rsa": "SSH private key",
     "id_dsa": "SSH private key",
     "id_ecdsa": "SSH private key",
     "id_ed25519": "SSH private key",
+}
+# (parent directory, file name): credentials only in that place.
+_SECRET_PLACES = {
+    (".aws", "config"): "AWS credentials",
+    (".aws", "credentials"): "AWS credentials",
+    (".kube", "config"): "Kubernetes credentials (.kube/config)",
+    (".docker", "config.json"): "Docker registry credentials (.docker/config.json)",
+    (".azure", "accessTokens.json"): "Azure credentials",
+    (".gcloud", "credentials.db"): "Google Cloud credentials",
 }
 _SECRET_SUFFIXES = {
     ".pem": "certificate/key file (.pem)",
@@ -45,32 +82,10 @@ _SECRET_SUFFIXES = {
     ".tfvars": "Terraform variables (often secrets)",
     ".tfstate": "Terraform state (holds secrets)",
 }
-
-# (what, literal that must occur, pattern): the literal is a cheap `in` test before the regex scan.
-_TOKEN_PATTERNS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
-    (
-        "private key block",
-        ("PRIVATE KEY",),
-        re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
-    ),
-    ("AWS access key id", ("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
-    (
-        "GitHub token",
-        ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
-        re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"),
-    ),
-    ("Slack token", ("xox",), re.compile(r"\bxox[baprs]-[A-Za-z0-9-]{10,}")),
-    ("Google API key", ("AIza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b")),
-    ("Stripe secret key", ("k_live_",), re.compile(r"\b[sr]k_live_[0-9A-Za-z]{20,}")),
-]
-# OpenAI/Anthropic style keys: checked for letters+digits and entropy, since `sk-` starts words too.
-_SK_KEY = re.compile(r"(?<![A-Za-z0-9_-])sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}")
-# `api_key = "…"`: find long quoted values first (rare), then look left for the name and `=`/`:`.
-_LONG_QUOTED = re.compile(r"""["']([^"'\s]{16,})["']""")
-_ASSIGNED_BEFORE = re.compile(
-    r"""(?i)(?:api[_-]?key|secret|token|passw(?:or)?d|passwd|auth[_-]?key|private[_-]?key)[\w.-]*["']?\s*[:=]\s*$"""
-)
-_PLACEHOLDER = re.compile(r"(?i)xxxx|your|example|change|dummy|sample|placeholder|<|>|\{|\}|\$|\*{3}")
+_SECRET_NAME_ENDINGS = {
+    ".tfstate.backup": "Terraform state backup (holds secrets)",
+    ".tfvars.json": "Terraform variables (often secrets)",
+}
 
 
 def secret_file_reason(path: str) -> str | None:
@@ -79,8 +94,13 @@ def secret_file_reason(path: str) -> str | None:
     name, lower = p.name, p.name.lower()
     if lower in _SECRET_NAMES:
         return _SECRET_NAMES[lower]
+    if (p.parent.name, name) in _SECRET_PLACES:
+        return _SECRET_PLACES[(p.parent.name, name)]
     if lower.startswith(".env.") or lower.endswith(".env"):
         return f"environment file ({name}; templates like .env.example are skipped too, to be safe)"
+    for ending, reason in _SECRET_NAME_ENDINGS.items():
+        if lower.endswith(ending):
+            return reason
     suffix = p.suffix.lower()
     if suffix in _SECRET_SUFFIXES:
         return _SECRET_SUFFIXES[suffix]
@@ -89,65 +109,202 @@ def secret_file_reason(path: str) -> str | None:
     is_code = language_for(name) in SPECS
     if (lower.startswith("secrets.") or lower.startswith("credentials.")) and not is_code:
         return f"secrets file ({name})"
-    if p.parent.name == ".aws" and name in ("config", "credentials"):
-        return "AWS credentials"
     return None
 
 
-def looks_like_secret(text: str) -> str | None:
-    """The first credential-looking thing in `text`, described with its line number (not its value)."""
-    found = _find(text)
-    if found is None:
-        return None
-    what, start = found
-    return f"{what} on line {text.count(chr(10), 0, start) + 1}"
+# -- content ---------------------------------------------------------------------------------------
+
+class _GitleaksRule(RegexBasedDetector):
+    """A gitleaks rule run as a detect-secrets plugin (same filters, same reporting)."""
+
+    secret_type = "gitleaks"
+    denylist: list[re.Pattern[str]] = []
+
+
+def _gitleaks(rule_id: str, pattern: str) -> type[RegexBasedDetector]:
+    return type(rule_id, (_GitleaksRule,), {"secret_type": f"gitleaks {rule_id}",
+                                            "denylist": [re.compile(pattern)]})
+
+
+# Restated from gitleaks' config (ids kept); Python's `re` lacks RE2's `(?i)` mid-pattern, so the
+# case-insensitive parts are written out.
+GITLEAKS_RULES = (
+    _gitleaks("huggingface-access-token", r"\bhf_[A-Za-z0-9]{34,}\b"),
+    _gitleaks("npm-access-token", r"\bnpm_[A-Za-z0-9]{36}\b"),
+    _gitleaks("gcp-api-key", r"\bAIza[\w-]{35}\b"),
+    _gitleaks("github-fine-grained-pat", r"\bgithub_pat_\w{82}\b"),
+    _gitleaks("anthropic-api-key", r"\bsk-ant-(?:api03|admin01)-[\w-]{93}AA\b"),
+)
+# detect-secrets plugins left out: public IP addresses are not credentials; hex strings of high
+# entropy are mostly digests and test vectors in code (sha256 constants, commit ids); Artifactory's
+# `AP[0-9A-F]` + 8 letters matches ordinary identifiers.
+_LEFT_OUT = {"IPPublicDetector", "HexHighEntropyString", "ArtifactoryDetector"}
+# Lowercase literals that every match of a rule contains (gitleaks' `keywords`): one fast
+# case-insensitive scan for all of them picks the lines worth running the plugins on. A plugin
+# missing here (a newer detect-secrets) has its own regexes run over the whole text instead.
+_CREDENTIAL_WORDS = ("key", "pwd", "pw", "pass", "token", "secret", "contrase")
+_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "AWSKeyDetector": ("akia", "asia", "abia", "acca", "a3t", "aws"),
+    "AzureStorageKeyDetector": ("accountkey",),
+    "BasicAuthDetector": ("://",),
+    "CloudantDetector": ("cloudant", *_CREDENTIAL_WORDS),
+    "GitHubTokenDetector": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    "GitLabTokenDetector": ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "gr1348941", "glcbt-", "glimt-",
+                            "glptt-", "glagent-", "gloas-"),
+    "IbmCloudIamDetector": _CREDENTIAL_WORDS,
+    "IbmCosHmacDetector": _CREDENTIAL_WORDS,
+    "JwtTokenDetector": ("eyj",),
+    "KeywordDetector": _CREDENTIAL_WORDS,
+    "MailchimpDetector": ("-us",),
+    "NpmDetector": ("_authtoken",),
+    "OpenAIDetector": ("t3blbkfj",),
+    "PrivateKeyDetector": ("private key", "putty-user-key"),
+    "PypiTokenDetector": ("pypi-",),
+    "SendGridDetector": ("sg.",),
+    "SlackDetector": ("xox", "hooks.slack.com"),
+    "SoftlayerDetector": ("softlayer", *_CREDENTIAL_WORDS),
+    "SquareOAuthDetector": ("sq0csp-",),
+    "StripeDetector": ("k_live_",),
+    "huggingface-access-token": ("hf_",),
+    "npm-access-token": ("npm_",),
+    "gcp-api-key": ("aiza",),
+    "github-fine-grained-pat": ("github_pat_",),
+    "anthropic-api-key": ("sk-ant-",),
+}
+_PROSE = frozenset({".md", ".markdown", ".rst", ".txt", ".adoc", ".org", ".tex", ".html"})
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-./+=]*")  # how far a masked match extends to the right
+_WORD_CHARS = re.compile(r"[A-Za-z0-9_]*")  # ... and to the left (not past `KEY=` or `req-`)
+_QUOTED = re.compile(r"""(["'])[A-Za-z0-9+/=_-]{20,}\1""")  # what the base64 entropy plugin can flag
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str  # e.g. "AWS Access Key (detect-secrets AWSKeyDetector)"
+    line: int  # 1-based
+    value: str  # the matched secret: for redaction only, never shown
+
+    def __str__(self) -> str:
+        return f"{self.rule} on line {self.line}"
+
+
+@functools.cache
+def _plugins() -> tuple[BasePlugin, ...]:
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    classes = [c for c in get_mapping_from_secret_type_to_class().values() if c.__name__ not in _LEFT_OUT]
+    return tuple(c() for c in (*classes, *GITLEAKS_RULES))
+
+
+def _candidate_lines(plugin: BasePlugin, text: str, lower: str, newlines: list[int]) -> set[int]:
+    """0-based numbers of the lines where `plugin` could match (a superset of its findings)."""
+    name = type(plugin).__name__
+    if name in _KEYWORDS:
+        starts = [i for word in _KEYWORDS[name] for i in _find_all(lower, word)]
+    else:
+        patterns = (_QUOTED,) if isinstance(plugin, Base64HighEntropyString) else getattr(plugin, "denylist", ())
+        starts = [m.start() for p in patterns for m in re.finditer(p.pattern, text, p.flags | re.MULTILINE)]
+    return {bisect.bisect_right(newlines, i) for i in starts}
+
+
+def _find_all(haystack: str, needle: str) -> Iterator[int]:
+    i = haystack.find(needle)
+    while i >= 0:
+        yield i
+        i = haystack.find(needle, i + 1)
+
+
+def _rule_name(plugin: BasePlugin) -> str:
+    if isinstance(plugin, _GitleaksRule):
+        return plugin.secret_type
+    return f"{plugin.secret_type} (detect-secrets {type(plugin).__name__})"
+
+
+def _as_filename(path: str) -> str:
+    """The name detect-secrets' keyword rules see: extension-less and shell-like files (.envrc,
+    Dockerfile, *.sh) get the config rules, where `KEY=value` needs no quotes; code and prose keep theirs."""
+    name = PurePosixPath(path).name
+    if determine_file_type(name) is not FileType.OTHER:
+        return name
+    if language_for(name) in SPECS or PurePosixPath(name).suffix.lower() in _PROSE:
+        return name
+    return f"{name}.cfg"
+
+
+def _filtered(secret: PotentialSecret, plugin: BasePlugin, line: str) -> bool:
+    """detect-secrets' default heuristic filters (its Settings.filters), applied by hand, plus: a
+    keyword's value that is short or repetitive (`password = "x"` in a test) is a placeholder."""
+    value = secret.secret_value or ""
+    if isinstance(plugin, KeywordDetector) and (len(value) < 6 or _entropy(value) < 2.5):
+        return True
+    return (heuristic.is_sequential_string(value) or heuristic.is_potential_uuid(value)
+            or heuristic.is_likely_id_string(value, line, plugin) or heuristic.is_templated_secret(value)
+            or heuristic.is_prefixed_with_dollar_sign(value) or heuristic.is_indirect_reference(line)
+            or heuristic.is_not_alphanumeric_string(value))
+
+
+def _entropy(value: str) -> float:
+    """Bits per character of `value`'s own character distribution."""
+    n = len(value)
+    return -sum(c / n * math.log2(c / n) for c in Counter(value).values()) if n else 0.0
+
+
+def scan(text: str, path: str = "") -> list[Finding]:
+    """Every credential found in `text` (from file `path`, which picks the keyword rules), in order."""
+    lower, newlines = text.lower(), [i for i in _find_all(text, "\n")]
+    todo: dict[int, list[BasePlugin]] = {}  # line -> the plugins to run on it
+    for plugin in _plugins():
+        for i in _candidate_lines(plugin, text, lower, newlines):
+            todo.setdefault(i, []).append(plugin)
+    if not todo:
+        return []
+    lines, filename, findings = text.split("\n"), _as_filename(path or "adhoc.txt"), []
+    for i in sorted(todo):
+        line = lines[i].rstrip()
+        context = get_code_snippet(lines, i + 1)
+        for plugin in todo[i]:
+            for secret in plugin.analyze_line(filename=filename, line=line, line_number=i + 1, context=context):
+                if not _filtered(secret, plugin, line):
+                    findings.append(Finding(_rule_name(plugin), i + 1, secret.secret_value or ""))
+    return findings
+
+
+def looks_like_secret(text: str, path: str = "") -> str | None:
+    """The first credential-looking thing in `text`: its rule and line number (not its value)."""
+    found = scan(text, path)
+    return str(found[0]) if found else None
 
 
 def redact(text: str, mask: str = "[REDACTED]") -> str:
-    """`text` with every credential-looking span replaced by `mask` (for logs and error messages)."""
-    spans = sorted(_spans(text))
+    """`text` with every credential-looking token replaced by `mask` (for logs and error messages).
+
+    Scanned with the config-file rules (`password=x` needs no quotes), and each match widened to the
+    whole token around it: a rule may report only part of a token (GitLab's, the `glpat` prefix).
+    """
+    findings = scan(text, "log.cfg")
+    if not findings:
+        return text
+    lines = text.split("\n")
+    for n in sorted({f.line for f in findings}):
+        line, spans = lines[n - 1], []
+        for value in {f.value for f in findings if f.line == n and f.value}:
+            for m in re.finditer(re.escape(value), line):
+                start = m.start() - len(_left_token(line[:m.start()]))
+                spans.append((start, m.end() + len(_TOKEN_CHARS.match(line, m.end())[0])))
+        lines[n - 1] = _mask(line, spans, mask)
+    return "\n".join(lines)
+
+
+def _left_token(before: str) -> str:
+    """The token characters that end `before` (a match may start mid-token)."""
+    return _WORD_CHARS.match(before[::-1])[0][::-1]
+
+
+def _mask(line: str, spans: list[tuple[int, int]], mask: str) -> str:
     out, last = [], 0
-    for start, end, _ in spans:
+    for start, end in sorted(spans):
         if start >= last:
-            out += [text[last:start], mask]
+            out += [line[last:start], mask]
             last = end
-    return "".join(out) + text[last:]
-
-
-def _find(text: str) -> tuple[str, int] | None:
-    first = min(_spans(text), default=None)
-    return (first[2], first[0]) if first else None
-
-
-def _spans(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, what) of every credential-looking value in `text`."""
-    spans = []
-    for what, literals, pattern in _TOKEN_PATTERNS:
-        if any(lit in text for lit in literals):
-            spans += [(m.start(), m.end(), what) for m in pattern.finditer(text)]
-    if "sk-" in text:
-        spans += [
-            (m.start(), m.end(), "API key (sk-...)")
-            for m in _SK_KEY.finditer(text)
-            if _random_looking(m.group(0)[3:])
-        ]
-    for m in _LONG_QUOTED.finditer(text):
-        if _random_looking(m.group(1)) and _ASSIGNED_BEFORE.search(text, max(0, m.start() - 80), m.start()):
-            spans.append((m.start(1), m.end(1), "hard-coded credential"))
-    return spans
-
-
-def _random_looking(value: str) -> bool:
-    """Letters and digits, no placeholder words, and >= 3.5 bits/char (hex keys ~3.8, words ~3)."""
-    if _PLACEHOLDER.search(value):
-        return False
-    if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
-        return False
-    return shannon_entropy(value) >= 3.5
-
-
-def shannon_entropy(value: str) -> float:
-    """Bits per character of `value`'s own character distribution."""
-    counts = Counter(value)
-    n = len(value)
-    return -sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
+        else:
+            last = max(last, end)
+    return "".join(out) + line[last:]

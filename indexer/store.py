@@ -16,6 +16,12 @@ branch switched) is kept until `gc()`. The pipeline calls `gc()` once at the end
 indexing pass, never during per-file updates, so content that comes back (branch switched back,
 code moved in two steps) is not re-encoded.
 
+Trust: a repository may ship a `.longllama/` of its own. The lock and database are opened without
+following symlinks, a `.longllama` that is a symlink or another user's is refused, it gets a
+`.gitignore` of `*`, and every memory row carries a MAC under this user's key (indexer.signing): a
+database this user did not write has its memories dropped on open, and a row with a bad MAC is never
+returned, so the pipeline encodes that content again.
+
 Memory tensors live in BLOB rows rather than in side files (unlike house style 19) so a chunk, its
 memory and the file row commit in one SQLite transaction: kill -9 can never leave a half-written
 tensor file or an orphan. Cold reads measured ~680 MiB/s (environment.md §6).
@@ -24,10 +30,15 @@ tensor file or an orphan. Cold reads measured ~680 MiB/s (environment.md §6).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import json
+import logging
 import os
+import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,10 +57,15 @@ from indexer.schema import (
     encode_memory,
     migrations,
 )
+from indexer.signing import sign, user_key, verify
 from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
 from longllama_lsp.model.memory import Memory
 
-MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data"
+logger = logging.getLogger(__name__)
+
+MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data, mac"
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite opens these by name, beside the database
+REBUILD_HINT = "run `longllama index --rebuild` to delete and rebuild it"
 CHUNK_COLUMNS = ", ".join(ChunkRow.__dataclass_fields__)
 FILE_COLUMNS = ", ".join(FileRow.__dataclass_fields__)
 
@@ -82,7 +98,8 @@ class _WriterLock:
 
     def __init__(self, db_path: Path):
         self.path = db_path.with_name(db_path.name + ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a committed `index-….db.lock` symlink must not make us write a PID through it.
+        self.fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +116,66 @@ class _WriterLock:
             self.fd = -1
 
 
+def _open_regular(path: Path, flags: int) -> int:
+    """os.open without following a symlink at `path`, and only onto a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symlink; the index never writes through one (a repository may "
+                             "ship it to make us overwrite another file): delete it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{path} is not a regular file; delete it")
+    return fd
+
+
+def _check_index_dir(directory: Path) -> None:
+    """Refuse a `.longllama` that is a symlink, another user's, or writable by everyone: its contents
+    would decide where we write and what the model reads."""
+    try:
+        st = directory.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{directory} is a symlink (a repository may ship one to redirect the index); "
+                         "delete it and index again")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{directory} is not a directory; delete it and index again")
+    if st.st_uid != os.geteuid():
+        raise StoreError(f"{directory} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}); "
+                         "its index could be anyone's: delete it, or index as its owner")
+    if st.st_mode & stat.S_IWOTH:
+        raise StoreError(f"{directory} is writable by every user (mode {stat.filemode(st.st_mode)}); "
+                         "run `chmod o-w` on it or delete it")
+
+
+def _check_side_files(path: Path) -> None:
+    """The database and the files SQLite opens beside it by name must not be symlinks."""
+    for p in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES)):
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{p} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}; "
+                             "the index never opens one (a repository may ship it): delete it")
+
+
+def _write_gitignore(directory: Path) -> None:
+    """`.longllama/.gitignore` = `*`: the index is never committed (and never shipped to others)."""
+    try:
+        fd = os.open(directory / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return
+    except OSError as e:  # a read-only checkout: the index itself will say what is wrong
+        logger.info("cannot write %s/.gitignore: %s", directory, e)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write("# written by longllama: the index is a per-machine cache, never committed\n*\n")
+
+
 @contextlib.contextmanager
 def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
     """Turn sqlite3 failures into StoreError with what to do; the transaction is already rolled back."""
@@ -112,9 +189,18 @@ def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
             hint = "the database or its directory is read-only; fix the permissions or open it read-only"
         elif "locked" in msg or "busy" in msg:
             hint = "another connection holds the database; try again"
-        else:
-            hint = "delete the file to rebuild the index if this persists"
+        else:  # malformed, not a database, I/O error: the file is damaged
+            hint = f"the index is damaged; {REBUILD_HINT}"
         raise StoreError(f"index {path}: {action} failed: {msg}; {hint}") from e
+
+
+def _reads(method):
+    """Wrap a Store method's SQLite errors (a damaged page shows only when read) like open's."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _sqlite_errors(self.path, "read"):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Store:
@@ -127,28 +213,43 @@ class Store:
                  lock: _WriterLock | None):
         self.path, self.fingerprint, self.db, self.readonly = path, fingerprint, db, readonly
         self._lock = lock
+        self._key = user_key()
+        self.distrusted = 0  # memories dropped on open: the database was not written by this user
 
     # -- lifetime -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, fingerprint: Fingerprint | None, *, readonly: bool = False) -> Store:
+    def open(cls, path: str | os.PathLike, fingerprint: Fingerprint | None, *, readonly: bool = False,
+             rebuild: bool = False) -> Store:
         """Open (creating and migrating if needed) the index; readers don't take the writer lock.
 
-        A reader may pass fingerprint=None to adopt the stored one (inspection only).
+        A reader may pass fingerprint=None to adopt the stored one (inspection only). `rebuild`
+        deletes the database (under the writer lock) and starts an empty one.
         Raises IndexBusy if another process is writing, StoreMismatch if another model built it,
-        StoreError if it cannot be opened.
+        StoreError if it cannot be opened or trusted.
         """
         path = Path(path).absolute()
+        if path.parent.name == ".longllama":
+            _check_index_dir(path.parent)
         if readonly:
             if not path.exists():
                 raise StoreError(f"no index at {path}; run `longllama index` first")
+            _check_side_files(path)
             return cls._connect(path, fingerprint, readonly=True, lock=None)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent.name == ".longllama":
+                _write_gitignore(path.parent)
             lock = _WriterLock(path)
         except OSError as e:
             raise StoreError(f"cannot create index at {path}: {e}") from e
         try:
+            if rebuild:
+                for p in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES)):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()  # unlink removes a symlink itself, never its target
+            _check_side_files(path)
+            os.close(_open_regular(path, os.O_RDWR | os.O_CREAT))
             return cls._connect(path, fingerprint, readonly=False, lock=lock)
         except BaseException:
             lock.release()
@@ -188,6 +289,7 @@ class Store:
             with self.db.atomic():  # migrations and the model's meta rows commit together, or not at all
                 migrations.apply(self.db)
                 self._init_meta()
+                self._claim()
         self._check_meta()
 
     def _init_meta(self) -> None:
@@ -201,6 +303,21 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, value])
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                         [str(SCHEMA_VERSION)])
+
+    def _claim(self) -> None:
+        """Drop every memory of a database this user's key did not mark (shipped in a repository,
+        copied from another machine, or older than signing), then mark it as ours."""
+        meta = self.meta()
+        db_id = meta.get("db_id", "")
+        if db_id and verify(self._key, bytes.fromhex(meta.get("owner_mac") or "00"), "owner", db_id):
+            return
+        self.distrusted = self.db.execute("DELETE FROM memories").rowcount
+        if self.distrusted:
+            logger.warning("index %s was not written by this user on this machine: its %d memories are not "
+                           "trusted and will be encoded again", self.path, self.distrusted)
+        db_id = secrets.token_hex(16)
+        for key, value in (("db_id", db_id), ("owner_mac", sign(self._key, "owner", db_id).hex())):
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, value])
 
     def _check_meta(self) -> None:
         meta = self.meta()
@@ -262,19 +379,23 @@ class Store:
             self.db.execute("DELETE FROM chunks WHERE path = ?", [path])
             return self.db.execute("DELETE FROM files WHERE path = ?", [path]).rowcount > 0
 
+    @_reads
     def file(self, path: str) -> FileRow | None:
         row = self.db.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", [path]).fetchone()
         return FileRow(*row) if row else None
 
+    @_reads
     def files(self) -> list[FileRow]:
         return [FileRow(*r) for r in self.db.execute(f"SELECT {FILE_COLUMNS} FROM files ORDER BY path")]
 
+    @_reads
     def chunks(self, path: str | None = None) -> list[ChunkRow]:
         """Chunks of one file (or all), in (path, ordinal) order."""
         where, args = ("WHERE path = ?", [path]) if path is not None else ("", [])
         sql = f"SELECT {CHUNK_COLUMNS} FROM chunks {where} ORDER BY path, ordinal"
         return [ChunkRow(*r) for r in self.db.execute(sql, args)]
 
+    @_reads
     def chunks_missing_memory(self) -> list[ChunkRow]:
         """Chunks whose content has no memory yet (what a resumed run must encode)."""
         cols = ", ".join(f"c.{c}" for c in ChunkRow.__dataclass_fields__)
@@ -284,6 +405,7 @@ class Store:
 
     # -- memories -------------------------------------------------------------------------------
 
+    @_reads
     def missing_memories(self, hashes: Iterable[str]) -> set[str]:
         """The subset of `hashes` with no stored memory (what still needs the model)."""
         sql = ("SELECT DISTINCT value FROM json_each(?) "
@@ -298,8 +420,9 @@ class Store:
         added, pending, size = 0, [], 0
         for content_hash, memory in memories.items():
             row, mask, data = encode_memory(memory, self.fingerprint)
+            mac = self._mac(content_hash, row["dtype"], row["shape"], row["layers"], mask, data)
             pending.append([content_hash, self.fingerprint.digest, row["n_tokens"], row["dtype"],
-                            row["shape"], row["layers"], row["nbytes"], time.time(), mask, data])
+                            row["shape"], row["layers"], row["nbytes"], time.time(), mask, data, mac])
             size += row["nbytes"]
             if size >= batch_bytes:
                 added, pending, size = added + self._insert_memories(pending), [], 0
@@ -312,7 +435,7 @@ class Store:
             before = self.db.conn.total_changes
             self.db.conn.executemany(
                 "INSERT OR IGNORE INTO memories (content_hash, fingerprint, n_tokens, dtype, shape, layers, "
-                "nbytes, created_at, mask, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "nbytes, created_at, mask, data, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             return self.db.conn.total_changes - before
 
     def get_memory(self, content_hash: str) -> Memory | None:
@@ -324,7 +447,12 @@ class Store:
 
         `batch` rows are fetched at a time (larger batches only hold more blobs in RAM). Decoding is
         one bytearray copy per blob: ~400 MiB/s against ~550 MiB/s for bare SQLite reads (warm cache).
+        A row whose MAC does not verify is skipped (and, by the writer, deleted: encoded again).
         """
+        with _sqlite_errors(self.path, "read"):
+            yield from self._iter_memories(hashes, batch)
+
+    def _iter_memories(self, hashes: Iterable[str] | None, batch: int) -> Iterator[tuple[str, Memory]]:
         if hashes is None:
             cur = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE fingerprint = ? "
                                   "ORDER BY rowid", [self.fingerprint.digest])
@@ -341,15 +469,29 @@ class Store:
                                   "(SELECT value FROM json_each(?))", [json.dumps(rowids[i:i + 4096])])
             yield from self._decode_rows(cur, batch)
 
+    def _mac(self, content_hash: str, dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes) -> bytes:
+        return sign(self._key, self.fingerprint.digest, content_hash, dtype, shape, layers, mask, data)
+
     def _decode_rows(self, cur: sqlite3.Cursor, batch: int) -> Iterator[tuple[str, Memory]]:
+        forged = []
         while rows := cur.fetchmany(batch):
-            for content_hash, dtype, shape, layers, mask, data in rows:
+            for content_hash, dtype, shape, layers, mask, data, mac in rows:
+                if not verify(self._key, mac, self.fingerprint.digest, content_hash, dtype, shape, layers,
+                              mask, data):
+                    forged.append(content_hash)
+                    continue
                 try:
                     memory = decode_memory(dtype, shape, layers, mask, data)
                 except ValueError as e:
                     raise StoreError(f"index {self.path}: memory {content_hash} is corrupt ({e}); "
-                                     "delete the file to rebuild the index") from e
+                                     f"{REBUILD_HINT}") from e
                 yield content_hash, memory
+        if forged:
+            logger.warning("index %s: %d memories were not signed by this user; not used%s", self.path,
+                           len(forged), "" if self.readonly else ", deleted to be encoded again")
+            if not self.readonly:
+                with self.transaction():
+                    self.db.conn.executemany("DELETE FROM memories WHERE content_hash = ?", [[h] for h in forged])
 
     def gc(self) -> int:
         """Delete memories no chunk references; returns how many. Run after a full indexing pass."""
@@ -359,9 +501,11 @@ class Store:
 
     # -- status ---------------------------------------------------------------------------------
 
+    @_reads
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
 
+    @_reads
     def stats(self) -> StoreStats:
         one = lambda sql: self.db.execute(sql).fetchone()  # noqa: E731
         files, = one("SELECT count(*) FROM files WHERE status = 'indexed'")
@@ -379,6 +523,7 @@ class Store:
                           chunks_missing_memory=len(self.chunks_missing_memory()), bytes_on_disk=on_disk,
                           skipped=[tuple(r) for r in skipped])
 
+    @_reads
     def check(self) -> list[str]:
         """Problems found by SQLite's integrity and foreign-key checks ([] = healthy)."""
         problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]

@@ -19,6 +19,8 @@ own path anyway, and outside it they would leak files; loops are impossible by c
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import stat
@@ -29,7 +31,10 @@ from pathlib import Path, PurePosixPath
 from indexer.languages import language_for
 from indexer.secrets import looks_like_secret, secret_file_reason
 
+logger = logging.getLogger(__name__)
+
 IGNORE_FILES = (".gitignore", ".longllamaignore")  # per directory, later outranks earlier
+IGNORE_FILE_MAX_BYTES = 1 << 20  # ignore files and git config are a few KiB; a larger one is hostile
 
 # Directory names never walked, whatever the ignore files say (value: the reason shown).
 SKIP_DIRS: dict[str, str] = {
@@ -200,6 +205,9 @@ class _Walker:
         visited: set[tuple[int, int]],
     ) -> Decision | None:
         """The Decision for one directory entry; None for a directory that should be walked."""
+        shown = printable_path(rel)
+        if shown != rel:  # the store, the logs and the editor all need text: skipped, never a crash
+            return Decision(False, "file name is not valid UTF-8", shown)
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
@@ -288,12 +296,13 @@ class _Walker:
         if st.st_size > self.rules.max_bytes:
             return Decision(False, f"too large ({st.st_size} bytes > max_bytes {self.rules.max_bytes})", rel)
         try:
-            with open(path, "rb") as f:
-                data = f.read(self.rules.max_bytes + 1)
+            data = read_regular_file(path, self.rules.max_bytes + 1)
         except FileNotFoundError:
             return Decision(False, "vanished during the walk", rel)
         except OSError as err:
             return Decision(False, f"unreadable: {err.strerror or err}", rel)
+        if data is None:  # replaced by a symlink, FIFO or device since the lstat
+            return Decision(False, "not a regular file (changed during the walk)", rel)
         reason = self.content_reason(rel, data)
         if reason is not None:
             return Decision(False, reason, rel)
@@ -331,9 +340,9 @@ class _Walker:
             if len(data) / lines > self.rules.minified_line_chars:
                 return f"minified or machine-written (average line {len(data) // lines} chars)"
         if not self.rules.include_secrets:
-            secret = looks_like_secret(data.decode("utf-8", "replace"))
+            secret = looks_like_secret(data.decode("utf-8", "replace"), rel)
             if secret is not None:
-                return f"secret: contains a {secret}; never indexed unless include_secrets is set"
+                return f"secret: {secret}; never indexed unless include_secrets is set"
         return None
 
     def symlink_reason(self, path: Path) -> str:
@@ -349,11 +358,52 @@ class _Walker:
         return f"symlink to {target.relative_to(real_root).as_posix()} (not followed; targets are walked at their own path)"
 
 
-def _load_level(path: Path, base: str, source: str) -> _IgnoreLevel | None:
+def printable_path(rel: str) -> str:
+    """`rel` as valid UTF-8: os.scandir hands undecodable bytes over as lone surrogates."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = False) -> bytes | None:
+    """At most `limit` bytes of `path` if it is a regular file, else None (a symlink unless
+    follow_symlinks, a FIFO that would block forever, /dev/zero that never ends, a directory).
+    O_NONBLOCK makes opening a FIFO return at once; fstat then tells what was opened."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(limit)
+
+
+def read_small_text(path: Path, *, follow_symlinks: bool = False) -> str | None:
+    """An ignore or git metadata file's text; None if absent, not a regular file (git does not follow
+    a symlinked .gitignore either) or larger than IGNORE_FILE_MAX_BYTES (logged, then not used)."""
+    try:
+        data = read_regular_file(path, IGNORE_FILE_MAX_BYTES + 1, follow_symlinks=follow_symlinks)
     except OSError:  # absent (the usual case), a directory, or unreadable
         return None
+    if data is not None and len(data) > IGNORE_FILE_MAX_BYTES:
+        logger.warning("not reading %s: larger than %d bytes", printable_path(str(path)), IGNORE_FILE_MAX_BYTES)
+        return None
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _load_level(path: Path, base: str, source: str, *, follow_symlinks: bool = False) -> _IgnoreLevel | None:
+    text = read_small_text(path, follow_symlinks=follow_symlinks)
+    if text is None:
+        return None
+    lines = text.splitlines()
     rules = parse_ignore_lines(lines)
     return _IgnoreLevel(base, rules, source) if rules else None
 
@@ -370,7 +420,8 @@ def _repo_context(root: Path, use_ignore_files: bool) -> tuple[Path, str, tuple[
         return top, offset, ()
     git_dir = _git_dir(top)
     excludes = _global_excludes_file(git_dir)
-    outer = [_load_level(excludes, "", str(excludes))] if excludes is not None else []
+    # The user's own global excludes file may be a symlink (dotfile managers); the repo's may not.
+    outer = [_load_level(excludes, "", str(excludes), follow_symlinks=True)] if excludes is not None else []
     levels = list(outer)
     if git_dir is not None:
         levels.append(_load_level(git_dir / "info" / "exclude", "", ".git/info/exclude"))
@@ -489,17 +540,12 @@ def _git_dir(top: Path) -> Path | None:
     dot_git = top / ".git"
     if dot_git.is_dir():
         return dot_git
-    try:
-        text = dot_git.read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
+    text = (read_small_text(dot_git) or "").strip()
     if not text.startswith("gitdir:"):
         return None
     git_dir = (top / text.removeprefix("gitdir:").strip()).resolve()
-    try:
-        return (git_dir / (git_dir / "commondir").read_text(encoding="utf-8").strip()).resolve()
-    except OSError:
-        return git_dir
+    common = read_small_text(git_dir / "commondir")
+    return (git_dir / common.strip()).resolve() if common is not None else git_dir
 
 
 def _global_excludes_file(git_dir: Path | None) -> Path | None:
@@ -518,9 +564,8 @@ def _global_excludes_file(git_dir: Path | None) -> Path | None:
 
 def _config_value(path: Path, section: str, key: str) -> str | None:
     """A tiny git-config reader: `[section]` headers, `key = value`, comments; last value wins."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    text = read_small_text(path, follow_symlinks=True)  # ~/.gitconfig may be a dotfile symlink
+    if text is None:
         return None
     current, value = "", None
     for raw in text.splitlines():

@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import select
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_migrations_are_idempotent(db):
             assert schema_of(store) == schema
             assert store.meta()["created_at"] == created
             names = [m.name for m in migrations.applied(store.db)]
-            assert names == ["m001_create_tables"]
+            assert names == ["m001_create_tables", "m002_memory_mac"]
             assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -439,3 +440,130 @@ def test_kill_9_leaves_a_consistent_resumable_index(worker, db):
         assert encoded == len(final - had), f"seed {seed}"
         assert store.chunks_missing_memory() == [] and len(store.files()) == 100 + 20 * (version % 2)
         assert {r[0] for r in store.db.execute("SELECT content_hash FROM memories")} == final
+
+
+# -- a hostile repository's .longllama/ (issue 18) -----------------------------------------------------
+
+def test_committed_lock_symlink_is_never_written_through(tmp_path):
+    """`git clone` keeps a committed `.longllama/index-<fp>.db.lock -> ~/victim` symlink; opening the
+    index used to replace the victim's contents with our PID."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    db = index_path(tmp_path / "repo", FP)
+    db.parent.mkdir(parents=True)
+    Path(f"{db}.lock").symlink_to(victim)
+    with pytest.raises(StoreError, match="symlink"):
+        Store.open(db, FP)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["", "-wal", "-shm", "-journal"])
+def test_database_or_side_file_symlink_is_refused(tmp_path, name):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    db = index_path(tmp_path / "repo", FP)
+    if name:  # beside an index of our own
+        Store.open(db, FP).close()
+        Path(f"{db}{name}").unlink(missing_ok=True)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{db}{name}").symlink_to(victim)
+    for readonly in (False, True) if name else (False,):
+        with pytest.raises(StoreError, match="symlink"):
+            Store.open(db, FP, readonly=readonly)
+    assert victim.read_text() == "precious\n"
+
+
+def test_index_dir_that_is_a_symlink_or_another_users_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".longllama").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(StoreError, match="is a symlink"):
+        Store.open(index_path(repo, FP), FP)
+    assert list(elsewhere.iterdir()) == []
+    (repo / ".longllama").unlink()
+    (repo / ".longllama").mkdir()
+    if os.geteuid() == 0:  # only root can give a directory away; otherwise the check is the same code
+        os.chown(repo / ".longllama", 65534, 65534)
+        with pytest.raises(StoreError, match="belongs to uid 65534"):
+            Store.open(index_path(repo, FP), FP)
+        os.chown(repo / ".longllama", 0, 0)
+    (repo / ".longllama").chmod(0o777)
+    with pytest.raises(StoreError, match="writable by every user"):
+        Store.open(index_path(repo, FP), FP)
+
+
+def test_index_dir_gets_a_gitignore_that_ignores_everything(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    Store.open(index_path(repo, FP), FP).close()
+    assert (repo / ".longllama" / ".gitignore").read_text().splitlines()[-1] == "*"
+    done = subprocess.run(["git", "init", "-q", str(repo)], capture_output=True)
+    if done.returncode == 0:  # git agrees: nothing under .longllama/ is offered for a commit
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+                                capture_output=True, text=True, check=True).stdout
+        assert ".longllama" not in status
+
+
+@pytest.fixture
+def other_user_key(tmp_path, monkeypatch):
+    """Switch indexer.signing's key to another user's (XDG_CONFIG_HOME picks the key file)."""
+    def switch(name: str) -> None:
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / name))
+    return switch
+
+
+def test_memories_from_a_database_this_user_did_not_write_are_dropped(db, other_user_key):
+    """A database shipped in a repository (written under another key) is a poisoned cache: its
+    memories are never returned and the pipeline sees them as missing, so it encodes them again."""
+    other_user_key("attacker")
+    with Store.open(db, FP) as store:
+        put_file(store, "a.py", ["one", "two"])
+        store.put_memories({sha("one"): memory(4, seed=1), sha("two"): memory(4, seed=2)})
+    other_user_key("victim")
+    with Store.open(db, FP, readonly=True) as reader:  # a reader never sees them either
+        assert dict(reader.iter_memories()) == {}
+    with Store.open(db, FP) as store:
+        assert store.distrusted == 2
+        assert store.missing_memories([sha("one"), sha("two")]) == {sha("one"), sha("two")}
+        assert [c.content_hash for c in store.chunks_missing_memory()] == [sha("one"), sha("two")]
+        store.put_memories({sha("one"): memory(4, seed=3)})
+    with Store.open(db, FP) as store:  # now it is ours: kept across opens
+        assert store.distrusted == 0 and list(dict(store.iter_memories())) == [sha("one")]
+
+
+def test_a_row_with_a_bad_mac_is_not_used_and_is_encoded_again(db):
+    with Store.open(db, FP) as store:
+        put_file(store, "a.py", ["one", "two"])
+        store.put_memories({sha("one"): memory(4, seed=1), sha("two"): memory(4, seed=2)})
+        # Tampered after signing: one bit of one key, and a row whose MAC was removed.
+        store.db.execute("UPDATE memories SET data = CAST(? || substr(data, 2) AS BLOB) WHERE content_hash = ?",
+                         [b"\x01", sha("one")])
+        store.db.execute("UPDATE memories SET mac = NULL WHERE content_hash = ?", [sha("two")])
+        assert dict(store.iter_memories()) == {}
+        assert store.missing_memories([sha("one"), sha("two")]) == {sha("one"), sha("two")}
+
+
+def damage_table_page(db: Path, table: str) -> None:
+    con = sqlite3.connect(db)
+    page, = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", [table]).fetchone()
+    size, = con.execute("PRAGMA page_size").fetchone()
+    con.close()
+    with open(db, "r+b") as f:
+        f.seek((page - 1) * size + 8)
+        f.write(b"\xff" * 64)  # the b-tree page header and cell pointers
+
+
+def test_damaged_table_page_is_a_store_error_offering_rebuild(db):
+    with Store.open(db, FP) as store:
+        for i in range(50):
+            put_file(store, f"f{i}.py", [f"x{i}"])
+    damage_table_page(db, "files")
+    for readonly in (True, False):
+        with pytest.raises(StoreError, match="--rebuild"):
+            with Store.open(db, FP, readonly=readonly) as store:
+                store.files()
+                store.stats()
+    with Store.open(db, FP, rebuild=True) as store:
+        assert store.files() == [] and store.check() == []

@@ -252,10 +252,10 @@ def test_secrets_are_never_indexed_by_default(tmp_path):
     ]:
         assert not got[name].indexed and got[name].reason.startswith("secret:"), name
     assert "templates like .env.example" in got[".env.example"].reason
-    assert got["config.py"].reason.startswith("secret: contains a AWS access key id on line 2")
-    assert "private key block" in got["key.txt"].reason
-    assert "GitHub token" in got["ci.sh"].reason
-    assert "hard-coded credential" in got["settings.py"].reason
+    assert got["config.py"].reason.startswith("secret: AWS Access Key (detect-secrets AWSKeyDetector) on line 2")
+    assert "Private Key" in got["key.txt"].reason
+    assert "GitHub Token" in got["ci.sh"].reason
+    assert "Secret Keyword (detect-secrets KeywordDetector)" in got["settings.py"].reason
     assert FAKE_AWS not in got["config.py"].reason  # reasons never echo the secret
     assert got["secrets.py"].indexed and got["clean.py"].indexed and got["id_rsa.pub"].indexed
     assert explain(root, ".env").reason == got[".env"].reason
@@ -264,8 +264,9 @@ def test_secrets_are_never_indexed_by_default(tmp_path):
 
 
 def test_looks_like_secret_and_redact():
-    assert looks_like_secret(f"x = 1\ny = '{FAKE_AWS}'") == "AWS access key id on line 2"
-    assert looks_like_secret("sk-" + "proj-" + "Zx81Kq02Lm93Nb74Vc65Xd") == "API key (sk-...) on line 1"
+    assert looks_like_secret(f"x = 1\ny = '{FAKE_AWS}'") == "AWS Access Key (detect-secrets AWSKeyDetector) on line 2"
+    anthropic = "sk-" + "ant-api03-" + "Zx81Kq02Lm93Nb74Vc65Xd" * 4 + "abcde" + "AA"
+    assert looks_like_secret(anthropic) == "gitleaks anthropic-api-key on line 1"
     assert looks_like_secret("risk-assessment-of-the-whole-project") is None  # `sk-` inside words
     assert looks_like_secret("password = 'aaaaaaaaaaaaaaaaaaaa'") is None  # low entropy
     assert looks_like_secret("def tokenize(text):\n    return text.split()\n") is None
