@@ -21,7 +21,8 @@ def open_indexer(args: argparse.Namespace):
     model, tokenizer, model_dir = load_model_and_tokenizer(args.model, args.device, args.dtype, decoding=False)
     rules = WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
     return Indexer.open(Path(args.repo), model, tokenizer, model_dir, rules=rules,
-                        budget_tokens=args.memory_budget, chunk_tokens=args.chunk_tokens)
+                        budget_tokens=args.memory_budget, chunk_tokens=args.chunk_tokens,
+                        rebuild=getattr(args, "rebuild", False))
 
 
 def _add_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,8 @@ def _add_index_only(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain", metavar="PATH", help="only say why PATH is or is not indexed, then exit")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--rebuild", action="store_true",
+                   help="delete this model's index database first and encode everything again (for a damaged index)")
 
 
 def run_watch(args: argparse.Namespace) -> int:

@@ -99,10 +99,10 @@ class Indexer:
     def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,
              device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
              chunk_tokens: int = 256, batch_tokens: int = 4096,
-             run_model: Callable[[Callable[[], Memory]], Memory] | None = None) -> Indexer:
+             run_model: Callable[[Callable[[], Memory]], Memory] | None = None, rebuild: bool = False) -> Indexer:
         """run_model: runs each encode on the model's owner thread (the engine's worker); None: here."""
         fp = fingerprint_for(model, Path(model_dir))
-        store = Store.open(db_path or index_path(root, fp), fp)
+        store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         device = device or next(model.parameters()).device
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)

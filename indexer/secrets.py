@@ -192,7 +192,9 @@ def _plugins() -> tuple[BasePlugin, ...]:
     from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
     classes = [c for c in get_mapping_from_secret_type_to_class().values() if c.__name__ not in _LEFT_OUT]
-    return tuple(c() for c in (*classes, *GITLEAKS_RULES))
+    generic = [c for c in classes if c in (KeywordDetector, Base64HighEntropyString)]
+    # Token formats first: a line that matches one and a generic rule is reported by the format's name.
+    return tuple(c() for c in (*[c for c in classes if c not in generic], *GITLEAKS_RULES, *generic))
 
 
 def _candidate_lines(plugin: BasePlugin, text: str, lower: str, newlines: list[int]) -> set[int]:

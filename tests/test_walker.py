@@ -318,7 +318,7 @@ def test_unreadable_vanishing_and_special_files_are_skipped(tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(walker.os, "scandir", scandir)
-    monkeypatch.setattr(walker, "open", deny_open, raising=False)
+    monkeypatch.setattr(walker, "read_regular_file", deny_open)
     got = decisions(root)
     assert got["a.py"].reason == "unreadable: Permission denied"
     assert got["c/"].reason == "unreadable directory: Permission denied"
@@ -401,3 +401,99 @@ def test_ignore_rules_agree_with_git(tmp_path, isolated_git_config):
         text=True,
     ).stdout
     assert sorted(p for p in listed.split("\0") if p) == sorted(indexed(root))
+
+
+# -- hostile names and ignore files (issue 18) ---------------------------------------------------------
+
+def test_undecodable_file_names_are_skipped_and_reported(tmp_path):
+    """`bad_\\xff.py` (not UTF-8) used to crash the store with UnicodeEncodeError; now it is one skip."""
+    root = make_tree(tmp_path / "repo", {"ok.py": "x = 1\n"})
+    os.mkdir(os.path.join(os.fsencode(root), b"dir_\xfe"))
+    for name in (b"bad_\xff.py", b"dir_\xfe/inner.py"):
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(b"y = 2\n")
+    got = decisions(root)
+    assert got["ok.py"].indexed
+    assert got["bad_\ufffd.py"].reason == "file name is not valid UTF-8"
+    assert got["dir_\ufffd"].reason == "file name is not valid UTF-8"  # pruned with its contents
+    for d in got.values():
+        d.path.encode("utf-8")  # every path the store and the editor see is text
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge", "symlink-to-file"])
+def test_ignore_files_are_read_only_if_regular_and_small(tmp_path, kind):
+    """A `.gitignore` -> /dev/zero ended in MemoryError, a FIFO hung the walk. Git itself does not
+    follow a symlinked .gitignore; neither do we, and one over 1 MiB is not read at all."""
+    root = make_tree(tmp_path / "repo", {"a.py": "x = 1\n", "sub/b.py": "y = 2\n", "rules.txt": "a.py\n"})
+    for ignore in (root / ".gitignore", root / "sub" / ".longllamaignore"):
+        if kind == "dev-zero":
+            ignore.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(ignore)
+        elif kind == "huge":
+            ignore.write_text("a.py\n" + "#" * walker.IGNORE_FILE_MAX_BYTES)
+        else:
+            ignore.symlink_to(root / "rules.txt")
+    got = decisions(root)  # returns: no hang, no MemoryError
+    assert got["a.py"].indexed and got["sub/b.py"].indexed  # those ignore files were not used
+    assert explain(root, "a.py").indexed
+
+
+def test_walk_never_blocks_on_a_fifo_swapped_in_for_a_file(tmp_path, monkeypatch):
+    """lstat said regular, then the file became a FIFO: reading it must not block."""
+    root = make_tree(tmp_path / "repo", {"a.py": "x = 1\n"})
+    real_lstat = walker._Walker.decide_file
+
+    def swap(self, path, rel, st, levels):
+        if rel == "a.py":
+            path.unlink()
+            os.mkfifo(path)
+        return real_lstat(self, path, rel, st, levels)
+    monkeypatch.setattr(walker._Walker, "decide_file", swap)
+    assert decisions(root)["a.py"].reason == "not a regular file (changed during the walk)"
+
+
+# -- secrets: the maintained rule set (detect-secrets plugins + gitleaks rules) ---------------------------
+
+# Assembled at run time so this file never looks like it holds a credential. Each value is in the
+# format the issue's probe planted; "rule" is the start of the reason `--explain` prints.
+JWT = "eyJ" + "hbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9" + ".eyJzdWIiOiIxMjM0NTY3ODkwIn0" + ".dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+PROBED = [  # (file, its text with {} for the secret, the secret, the rule)
+    (".envrc.sh", "export DATABASE_PASSWORD={}\n", "Zx9Qv7Lm3Np8Rt2K", "Secret Keyword"),
+    ("deploy/settings.cfg", "[db]\npassword = {}\n", "s3cr3tPassw0rdValue", "Secret Keyword"),
+    ("deploy/app.ini", "[auth]\nsecret_key={}\n", "q8Zr3kT1vB6nW0yX5mL2", "Secret Keyword"),
+    ("k8s/values.yaml", "db:\n  password: {}\n", "s3cr3tPassw0rdValue", "Secret Keyword"),
+    ("app/client.py", 'HEADERS = {{"Authorization": "Bearer {}"}}\n', JWT, "JSON Web Token"),
+    ("app/db.py", 'URL = "postgres://admin:{}@db.internal:5432/app"\n', "Sup3rS3cret", "Basic Auth Credentials"),
+    ("ci/gitlab.py", 'TOKEN = "{}"\n', "glpat-" + "Abcdefghij1234567890", "GitLab Token"),
+    ("ci/publish.sh", "NPM_TOKEN={}\n", "npm_" + "abcdefghijklmnopqrstuvwxyz0123456789", "gitleaks npm-access-token"),
+    ("ml/hub.py", 'HF_TOKEN = "{}"\n', "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567", "gitleaks huggingface-access-token"),
+    ("mail/send.py", 'KEY = "{}"\n', "SG." + "ngeVfQFYQlKU0ufo8x5d1A.TwL2iGABf9DHoTf-09kqeF8tAmbihYzrnopKc-1s5cr",
+     "SendGrid API Key"),
+    ("aws/conf.py", 'AWS_ACCESS_KEY_ID = "{}"\n', "AKIA" + "IOSFODNN7EXAMPLE", "AWS Access Key"),
+    ("aws/creds.ini", "aws_secret_access_key = {}\n", "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY", "Secret Keyword"),
+]
+PROBED_NAMES = [".envrc", ".kube/config", "home/.docker/config.json", "infra/terraform.tfstate.backup",
+                "infra/prod.tfvars.json", ".aws/credentials", "kubeconfig"]
+
+
+def test_probed_secret_formats_are_not_indexed_and_explain_names_the_rule(tmp_path):
+    files = {name: text.format(secret) for name, text, secret, _ in PROBED}
+    files.update({name: "x = 1\n" for name in PROBED_NAMES})
+    root = make_tree(tmp_path / "repo", {**files, "clean.py": "def f(password):\n    return check(password)\n"})
+    got = decisions(root)
+    for name, _, secret, rule in PROBED:
+        reason = explain(root, name).reason
+        assert not got[name].indexed and reason == got[name].reason, (name, reason)
+        assert reason.startswith(f"secret: {rule}") and " on line " in reason, (name, reason)
+        assert secret[-8:] not in reason  # reasons never echo the secret
+    for name in PROBED_NAMES:
+        assert not got[name].indexed and got[name].reason.startswith("secret: "), name
+    assert got["clean.py"].indexed
+    assert decisions(root, WalkRules(include_secrets=True))["app/db.py"].indexed
+
+
+def test_redact_masks_each_probed_format():
+    for _, text, secret, _ in PROBED:
+        masked = redact(text.format(secret))
+        assert masked == text.format("[REDACTED]"), masked
