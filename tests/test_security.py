@@ -11,6 +11,8 @@ The fake keys below are made up (AWS's documented example format), never valid.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -144,15 +146,61 @@ def test_tcp_listens_on_loopback_by_default(tmp_path):
 
 # -- indexing: secrets, symlinks, no code executed ----------------------------------------------------------
 
-def test_index_holds_workspace_code_but_no_secrets_or_outside_files(indexed):
+def stored(root: Path):
+    """(file rows by path, chunk content hashes by path) of the index the server wrote."""
+    from indexer.store import Store
+
+    [db] = (root / ".longllama").glob("index-*.db")
+    with Store.open(db, None, readonly=True) as store:
+        files = {f.path: f for f in store.files()}
+        chunks: dict[str, set[str]] = {}
+        for c in store.chunks():
+            chunks.setdefault(c.path, set()).add(c.content_hash)
+    return files, chunks
+
+
+def chunk_hashes(path: Path) -> set[str]:
+    """The content hashes the chunker gives `path`'s text (what the index would hold if it took it)."""
+    from indexer.chunker import chunk_file
+
+    return {c.content_hash for c in chunk_file(path.name, path.read_bytes(), lambda t: len(t) // 4, 256).chunks}
+
+
+def test_secret_files_have_no_chunks_and_say_which_rule(indexed):
+    """The database stores hashes and tensors, never text, so grepping it for a secret proves nothing.
+    What can fail: each secret-bearing file is a 'skipped' row whose reason names the rule, it has no
+    chunk rows, and none of its chunks' content hashes (computed here) is anywhere in the index."""
     assert indexed.final["indexing"] == "watching", indexed.final
-    assert indexed.final["files"] >= 3  # app.py, pkg/config.py is skipped (secret), conftest.py, setup.py
-    db_files = list((indexed.root / ".longllama").iterdir())
-    assert any(f.suffix == ".db" for f in db_files)
-    blob = b"".join(f.read_bytes() for f in db_files if f.is_file())
-    assert len(blob) > 0
-    for secret in SECRETS:
-        assert secret.encode() not in blob, f"{secret} is in the index"
+    files, chunks = stored(indexed.root)
+    assert files["app.py"].status == "indexed" and chunks["app.py"] == chunk_hashes(indexed.root / "app.py")
+    every_hash = set().union(*chunks.values())
+    for rel, rule in [("pkg/config.py", "secret: AWS Access Key (detect-secrets AWSKeyDetector) on line 2"),
+                      ("notes.md", "secret: Private Key (detect-secrets PrivateKeyDetector) on line 3"),
+                      (".env", "secret: environment file (.env)"),
+                      ("deploy.key", "secret: private key file (.key)")]:
+        assert files[rel].status == "skipped" and files[rel].skip_reason.startswith(rule), files[rel]
+        assert rel not in chunks
+        assert not chunk_hashes(indexed.root / rel) & every_hash, rel
+    assert indexed.final["files"] == sum(f.status == "indexed" for f in files.values())
+
+
+def test_explain_names_the_secret_rule(indexed, capsys):
+    from longllama_lsp.cli import main
+
+    assert main(["index", str(indexed.root), "--explain", "pkg/config.py"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pkg/config.py: not indexed (secret: AWS Access Key (detect-secrets AWSKeyDetector)")
+    assert AWS_KEY not in out
+
+
+def test_files_outside_the_workspace_are_not_in_the_index(indexed):
+    """Symlinks out of the workspace (`escape/ -> ../outside`, `leak.py -> ../outside/stolen.py`) are
+    skipped rows with the reason, and the outside file's chunk hashes are nowhere in the index."""
+    files, chunks = stored(indexed.root)
+    assert files["leak.py"].status == "skipped" and "symlink leaves the root" in files["leak.py"].skip_reason
+    assert files["escape"].status == "skipped" and "symlink" in files["escape"].skip_reason
+    assert not any(p.startswith("escape/") for p in files)
+    assert not chunk_hashes(indexed.outside / "stolen.py") & set().union(*chunks.values())
 
 
 def test_no_repository_code_is_imported_or_run(indexed):
@@ -195,3 +243,95 @@ def test_secrets_sent_by_the_editor_stay_out_of_the_log(indexed):
     assert "logMessage" in editor_log and "indexed" in editor_log  # messages do reach the editor
     for secret in SECRETS:
         assert secret not in editor_log, f"{secret} leaked into window/logMessage"
+
+
+# -- a hostile repository through `longllama index` / `status` (issue 18) -----------------------------------
+# Test Data: the seeded tiny LongLLaMA (tests/helpers_models.py) and two stdlib json modules.
+
+def hostile_repo(root: Path) -> Path:
+    import json as stdlib_json
+
+    (root / "pkg").mkdir(parents=True)
+    for name in ("scanner.py", "tool.py"):
+        shutil.copy2(Path(stdlib_json.__file__).parent / name, root / "pkg" / name)
+    return root
+
+
+def index_cli(root: Path, model_dir: Path, *extra: str) -> int:
+    from longllama_lsp.cli import main
+
+    return main(["index", str(root), "--model", str(model_dir), "-q", *extra])
+
+
+def test_index_survives_undecodable_names_and_hostile_ignore_files(model_dir, tmp_path, capsys):
+    """`bad_\\xff.py` crashed `longllama index` (UnicodeEncodeError), a `.gitignore` -> /dev/zero ran out
+    of memory, a FIFO `.gitignore` hung: now each is one skipped file and the pass completes."""
+    root = hostile_repo(tmp_path / "repo")
+    with open(os.path.join(os.fsencode(root), b"bad_\xff.py"), "wb") as f:
+        f.write(b"x = 1\n")
+    (root / ".gitignore").symlink_to("/dev/zero")
+    os.mkfifo(root / "pkg" / ".gitignore")
+    assert index_cli(root, model_dir) == 0
+    out = capsys.readouterr().out
+    assert "2 files (2 changed, 0 deleted, 3 skipped)" in out, out
+    from longllama_lsp.cli import main
+
+    assert main(["status", str(root)]) == 0
+    assert "bad_\ufffd.py: file name is not valid UTF-8" in capsys.readouterr().out
+
+
+def test_committed_lock_symlink_makes_index_fail_cleanly_and_write_nothing(model_dir, tmp_path, capsys):
+    root = hostile_repo(tmp_path / "repo")
+    assert index_cli(root, model_dir) == 0  # learn this model's database name
+    [db] = (root / ".longllama").glob("index-*.db")
+    shutil.rmtree(root / ".longllama")
+    (root / ".longllama").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    Path(f"{db}.lock").symlink_to(victim)  # as `git clone` leaves it
+    capsys.readouterr()
+    assert index_cli(root, model_dir) == 1
+    assert "is a symlink" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_cache_shipped_by_someone_else_is_encoded_again(model_dir, tmp_path, capsys, monkeypatch):
+    """The repository ships `.longllama/` built under another user's key (a poisoned cache): the
+    victim's index encodes every chunk itself; the owner's own second run encodes nothing."""
+    root = hostile_repo(tmp_path / "repo")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "attacker"))
+    assert index_cli(root, model_dir, "--json") == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["chunks_encoded"] > 0
+    assert index_cli(root, model_dir, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["chunks_encoded"] == 0  # the owner reuses its own
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "victim"))
+    assert index_cli(root, model_dir, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["chunks_encoded"] == first["chunks_encoded"]
+
+
+def test_damaged_index_is_a_clear_error_and_rebuild_recovers(model_dir, tmp_path, capsys):
+    """A damaged table page gave a raw sqlite3.DatabaseError traceback from `status` and `index`."""
+    import sqlite3
+
+    from longllama_lsp.cli import main
+
+    root = hostile_repo(tmp_path / "repo")
+    assert index_cli(root, model_dir) == 0
+    [db] = (root / ".longllama").glob("index-*.db")
+    con = sqlite3.connect(db)
+    page, = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'chunks'").fetchone()
+    size, = con.execute("PRAGMA page_size").fetchone()
+    con.close()
+    with open(db, "r+b") as f:
+        f.seek((page - 1) * size + 8)
+        f.write(b"\xff" * 64)
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "longllama: error: index" in err and "`longllama index --rebuild`" in err and "Traceback" not in err
+    assert index_cli(root, model_dir) == 1
+    assert "--rebuild" in capsys.readouterr().err
+    assert index_cli(root, model_dir, "--rebuild", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["files_indexed"] == 2
+    assert main(["status", str(root)]) == 0
