@@ -309,8 +309,9 @@ class Store:
         copied from another machine, or older than signing), then mark it as ours."""
         meta = self.meta()
         db_id = meta.get("db_id", "")
-        if db_id and verify(self._key, bytes.fromhex(meta.get("owner_mac") or "00"), "owner", db_id):
-            return
+        with contextlib.suppress(ValueError):  # a forged owner_mac may not even be hex
+            if db_id and verify(self._key, bytes.fromhex(meta.get("owner_mac", "")), "owner", db_id):
+                return
         self.distrusted = self.db.execute("DELETE FROM memories").rowcount
         if self.distrusted:
             logger.warning("index %s was not written by this user on this machine: its %d memories are not "
