@@ -10,8 +10,8 @@ import hashlib
 import os
 import random
 import select
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
