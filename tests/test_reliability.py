@@ -343,12 +343,14 @@ def test_tcp_load_four_servers_four_clients(model_dir, tmp_path):
         clients = [SyncClient.over_tcp("127.0.0.1", p, timeout=300) for p in ports]
         for c in clients:
             assert "result" in c.initialize(tmp_path, OPTIONS, timeout=300)
+        # initialize is answered before torch loads: the baseline is taken once every model is ready
+        wait_until(lambda: all(c.status()["engine"] == "ready" for c in clients), 300, 0.5)
         rss0 = [rss_kib(p.pid) for p in procs]
         numbers = run_load(clients, tmp_path, per_client=1, rounds=10)
         numbers["rss_growth_mb"] = max(rss_kib(p.pid) - r for p, r in zip(procs, rss0, strict=True)) / 1024
         print("tcp load (4 servers x 1 client):", numbers)
         assert all(p.poll() is None for p in procs)
-        assert numbers["rss_growth_mb"] < 150  # measured +70 MB per server (RELIABILITY.md)
+        assert numbers["rss_growth_mb"] < 100  # measured +7.5 MB once loaded (RELIABILITY.md)
     finally:
         for p in procs:
             p.kill()
