@@ -187,7 +187,7 @@ def test_secret_files_have_no_chunks_and_say_which_rule(indexed):
 def test_explain_names_the_secret_rule(indexed, capsys):
     from longllama_lsp.cli import main
 
-    assert main(["index", str(indexed.root), "--explain", "pkg/config.py"]) == 0
+    assert main(["index", "--repo", str(indexed.root), "--explain", "pkg/config.py"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pkg/config.py: not indexed (secret: AWS Access Key (detect-secrets AWSKeyDetector)")
     assert AWS_KEY not in out
@@ -260,7 +260,7 @@ def hostile_repo(root: Path) -> Path:
 def index_cli(root: Path, model_dir: Path, *extra: str) -> int:
     from longllama_lsp.cli import main
 
-    return main(["index", str(root), "--model", str(model_dir), "-q", *extra])
+    return main(["index", "--repo", str(root), "--model", str(model_dir), "-q", *extra])
 
 
 def test_index_survives_undecodable_names_and_hostile_ignore_files(model_dir, tmp_path, capsys):
@@ -276,7 +276,7 @@ def test_index_survives_undecodable_names_and_hostile_ignore_files(model_dir, tm
     assert "2 files (2 changed, 0 deleted, 3 skipped)" in out, out
     from longllama_lsp.cli import main
 
-    assert main(["status", str(root)]) == 0
+    assert main(["status", "--repo", str(root)]) == 0
     assert "bad_\ufffd.py: file name is not valid UTF-8" in capsys.readouterr().out
 
 
@@ -327,11 +327,11 @@ def test_damaged_index_is_a_clear_error_and_rebuild_recovers(model_dir, tmp_path
         f.seek((page - 1) * size + 8)
         f.write(b"\xff" * 64)
     capsys.readouterr()
-    assert main(["status", str(root)]) == 1
+    assert main(["status", "--repo", str(root)]) == 1
     err = capsys.readouterr().err
     assert "longllama: error: index" in err and "`longllama index --rebuild`" in err and "Traceback" not in err
     assert index_cli(root, model_dir) == 1
     assert "--rebuild" in capsys.readouterr().err
     assert index_cli(root, model_dir, "--rebuild", "--json") == 0
     assert json.loads(capsys.readouterr().out)["files_indexed"] == 2
-    assert main(["status", str(root)]) == 0
+    assert main(["status", "--repo", str(root)]) == 0
