@@ -1,0 +1,90 @@
+"""Answers that stop: spot a generation caught in a loop, and say where to cut it.
+
+A small model decoding greedily can fall into a cycle: one sentence, or one line of code, again and
+again until the token limit (issue 19: `longllama ask` repeated one sentence for 300 tokens). Two
+pure checks, meant to run after every generated token:
+
+    guard = RepetitionGuard()
+    for token in decode():
+        ids.append(token)
+        keep = guard.check(ids)          # None, or how many ids to keep
+        if keep is not None:
+            ids = ids[:keep]; break
+
+- `loop_in_tail(ids)`: the last tokens are one block (a period of 1..max_period tokens) repeated
+  at least `min_repeats` times, over at least `min_span` tokens. Cut after the first copy.
+- `repeated_line_end(text)`: the same non-trivial line `min_repeats` times in a row (blank lines
+  between them ignored). Cut after the first copy. Short lines (`}`, `return`, `pass`) never count,
+  and neither do repeats that are not consecutive: code repeats lines legitimately.
+
+Thresholds are about loops, not style: data tables such as `0, 0, 0, ...` are periodic too, so the
+span must be long (48 tokens by default) before a token loop counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def loop_in_tail(ids: Sequence[int], *, min_repeats: int = 3, max_period: int = 64,
+                 min_span: int = 48) -> int | None:
+    """How many of `ids` to keep when their tail is a loop (the first copy stays), else None.
+
+    For each period p, `run` counts the trailing positions i with ids[i] == ids[i - p]; the tail
+    then holds run + p tokens of period p, i.e. (run + p) / p copies of one block.
+    """
+    n = len(ids)
+    best: int | None = None
+    for p in range(1, min(max_period, n // min_repeats) + 1):
+        run = 0
+        while run < n - p and ids[n - 1 - run] == ids[n - 1 - run - p]:
+            run += 1
+        span = run + p
+        if span >= min_span and span >= min_repeats * p:
+            keep = n - run  # everything before the loop, plus its first copy
+            best = keep if best is None else min(best, keep)
+    return best
+
+
+def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12) -> int | None:
+    """Offset in `text` just after the first of `min_repeats` identical consecutive lines, else None.
+
+    Only complete lines count (a line still being generated may yet differ). Lines are compared
+    without surrounding whitespace; blank lines between the copies are ignored.
+    """
+    previous, count, first_end, offset = None, 0, 0, 0
+    lines = text.split("\n")[:-1]  # the last piece has no newline yet: not complete
+    for line in lines:
+        end = offset + len(line) + 1
+        key = line.strip()
+        offset = end
+        if not key:
+            continue
+        if key == previous:
+            count += 1
+            if count >= min_repeats and len(key) >= min_chars:
+                return first_end
+        else:
+            previous, count, first_end = key, 1, end
+    return None
+
+
+@dataclass
+class RepetitionGuard:
+    """Both checks with one set of thresholds; `check` is cheap enough to call per token."""
+
+    min_repeats: int = 3
+    max_period: int = 64  # tokens: a sentence or a line of code
+    min_span: int = 48  # tokens a loop must cover before it counts
+    min_line_chars: int = 12
+
+    def check(self, ids: Sequence[int]) -> int | None:
+        """How many ids to keep when their tail is a loop, else None."""
+        return loop_in_tail(ids, min_repeats=self.min_repeats, max_period=self.max_period,
+                            min_span=self.min_span)
+
+    def cut_text(self, text: str) -> str | None:
+        """`text` cut after the first copy of a repeated line, or None when it has none."""
+        end = repeated_line_end(text, min_repeats=self.min_repeats, min_chars=self.min_line_chars)
+        return None if end is None else text[:end]

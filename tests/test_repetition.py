@@ -1,0 +1,71 @@
+"""longllama_lsp.repetition: loops end an answer, ordinary repetition in code does not.
+
+Test Data: the looping answer quoted in issue 19 (tokenized with the real SmolLM2 tokenizer) and
+stdlib source files, which repeat short lines and identifiers but never loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers_models import smol_tokenizer_dir  # noqa: F401
+
+from longllama_lsp.repetition import RepetitionGuard, loop_in_tail, repeated_line_end
+
+STDLIB = Path(json.__file__).parent.parent
+SENTENCE = "Frozen classes in attrs are implemented by overriding __setattr__ to raise an error. "
+
+
+def test_a_repeated_sentence_is_cut_after_its_first_copy(smol_tokenizer_dir):  # noqa: F811
+    from longllama_lsp.model.loading import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    prefix = tok.encode("The answer: ", add_special_tokens=False)
+    one = tok.encode(SENTENCE, add_special_tokens=False)
+    ids = prefix + one * 4
+    keep = RepetitionGuard().check(ids)
+    assert keep is not None
+    assert tok.decode(ids[:keep]).startswith("The answer: " + SENTENCE.strip())
+    assert keep <= len(prefix) + len(one) + 1  # one copy (BPE may merge the joint differently)
+
+
+def test_every_prefix_of_a_loop_is_caught_as_soon_as_it_spans_enough():
+    block = list(range(100, 120))  # a 20-token sentence
+    ids = [1, 2, 3] + block * 5
+    first = next(n for n in range(1, len(ids) + 1) if loop_in_tail(ids[:n]) is not None)
+    assert first == 3 + 3 * 20  # three copies (60 tokens >= min_span 48): caught at the end of the third
+    assert loop_in_tail(ids[:first]) == 3 + 20
+
+
+def test_short_periodic_data_is_not_a_loop_until_it_is_long():
+    zeros = [15, 11] * 20  # "0, " x 20 = 40 tokens: a data table, not yet a loop
+    assert loop_in_tail([7] + zeros) is None
+    assert loop_in_tail([7] + zeros + [15, 11] * 5) == 3  # 50 tokens of one 2-token block
+
+
+@pytest.mark.parametrize("name", ["json/decoder.py", "email/_header_value_parser.py", "argparse.py"])
+def test_real_source_never_looks_like_a_loop(name, smol_tokenizer_dir):  # noqa: F811
+    from longllama_lsp.model.loading import load_tokenizer
+
+    text = (STDLIB / name).read_text()
+    assert repeated_line_end(text) is None
+    ids = load_tokenizer(smol_tokenizer_dir).encode(text[:20000], add_special_tokens=False)
+    hits = [n for n in range(60, len(ids), 7) if loop_in_tail(ids[:n]) is not None]
+    assert hits == []
+
+
+def test_a_line_repeated_three_times_in_a_row_is_cut():
+    text = "def f():\n    return compute_the_thing(x)\n\n    return compute_the_thing(x)\n" \
+           "    return compute_the_thing(x)\n    return"
+    end = repeated_line_end(text)
+    assert text[:end] == "def f():\n    return compute_the_thing(x)\n"
+    assert RepetitionGuard().cut_text(text) == text[:end]
+
+
+def test_short_or_scattered_repeats_and_unfinished_lines_do_not_count():
+    assert repeated_line_end("}\n}\n}\n}\n") is None  # too short to mean anything
+    scattered = "    return None  # a\nx = 1\n    return None  # a\ny = 2\n    return None  # a\n"
+    assert repeated_line_end(scattered) is None
+    assert repeated_line_end("a long line here\n" * 2 + "a long line here") is None  # third one unfinished
