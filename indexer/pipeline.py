@@ -24,6 +24,7 @@ from pathlib import Path
 from indexer.bank import MemoryBank
 from indexer.chunker import chunk_file, decode_bytes
 from indexer.encoder import Encoder
+from indexer.priority import Tiers, recently_changed, tiers
 from indexer.schema import ChunkRow, FileRow, Fingerprint
 from indexer.store import Store, index_path
 from indexer.walker import Decision, WalkRules, explain, printable_path, walk_with_skips
@@ -37,7 +38,8 @@ ENCODE_BATCH_CHUNKS = 64  # chunks per encode + commit round: the most work a ki
 
 @dataclass
 class Progress:
-    """What a progress bar shows; `phase` is 'scan' (walk + chunk) or 'encode'."""
+    """What a progress bar shows; `phase` is 'scan' (walk + chunk), 'encode', or 'ready' (a priority
+    tier's memory is in the bank: `message` names it, `done`/`total` count files ready of all)."""
 
     phase: str
     done: int
@@ -45,6 +47,14 @@ class Progress:
     tokens: int = 0
     tokens_per_s: float = 0.0
     message: str = ""
+    tokens_total: int = 0  # encode: tokens this pass must encode as known so far (grows per tier)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left for the known encoding work at the current rate."""
+        if self.phase != "encode" or self.tokens_per_s <= 0 or self.tokens_total < self.tokens:
+            return None
+        return (self.tokens_total - self.tokens) / self.tokens_per_s
 
 
 @dataclass
@@ -57,6 +67,8 @@ class IndexSummary:
     chunks_encoded: int = 0
     tokens_encoded: int = 0
     seconds: float = 0.0
+    ready_seconds: float | None = None  # when the open files and their imports were in memory
+    ready_files: int = 0  # how many files that was
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -74,6 +86,37 @@ def fingerprint_for(model, model_dir: Path) -> Fingerprint:
 
     cfg = model.config
     return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
+
+
+READY_TIERS = ("open files", "their imports")  # after these, the open file's neighbourhood is in memory
+
+
+class _Run:
+    """One pass's counters, turned into Progress events (scan and encode totals span the tiers)."""
+
+    def __init__(self, t0: float, files: int, progress: ProgressFn | None):
+        self.t0, self.files, self.progress = t0, files, progress
+        self.files_done = self.chunks_done = self.chunks_total = self.tokens_total = 0
+        self.encode_s = 0.0  # model time only: the rate that predicts the rest
+
+    def scanned(self, path: str) -> None:
+        self.files_done += 1
+        if self.progress is not None:
+            self.progress(Progress("scan", self.files_done, self.files, message=path))
+
+    def encoded(self, summary: IndexSummary, chunks: int, seconds: float) -> None:
+        self.chunks_done += chunks
+        self.encode_s += seconds
+        if self.progress is not None:
+            rate = summary.tokens_encoded / self.encode_s if self.encode_s else 0.0
+            self.progress(Progress("encode", self.chunks_done, self.chunks_total, summary.tokens_encoded,
+                                   rate, tokens_total=self.tokens_total))
+
+    def ready(self, tier: str, summary: IndexSummary) -> None:
+        summary.ready_seconds = time.perf_counter() - self.t0
+        summary.ready_files = self.files_done
+        if self.progress is not None:
+            self.progress(Progress("ready", self.files_done, self.files, summary.tokens_encoded, message=tier))
 
 
 class Indexer:
@@ -119,8 +162,14 @@ class Indexer:
 
     # -- full pass ------------------------------------------------------------------------------
 
-    def index(self, progress: ProgressFn | None = None) -> IndexSummary:
-        """Bring store and bank up to date with the whole tree."""
+    def index(self, progress: ProgressFn | None = None, priority_paths: Iterable[str | os.PathLike] = ()
+              ) -> IndexSummary:
+        """Bring store and bank up to date with the whole tree, most useful files first.
+
+        priority_paths: the files open in an editor. They, what they import, and recently changed
+        files (git) are chunked, encoded and put in the bank before the rest is even read, so their
+        memory is usable (and a 'ready' Progress says so) long before the pass ends.
+        """
         t0, summary = time.perf_counter(), IndexSummary()
         self.state = "indexing"
         try:
@@ -131,13 +180,11 @@ class Indexer:
             summary.files_skipped = len(summary.skipped)
             summary.files_deleted = self._delete_missing(set(wanted) | {p for p, _ in summary.skipped})
             summary.files_deleted += self._record_skips(summary.skipped)
-            changed = self._scan(list(wanted.values()), summary, progress)
-            if not self.loaded:
-                with self.lock:
-                    self.bank.load_from_store(self.store)
-                self.loaded = True
-            self._encode_missing(summary, progress)
-            self._refresh_bank(changed)
+            run = _Run(t0, len(wanted), progress)
+            for name, paths in self._tiers(wanted, priority_paths).named():
+                self._index_tier([wanted[p] for p in paths], summary, run)
+                if name in READY_TIERS and paths:
+                    run.ready(name, summary)
             self.store.gc()
         finally:
             self.state = "watching" if self._watcher else "idle"
@@ -145,6 +192,29 @@ class Indexer:
         summary.chunks = len(self.store.chunks())
         summary.seconds = time.perf_counter() - t0
         return summary
+
+    def _tiers(self, wanted: dict[str, Decision], priority_paths: Iterable[str | os.PathLike]) -> Tiers:
+        first = [r for r in (self._relative(p) for p in priority_paths) if r is not None]
+        if not first:
+            return Tiers(rest=list(wanted))  # no editor: walk order (git is not worth asking)
+
+        def read(rel: str) -> bytes | None:
+            try:
+                return wanted[rel].file.abs_path.read_bytes()
+            except (OSError, KeyError):
+                return None
+
+        return tiers(list(wanted), first, read, recently_changed(self.root))
+
+    def _index_tier(self, files: list[Decision], summary: IndexSummary, run: _Run) -> None:
+        """Chunk, encode and bank one tier's files."""
+        changed = self._scan(files, summary, run)
+        if not self.loaded:  # what earlier runs stored is usable at once, before any encoding
+            with self.lock:
+                self.bank.load_from_store(self.store)
+            self.loaded = True
+        self._encode_missing(summary, run.progress, paths={d.file.path for d in files}, run=run)
+        self._refresh_bank(changed)
 
     def _delete_missing(self, wanted: set[str]) -> int:
         gone = [f.path for f in self.store.files() if f.path not in wanted]
@@ -177,15 +247,14 @@ class Indexer:
         with self.lock:
             self.bank.remove_file(path)
 
-    def _scan(self, files: list[Decision], summary: IndexSummary, progress: ProgressFn | None) -> list[str]:
+    def _scan(self, files: list[Decision], summary: IndexSummary, run: _Run) -> list[str]:
         """Chunk every new or changed file into the store; returns the paths whose chunks changed."""
         changed = []
-        for n, decision in enumerate(files, 1):
+        for decision in files:
             if self._scan_file(decision.file.path, decision.file.abs_path):
                 changed.append(decision.file.path)
-            if progress is not None:
-                progress(Progress("scan", n, len(files), message=decision.file.path))
-        summary.files_changed = len(changed)
+            run.scanned(decision.file.path)
+        summary.files_changed += len(changed)
         return changed
 
     def _scan_file(self, rel: str, path: Path) -> bool:
@@ -219,26 +288,28 @@ class Indexer:
 
     # -- encoding -------------------------------------------------------------------------------
 
-    def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None) -> None:
-        rows = self.store.chunks_missing_memory()
+    def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None,
+                        paths: set[str] | None = None, run: _Run | None = None) -> None:
+        """Encode the chunks (of `paths`, or all) whose content has no memory yet."""
+        rows = [r for r in self.store.chunks_missing_memory() if paths is None or r.path in paths]
         todo = {r.content_hash: r for r in rows}  # identical content anywhere is encoded once
         hashes = list(todo)
-        t0, tokens = time.perf_counter(), 0
+        run = run or _Run(time.perf_counter(), 0, progress)
+        run.tokens_total += sum(todo[h].token_count for h in hashes)
+        run.chunks_total += len(hashes)
         for start in range(0, len(hashes), ENCODE_BATCH_CHUNKS):
             batch = hashes[start:start + ENCODE_BATCH_CHUNKS]
             texts = {h: self._text_of(todo[h]) for h in batch}
             texts = {h: t for h, t in texts.items() if t is not None}
+            t0 = time.perf_counter()
             memories = dict(zip(texts, self.encoder.encode(list(texts.values())), strict=True))
+            seconds = time.perf_counter() - t0
             self.store.put_memories(memories)
-            tokens += sum(m.num_tokens for m in memories.values())
+            summary.tokens_encoded += sum(m.num_tokens for m in memories.values())
             summary.chunks_encoded += len(memories)
             for h in batch:
                 self._texts.pop(h, None)
-            if progress is not None:
-                elapsed = time.perf_counter() - t0
-                progress(Progress("encode", min(start + len(batch), len(hashes)), len(hashes), tokens,
-                                  tokens / elapsed if elapsed else 0.0))
-        summary.tokens_encoded += tokens
+            run.encoded(summary, len(batch), seconds)
 
     def _text_of(self, row: ChunkRow) -> str | None:
         """The chunk's text: from this run's chunking, else re-read (a run that was killed)."""

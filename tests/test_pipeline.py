@@ -319,6 +319,30 @@ def test_kill9_mid_index_then_resume_equals_uninterrupted(tiny, tmp_path):
         assert orphans(store) == 0 and store.stats().chunks_missing_memory == 0
 
 
+# -- priority: useful first ------------------------------------------------------------------------
+
+def test_open_file_and_its_imports_are_in_memory_before_the_rest_is_read(tiny, tmp_path):
+    root = copy_packages(tmp_path / "repo", "email")
+    seen = []
+
+    def progress(p):
+        if p.phase == "ready":  # what the bank holds right now, and which files were chunked so far
+            seen.append((p.message, {r.path for r in ix.bank.resident().values()}, {f.path for f in ix.store.files()}))
+
+    with open_ix(root, tiny) as ix:
+        summary = ix.index(progress=progress, priority_paths=[root / "email/utils.py"])
+        everything = {r.path for r in ix.bank.resident().values()}
+    tiers = dict((name, (banked, scanned)) for name, banked, scanned in seen)
+    assert list(tiers) == ["open files", "their imports"]
+    banked, scanned = tiers["open files"]
+    assert banked == scanned == {"email/utils.py"}  # nothing else even read yet
+    banked, scanned = tiers["their imports"]
+    assert {"email/utils.py", "email/_parseaddr.py", "email/charset.py", "email/base64mime.py"} <= banked
+    assert not any(p.startswith("email/mime/") for p in scanned)
+    assert len(banked) < len(everything) / 2 and "email/mime/image.py" in everything
+    assert summary.ready_files == len(banked) and 0 < summary.ready_seconds < summary.seconds
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 
 def test_cli_explain(repo, capsys):
