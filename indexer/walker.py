@@ -294,7 +294,7 @@ class _Walker:
         if reason is not None:
             return Decision(False, reason, rel)
         if st.st_size > self.rules.max_bytes:
-            return Decision(False, f"too large ({st.st_size} bytes > max_bytes {self.rules.max_bytes})", rel)
+            return Decision(False, f"too large ({_kib(st.st_size)} > --max-file-kb {_kib(self.rules.max_bytes, '')})", rel)
         try:
             data = read_regular_file(path, self.rules.max_bytes + 1)
         except FileNotFoundError:
@@ -329,7 +329,7 @@ class _Walker:
 
     def content_reason(self, rel: str, data: bytes) -> str | None:
         if len(data) > self.rules.max_bytes:
-            return f"too large (grew past max_bytes {self.rules.max_bytes} while walking)"
+            return f"too large (grew past --max-file-kb {_kib(self.rules.max_bytes, '')} while walking)"
         if b"\0" in data[:BINARY_SNIFF]:
             return "binary (NUL byte in the first 8 KiB)"
         marker = _GENERATED_HEADER.search(data[:2048])
@@ -580,3 +580,8 @@ def _config_value(path: Path, section: str, key: str) -> str | None:
             rest = re.split(r"\s[#;]", rest, maxsplit=1)[0].strip()
             value = rest[1:-1] if len(rest) >= 2 and rest[0] == rest[-1] == '"' else rest
     return value
+
+
+def _kib(n: int, unit: str = " KiB") -> str:
+    """Bytes in the unit of --max-file-kb, the option a user changes to let a large file in."""
+    return f"{n / 1024:g}{unit}" if n % 1024 == 0 else f"{n / 1024:.1f}{unit}"

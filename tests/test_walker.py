@@ -216,7 +216,7 @@ def test_always_skipped_directories_and_files(tmp_path):
     assert got["bundle.js"].reason.startswith("minified or machine-written")
     assert got["notes.md"].indexed  # prose may have long lines
     assert got["image.png"].reason == "binary (NUL byte in the first 8 KiB)"
-    assert got["big.py"].reason == "too large (3600 bytes > max_bytes 3000)"
+    assert got["big.py"].reason == "too large (3.5 KiB > --max-file-kb 2.9)"  # the option's name and unit
     assert got["web/package.json"].indexed
 
 
