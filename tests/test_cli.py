@@ -92,3 +92,13 @@ def test_the_repository_is_spelled_repo_everywhere_old_spellings_still_parse(arg
     assert args.repo in ("R", ["R"])
     help_text = build_parser()._subparsers._group_actions[0].choices[argv[0]].format_help()
     assert "--repo DIR" in help_text and "--root" not in help_text
+
+
+def test_ci_installs_exactly_as_the_readme_says():
+    """.ci/run runs the README's install and test lines verbatim (the lines after its markers)."""
+    ci = (Path(__file__).parents[1] / ".ci/run").read_text().splitlines()
+    block = README.split("## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    after = {marker: ci[ci.index(marker) + 1] for marker in ("# --- README: install ---", "# --- README: test ---")}
+    assert after["# --- README: install ---"] == block[0]
+    assert after["# --- README: test ---"] == block[1]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in block[0]  # the CPU build on a stock machine
