@@ -11,22 +11,59 @@ from pathlib import Path
 from longllama_lsp.cli import Command, ProgressBars, add_model_arguments, add_repository_argument
 
 
-def open_indexer(args: argparse.Namespace):
-    """The indexer of --repo on the model of --model / LONGLLAMA_MODEL / the bundled default (this
-    process only indexes, so the encoder runs on this thread)."""
-    from indexer.pipeline import Indexer
-    from indexer.walker import WalkRules
+def load_model_for(args: argparse.Namespace, model_dir: Path):
+    """(model, tokenizer) of the resolved checkpoint, on --device in --dtype (this process only
+    indexes, so the encoder runs on this thread)."""
     from longllama_lsp.load import load_model_and_tokenizer
 
-    model, tokenizer, model_dir = load_model_and_tokenizer(args.model, args.device, args.dtype, decoding=False)
-    rules = WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
-    return Indexer.open(Path(args.repo), model, tokenizer, model_dir, rules=rules,
-                        budget_tokens=args.memory_budget, chunk_tokens=args.chunk_tokens,
-                        rebuild=getattr(args, "rebuild", False))
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, args.device, args.dtype, decoding=False)
+    return model, tokenizer
+
+
+def _device(args: argparse.Namespace) -> str:
+    from longllama_lsp.load import resolve_device_dtype
+
+    return resolve_device_dtype(args.device, args.dtype)[0]
+
+
+def root_problem(command: str, root: str) -> int:
+    """0 when `root` is a directory; else says so on stderr and returns 2 (usage error), creating nothing."""
+    path = Path(root)
+    if path.is_dir():
+        return 0
+    print(f"longllama {command}: error: {root}: {'not a directory' if path.exists() else 'no such directory'}",
+          file=sys.stderr)
+    return 2
+
+
+def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):
+    """An Indexer whose model loads only when a chunk needs encoding (a no-op run never loads it).
+
+    keep_memory=False (one-shot `index`): nothing stays on the device, the database is the product.
+    """
+    from indexer.encoder import LazyEncoder
+    from indexer.pipeline import Indexer
+    from longllama_lsp.resolve import resolve_model
+
+    root = Path(args.repo)
+    model_dir = resolve_model(args.model)
+    encoder = LazyEncoder(model_dir, lambda: load_model_for(args, model_dir))
+    return Indexer.open_checkpoint(root, model_dir, encoder, device=_device(args), rules=walk_rules(args),
+                                   budget_tokens=args.memory_budget if keep_memory else 0,
+                                   chunk_tokens=args.chunk_tokens, rebuild=getattr(args, "rebuild", False))
+
+
+def walk_rules(args: argparse.Namespace):
+    from indexer.walker import WalkRules
+
+    return WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
 
 
 def _add_index_arguments(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index", positional_alias=True)
+    p.add_argument("--first", action="append", metavar="PATH",
+                   help="index this file (e.g. the one open in your editor), what it imports and recently changed "
+                        "files before the rest, so their memory is usable within a minute; repeatable")
     add_model_arguments(p)
     p.add_argument("--chunk-tokens", type=int, default=256, help="token budget per chunk (default: 256)")
     p.add_argument("--max-file-kb", type=float, default=1024, help="skip files larger than this (default: 1024 KiB)")
@@ -36,23 +73,108 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="also index .env files, keys and files that look like they hold credentials (off by default)")
 
 
-def run_index(args: argparse.Namespace) -> int:
-    from indexer.walker import WalkRules, explain
+class ReadyBars(ProgressBars):
+    """The CLI's tqdm bars, plus a line when a priority tier is ready."""
 
+    def __call__(self, p) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if p.phase == "ready":
+            tqdm.write(ready_line(p), file=sys.stderr)
+            return
+        bar = self.bars.get(p.phase)
+        if p.phase == "encode" and bar is not None and p.done >= p.total:
+            bar.n = p.done  # a tier's last chunk: the next tier adds more, so the bar stays open
+            bar.refresh()
+            return
+        super().__call__(p)
+
+
+class ProgressLines:
+    """Plain lines on stderr, at most one per `every_s` (a log, CI, a multiplexer pane: no terminal).
+
+    A line: `encoding: 1210/4863 chunks, 31 968/239 114 tokens, 162 tokens/s, ETA 21 min`. The first
+    scan line, every 'ready' event and the last line of each phase are always printed.
+    """
+
+    def __init__(self, every_s: float = 10.0, clock=time.monotonic):
+        self.every_s, self.clock, self.last, self.phase = every_s, clock, None, None
+
+    def __call__(self, p) -> None:
+        now = self.clock()
+        if p.phase == "ready":
+            self._print(ready_line(p), now)
+            return
+        due = self.last is None or now - self.last >= self.every_s or p.phase != self.phase
+        self.phase = p.phase
+        if due or p.done >= p.total:
+            self._print(progress_line(p), now)
+
+    def _print(self, line: str, now: float) -> None:
+        print(line, file=sys.stderr, flush=True)
+        self.last = now
+
+    def close(self) -> None:
+        pass
+
+
+def progress_line(p) -> str:
+    if p.phase == "scan":
+        return f"scanning: {p.done}/{p.total} files"
+    eta = p.eta_s
+    eta_text = "" if eta is None else f", ETA {_duration(eta)}"
+    return (f"encoding: {p.done}/{p.total} chunks, {p.tokens}/{p.tokens_total} tokens, "
+            f"{p.tokens_per_s:.0f} tokens/s{eta_text}")
+
+
+def ready_line(p) -> str:
+    return f"ready: {p.message} ({p.done} of {p.total} files) are in memory; the rest continues"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def progress_reporter(quiet: bool):
+    """Bars on a terminal, plain periodic lines otherwise, nothing with -q."""
+    if quiet:
+        return ReadyBars(enabled=False)
+    return ReadyBars() if sys.stderr.isatty() else ProgressLines()
+
+
+def usable_line(summary, ix) -> str:
+    """What a user can do now, in one line."""
+    missing = ix.store.stats().chunks_missing_memory
+    if missing:
+        return (f"usable now: memory of the encoded chunks; {missing} chunks still need encoding "
+                "(run `longllama index` again to finish)")
+    ready = "" if summary.ready_seconds is None else \
+        f" (the open files' neighbourhood, {summary.ready_files} files, after {summary.ready_seconds:.0f} s)"
+    return (f"usable now: all {summary.files_indexed} files are in memory for `longllama ask`, `complete` "
+            f"and the language server{ready}")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from indexer.walker import explain
+
+    if bad := root_problem("index", args.repo):
+        return bad
     if args.explain:
-        rules = WalkRules(max_bytes=int(args.max_file_kb * 1024), include_secrets=args.include_secrets)
-        decision = explain(Path(args.repo), Path(args.explain), rules)
+        decision = explain(Path(args.repo), Path(args.explain), walk_rules(args))
         print(f"{decision.path or args.explain}: {'indexed' if decision.indexed else 'not indexed'} ({decision.reason})")
         return 0
-    bars = ProgressBars(enabled=not args.quiet)
-    with open_indexer(args) as ix:
-        summary = ix.index(progress=bars)
-        bars.close()
+    report = progress_reporter(args.quiet)
+    with open_indexer(args, keep_memory=False) as ix:
+        summary = ix.index(progress=report, priority_paths=args.first or ())
+        report.close()
         if args.json:
             print(json.dumps({**summary.__dict__, "skipped": summary.skipped}, indent=2))
         else:
             print(f"indexed {ix.root}: {summary.line()}")
             print(f"database: {ix.store.path}")
+            print(usable_line(summary, ix))
     return 0
 
 
@@ -60,17 +182,22 @@ def _add_index_only(p: argparse.ArgumentParser) -> None:
     _add_index_arguments(p)
     p.add_argument("--explain", metavar="PATH", help="only say why PATH is or is not indexed, then exit")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress (else bars on a terminal, a plain line every 10 s when stderr is not one)")
     p.add_argument("--rebuild", action="store_true",
                    help="delete this model's index database first and encode everything again (for a damaged index)")
 
 
 def run_watch(args: argparse.Namespace) -> int:
-    bars = ProgressBars()
+    if bad := root_problem("watch", args.repo):
+        return bad
+    report = progress_reporter(quiet=False)
     with open_indexer(args) as ix:
         print(f"indexing {ix.root} ...", file=sys.stderr)
-        print(ix.index(progress=bars).line(), file=sys.stderr)
-        bars.close()
+        summary = ix.index(progress=report, priority_paths=args.first or ())
+        report.close()
+        print(summary.line(), file=sys.stderr)
+        print(usable_line(summary, ix), file=sys.stderr)
         ix.start_watching(debounce=args.debounce_ms / 1000,
                           on_update=lambda s: print(f"updated: {s.line()}", file=sys.stderr, flush=True))
         print(f"watching {ix.root} (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -90,18 +217,20 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
 def run_status(args: argparse.Namespace) -> int:
     from indexer.store import Store
 
+    if bad := root_problem("status", args.repo):
+        return bad
     dbs = sorted((Path(args.repo) / ".longllama").glob("index-*.db"))
     if not dbs:
         print(f"{Path(args.repo).resolve()}: not indexed yet (run `longllama index --repo {args.repo}`)")
         return 1
     for db in dbs:
         with Store.open(db, None, readonly=True) as store:
-            s = store.stats()
+            s, meta = store.stats(), store.meta()
         if args.json:
-            print(json.dumps(s.__dict__, indent=2, default=str))
+            print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta)}, indent=2, default=str))
             continue
-        print(f"index:    {s.path}\nmodel:    {s.model.get('name') or s.fingerprint[:12]} "
-              f"(fingerprint {s.fingerprint[:12]}, mem_layers {s.model.get('mem_layers')}, {s.model.get('mem_dtype')})")
+        print(f"index:    {s.path}")
+        print(model_lines(s, meta))
         print(f"files:    {s.files}\nchunks:   {s.chunks} ({s.chunks_missing_memory} not encoded yet)\n"
               f"tokens:   {s.tokens}\non disk:  {s.bytes_on_disk / 2**20:.1f} MiB")
         if s.skipped:
@@ -109,6 +238,28 @@ def run_status(args: argparse.Namespace) -> int:
             for path, reason in s.skipped[: args.show_skipped]:
                 print(f"  {path}: {reason}")
     return 0
+
+
+def _checkpoint(meta: dict[str, str]) -> dict:
+    try:
+        return json.loads(meta.get("checkpoint", "{}"))
+    except ValueError:
+        return {}
+
+
+def model_lines(s, meta: dict[str, str]) -> str:
+    """Which model built the index: name, where it came from, memory layers, how they were trained."""
+    ck = _checkpoint(meta)  # written by `longllama index` since issue 19; older indexes lack it
+    name = ck.get("name") or s.fingerprint[:12]
+    lines = [f"model:    {name} (fingerprint {s.fingerprint[:12]}, mem_layers {s.model.get('mem_layers')}, "
+             f"{s.model.get('mem_dtype')})"]
+    if ck.get("path"):
+        lines.append(f"  path:   {ck['path']}")
+    if ck.get("source"):
+        lines.append(f"  source: {ck['source']}")
+    if ck:
+        lines.append(f"  memory: {ck.get('memory_training') or 'untrained memory layers (answers get worse with memory)'}")
+    return "\n".join(lines)
 
 
 def _add_status(p: argparse.ArgumentParser) -> None:

@@ -106,3 +106,42 @@ class Encoder:
         self.stats.tokens += sum(lengths)
         self.stats.seconds += time.perf_counter() - t0
         return out
+
+
+class LazyEncoder:
+    """An Encoder whose model loads on the first text that needs encoding.
+
+    `longllama index` with nothing changed (or only deletions) never needs the model: the walk
+    compares sizes and mtimes, and the store's fingerprint comes from the checkpoint files. Chunking
+    needs only the tokenizer, loaded on the first changed file.
+    """
+
+    def __init__(self, model_dir, load: Callable[[], tuple], batch_tokens: int = 4096):
+        from longllama_lsp.model.loading import load_config
+
+        self.model_dir, self._load, self.batch_tokens = model_dir, load, batch_tokens
+        self.max_chunk_tokens = load_config(model_dir).max_position_embeddings
+        self._encoder: Encoder | None = None
+        self._tokenizer = None
+        self._stats = EncodeStats()
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def stats(self) -> EncodeStats:
+        return self._encoder.stats if self._encoder is not None else self._stats
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenizer is None:
+            from longllama_lsp.model.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[Memory]:
+        if self._encoder is None:
+            model, tokenizer = self._load()
+            self._encoder = Encoder(model, tokenizer, self.batch_tokens, self.max_chunk_tokens)
+        return self._encoder.encode(texts, progress)

@@ -13,6 +13,7 @@ memory is missing and encodes just those.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -88,6 +89,28 @@ def fingerprint_for(model, model_dir: Path) -> Fingerprint:
     return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
 
 
+def checkpoint_fingerprint(model_dir: Path) -> Fingerprint:
+    """The index fingerprint from the checkpoint's files alone (config, and file hashes the loader's
+    sidecar caches by size and mtime): equal to `fingerprint_for(loaded model, model_dir)`."""
+    from longllama_lsp.model.loading import fingerprint_details, load_config
+
+    cfg = load_config(model_dir)
+    return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
+
+
+def checkpoint_meta(model_dir: Path) -> dict[str, str | None]:
+    """What `longllama status` says about the model that built an index."""
+    from longllama_lsp.model.loading import memory_training
+
+    model_dir = Path(model_dir)
+    try:
+        source = json.loads((model_dir / "longllama_convert.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    return {"name": model_dir.name, "path": str(model_dir), "source": source,
+            "memory_training": memory_training(model_dir)}
+
+
 READY_TIERS = ("open files", "their imports")  # after these, the open file's neighbourhood is in memory
 
 
@@ -149,6 +172,18 @@ class Indexer:
         device = device or next(model.parameters()).device
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
+
+    @classmethod
+    def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device="cpu", db_path: Path | None = None,
+                        budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
+                        chunk_tokens: int = 256, rebuild: bool = False) -> Indexer:
+        """Like `open`, without a loaded model: `encoder` (an indexer.encoder.LazyEncoder) loads it
+        when a chunk needs encoding, so a pass with nothing new never does."""
+        fp = checkpoint_fingerprint(Path(model_dir))
+        store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
+        store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
+        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+        return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
         return self

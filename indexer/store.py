@@ -506,6 +506,13 @@ class Store:
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Record a descriptive meta row (never the fingerprint rows, which are checked on open)."""
+        if key in ("fingerprint", "fingerprint_details", "schema_version"):
+            raise ValueError(f"meta key {key!r} is written by the store itself")
+        with _sqlite_errors(self.path, "write meta"):
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, value])
+
     @_reads
     def stats(self) -> StoreStats:
         one = lambda sql: self.db.execute(sql).fetchone()  # noqa: E731

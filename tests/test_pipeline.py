@@ -392,6 +392,91 @@ def test_cli_index_and_status(tiny, capsys, tmp_path):
     assert as_json["chunks"] == stats.chunks and as_json["chunks_missing_memory"] == 0
 
 
+def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tmp_path, monkeypatch):
+    import indexer.commands as commands
+
+    loads = []
+    real = commands.load_model_for
+    monkeypatch.setattr(commands, "load_model_for", lambda *a, **k: loads.append(1) or real(*a, **k))
+    repo = small_repo(tmp_path / "repo")
+    args = ["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]
+    assert cli_main(args) == 0 and len(loads) == 1
+    assert "usable now: all 2 files are in memory" in capsys.readouterr().out
+    assert cli_main(args) == 0  # nothing changed: no model
+    assert cli_main(["status", str(repo)]) == 0
+    assert cli_main(args + ["--explain", "json/tool.py"]) == 0
+    (repo / "json/tool.py").unlink()  # a deletion needs no model either
+    assert cli_main(args) == 0
+    assert len(loads) == 1
+    assert "1 files (0 changed, 1 deleted" in capsys.readouterr().out
+    (repo / "json/new.py").write_text("def added():\n    return 1\n")
+    assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
+
+
+def test_fingerprint_from_checkpoint_files_matches_the_model_and_follows_its_files(tiny, tmp_path):
+    from indexer.pipeline import checkpoint_fingerprint, fingerprint_for
+
+    model, _, model_dir = tiny
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    fp = checkpoint_fingerprint(copy)
+    assert fp == fingerprint_for(model, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: same size, new mtime
+    weights.write_bytes(bytes(data))
+    changed = checkpoint_fingerprint(copy)
+    assert changed.digest != fp.digest
+    os.utime(weights, ns=(1, 1))  # content back to the original, mtime older: rehashed, equal again
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([data[-1] ^ 1]))
+    assert checkpoint_fingerprint(copy) == fp
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "mem_layers": [0]}))
+    assert checkpoint_fingerprint(copy).digest != fp.digest
+
+
+@pytest.mark.parametrize("command", ["index", "status", "watch"])
+def test_cli_nonexistent_root_is_an_error_and_creates_nothing(command, tmp_path, capsys):
+    missing = tmp_path / "typo"
+    assert cli_main([command, str(missing)]) == 2
+    assert f"{missing}: no such directory" in capsys.readouterr().err
+    assert not missing.exists()
+    afile = tmp_path / "file.py"
+    afile.write_text("x = 1\n")
+    assert cli_main([command, str(afile)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.py"]
+
+
+def test_cli_status_names_the_model(tiny, capsys, tmp_path):
+    from longllama_lsp.model.loading import memory_training
+
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    capsys.readouterr()
+    assert cli_main(["status", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert f"model:    {tiny[2].name} (fingerprint " in out
+    assert f"  path:   {tiny[2]}" in out
+    assert f"  memory: {memory_training(tiny[2])}\n" in out  # how its memory layers were trained
+
+
+def test_cli_plain_progress_lines_when_stderr_is_not_a_terminal(tiny, tmp_path):
+    root = copy_packages(tmp_path / "repo", "email")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "index", str(root), "--model", str(tiny[2]),
+                           "--chunk-tokens", str(CHUNK_TOKENS), "--first", str(root / "email/utils.py")],
+                          capture_output=True, text=True, env=env, timeout=600, check=True)
+    lines = done.stderr.splitlines()
+    assert "\r" not in done.stderr and not any("%|" in line for line in lines)  # no tqdm bars in a log
+    assert lines[0] == "scanning: 1/" + lines[0].split("/")[1]
+    assert any(line.startswith("ready: open files (1 of ") for line in lines)
+    assert any(line.startswith("ready: their imports (") for line in lines)
+    encode = [line for line in lines if line.startswith("encoding: ")]
+    assert encode and ", ETA " in encode[0] and "tokens/s" in encode[-1]
+    assert "usable now: all " in done.stdout
+
+
 # -- model mismatch ------------------------------------------------------------------------------
 
 def test_index_of_another_model_refuses_to_open(tiny, smol_tokenizer_dir, tmp_path):  # noqa: F811
