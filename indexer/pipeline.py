@@ -128,12 +128,29 @@ class _Run:
             self.progress(Progress("scan", self.files_done, self.files, message=path))
 
     def encoded(self, summary: IndexSummary, chunks: int, seconds: float) -> None:
+        """A batch of `chunks` is stored; its encoding took `seconds`."""
         self.chunks_done += chunks
         self.encode_s += seconds
+        self._report(self.chunks_done, summary.tokens_encoded, self.encode_s)
+
+    def encoding(self, summary: IndexSummary) -> Callable[[int, int], None]:
+        """Per-chunk reports from inside a batch (the encoder's callback), so a log line every few
+        seconds is possible even when a batch takes minutes."""
+        chunks = tokens = 0
+        start = time.perf_counter()
+
+        def step(n_chunks: int, n_tokens: int) -> None:
+            nonlocal chunks, tokens
+            chunks, tokens = chunks + n_chunks, tokens + n_tokens
+            self._report(self.chunks_done + chunks, summary.tokens_encoded + tokens,
+                         self.encode_s + time.perf_counter() - start)
+
+        return step
+
+    def _report(self, chunks: int, tokens: int, seconds: float) -> None:
         if self.progress is not None:
-            rate = summary.tokens_encoded / self.encode_s if self.encode_s else 0.0
-            self.progress(Progress("encode", self.chunks_done, self.chunks_total, summary.tokens_encoded,
-                                   rate, tokens_total=self.tokens_total))
+            rate = tokens / seconds if seconds else 0.0
+            self.progress(Progress("encode", chunks, self.chunks_total, tokens, rate, tokens_total=self.tokens_total))
 
     def ready(self, tier: str, summary: IndexSummary) -> None:
         summary.ready_seconds = time.perf_counter() - self.t0
@@ -337,7 +354,8 @@ class Indexer:
             texts = {h: self._text_of(todo[h]) for h in batch}
             texts = {h: t for h, t in texts.items() if t is not None}
             t0 = time.perf_counter()
-            memories = dict(zip(texts, self.encoder.encode(list(texts.values())), strict=True))
+            memories = dict(zip(texts, self.encoder.encode(list(texts.values()), run.encoding(summary)),
+                                strict=True))
             seconds = time.perf_counter() - t0
             self.store.put_memories(memories)
             summary.tokens_encoded += sum(m.num_tokens for m in memories.values())

@@ -477,6 +477,30 @@ def test_cli_plain_progress_lines_when_stderr_is_not_a_terminal(tiny, tmp_path):
     assert "usable now: all " in done.stdout
 
 
+def test_plain_progress_prints_one_line_per_period_and_every_phase_end(tiny, tmp_path, capsys):
+    from indexer.commands import ProgressLines
+
+    root = copy_packages(tmp_path / "repo", "json")
+    now = [0.0]
+    lines = ProgressLines(every_s=10.0, clock=lambda: now[0])
+    events = []
+
+    def progress(p):
+        now[0] += 1.0  # one simulated second per event
+        events.append(p.phase)
+        lines(p)
+
+    with open_ix(root, tiny) as ix:
+        ix.index(progress=progress)
+        chunks = ix.store.stats().chunks
+    printed = capsys.readouterr().err.splitlines()
+    assert events.count("encode") > chunks * 0.9  # a report per chunk, not per 64-chunk batch
+    assert len(printed) <= 2 + len(events) / 10 + 2  # first line, one per 10 s, each phase's last line
+    assert printed[0] == "scanning: 1/5 files"
+    done, total = printed[-1].split(" chunks")[0].removeprefix("encoding: ").split("/")
+    assert done == total and int(total) > chunks * 0.9  # the last line: all encoded (same text once)
+
+
 # -- model mismatch ------------------------------------------------------------------------------
 
 def test_index_of_another_model_refuses_to_open(tiny, smol_tokenizer_dir, tmp_path):  # noqa: F811
