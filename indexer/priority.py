@@ -4,8 +4,9 @@ A full first index of a mid-sized repository takes many minutes on a CPU; a user
 the memory of the file they are in and its neighbours now. `tiers(...)` orders the walk's paths:
 
     open       the files open in an editor (`longllama index --first PATH`, the server's documents)
-    imports    what those import, two hops deep (tree-sitter import statements, resolved to
-               repository files; nothing is executed or imported)
+    imports    what those import (tree-sitter import statements, resolved to repository files;
+               nothing is executed or imported)
+    further    what those import in turn (in a tightly coupled package this is most of it)
     recent     files touched by the last commits (`git log`, read-only) and files edited since
     rest       everything else, in walk order
 
@@ -31,7 +32,6 @@ from indexer.languages import language_for, ts_language
 
 logger = logging.getLogger(__name__)
 
-IMPORT_HOPS = 2  # open file -> its imports -> theirs; deeper reaches most of a package
 RECENT_COMMITS = 30  # commits whose files count as recently changed
 GIT_TIMEOUT_S = 10
 _JS_SUFFIXES = ("", ".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.tsx", "/index.js")
@@ -43,11 +43,12 @@ class Tiers:
 
     open: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
+    further: list[str] = field(default_factory=list)
     recent: list[str] = field(default_factory=list)
     rest: list[str] = field(default_factory=list)
 
     def named(self) -> list[tuple[str, list[str]]]:
-        return [("open files", self.open), ("their imports", self.imports),
+        return [("open files", self.open), ("their imports", self.imports), ("imports of imports", self.further),
                 ("recently changed", self.recent), ("the rest", self.rest)]
 
 
@@ -68,12 +69,8 @@ def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], byte
                 tier.append(p)
 
     place(out.open, first)
-    frontier = list(out.open)
-    for _ in range(IMPORT_HOPS):
-        found = [t for p in frontier for t in imported_paths(p, read(p), known)]
-        before = len(out.imports)
-        place(out.imports, found)
-        frontier = out.imports[before:]
+    place(out.imports, [t for p in out.open for t in imported_paths(p, read(p), known)])
+    place(out.further, [t for p in out.imports for t in imported_paths(p, read(p), known)])
     place(out.recent, recent)
     place(out.rest, paths)
     return out
