@@ -28,15 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from sqlite_utils import Database, Migrations
 
-from longllama_lsp.model.memory import MemCache, Memory
+if TYPE_CHECKING:  # torch (and the model package, which imports transformers) load only to (de)code
+    import torch  # tensors: `longllama status` reads an index in a second instead of half a minute
 
-MEM_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
-                                      "bfloat16": torch.bfloat16}
+    from longllama_lsp.model.memory import Memory
+
+MEM_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 
 migrations = Migrations("longllama-index")
 
@@ -130,7 +131,9 @@ class Fingerprint:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return MEM_DTYPES[self.mem_dtype]
+        import torch
+
+        return getattr(torch, self.mem_dtype)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -182,6 +185,8 @@ CHUNK_INPUT_FIELDS = ("start_byte", "end_byte", "start_line", "end_line", "symbo
 
 def encode_memory(memory: Memory, fp: Fingerprint) -> tuple[dict, bytes | None, bytes]:
     """Validate `memory` against the model fingerprint and lay it out as (row fields, mask, data)."""
+    import torch
+
     if list(memory) != list(fp.mem_layers):
         raise ValueError(f"memory layers {list(memory)} != model mem_layers {list(fp.mem_layers)}")
     t = memory.num_tokens
@@ -211,9 +216,15 @@ def encode_memory(memory: Memory, fp: Fingerprint) -> tuple[dict, bytes | None, 
 
 def decode_memory(dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes) -> Memory:
     """Inverse of encode_memory; one copy (bytes -> bytearray), the tensors are views of it."""
+    import torch
+
+    from longllama_lsp.model.memory import MemCache, Memory
+
     h, t, d = json.loads(shape)
     layer_ids = json.loads(layers)
-    tdtype = MEM_DTYPES[dtype]
+    if dtype not in MEM_DTYPES:
+        raise ValueError(f"memory dtype {dtype!r} is not one of {MEM_DTYPES}")
+    tdtype = getattr(torch, dtype)
     n = h * t * d
     itemsize = torch.empty((), dtype=tdtype).element_size()
     if len(data) != 2 * len(layer_ids) * n * itemsize:

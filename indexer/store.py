@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
 
@@ -59,7 +59,9 @@ from indexer.schema import (
 )
 from indexer.signing import sign, user_key, verify
 from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
-from longllama_lsp.model.memory import Memory
+
+if TYPE_CHECKING:
+    from longllama_lsp.model.memory import Memory
 
 logger = logging.getLogger(__name__)
 

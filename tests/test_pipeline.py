@@ -412,6 +412,17 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
+def test_cli_status_imports_neither_torch_nor_transformers(tiny, tmp_path):
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    code = ("import sys; from longllama_lsp.cli import main; rc = main(['status', sys.argv[1]]); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert "files:    2" in done.stdout
+    assert done.stdout.rstrip().endswith("[]")  # 20-40 s of imports on a busy machine, for reading SQLite
+
+
 def test_fingerprint_from_checkpoint_files_matches_the_model_and_follows_its_files(tiny, tmp_path):
     from indexer.pipeline import checkpoint_fingerprint, fingerprint_for
 
