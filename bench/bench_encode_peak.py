@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import longllama_lsp  # noqa: E402, F401  (sets OMP_WAIT_POLICY=PASSIVE before torch loads: 6x on a busy CPU)
+import torch  # noqa: E402
 
 
 def gflops_mm(m: int, k: int, n: int, seconds: float = 2.0) -> float:
@@ -65,12 +66,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from indexer.encoder import Encoder
-    from longllama_lsp.model.loading import load_model, load_tokenizer
-    from longllama_lsp.resolve import resolve_model
+    from longllama_lsp.load import load_model_and_tokenizer
 
     out = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()[0]}
-    model_dir = resolve_model(None)
-    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    model, tokenizer, _ = load_model_and_tokenizer(device="cpu", decoding=False)
     cfg = model.config
     texts = chunk_texts(args.package, args.chunks, tokenizer)
     mean_t = round(sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) / len(texts))

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import longllama_lsp  # noqa: E402, F401  (sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 from bench_encoding import chunk_ids, encode_independent, nll, parse_args, pick_files  # noqa: E402
 
 
@@ -42,15 +43,13 @@ def main() -> None:
     import torch
 
     from indexer.encoder import Encoder
-    from longllama_lsp.model.loading import load_model, load_tokenizer
+    from longllama_lsp.load import load_model_and_tokenizer
     from longllama_lsp.model.memory import Memory
-    from longllama_lsp.resolve import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model_dir = resolve_model()
-    model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    model, tok, _ = load_model_and_tokenizer(device="cpu", decoding=False)
     enc = Encoder(model, tok)
     load_start = os.getloadavg()[0]
     files = pick_files(args.package, args.files, enc.count_tokens, args.window, args.prefix_tokens)

@@ -62,8 +62,9 @@ def walk_rules(args: argparse.Namespace):
 def _add_index_arguments(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index", positional_alias=True)
     p.add_argument("--first", action="append", metavar="PATH",
-                   help="index this file (e.g. the one open in your editor), what it imports and recently changed "
-                        "files before the rest, so their memory is usable within a minute; repeatable")
+                   help="index this file (e.g. the one open in your editor), then what it imports, then recently "
+                        "changed files (git), before the rest: their memory is usable long before the whole "
+                        "repository is; repeatable")
     add_model_arguments(p)
     p.add_argument("--chunk-tokens", type=int, default=256, help="token budget per chunk (default: 256)")
     p.add_argument("--max-file-kb", type=float, default=1024, help="skip files larger than this (default: 1024 KiB)")
