@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,6 +78,7 @@ class Answer:
     stop_reason: str
     memory_tokens: int = 0
     generated_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -272,14 +273,16 @@ class Engine:
 
     def submit_answer(self, question: str, on_token: Callable[[str], None] | None = None,
                       document: tuple[str, str] | None = None, max_tokens: int | None = None,
-                      memory: bool | None = None, key: Hashable = ("ask",)) -> Request:
+                      memory: bool | None = None, key: Hashable = ("ask",),
+                      messages: Sequence[Mapping[str, str]] | None = None) -> Request:
         """Queue an answer; `document` = (path, text) of the file the question is about, if any. A newer
-        question with the same `key` supersedes it (one key per editor session)."""
+        question with the same `key` supersedes it (one key per editor session). `messages` (role, content):
+        the whole conversation ending with `question`, for chat clients; its system text follows ours."""
         if not question.strip():
             raise ValueError("the question is empty")
         use_memory = self.options.memory if memory is None else memory
-        return self.submit(lambda req: self._answer(req, question, on_token, document, max_tokens, use_memory),
-                           key=key)
+        return self.submit(lambda req: self._answer(req, question, on_token, document, max_tokens, use_memory,
+                                                    messages), key=key)
 
     def answer(self, question: str, on_token: Callable[[str], None] | None = None, **kwargs: Any) -> Answer:
         return self.submit_answer(question, on_token, **kwargs).result()
@@ -374,11 +377,12 @@ class Engine:
             self._suggested.popitem(last=False)
 
     def _answer(self, req: Request, question: str, on_token: Callable[[str], None] | None,
-                document: tuple[str, str] | None, max_tokens: int | None, use_memory: bool) -> Answer:
+                document: tuple[str, str] | None, max_tokens: int | None, use_memory: bool,
+                messages: Sequence[Mapping[str, str]] | None = None) -> Answer:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.answer_max_tokens)
         budget = self._model.window - max_new
-        ids = self._chat_ids(question, document[0] if document else None)[-budget:]
+        ids = self._chat_ids(question, document[0] if document else None, messages)[-budget:]
         blocks: list[Block] = []
         if use_memory and document is not None and document[1].strip():
             blocks = build_prompt(self._tokenizer, document[1], 0, 1,
@@ -393,7 +397,7 @@ class Engine:
         timings = {"queue": _ms(req.submitted, req.started or t0), "memory": _ms(t0, t1), **gen.timings,
                    "total": _ms(t0, time.perf_counter())}
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
-        return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens))
+        return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens), len(ids))
 
     def _encode(self, ids: list[int]) -> Memory:
         import torch
@@ -407,14 +411,18 @@ class Engine:
             logger.debug("max tokens %d clamped to %d (half the model window)", max_new, limit)
         return max(1, min(max_new, limit))
 
-    def _chat_ids(self, question: str, path: str | None) -> list[int]:
+    def _chat_ids(self, question: str, path: str | None,
+                  conversation: Sequence[Mapping[str, str]] | None = None) -> list[int]:
         user = question if path is None else f"{question}\n\n(The question is about the file {path}.)"
-        messages = [{"role": "system", "content": ASK_SYSTEM}, {"role": "user", "content": user}]
+        turns = [{"role": "user", "content": user}] if conversation is None else \
+            [dict(m) for m in conversation if m["role"] != "system"]
+        system = "\n\n".join([ASK_SYSTEM] + [m["content"] for m in conversation or () if m["role"] == "system"])
+        messages = [{"role": "system", "content": system}, *turns]
         if getattr(self._tokenizer, "chat_template", None):
             enc = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-        text = f"{ASK_SYSTEM}\n\nQuestion: {user}\nAnswer:"
-        return self._tokenizer(text, add_special_tokens=True)["input_ids"]
+        said = "\n".join(f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}" for m in turns)
+        return self._tokenizer(f"{system}\n\n{said}\nAnswer:", add_special_tokens=True)["input_ids"]
 
     def _start_ids(self) -> list[int]:
         """A prompt for an empty prefix: BOS if the tokenizer has one, else a newline."""

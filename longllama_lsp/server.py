@@ -9,6 +9,7 @@ The JSON-RPC fixes over pygls are in rpc.py.
     longllama-lsp                                   stdio (nothing but protocol on stdout)
     longllama-lsp --tcp [--host 127.0.0.1] --port N
     longllama-lsp --tcp --host 0.0.0.0 --allow-remote --token SECRET   (clients send initializationOptions.token)
+    longllama serve --http [--port 8087] [--repo DIR]  an OpenAI-compatible API (http_api.py)
 
 Over TCP every connection is its own LSP session (documents, initialize/shutdown, token check), and
 all of them share one engine (the model is loaded once) and one indexer per workspace root
@@ -28,7 +29,7 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
-from .cli import Command, add_model_arguments, add_version_argument
+from .cli import Command, add_model_arguments, add_repository_argument, add_version_argument
 from .documents import Document
 from .engine import Completion
 from .logs import RedactingFormatter, setup_logging
@@ -54,6 +55,7 @@ __all__ = ["RedactingFormatter", "add_arguments", "build_server", "check_listen_
 
 logger = logging.getLogger(__name__)
 
+TCP_PORT, HTTP_PORT = 2087, 8087  # default ports of --tcp and --http
 
 # -- handlers (translate only) ---------------------------------------------------------------------------
 
@@ -154,13 +156,22 @@ def completion_item(doc: Document, position: types.Position, done: Completion, e
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio (many clients, one model)")
+    p.add_argument("--http", action="store_true", help="serve an OpenAI-compatible API instead of LSP: "
+                   "/v1/completions (prompt + suffix), /v1/chat/completions (streaming), /v1/models, with --repo "
+                   "in memory; clients send 'Authorization: Bearer TOKEN' (see --token-file)")
     p.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1; others need "
                    "--allow-remote and --token)")
-    p.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
+    p.add_argument("--port", type=int, default=None, help=f"TCP port (default {TCP_PORT}; --http: {HTTP_PORT}; "
+                   "0: any free port)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     p.add_argument("--token", help="clients must send this in initializationOptions.token")
     p.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
+    http = p.add_argument_group("--http", "The token comes from $LONGLLAMA_TOKEN, else --token-file, else it is "
+                                "made fresh and written to a private server record (its path is printed).")
+    add_repository_argument(http, "--http: the repository whose memory answers requests")
+    http.add_argument("--token-file", metavar="PATH", help="--http: read the token from this file (yours, mode 600)")
+    http.add_argument("--print-token", action="store_true", help="--http: print a generated token to stderr once")
     # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, budget_tokens).
     p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
     add_model_arguments(p, decoding=True)
@@ -168,7 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_listen_address(args: argparse.Namespace) -> str | None:
     """Why the TCP address is refused, or None."""
-    if not args.tcp:
+    http = getattr(args, "http", False)
+    if not (args.tcp or http):
         return None
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -178,7 +190,7 @@ def check_listen_address(args: argparse.Namespace) -> str | None:
         return None
     if not args.allow_remote:
         return f"--host {args.host} is not a loopback address: add --allow-remote (and --token) to listen on it"
-    if not args.token:
+    if not args.token and not http:  # --http always wants a token
         return f"--host {args.host} needs --token: remote clients must authenticate"
     return None
 
@@ -193,10 +205,15 @@ def run(args: argparse.Namespace) -> int:
     if args.indexer_factory and not args.no_index:
         module, _, attr = args.indexer_factory.partition(":")
         repository_factory = getattr(importlib.import_module(module), attr)
+    if args.http:
+        from .http_api import serve_http
+
+        args.port = HTTP_PORT if args.port is None else args.port
+        return serve_http(args, repository_factory)
     overrides = ModelSettings(args.model, args.device, args.dtype, args.decode_dtype)
     if args.tcp:
         shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True)
-        serve_tcp(args.host, args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,
+        serve_tcp(args.host, TCP_PORT if args.port is None else args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,
                   on_listening=lambda socks: logger.info("listening on %s", ", ".join(
                       str(s.getsockname()) for s in socks)))
         return 0
@@ -215,7 +232,9 @@ def guard_stdout():
     return protocol_out
 
 
-cli = Command(add_arguments, run, description="Run the language server: stdio by default, or --tcp.")
+cli = Command(add_arguments, run, description=(
+    "Run the language server: stdio by default, or --tcp. With --http, serve an OpenAI-compatible API "
+    "instead (Continue, llm.nvim and other OpenAI clients; README.md shows their settings)."))
 
 
 def main(argv: list[str] | None = None) -> int:
