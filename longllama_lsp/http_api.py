@@ -584,10 +584,6 @@ def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory |
     from .engine import Engine, EngineOptions
     from .workspace import Workspace, memory_untrained
 
-    if getattr(args, "token", None):
-        print("longllama serve: error: --http never takes the token on the command line (other users see argv): "
-              "set LONGLLAMA_TOKEN or pass --token-file", file=sys.stderr)
-        return 2
     token = server_token(args.token_file)
     generated = not os.environ.get("LONGLLAMA_TOKEN") and args.token_file is None
     root = Path(args.repo).resolve()

@@ -178,8 +178,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_listen_address(args: argparse.Namespace) -> str | None:
-    """Why the TCP address is refused, or None."""
+    """Why the TCP address (or the token) is refused, or None."""
     http = getattr(args, "http", False)
+    if http and args.token:
+        return ("--http never takes the token on the command line (every local user can read argv): set "
+                "LONGLLAMA_TOKEN or pass --token-file")
     if not (args.tcp or http):
         return None
     try:
