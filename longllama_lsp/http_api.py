@@ -22,6 +22,7 @@ Decoding is greedy: temperature, top_p and seed are accepted and ignored; n must
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -158,8 +159,9 @@ def parse_chat(body: Any) -> ChatRequest:
     if len(raw) > MAX_MESSAGES:
         raise ApiError(400, f"at most {MAX_MESSAGES} messages", param="messages")
     messages = [_message(m, i) for i, m in enumerate(raw)]
-    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-        raise ApiError(400, "'messages' needs a user message with text", param="messages")
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or not users[-1]["content"].strip():
+        raise ApiError(400, "'messages' needs a user message with text, the last one", param="messages")
     common = _common(body)
     max_tokens = _typed(body, "max_completion_tokens", int, common["max_tokens"])
     if max_tokens is not None and max_tokens < 1:
@@ -276,11 +278,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._serve("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_OPTIONS(self) -> None:  # no CORS: a web page may not call this API (it could not send the token anyway)
+        self._serve("OPTIONS")
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         logger.debug("%s %s", self.address_string(), format % args)
 
     def _serve(self, method: str) -> None:
-        self._unread = self._declared_length()
+        # A body still on the wire after an error reply: the connection cannot carry another request.
+        self._body_pending = self.headers.get("Content-Length") not in (None, "0") or \
+            bool(self.headers.get("Transfer-Encoding"))
         try:
             self._authorize()
             route = ROUTES.get(self.path.split("?", 1)[0])
@@ -300,15 +310,6 @@ class Handler(BaseHTTPRequestHandler):
             logger.exception("request %s %s failed", method, self.path)
             self._reply_error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    def _declared_length(self) -> int | None:
-        """Content-Length as an int; None when absent or not a non-negative integer."""
-        value = self.headers.get("Content-Length")
-        try:
-            n = int(value) if value is not None else None
-        except ValueError:
-            return None
-        return n if n is not None and n >= 0 else None
-
     def _authorize(self) -> None:
         scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not tokens_match(given.strip(), self.server.api.token):
@@ -320,16 +321,17 @@ class Handler(BaseHTTPRequestHandler):
         """The body as JSON; its size is checked against MAX_BODY_BYTES before a byte is read."""
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "send the body with a Content-Length, not Transfer-Encoding")
-        if self.headers.get("Content-Length") is None:
+        value = self.headers.get("Content-Length")
+        if value is None:
             raise ApiError(411, "a Content-Length header is required")
-        n = self._unread
-        if n is None:
+        n = int(value) if value.isascii() and value.isdigit() else -1
+        if n < 0:
             raise ApiError(400, "Content-Length must be a non-negative integer")
         if n > MAX_BODY_BYTES:
             raise ApiError(413, f"body of {n} bytes is larger than the limit of {MAX_BODY_BYTES}",
                            code="body_too_large")
         data = self.rfile.read(n)
-        self._unread = 0
+        self._body_pending = False
         if len(data) < n:
             raise ConnectionError("the body ended early")
         try:
@@ -340,7 +342,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "the body is nested too deeply") from None
 
     def _reply_error(self, exc: ApiError) -> None:
-        if self._unread:  # the body is still on the wire: this connection cannot carry another request
+        if self._body_pending:
             self.close_connection = True
         extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if self._headers_sent:  # mid-stream: an error event, then the end of the stream
@@ -397,7 +399,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             try:
                 return req.future.result(timeout=POLL_S)
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 if self.client_gone():
                     req.cancel()
                     raise ConnectionAbortedError("client disconnected; request cancelled") from None
@@ -425,7 +427,7 @@ class Handler(BaseHTTPRequestHandler):
             text, stopped = cut_at_stop(done.text, r.stop)
             reason = finish_reason(done.stop_reason, stopped)
             usage = _usage(done.prompt_tokens, done.generated_tokens, done.memory_tokens)
-        except Cancelled:  # superseded by this user's next request: nothing to show
+        except CANCELLED:  # superseded by this user's next request: nothing to show
             text, reason, usage = "", "stop", _usage(0, 0, 0)
         head = {**self.head("cmpl"), "object": "text_completion"}
         if not r.stream:
@@ -442,8 +444,11 @@ class Handler(BaseHTTPRequestHandler):
         api = self.server.api
         engine = _ready(api.engine)
         deltas: queue.SimpleQueue[str] = queue.SimpleQueue()
-        req = engine.submit_answer(r.question, on_token=deltas.put, messages=r.messages, max_tokens=r.max_tokens,
-                                   key=api.key(r.user))
+        try:
+            req = engine.submit_answer(r.question, on_token=deltas.put, messages=r.messages,
+                                       max_tokens=r.max_tokens, key=api.key(r.user))
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
         scan = StopScan(r.stop)
         head = {**self.head("chatcmpl"), "object": "chat.completion.chunk"}
 
@@ -498,9 +503,11 @@ class Handler(BaseHTTPRequestHandler):
             scan.feed(deltas.get())
         try:
             return req.result()
-        except Cancelled:
+        except CANCELLED:
             return None
 
+
+CANCELLED = (Cancelled, concurrent.futures.CancelledError)  # stopped while running, or while queued
 
 ROUTES: dict[str, tuple[str, Callable[[Handler, Any], None]]] = {
     "/v1/models": ("GET", Handler.models),
@@ -533,6 +540,7 @@ class ApiServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], api: Api, max_connections: int = MAX_CONNECTIONS):
         self.api = api
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -560,7 +568,11 @@ def index_in_background(workspace: Workspace, root: Path) -> threading.Thread | 
     what is indexed so far). None when the workspace does not index."""
     if workspace.open_repository is None:
         return None
-    repo = workspace.open(root, HTTP_USER)
+    try:
+        repo = workspace.open(root, HTTP_USER)
+    except Exception:  # noqa: BLE001 - e.g. an unreadable .longllama/: serve without repository memory
+        logger.exception("cannot index %s: answering without its memory", root)
+        return None
 
     def run() -> None:
         try:
@@ -604,7 +616,8 @@ def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory |
         if generated:
             record = ServerRecord(os.getpid(), host, port, token, protocol="http", roots=[str(root)])
             publish(record)
-        print(f"longllama: OpenAI-compatible API on http://{host}:{port}/v1 (model {model_id(engine)}, "
+        where = f"[{host}]" if ":" in host else host
+        print(f"longllama: OpenAI-compatible API on http://{where}:{port}/v1 (model {model_id(engine)}, "
               f"repository {root})", file=sys.stderr, flush=True)
         if generated:
             print(f"longllama: token in {record.path}" + ("" if args.print_token else " (--print-token shows it)"),

@@ -69,7 +69,8 @@ def test_chat_bodies_are_typed():
     for bad in ({"messages": []}, {"messages": "hi"}, {"messages": [{"role": "wizard", "content": "x"}]},
                 {"messages": [{"role": "assistant", "content": "only me"}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-                {"messages": [{"role": "user", "content": 5}]}):
+                {"messages": [{"role": "user", "content": 5}]},
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": " "}]}):
         with pytest.raises(ApiError) as err:
             parse_chat(bad)
         assert err.value.status == 400
@@ -279,10 +280,11 @@ def test_the_token_never_comes_from_argv(capsys):
     assert "LONGLLAMA_TOKEN" in err and "--token-file" in err and "s3cret" not in err
 
 
-# -- in process: a client that leaves cancels its request ------------------------------------------------
+# -- in process: what the engine does with requests whose client left or moved on -------------------------
 
-@pytest.mark.e2e
-def test_a_client_that_disconnects_mid_stream_cancels_its_request(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The API server on a thread of this process, over its own engine (no repository)."""
     from longllama_lsp.engine import Engine, EngineOptions
     from longllama_lsp.http_api import Api, ApiServer
     from longllama_lsp.workspace import Workspace
@@ -292,21 +294,58 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(model_dir, tmp
     engine.wait_ready()
     server = ApiServer(("127.0.0.1", 0), Api(workspace, "t0ken", "tiny"))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        body = json.dumps({"messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
-                           "max_tokens": 400}).encode()
-        with socket.create_connection(server.server_address, timeout=60) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            seen = b""
-            while seen.count(b"data: ") < 3:  # the role, then generated text
-                seen += s.recv(4096)
-        deadline = time.monotonic() + 60
-        while engine.status()["requests"]["cancelled"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        requests = engine.status()["requests"]
-        assert requests["cancelled"] == 1 and requests["completed"] == 0
-    finally:
-        server.shutdown()
-        server.server_close()
-        workspace.close()
+    server.engine = engine
+    yield server
+    server.shutdown()
+    server.server_close()
+    workspace.close()
+
+
+def counts(engine) -> dict[str, int]:
+    return dict(engine.status()["requests"])
+
+
+def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.e2e
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(local):
+    before = counts(local.engine)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
+                       "max_tokens": 400}).encode()
+    with socket.create_connection(local.server_address, timeout=60) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        seen = b""
+        while seen.count(b"data: ") < 3:  # the role, then generated text
+            seen += s.recv(4096)
+    wait_until(lambda: counts(local.engine)["cancelled"] > before["cancelled"])
+    assert counts(local.engine)["completed"] == before["completed"]
+
+
+@pytest.mark.e2e
+def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
+    """`user` keys requests: the older one, still queued, is answered empty (200), not an error."""
+    engine = local.engine
+    blocker = engine.submit_answer("Keep the worker busy.", max_tokens=400, key="blocker")
+    wait_until(lambda: engine.status()["running"] == blocker.id)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{local.server_address[1]}/v1", api_key="t0ken", max_retries=0)
+    replies: dict[str, object] = {}
+
+    def ask(name: str, tokens: int) -> None:
+        replies[name] = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=tokens, user="editor-1")
+    first, second = (threading.Thread(target=ask, args=args) for args in (("first", 300), ("second", 2)))
+    first.start()
+    wait_until(lambda: engine.pending >= 1)
+    second.start()  # queued behind the blocker too: it supersedes the first at once
+    first.join(60)
+    assert "first" in replies and blocker.future.running()
+    blocker.cancel()
+    second.join(60)
+    assert replies["first"].choices[0].message.content == "" and replies["first"].choices[0].finish_reason == "stop"
+    assert replies["second"].usage.completion_tokens >= 1
