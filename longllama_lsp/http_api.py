@@ -288,6 +288,7 @@ class Handler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.address_string(), format % args)
 
     def _serve(self, method: str) -> None:
+        self._headers_sent = False  # per request: a keep-alive connection's handler serves several
         # A body still on the wire after an error reply: the connection cannot carry another request.
         self._body_pending = self.headers.get("Content-Length") not in (None, "0") or \
             bool(self.headers.get("Transfer-Encoding"))
@@ -350,8 +351,6 @@ class Handler(BaseHTTPRequestHandler):
             self._end_stream()
             return
         self._reply_json(exc.status, exc.body(), extra)
-
-    _headers_sent = False
 
     def _reply_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
@@ -429,6 +428,8 @@ class Handler(BaseHTTPRequestHandler):
             usage = _usage(done.prompt_tokens, done.generated_tokens, done.memory_tokens)
         except CANCELLED:  # superseded by this user's next request: nothing to show
             text, reason, usage = "", "stop", _usage(0, 0, 0)
+        except ValueError as exc:  # the engine's word on a request it cannot serve
+            raise ApiError(400, str(exc)) from None
         head = {**self.head("cmpl"), "object": "text_completion"}
         if not r.stream:
             self._reply_json(200, {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
@@ -505,6 +506,8 @@ class Handler(BaseHTTPRequestHandler):
             return req.result()
         except CANCELLED:
             return None
+        except ValueError as exc:  # the engine's word on a request it cannot serve
+            raise ApiError(400, str(exc)) from None
 
 
 CANCELLED = (Cancelled, concurrent.futures.CancelledError)  # stopped while running, or while queued

@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = ModelSettings(args.model, args.device, args.dtype, args.decode_dtype)
     if args.tcp:
         shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True)
-        serve_tcp(args.host, TCP_PORT if args.port is None else args.port, lambda: build_server(auth_token=args.token, shared=shared), shared,
+        port = TCP_PORT if args.port is None else args.port
+        serve_tcp(args.host, port, lambda: build_server(auth_token=args.token, shared=shared), shared,
                   on_listening=lambda socks: logger.info("listening on %s", ", ".join(
                       str(s.getsockname()) for s in socks)))
         return 0

@@ -254,6 +254,21 @@ def test_malformed_bodies_get_4xx_and_the_server_stays_up(server, client):
 
 
 @pytest.mark.e2e
+def test_one_connection_carries_a_stream_then_an_error(server):
+    """Keep-alive: the handler that streamed the first answer replies to the next request afresh."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    auth = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "x = ", "max_tokens": 1, "stream": True}),
+                 headers=auth)
+    first = conn.getresponse()
+    assert first.headers["Content-Type"] == "text/event-stream" and first.read().endswith(b"data: [DONE]\n\n")
+    conn.request("POST", "/v1/completions", body=b"{", headers=auth)
+    second = conn.getresponse()
+    assert second.status == 400 and json.loads(second.read())["error"]["type"] == "invalid_request_error"
+    conn.close()
+
+
+@pytest.mark.e2e
 def test_an_oversize_body_is_refused_before_it_is_read(server, client):
     """Only the headers are sent: an answer proves the server did not wait for the body."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
