@@ -79,8 +79,9 @@ def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
 def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
     b, hk, g, t, _ = q.shape
-    s = torch.matmul(_flat(q), mem_k.to(q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
-    mask = mem_mask[:, :, :, 0].to(s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
+    # .to(q.device): host-tier memory streams through here when attention is dense
+    s = torch.matmul(_flat(q), mem_k.to(q.device, q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    mask = mem_mask[:, :, :, 0].to(s.device, s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
     return torch.clamp_min(s + mask, min_score(s.dtype))
 
 
@@ -111,7 +112,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         memory = None
     blocks = None
     if sparse is not None and sparse.applies(memory):
-        blocks = _SparseState.of(memory, sparse, q.device, b)
+        blocks = _SparseState.of(memory, sparse, q.device, q.dtype, b)
     if memory is not None and memory.keys.shape[0] != b:
         memory = MemCache(memory.keys.expand(b, -1, -1, -1), memory.values.expand(b, -1, -1, -1),
                           memory.mask.expand(b, -1, -1, -1))
@@ -160,7 +161,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
         w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
         n_loc = s_loc.shape[-1]
         w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
-        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.dtype))
+        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.device, q.dtype))
         return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
     return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
 
@@ -179,7 +180,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
         correction = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
         run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + _weighted(p, mem.values[:, :, ms].float())
+        acc = acc * correction + _weighted(p, mem.values[:, :, ms].to(q.device, torch.float32))
         run_max = new_max
     out = (acc / run_sum).to(q.dtype)
     weights = None
@@ -225,8 +226,12 @@ class _SparseState:
     budget: int
 
     @classmethod
-    def of(cls, memory: MemCache, sparse: Sparse, device, batch: int) -> _SparseState:
+    def of(cls, memory: MemCache, sparse: Sparse, device, dtype: torch.dtype, batch: int) -> _SparseState:
         summary = memory.blocks(sparse.block_size, device)  # built once per memory, then kept
+        if summary.kmin.dtype != dtype or summary.kmin.device != torch.device(device):
+            # Kept in the compute dtype and device: converting (B, Hkv, NB, D) every step costs more than scoring.
+            summary = memory.summary = BlockSummary(summary.size, summary.kmin.to(device, dtype),
+                                                    summary.kmax.to(device, dtype))
         visible = memory.visible_blocks(sparse.block_size, device)
         if summary.kmin.shape[0] != batch:
             summary = BlockSummary(summary.size, summary.kmin.expand(batch, -1, -1, -1),
@@ -250,7 +255,7 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
     b, hk, g, t, d = q.shape
     bs, m = blocks.summary.size, mem.num_tokens
     qf = _flat(q)  # (B, Hk, G*T, D)
-    kmin, kmax = blocks.summary.kmin.to(q.dtype), blocks.summary.kmax.to(q.dtype)  # (B, Hk, NB, D)
+    kmin, kmax = blocks.summary.kmin, blocks.summary.kmax  # (B, Hk, NB, D)
     bound = (torch.matmul(qf.clamp(min=0), kmax.transpose(-1, -2))
              + torch.matmul(qf.clamp(max=0), kmin.transpose(-1, -2)))  # (B, Hk, G*T, NB)
     score = bound.amax(dim=2).masked_fill(~blocks.visible[:, None], float("-inf"))  # (B, Hk, NB)
