@@ -164,6 +164,9 @@ def test_block_aligned_concat_keeps_summaries():
     assert joined.summary is not None
     whole = memory_module.BlockSummary.of(keys, BLOCK)
     assert torch.equal(joined.summary.kmin, whole.kmin) and torch.equal(joined.summary.kmax, whole.kmax)
+    fresh = MemCache(keys[:, :, 32:], keys[:, :, 32:].clone(), torch.zeros(1, 1, 32, 1))  # no summary yet
+    joined = MemCache.concat([a, fresh])  # the missing part is summarised, the known one reused
+    assert torch.equal(joined.summary.kmin, whole.kmin) and torch.equal(joined.summary.kmax, whole.kmax)
     c = MemCache(keys[:, :, :20], keys[:, :, :20].clone(), torch.zeros(1, 1, 20, 1))
     c.blocks(BLOCK)
     assert MemCache.concat([c, b]).summary is None  # misaligned: rebuilt on first use instead

@@ -54,9 +54,6 @@ class BlockSummary:
             return cls(size, empty, empty.clone())
         return cls(size, torch.cat(mins, dim=2), torch.cat(maxs, dim=2))
 
-    @classmethod
-    def concat(cls, parts: list[BlockSummary]) -> BlockSummary:
-        return cls(parts[0].size, torch.cat([p.kmin for p in parts], dim=2), torch.cat([p.kmax for p in parts], dim=2))
 
 
 @dataclass
@@ -138,14 +135,16 @@ class MemCache:
 
 
 def _concat_summaries(parts: list[MemCache]) -> BlockSummary | None:
-    """The parts' summaries joined, when every part has one of the same size and every block is whole
-    (all parts but the last a multiple of the block size); otherwise None (built again on first use)."""
-    sums = [p.summary for p in parts]
-    if any(s is None or s.size != sums[0].size for s in sums):
+    """The parts' summaries joined when some part has one and every block stays whole (all parts but
+    the last a multiple of its block size): parts without one (a few encoded blocks next to a bank)
+    are summarised now, on the summary's device. Otherwise None (built again on first use)."""
+    known = next((p.summary for p in parts if p.summary is not None), None)
+    if known is None or any(p.num_tokens % known.size for p in parts[:-1]):
         return None
-    if any(p.num_tokens % sums[0].size for p in parts[:-1]):
-        return None
-    return BlockSummary.concat(sums)
+    sums = [p.summary if p.summary is not None and p.summary.size == known.size
+            else BlockSummary.of(p.keys, known.size, known.kmin.device) for p in parts]
+    return BlockSummary(known.size, torch.cat([s.kmin.to(known.kmin.dtype) for s in sums], dim=2),
+                        torch.cat([s.kmax.to(known.kmax.dtype) for s in sums], dim=2))
 
 
 def _host_copy(x: torch.Tensor, directory: str | None, name: str) -> torch.Tensor:
