@@ -102,14 +102,16 @@ def configure(model, block: int, budget: int | None) -> None:
     model.config.mem_block_size, model.config.mem_budget = block, budget
 
 
-def speed(model, base: Memory, sizes: list[int], budget: int, block: int, steps: int, repeats: int) -> dict:
+def speed(model, base: Memory, sizes: list[int], budget: int, block: int, steps: int, repeats: int,
+          dense_max: int) -> dict:
     memories = {m: tiled(base, m) if m else None for m in sizes}
-    runs = [(m, mode) for m in sizes for mode in (("dense", "sparse") if m else ("none",))]
+    runs = [(m, mode) for m in sizes for mode in (("dense", "sparse") if m else ("none",))
+            if mode != "dense" or m <= dense_max]
     times: dict[str, list[float]] = {f"{m}/{mode}": [] for m, mode in runs}
     for r in range(repeats):
         for m, mode in runs:
             configure(model, block, budget if mode == "sparse" else None)
-            ms = step_ms(model, memories[m], steps if mode != "dense" or m < 2**20 else max(3, steps // 4))
+            ms = step_ms(model, memories[m], steps)
             times[f"{m}/{mode}"].append(ms)
             print(f"repeat {r + 1}: {m:>8} tokens {mode:>6}: {ms:8.1f} ms  (load {os.getloadavg()[0]:.1f})",
                   file=sys.stderr, flush=True)
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--memory-tokens", type=int, default=16384, help="real memory encoded (quality; tiled for speed)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dense-max", type=int, default=2**20, help="largest memory also timed dense (dense is linear)")
     ap.add_argument("--host-10m", type=Path, default=None, metavar="DIR",
                     help="also time a 10M-token host-tier (memory-mapped) memory with files in DIR")
     ap.add_argument("--quality", action="store_true", help="held-out loss: none, dense, sparse budgets/blocks")
@@ -155,7 +158,7 @@ def main() -> None:
         result["quality_loss"] = quality(model, tokenizer, base, [512, 1024, 2048, 4096, 8192], [16, 32, 64])
         print(json.dumps(result["quality_loss"], indent=1), file=sys.stderr, flush=True)
     sizes = [int(x) for x in args.memories.split(",")]
-    result["step_ms"] = speed(model, base, sizes, args.budget, args.block, args.steps, args.repeats)
+    result["step_ms"] = speed(model, base, sizes, args.budget, args.block, args.steps, args.repeats, args.dense_max)
     if args.host_10m is not None:
         args.host_10m.mkdir(parents=True, exist_ok=True)
         host = host_memory(base, 10 * 2**20, args.host_10m, args.block)
