@@ -20,6 +20,13 @@ from longllama_lsp.model.memory import MASK_MIN, MemCache
 BLOCK = 16
 
 
+def decode(model, prompt, memory, steps):
+    """Greedy decoding with memory: (sequences, per-step logits (B, steps, V))."""
+    out = model.generate(prompt, memory=memory, max_new_tokens=steps, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
 def _memory_with_padding(model, chunks: int = 3, pads: int = 2, seed: int = 0) -> tuple[Memory, int]:
     """`chunks` encoded 32-token chunks interleaved with `pads` masked 32-slot stretches (as the bank's
     free slots are): (memory, live tokens). Padding keys are large so their bound would win if asked."""
@@ -42,12 +49,12 @@ def test_sparse_keeping_every_live_block_equals_dense_prefill_and_decode(positio
     model = make_tiny(seed=11, mem_positionals=positionals)
     memory, live = _memory_with_padding(model)
     prompt = torch.randint(0, 99, (1, 12))
-    dense_seq, dense_scores = model.generate(prompt, memory=memory, max_new_tokens=6, return_scores=True)
+    dense_seq, dense_scores = decode(model, prompt, memory, 6)
     dense_logits = model(prompt, memory=memory).logits
     model.config.mem_block_size, model.config.mem_budget = BLOCK, live  # < M: the sparse path runs
     assert memory.num_tokens > live
     sparse_logits = model(prompt, memory=memory).logits
-    sparse_seq, sparse_scores = model.generate(prompt, memory=memory, max_new_tokens=6, return_scores=True)
+    sparse_seq, sparse_scores = decode(model, prompt, memory, 6)
     assert (sparse_logits - dense_logits).abs().max() < 1e-5
     assert torch.equal(sparse_seq, dense_seq)
     assert (sparse_scores - dense_scores).abs().max() < 1e-5  # every decode step
@@ -130,8 +137,8 @@ def test_host_tier_gives_the_same_logits_as_the_device_tier(tmp_path, dtype):
     assert list(tmp_path.iterdir())  # memory-mapped files back the host tier
     prompt = torch.randint(0, 99, (1, 9))
     model.config.mem_block_size, model.config.mem_budget = BLOCK, 4 * BLOCK
-    device_out = model.generate(prompt, memory=memory, max_new_tokens=4, return_scores=True)
-    host_out = model.generate(prompt, memory=host, max_new_tokens=4, return_scores=True)
+    device_out = decode(model, prompt, memory, 4)
+    host_out = decode(model, prompt, host, 4)
     assert torch.equal(device_out[0], host_out[0])
     assert torch.equal(device_out[1], host_out[1])
 
