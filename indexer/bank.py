@@ -15,6 +15,14 @@ When free slots below `end` exceed `compact_threshold` of `end`, live slots are 
 (amortised O(1) per freed token). `memory()` returns views of slots [0, end), masked holes
 included, so a request copies nothing; excluding chunks copies only the (end,) mask.
 
+Sparse memory (block_size set, as `for_store` does): every chunk starts on a block boundary and
+takes whole blocks (the tail of its last block is masked padding), so no block mixes two chunks;
+each block's Quest summary (elementwise min/max of its keys, (Hkv, C / block_size, D) per layer)
+is computed once when the chunk is added, moved with it on compaction, and handed to the model
+with `memory()`, which then never summarises the memory itself. Keys and values may live in host
+memory (`kv_device="cpu"` with a GPU `device`: the host tier); masks and summaries stay on
+`device`, and sparse attention reads only the blocks it selects.
+
 Views alias the bank: a returned Memory is valid until the next add/remove/compact. The bank is not
 thread-safe: its indexer changes it holding `Indexer.lock`, and the engine copies the views under
 that lock (longllama_lsp/assembly.py).
@@ -43,7 +51,10 @@ from typing import Any
 import torch
 
 from indexer.schema import ChunkRow
-from longllama_lsp.model.memory import MASK_MIN, MemCache, Memory
+from longllama_lsp.model.memory import MASK_MIN, BlockSummary, MemCache, Memory
+
+# Default block of sparse memory attention: LongLlamaConfig.mem_block_size's default.
+BLOCK_SIZE = 32
 
 _TEST_PATH = re.compile(r"(^|/)(tests?|__tests__|spec)/|(^|/)test_[^/]*$|_test\.[^/]*$|\.(test|spec)\.[^/]*$")
 
@@ -58,6 +69,7 @@ class _Entry:
     n: int
     meta: Any
     handle: int
+    span: int  # slots taken: n rounded up to whole blocks
 
 
 @dataclass
@@ -73,6 +85,7 @@ class BankStatus:
     evicted_tokens: int
     evictions: int  # chunks evicted or dropped since creation
     device_bytes: int
+    host_bytes: int = 0  # keys/values kept in host memory (the host tier)
 
 
 class MemoryBank:
@@ -80,10 +93,13 @@ class MemoryBank:
 
     def __init__(self, layers: Iterable[int], kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, capacity_tokens: int | None = None,
-                 budget_tokens: int | None = None, compact_threshold: float = 0.25):
+                 budget_tokens: int | None = None, compact_threshold: float = 0.25,
+                 block_size: int | None = None, kv_device: torch.device | str | None = None):
         self.layers = sorted(int(i) for i in layers)
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.device = torch.device(device)
+        self.kv_device = self.device if kv_device is None else torch.device(kv_device)
+        self.block_size = block_size  # None: no summaries, chunks packed slot by slot
         self.budget_tokens, self.compact_threshold = budget_tokens, compact_threshold
         self._alloc_storage(capacity_tokens or 1024)
         self._end = 0
@@ -105,18 +121,32 @@ class MemoryBank:
 
     @classmethod
     def for_store(cls, store: Any, device: torch.device | str, **kwargs: Any) -> MemoryBank:
-        """A bank shaped for `store`'s model fingerprint."""
+        """A bank shaped for `store`'s model fingerprint, with block summaries for sparse attention."""
         fp = store.fingerprint
+        kwargs.setdefault("block_size", BLOCK_SIZE)
         return cls(fp.mem_layers, fp.kv_heads, fp.head_dim, fp.torch_dtype, device, **kwargs)
+
+    def _span(self, n: int) -> int:
+        """Slots a chunk of n tokens takes: whole blocks when summarised."""
+        bs = self.block_size
+        return n if bs is None else -(-n // bs) * bs
 
     def _changed(self) -> None:
         self._view = None
         self.version += 1
 
     def _alloc_storage(self, capacity: int) -> None:
+        capacity = self._span(capacity)
         shape = (self.kv_heads, capacity, self.head_dim)  # (Hkv, C, D)
-        self._keys = {i: torch.zeros(shape, dtype=self.dtype, device=self.device) for i in self.layers}
-        self._values = {i: torch.zeros(shape, dtype=self.dtype, device=self.device) for i in self.layers}
+        pin = self.kv_device.type == "cpu" and self.device.type == "cuda"  # host tier: fast partial copies
+        self._keys = {i: torch.zeros(shape, dtype=self.dtype, device=self.kv_device, pin_memory=pin)
+                      for i in self.layers}
+        self._values = {i: torch.zeros(shape, dtype=self.dtype, device=self.kv_device, pin_memory=pin)
+                        for i in self.layers}
+        if self.block_size is not None:
+            blocks = (self.kv_heads, capacity // self.block_size, self.head_dim)  # (Hkv, C / bs, D)
+            self._kmin = {i: torch.zeros(blocks, dtype=self.dtype, device=self.device) for i in self.layers}
+            self._kmax = {i: torch.zeros(blocks, dtype=self.dtype, device=self.device) for i in self.layers}
         self._mask = torch.full((capacity,), MASK_MIN, dtype=torch.float32, device=self.device)
         self._owner = torch.full((capacity,), -1, dtype=torch.int64)
         self.capacity = capacity
@@ -137,17 +167,24 @@ class MemoryBank:
                 self._evicted[chunk_id] = (meta, n)
                 self._evictions += 1
                 return False
-        start = self._allocate(n)
+        span = self._span(n)
+        start = self._allocate(span)
         for i in self.layers:
             self._keys[i][:, start:start + n].copy_(memory[i].keys[0])  # (Hkv, n, D)
             self._values[i][:, start:start + n].copy_(memory[i].values[0])
+            if self.block_size is not None:  # summaries of this chunk's own keys, once
+                summary = BlockSummary.of(memory[i].keys, self.block_size, self.device)  # (1, Hkv, nb, D)
+                b0 = start // self.block_size
+                self._kmin[i][:, b0:b0 + summary.num_blocks].copy_(summary.kmin[0])
+                self._kmax[i][:, b0:b0 + summary.num_blocks].copy_(summary.kmax[0])
         if self.layers:
             self._mask[start:start + n].copy_(memory[self.layers[0]].mask.reshape(n))
+            self._mask[start + n:start + span] = MASK_MIN  # padding to the block boundary
         handle = self._next_handle
         self._next_handle += 1
         self._owner[start:start + n] = handle
         self._handles[handle] = chunk_id
-        self._entries[chunk_id] = _Entry(start, n, meta, handle)
+        self._entries[chunk_id] = _Entry(start, n, meta, handle, span)
         self._live_tokens += n
         heapq.heappush(self._heap, (self.priority(meta), handle, chunk_id, handle))
         self._changed()
@@ -188,7 +225,7 @@ class MemoryBank:
         self._owner[s:s + n] = -1
         del self._handles[entry.handle]
         self._live_tokens -= n
-        self._free_range(s, n)
+        self._free_range(s, entry.span)
         self._changed()
         if len(self._heap) > 2 * len(self._entries) + 64:  # drop stale heap entries
             self._heap = [(self.priority(e.meta), e.handle, c, e.handle) for c, e in self._entries.items()]
@@ -244,11 +281,16 @@ class MemoryBank:
 
     def _grow(self, needed: int, exact: bool = False) -> None:
         old = (self._keys, self._values, self._mask, self._owner, self._end)
-        self._alloc_storage(needed if exact else max(needed, 2 * self.capacity))
         keys, values, mask, owner, end = old
+        summaries = (self._kmin, self._kmax) if self.block_size is not None else None
+        self._alloc_storage(needed if exact else max(needed, 2 * self.capacity))
         for i in self.layers:
             self._keys[i][:, :end].copy_(keys[i][:, :end])
             self._values[i][:, :end].copy_(values[i][:, :end])
+            if summaries is not None:
+                nb = end // self.block_size
+                self._kmin[i][:, :nb].copy_(summaries[0][i][:, :nb])
+                self._kmax[i][:, :nb].copy_(summaries[1][i][:, :nb])
         self._mask[:end].copy_(mask[:end])
         self._owner[:end].copy_(owner[:end])
 
@@ -260,8 +302,9 @@ class MemoryBank:
         """Move live slots together so slots [0, end) hold no holes."""
         w = 0
         for entry in sorted(self._entries.values(), key=lambda e: e.start):
-            s, n = entry.start, entry.n
+            s, n = entry.start, entry.span  # padding moves too: its mask hides it at the new place
             if s != w:
+                self._move_summaries(s, w, entry.span)
                 for off in range(0, n, block):  # blocks bound the temporary for overlapping moves
                     b = min(block, n - off)
                     src, dst = slice(s + off, s + off + b), slice(w + off, w + off + b)
@@ -271,11 +314,20 @@ class MemoryBank:
                     self._mask[dst] = self._mask[src].clone()
                     self._owner[dst] = self._owner[src].clone()
                 entry.start = w
-            w += n
+            w += entry.span
         self._mask[w:self._end] = MASK_MIN
         self._owner[w:self._end] = -1
         self._end, self._free, self._free_tokens = w, [], 0
         self._changed()
+
+    def _move_summaries(self, src: int, dst: int, span: int) -> None:
+        """Block summaries of slots [src, src + span) to [dst, ...); both block-aligned, dst < src."""
+        if self.block_size is None:
+            return
+        bs = self.block_size
+        a, b, nb = src // bs, dst // bs, span // bs
+        for store in (*self._kmin.values(), *self._kmax.values()):
+            store[:, b:b + nb] = store[:, a:a + nb].clone()
 
     # -- budget ---------------------------------------------------------------------------------
 
@@ -341,10 +393,17 @@ class MemoryBank:
                 mask[e.start:e.start + e.n] = MASK_MIN
         mask = mask.view(1, 1, end, 1)  # (B, 1, M, 1)
         view = Memory({i: MemCache(self._keys[i][:, :end].unsqueeze(0), self._values[i][:, :end].unsqueeze(0),
-                                   mask) for i in self.layers})  # (B, Hkv, M, D)
+                                   mask, self._summary(i, end)) for i in self.layers})  # (B, Hkv, M, D)
         if not excluded:
             self._view = view
         return view
+
+    def _summary(self, layer: int, end: int) -> BlockSummary | None:
+        """Summaries of slots [0, end) (end is block-aligned), views (1, Hkv, end / bs, D)."""
+        if self.block_size is None:
+            return None
+        nb = end // self.block_size
+        return BlockSummary(self.block_size, self._kmin[layer][None, :, :nb], self._kmax[layer][None, :, :nb])
 
     def slot_owner(self, slot: int) -> Any | None:
         """The meta of the chunk holding memory slot `slot` (as indexed in `memory()`), None if free."""
@@ -372,14 +431,18 @@ class MemoryBank:
 
     def status(self) -> BankStatus:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_slot = 2 * len(self.layers) * self.kv_heads * self.head_dim * itemsize + 4 + 8  # + mask, owner
+        kv_slot = 2 * len(self.layers) * self.kv_heads * self.head_dim * itemsize
+        summary_slot = kv_slot / self.block_size if self.block_size else 0  # min + max per block
+        on_device = self.kv_device == self.device
+        per_slot = (kv_slot if on_device else 0) + summary_slot + 4  # + mask (owner is host-side)
         return BankStatus(
             layers=self.layers, live_chunks=len(self._entries), live_tokens=self._live_tokens,
             span_tokens=self._end, capacity_tokens=self.capacity,
             fragmentation=self._free_tokens / self._end if self._end else 0.0,
             budget_tokens=self.budget_tokens, evicted_chunks=len(self._evicted),
             evicted_tokens=sum(n for _, n in self._evicted.values()), evictions=self._evictions,
-            device_bytes=per_slot * self.capacity)
+            device_bytes=int(per_slot * self.capacity),
+            host_bytes=(0 if on_device else kv_slot * self.capacity) + 8 * self.capacity)
 
     # -- bulk load ------------------------------------------------------------------------------
 
@@ -397,7 +460,7 @@ class MemoryBank:
         by_hash: dict[str, list[ChunkRow]] = defaultdict(list)
         for r in rows:
             by_hash[r.content_hash].append(r)
-        self.reserve(sum(r.token_count for r in rows) - self._free_tokens)
+        self.reserve(sum(self._span(r.token_count) for r in rows) - self._free_tokens)
         added = 0
         for content_hash, memory in store.iter_memories(list(by_hash), batch=batch):
             for r in by_hash[content_hash]:

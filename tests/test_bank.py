@@ -258,3 +258,60 @@ def test_load_from_store_bit_exact_bf16_and_budget(tmp_path):
         assert small.load_from_store(store, paths=["tests/test_a.py"]) == 2
         assert {m.path for m in small.resident().values()} == {"tests/test_a.py"}
         assert small.status().evicted_chunks == 2
+
+
+# -- block summaries (sparse memory) -----------------------------------------------------------------
+
+def check_summaries(b: MemoryBank) -> None:
+    """Every chunk starts on a block boundary; each of its blocks' summary is the min/max of exactly
+    its own keys (no other chunk's, no padding's)."""
+    bs, m = b.block_size, b.memory()
+    for cid in b.resident():
+        r = b.chunk_slots(cid)
+        assert r.start % bs == 0
+        for i in LAYERS:
+            keys, summary = m[i].keys[0, :, r.start:r.stop], m[i].summary
+            assert summary.kmin.shape[2] == m.num_tokens // bs
+            for j, s0 in enumerate(range(0, len(r), bs)):
+                blk = r.start // bs + j
+                assert torch.equal(summary.kmin[0, :, blk], keys[:, s0:s0 + bs].amin(dim=1))
+                assert torch.equal(summary.kmax[0, :, blk], keys[:, s0:s0 + bs].amax(dim=1))
+
+
+def test_block_summaries_follow_adds_removes_compaction_and_growth():
+    b, model, rng = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}, torch.Generator().manual_seed(0)
+    for step in range(40):
+        cid = int(torch.randint(0, 12, (1,), generator=rng))
+        if cid in model and step % 3 == 0:
+            b.remove(cid)
+            del model[cid]
+        else:
+            n = int(torch.randint(1, 11, (1,), generator=rng))
+            model[cid] = (mem(n, step), meta(f"f{cid % 3}.py", cid))
+            b.add(cid, *model[cid])
+        check_summaries(b)
+    check(b, model)
+    b.compact()
+    check_summaries(b)
+
+
+def test_bank_memory_carries_its_summaries_to_the_model(monkeypatch):
+    """The model uses the bank's summaries as they are: sparse attention over bank memory summarises
+    nothing itself, and with the budget at the live blocks equals dense attention."""
+    from longllama_lsp.model import memory as memory_module
+    from longllama_lsp.model.attention import Sparse, attend
+
+    b = bank(block_size=4, compact_threshold=1.0)
+    for cid, n in enumerate([5, 9, 3, 8]):  # 2 + 3 + 1 + 2 blocks
+        b.add(cid, mem(n, cid), meta("a.py", cid))
+    b.remove(1)
+    monkeypatch.setattr(memory_module.BlockSummary, "of", None)  # would raise if called
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 3, D, generator=g), torch.randn(1, H, 3, D, generator=g),
+               torch.randn(1, H, 3, D, generator=g))
+    mask = torch.zeros(1, 1, 3, 3)
+    memory = b.memory()[0]
+    dense, _ = attend(q, k, v, mask, memory)
+    sparse, _ = attend(q, k, v, mask, memory, sparse=Sparse(4, 5 * 4))  # the 5 live blocks
+    assert memory.num_tokens == 8 * 4
+    assert (dense - sparse).abs().max() < 1e-6

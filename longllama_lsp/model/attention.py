@@ -12,13 +12,27 @@ padding rows, whose logits the golden tests compare).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .memory import MemCache
+from .memory import MASK_MIN, BlockSummary, MemCache
 
 # Memory keys scored per block; bounds the (T, M) score matrix to (T, MEM_BLOCK) at a time.
 MEM_BLOCK = 16384
+# Queries that share one block selection in sparse memory attention (prefill); decode has one.
+SPARSE_QUERY_TILE = 128
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Block-sparse memory attention: blocks of `block_size` memory slots, at most `budget` slots attended."""
+
+    block_size: int
+    budget: int
+
+    def applies(self, memory: MemCache | None) -> bool:
+        return memory is not None and memory.num_tokens > self.budget
 
 
 def min_score(dtype: torch.dtype) -> float:
@@ -65,8 +79,9 @@ def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
 def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
     b, hk, g, t, _ = q.shape
-    s = torch.matmul(_flat(q), mem_k.to(q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
-    mask = mem_mask[:, :, :, 0].to(s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
+    # .to(q.device): host-tier memory streams through here when attention is dense
+    s = torch.matmul(_flat(q), mem_k.to(q.device, q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    mask = mem_mask[:, :, :, 0].to(s.device, s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
     return torch.clamp_min(s + mask, min_score(s.dtype))
 
 
@@ -78,14 +93,16 @@ def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            memory: MemCache | None = None, grouping: tuple[int, int] | None = None,
-           topk: int | None = None, want_memory_weights: bool = False,
+           topk: int | None = None, want_memory_weights: bool = False, sparse: Sparse | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Local causal attention plus (optionally) memory, one softmax.
 
     q: (B, H, T, D) rotated; k, v: (B, Hkv, L, D) rotated local keys and values; mask: (B, 1, T, L)
     additive. memory: keys/values (B or 1, Hkv, M, D). grouping: (heads, queries) tile as the
     reference's mem_attention_grouping (pure tiling, same result). topk: attend only to the top-k
-    memory keys of each query and head (exact retrieval; k >= M equals dense).
+    memory keys of each query and head (exact retrieval; k >= M equals dense). sparse: when memory
+    exceeds its budget, each query tile attends to the memory blocks its block summaries rank highest
+    (see _attend_sparse); within the budget, dense.
     Returns (B, H, T, D) and, if asked, memory attention mass (B, M) summed over heads and queries.
     """
     b, h, t, d = q.shape
@@ -93,6 +110,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     g = h // hkv
     if memory is not None and memory.num_tokens == 0:
         memory = None
+    blocks = None
+    if sparse is not None and sparse.applies(memory):
+        blocks = _SparseState.of(memory, sparse, q.device, q.dtype, b)
     if memory is not None and memory.keys.shape[0] != b:
         memory = MemCache(memory.keys.expand(b, -1, -1, -1), memory.values.expand(b, -1, -1, -1),
                           memory.mask.expand(b, -1, -1, -1))
@@ -100,6 +120,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     tile_kv = max(1, math.ceil(tile_h / g))  # tile over key/value heads so GQA groups stay whole
     if topk is not None and memory is not None and topk < memory.num_tokens:
         tile_q = min(tile_q, 128)  # gathered (T, K, D) values grow with T: keep tiles small
+    if blocks is not None:
+        tile_q = min(tile_q, SPARSE_QUERY_TILE)
     qg = _grouped(q, hkv)  # (B, Hkv, G, T, D)
     outs, weights = [], None
     if want_memory_weights and memory is not None:
@@ -111,8 +133,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         row = []
         for t0 in range(0, t, tile_q):
             ts = slice(t0, min(t0 + tile_q, t))
-            out_tile, w_tile = _attend_tile(qg[:, hs, :, ts], k[:, hs], v[:, hs], mask[:, :, ts], mem,
-                                            scale, topk, weights is not None)
+            if blocks is not None:
+                s_loc = _local_scores(qg[:, hs, :, ts], k[:, hs], mask[:, :, ts], scale)
+                out_tile, w_tile = _attend_sparse(qg[:, hs, :, ts], s_loc, v[:, hs], mem, blocks.heads(hs),
+                                                  scale, weights is not None)
+            else:
+                out_tile, w_tile = _attend_tile(qg[:, hs, :, ts], k[:, hs], v[:, hs], mask[:, :, ts], mem,
+                                                scale, topk, weights is not None)
             row.append(out_tile)
             if w_tile is not None:
                 weights += w_tile
@@ -134,7 +161,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
         w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
         n_loc = s_loc.shape[-1]
         w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
-        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.dtype))
+        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.device, q.dtype))
         return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
     return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
 
@@ -153,7 +180,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
         correction = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
         run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + _weighted(p, mem.values[:, :, ms].float())
+        acc = acc * correction + _weighted(p, mem.values[:, :, ms].to(q.device, torch.float32))
         run_max = new_max
     out = (acc / run_sum).to(q.dtype)
     weights = None
@@ -187,6 +214,70 @@ def _attend_topk(q, s_loc, v, mem, scale, topk, want_weights):
     if want_weights:
         weights = torch.zeros(bsz, mem.num_tokens, dtype=torch.float32, device=q.device)
         weights.scatter_add_(1, best_i.reshape(bsz, -1), w[..., n_loc:].reshape(bsz, -1))
+    return out, weights
+
+
+@dataclass
+class _SparseState:
+    """What selection needs, on the queries' device: summaries (B, Hkv, NB, D), visible blocks (B, NB)."""
+
+    summary: BlockSummary
+    visible: torch.Tensor
+    budget: int
+
+    @classmethod
+    def of(cls, memory: MemCache, sparse: Sparse, device, dtype: torch.dtype, batch: int) -> _SparseState:
+        summary = memory.blocks(sparse.block_size, device)  # built once per memory, then kept
+        if summary.kmin.dtype != dtype or summary.kmin.device != torch.device(device):
+            # Kept in the compute dtype and device: converting (B, Hkv, NB, D) every step costs more than scoring.
+            summary = memory.summary = BlockSummary(summary.size, summary.kmin.to(device, dtype),
+                                                    summary.kmax.to(device, dtype))
+        visible = memory.visible_blocks(sparse.block_size, device)
+        if summary.kmin.shape[0] != batch:
+            summary = BlockSummary(summary.size, summary.kmin.expand(batch, -1, -1, -1),
+                                   summary.kmax.expand(batch, -1, -1, -1))
+            visible = visible.expand(batch, -1)
+        return cls(summary, visible, sparse.budget)
+
+    def heads(self, hs: slice) -> _SparseState:
+        s = self.summary
+        return _SparseState(BlockSummary(s.size, s.kmin[:, hs], s.kmax[:, hs]), self.visible, self.budget)
+
+
+def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want_weights):
+    """Local keys plus the top memory blocks of this query tile, one softmax (Quest-style selection).
+
+    A block's score is the Quest bound sum_d max(q_d kmin_d, q_d kmax_d) >= q.k for all its keys, taken
+    as the max over the tile's queries and the query heads of each key/value head (GQA), so a block
+    that any of them needs is kept. Only the selected blocks' keys/values are read, from wherever
+    they live (device or host tier). q (B, Hk, G, T, D), s_loc (B, Hk, G, T, L).
+    """
+    b, hk, g, t, d = q.shape
+    bs, m = blocks.summary.size, mem.num_tokens
+    qf = _flat(q)  # (B, Hk, G*T, D)
+    kmin, kmax = blocks.summary.kmin, blocks.summary.kmax  # (B, Hk, NB, D)
+    bound = (torch.matmul(qf.clamp(min=0), kmax.transpose(-1, -2))
+             + torch.matmul(qf.clamp(max=0), kmin.transpose(-1, -2)))  # (B, Hk, G*T, NB)
+    score = bound.amax(dim=2).masked_fill(~blocks.visible[:, None], float("-inf"))  # (B, Hk, NB)
+    n_sel = min(max(1, blocks.budget // bs), score.shape[-1])
+    chosen = torch.topk(score, n_sel, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, Hk, S)
+    slots = (chosen[..., None] * bs + torch.arange(bs, device=chosen.device)).reshape(b, hk, n_sel * bs)
+    inside = slots < m  # the short last block
+    slots = slots.clamp(max=m - 1)  # (B, Hk, K)
+    at = slots.to(mem.keys.device)
+    keys = torch.gather(mem.keys, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)  # (B, Hk, K, D)
+    vals = torch.gather(mem.values, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)
+    mask = torch.gather(mem.mask[:, 0, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
+    mask = mask.masked_fill(~inside, MASK_MIN).to(q.dtype)
+    s_mem = torch.matmul(qf, keys.transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    s_mem = torch.clamp_min(s_mem + mask[:, :, None, None], min_score(s_mem.dtype))  # (B, Hk, G, T, K)
+    w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
+    n_loc = s_loc.shape[-1]
+    out = _weighted(w[..., :n_loc].to(q.dtype), v) + _weighted(w[..., n_loc:].to(q.dtype), vals)
+    weights = None
+    if want_weights:
+        weights = torch.zeros(b, m, dtype=torch.float32, device=q.device)
+        weights.scatter_add_(1, slots.reshape(b, -1), w[..., n_loc:].sum(dim=(2, 3)).reshape(b, -1))
     return out, weights
 
 

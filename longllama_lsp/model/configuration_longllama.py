@@ -42,6 +42,11 @@ class LongLlamaConfig(LlamaConfig):
     norm_type: str = "rms"
     # "gated": act(gate_proj(x)) * up_proj(x) -> down_proj (LLaMA); "plain": act(up_proj(x)) -> down_proj (StarCoder2).
     mlp_type: str = "gated"
+    # Block-sparse memory: memory in blocks of mem_block_size slots, each with a min/max key summary;
+    # when memory exceeds mem_budget tokens, each query tile attends to its top blocks within that
+    # many tokens. None = dense (the reference); within the budget, dense as well.
+    mem_block_size: int = 32
+    mem_budget: int | None = None
 
     def __post_init__(self, **kwargs):
         # rope_scaling (the older hub key, {"type": ...}) is turned into rope_parameters by LlamaConfig,
@@ -70,6 +75,11 @@ class LongLlamaConfig(LlamaConfig):
         if rope.get("partial_rotary_factor", 1.0) != 1.0:  # our RoPE rotates the whole head
             raise ValueError(f"partial rotary embeddings (partial_rotary_factor {rope['partial_rotary_factor']}) "
                              f"are not supported")
+        if self.mem_block_size < 1:
+            raise ValueError(f"mem_block_size must be >= 1, got {self.mem_block_size}")
+        if self.mem_budget is not None and self.mem_budget < self.mem_block_size:
+            raise ValueError(f"mem_budget ({self.mem_budget}) must hold at least one block "
+                             f"(mem_block_size {self.mem_block_size})")
         if self.last_context_length < 1:
             raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
 

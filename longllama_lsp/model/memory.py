@@ -8,12 +8,52 @@ separately can be concatenated in any order and handed to the model (spec §2.5)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 # Additive mask value for hidden memory slots; the reference clamps scores at max(finfo.min, -1e6).
 MASK_MIN = -1e6
+
+
+@dataclass
+class BlockSummary:
+    """Quest summaries of memory keys in blocks of `size` consecutive slots (the last may be short).
+
+    kmin, kmax: (B, Hkv, NB, D), NB = ceil(M / size), the elementwise min and max of each block's
+    keys, masked slots included: sum_d max(q_d kmin_d, q_d kmax_d) bounds q.k for every key of the
+    block from above, so the summary does not depend on the mask (excluding a file per request
+    changes only the mask and keeps the summary).
+    """
+
+    size: int
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kmin.shape[2]
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, size: int, device=None) -> BlockSummary:
+        """Summaries of keys (B, Hkv, M, D), computed on `device` (default: the keys' own)."""
+        b, h, m, d = keys.shape
+        full = m // size * size
+        mins, maxs = [], []
+        for s0 in range(0, full, 65536 // size * size):  # bounded temporaries for host-tier keys
+            part = keys[:, :, s0:min(s0 + 65536 // size * size, full)].to(device)
+            part = part.reshape(b, h, -1, size, d)  # (B, Hkv, nb, size, D)
+            mins.append(part.amin(dim=3))
+            maxs.append(part.amax(dim=3))
+        if full < m:  # short last block
+            tail = keys[:, :, full:].to(device)
+            mins.append(tail.amin(dim=2, keepdim=True))
+            maxs.append(tail.amax(dim=2, keepdim=True))
+        if not mins:
+            empty = keys.new_empty(b, h, 0, d, device=device)
+            return cls(size, empty, empty.clone())
+        return cls(size, torch.cat(mins, dim=2), torch.cat(maxs, dim=2))
+
 
 
 @dataclass
@@ -27,6 +67,10 @@ class MemCache:
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
+    # Block summaries for sparse memory attention, built once (by the bank, or on first use) and kept
+    # with the memory; keys/values may stay in host memory (the host tier) while these live on the device.
+    summary: BlockSummary | None = field(default=None, repr=False, compare=False)
+    _visible: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         b, h, m, d = self.keys.shape
@@ -45,6 +89,22 @@ class MemCache:
         z = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)  # (B, Hkv, 0, D)
         return cls(z, z.clone(), torch.empty(batch, 1, 0, 1, dtype=mask_dtype, device=device))
 
+    def blocks(self, size: int, device=None) -> BlockSummary:
+        """This memory's block summaries for blocks of `size`, computed once and kept on the cache."""
+        if self.summary is None or self.summary.size != size:
+            self.summary = BlockSummary.of(self.keys, size, device)
+        return self.summary
+
+    def visible_blocks(self, size: int, device=None) -> torch.Tensor:
+        """(B, NB) bool: blocks of `size` holding at least one visible slot; kept while the mask is."""
+        if self._visible is None or self._visible[0] != size:
+            b, m = self.mask.shape[0], self.num_tokens
+            nb = -(-m // size)
+            seen = torch.zeros(b, nb * size, dtype=torch.bool, device=device)
+            seen[:, :m] = self.mask[:, 0, :, 0].to(device) > MASK_MIN / 2
+            self._visible = (size, seen.view(b, nb, size).any(dim=-1))
+        return self._visible[1]
+
     @classmethod
     def concat(cls, parts: Iterable[MemCache]) -> MemCache:
         parts = list(parts)
@@ -52,15 +112,59 @@ class MemCache:
             raise ValueError("cannot concatenate zero memory caches")
         return cls(torch.cat([p.keys for p in parts], dim=2),
                    torch.cat([p.values for p in parts], dim=2),
-                   torch.cat([p.mask for p in parts], dim=2))
+                   torch.cat([p.mask for p in parts], dim=2), _concat_summaries(parts))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> MemCache:
+        summary = self.summary
+        if summary is not None:
+            summary = BlockSummary(summary.size, summary.kmin.to(device=device, dtype=dtype),
+                                   summary.kmax.to(device=device, dtype=dtype))
         return MemCache(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype),
-                        self.mask.to(device=device))
+                        self.mask.to(device=device), summary)
+
+    def on_host(self, directory: str | None = None) -> MemCache:
+        """The host tier: keys/values in host memory (pinned when a GPU is present), or memory-mapped
+        from files in `directory`; the summary (if built) stays where it is. Sparse attention reads
+        only the selected blocks from here."""
+        return MemCache(_host_copy(self.keys, directory, "keys"), _host_copy(self.values, directory, "values"),
+                        self.mask, self.summary)
 
     def select(self, index: torch.Tensor) -> MemCache:
         """Memory slots `index` (1-D LongTensor over M)."""
         return MemCache(self.keys[:, :, index], self.values[:, :, index], self.mask[:, :, index])
+
+
+def _concat_summaries(parts: list[MemCache]) -> BlockSummary | None:
+    """The parts' summaries joined when some part has one and every block stays whole (all parts but
+    the last a multiple of its block size): parts without one (a few encoded blocks next to a bank)
+    are summarised now, on the summary's device. Otherwise None (built again on first use)."""
+    known = next((p.summary for p in parts if p.summary is not None), None)
+    if known is None or any(p.num_tokens % known.size for p in parts[:-1]):
+        return None
+    sums = [p.summary if p.summary is not None and p.summary.size == known.size
+            else BlockSummary.of(p.keys, known.size, known.kmin.device) for p in parts]
+    return BlockSummary(known.size, torch.cat([s.kmin.to(known.kmin.dtype) for s in sums], dim=2),
+                        torch.cat([s.kmax.to(known.kmax.dtype) for s in sums], dim=2))
+
+
+def _host_copy(x: torch.Tensor, directory: str | None, name: str) -> torch.Tensor:
+    """x in host memory: a memory-mapped file under `directory`, pinned memory with CUDA, else plain."""
+    if directory is None:
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=torch.cuda.is_available())
+        return out.copy_(x)
+    import os
+    import tempfile
+
+    import numpy as np
+
+    # numpy has no bfloat16: map raw 16/32-bit words and view them as x's dtype.
+    raw = {2: np.int16, 4: np.int32}[x.element_size()]
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".mem", dir=directory)
+    os.close(fd)
+    mm = np.memmap(path, dtype=raw, mode="w+", shape=tuple(x.shape))
+    out = torch.from_numpy(mm).view(x.dtype)
+    out.copy_(x)
+    return out
 
 
 class Memory(Mapping[int, MemCache]):

@@ -23,7 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from .attention import apply_rope, attend, rope_cos_sin, sdpa_attend
+from .attention import Sparse, apply_rope, attend, rope_cos_sin, sdpa_attend
 from .configuration_longllama import LongLlamaConfig
 from .memory import MemCache, Memory
 
@@ -230,6 +230,12 @@ class LongLlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.mem_dtype = getattr(torch, config.mem_dtype)
 
+    @property
+    def sparse(self) -> Sparse | None:
+        """Block-sparse memory settings (read per call: the config may be changed on a loaded model)."""
+        budget = self.config.mem_budget
+        return None if budget is None else Sparse(self.config.mem_block_size, budget)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -289,11 +295,13 @@ class LongLlamaAttention(nn.Module):
         if not self.is_memory_layer:  # plain causal attention: torch's fused kernel
             causal = w.no_padding and k.shape[2] == q.shape[2]
             out = sdpa_attend(q, k, v, None if causal else mask, causal=causal)
-        elif self.config.torch_attention and not w.want_memory_weights and not self.config.mem_topk:
+        elif self.config.torch_attention and not w.want_memory_weights and not self.config.mem_topk \
+                and not (self.sparse and self.sparse.applies(memory_in)):
             out = sdpa_attend(q, k, v, mask, memory_in)
         else:
             out, weights = attend(q, k, v, mask, memory_in, self.config.mem_attention_grouping,
-                                  self.config.mem_topk, w.want_memory_weights and self.is_memory_layer)
+                                  self.config.mem_topk, w.want_memory_weights and self.is_memory_layer,
+                                  self.sparse)
         if update is not None:
             memory = update if memory is None else MemCache.concat([memory, update])
         return self._output(out), new_local, memory, weights

@@ -1,0 +1,184 @@
+"""Block-sparse memory attention (issue 15): blocks with min/max summaries, top blocks per query tile.
+
+Tiny random models (tests/conftest.make_tiny: GQA 4 query / 2 key-value heads). The dense path is
+the reference (tests/test_model.py golden tests); these check that sparse selection reduces to it
+when it keeps every live block, that it finds a block that matters, that the host tier reads the
+same numbers as the device tier, and that the reported sources are the blocks actually attended.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from longllama_lsp.model import Memory
+from longllama_lsp.model import memory as memory_module
+from longllama_lsp.model.attention import Sparse, attend
+from longllama_lsp.model.memory import MASK_MIN, MemCache
+
+BLOCK = 16
+
+
+def decode(model, prompt, memory, steps):
+    """Greedy decoding with memory: (sequences, per-step logits (B, steps, V))."""
+    out = model.generate(prompt, memory=memory, max_new_tokens=steps, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def _memory_with_padding(model, chunks: int = 3, pads: int = 2, seed: int = 0) -> tuple[Memory, int]:
+    """`chunks` encoded 32-token chunks interleaved with `pads` masked 32-slot stretches (as the bank's
+    free slots are): (memory, live tokens). Padding keys are large so their bound would win if asked."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for i in range(chunks):
+        parts.append(model.encode_memory(torch.randint(0, 99, (1, 32), generator=g)))
+        if i < pads:
+            pad = {}
+            for layer, c in parts[-1].items():
+                noise = 50 * torch.randn(c.keys.shape, generator=g).to(c.keys.dtype)
+                pad[layer] = MemCache(noise, noise.clone(), torch.full_like(c.mask, MASK_MIN))
+            parts.append(Memory(pad))
+    return Memory.concat(parts), 32 * chunks
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("positionals", [True, False])
+def test_sparse_keeping_every_live_block_equals_dense_prefill_and_decode(positionals):
+    model = make_tiny(seed=11, mem_positionals=positionals)
+    memory, live = _memory_with_padding(model)
+    prompt = torch.randint(0, 99, (1, 12))
+    dense_seq, dense_scores = decode(model, prompt, memory, 6)
+    dense_logits = model(prompt, memory=memory).logits
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, live  # < M: the sparse path runs
+    assert memory.num_tokens > live
+    sparse_logits = model(prompt, memory=memory).logits
+    sparse_seq, sparse_scores = decode(model, prompt, memory, 6)
+    assert (sparse_logits - dense_logits).abs().max() < 1e-5
+    assert torch.equal(sparse_seq, dense_seq)
+    assert (sparse_scores - dense_scores).abs().max() < 1e-5  # every decode step
+    model.config.mem_budget = memory.num_tokens  # budget >= memory: the dense path itself
+    assert torch.equal(model(prompt, memory=memory).logits, dense_logits)
+
+
+@torch.no_grad()
+def test_a_real_cut_changes_the_output():
+    """The equality above is not vacuous: with half the live blocks the logits move."""
+    model = make_tiny(seed=11)
+    memory, live = _memory_with_padding(model)
+    prompt = torch.randint(0, 99, (1, 12))
+    dense = model(prompt, memory=memory).logits
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, live // 2
+    assert (model(prompt, memory=memory).logits - dense).abs().max() > 1e-4
+
+
+def _planted(seed: int, planted_block: int = 37):
+    """Random queries and memory (B=1, Hkv=2, G=2, M=1024, D=16) with one block whose keys point
+    along each key/value head's mean query: the block that dominates q.k."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, 3, 16, generator=g)  # (B, H, T, D)
+    k, v = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    mask = torch.zeros(1, 1, 3, 3).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -1e9)
+    keys = torch.randn(1, 2, 1024, 16, generator=g)
+    direction = q.view(1, 2, 2, 3, 16).mean(dim=(2, 3))  # (B, Hkv, D)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    span = slice(planted_block * BLOCK, (planted_block + 1) * BLOCK)
+    keys[:, :, span] = 20 * direction[:, :, None] + 0.1 * torch.randn(1, 2, BLOCK, 16, generator=g)
+    memory = MemCache(keys, torch.randn(1, 2, 1024, 16, generator=g), torch.zeros(1, 1, 1024, 1))
+    return q, k, v, mask, memory, span
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_planted_block_is_always_selected(seed):
+    q, k, v, mask, memory, span = _planted(seed)
+    _, weights = attend(q, k, v, mask, memory, want_memory_weights=True, sparse=Sparse(BLOCK, 4 * BLOCK))
+    attended = weights[0] > 0
+    assert attended[span].all()
+    assert int(attended.sum()) <= 2 * 4 * BLOCK  # at most 4 blocks per key/value head
+    # and the planted block draws more attention than any other block
+    per_block = weights[0].view(-1, BLOCK).sum(dim=-1)
+    assert int(per_block.argmax()) == span.start // BLOCK
+
+
+@torch.no_grad()
+def test_sources_are_the_selected_blocks():
+    """output_memory_attention reports mass only on whole selected blocks, at most budget/block per
+    key/value head, and equals the attention recomputed densely over exactly those slots (one key/value
+    head, so every query head shares one selection)."""
+    model = make_tiny(seed=3, num_key_value_heads=1)
+    g = torch.Generator().manual_seed(3)
+    memory = Memory.concat([model.encode_memory(torch.randint(0, 99, (1, 32), generator=g)) for _ in range(8)])
+    prompt = torch.randint(0, 99, (1, 10))
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, 3 * BLOCK
+    out = model(prompt, memory=memory, output_memory_attention=True)
+    (layer, weights), = out.memory_attention.items()
+    hit = (weights[0] > 0).view(-1, BLOCK)
+    blocks = hit.any(dim=-1)
+    assert hit[blocks].all()  # whole blocks
+    assert int(blocks.sum()) == 3
+    # Dense attention restricted (by the mask) to the attended blocks gives the same logits.
+    keep = blocks.repeat_interleave(BLOCK)
+    restricted = Memory({i: MemCache(c.keys, c.values, c.mask.masked_fill(~keep[None, None, :, None], MASK_MIN))
+                         for i, c in memory.items()})
+    model.config.mem_budget = None
+    assert (model(prompt, memory=restricted).logits - out.logits).abs().max() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_host_tier_gives_the_same_logits_as_the_device_tier(tmp_path, dtype):
+    model = make_tiny(seed=5, mem_dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    memory = Memory.concat([model.encode_memory(torch.randint(0, 99, (1, 40), generator=g)) for _ in range(6)])
+    host = Memory({i: c.on_host(str(tmp_path)) for i, c in memory.items()})
+    assert all(c.keys.untyped_storage().data_ptr() != memory[i].keys.untyped_storage().data_ptr()
+               for i, c in host.items())
+    assert list(tmp_path.iterdir())  # memory-mapped files back the host tier
+    prompt = torch.randint(0, 99, (1, 9))
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, 4 * BLOCK
+    device_out = decode(model, prompt, memory, 4)
+    host_out = decode(model, prompt, host, 4)
+    assert torch.equal(device_out[0], host_out[0])
+    assert torch.equal(device_out[1], host_out[1])
+
+
+@torch.no_grad()
+def test_summaries_are_built_once_per_memory(monkeypatch):
+    """Decoding many steps over one memory builds its block summaries once per layer, not per step."""
+    model = make_tiny(seed=6)
+    memory = Memory.concat([model.encode_memory(torch.randint(0, 99, (1, 32))) for _ in range(6)])
+    built = []
+    real = memory_module.BlockSummary.of.__func__
+
+    def counting(cls, keys, size, device=None):
+        built.append(size)
+        return real(cls, keys, size, device)
+
+    monkeypatch.setattr(memory_module.BlockSummary, "of", classmethod(counting))
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, 2 * BLOCK
+    model.generate(torch.randint(0, 99, (1, 8)), memory=memory, max_new_tokens=5)
+    model.generate(torch.randint(0, 99, (1, 8)), memory=memory, max_new_tokens=5)
+    assert built == [BLOCK] * len(model.config.mem_layers)
+
+
+def test_block_aligned_concat_keeps_summaries():
+    keys = torch.randn(1, 2, 64, 8)
+    a = MemCache(keys[:, :, :32], keys[:, :, :32].clone(), torch.zeros(1, 1, 32, 1))
+    b = MemCache(keys[:, :, 32:], keys[:, :, 32:].clone(), torch.zeros(1, 1, 32, 1))
+    a.blocks(BLOCK), b.blocks(BLOCK)
+    joined = MemCache.concat([a, b])
+    assert joined.summary is not None
+    whole = memory_module.BlockSummary.of(keys, BLOCK)
+    assert torch.equal(joined.summary.kmin, whole.kmin) and torch.equal(joined.summary.kmax, whole.kmax)
+    fresh = MemCache(keys[:, :, 32:], keys[:, :, 32:].clone(), torch.zeros(1, 1, 32, 1))  # no summary yet
+    joined = MemCache.concat([a, fresh])  # the missing part is summarised, the known one reused
+    assert torch.equal(joined.summary.kmin, whole.kmin) and torch.equal(joined.summary.kmax, whole.kmax)
+    c = MemCache(keys[:, :, :20], keys[:, :, :20].clone(), torch.zeros(1, 1, 20, 1))
+    c.blocks(BLOCK)
+    assert MemCache.concat([c, b]).summary is None  # misaligned: rebuilt on first use instead
+
+
+def test_config_rejects_a_budget_below_one_block():
+    with pytest.raises(Exception, match="mem_budget"):  # wrapped by the strict dataclass validator
+        make_tiny(mem_block_size=64, mem_budget=32)
