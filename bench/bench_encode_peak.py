@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import longllama_lsp  # noqa: E402, F401  (sets OMP_WAIT_POLICY=PASSIVE before torch loads: 6x on a busy CPU)
+import longllama_lsp  # noqa: E402, F401, I001  (sets OMP_WAIT_POLICY=PASSIVE before torch loads: 6x on a busy CPU)
 import torch  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import longllama_lsp  # noqa: E402, F401  (sets OMP_WAIT_POLICY=PASSIVE before torch loads)
+import longllama_lsp  # noqa: E402, F401, I001  (sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 from bench_encoding import chunk_ids, encode_independent, nll, parse_args, pick_files  # noqa: E402
 
 
