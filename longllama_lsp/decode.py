@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .repetition import RepetitionGuard
 from .worker import Cancelled, Request
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ SMALL_STEP = 16  # tokens: a prefill chunk this short runs with the decode threa
 @dataclass
 class Generation:
     tokens: list[int]
-    stop_reason: str  # "stop" (the caller's rule), "eos", "max_tokens"
+    stop_reason: str  # "stop" (the caller's rule), "eos", "max_tokens", "repetition" (a loop, cut after its first copy)
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose local cache came from the previous request
     memory_attention: torch.Tensor | None  # (M,) attention mass per memory slot, summed
@@ -57,6 +58,9 @@ class DecodeOptions:
     # 2-core CPU at load ~10: 3,425 ms/token with 2 threads against 792 ms/token with 1 (each op of
     # a one-token step wakes the other thread, which the scheduler has given to someone else).
     decode_threads: int | None = None
+    # A generation caught in a loop (a repeated line, or a block of tokens again and again) ends
+    # after the loop's first copy (issue 19); None: only the caller's stop, eos and max tokens.
+    repetition: RepetitionGuard | None = field(default_factory=RepetitionGuard)
 
 
 @dataclass
@@ -94,8 +98,11 @@ def ms(t0: float, t1: float) -> float:
 class Decoder:
     """Greedy decoding on one model with per-session prefix reuse (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, options: Callable[[], DecodeOptions]):
+    def __init__(self, model: Any, tokenizer: Any, options: Callable[[], DecodeOptions],
+                 stop_ids: Sequence[int] = ()):
+        """stop_ids: tokens that end a generation besides the tokenizer's special ones (e.g. FIM's)."""
         self.model, self.tokenizer, self._options = model, tokenizer, options
+        self._extra_stop_ids = {int(t) for t in stop_ids}
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._token_texts: list[str] | None = None  # each token id decoded alone (forced prefixes)
 
@@ -202,12 +209,32 @@ class Decoder:
                 on_token(nxt, generated)
             if stop is not None and stop(generated):
                 return generated, "stop"
+            keep = self._loop_end(ids, generated)
+            if keep is not None:
+                del generated[keep:]
+                return generated, "repetition"
             if len(generated) == max_new:
                 break
             req.check()
             out = self._step(state, [nxt], memory, attention,
                              sources and self._samples_sources(len(generated), source_steps))
         return generated, "max_tokens"
+
+    def _loop_end(self, prompt_ids: Sequence[int], generated: list[int]) -> int | None:
+        """How many generated ids to keep when they end in a loop (options.repetition), else None.
+        The line check decodes the text only when the newest token holds a line break."""
+        guard = self.options.repetition
+        if guard is None:
+            return None
+        keep = guard.check(generated)
+        if keep is not None or "\n" not in self.tokenizer.decode(generated[-1:]):
+            return keep
+        cut = guard.cut_text(self.continuation(prompt_ids, generated))
+        if cut is None:
+            return None
+        # the fewest tokens whose text covers the first copy of the line (its line break included)
+        return next(k for k in range(1, len(generated) + 1)
+                    if len(self.continuation(prompt_ids, generated[:k])) >= len(cut))
 
     def continuation(self, prompt_ids: Sequence[int], new: Sequence[int]) -> str:
         """Text of `new` as it continues the prompt (decoding alone drops SentencePiece's leading space)."""
@@ -231,7 +258,7 @@ class Decoder:
         return mask
 
     def _stop_ids(self) -> set[int]:
-        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or []) | self._extra_stop_ids
         for eos in (getattr(self.tokenizer, "eos_token_id", None), self.model.config.eos_token_id):
             ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
         return ids

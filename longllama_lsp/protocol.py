@@ -70,7 +70,7 @@ class AskResult:
     sources: list[SourceInfo] = attrs.field(factory=list)
     """Most-attended chunks, highest weight first."""
     stop_reason: str = attrs.field(default="")
-    """"eos" (the model finished), "max_tokens"."""
+    """"eos" (the model finished), "max_tokens", "repetition" (a loop, cut after its first copy)."""
     timings: dict[str, float] = attrs.field(factory=dict)
     """Milliseconds per stage: queue, memory, prefill, decode, total."""
 

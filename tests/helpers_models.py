@@ -91,3 +91,41 @@ def tiny_model(tiny_model_dir):
     from longllama_lsp.model import LongLlamaForCausalLM
 
     return LongLlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def tiny_model_for(tokenizer, seed: int = 0, **overrides):
+    """A seeded tiny LongLLaMA (PRESETS["tiny"], window 128) sized to `tokenizer`'s vocabulary, in memory."""
+    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    cfg = LongLlamaConfig(**{**PRESETS["tiny"], **TINY_OVERRIDES, "vocab_size": len(tokenizer),
+                             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos,
+                             **overrides})
+    return LongLlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def looping_model(tokenizer, cycle: list[int]):
+    """A tiny model whose greedy output loops: after cycle[i] it predicts cycle[i + 1], after the
+    last cycle[0] again, and after any other token cycle[0], whatever came before. Attention and
+    MLP write nothing (each layer's output projection is zero), so the last hidden state is the
+    token's own embedding: one-hot per cycle token, one shared direction for every other token;
+    the untied output head maps each direction to its successor."""
+    assert len(set(cycle)) == len(cycle), "each token of the loop needs one successor"
+    model = tiny_model_for(tokenizer, tie_word_embeddings=False)
+    other = len(cycle)  # the hidden direction of every token outside the cycle
+    assert other < model.config.hidden_size
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    embed.zero_()
+    head.zero_()
+    embed[:, other] = 1
+    head[cycle[0], other] = 1
+    for i, (tok, nxt) in enumerate(zip(cycle, cycle[1:] + cycle[:1], strict=True)):
+        embed[tok] = 0
+        embed[tok, i] = 1
+        head[nxt, i] = 1
+    return model

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_models import smol_tokenizer_dir  # noqa: F401
+from helpers_models import smol_tokenizer, smol_tokenizer_dir  # noqa: F401
 
 from longllama_lsp.repetition import RepetitionGuard, loop_in_tail, repeated_line_end
 
@@ -69,3 +69,41 @@ def test_short_or_scattered_repeats_and_unfinished_lines_do_not_count():
     scattered = "    return None  # a\nx = 1\n    return None  # a\ny = 2\n    return None  # a\n"
     assert repeated_line_end(scattered) is None
     assert repeated_line_end("a long line here\n" * 2 + "a long line here") is None  # third one unfinished
+
+
+# -- through the engine: the decode loop ends answers and completions caught in a loop -----------------
+
+def _engine(model, tokenizer, **options):
+    from longllama_lsp.engine import Engine, EngineOptions
+
+    return Engine(model, tokenizer, options=EngineOptions(memory=False, typeahead=False, **options))
+
+
+def test_an_answer_that_repeats_a_line_ends_after_its_first_copy(smol_tokenizer):  # noqa: F811
+    from helpers_models import looping_model
+
+    line = "result = compute(value)\n"
+    cycle = smol_tokenizer(line, add_special_tokens=False)["input_ids"]
+    engine = _engine(looping_model(smol_tokenizer, cycle), smol_tokenizer, answer_max_tokens=60)
+    try:
+        streamed: list[str] = []
+        answer = engine.answer("Why?", on_token=streamed.append)
+    finally:
+        engine.close()
+    assert "".join(streamed).startswith(line * 3)  # what the model said before the loop was spotted
+    assert answer.stop_reason == "repetition" and answer.text == line.strip()
+    assert answer.generated_tokens == len(cycle)
+
+
+def test_a_completion_caught_in_a_token_loop_ends_after_its_first_copy(smol_tokenizer):  # noqa: F811
+    from helpers_models import looping_model
+
+    text = "def main():\n    names ="
+    cycle = smol_tokenizer(" alpha beta gamma", add_special_tokens=False)["input_ids"]
+    engine = _engine(looping_model(smol_tokenizer, cycle), smol_tokenizer, max_tokens=60)
+    try:
+        done = engine.complete(text, len(text), path="/repo/m.py")  # line mode: no line break ever comes
+    finally:
+        engine.close()
+    assert done.stop_reason == "repetition" and done.text == " alpha beta gamma"
+    assert done.generated_tokens == len(cycle)
