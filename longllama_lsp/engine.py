@@ -9,8 +9,16 @@ levels (house style 4):
     answer(question, on_token)                   -> Answer       a question in, streamed text out
 
 Generation is decode.py's loop (prefill in chunks, greedy steps, per-document prefix reuse); this
-module decides what to feed it: the prompt (prompt.py), the healed indentation, the stop rule, the
-memory and the sources.
+module decides what to feed it: the prompt (prompt.py; fill-in-the-middle with fim.py when the
+tokenizer has FIM tokens), the healed indentation, the stop rule, the memory and the sources.
+
+Fill-in-the-middle: the local context is `<prefix> window <suffix> start of the suffix <middle>`
+(fim.py's PSM order). The window is the stride-aligned local window of prompt.py, sized so the
+suffix's share of the budget fits beside it; the whole buffer still goes to memory as without FIM.
+Prefix reuse across keystrokes keeps the markers and the window up to the edit: everything after
+it (the typed tokens, the suffix marker, the suffix, the middle marker) is prefilled again on each
+request, because the suffix's states attend to the prefix that changed. `fim_suffix_tokens` caps
+that per-keystroke cost; the rest of the suffix is in memory.
 
 Memory for a completion = every repository's bank (read through `repositories`, which the workspace
 provides) minus the current file's (stale) chunks, plus the buffer's own text outside the local
@@ -35,10 +43,21 @@ from .assembly import NOTHING, Assembler, Source
 from .decode import DecodeOptions, Decoder, Generation
 from .decode import ms as _ms
 from .errors import LongLlamaError, ModelError
+from .fim import FimBudget, FimTokens, detect_fim, fim_prompt
 
 # torch (and transformers) are imported on the worker thread when the model loads, not with this
 # module: the language server answers `initialize` without waiting ~10 s for them (issue 4).
-from .prompt import Block, StopRule, SyntaxBlock, build_prompt, finish, incremental_text, rest_of_line
+from .prompt import (
+    Block,
+    Prompt,
+    StopRule,
+    SyntaxBlock,
+    build_prompt,
+    finish,
+    incremental_text,
+    rest_of_line,
+    tokenize,
+)
 from .repository import MemorySource
 from .worker import BACKGROUND, FOREGROUND, Cancelled, Request, Worker
 
@@ -96,6 +115,12 @@ class EngineOptions(DecodeOptions):
     completion_source_steps: int = 0
     # Keys typed along the last suggestion get the rest of it without the model (see typeahead).
     typeahead: bool = True
+    # Fill-in-the-middle prompts when the tokenizer has FIM tokens (fim.py); the suffix gets at most
+    # this share of the local context (Continue's default) and at most fim_suffix_tokens tokens: they
+    # are prefilled again on every keystroke (see the module docstring).
+    fim: bool = True
+    fim_suffix_share: float = FimBudget.max_suffix_share
+    fim_suffix_tokens: int = 128
 
 
 class Engine:
@@ -119,6 +144,7 @@ class Engine:
         self._suggested: OrderedDict[Hashable, tuple[str, str, str]] = OrderedDict()
         self._assembler: Assembler | None = None
         self._decoder: Decoder | None = None
+        self._fim: FimTokens | None = None  # the tokenizer's FIM markers, if it has them
         self.last_timings: dict[str, float] = {}
         self._worker = Worker(self._setup, self._run_request)
         self._worker.start()
@@ -183,8 +209,14 @@ class Engine:
             self._model.eval()
             self._assembler = Assembler(self._encode, self._model.device, lambda: self.repositories(),
                                         self.options.block_cache_tokens, dtype=self._model.dtype)
-            self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options)
+            self._fim = detect_fim(self._tokenizer, getattr(self._tokenizer, "bos_token_id", None))
+            self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options,
+                                    stop_ids=self._fim.stop_ids if self._fim else ())
         self._ready.set()
+        if self._model is not None:  # what load.resolve_device_dtype chose for an unset device/dtype
+            st = self._model_status()
+            logger.info("model %s loaded: device %s, dtype %s, decode dtype %s, fill-in-the-middle %s",
+                        self.name or "(given)", st["device"], st["dtype"], st["decodeDtype"], st["fim"] or "no")
 
     def _run_request(self, fn: Callable[[Request], T], req: Request) -> T:
         if self._load_error is not None:
@@ -323,17 +355,22 @@ class Engine:
                                "sessions": self._decoder.sessions if self._decoder else 0,
                                "lastTimings": dict(self.last_timings)}
         if self._ready.is_set() and self._model is not None:
-            m = self._model
-            from .model.decode_weights import decode_dtype
-
-            decode = decode_dtype(m)
-            out.update(device=str(m.device), dtype=str(m.dtype).replace("torch.", ""), window=m.window,
-                       decodeDtype=str(decode or m.dtype).replace("torch.", ""),
-                       contextTokens=self.context_tokens(min(self.options.max_tokens, m.window // 2)),
-                       memLayers=list(m.config.mem_layers))
+            out.update(self._model_status())
         if self._load_error is not None:
             out["error"] = str(self._load_error)
         return out
+
+    def _model_status(self) -> dict[str, Any]:
+        """The loaded model as status() reports it: where it runs, in what dtype, its window and layers."""
+        from .model.decode_weights import decode_dtype
+
+        m = self._model
+        decode = decode_dtype(m)
+        return dict(device=str(m.device), dtype=str(m.dtype).replace("torch.", ""), window=m.window,
+                    decodeDtype=str(decode or m.dtype).replace("torch.", ""),
+                    contextTokens=self.context_tokens(min(self.options.max_tokens, m.window // 2)),
+                    memLayers=list(m.config.mem_layers),
+                    fim=self._fim.template.name if self._fim and self.options.fim else None)
 
     # -- jobs (worker thread) ------------------------------------------------------------------------
 
@@ -341,16 +378,14 @@ class Engine:
                   max_tokens: int | None, use_memory: bool, key: Hashable, sources: bool = True) -> Completion:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.max_tokens)
-        prompt = build_prompt(self._tokenizer, text, offset, self.context_tokens(max_new),
-                              memory_tokens=self.options.buffer_memory_tokens)
-        ids, healed = self._heal(prompt.ids, prompt.line_prefix)
-        ids = ids or self._start_ids()
+        prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new))
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after) if use_memory else NOTHING
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
-        stop = _Stop(StopRule(mode, prompt.line_prefix, prompt.suffix, syntax), self._decoder.continuation, ids, healed)
+        stop = _Stop(StopRule(mode, prompt.line_prefix, prompt.suffix, syntax, fim=fim), self._decoder.continuation,
+                     ids, healed)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, stop=stop, session=key,
                                      sources=sources and asm.memory is not None,
                                      source_steps=self.options.completion_source_steps, forced_prefix=healed)
@@ -365,6 +400,24 @@ class Engine:
         self._remember(key, text, offset, out)
         return Completion(out, req.id, found, timings, gen.stop_reason, stop.rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
+
+    def _completion_prompt(self, text: str, offset: int, context: int) -> tuple[Prompt, list[int], str, bool]:
+        """(the buffer split, the prompt ids, the healed whitespace, whether the prompt is FIM) for a
+        local context of `context` tokens (see the module docstring)."""
+        fim = self._fim if self.options.fim else None
+        if fim is None or context < fim.special_tokens + 2:
+            prompt = build_prompt(self._tokenizer, text, offset, context, memory_tokens=self.options.buffer_memory_tokens)
+            ids, healed = self._heal(prompt.ids, prompt.line_prefix)
+            return prompt, ids or self._start_ids(), healed, False
+        usable = context - fim.special_tokens
+        budget = FimBudget(context, min(self.options.fim_suffix_share, self.options.fim_suffix_tokens / usable))
+        n_suffix = int(usable * budget.max_suffix_share)
+        # the window fits beside the largest suffix, so fim_prompt keeps all of it (same k as typing goes on)
+        prompt = build_prompt(self._tokenizer, text, offset, max(1, usable - n_suffix),
+                              memory_tokens=self.options.buffer_memory_tokens)
+        prefix, healed = self._heal(prompt.ids, prompt.line_prefix)
+        suffix, _ = tokenize(self._tokenizer, prompt.suffix[: n_suffix * 16])  # a token is rarely longer
+        return prompt, fim_prompt(fim, prefix, suffix, budget).ids, healed, True
 
     def _remember(self, key: Hashable, text: str, offset: int, out: str) -> None:
         """Keep the suggestion for typeahead (the newest `sessions` documents)."""

@@ -259,18 +259,21 @@ class StopRule:
     whose indentation drops out of the cursor's block (below the cursor line, or to it when the
     cursor line opens a block with ':' or a bracket), a closing bracket at the block's level
     included; or at two blank lines. Block mode acts as line mode when text follows the cursor on
-    its line. With a `SyntaxBlock` (tree-sitter), block mode also ends right after a brace that
-    closes the cursor's block, measures Python dedents against the enclosing block's indentation,
-    and ignores "dedented" lines inside strings.
+    its line, unless the prompt is fill-in-the-middle (`fim`): then the model reads that text and
+    ends the middle itself (its end token), so a mid-line completion may span lines. With a
+    `SyntaxBlock` (tree-sitter), block mode also ends right after a brace that closes the cursor's
+    block, measures Python dedents against the enclosing block's indentation, and ignores
+    "dedented" lines inside strings.
     """
 
     OPENERS = (":", "{", "(", "[", "=>")
 
-    def __init__(self, mode: str, line_prefix: str, suffix: str, syntax: SyntaxBlock | None = None):
+    def __init__(self, mode: str, line_prefix: str, suffix: str, syntax: SyntaxBlock | None = None,
+                 fim: bool = False):
         if mode not in ("line", "block"):
             raise ValueError(f"mode must be 'line' or 'block', got {mode!r}")
         after_cursor = rest_of_line(suffix)
-        self.mode = "line" if after_cursor.strip() else mode
+        self.mode = "line" if after_cursor.strip() and not fim else mode
         self.next_line_ok = bool(line_prefix.strip()) and not after_cursor.strip()
         self.base = _indent(line_prefix)
         self.opens = line_prefix.rstrip().endswith(self.OPENERS)

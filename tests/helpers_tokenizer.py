@@ -57,6 +57,25 @@ def stdlib_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
+def tokenizer_with(*tokens: str, bos: str | None = None):
+    """The stdlib BPE as a transformers tokenizer holding `tokens` as special tokens (e.g. FIM markers)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(stdlib_tokenizer().to_str())  # a copy: the trained one is cached per process
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos)
+    wrapped.add_special_tokens({"additional_special_tokens": [t for t in tokens if t != bos]})
+    return wrapped
+
+
+def fim_tokenizer(name: str):
+    """The stdlib BPE with the FIM markers, stop tokens (and BOS) of the fim.TEMPLATES row `name`."""
+    from longllama_lsp.fim import TEMPLATES
+
+    t = next(t for t in TEMPLATES if t.name == name)
+    bos = {"codellama": "<s>", "deepseek-coder": "<｜begin▁of▁sentence｜>"}.get(name)
+    return tokenizer_with(*([bos] if bos else []), t.prefix, t.suffix, t.middle, *t.stops, bos=bos)
+
+
 def count_tokens_fn() -> Callable[[str], int]:
     """`len(tok.encode(s))` in the shape production passes to chunk_file."""
     tok = stdlib_tokenizer()

@@ -8,9 +8,7 @@ tokenizers hold them.
 from __future__ import annotations
 
 import pytest
-from helpers_tokenizer import stdlib_tokenizer
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
+from helpers_tokenizer import fim_tokenizer, stdlib_tokenizer, tokenizer_with
 
 from longllama_lsp.fim import TEMPLATES, FimBudget, detect_fim, fim_prompt
 
@@ -19,26 +17,13 @@ SUFFIX = " ** 2\n\n\nprint(area(2))\n"
 BY_NAME = {t.name: t for t in TEMPLATES}
 
 
-def tokenizer_with(*tokens: str, bos: str | None = None) -> PreTrainedTokenizerFast:
-    tok = Tokenizer.from_str(stdlib_tokenizer().to_str())  # a copy: the trained one is cached per process
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos)
-    wrapped.add_special_tokens({"additional_special_tokens": [t for t in tokens if t != bos]})
-    return wrapped
-
-
-def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    t = BY_NAME[name]
-    bos = {"codellama": "<s>", "deepseek-coder": "<｜begin▁of▁sentence｜>"}.get(name)
-    return tokenizer_with(*([bos] if bos else []), t.prefix, t.suffix, t.middle, *t.stops, bos=bos)
-
-
 def encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))
 def test_each_template_assembles_prefix_suffix_middle_exactly(name):
-    tok = family_tokenizer(name)
+    tok = fim_tokenizer(name)
     t = BY_NAME[name]
     fim = detect_fim(tok, tok.bos_token_id)
     assert fim is not None and fim.template is t
@@ -67,7 +52,7 @@ def test_without_a_full_set_of_fim_tokens_nothing_is_detected():
 
 
 def test_budget_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix():
-    tok = family_tokenizer("starcoder")
+    tok = fim_tokenizer("starcoder")
     fim = detect_fim(tok)
     prefix, suffix = list(range(1000, 1100)), list(range(2000, 2100))
     prompt = fim_prompt(fim, prefix, suffix, FimBudget(max_prompt_tokens=43, max_suffix_share=0.25))
@@ -77,13 +62,13 @@ def test_budget_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix():
 
 
 def test_a_short_suffix_leaves_its_share_to_the_prefix():
-    fim = detect_fim(family_tokenizer("qwen2.5-coder"))
+    fim = detect_fim(fim_tokenizer("qwen2.5-coder"))
     prompt = fim_prompt(fim, list(range(1000, 1100)), [7, 8], FimBudget(max_prompt_tokens=43))
     assert prompt.prefix_tokens == 38 and prompt.suffix_tokens == 2 and len(prompt.ids) == 43
 
 
 def test_bos_counts_against_the_budget_and_a_budget_without_room_is_refused():
-    tok = family_tokenizer("codellama")
+    tok = fim_tokenizer("codellama")
     fim = detect_fim(tok, tok.bos_token_id)
     assert fim.special_tokens == 4
     assert len(fim_prompt(fim, list(range(500, 600)), [], FimBudget(max_prompt_tokens=20)).ids) == 20

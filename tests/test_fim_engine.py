@@ -1,0 +1,114 @@
+"""Fill-in-the-middle through the engine: what the decoder receives for a completion.
+
+Test Data: a seeded tiny LongLLaMA sized to the stdlib BPE holding StarCoder's FIM tokens
+(helpers_tokenizer.fim_tokenizer), and the tiny LongLLaMA with the real SmolLM2 tokenizer, which has
+no FIM tokens (helpers_models).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers_tokenizer import fim_tokenizer
+
+from longllama_lsp.engine import Engine, EngineOptions
+from longllama_lsp.fim import detect_fim
+from longllama_lsp.prompt import build_prompt
+
+TEXT = "def area(r):\n    return 3.14 * r ** 2\n\n\nprint(area(2))\n"
+CURSOR = TEXT.index("r ** 2")  # mid-line: text follows the cursor on its line
+
+
+def prompts_sent(engine: Engine) -> list[list[int]]:
+    """Record the prompt ids of every generation the engine's decoder runs (then run it)."""
+    decoder, sent = engine.decoder, []
+    generate = decoder.generate
+
+    def recording(req, ids, *args, **kwargs):
+        sent.append(list(ids))
+        return generate(req, ids, *args, **kwargs)
+    decoder.generate = recording
+    return sent
+
+
+@pytest.fixture(scope="module")
+def fim_tok():
+    return fim_tokenizer("starcoder")
+
+
+@pytest.fixture
+def fim_engine(fim_tok):
+    from helpers_models import tiny_model_for
+
+    eng = Engine(tiny_model_for(fim_tok), fim_tok, options=EngineOptions(max_tokens=8, memory=False, typeahead=False))
+    yield eng
+    eng.close()
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_mid_line_completion_sends_the_suffix_in_order(fim_engine, fim_tok):
+    fim = detect_fim(fim_tok)
+    sent = prompts_sent(fim_engine)
+    done = fim_engine.complete(TEXT, CURSOR, path="/repo/area.py", mode="block")
+    assert sent == [[fim.prefix_id, *encode(fim_tok, TEXT[:CURSOR]), fim.suffix_id, *encode(fim_tok, TEXT[CURSOR:]),
+                     fim.middle_id]]
+    assert done.mode == "block"  # the model sees the rest of the line: mid-line is no longer forced to one line
+    assert fim_engine.status()["fim"] == "starcoder"
+    assert set(fim.stop_ids) <= fim_engine.decoder._stop_ids()  # <|endoftext|>, <fim_pad>... end the middle
+
+
+def test_fim_prompt_keeps_prefix_and_suffix_budgets_and_memory(fim_tok):
+    """A long buffer: the window before the cursor and the suffix's first tokens are local, the rest memory."""
+    from helpers_models import tiny_model_for
+
+    long_text = "".join(f"value_{i} = compute({i})\n" for i in range(40))
+    cursor = long_text.index("compute(20)")
+    fim = detect_fim(fim_tok)
+    eng = Engine(tiny_model_for(fim_tok), fim_tok, options=EngineOptions(max_tokens=8, typeahead=False))
+    try:
+        sent = prompts_sent(eng)
+        done = eng.complete(long_text, cursor, path="/repo/values.py")
+    finally:
+        eng.close()
+    ids = sent[0]
+    context = 64  # the tiny model: min(last_context_length, window - max tokens)
+    assert len(ids) <= context and ids[0] == fim.prefix_id and ids[-1] == fim.middle_id
+    cut = ids.index(fim.suffix_id)
+    prefix, suffix = ids[1:cut], ids[cut + 1:-1]
+    assert len(suffix) == int((context - 3) * 0.25)  # Continue's share of the budget
+    assert encode(fim_tok, long_text[cursor:])[:len(suffix)] == suffix  # the suffix's first tokens, in order
+    assert encode(fim_tok, long_text[:cursor])[-len(prefix):] == prefix  # the window ends at the cursor
+    assert done.memory_tokens > 0  # the text before the window and after the cursor stay in memory
+
+
+def test_typing_mid_line_reuses_the_prefix_and_prefills_the_suffix_again(fim_engine, fim_tok):
+    first = fim_engine.complete(TEXT, CURSOR, path="/repo/area.py")
+    typed = TEXT[:CURSOR] + "(" + TEXT[CURSOR:]
+    second = fim_engine.complete(typed, CURSOR + 1, path="/repo/area.py")
+    common = 0
+    old, new = encode(fim_tok, TEXT[:CURSOR]), encode(fim_tok, typed[:CURSOR + 1])
+    while common < min(len(old), len(new)) and old[common] == new[common]:
+        common += 1
+    assert first.reused_tokens == 0 and second.reused_tokens == 1 + common  # the prefix marker + the kept prefix
+    assert second.timings["prefillTokens"] == second.prompt_tokens - second.reused_tokens
+    fresh = fim_engine.complete(typed, CURSOR + 1, path="/repo/area.py", key="another document")
+    assert fresh.reused_tokens == 0 and fresh.text == second.text and fresh.generated_tokens == second.generated_tokens
+
+
+def test_without_fim_tokens_the_prompt_is_the_local_window_as_before(tiny_model, smol_tokenizer):  # noqa: F811
+    """SmolLM2 has no FIM tokens: the window before the cursor alone, mid-line forced to line mode."""
+    assert detect_fim(smol_tokenizer) is None
+    eng = Engine(tiny_model, smol_tokenizer, options=EngineOptions(max_tokens=8, typeahead=False))
+    try:
+        sent = prompts_sent(eng)
+        mid = eng.complete(TEXT, CURSOR, path="/repo/area.py", mode="block")
+        end = eng.complete(TEXT, len(TEXT) - 1, path="/repo/area.py", mode="block")
+        status = eng.status()
+    finally:
+        eng.close()
+    assert sent == [build_prompt(smol_tokenizer, TEXT, CURSOR, 64).ids, build_prompt(smol_tokenizer, TEXT, len(TEXT) - 1, 64).ids]
+    assert sent[0] == smol_tokenizer(TEXT[:CURSOR], add_special_tokens=False)["input_ids"]
+    assert mid.mode == "line" and end.mode == "block" and status["fim"] is None
