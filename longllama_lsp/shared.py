@@ -63,7 +63,9 @@ class SharedServices:
         if self.engine_ready is None:
             loop = asyncio.get_running_loop()
             self.engine_ready, self.engine_model = loop.create_future(), model
-            logger.info("loading model %s (device %s, dtype %s)", model.path or "(default)", model.device, model.dtype)
+            # unset device/dtype are chosen when the model loads (load.resolve_device_dtype); the engine logs them
+            logger.info("loading model %s (device %s, dtype %s)", model.path or "(default)", model.device or "auto",
+                        model.dtype or "auto")
             try:
                 self.workspace = Workspace(self.engine_factory(model, options), self.repository_factory)
             except Exception as exc:  # noqa: BLE001 - every session shows it (ready_engine), none waits forever

@@ -355,3 +355,22 @@ def test_cpu_float32_models_get_bfloat16_decode_copies_unless_told(tiny_model_di
     assert decode_dtype(model) is None
     model, _, _ = load_model_and_tokenizer(tiny_model_dir, "cpu", dtype="bfloat16")
     assert decode_dtype(model) is None  # already half size: nothing to gain
+
+
+def test_the_server_logs_the_device_and_dtype_the_model_loaded_with(tiny_model_dir, caplog):  # noqa: F811
+    """Unset --device/--dtype are chosen at load: the log says what was chosen, never 'None'."""
+    import asyncio
+
+    from longllama_lsp.settings import ModelSettings
+    from longllama_lsp.shared import SharedServices
+
+    async def start() -> None:
+        shared = SharedServices()
+        try:
+            await shared.start_engine(ModelSettings(path=str(tiny_model_dir)), EngineOptions())
+        finally:
+            shared.close()
+    with caplog.at_level("INFO", logger="longllama_lsp"):
+        asyncio.run(start())
+    assert "device auto, dtype auto" in caplog.text and "device None" not in caplog.text
+    assert "device cpu, dtype float32, decode dtype bfloat16, fill-in-the-middle no" in caplog.text
