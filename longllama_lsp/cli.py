@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,13 +157,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except LongLlamaError as exc:
         print(f"longllama: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("longllama: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`longllama complete --json | head`): end quietly with the status
+    of a command killed by SIGPIPE, as `cat` would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit: let that write go nowhere
+    return 128 + 13
 
 
 if __name__ == "__main__":

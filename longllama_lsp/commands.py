@@ -3,6 +3,8 @@
 Both load the model, index --repo first (a Workspace: the indexer encodes on the engine's worker,
 progress bars on stderr) unless --no-memory, then call the engine once. Answers stream to stdout as
 they are generated, then the sources follow; a completion prints its text, or everything with --json.
+A missing --repo directory or FILE is a usage error (exit 2) found before the model loads, and
+nothing is created for it.
 """
 
 from __future__ import annotations
@@ -17,17 +19,41 @@ from typing import Any
 
 from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument
 from .documents import Document
-from .engine import Engine, EngineOptions, Source
+from .engine import Cancelled, Engine, EngineOptions, Source
 from .workspace import Workspace, memory_untrained
 
 logger = logging.getLogger(__name__)
 
 
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="most tokens to generate")
     add_model_arguments(p, decoding=True)
+
+
+def usage_error(command: str, message: str) -> int:
+    """Say what is wrong with the command line on stderr, argparse-style; the exit status is 2."""
+    print(f"longllama {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def repository_problem(repo: str) -> str | None:
+    """Why --repo cannot be used (checked before anything loads or is created in it), else None."""
+    path = Path(repo)
+    if path.is_dir():
+        return None
+    return f"--repo {repo}: {'not a directory' if path.exists() else 'no such directory'}"
 
 
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
@@ -79,13 +105,22 @@ def add_ask_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    problem = repository_problem(args.repo) or (None if args.question.strip() else "the question is empty")
+    if problem:
+        return usage_error("ask", problem)
     workspace = _workspace(args, answer_max_tokens=args.max_tokens)
     try:
-        def stream(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        def stream(text: str) -> None:  # on the engine's worker
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError as exc:  # the reader went away (`| head`): stop generating
+                raise Cancelled("stdout was closed") from exc
 
-        answer = workspace.engine.answer(args.question, on_token=stream)
+        try:
+            answer = workspace.engine.answer(args.question, on_token=stream)
+        except Cancelled as exc:
+            raise exc.__cause__ or exc  # cli.main ends a closed pipe quietly
         sys.stdout.write("\n")
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")
@@ -125,14 +160,29 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def read_source(path: Path) -> str:
+    """The text of the file to complete in; ValueError saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+
+
 def run_complete(args: argparse.Namespace) -> int:
     path, line, col = args.location
-    text = path.read_text(encoding="utf-8")
     try:
+        if problem := repository_problem(args.repo):
+            raise ValueError(problem)
+        text = read_source(path)
         offset = offset_of(text, line, col)
     except ValueError as exc:
-        print(f"longllama complete: error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error("complete", str(exc))
     workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode)
     try:
         done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)

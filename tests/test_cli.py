@@ -1,4 +1,4 @@
-"""The CLI's commands, their --help, and the README's documentation of them agree."""
+"""The CLI's commands, their --help, the README's documentation of them, and their usage errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.cli import COMMANDS, build_parser, main
 
@@ -102,3 +103,60 @@ def test_ci_installs_exactly_as_the_readme_says():
     assert after["# --- README: install ---"] == block[0]
     assert after["# --- README: test ---"] == block[1]
     assert "--index-url https://download.pytorch.org/whl/cpu" in block[0]  # the CPU build on a stock machine
+
+
+# -- errors, not guesses (issue 19) ------------------------------------------------------------------------
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def main():\n    return 1\n")
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "q", "--repo", "{typo}"], "--repo {typo}: no such directory"),
+    (["ask", "q", "--root", "{typo}"], "--repo {typo}: no such directory"),  # the hidden old spelling
+    (["complete", "{source}:1:1", "--repo", "{typo}"], "--repo {typo}: no such directory"),
+    (["ask", "q", "--repo", "{source}"], "--repo {source}: not a directory"),
+    (["complete", "{typo}/nosuch.py:1:1"], "{typo}/nosuch.py: no such file"),
+    (["complete", "{dir}:1:1"], "{dir}: is a directory, not a file"),
+    (["complete", "{binary}:1:1"], "{binary}: not UTF-8 text (byte 0)"),
+    (["ask", "  "], "the question is empty"),
+])
+def test_ask_and_complete_refuse_missing_paths_before_loading_creating_nothing(argv, message, tmp_path, source,
+                                                                               tiny_model_dir, capsys):  # noqa: F811
+    paths = dict(typo=tmp_path / "typo", source=source, dir=tmp_path, binary=tmp_path / "b.py")
+    (tmp_path / "b.py").write_bytes(b"\xff\xfe\x00")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.format(**paths) for a in argv] + ["--model", str(tiny_model_dir), "--max-tokens", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"longllama {argv[0]}: error: {message.format(**paths)}" in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before  # no directory, no .longllama/
+
+
+def test_max_tokens_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["complete", "m.py:1:1", "--max-tokens", "0"])
+    assert done.value.code == 2
+    assert "argument --max-tokens: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["complete", "{source}:2:5", "--json"], ["ask", "What does main return?"]])
+def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path):  # noqa: F811
+    """`longllama complete --json | head`: the reader is gone before anything is written."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout now fails with EPIPE
+    argv = [a.format(source=source) for a in command]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", *argv, "--model", str(tiny_model_dir),
+                               "--no-memory", "--max-tokens", "4"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                              timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
