@@ -120,7 +120,7 @@ def run_ask(args: argparse.Namespace) -> int:
         try:
             answer = workspace.engine.answer(args.question, on_token=stream)
         except Cancelled as exc:
-            raise exc.__cause__ or exc  # cli.main ends a closed pipe quietly
+            raise (exc.__cause__ or exc) from None  # cli.main ends a closed pipe quietly
         sys.stdout.write("\n")
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")

@@ -58,9 +58,6 @@ class DecodeOptions:
     # 2-core CPU at load ~10: 3,425 ms/token with 2 threads against 792 ms/token with 1 (each op of
     # a one-token step wakes the other thread, which the scheduler has given to someone else).
     decode_threads: int | None = None
-    # A generation caught in a loop (a repeated line, or a block of tokens again and again) ends
-    # after the loop's first copy (issue 19); None: only the caller's stop, eos and max tokens.
-    repetition: RepetitionGuard | None = field(default_factory=RepetitionGuard)
 
 
 @dataclass
@@ -117,10 +114,12 @@ class Decoder:
     def generate(self, req: Request, ids: list[int], memory: Memory | None, max_new: int, *,
                  stop: Callable[[list[int]], bool] | None = None,
                  on_token: Callable[[int, list[int]], None] | None = None, session: Hashable | None = None,
-                 sources: bool = False, source_steps: int | None = None, forced_prefix: str = "") -> Generation:
+                 sources: bool = False, source_steps: int | None = None, forced_prefix: str = "",
+                 repetition: RepetitionGuard | None = None) -> Generation:
         """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
         samples memory attention (see `_samples_sources`); the text of the first generated tokens is
-        forced to start with `forced_prefix` (token healing)."""
+        forced to start with `forced_prefix` (token healing); a loop that `repetition` spots ends
+        it after the loop's first copy (issue 19)."""
         import torch
 
         window = self.model.window
@@ -138,7 +137,7 @@ class Decoder:
             out = self._prefill(req, state, ids[reused:], memory, attention, sources, threads)
             t1 = time.perf_counter()
             generated, reason = self._decode(req, state, out, ids, memory, max_new, stop, on_token, attention,
-                                             sources, source_steps, forced_prefix)
+                                             sources, source_steps, forced_prefix, repetition)
             t2 = time.perf_counter()
         except BaseException as exc:
             if isinstance(exc, Cancelled):
@@ -188,7 +187,8 @@ class Decoder:
     def _decode(self, req: Request, state: _Session, out: Any, ids: list[int], memory: Memory | None,
                 max_new: int, stop: Callable[[list[int]], bool] | None,
                 on_token: Callable[[int, list[int]], None] | None, attention: _AttentionSum, sources: bool,
-                source_steps: int | None, forced_prefix: str) -> tuple[list[int], str]:
+                source_steps: int | None, forced_prefix: str,
+                repetition: RepetitionGuard | None) -> tuple[list[int], str]:
         """Greedy steps after the prefill: (generated ids, stop reason)."""
         generated: list[int] = []
         stop_ids = self._stop_ids()
@@ -209,7 +209,7 @@ class Decoder:
                 on_token(nxt, generated)
             if stop is not None and stop(generated):
                 return generated, "stop"
-            keep = self._loop_end(ids, generated)
+            keep = None if repetition is None else self._loop_end(repetition, ids, generated)
             if keep is not None:
                 del generated[keep:]
                 return generated, "repetition"
@@ -220,12 +220,9 @@ class Decoder:
                              sources and self._samples_sources(len(generated), source_steps))
         return generated, "max_tokens"
 
-    def _loop_end(self, prompt_ids: Sequence[int], generated: list[int]) -> int | None:
-        """How many generated ids to keep when they end in a loop (options.repetition), else None.
-        The line check decodes the text only when the newest token holds a line break."""
-        guard = self.options.repetition
-        if guard is None:
-            return None
+    def _loop_end(self, guard: RepetitionGuard, prompt_ids: Sequence[int], generated: list[int]) -> int | None:
+        """How many generated ids to keep when they end in a loop, else None. The line check
+        decodes the text only when the newest token holds a line break."""
         keep = guard.check(generated)
         if keep is not None or "\n" not in self.tokenizer.decode(generated[-1:]):
             return keep

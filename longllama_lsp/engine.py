@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,6 +58,7 @@ from .prompt import (
     rest_of_line,
     tokenize,
 )
+from .repetition import RepetitionGuard
 from .repository import MemorySource
 from .worker import BACKGROUND, FOREGROUND, Cancelled, Request, Worker
 
@@ -121,6 +122,12 @@ class EngineOptions(DecodeOptions):
     fim: bool = True
     fim_suffix_share: float = FimBudget.max_suffix_share
     fim_suffix_tokens: int = 128
+    # Generations caught in a loop end after its first copy (repetition.py; None: off). Code repeats
+    # itself legitimately, so completions need 3 copies; an answer's prose loop is often a whole
+    # paragraph (an 81-token one in `longllama ask` with SmolLM2), so 2 copies of 64+ tokens end it.
+    repetition: RepetitionGuard | None = field(default_factory=RepetitionGuard)
+    answer_repetition: RepetitionGuard | None = field(
+        default_factory=lambda: RepetitionGuard(min_repeats=2, max_period=160, min_span=64))
 
 
 class Engine:
@@ -388,7 +395,8 @@ class Engine:
                      ids, healed)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, stop=stop, session=key,
                                      sources=sources and asm.memory is not None,
-                                     source_steps=self.options.completion_source_steps, forced_prefix=healed)
+                                     source_steps=self.options.completion_source_steps, forced_prefix=healed,
+                                     repetition=self.options.repetition)
         if gen.stop_reason != "stop":
             stop.final(gen.tokens)
         out = finish(stop.kept, prompt.suffix)
@@ -445,7 +453,7 @@ class Engine:
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),
-                                     sources=asm.memory is not None)
+                                     sources=asm.memory is not None, repetition=self.options.answer_repetition)
         text = stream.flush(gen.tokens)
         timings = {"queue": _ms(req.submitted, req.started or t0), "memory": _ms(t0, t1), **gen.timings,
                    "total": _ms(t0, time.perf_counter())}

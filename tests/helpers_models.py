@@ -106,14 +106,14 @@ def tiny_model_for(tokenizer, seed: int = 0, **overrides):
 
 
 @torch.no_grad()
-def looping_model(tokenizer, cycle: list[int]):
+def looping_model(tokenizer, cycle: list[int], **overrides):
     """A tiny model whose greedy output loops: after cycle[i] it predicts cycle[i + 1], after the
     last cycle[0] again, and after any other token cycle[0], whatever came before. Attention and
     MLP write nothing (each layer's output projection is zero), so the last hidden state is the
     token's own embedding: one-hot per cycle token, one shared direction for every other token;
     the untied output head maps each direction to its successor."""
     assert len(set(cycle)) == len(cycle), "each token of the loop needs one successor"
-    model = tiny_model_for(tokenizer, tie_word_embeddings=False)
+    model = tiny_model_for(tokenizer, tie_word_embeddings=False, **overrides)
     other = len(cycle)  # the hidden direction of every token outside the cycle
     assert other < model.config.hidden_size
     for layer in model.model.layers:

@@ -90,7 +90,7 @@ def test_an_answer_that_repeats_a_line_ends_after_its_first_copy(smol_tokenizer)
         answer = engine.answer("Why?", on_token=streamed.append)
     finally:
         engine.close()
-    assert "".join(streamed).startswith(line * 3)  # what the model said before the loop was spotted
+    assert "".join(streamed).startswith(line * 2)  # what the model said before the loop was spotted
     assert answer.stop_reason == "repetition" and answer.text == line.strip()
     assert answer.generated_tokens == len(cycle)
 
@@ -107,3 +107,19 @@ def test_a_completion_caught_in_a_token_loop_ends_after_its_first_copy(smol_toke
         engine.close()
     assert done.stop_reason == "repetition" and done.text == " alpha beta gamma"
     assert done.generated_tokens == len(cycle)
+
+
+def test_an_answer_that_repeats_a_paragraph_ends_after_its_first_copy(smol_tokenizer):  # noqa: F811
+    """A loop longer than a line (SmolLM2's `ask` repeated an 81-token paragraph): two copies end it."""
+    from helpers_models import looping_model
+
+    words = [t for t in range(1000, 1200) if "\n" not in smol_tokenizer.decode([t])][:90]
+    model = looping_model(smol_tokenizer, words, hidden_size=128, max_position_embeddings=512,
+                          last_context_length=256)
+    engine = _engine(model, smol_tokenizer, answer_max_tokens=250)
+    try:
+        answer = engine.answer("Why?")
+    finally:
+        engine.close()
+    assert answer.stop_reason == "repetition" and answer.generated_tokens == len(words)
+    assert answer.text == smol_tokenizer.decode(words).strip()
