@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,12 +90,15 @@ class Assembler:
         self._block_tokens = 0
         self._last: tuple[tuple, Assembled] | None = None
 
-    def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True) -> Assembled:
-        """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map."""
+    def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True,
+                 roots: Collection[Path] | None = None) -> Assembled:
+        """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map.
+        `roots` (resolved paths): only the banks of those repositories (a TCP session reads its own
+        roots, never another editor's); None: every bank."""
         banks = []  # (repo, bank, root, path relative to root)
         for repo in self.repositories():
-            if len(repo.bank):
-                root = Path(repo.root).resolve()
+            root = Path(repo.root).resolve()
+            if len(repo.bank) and (roots is None or root in roots):
                 banks.append((repo, repo.bank, root, relative(path, root) if exclude_current else None))
         key = tuple((id(b), b.version, rel) for _, b, _, rel in banks) + tuple(b.key for b in blocks)
         if self._last is not None and self._last[0] == key:

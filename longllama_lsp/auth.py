@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,25 @@ def server_token(token_file: str | os.PathLike | None = None) -> str:
 def tokens_match(given: object, expected: str) -> bool:
     """Constant-time comparison; anything but a string is a mismatch."""
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def root_refusal(root: str | os.PathLike, allowed: Sequence[Path] = ()) -> str | None:
+    """Why a server shared over TCP must not index `root` for a client, or None. A client can name any
+    folder; the server reads it with its own rights and writes `.longllama/` into it, so it takes only
+    folders its user owns, or under one it was started with (`--allow-root DIR`, resolved)."""
+    path = Path(root).resolve()
+    if any(path == a or path.is_relative_to(a) for a in allowed):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot use it: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid():
+        return (f"owned by uid {st.st_uid}, not by the server's user (uid {os.geteuid()}); start the server "
+                f"with --allow-root {path} to share it")
+    return None
 
 
 @dataclass

@@ -103,6 +103,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("longllama_lsp.commands:ask", "ask a question about the repository (answer streams, then sources)"),
     "complete": ("longllama_lsp.commands:complete", "complete the code at FILE:LINE:COL (for scripts and debugging)"),
     "serve": ("longllama_lsp.server:cli", "run the language server (stdio by default)"),
+    "servers": ("longllama_lsp.remote:servers", "list your running servers: address, repositories, token"),
     "convert": ("longllama_lsp.convert:cli", "convert a GGUF file or LLaMA checkpoint into a LongLLaMA checkpoint"),
     "finetune": ("finetune.commands:finetune", "FoT-train the memory layers on your own codebase"),
     "train": ("finetune.commands:train", "FoT crossbatch training from a TOML config (GitHub-style code data)"),

@@ -1,7 +1,9 @@
 """`longllama ask` and `longllama complete`: the engine from the command line.
 
-Both load the model, index --repo first (a Workspace: the indexer encodes on the engine's worker,
-progress bars on stderr) unless --no-memory, then call the engine once. Answers stream to stdout as
+Both run through this user's running `longllama serve --tcp` when it has --repo open (remote.py:
+its server record gives the port and token; no model load), else load the model, index --repo
+first (a Workspace: the indexer encodes on the engine's worker, progress bars on stderr) unless
+--no-memory, then call the engine once. Answers stream to stdout as
 they are generated, then the sources follow; a completion prints its text, or everything with --json.
 A missing --repo directory or FILE is a usage error (exit 2) found before the model loads, and
 nothing is created for it.
@@ -17,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import remote
+from .auth import AuthError, ServerRecord
 from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
@@ -39,6 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
+                   "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
+                   "--dtype or --decode-dtype is given)")
     add_model_arguments(p, decoding=True)
 
 
@@ -54,6 +61,23 @@ def repository_problem(repo: str) -> str | None:
     if path.is_dir():
         return None
     return f"--repo {repo}: {'not a directory' if path.exists() else 'no such directory'}"
+
+
+def _running_server(args: argparse.Namespace) -> ServerRecord | None:
+    """This user's running server with --repo open, unless the user asked for a model of their own."""
+    if args.no_server or any((args.model, args.device, args.dtype, args.decode_dtype)):
+        return None
+    try:
+        return remote.find_server(Path(args.repo))
+    except AuthError as exc:
+        logger.warning("not looking for a running server: %s", exc)
+        return None
+
+
+def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, Any]:
+    limit = {"maxTokens": args.max_tokens} if args.max_tokens else {}
+    return {"completion": {**completion, **limit, "debounceMs": 0}, "ask": limit,
+            "memory": {"enabled": not args.no_memory}}
 
 
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
@@ -108,6 +132,19 @@ def run_ask(args: argparse.Namespace) -> int:
     problem = repository_problem(args.repo) or (None if args.question.strip() else "the question is empty")
     if problem:
         return usage_error("ask", problem)
+    record = _running_server(args)
+    if record is not None:
+        try:
+            result = remote.ask(record, Path(args.repo), args.question, _server_settings(args),
+                                memory=not args.no_memory)
+            print(result["answer"])
+            sources = [Source(s["path"], s["startLine"], s["endLine"], s.get("symbol"), s["weight"])
+                       for s in result["sources"]]
+            if sources:
+                print(f"\nSources:\n{format_sources(sources)}")
+            return 0
+        except remote.Unreachable as exc:
+            logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
     workspace = _workspace(args, answer_max_tokens=args.max_tokens)
     try:
         def stream(text: str) -> None:  # on the engine's worker
@@ -183,6 +220,16 @@ def run_complete(args: argparse.Namespace) -> int:
         offset = offset_of(text, line, col)
     except ValueError as exc:
         return usage_error("complete", str(exc))
+    record = _running_server(args)
+    if record is not None:
+        try:
+            out = remote.complete(record, Path(args.repo), path, text, line - 1, col - 1,
+                                  Document("", text).line_text(line - 1), _server_settings(args, mode=args.mode),
+                                  memory=not args.no_memory)
+            print(json.dumps({"text": out, "server": f"{record.host}:{record.port}"}) if args.json else out)
+            return 0
+        except remote.Unreachable as exc:
+            logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
     workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode)
     try:
         done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)

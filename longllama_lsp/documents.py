@@ -100,26 +100,65 @@ class Document:
         self._starts = None
 
 
-class Documents:
-    """uri -> Document for every open document. Only the server's event loop writes to it."""
+class DocumentLimit(ValueError):
+    """An open or edit that would pass a session's limits (one document's size, their count, their sum)."""
 
-    def __init__(self) -> None:
+
+MAX_DOCUMENT_CHARS = 4_000_000  # ~100k lines; larger buffers are refused, not tokenized per keystroke
+MAX_DOCUMENTS = 1000  # open documents per session
+MAX_SESSION_CHARS = 32_000_000  # all open documents of a session together (~32 MB of text)
+
+
+class Documents:
+    """uri -> Document for every open document. Only the server's event loop writes to it.
+
+    Limits are checked when text arrives (didOpen, didChange), not when a request reads it: a
+    refused open stores nothing; an edit past a limit drops that document (its text is no longer
+    known), and requests for it answer 'unknown document'."""
+
+    def __init__(self, max_documents: int = MAX_DOCUMENTS, max_chars: int = MAX_SESSION_CHARS,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS) -> None:
         self._docs: dict[str, Document] = {}
+        self.max_documents, self.max_chars, self.max_document_chars = max_documents, max_chars, max_document_chars
+        self.chars = 0  # sum of the open documents' lengths
 
     def open(self, item: types.TextDocumentItem) -> Document:
+        old = self._docs.get(item.uri)
+        others = self.chars - (len(old.text) if old else 0)
+        if old is None and len(self._docs) >= self.max_documents:
+            raise DocumentLimit(f"{len(self._docs)} documents are open (limit {self.max_documents}): "
+                                f"{item.uri} not opened")
+        self._check(item.uri, len(item.text), others)
         doc = Document(item.uri, item.text, item.version, item.language_id)
-        self._docs[item.uri] = doc
+        self._docs[item.uri], self.chars = doc, others + len(item.text)
         return doc
 
     def change(self, params: types.DidChangeTextDocumentParams, encoding: str) -> Document:
         doc = self.get(params.text_document.uri)
-        for change in params.content_changes:
-            doc.apply(change, encoding)
+        before = len(doc.text)
+        try:
+            for change in params.content_changes:
+                doc.apply(change, encoding)
+                self._check(doc.uri, len(doc.text), self.chars - before)
+        except DocumentLimit:
+            self.chars -= before
+            del self._docs[doc.uri]
+            raise
+        self.chars += len(doc.text) - before
         doc.version = params.text_document.version
         return doc
 
+    def _check(self, uri: str, length: int, others: int) -> None:
+        if length > self.max_document_chars:
+            raise DocumentLimit(f"{uri} has {length} characters (limit {self.max_document_chars}): not kept")
+        if others + length > self.max_chars:
+            raise DocumentLimit(f"open documents would hold {others + length} characters (limit "
+                                f"{self.max_chars} per session): {uri} not kept")
+
     def close(self, uri: str) -> None:
-        self._docs.pop(uri, None)
+        doc = self._docs.pop(uri, None)
+        if doc is not None:
+            self.chars -= len(doc.text)
 
     def get(self, uri: str) -> Document:
         try:

@@ -21,8 +21,8 @@ request, because the suffix's states attend to the prefix that changed. `fim_suf
 that per-keystroke cost; the rest of the suffix is in memory.
 
 Memory for a completion = every repository's bank (read through `repositories`, which the workspace
-provides) minus the current file's (stale) chunks, plus the buffer's own text outside the local
-window (prompt.py), encoded with `model.encode_memory` and cached by token hash (assembly.py). The
+provides; only the request's `roots` when given: a TCP session reads its own) minus the current
+file's (stale) chunks, plus the buffer's own text outside the local window (prompt.py), encoded with `model.encode_memory` and cached by token hash (assembly.py). The
 local window is at most `window - max_new_tokens` tokens, so generation never hits the local-cache
 flush (spec §2.3).
 """
@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -268,9 +268,11 @@ class Engine:
 
     def submit_complete(self, text: str, offset: int, path: str | None = None, mode: str | None = None,
                         max_tokens: int | None = None, memory: bool | None = None,
-                        key: Hashable | None = None, sources: bool = True) -> Request:
+                        key: Hashable | None = None, sources: bool = True,
+                        roots: Collection[Path] | None = None) -> Request:
         """Queue a completion at code-point `offset` of `text`; resolves to a Completion.
-        sources=False skips the memory-attention pass that names them (nobody will show them)."""
+        sources=False skips the memory-attention pass that names them (nobody will show them).
+        roots: the repositories (resolved roots) whose memory it may read; None: all of them."""
         if not 0 <= offset <= len(text):
             raise ValueError(f"offset {offset} outside the document (0..{len(text)})")
         mode = mode or self.options.mode
@@ -282,7 +284,7 @@ class Engine:
         if ahead is not None:
             return ahead
         return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key,
-                                                      sources), key=key)
+                                                      sources, roots), key=key)
 
     def typeahead(self, key: Hashable, text: str, offset: int, mode: str | None = None) -> Request | None:
         """A request already answered with the rest of the last suggestion, when the keys typed since
@@ -314,15 +316,17 @@ class Engine:
     def submit_answer(self, question: str, on_token: Callable[[str], None] | None = None,
                       document: tuple[str, str] | None = None, max_tokens: int | None = None,
                       memory: bool | None = None, key: Hashable = ("ask",),
-                      messages: Sequence[Mapping[str, str]] | None = None) -> Request:
+                      messages: Sequence[Mapping[str, str]] | None = None,
+                      roots: Collection[Path] | None = None) -> Request:
         """Queue an answer; `document` = (path, text) of the file the question is about, if any. A newer
         question with the same `key` supersedes it (one key per editor session). `messages` (role, content):
-        the whole conversation ending with `question`, for chat clients; its system text follows ours."""
+        the whole conversation ending with `question`, for chat clients; its system text follows ours.
+        `roots`: as in submit_complete."""
         if not question.strip():
             raise ValueError("the question is empty")
         use_memory = self.options.memory if memory is None else memory
         return self.submit(lambda req: self._answer(req, question, on_token, document, max_tokens, use_memory,
-                                                    messages), key=key)
+                                                    messages, roots), key=key)
 
     def answer(self, question: str, on_token: Callable[[str], None] | None = None, **kwargs: Any) -> Answer:
         return self.submit_answer(question, on_token, **kwargs).result()
@@ -383,12 +387,13 @@ class Engine:
     # -- jobs (worker thread) ------------------------------------------------------------------------
 
     def _complete(self, req: Request, text: str, offset: int, path: str | None, mode: str,
-                  max_tokens: int | None, use_memory: bool, key: Hashable, sources: bool = True) -> Completion:
+                  max_tokens: int | None, use_memory: bool, key: Hashable, sources: bool = True,
+                  roots: Collection[Path] | None = None) -> Completion:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.max_tokens)
         prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new))
         t1 = time.perf_counter()
-        asm = self._assembler.assemble(path, prompt.before + prompt.after) if use_memory else NOTHING
+        asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots) if use_memory else NOTHING
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
@@ -440,7 +445,8 @@ class Engine:
 
     def _answer(self, req: Request, question: str, on_token: Callable[[str], None] | None,
                 document: tuple[str, str] | None, max_tokens: int | None, use_memory: bool,
-                messages: Sequence[Mapping[str, str]] | None = None) -> Answer:
+                messages: Sequence[Mapping[str, str]] | None = None,
+                roots: Collection[Path] | None = None) -> Answer:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.answer_max_tokens)
         budget = self._model.window - max_new
@@ -449,7 +455,8 @@ class Engine:
         if use_memory and document is not None and document[1].strip():
             blocks = build_prompt(self._tokenizer, document[1], 0, 1,
                                   stride=256, memory_tokens=self.options.buffer_memory_tokens).after
-        asm = self._assembler.assemble(document[0] if document else None, blocks, exclude_current=bool(blocks)) \
+        asm = self._assembler.assemble(document[0] if document else None, blocks, exclude_current=bool(blocks),
+                                       roots=roots) \
             if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token)

@@ -9,9 +9,10 @@
 - Requests before `initialize` get ServerNotInitialized (-32002); with a token, every message before
   a successful `initialize` is refused (-32001).
 - Our custom methods (protocol.py) are structured and validated like LSP ones.
-- didOpen/didChange/didClose update our own document store (documents.py: LSP line breaks).
+- didOpen/didChange/didClose update our own document store (documents.py: LSP line breaks, limits
+  checked as text arrives).
 
-The server side it talks to (`_server`) provides `documents`, `position_encoding` and `may_serve()`.
+The server side it talks to (`_server`) provides `documents`, `position_encoding`, `may_serve()` and `show()`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import RPCRequest
 from pygls.protocol.language_server import lsp_method
 
-from .documents import UnknownDocument
+from .documents import DocumentLimit, UnknownDocument
 from .protocol import METHOD_TO_TYPES, UNAUTHORIZED
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,11 @@ class LongLlamaProtocol(LanguageServerProtocol):
 
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
-        self._server.documents.open(params.text_document)
+        try:
+            self._server.documents.open(params.text_document)
+        except DocumentLimit as exc:
+            self._refuse(exc)
+            return
         if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_OPEN)) is not None:
             yield handler, (params,), None
 
@@ -113,6 +118,9 @@ class LongLlamaProtocol(LanguageServerProtocol):
         except UnknownDocument as exc:
             logger.warning("didChange ignored: %s", exc)
             return
+        except DocumentLimit as exc:
+            self._refuse(exc)
+            return
         if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
             yield handler, (params,), None
 
@@ -121,6 +129,12 @@ class LongLlamaProtocol(LanguageServerProtocol):
         self._server.documents.close(params.text_document.uri)
         if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CLOSE)) is not None:
             yield handler, (params,), None
+
+
+    def _refuse(self, exc: DocumentLimit) -> None:
+        """A notification cannot be answered: the log and the editor (once per message) say why."""
+        logger.warning("%s", exc)
+        self._server.show(f"longllama: {exc}", once=True)
 
 
 def _validation_detail(exc: BaseException | None) -> str:

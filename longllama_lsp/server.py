@@ -7,13 +7,18 @@ textDocument/completion, longllama/ask, longllama/status, workspace/executeComma
 The JSON-RPC fixes over pygls are in rpc.py.
 
     longllama-lsp                                   stdio (nothing but protocol on stdout)
-    longllama-lsp --tcp [--host 127.0.0.1] --port N
-    longllama-lsp --tcp --host 0.0.0.0 --allow-remote --token SECRET   (clients send initializationOptions.token)
+    longllama-lsp --tcp [--host 127.0.0.1] --port N [--token-file F] [--allow-root DIR ...]
+    longllama-lsp --tcp --host 0.0.0.0 --allow-remote
     longllama serve --http [--port 8087] [--repo DIR]  an OpenAI-compatible API (http_api.py)
 
-Over TCP every connection is its own LSP session (documents, initialize/shutdown, token check), and
-all of them share one engine (the model is loaded once) and one indexer per workspace root
-(shared.SharedServices, tcp.serve_tcp). The process serves until it is stopped.
+Over TCP every connection is its own LSP session (documents, initialize/shutdown), and all of them
+share one engine (the model is loaded once) and one indexer per workspace root
+(shared.SharedServices, tcp.serve_tcp). A client must send the server's token in
+initializationOptions.token: $LONGLLAMA_TOKEN, else the 0600 file given with --token-file, else a
+fresh one, published with the port in this user's server record (auth.py; `longllama servers`
+shows it). Never on the command line: `ps` shows argv to every user. Workspace folders the server's
+user does not own are refused unless given with --allow-root. Limits: tcp.TcpLimits. The process
+serves until it is stopped.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import ipaddress
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
+from .auth import TOKEN_ENV, AuthError, ServerRecord, publish, server_token, unpublish
 from .cli import Command, add_model_arguments, add_repository_argument, add_version_argument
 from .documents import Document
 from .engine import Completion
@@ -48,7 +55,7 @@ from .protocol import (
 from .service import LongLlamaServer
 from .settings import ModelSettings
 from .shared import EngineFactory, SharedServices
-from .tcp import serve_tcp
+from .tcp import TcpLimits, serve_tcp
 from .workspace import RepositoryFactory, open_indexer
 
 __all__ = ["RedactingFormatter", "add_arguments", "build_server", "check_listen_address", "main", "run"]
@@ -60,10 +67,9 @@ TCP_PORT, HTTP_PORT = 2087, 8087  # default ports of --tcp and --http
 # -- handlers (translate only) ---------------------------------------------------------------------------
 
 def build_server(engine_factory: EngineFactory | None = None, repository_factory: RepositoryFactory | None = None,
-                 auth_token: str | None = None, model_overrides: ModelSettings | None = None,
-                 shared: SharedServices | None = None) -> LongLlamaServer:
+                 model_overrides: ModelSettings | None = None, shared: SharedServices | None = None) -> LongLlamaServer:
     """One session; pass `shared` to bind it to a process's engine and indexers (TCP: one per connection)."""
-    server = LongLlamaServer(engine_factory, repository_factory, auth_token, model_overrides, shared=shared)
+    server = LongLlamaServer(engine_factory, repository_factory, model_overrides, shared=shared)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: LongLlamaServer, params: types.InitializeParams) -> None:
@@ -160,17 +166,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "/v1/completions (prompt + suffix), /v1/chat/completions (streaming), /v1/models, with --repo "
                    "in memory; clients send 'Authorization: Bearer TOKEN' (see --token-file)")
     p.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1; others need "
-                   "--allow-remote and --token)")
+                   "--allow-remote)")
     p.add_argument("--port", type=int, default=None, help=f"TCP port (default {TCP_PORT}; --http: {HTTP_PORT}; "
                    "0: any free port)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
-    p.add_argument("--token", help="clients must send this in initializationOptions.token")
+    p.add_argument("--token-file", metavar="PATH", help="the token clients must send (--tcp: "
+                   "initializationOptions.token; --http: Authorization: Bearer), read from this file (yours, mode "
+                   f"0600). Default: ${TOKEN_ENV}, else a fresh token published in your server record "
+                   "(`longllama servers` shows it)")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # gone: refused with a message (run)
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="TCP: also index this folder (and folders under it) for clients, though the server's "
+                   "user does not own it (repeatable; by default only your own folders)")
+    p.add_argument("--idle-timeout", type=float, default=TcpLimits.idle_s, metavar="S",
+                   help=f"TCP: close a session after S seconds without a message (default {TcpLimits.idle_s:.0f})")
     p.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
     p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
     http = p.add_argument_group("--http", "The token comes from $LONGLLAMA_TOKEN, else --token-file, else it is "
                                 "made fresh and written to a private server record (its path is printed).")
     add_repository_argument(http, "--http: the repository whose memory answers requests")
-    http.add_argument("--token-file", metavar="PATH", help="--http: read the token from this file (yours, mode 600)")
     http.add_argument("--print-token", action="store_true", help="--http: print a generated token to stderr once")
     # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, budget_tokens).
     p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
@@ -178,12 +192,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_listen_address(args: argparse.Namespace) -> str | None:
-    """Why the TCP address (or the token) is refused, or None."""
-    http = getattr(args, "http", False)
-    if http and args.token:
-        return ("--http never takes the token on the command line (every local user can read argv): set "
-                "LONGLLAMA_TOKEN or pass --token-file")
-    if not (args.tcp or http):
+    """Why the TCP address is refused, or None (the token: token_refusal)."""
+    if not (args.tcp or getattr(args, "http", False)):
         return None
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -192,14 +202,13 @@ def check_listen_address(args: argparse.Namespace) -> str | None:
     if loopback:
         return None
     if not args.allow_remote:
-        return f"--host {args.host} is not a loopback address: add --allow-remote (and --token) to listen on it"
-    if not args.token and not http:  # --http always wants a token
-        return f"--host {args.host} needs --token: remote clients must authenticate"
+        return f"--host {args.host} is not a loopback address: add --allow-remote to listen on it (clients " \
+               f"send the token; TLS is not provided, so only on a trusted network)"
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    refusal = check_listen_address(args)
+    refusal = check_listen_address(args) or token_refusal(args)
     if refusal:
         print(f"longllama-lsp: error: {refusal}", file=sys.stderr)
         return 2
@@ -215,15 +224,49 @@ def run(args: argparse.Namespace) -> int:
         return serve_http(args, repository_factory)
     overrides = ModelSettings(args.model, args.device, args.dtype, args.decode_dtype)
     if args.tcp:
-        shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True)
-        port = TCP_PORT if args.port is None else args.port
-        serve_tcp(args.host, port, lambda: build_server(auth_token=args.token, shared=shared), shared,
-                  on_listening=lambda socks: logger.info("listening on %s", ", ".join(
-                      str(s.getsockname()) for s in socks)))
-        return 0
-    server = build_server(repository_factory=repository_factory, auth_token=args.token, model_overrides=overrides)
+        return run_tcp(args, repository_factory, overrides)
+    server = build_server(repository_factory=repository_factory, model_overrides=overrides)
     protocol_out = guard_stdout()
     server.start_io(sys.stdin.buffer, protocol_out)
+    return 0
+
+
+def token_refusal(args: argparse.Namespace) -> str | None:
+    if args.token is not None:
+        return (f"--token is gone: every local user can read a command line (ps). Put the token in "
+                f"${TOKEN_ENV} or in a file only you can read, given with --token-file")
+    if args.token_file and not (args.tcp or args.http):
+        return "--token-file is for --tcp and --http (stdio needs no token)"
+    return None
+
+
+def run_tcp(args: argparse.Namespace, repository_factory: RepositoryFactory | None, overrides: ModelSettings) -> int:
+    """Serve over TCP with a token; this user's server record says where (and the roots open), until exit."""
+    try:
+        token = server_token(args.token_file)
+    except AuthError as exc:
+        print(f"longllama-lsp: error: {exc}", file=sys.stderr)
+        return 2
+    shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True,
+                            allowed_roots=args.allow_root)
+    port = TCP_PORT if args.port is None else args.port
+    record = ServerRecord(pid=os.getpid(), host=args.host, port=port, token=token, protocol="lsp")
+
+    def listening(sockets: list[Any]) -> None:
+        record.port = sockets[0].getsockname()[1]
+        logger.info("listening on %s; server record %s", ", ".join(str(s.getsockname()) for s in sockets),
+                    publish(record))
+
+    def roots_changed(roots: list[Path]) -> None:
+        record.roots = [str(r) for r in roots]
+        publish(record)
+
+    shared.on_roots_changed = roots_changed
+    try:
+        serve_tcp(args.host, port, lambda: build_server(shared=shared), shared, token,
+                  TcpLimits(idle_s=args.idle_timeout), on_listening=listening)
+    finally:
+        unpublish(record)
     return 0
 
 

@@ -12,12 +12,11 @@ that session's pending requests and releases its roots. Log forwarding is in log
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from .documents import Document, Documents, PositionError, UnknownDocument
 from .engine import Answer, Cancelled, Completion, Engine, Source
 from .logs import LspLogHandler, apply_log_level
 from .prompt import word_before
-from .protocol import MODEL_UNAVAILABLE, UNAUTHORIZED, AskResult, ReindexResult, SourceInfo, StatusResult
+from .protocol import MODEL_UNAVAILABLE, AskResult, ReindexResult, SourceInfo, StatusResult
 from .protocol import converter as wire_converter
 from .repository import Progress, Repository
 from .rpc import LongLlamaProtocol
@@ -47,7 +46,6 @@ from .workspace import RepositoryFactory, repository_status, summary_line
 
 logger = logging.getLogger(__name__)
 
-MAX_DOCUMENT_CHARS = 4_000_000  # ~100k lines; larger buffers are refused rather than tokenized per keystroke
 MAX_QUESTION_CHARS = 20_000
 PROGRESS_EVERY_S = 0.2  # throttle $/progress reports
 
@@ -58,7 +56,7 @@ class LongLlamaServer(LanguageServer):
     protocol: LongLlamaProtocol
 
     def __init__(self, engine_factory: EngineFactory | None = None,
-                 repository_factory: RepositoryFactory | None = None, auth_token: str | None = None,
+                 repository_factory: RepositoryFactory | None = None,
                  model_overrides: ModelSettings | None = None, shared: SharedServices | None = None):
         shared = shared or SharedServices(engine_factory, repository_factory, model_overrides)
         super().__init__("longllama-lsp", __version__,
@@ -70,8 +68,6 @@ class LongLlamaServer(LanguageServer):
         self.documents = Documents()
         self.settings = Settings()
         self.model_overrides = shared.model_overrides
-        self.auth_token = auth_token
-        self.authenticated = auth_token is None
         self.engine: Engine | None = None
         self.repositories: list[Repository] = []  # this session's roots, opened in the shared workspace
         self.indexing_state = "off" if shared.repository_factory is None else "waiting"
@@ -80,6 +76,7 @@ class LongLlamaServer(LanguageServer):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._engine_ready: asyncio.Future | None = None
         self._problems: list[str] = []
+        self._refused_roots: list[str] = []  # refused roots, said once the client is initialized
         self._tickets: dict[str, int] = {}
         self._supports_progress = False
         self._shown_errors: set[str] = set()
@@ -92,7 +89,7 @@ class LongLlamaServer(LanguageServer):
     # -- plumbing -----------------------------------------------------------------------------------
 
     def may_serve(self, initialize_received: bool) -> bool:
-        return initialize_received and self.authenticated
+        return initialize_received  # over TCP the token was checked before the session began (tcp.py)
 
     @property
     def position_encoding(self) -> str:
@@ -135,21 +132,32 @@ class LongLlamaServer(LanguageServer):
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def on_initialize(self, params: types.InitializeParams) -> None:
-        options = params.initialization_options if isinstance(params.initialization_options, dict) else {}
-        if self.auth_token is not None:
-            token = options.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(token, self.auth_token):
-                raise JsonRpcServerError("unauthorized: initializationOptions.token does not match", UNAUTHORIZED)
-            self.authenticated = True
         self.settings, self._problems = parse_settings(params.initialization_options)
         apply_log_level(self.settings.log_level)
         folders = params.workspace_folders or []
         uris = [f.uri for f in folders] or [u for u in [params.root_uri] if u]
         if not uris and params.root_path:
             uris = [from_fs_path(params.root_path)]
-        self.roots = [Path(p) for p in (to_fs_path(u) for u in uris) if p]
+        self.roots = self.accepted_roots(Path(p) for p in (to_fs_path(u) for u in uris) if p)
         window = params.capabilities.window
         self._supports_progress = bool(window and window.work_done_progress)
+
+    def accepted_roots(self, roots: Iterable[Path]) -> list[Path]:
+        """The workspace folders this session may index and read: all of them over stdio; over TCP
+        only folders the server's user owns or that it was started with (`--allow-root`)."""
+        accepted = []
+        for root in roots:
+            refusal = self.shared.root_refusal(root)
+            if refusal is None:
+                accepted.append(root.resolve())
+            else:
+                logger.warning("refused workspace folder %s: %s", root, refusal)
+                self._refused_roots.append(f"longllama: workspace folder {root} refused: {refusal}")
+        return accepted
+
+    def memory_roots(self) -> frozenset[Path]:
+        """The repositories this session's requests read: its own roots, never another session's."""
+        return frozenset(self.roots)
 
     async def on_initialized(self) -> None:
         if self.ended or self._engine_ready is not None:
@@ -158,6 +166,8 @@ class LongLlamaServer(LanguageServer):
         LspLogHandler.install(self)
         for problem in self._problems:
             self.show(f"longllama: invalid setting {problem}")
+        for refusal in self._refused_roots:
+            self.show(refusal, types.MessageType.Error)
         model = self.effective_model_settings()
         if self.shared.engine_ready is not None and model != self.shared.engine_model:
             self.show("longllama: this server already runs another model; model settings take effect when the "
@@ -262,6 +272,7 @@ class LongLlamaServer(LanguageServer):
                         return
                     self.repositories.append(await self.loop.run_in_executor(
                         None, workspace.open, root, self.session_id, self.settings.memory.budget_tokens or None))
+                    shared.roots_changed()
                 for repo in list(self.repositories):
                     if workspace.needs_index(repo) and not self.ended:
                         await self._index_with_progress(repo)
@@ -277,6 +288,7 @@ class LongLlamaServer(LanguageServer):
     def stop_indexing(self) -> None:
         if self.shared.workspace is not None:
             self.shared.workspace.release(self.session_id)
+            self.shared.roots_changed()
         self.repositories = []
         self.indexing_state = "off" if not self.settings.indexing.enabled else self.indexing_state
 
@@ -320,8 +332,6 @@ class LongLlamaServer(LanguageServer):
             offset = doc.offset_at(position, self.position_encoding)
         except (UnknownDocument, PositionError) as exc:
             raise JsonRpcInvalidParams(str(exc)) from None
-        if len(doc.text) > MAX_DOCUMENT_CHARS:
-            raise JsonRpcInvalidParams(f"document too large: {len(doc.text)} characters (limit {MAX_DOCUMENT_CHARS})")
         return doc, offset
 
     async def ready_engine(self, required: bool = True) -> Engine | None:
@@ -362,7 +372,7 @@ class LongLlamaServer(LanguageServer):
             return None, snapshot
         req = engine.submit_complete(text, offset, path=to_fs_path(uri) or uri, key=self.engine_key(uri),
                                      mode=c.mode, max_tokens=c.max_tokens, memory=self.settings.memory.enabled,
-                                     sources=sources)
+                                     sources=sources, roots=self.memory_roots())
         return await self._await(req), snapshot
 
     def document_changed(self, uri: str) -> None:
@@ -385,7 +395,7 @@ class LongLlamaServer(LanguageServer):
         engine = await self.ready_engine()
         answer: Answer | None = await self._await(engine.submit_answer(
             question, document=document, max_tokens=max_tokens or self.settings.ask.max_tokens,
-            memory=self.settings.memory.enabled, key=self.engine_key("longllama/ask")))
+            memory=self.settings.memory.enabled, key=self.engine_key("longllama/ask"), roots=self.memory_roots()))
         if answer is None:
             raise JsonRpcServerError("the question was superseded by a newer one", -32000)
         return AskResult(answer.text, [self.source_info(s) for s in answer.sources], answer.stop_reason,

@@ -13,9 +13,11 @@ import asyncio
 import contextvars
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from .auth import root_refusal
 from .engine import Engine, EngineOptions
 from .settings import ModelSettings, Settings
 from .workspace import RepositoryFactory, Workspace
@@ -39,7 +41,8 @@ class SharedServices:
 
     def __init__(self, engine_factory: EngineFactory | None = None,
                  repository_factory: RepositoryFactory | None = None,
-                 model_overrides: ModelSettings | None = None, multi: bool = False):
+                 model_overrides: ModelSettings | None = None, multi: bool = False,
+                 allowed_roots: Sequence[Path] | None = None):
         self.engine_factory = engine_factory or default_engine_factory
         self.repository_factory = repository_factory
         self.model_overrides = model_overrides or ModelSettings()
@@ -49,11 +52,27 @@ class SharedServices:
         self.engine_ready: asyncio.Future | None = None
         self.index_lock: asyncio.Lock | None = None  # one indexing pass at a time (they share the worker)
         self.sessions: dict[int, Any] = {}  # id -> live session (tcp.serve_tcp)
+        # None: every workspace folder is accepted (stdio: the editor is the user). Otherwise (TCP) a
+        # folder must be the server user's own or under one of these (auth.root_refusal).
+        self.allowed_roots = None if allowed_roots is None else tuple(Path(p).resolve() for p in allowed_roots)
+        self.on_roots_changed: Callable[[list[Path]], None] | None = None  # the server record's roots
         self._ids = itertools.count(1)
 
     @property
     def engine(self) -> Engine | None:
         return self.workspace.engine if self.workspace is not None else None
+
+    def root_refusal(self, root: Path) -> str | None:
+        """Why a session may not use `root` as a workspace folder, or None."""
+        return None if self.allowed_roots is None else root_refusal(root, self.allowed_roots)
+
+    def roots_changed(self) -> None:
+        """A root was opened or released: tell whoever publishes them (server.py's server record)."""
+        if self.on_roots_changed is not None and self.workspace is not None:
+            try:
+                self.on_roots_changed(self.workspace.roots())
+            except OSError as exc:
+                logger.warning("could not update the server record: %s", exc)
 
     def new_session_id(self) -> int:
         return next(self._ids)

@@ -65,6 +65,11 @@ class Workspace:
         with self._lock:
             return tuple(entry.repository for entry in self._roots.values())
 
+    def roots(self) -> list[Path]:
+        """The roots open now (resolved)."""
+        with self._lock:
+            return list(self._roots)
+
     def open(self, root: Path, user: Hashable, budget_tokens: int | None = None) -> Repository:
         """The repository of `root`, opened on first use and then shared; `user` now uses it."""
         if self.open_repository is None:

@@ -17,6 +17,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Servers started by tests publish their records (auth.py) in a private folder of this run, never in
+# the user's: `longllama complete` outside the tests must not find them.
+if not os.environ.get("LONGLLAMA_TEST_RUNTIME"):
+    import tempfile
+
+    os.environ["XDG_RUNTIME_DIR"] = os.environ["LONGLLAMA_TEST_RUNTIME"] = tempfile.mkdtemp(prefix="longllama-run-")
 
 
 def pytest_report_header(config):

@@ -22,10 +22,11 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 
 
-def server_env() -> dict[str, str]:
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment of a server process (`extra`: e.g. LONGLLAMA_TOKEN for a TCP server)."""
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1"}
+            "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
 def server_command(model_dir: Path, *extra: str) -> list[str]:
@@ -76,7 +77,14 @@ class SyncClient:
                     raise
                 time.sleep(0.1)
         sock.settimeout(None)
-        client = cls(sock.makefile("rb"), sock.sendall, sock.close)
+
+        def close() -> None:  # the reader's file holds the socket open: shut it down for real
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        client = cls(sock.makefile("rb"), sock.sendall, close)
         client.sock = sock
         return client
 

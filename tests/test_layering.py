@@ -40,7 +40,7 @@ def test_layering(package):
 SHARED_LEAVES = {"indexer.languages", "indexer.secrets"}
 SERVER = {"longllama_lsp.server", "longllama_lsp.service", "longllama_lsp.shared", "longllama_lsp.tcp",
           "longllama_lsp.logs", "pygls", "lsprotocol"}
-CLI = ["longllama_lsp/cli.py", "longllama_lsp/commands.py", "indexer/commands.py", "finetune/commands.py"]
+CLI = ["longllama_lsp/cli.py", "longllama_lsp/commands.py", "longllama_lsp/remote.py", "indexer/commands.py", "finetune/commands.py"]
 ENGINE = ["longllama_lsp/engine.py", "longllama_lsp/decode.py", "longllama_lsp/worker.py",
           "longllama_lsp/assembly.py", "longllama_lsp/prompt.py", "longllama_lsp/repository.py"]
 

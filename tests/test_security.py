@@ -10,10 +10,14 @@ The fake keys below are made up (AWS's documented example format), never valid.
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - the child running as nobody cannot read the stdlib to import it
 import json
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
+import traceback
 import sys
 import time
 from pathlib import Path
@@ -74,10 +78,12 @@ def indexed(model_dir, tmp_path_factory):
 # -- listen address ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, needs", [(["--host", "0.0.0.0"], "--allow-remote"),
-                                          (["--host", "192.168.1.10", "--allow-remote"], "--token"),
-                                          (["--host", "::"], "--allow-remote")])
-def test_non_loopback_tcp_is_refused_without_allow_remote_and_token(tmp_path, capsys, extra, needs):
-    """The command line refuses before loading anything or opening a socket (exit status 2)."""
+                                          (["--host", "::"], "--allow-remote"),
+                                          (["--token", "s3cret"], "--token is gone"),
+                                          (["--host", "192.168.1.10", "--allow-remote", "--token", "x"], "(ps)")])
+def test_non_loopback_tcp_or_a_token_on_argv_is_refused(tmp_path, capsys, extra, needs):
+    """The command line refuses before loading anything or opening a socket (exit status 2): a token
+    on the command line is readable by every local user (/proc/PID/cmdline, ps)."""
     from longllama_lsp.server import main
 
     assert main(["--tcp", "--port", "1", *extra, "--model", str(tmp_path / "never-loaded")]) == 2
@@ -128,8 +134,6 @@ def listening_addresses(port: int) -> set[str]:
 @pytest.mark.slow
 def test_tcp_listens_on_loopback_by_default(tmp_path):
     """The real process: its listening socket is 127.0.0.1 only (read from /proc/net/tcp)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -335,3 +339,231 @@ def test_damaged_index_is_a_clear_error_and_rebuild_recovers(model_dir, tmp_path
     assert index_cli(root, model_dir, "--rebuild", "--json") == 0
     assert json.loads(capsys.readouterr().out)["files_indexed"] == 2
     assert main(["status", "--repo", str(root)]) == 0
+
+
+# -- TCP: other local users (issue 18) ---------------------------------------------------------------------
+# Test Data: three folders in tmp_path: the first editor's repository (app/db.py, app/billing.py,
+# deploy/jobs.py), a second editor's (notes.py), and a folder owned by `nobody`, mode 0700, with
+# billing.py (charge_card). One `--tcp --port 0` server with the real indexer, run as this (root) user,
+# no token given: it makes one and publishes it in a private server record (XDG_RUNTIME_DIR of its own).
+# The hostile client runs as uid `nobody` (os.setuid in the child).
+
+NOBODY = 65534
+MINE = {"app/db.py": "def connect(url):\n    return url\n\n\ndef query(conn, sql):\n    return conn, sql\n",
+        "app/billing.py": "def invoice(total):\n    return total * 1.2\n\n\ndef refund(total):\n    return -total\n",
+        "deploy/jobs.py": "def nightly():\n    return 'backup'\n\n\ndef weekly():\n    return 'report'\n"}
+
+
+def frame_of(message: dict) -> bytes:
+    body = json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def hostile_client(port: int, runtime: Path, root_uri: str) -> dict:
+    """What a client of another uid gets: run in a forked child after setuid(nobody)."""
+    out: dict = {"uid": os.getuid()}
+    try:
+        os.listdir(runtime)
+        out["record_readable"] = True
+    except OSError:
+        out["record_readable"] = False
+    for name, options in [("none", {}), ("guess", {"token": "s3cret"})]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(frame_of({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "processId": None, "rootUri": root_uri, "capabilities": {}, "initializationOptions": options}}))
+            s.sendall(frame_of({"jsonrpc": "2.0", "id": 2, "method": "longllama/ask", "params": {"question": "?"}}))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        first = json.loads(rest[:int(head.split(b":")[1])]) if rest else {}
+        out[name] = {"first": first, "messages": data.count(b"Content-Length:")}
+    return out
+
+
+def as_nobody(fn, *args) -> dict:
+    """fn(*args) in a forked child running as uid/gid nobody; its JSON result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = fn(*args)
+        except BaseException:  # noqa: BLE001 - the parent shows it
+            result = {"child_error": traceback.format_exc()}
+        finally:
+            os.write(write, json.dumps(result).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "child_error" not in result, result["child_error"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tcp(model_dir, tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid (nobody)")
+    base = tmp_path_factory.mktemp("tcp-sec")
+    base.chmod(0o755)
+    # $XDG_RUNTIME_DIR is a folder other users may enter here (pytest's tmp tree is 0700 for all): the
+    # 0700 mode of the server's own records folder inside it is what keeps `nobody` out.
+    open_parent = Path(tempfile.mkdtemp(prefix="longllama-tcp-"))
+    open_parent.chmod(0o755)
+    mine, theirs, foreign, runtime = base / "mine", base / "theirs", base / "foreign", open_parent / "run"
+    for rel, text in MINE.items():
+        (mine / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mine / rel).write_text(text)
+    theirs.mkdir()
+    (theirs / "notes.py").write_text("def note(text):\n    return text.strip()\n")
+    foreign.mkdir()
+    (foreign / "billing.py").write_text("def charge_card(number, amount):\n    return number, amount\n")
+    os.chown(foreign / "billing.py", NOBODY, NOBODY)
+    os.chown(foreign, NOBODY, NOBODY)
+    foreign.chmod(0o700)
+    runtime.mkdir(mode=0o755)
+    log = base / "server.log"
+    env = server_env(XDG_RUNTIME_DIR=str(runtime))
+    env.pop("LONGLLAMA_TOKEN", None)
+    proc = subprocess.Popen(server_command(model_dir, "--tcp", "--port", "0", "--log-file", str(log)), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runtime = runtime / "longllama"  # auth.runtime_dir()
+    record_file = wait_until(lambda: next(iter(runtime.glob("server-lsp-*.json")), None), 120)
+    record = json.loads(record_file.read_text())
+    ns = type("Tcp", (), {})()
+    ns.proc, ns.base, ns.mine, ns.theirs, ns.foreign, ns.runtime, ns.log = proc, base, mine, theirs, foreign, runtime, log
+    ns.record_file, ns.record, ns.port, ns.token = record_file, record, record["port"], record["token"]
+    options = {"completion": {"maxTokens": 4, "debounceMs": 0}, "ask": {"maxTokens": 4}, "token": ns.token}
+    ns.options = options
+
+    def editor(root: Path) -> SyncClient:
+        client = SyncClient.over_tcp("127.0.0.1", ns.port)
+        assert "result" in client.initialize(root, options, timeout=180)
+        return client
+    ns.editor = editor
+    yield ns
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(open_parent, ignore_errors=True)
+
+
+def test_tcp_token_is_private_and_never_on_the_command_line(tcp):
+    """No token given: the server made one; it is in a 0600 record in a 0700 folder, not in argv, not logged."""
+    assert tcp.record_file.stat().st_mode & 0o777 == 0o600
+    assert tcp.runtime.stat().st_mode & 0o777 == 0o700
+    assert len(tcp.token) >= 32
+    assert tcp.token.encode() not in Path(f"/proc/{tcp.proc.pid}/cmdline").read_bytes()
+    assert tcp.token not in tcp.log.read_text()
+    assert tcp.record["pid"] == tcp.proc.pid and tcp.record["host"] == "127.0.0.1"
+
+
+def test_tcp_client_without_the_token_as_another_uid_is_refused(tcp):
+    """As uid nobody: no token and a guessed token both get -32001 and the connection ends; the
+    question sent after initialize is never answered; the record's folder cannot be listed."""
+    out = as_nobody(hostile_client, tcp.port, tcp.runtime, tcp.mine.as_uri())
+    assert out["uid"] == NOBODY and out["record_readable"] is False
+    for name in ("none", "guess"):
+        assert out[name]["first"].get("error", {}).get("code") == -32001, out
+        assert out[name]["messages"] == 1, out  # the question after initialize got nothing
+    assert "refused a TCP client" in tcp.log.read_text()
+
+
+def sources_of(reply: dict) -> set[str]:
+    return {s["path"] for s in reply["result"]["sources"]}
+
+
+def test_tcp_sessions_read_only_their_own_roots(tcp):
+    """Two editors on one server, each with its own repository: the second one's answers and
+    completions never name the first one's files (before: every session read every indexer)."""
+    first, second = tcp.editor(tcp.mine), tcp.editor(tcp.theirs)
+    for client in (first, second):
+        wait_until(lambda c=client: c.status()["indexing"] in ("watching", "error"), 300, 0.3)
+        assert client.status()["indexing"] == "watching"
+    mine = sources_of(first.request("longllama/ask", {"question": "How is the invoice computed?"}, 180))
+    assert mine and mine <= set(MINE), mine  # memory is there for the session that opened it
+    theirs = sources_of(second.request("longllama/ask", {"question": "How is the invoice computed?"}, 180))
+    assert theirs <= {"notes.py"}, theirs
+    uri = (tcp.theirs / "scratch.py").as_uri()
+    second.open(uri, "def total(x):\n    return x\n\n\ndef main():\n    tot")
+    reply = second.request("textDocument/completion", {"textDocument": {"uri": uri},
+                                                       "position": {"line": 5, "character": 7}}, 180)
+    docs = json.dumps(reply["result"])
+    assert not any(name in docs for name in MINE), docs
+    for client in (first, second):
+        client.close()
+
+
+def test_tcp_folder_the_server_user_does_not_own_is_refused(tcp):
+    """A client names a folder owned by another user (0700): not indexed, nothing written into it, the
+    client is told why; its answers name none of that folder's files."""
+    client = tcp.editor(tcp.foreign)
+    wait_until(lambda: any("refused" in n["params"]["message"] for n in client.notifications
+                           if n.get("method") == "window/showMessage"), 120)
+    status = client.status()
+    assert status["roots"] == [] and status["files"] == 0
+    answer = client.request("longllama/ask", {"question": "Where is charge_card?"}, 180)["result"]
+    assert not any("billing" in s["path"] for s in answer["sources"])
+    assert sorted(p.name for p in tcp.foreign.iterdir()) == ["billing.py"]  # no .longllama/ inside
+    assert str(tcp.foreign) not in json.loads(tcp.record_file.read_text())["roots"]
+    client.close()
+
+
+def test_tcp_record_lists_the_open_roots(tcp):
+    """The record follows the roots the sessions have open (the CLI looks a repository up there)."""
+    third = tcp.base / "third"
+    third.mkdir()
+    (third / "one.py").write_text("ONE = 1\n")
+    client = tcp.editor(third)
+    wait_until(lambda: str(third.resolve()) in json.loads(tcp.record_file.read_text())["roots"], 120)
+    wait_until(lambda: client.status()["indexing"] == "watching", 120)
+    client.request("shutdown")
+    client.notify("exit", None)
+    wait_until(lambda: str(third.resolve()) not in json.loads(tcp.record_file.read_text())["roots"], 60)
+
+
+def test_root_refusal_allow_list(tmp_path):
+    """The rule behind the refusal: the server user's own folders, or under an --allow-root folder."""
+    from longllama_lsp.auth import root_refusal
+
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    assert root_refusal(tmp_path) is None
+    assert "does not exist" in root_refusal(tmp_path / "nope") or "No such file" in root_refusal(tmp_path / "nope")
+    if os.geteuid() == 0:
+        os.chown(theirs, NOBODY, NOBODY)
+        assert "--allow-root" in root_refusal(theirs)
+        assert root_refusal(theirs, [theirs.resolve()]) is None
+        assert root_refusal(theirs / "sub", [theirs.resolve()]) is None
+
+
+def test_documents_are_limited_as_text_arrives():
+    """Per session: one document's size, their count and their sum, checked at didOpen/didChange."""
+    from lsprotocol import types
+
+    from longllama_lsp.documents import DocumentLimit, Documents
+
+    def item(uri: str, text: str) -> types.TextDocumentItem:
+        return types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)
+    docs = Documents(max_documents=2, max_chars=100, max_document_chars=60)
+    docs.open(item("a", "x" * 50))
+    with pytest.raises(DocumentLimit, match="limit 60"):
+        docs.open(item("big", "x" * 61))
+    with pytest.raises(DocumentLimit, match="per session"):
+        docs.open(item("b", "x" * 51))
+    docs.open(item("b", "x" * 50))
+    with pytest.raises(DocumentLimit, match="documents are open"):
+        docs.open(item("c", "x"))
+    grow = types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri="b", version=2),
+        content_changes=[types.TextDocumentContentChangeWholeDocument(text="y" * 55)])
+    with pytest.raises(DocumentLimit):
+        docs.change(grow, "utf-16")
+    assert "b" not in docs and docs.chars == 50  # an edit past a limit drops the document
+    docs.close("a")
+    assert docs.chars == 0 and len(docs) == 0

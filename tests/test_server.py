@@ -74,13 +74,12 @@ def test_completion_item_replaces_the_word_before_the_cursor():
     assert item.text_edit.new_text == "value + 1" == item.insert_text and item.label == "value + 1"
 
 
-def test_non_loopback_addresses_need_allow_remote_and_token():
+def test_non_loopback_addresses_need_allow_remote():
     def ns(**kw):
-        return argparse.Namespace(**{"tcp": True, "host": "127.0.0.1", "allow_remote": False, "token": None, **kw})
+        return argparse.Namespace(**{"tcp": True, "host": "127.0.0.1", "allow_remote": False, **kw})
     assert check_listen_address(ns()) is None and check_listen_address(ns(host="::1")) is None
     assert "--allow-remote" in check_listen_address(ns(host="0.0.0.0"))
-    assert "--token" in check_listen_address(ns(host="0.0.0.0", allow_remote=True))
-    assert check_listen_address(ns(host="0.0.0.0", allow_remote=True, token="s3cret")) is None
+    assert check_listen_address(ns(host="0.0.0.0", allow_remote=True)) is None  # the token is always required
 
 
 # -- end to end --------------------------------------------------------------------------------------------
@@ -95,10 +94,10 @@ def server_command(model_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
 
 
-def server_env() -> dict[str, str]:
+def server_env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1"}
+            "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
 INIT_OPTIONS = {"completion": {"maxTokens": "lots", "debounceMs": 0}, "ask": {"maxTokens": 12},
@@ -432,8 +431,8 @@ def free_port() -> int:
 async def test_tcp_with_token(model_dir, tmp_path):
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *server_command(model_dir, "--no-index", "--tcp", "--port", str(port), "--token", "s3cret"),
-        env=server_env(), stdout=asyncio.subprocess.PIPE)
+        *server_command(model_dir, "--no-index", "--tcp", "--port", str(port)),
+        env=server_env(LONGLLAMA_TOKEN="s3cret"), stdout=asyncio.subprocess.PIPE)
     try:
         for _ in range(300):
             try:
@@ -449,11 +448,12 @@ async def test_tcp_with_token(model_dir, tmp_path):
         second.writer.close()
         await raw.send(initialize(1, tmp_path, {"token": "wrong"}))
         assert (await raw.response(1))["error"]["code"] == -32001
-        await raw.send({"jsonrpc": "2.0", "id": 2, "method": "longllama/status"})
-        assert (await raw.response(2))["error"]["code"] == -32001
+        assert await reader.read() == b""  # refused: the connection ends
+        writer.close()
+        raw = RawClient(*await asyncio.open_connection("127.0.0.1", port))
         await raw.send(initialize(3, tmp_path, {"token": "s3cret"}))
         assert "result" in await raw.response(3)
-        writer.close()
+        raw.writer.close()
     finally:
         proc.kill()
         await proc.wait()

@@ -1,7 +1,7 @@
 """Load over TCP (issue #9): N editors connected at once to one `longllama-lsp --tcp` process.
 
 Test Data: the seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py), 1024-token window,
-one `--no-index --tcp --token` process on a free 127.0.0.1 port for the module. Each connection is its own
+one `--no-index --tcp` process (token in $LONGLLAMA_TOKEN) on a free 127.0.0.1 port for the module. Each connection is its own
 LSP session sharing the one model. The clients loop (tests/helpers_lsp.editor_loop: completions left
 in flight, edits that make them stale, completions cancelled with $/cancelRequest) with timeouts: every
 request must get a result or RequestCancelled, a client that resets its socket or exits must not
@@ -10,6 +10,7 @@ disturb the others, and the process must stay up and keep serving new clients.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -41,7 +42,7 @@ def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
 
 def start(model_dir: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(server_command(model_dir, "--no-index", "--tcp", "--port", str(port), *extra),
-                            env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=server_env(LONGLLAMA_TOKEN=TOKEN), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
 
 
@@ -55,7 +56,7 @@ def connect(port: int, root: Path, options: dict | None = None) -> SyncClient:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     port, root = free_port(), tmp_path_factory.mktemp("ws")
-    proc = start(model_dir, port, "--token", TOKEN, "--log-file", str(root.parent / "tcp.log"))
+    proc = start(model_dir, port, "--log-file", str(root.parent / "tcp.log"))
     proc.port, proc.root, proc.log = port, root, root.parent / "tcp.log"
     warm = connect(port, proc.root)  # loads the model; ends with a clean shutdown + exit
     uri = (proc.root / "warm.py").as_uri()
@@ -125,16 +126,94 @@ def test_four_clients_at_once_every_request_answered_or_cancelled(server):
 
 
 def test_the_token_is_checked_per_connection(server, tmp_path):
-    """An authenticated client does not open the door for the next connection, nor the reverse."""
+    """An authenticated client does not open the door for the next connection, nor the reverse; a
+    wrong or missing token ends the connection after its error reply."""
     good = connect(server.port, tmp_path)
     bad = SyncClient.over_tcp("127.0.0.1", server.port)
     assert bad.request("longllama/status")["error"]["code"] == -32002  # not initialized
     assert bad.initialize(tmp_path, {"token": "wrong"})["error"]["code"] == -32001
-    assert bad.request("longllama/status")["error"]["code"] == -32001
+    wait_until(lambda: bad.eof, 10)
     assert good.status()["engine"] == "ready"
     none = SyncClient.over_tcp("127.0.0.1", server.port)
     assert none.initialize(tmp_path, {})["error"]["code"] == -32001
-    assert none.request("longllama/status")["error"]["code"] == -32001
+    wait_until(lambda: none.eof, 10)
     assert good.status()["version"]
     for c in (good, bad, none):
         c.close()
+
+
+# -- limits (issue 18): nobody without the token holds a slot; sizes checked before parsing ---------------
+
+def test_unauthenticated_flood_does_not_lock_out_an_editor(server, tmp_path):
+    """70 connections that never authenticate (silent, half a header, a wrong token): an editor with the
+    token still gets its session at once (before: the 64 silent ones took every slot and the editor's
+    initialize got EOF). The silent ones are evicted or time out (pre-initialize timeout, 10 s)."""
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(66)]
+    for s in silent[:4]:
+        s.sendall(b"Content-Length: 99999")  # half a header, never finished
+    editor = connect(server.port, tmp_path)
+    assert editor.status()["engine"] == "ready"
+    closed = 0
+    for s in silent:
+        s.settimeout(20)
+        try:
+            closed += s.recv(1) == b""
+        except (ConnectionResetError, socket.timeout):
+            closed += 1
+        s.close()
+    assert closed == len(silent)
+    uri = (tmp_path / "after.py").as_uri()
+    editor.open(uri, SOURCE)
+    assert editor.complete(uri, 9, 7)["result"]["items"]
+    editor.close()
+
+
+def test_message_over_the_limit_is_skipped_unread(server, tmp_path):
+    """A 20 MB didOpen (limit 16 MB) is dropped by its Content-Length, its body read in 64 KB pieces and
+    never parsed: RSS grows < 8 MB (before: +20 MB per message, kept), the document is unknown, the
+    editor is told why, and the session keeps serving."""
+    client = connect(server.port, tmp_path)
+    client.status()
+    before = rss_kib(server.pid)
+    uri = (tmp_path / "huge.py").as_uri()
+    client.open(uri, "x = 1\n" * (20 * 1024 * 1024 // 6))
+    reply = client.complete(uri, 0, 1)
+    growth_kib = rss_kib(server.pid) - before
+    assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
+    assert growth_kib < 8 * 1024, growth_kib
+    wait_until(lambda: any("dropped unread" in n["params"]["message"] for n in client.notifications
+                           if n.get("method") == "window/showMessage"), 10)
+    assert client.status()["documents"] == 0
+    client.close()
+
+
+def test_document_over_the_size_limit_is_refused_when_it_arrives(server, tmp_path):
+    """4.2M characters (message under 16 MB, document over 4M): refused at didOpen, not at completion."""
+    client = connect(server.port, tmp_path)
+    uri = (tmp_path / "big.py").as_uri()
+    client.open(uri, "y = 2\n" * 700_000)
+    assert client.status()["documents"] == 0
+    reply = client.complete(uri, 0, 1)
+    assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
+    client.close()
+
+
+def test_idle_and_pre_initialize_timeouts(model_dir, tmp_path):
+    """A silent connection is closed after the pre-initialize timeout (10 s), an initialized session
+    after --idle-timeout without a message (before: both stayed open forever). No model is loaded."""
+    port = free_port()
+    proc = start(model_dir, port, "--idle-timeout", "2")
+    try:
+        idle = SyncClient.over_tcp("127.0.0.1", port)  # waits until the server listens
+        silent = socket.create_connection(("127.0.0.1", port), timeout=120)
+        assert "result" in idle.request("initialize", {"processId": None, "rootUri": tmp_path.as_uri(),
+                                                       "capabilities": {}, "initializationOptions": OPTIONS}, 120)
+        t0 = time.monotonic()
+        wait_until(lambda: idle.eof, 30)
+        assert time.monotonic() - t0 < 15
+        silent.settimeout(30)
+        assert silent.recv(1) == b""
+        silent.close()
+    finally:
+        proc.kill()
+        proc.wait()

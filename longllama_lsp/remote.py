@@ -1,0 +1,188 @@
+"""The command line as a client of a running `longllama serve --tcp` (issue 19).
+
+`longllama complete` and `ask` load the model on every call (seconds to minutes). When this user
+runs a TCP server that has the same repository open, its server record (auth.py: port, token,
+roots) lets them ask that server instead: connect to 127.0.0.1, `initialize` with the token and the
+repository as the workspace folder (the server joins the open root: nothing is indexed again), send
+the file, run one request, `shutdown`, `exit`. A plain JSON-RPC client over a socket: the CLI never
+imports the server or pygls (tests/test_layering.py).
+
+`longllama servers` lists this user's running servers, with their tokens, for editors that connect
+over TCP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .auth import ServerRecord, running_servers
+from .cli import Command
+from .errors import LongLlamaError
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 2.0
+INDEXED = ("watching", "idle", "off", "error")  # the session's indexing states once its memory is ready
+
+
+class Unreachable(Exception):
+    """The server did not answer as a server should: the caller loads the model itself."""
+
+
+class ServerError(LongLlamaError):
+    """The server answered a request with an error."""
+
+
+def find_server(repo: Path) -> ServerRecord | None:
+    """This user's live LSP server with `repo` open, if any (the newest record first)."""
+    root = repo.resolve()
+    for record in reversed(running_servers("lsp")):
+        if any(Path(r) == root for r in record.roots):
+            return record
+    return None
+
+
+class LspConnection:
+    """One LSP session over TCP: Content-Length frames of JSON, requests answered in order of need."""
+
+    def __init__(self, record: ServerRecord, timeout: float):
+        try:
+            self.sock = socket.create_connection((record.host, record.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise Unreachable(f"cannot connect to {record.host}:{record.port}: {exc}") from None
+        self.sock.settimeout(timeout)
+        self.reader = self.sock.makefile("rb")
+        self.ids = itertools.count(1)
+
+    def send(self, message: dict[str, Any]) -> None:
+        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
+        try:
+            self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError as exc:
+            raise Unreachable(f"the server closed the connection: {exc}") from None
+
+    def notify(self, method: str, params: Any) -> None:
+        self.send({"method": method, "params": params})
+
+    def request(self, method: str, params: Any = None) -> Any:
+        msg_id = next(self.ids)
+        self.send({"id": msg_id, "method": method, **({"params": params} if params is not None else {})})
+        while True:
+            msg = self._read()
+            if "method" in msg:
+                if "id" in msg:  # a request of the server's (progress, configuration): no answer needed here
+                    self.send({"id": msg["id"], "result": None})
+                continue
+            if msg.get("id") != msg_id:
+                continue
+            if "error" in msg:
+                error = msg["error"] if isinstance(msg["error"], dict) else {}
+                raise ServerError(f"the server refused {method}: {error.get('message', error)}")
+            return msg.get("result")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            length = None
+            while True:
+                line = self.reader.readline()
+                if not line:
+                    raise Unreachable("the server closed the connection")
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+                elif line.strip() == b"" and length is not None:
+                    return json.loads(self.reader.read(length))
+        except (OSError, ValueError) as exc:  # a timeout too
+            raise Unreachable(f"no answer from the server: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.request("shutdown")
+            self.notify("exit", None)
+        except (Unreachable, ServerError):
+            pass
+        self.sock.close()
+
+
+def session(record: ServerRecord, repo: Path, settings: dict[str, Any], timeout: float,
+            memory: bool) -> LspConnection:
+    """An initialized session with `repo` as its folder; with memory, once the server has it indexed."""
+    conn = LspConnection(record, timeout)
+    try:
+        root = repo.resolve()
+        conn.request("initialize", {"processId": None, "rootUri": root.as_uri(), "capabilities": {},
+                                    "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
+                                    "initializationOptions": {**settings, "token": record.token}})
+        conn.notify("initialized", {})
+        if memory:
+            deadline = time.monotonic() + timeout
+            while (state := conn.request("longllama/status")["indexing"]) not in INDEXED:
+                if time.monotonic() > deadline:
+                    raise Unreachable(f"the server is still indexing {root} ({state})")
+                time.sleep(0.2)
+    except BaseException:
+        conn.sock.close()
+        raise
+    return conn
+
+
+def utf16_column(line_text: str, col: int) -> int:
+    """An LSP position's character (UTF-16 units) for the 0-based code-point column `col`."""
+    return len(line_text[:col].encode("utf-16-le")) // 2
+
+
+def complete(record: ServerRecord, repo: Path, path: Path, text: str, line: int, col: int, line_text: str,
+             settings: dict[str, Any], memory: bool, timeout: float = 600) -> str:
+    """The inline completion at 0-based `line`, `col` (code points) of `path` holding `text`."""
+    conn = session(record, repo, settings, timeout, memory)
+    try:
+        uri = path.resolve().as_uri()
+        conn.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "", "version": 1,
+                                                              "text": text}})
+        result = conn.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": utf16_column(line_text, col)},
+            "context": {"triggerKind": 1}})  # Invoked: no debounce
+        items = (result or {}).get("items") or []
+        return items[0]["insertText"] if items else ""
+    finally:
+        conn.close()
+
+
+def ask(record: ServerRecord, repo: Path, question: str, settings: dict[str, Any], memory: bool,
+        timeout: float = 600) -> dict[str, Any]:
+    """The server's longllama/ask result (protocol.AskResult as JSON)."""
+    conn = session(record, repo, settings, timeout, memory)
+    try:
+        return conn.request("longllama/ask", {"question": question})
+    finally:
+        conn.close()
+
+
+# -- longllama servers --------------------------------------------------------------------------------------
+
+def add_servers_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the records as JSON (port, token, roots)")
+
+
+def run_servers(args: argparse.Namespace) -> int:
+    records = running_servers("lsp") + running_servers("http")
+    if args.json:
+        print(json.dumps([vars(r) for r in records], indent=2))
+        return 0
+    if not records:
+        print("no running servers (start one with `longllama serve --tcp`)")
+    for r in records:
+        roots = ", ".join(r.roots) or "no repository open"
+        print(f"{r.protocol} pid {r.pid} on {r.host}:{r.port}: {roots}\n  token: {r.token}")
+    return 0
+
+
+servers = Command(add_servers_arguments, run_servers, description=(
+    "List your running servers (`longllama serve --tcp`, the HTTP server): address, open repositories "
+    "and the token a client sends (initializationOptions.token). Only you can read these records."))
