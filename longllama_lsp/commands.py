@@ -68,10 +68,14 @@ def _running_server(args: argparse.Namespace) -> ServerRecord | None:
     if args.no_server or any((args.model, args.device, args.dtype, args.decode_dtype)):
         return None
     try:
-        return remote.find_server(Path(args.repo))
+        record = remote.find_server(Path(args.repo))
     except AuthError as exc:
         logger.warning("not looking for a running server: %s", exc)
         return None
+    if record is not None:
+        logger.info("using the running server (pid %d, %s:%d) that has %s open", record.pid, record.host,
+                    record.port, args.repo)
+    return record
 
 
 def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, Any]:

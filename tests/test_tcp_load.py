@@ -162,6 +162,7 @@ def test_unauthenticated_flood_does_not_lock_out_an_editor(server, tmp_path):
             closed += 1
         s.close()
     assert closed == len(silent)
+    print(f"{len(silent)} unauthenticated connections, all closed; the editor was served")
     uri = (tmp_path / "after.py").as_uri()
     editor.open(uri, SOURCE)
     assert editor.complete(uri, 9, 7)["result"]["items"]
@@ -179,6 +180,7 @@ def test_message_over_the_limit_is_skipped_unread(server, tmp_path):
     client.open(uri, "x = 1\n" * (20 * 1024 * 1024 // 6))
     reply = client.complete(uri, 0, 1)
     growth_kib = rss_kib(server.pid) - before
+    print(f"RSS growth after a 20 MB message over the limit: {growth_kib} KiB")
     assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
     assert growth_kib < 8 * 1024, growth_kib
     wait_until(lambda: any("dropped unread" in n["params"]["message"] for n in client.notifications

@@ -1,0 +1,84 @@
+"""`longllama complete` and `ask` through a running `longllama serve --tcp` (issue 19; remote.py).
+
+Test Data: the seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py); a two-file
+repository in tmp_path; one `--tcp --port 0` server with the fake indexer (tests/helpers_indexer.py),
+its record in a private XDG_RUNTIME_DIR, token from $LONGLLAMA_TOKEN; an editor session keeps the
+repository open. The CLI runs as a separate process with the same runtime folder (so it finds the
+record) and no token of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_lsp import SyncClient, server_command, server_env, wait_until
+from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+
+TOKEN = "remote-test-token"
+SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
+
+
+@pytest.fixture(scope="module")
+def served(smol_tokenizer_dir, tmp_path_factory):  # noqa: F811
+    base = tmp_path_factory.mktemp("remote")
+    model_dir = write_tiny_model(base / "model", smol_tokenizer_dir, max_position_embeddings=1024)
+    repo, runtime = base / "repo", base / "run"
+    repo.mkdir()
+    runtime.mkdir(mode=0o700)
+    (repo / "main.py").write_text(SOURCE)
+    (repo / "util.py").write_text("def helper(x):\n    return x + 1\n")
+    env = server_env(XDG_RUNTIME_DIR=str(runtime), LONGLLAMA_TOKEN=TOKEN)
+    proc = subprocess.Popen(server_command(model_dir, "--tcp", "--port", "0", "--indexer-factory",
+                                           "helpers_indexer:make"), env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record_file = wait_until(lambda: next(iter((runtime / "longllama").glob("server-lsp-*.json")), None), 120)
+    port = json.loads(record_file.read_text())["port"]
+    editor = SyncClient.over_tcp("127.0.0.1", port)
+    assert "result" in editor.initialize(repo, {"token": TOKEN}, timeout=180)
+    wait_until(lambda: str(repo.resolve()) in json.loads(record_file.read_text())["roots"], 180)
+    cli_env = {k: v for k, v in env.items() if k != "LONGLLAMA_TOKEN"}  # the CLI reads the record
+    yield {"proc": proc, "repo": repo, "model": model_dir, "env": cli_env, "port": port}
+    editor.close()
+    proc.kill()
+    proc.wait()
+
+
+def longllama(served, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longllama_lsp.cli", *args], env=served["env"], cwd=served["repo"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_servers_lists_the_running_server(served):
+    out = longllama(served, "servers", "--json")
+    assert out.returncode == 0, out.stderr
+    (record,) = json.loads(out.stdout)
+    assert record["port"] == served["port"] and record["token"] == TOKEN
+    assert record["roots"] == [str(served["repo"].resolve())]
+
+
+def test_complete_runs_through_the_running_server(served):
+    """No --model: the record has this repository open, so the server answers (the JSON names it)."""
+    out = longllama(served, "complete", "--repo", str(served["repo"]), "main.py:10:8", "--max-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    done = json.loads(out.stdout)
+    assert done["server"] == f"127.0.0.1:{served['port']}" and isinstance(done["text"], str)
+
+
+def test_ask_runs_through_the_running_server(served):
+    out = longllama(served, "-v", "ask", "--repo", str(served["repo"]), "what does helper do?", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert "using the running server" in out.stderr and out.stdout.strip()
+
+
+def test_complete_loads_the_model_without_a_server_for_the_repository(served, tmp_path):
+    """Another repository (not in the record), or --no-server: the model is loaded here, as before."""
+    (tmp_path / "main.py").write_text(SOURCE)
+    for extra in (["--repo", str(tmp_path), "--no-memory"], ["--repo", str(served["repo"]), "--no-server"]):
+        out = longllama(served, "complete", *extra, "--model", str(served["model"]), str(served["repo"] / "main.py")
+                        + ":10:8", "--max-tokens", "4", "--json")
+        assert out.returncode == 0, out.stderr
+        assert "server" not in json.loads(out.stdout) and "timings" in json.loads(out.stdout)
