@@ -12,7 +12,8 @@ Commands (workspace/executeCommand)
     longllama.reindex   arguments: []                              -> ReindexResult
 
 Initialization options: the settings tree of settings.py (see `settings_table()`), plus `token`
-(string) when the server listens on a non-loopback address (`--allow-remote --token`).
+(string): over TCP, always (the server's token: $LONGLLAMA_TOKEN, --token-file or its server record,
+auth.py); checked before the session exists (tcp.py). stdio needs none.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ COMMAND_ASK = "longllama.ask"
 COMMAND_REINDEX = "longllama.reindex"
 
 # Error codes (JSON-RPC reserves -32099..-32000 for implementation-defined server errors).
-UNAUTHORIZED = -32001  # initialize without the right token on a remote listener
+UNAUTHORIZED = -32001  # TCP: initialize without the right token (the connection is then closed)
 MODEL_UNAVAILABLE = -32003  # the model failed to load; message says why
 
 

@@ -272,6 +272,8 @@ class LongLlamaServer(LanguageServer):
                         return
                     self.repositories.append(await self.loop.run_in_executor(
                         None, workspace.open, root, self.session_id, self.settings.memory.budget_tokens or None))
+                    if self.ended:  # the connection dropped while the root opened: end_session released too early
+                        workspace.release(self.session_id)
                     shared.roots_changed()
                 for repo in list(self.repositories):
                     if workspace.needs_index(repo) and not self.ended:
