@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers_lsp import SyncClient, server_command, server_env, wait_until

@@ -16,10 +16,10 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
-import traceback
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pytest
