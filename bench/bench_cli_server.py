@@ -1,14 +1,16 @@
 """`longllama complete` with and without a running server (issue 19), A/B in one run.
 
 A small repository nobody here wrote (default: a copy of the installed `mdurl` package, 6 files,
-18 KB) is indexed once (`longllama index`, so both sides find the cache warm). Then, alternating:
+18 KB) is indexed once (`longllama index`, so both sides find the cache warm). Then:
 
-    A  longllama complete --no-server ...   loads the model, opens the index, completes, exits
-    B  longllama complete ...               finds this user's `longllama serve --tcp` (its server
-                                            record) with the repository open, completes through it
+    A  longllama complete ...   no server running: loads the model, opens the index, completes, exits
+    B  longllama complete ...   finds this user's `longllama serve --tcp` (its server record) with the
+                                repository open, completes through it
 
-The server is started once (not timed) with an LSP session keeping the repository open, as an
-editor would. Wall time per call (subprocess start to exit) and the 1-minute load average next to it.
+A runs first, then the server is started (not timed) with an LSP session keeping the repository
+open, as an editor would, then B. (They cannot alternate: while a server watches the repository it
+holds the index's writer lock, and a second process refuses to open it.) Wall time per call
+(subprocess start to exit) and the 1-minute load average next to it.
 
     python bench/bench_cli_server.py [--repo DIR] [--file REL:LINE:COL] [--rounds 3] [--model PATH]
 """
@@ -52,7 +54,7 @@ def main() -> None:
     ap.add_argument("--repo", help="repository (default: a copy of the installed mdurl package)")
     ap.add_argument("--file", default="mdurl/_parse.py:114:14", help="REL:LINE:COL inside the repository")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--model", help="passed to the server and to the --no-server calls")
+    ap.add_argument("--model", help="the model of the server and of the A calls (default: the bundled one)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
@@ -74,6 +76,15 @@ def main() -> None:
 
     t_index, load, _ = timed(cli("index", "--repo", str(repo), *model), env)
     print(f"index (once): {t_index:.1f} s, load {load:.1f}")
+    rows: dict[str, list[tuple[float, float]]] = {"no server (loads the model)": [], "through the running server": []}
+
+    def run(name: str, extra: list[str]) -> None:
+        for _ in range(args.rounds):
+            wall, load, text = timed(cli("complete", "--repo", str(repo), location, *extra), env)
+            rows[name].append((wall, load))
+            print(f"{name}: {wall:.2f} s (load {load:.1f}) -> {text!r}", flush=True)
+
+    run("no server (loads the model)", model)
     server = subprocess.Popen(cli("serve", "--tcp", "--port", "0", *model), env=env, stdout=subprocess.DEVNULL,
                               stderr=open(work / "server.log", "w"))
     try:
@@ -81,13 +92,7 @@ def main() -> None:
             time.sleep(0.2)
         record = running_servers("lsp")[0]
         editor = remote.session(record, repo, {}, timeout=1800, memory=True)  # the editor keeps the root open
-        rows = {"no server (loads the model)": [], "through the running server": []}
-        for _ in range(args.rounds):
-            for name, extra in (("no server (loads the model)", ["--no-server", *model]),
-                                ("through the running server", [])):
-                wall, load, text = timed(cli("complete", "--repo", str(repo), location, *extra), env)
-                rows[name].append((wall, load))
-                print(f"{name}: {wall:.2f} s (load {load:.1f}) -> {text!r}", flush=True)
+        run("through the running server", [])
         editor.close()
     finally:
         server.terminate()

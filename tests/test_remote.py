@@ -73,11 +73,10 @@ def test_ask_runs_through_the_running_server(served):
     assert "using the running server" in out.stderr and out.stdout.strip()
 
 
-def test_complete_loads_the_model_without_a_server_for_the_repository(served, tmp_path):
-    """Another repository (not in the record), or --no-server: the model is loaded here, as before."""
+def test_complete_loads_the_model_for_a_repository_no_server_has_open(served, tmp_path):
+    """A repository that is not in the record: the model is loaded here, as before (no "server" key)."""
     (tmp_path / "main.py").write_text(SOURCE)
-    for extra in (["--repo", str(tmp_path), "--no-memory"], ["--repo", str(served["repo"]), "--no-server"]):
-        out = longllama(served, "complete", *extra, "--model", str(served["model"]), str(served["repo"] / "main.py")
-                        + ":10:8", "--max-tokens", "4", "--json")
-        assert out.returncode == 0, out.stderr
-        assert "server" not in json.loads(out.stdout) and "timings" in json.loads(out.stdout)
+    out = longllama(served, "complete", "--repo", str(tmp_path), "--no-memory", "--model", str(served["model"]),
+                    str(tmp_path / "main.py") + ":10:8", "--max-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "server" not in json.loads(out.stdout) and "timings" in json.loads(out.stdout)
