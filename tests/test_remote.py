@@ -74,7 +74,7 @@ def test_ask_runs_through_the_running_server(served):
 
 
 def test_complete_loads_the_model_for_a_repository_no_server_has_open(served, tmp_path):
-    """A repository that is not in the record: the model is loaded here, as before (no "server" key)."""
+    """--model and a repository no server has open: the model is loaded here, as before (no "server" key)."""
     (tmp_path / "main.py").write_text(SOURCE)
     out = longllama(served, "complete", "--repo", str(tmp_path), "--no-memory", "--model", str(served["model"]),
                     str(tmp_path / "main.py") + ":10:8", "--max-tokens", "4", "--json")
