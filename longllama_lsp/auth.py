@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LongLlamaError
-from .resolve import cache_dir
 
 TOKEN_ENV = "LONGLLAMA_TOKEN"
 MAX_PRIVATE_FILE = 64 * 1024  # bytes; a token file or server record is tiny
@@ -33,7 +32,12 @@ class AuthError(LongLlamaError):
 def runtime_dir() -> Path:
     """$XDG_RUNTIME_DIR/longllama, else <cache>/run: created 0700; refused if a link or not ours."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "longllama" if base else cache_dir() / "run"
+    if base:
+        path = Path(base) / "longllama"
+    else:  # imported here: resolve imports the model package (torch, ~10-30 s), which `complete` through a
+        from .resolve import cache_dir  # server never needs
+
+        path = cache_dir() / "run"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
