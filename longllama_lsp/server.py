@@ -28,6 +28,7 @@ import importlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,7 @@ def run_tcp(args: argparse.Namespace, repository_factory: RepositoryFactory | No
         publish(record)
 
     shared.on_roots_changed = roots_changed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too removes the record (finally below)
     try:
         serve_tcp(args.host, port, lambda: build_server(shared=shared), shared, token,
                   TcpLimits(idle_s=args.idle_timeout), on_listening=listening)
