@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -73,9 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "longllama_lsp.server", "--tcp", "--port", str(port), "--no-index",
            "--log-file", str(work / "server.log"), *(["--model", model] if model else [])]
-    proc = subprocess.Popen(cmd, env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    options = {"completion": {"maxTokens": args.max_tokens, "debounceMs": 0}}
+    token = secrets.token_urlsafe(16)  # every TCP client sends the server's token
+    proc = subprocess.Popen(cmd, env=server_env(LONGLLAMA_TOKEN=token), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = {"completion": {"maxTokens": args.max_tokens, "debounceMs": 0}, "token": token}
     root = work / "ws"
     root.mkdir()
     try:

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
-OPTIONS = {"completion": {"maxTokens": 4, "debounceMs": 0}, "ask": {"maxTokens": 4}}
+TCP_TOKEN = "reliability-token"
+OPTIONS = {"completion": {"maxTokens": 4, "debounceMs": 0}, "ask": {"maxTokens": 4}, "token": TCP_TOKEN}
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 REQUEST_METHODS = ["textDocument/inlineCompletion", "textDocument/completion", "longllama/ask", "longllama/status",
                    "workspace/executeCommand", "textDocument/hover", "no/such-method", "$/unknown"]
@@ -298,8 +299,8 @@ def run_load(clients: list[SyncClient], root: Path, per_client: int, rounds: int
 
 def start_tcp_server(model_dir: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(server_command(model_dir, "--no-index", "--tcp", "--port", str(port), *extra),
-                            env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env=server_env(LONGLLAMA_TOKEN=TCP_TOKEN), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_load_four_editors_on_the_stdio_server(server):
