@@ -57,13 +57,13 @@ def stdlib_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
-def tokenizer_with(*tokens: str, bos: str | None = None):
+def tokenizer_with(*tokens: str, bos: str | None = None, eos: str | None = None):
     """The stdlib BPE as a transformers tokenizer holding `tokens` as special tokens (e.g. FIM markers)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_str(stdlib_tokenizer().to_str())  # a copy: the trained one is cached per process
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos)
-    wrapped.add_special_tokens({"additional_special_tokens": [t for t in tokens if t != bos]})
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    wrapped.add_special_tokens({"additional_special_tokens": [t for t in tokens if t not in (bos, eos)]})
     return wrapped
 
 
@@ -80,3 +80,20 @@ def count_tokens_fn() -> Callable[[str], int]:
     """`len(tok.encode(s))` in the shape production passes to chunk_file."""
     tok = stdlib_tokenizer()
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
+# The special tokens each family's hub tokenizer has: (bos, eos, the fim.TEMPLATES row or None).
+# Qwen2.5-Coder has no BOS; StarCoder2's BOS and EOS are one token.
+FAMILY_SPECIALS = {"llama": ("<s>", "</s>", None), "mistral": ("<s>", "</s>", None),
+                   "qwen2": (None, "<|endoftext|>", "qwen2.5-coder"),
+                   "starcoder2": ("<|endoftext|>", "<|endoftext|>", "starcoder")}
+
+
+def family_tokenizer(family: str):
+    """The stdlib BPE with `family`'s BOS/EOS and FIM markers, as its hub tokenizer has them."""
+    from longllama_lsp.fim import TEMPLATES
+
+    bos, eos, fim = FAMILY_SPECIALS[family]
+    t = next((t for t in TEMPLATES if t.name == fim), None)
+    markers = (t.prefix, t.suffix, t.middle, *t.stops) if t else ()
+    return tokenizer_with(*dict.fromkeys(m for m in (bos, eos, *markers) if m), bos=bos, eos=eos)

@@ -46,9 +46,11 @@ def family_classes(family: str):
             "starcoder2": (t.Starcoder2Config, t.Starcoder2ForCausalLM)}[family]
 
 
-def save_family(folder: Path, family: str, rope_scaling: dict | None = None, seed: int = 0, **overrides) -> Path:
+def save_family(folder: Path, family: str, rope_scaling: dict | None = None, seed: int = 0, tokenizer=None,
+                **overrides) -> Path:
     """A seeded tiny random `family` model saved as a hub folder; rope_scaling written in the hub's older
-    form (a top-level "rope_scaling" key and rope_theta, as in Llama-3.x / DeepSeek-Coder config.json)."""
+    form (a top-level "rope_scaling" key and rope_theta, as in Llama-3.x / DeepSeek-Coder config.json).
+    tokenizer: saved beside it (default: the 29-token letter tokenizer; vocab_size must cover it)."""
     config_cls, model_cls = family_classes(family)
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, "tie_word_embeddings": False, **overrides})
@@ -63,7 +65,10 @@ def save_family(folder: Path, family: str, rope_scaling: dict | None = None, see
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    tiny_tokenizer(folder)
+    if tokenizer is None:
+        tiny_tokenizer(folder)
+    else:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
