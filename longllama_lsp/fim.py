@@ -8,6 +8,7 @@ Which markers a model uses is told by its tokenizer's vocabulary (TEMPLATES); `d
 them, `fim_prompt` assembles the token ids within a token budget. Both are pure (no model, no I/O):
 the engine decides when to use them (mid-line and multi-line completions; the repository stays in
 memory either way). Without FIM tokens, detect_fim returns None and prompting is unchanged.
+`split_fim_text` undoes a client's own FIM wrapping (an HTTP prompt), with any row's markers.
 
 Budgets after Continue's tab-autocomplete pruning (core/util/parameters.ts: maxPromptTokens,
 maxSuffixPercentage): the suffix gets at most `max_suffix_share` of the prompt, kept from its start;
@@ -38,6 +39,14 @@ class FimTemplate:
     middle: str  # marker token after which the model writes the middle
     stops: tuple[str, ...]  # tokens that end the middle (those present in the vocabulary are used)
     bos: bool  # the model was trained with BOS before the prefix marker
+    # The markers as clients write them into a text prompt, where that differs from the tokens: the
+    # CodeLlama paper's "<PRE> {prefix} <SUF>{suffix} <MID>" (Continue's and llm.nvim's templates).
+    text: tuple[str, str, str] | None = None
+
+    @property
+    def text_markers(self) -> tuple[str, str, str]:
+        """(prefix, suffix, middle) markers as they appear in a prompt that a client wrapped itself."""
+        return self.text or (self.prefix, self.suffix, self.middle)
 
 
 # One row per marker set, most specific first (a vocabulary matches the first row whose three markers it has).
@@ -46,7 +55,8 @@ TEMPLATES: tuple[FimTemplate, ...] = (
                 ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|im_end|>"), bos=False),
     FimTemplate("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",
                 ("<|endoftext|>", "<fim_pad>", "<file_sep>", "<filename>"), bos=False),
-    FimTemplate("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", ("▁<EOT>", "</s>"), bos=True),
+    FimTemplate("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", ("▁<EOT>", "</s>"), bos=True,
+                text=("<PRE> ", " <SUF>", " <MID>")),
     FimTemplate("deepseek-coder", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>",
                 ("<｜end▁of▁sentence｜>", "<|EOT|>"), bos=True),
 )
@@ -117,3 +127,30 @@ def fim_prompt(fim: FimTokens, prefix_ids: Sequence[int], suffix_ids: Sequence[i
     ids = ([fim.bos_id] if fim.bos_id is not None else []) + [fim.prefix_id, *prefix, fim.suffix_id, *suffix,
                                                                fim.middle_id]
     return FimPrompt(ids, n_prefix, n_suffix, len(prefix_ids) - n_prefix, len(suffix_ids) - n_suffix)
+
+
+@dataclass(frozen=True)
+class FimText:
+    """A text prompt a client wrapped in FIM markers itself, split back into the text around the cursor."""
+
+    template: str  # the TEMPLATES row whose markers it used
+    prefix: str
+    suffix: str
+
+
+def split_fim_text(prompt: str) -> FimText | None:
+    """`prompt` as prefix and suffix when it is `<prefix marker> P <suffix marker> S <middle marker> M`
+    in any TEMPLATES row's text markers (whatever model is served), else None.
+
+    Text before the prefix marker (a BOS, a client's file name or snippets of other files) is dropped:
+    the repository is in memory. M (a middle the client already began) continues the prefix.
+    """
+    for t in TEMPLATES:
+        pre, suf, mid = t.text_markers
+        start = prompt.find(pre)
+        hole = prompt.find(suf, start + len(pre)) if start >= 0 else -1
+        end = prompt.rfind(mid)
+        if start >= 0 and hole >= 0 and end >= hole + len(suf):
+            return FimText(t.name, prompt[start + len(pre):hole] + prompt[end + len(mid):],
+                           prompt[hole + len(suf):end])
+    return None

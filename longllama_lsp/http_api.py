@@ -1,7 +1,8 @@
 """`longllama serve --http`: an OpenAI-compatible HTTP API with the served repository in memory.
 
     GET  /v1/models              the one model this server runs
-    POST /v1/completions         prompt (+ suffix): code completion, `stream` as server-sent events
+    POST /v1/completions         prompt (+ suffix): code completion, `stream` as server-sent events; a prompt
+                                 the client wrapped in FIM markers itself is split back (fim.split_fim_text)
     POST /v1/chat/completions    messages: an answer, `stream` as server-sent events
 
 Editor extensions that speak this API (Continue, llm.nvim, ...) get the repository memory of
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .auth import ServerRecord, publish, server_token, tokens_match, unpublish
+from .fim import split_fim_text
 from .worker import Cancelled
 
 if TYPE_CHECKING:
@@ -145,7 +147,14 @@ def parse_completion(body: Any) -> CompletionRequest:
     mode = _typed(body, "mode", str, "block")
     if mode not in ("line", "block"):
         raise ApiError(400, "'mode' must be 'line' or 'block'", param="mode")
-    return CompletionRequest(prompt, _typed(body, "suffix", str, ""), mode=mode, **_common(body))
+    suffix = _typed(body, "suffix", str, "")
+    wrapped = split_fim_text(prompt)  # Continue's FIM templates, llm.nvim with fim.enabled
+    if wrapped is not None:
+        if suffix:
+            raise ApiError(400, f"the prompt is wrapped in {wrapped.template} FIM markers: send the text after "
+                                "the cursor there or in 'suffix', not both", param="suffix")
+        prompt, suffix = wrapped.prefix, wrapped.suffix
+    return CompletionRequest(prompt, suffix, mode=mode, **_common(body))
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}

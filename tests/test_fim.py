@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from helpers_tokenizer import fim_tokenizer, stdlib_tokenizer, tokenizer_with
 
-from longllama_lsp.fim import TEMPLATES, FimBudget, detect_fim, fim_prompt
+from longllama_lsp.fim import TEMPLATES, FimBudget, detect_fim, fim_prompt, split_fim_text
 
 PREFIX = "def area(r):\n    return 3.14 * "
 SUFFIX = " ** 2\n\n\nprint(area(2))\n"
@@ -76,3 +76,30 @@ def test_bos_counts_against_the_budget_and_a_budget_without_room_is_refused():
         fim_prompt(fim, [1], [2], FimBudget(max_prompt_tokens=4))
     with pytest.raises(ValueError, match="invalid FIM budget"):
         FimBudget(max_suffix_share=1.5)
+
+
+# Prompts as clients wrap them (Continue's autocomplete templates, llm.nvim's fim = {prefix, suffix, middle}).
+CLIENT_TEMPLATES = {
+    "qwen2.5-coder": "<|fim_prefix|>{p}<|fim_suffix|>{s}<|fim_middle|>",
+    "starcoder": "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>",
+    "codellama": "<PRE> {p} <SUF>{s} <MID>",
+    "deepseek-coder": "<｜fim▁begin｜>{p}<｜fim▁hole｜>{s}<｜fim▁end｜>",
+}
+
+
+def client_prompt(name: str, prefix: str = PREFIX, suffix: str = SUFFIX) -> str:
+    return CLIENT_TEMPLATES[name].format(p=prefix, s=suffix)
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_a_prompt_the_client_wrapped_splits_back_into_prefix_and_suffix(name):
+    found = split_fim_text(client_prompt(name))
+    assert (found.template, found.prefix, found.suffix) == (name, PREFIX, SUFFIX)
+
+
+def test_split_drops_the_clients_context_and_keeps_a_begun_middle():
+    repo_level = f"<|repo_name|>demo\n<|file_sep|>a.py\nX = 1\n<|file_sep|>b.py\n{client_prompt('qwen2.5-coder')}"
+    found = split_fim_text(repo_level + "pi")
+    assert (found.prefix, found.suffix) == (PREFIX + "pi", SUFFIX)
+    assert split_fim_text(PREFIX) is None and split_fim_text(f"<fim_prefix>{PREFIX}<fim_middle>") is None
+    assert split_fim_text("<fim_prefix>a<fim_middle>b<fim_suffix>c") is None  # not prefix-suffix-middle

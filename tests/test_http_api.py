@@ -183,6 +183,24 @@ def test_models_and_a_completion_with_suffix(client):
 
 
 @pytest.mark.e2e
+def test_a_prompt_wrapped_in_fim_markers_by_the_client_is_split_back(client):
+    """Continue's FIM templates and llm.nvim (fim.enabled) wrap prefix and suffix themselves, in the
+    markers of the model they think is served: the engine gets the text around the cursor as with
+    prompt + suffix (and builds its own prompt: SmolLM2 has no FIM tokens), not the markers as text."""
+    from test_fim import CLIENT_TEMPLATES, client_prompt
+
+    indexed(client)
+    plain = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=6)
+    for template in CLIENT_TEMPLATES:
+        wrapped = client.completions.create(model="tiny", prompt=client_prompt(template, PREFIX, SUFFIX),
+                                            max_tokens=6)
+        assert wrapped.choices[0].text == plain.choices[0].text, template
+        assert wrapped.usage.prompt_tokens == plain.usage.prompt_tokens, template
+    with pytest.raises(openai.BadRequestError, match="FIM markers"):
+        client.completions.create(model="tiny", prompt=client_prompt("starcoder"), suffix=SUFFIX, max_tokens=2)
+
+
+@pytest.mark.e2e
 def test_chat_non_streamed_and_streamed(client):
     indexed(client)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does alpha return?"}]
