@@ -148,11 +148,10 @@ def parse_completion(body: Any) -> CompletionRequest:
     if mode not in ("line", "block"):
         raise ApiError(400, "'mode' must be 'line' or 'block'", param="mode")
     suffix = _typed(body, "suffix", str, "")
-    wrapped = split_fim_text(prompt)  # Continue's FIM templates, llm.nvim with fim.enabled
+    # Continue's FIM templates, llm.nvim with fim.enabled. A client that sends a suffix wrapped nothing:
+    # markers in its prompt are the buffer's text (e.g. a FIM table in the code being edited).
+    wrapped = None if suffix else split_fim_text(prompt)
     if wrapped is not None:
-        if suffix:
-            raise ApiError(400, f"the prompt is wrapped in {wrapped.template} FIM markers: send the text after "
-                                "the cursor there or in 'suffix', not both", param="suffix")
         prompt, suffix = wrapped.prefix, wrapped.suffix
     return CompletionRequest(prompt, suffix, mode=mode, **_common(body))
 
