@@ -33,10 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError, ModelError
-from .configuration_longllama import LongLlamaConfig
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config class imports transformers (seconds): only loading a model needs it
     from transformers import PreTrainedTokenizerBase
+
+    from .configuration_longllama import LongLlamaConfig
 
     from .modeling_longllama import LongLlamaForCausalLM
 
@@ -75,6 +75,8 @@ def read_config_dict(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> LongLlamaConfig:
     """A checkpoint's config as a LongLlamaConfig; a plain LLaMA config gets `mem_layers=[]`."""
+    from .configuration_longllama import LongLlamaConfig
+
     raw = read_config_dict(path)
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
