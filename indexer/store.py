@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING, Any
 from sqlite_utils import Database
 
 from indexer.schema import (
-    STORE_ENCODING,
     CHUNK_INPUT_FIELDS,
     SCHEMA_VERSION,
+    STORE_ENCODING,
     ChunkRow,
     FileRow,
     Fingerprint,

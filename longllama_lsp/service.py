@@ -478,4 +478,5 @@ class _ProgressReporter:
         names = ", ".join(self.open_names) or "open files"
         tail = "" if p.message == "open files" else " and their imports" if len(self.open_names) > 1 \
             else " and its imports"
-        return f"ready: {names}{tail} ({p.done}/{p.total} files, the rest continues)"
+        rest = ", the rest continues" if p.done < p.total else ""
+        return f"ready: {names}{tail} ({p.done}/{p.total} files{rest})"

@@ -412,7 +412,7 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
-def test_cli_status_imports_neither_torch_nor_transformers(tiny, tmp_path):
+def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_transformers(tiny, tmp_path):
     repo = small_repo(tmp_path / "repo")
     assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
     code = ("import sys; from longllama_lsp.cli import main; rc = main(['status', sys.argv[1]]); "
@@ -421,6 +421,11 @@ def test_cli_status_imports_neither_torch_nor_transformers(tiny, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert "files:    2" in done.stdout
     assert done.stdout.rstrip().endswith("[]")  # 20-40 s of imports on a busy machine, for reading SQLite
+    noop = code.replace("['status', sys.argv[1]]", "['index', sys.argv[1], '--model', sys.argv[2], '-q', "
+                        f"'--chunk-tokens', '{CHUNK_TOKENS}']")
+    done = subprocess.run([sys.executable, "-c", noop, str(repo), str(tiny[2])], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.stdout.rstrip().endswith("['torch']")  # a no-op index reads tensors' dtypes, never transformers
 
 
 def test_fingerprint_from_checkpoint_files_matches_the_model_and_follows_its_files(tiny, tmp_path):

@@ -22,7 +22,8 @@ _LAZY = {"PRESETS": ".configuration_longllama", "LongLlamaConfig": ".configurati
          "LongLlamaForCausalLM": ".modeling_longllama", "LongLlamaModel": ".modeling_longllama",
          "LongLlamaOutput": ".modeling_longllama"}
 
-__all__ = sorted(_LAZY)
+__all__ = ["PRESETS", "LongLlamaCache", "LongLlamaConfig", "LongLlamaForCausalLM", "LongLlamaModel",  # noqa: F822
+           "LongLlamaOutput", "MemCache", "Memory"]  # (loaded by __getattr__)
 
 
 def register() -> None:

@@ -33,11 +33,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError, ModelError
+
 if TYPE_CHECKING:  # the config class imports transformers (seconds): only loading a model needs it
     from transformers import PreTrainedTokenizerBase
 
     from .configuration_longllama import LongLlamaConfig
-
     from .modeling_longllama import LongLlamaForCausalLM
 
 log = logging.getLogger(__name__)
