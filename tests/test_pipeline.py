@@ -428,6 +428,15 @@ def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_t
     assert done.stdout.rstrip().endswith("['torch']")  # a no-op index reads tensors' dtypes, never transformers
 
 
+def test_the_cli_loads_a_tokenizer_without_unknown_model_type_warnings(tiny):
+    """The CLI defers the Auto classes' registration; AutoTokenizer still reads our config.json."""
+    code = ("import sys, longllama_lsp; longllama_lsp.defer_model_registration = True; "
+            "from longllama_lsp.model.loading import load_tokenizer; load_tokenizer(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny[2])], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert "model of type" not in done.stderr, done.stderr
+
+
 def test_fingerprint_from_checkpoint_files_matches_the_model_and_follows_its_files(tiny, tmp_path):
     from indexer.pipeline import checkpoint_fingerprint, fingerprint_for
 

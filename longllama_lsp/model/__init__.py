@@ -26,14 +26,24 @@ __all__ = ["PRESETS", "LongLlamaCache", "LongLlamaConfig", "LongLlamaForCausalLM
            "LongLlamaOutput", "MemCache", "Memory"]  # (loaded by __getattr__)
 
 
+def register_config() -> None:
+    """Register LongLlamaConfig with AutoConfig (idempotent): what AutoTokenizer needs to read our
+    config.json without warning about an unknown model type."""
+    from transformers import AutoConfig
+
+    from .configuration_longllama import LongLlamaConfig
+
+    AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
+
+
 def register() -> None:
     """Register LongLlamaConfig and LongLlamaForCausalLM with transformers' Auto classes (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .configuration_longllama import LongLlamaConfig
     from .modeling_longllama import LongLlamaForCausalLM
 
-    AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
+    register_config()
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
 
 

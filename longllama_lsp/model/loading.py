@@ -299,6 +299,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (tokenizer.json, or a SentencePiece tokenizer.model)."""
     from transformers import AutoTokenizer
 
+    from . import register_config
+
+    register_config()  # AutoTokenizer reads config.json (registration may be deferred: see the package)
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         if not (path / "tokenizer.model").is_file():
