@@ -2,9 +2,10 @@
 
 `import longllama_lsp.model` registers it (what `AutoModelForCausalLM.from_pretrained` users rely
 on, see the model card convert.py writes). The `longllama` CLI defers that (it sets
-`longllama_lsp.defer_model_registration` before its first import): its fast paths (`--help`, a no-op `index`, `status`) import submodules
-such as `.memory` and `.loading` for tensors and checkpoint metadata, and transformers alone costs
-seconds. Deferred, the classes below load, and register, on first attribute access.
+`longllama_lsp.defer_model_registration` before its first import): its fast paths (`--help`, a
+no-op `index`, `status`) import submodules such as `.memory` and `.loading` for tensors and
+checkpoint metadata, and transformers alone costs seconds. Deferred, the classes below load, and
+register, on first attribute access; `loading.load_tokenizer` registers the config for AutoTokenizer.
 """
 
 from __future__ import annotations
