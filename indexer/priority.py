@@ -59,13 +59,15 @@ class Tiers:
 
 
 def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], bytes | None],
-          recent: Sequence[str] = (), ready_bytes: int = READY_BYTES) -> Tiers:
+          recent: Sequence[str] = (), ready_bytes: int | None = None) -> Tiers:
     """Order `paths` (repository-relative, '/'-separated) for indexing.
 
     first: the open files (those not in `paths` are ignored); read: a path's bytes, or None;
     recent: recently changed paths, newest first (see `recently_changed`); ready_bytes: the budget
-    of 'open' + 'imports' (an import that does not fit goes to 'further'; a smaller later one may fit).
+    of 'open' + 'imports' (default READY_BYTES; an import that does not fit goes to 'further', a
+    smaller later one may fit).
     """
+    ready_bytes = READY_BYTES if ready_bytes is None else ready_bytes
     known = set(paths)
     out, placed = Tiers(), set()
 

@@ -321,7 +321,10 @@ def test_kill9_mid_index_then_resume_equals_uninterrupted(tiny, tmp_path):
 
 # -- priority: useful first ------------------------------------------------------------------------
 
-def test_open_file_and_its_imports_are_in_memory_before_the_rest_is_read(tiny, tmp_path):
+def test_open_file_and_its_imports_are_in_memory_before_the_rest_is_read(tiny, tmp_path, monkeypatch):
+    import indexer.priority
+
+    monkeypatch.setattr(indexer.priority, "READY_BYTES", 60_000)  # utils.py and both its imports (52 kB)
     root = copy_packages(tmp_path / "repo", "email")
     seen = []
 
