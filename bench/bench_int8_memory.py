@@ -26,14 +26,14 @@ from bench_encoding import chunk_ids, encode_independent, nll, parse_args, pick_
 
 
 def int8_round_trip(memory):
-    from indexer.quant import dequantize_rows, quantize_rows
-    from longllama_lsp.model.memory import MemCache, Memory
+    """Through the index's own blob codec (indexer.schema, encoding 'int8-rows'): what the store gives back."""
+    from indexer.schema import Fingerprint, decode_memory, encode_memory
 
-    out = {}
-    for layer, c in memory.items():
-        k, v = (dequantize_rows(*quantize_rows(x), x.dtype) for x in (c.keys, c.values))
-        out[layer] = MemCache(k, v, c.mask)
-    return Memory(out)
+    first = next(iter(memory.values())).keys  # (1, Hkv, T, D)
+    fp = Fingerprint("bench", "bench", "bench", str(first.dtype).removeprefix("torch."), tuple(memory),
+                     kv_heads=first.shape[1], head_dim=first.shape[3])
+    row, mask, data = encode_memory(memory, fp, "int8-rows")
+    return decode_memory(row["dtype"], row["shape"], row["layers"], mask, data, row["encoding"])
 
 
 def main() -> None:

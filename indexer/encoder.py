@@ -9,6 +9,7 @@ sequential encoding, in perplexity of held-out code.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,13 +118,17 @@ class LazyEncoder:
     """
 
     def __init__(self, model_dir, load: Callable[[], tuple], batch_tokens: int = 4096):
-        from longllama_lsp.model.loading import load_config
-
         self.model_dir, self._load, self.batch_tokens = model_dir, load, batch_tokens
-        self.max_chunk_tokens = load_config(model_dir).max_position_embeddings
         self._encoder: Encoder | None = None
         self._tokenizer = None
         self._stats = EncodeStats()
+
+    @functools.cached_property
+    def max_chunk_tokens(self) -> int:
+        """Read when a file is chunked: the config class imports transformers, which a no-op never needs."""
+        from longllama_lsp.model.loading import load_config
+
+        return load_config(self.model_dir).max_position_embeddings
 
     @property
     def loaded(self) -> bool:

@@ -12,6 +12,7 @@ memory is missing and encodes just those.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,10 +93,24 @@ def fingerprint_for(model, model_dir: Path) -> Fingerprint:
 def checkpoint_fingerprint(model_dir: Path) -> Fingerprint:
     """The index fingerprint from the checkpoint's files alone (config, and file hashes the loader's
     sidecar caches by size and mtime): equal to `fingerprint_for(loaded model, model_dir)`."""
-    from longllama_lsp.model.loading import fingerprint_details, load_config
+    from longllama_lsp.model.loading import fingerprint_details
 
-    cfg = load_config(model_dir)
-    return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
+    kv_heads, head_dim = _kv_shape(model_dir)
+    return Fingerprint.from_details(fingerprint_details(model_dir), kv_heads, head_dim)
+
+
+def _kv_shape(model_dir: Path) -> tuple[int, int]:
+    """(KV heads, head dim) from config.json as LlamaConfig defaults them; the config class itself
+    imports transformers (seconds of a no-op index), so it is built only for a config that lacks them."""
+    from longllama_lsp.model.loading import load_config, read_config_dict
+
+    raw = read_config_dict(model_dir)
+    try:
+        heads = int(raw["num_attention_heads"])
+        return int(raw.get("num_key_value_heads") or heads), int(raw.get("head_dim") or raw["hidden_size"] // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        cfg = load_config(model_dir)  # its clear CheckpointError for a broken config
+        return cfg.num_key_value_heads, cfg.head_dim
 
 
 def checkpoint_meta(model_dir: Path) -> dict[str, str | None]:
@@ -169,14 +184,19 @@ class Indexer:
     def __init__(self, root: Path, store: Store, bank: MemoryBank, encoder: Encoder,
                  rules: WalkRules = WalkRules(), chunk_tokens: int = 256):  # noqa: B008 (frozen)
         self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
-        # A chunk longer than the model's window would be cut short by the encoder: its memory
-        # would miss the tail while its row claims the whole text.
-        self.rules, self.chunk_tokens = rules, min(chunk_tokens, encoder.max_chunk_tokens)
+        self.rules, self._chunk_tokens = rules, chunk_tokens
         self.lock = threading.RLock()
         self.loaded = False  # bank filled from the store
         self.state = "idle"  # idle | indexing | watching
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
+
+    @functools.cached_property
+    def chunk_tokens(self) -> int:
+        """The chunk budget. A chunk longer than the model's window would be cut short by the encoder: its
+        memory would miss the tail while its row claims the whole text. (Read on the first file to chunk:
+        a lazy encoder learns the window from the config, which a no-op pass never needs.)"""
+        return min(self._chunk_tokens, self.encoder.max_chunk_tokens)
 
     @classmethod
     def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,

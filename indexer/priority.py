@@ -5,8 +5,9 @@ the memory of the file they are in and its neighbours now. `tiers(...)` orders t
 
     open       the files open in an editor (`longllama index --first PATH`, the server's documents)
     imports    what those import (tree-sitter import statements, resolved to repository files;
-               nothing is executed or imported)
-    further    what those import in turn (in a tightly coupled package this is most of it)
+               nothing is executed or imported), in statement order until READY_BYTES of source
+    further    the imports over that budget, then what the imports import in turn (in a tightly
+               coupled package this is most of it)
     recent     files touched by the last commits (`git log`, read-only) and files edited since
     rest       everything else, in walk order
 
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 RECENT_COMMITS = 30  # commits whose files count as recently changed
 GIT_TIMEOUT_S = 10
+# Source bytes of the open files' neighbourhood ('open' + 'imports') to have in memory first: ~6k
+# tokens at the ~3.8 bytes/token SmolLM2's tokenizer gives Python (cattrs), about a minute of encoding
+# at ~100 tokens/s on a busy 2-core CPU. An import hub (cattrs/converters.py imports 22.8k tokens)
+# would otherwise hold the 'ready' report for minutes. The open files themselves always go first.
+READY_BYTES = 24_000
 _JS_SUFFIXES = ("", ".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.tsx", "/index.js")
 
 
@@ -53,12 +59,15 @@ class Tiers:
 
 
 def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], bytes | None],
-          recent: Sequence[str] = ()) -> Tiers:
+          recent: Sequence[str] = (), ready_bytes: int | None = None) -> Tiers:
     """Order `paths` (repository-relative, '/'-separated) for indexing.
 
     first: the open files (those not in `paths` are ignored); read: a path's bytes, or None;
-    recent: recently changed paths, newest first (see `recently_changed`).
+    recent: recently changed paths, newest first (see `recently_changed`); ready_bytes: the budget
+    of 'open' + 'imports' (default READY_BYTES; an import that does not fit goes to 'further', a
+    smaller later one may fit).
     """
+    ready_bytes = READY_BYTES if ready_bytes is None else ready_bytes
     known = set(paths)
     out, placed = Tiers(), set()
 
@@ -69,10 +78,26 @@ def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], byte
                 tier.append(p)
 
     place(out.open, first)
-    place(out.imports, [t for p in out.open for t in imported_paths(p, read(p), known)])
-    place(out.further, [t for p in out.imports for t in imported_paths(p, read(p), known)])
+    imports = [t for p in out.open for t in imported_paths(p, read(p), known)]
+    place(out.imports, _within(imports, ready_bytes - sum(_size(read, p) for p in out.open), read))
+    # The direct imports over the budget first: they are closer than the imports of imports.
+    place(out.further, imports + [t for p in out.imports for t in imported_paths(p, read(p), known)])
     place(out.recent, recent)
     place(out.rest, paths)
+    return out
+
+
+def _size(read: Callable[[str], bytes | None], path: str) -> int:
+    return len(read(path) or b"")
+
+
+def _within(paths: list[str], room: int, read: Callable[[str], bytes | None]) -> list[str]:
+    """The paths, in order, that fit in `room` bytes; one too large is passed over, not the rest."""
+    out = []
+    for p in dict.fromkeys(paths):
+        if (size := _size(read, p)) <= room:
+            out.append(p)
+            room -= size
     return out
 
 

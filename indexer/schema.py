@@ -9,15 +9,20 @@ One SQLite file per (repository, model). Tables:
     chunks    id PK; path -> files(path) ON DELETE CASCADE; ordinal (unique per path); byte and
               1-based inclusive line ranges; symbol, kind, token_count, content_hash (sha256 of the text)
     memories  content_hash PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data, mac
-              (mac: keyed BLAKE2b of the row under this user's key, indexer.signing)
+              (mac: keyed BLAKE2b of the row under this user's key, indexer.signing), encoding
+              ('raw' | 'int8-rows', see below)
 
 Memories are keyed by content hash alone (the whole file belongs to one model fingerprint, and each
 row repeats it), so identical chunk text anywhere in the repository, or on another branch, is
 encoded once. A chunk row may exist before its memory: the pipeline encodes what is missing.
 
-Memory blob layout (`data`), native little-endian, no header:
+Memory blob layout (`data`), native little-endian, no header, by `encoding`:
 
-    for layer in layers (ascending):  keys (Hkv, T, D) then values (Hkv, T, D), C-contiguous, in `dtype`
+    raw        for layer in layers (ascending):  keys (Hkv, T, D) then values (Hkv, T, D), C-contiguous,
+               in `dtype` (every row before migration 3; kept and read as they are, see m003)
+    int8-rows  for layer in layers (ascending):  keys q (Hkv, T, D) int8, keys scale (Hkv, T) float16,
+               then values q, values scale: indexer.quant's rows, dequantised on load into `dtype`
+               (52% of bfloat16's bytes at D = 64; perplexity with memory +0.01%, BENCHMARKS.md)
 
 `mask` is the float32 (T,) additive mask, or NULL when every slot is visible (the usual case).
 Blobs go last in the row so metadata queries never read overflow pages.
@@ -90,6 +95,17 @@ def m002_memory_mac(db: Database) -> None:
     """Each memory row's MAC under the user's key (indexer.signing): rows without one are not trusted."""
     db.execute("ALTER TABLE memories ADD COLUMN mac BLOB")
 
+
+@migrations()
+def m003_memory_encoding(db: Database) -> None:
+    """int8 rows with float16 scales (indexer.quant) for new memories. Old rows stay 'raw' and are read
+    as they are: they are exact, their MACs stay valid, and rewriting a 500 MB index on open would hold
+    the writer lock for minutes; `longllama index --rebuild` shrinks an old index when one wants it."""
+    db.execute("ALTER TABLE memories ADD COLUMN encoding TEXT NOT NULL DEFAULT 'raw'")
+
+
+ENCODINGS = ("raw", "int8-rows")
+STORE_ENCODING = "int8-rows"  # what new memories are written as
 
 SCHEMA_VERSION = len(migrations._migrations)
 
@@ -183,10 +199,13 @@ CHUNK_INPUT_FIELDS = ("start_byte", "end_byte", "start_line", "end_line", "symbo
                       "token_count", "content_hash")
 
 
-def encode_memory(memory: Memory, fp: Fingerprint) -> tuple[dict, bytes | None, bytes]:
+def encode_memory(memory: Memory, fp: Fingerprint, encoding: str = STORE_ENCODING
+                  ) -> tuple[dict, bytes | None, bytes]:
     """Validate `memory` against the model fingerprint and lay it out as (row fields, mask, data)."""
     import torch
 
+    if encoding not in ENCODINGS:
+        raise ValueError(f"memory encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     if list(memory) != list(fp.mem_layers):
         raise ValueError(f"memory layers {list(memory)} != model mem_layers {list(fp.mem_layers)}")
     t = memory.num_tokens
@@ -199,23 +218,35 @@ def encode_memory(memory: Memory, fp: Fingerprint) -> tuple[dict, bytes | None, 
             if tuple(x.shape) != expected or x.dtype != fp.torch_dtype:
                 raise ValueError(f"layer {layer} {name}: got {tuple(x.shape)} {x.dtype}, "
                                  f"expected {expected} {fp.torch_dtype}")
-            # Raw bytes through numpy (which has no bfloat16, hence the uint8 view); bytes.join is the one
-            # copy and, unlike torch.cat, does not stall when other processes hog the CPU threads.
-            parts.append(memoryview(x.detach().to("cpu").contiguous().view(torch.uint8).numpy()).cast("B"))
+            parts.extend(_blob_parts(x.detach().to("cpu"), encoding))
         m = cache.mask.detach().reshape(-1).to("cpu", torch.float32)
         if mask is None:
             mask = m
         elif not torch.equal(m, mask):
             raise ValueError(f"layer {layer} mask differs from layer {fp.mem_layers[0]}'s")
-    data = b"".join(parts)  # (2 * L * Hkv * T * D * itemsize,) bytes
+    data = b"".join(parts)  # raw: (2 L Hkv T D itemsize,) bytes; int8-rows: (2 L Hkv T (D + 2),)
     mask_blob = mask.numpy().tobytes() if bool((mask != 0).any()) else None
     row = dict(n_tokens=t, dtype=fp.mem_dtype, shape=json.dumps([fp.kv_heads, t, fp.head_dim]),
-               layers=json.dumps(list(fp.mem_layers)), nbytes=len(data))
+               layers=json.dumps(list(fp.mem_layers)), nbytes=len(data), encoding=encoding)
     return row, mask_blob, data
 
 
-def decode_memory(dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes) -> Memory:
-    """Inverse of encode_memory; one copy (bytes -> bytearray), the tensors are views of it."""
+def _blob_parts(x: torch.Tensor, encoding: str) -> list[memoryview]:
+    """One (1, Hkv, T, D) tensor's bytes: itself (raw), or its int8 rows then their float16 scales."""
+    import torch
+
+    from indexer.quant import quantize_rows
+
+    # Raw bytes through numpy (which has no bfloat16, hence the uint8 view); bytes.join is the one
+    # copy and, unlike torch.cat, does not stall when other processes hog the CPU threads.
+    tensors = [x] if encoding == "raw" else list(quantize_rows(x))  # q (1, Hkv, T, D), scale (1, Hkv, T, 1)
+    return [memoryview(y.contiguous().view(torch.uint8).numpy()).cast("B") for y in tensors]
+
+
+def decode_memory(dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes,
+                  encoding: str = "raw") -> Memory:
+    """Inverse of encode_memory. raw: one copy (bytes -> bytearray), the tensors are views of it;
+    int8-rows: dequantised into `dtype` (indexer.quant.dequantize_rows, the reference itself)."""
     import torch
 
     from longllama_lsp.model.memory import MemCache, Memory
@@ -224,19 +255,52 @@ def decode_memory(dtype: str, shape: str, layers: str, mask: bytes | None, data:
     layer_ids = json.loads(layers)
     if dtype not in MEM_DTYPES:
         raise ValueError(f"memory dtype {dtype!r} is not one of {MEM_DTYPES}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"memory encoding {encoding!r} is not one of {ENCODINGS}")
     tdtype = getattr(torch, dtype)
+    if encoding == "int8-rows":
+        return _decode_int8_rows(tdtype, h, t, d, layer_ids, _mask_tensor(mask, t), data)
     n = h * t * d
     itemsize = torch.empty((), dtype=tdtype).element_size()
     if len(data) != 2 * len(layer_ids) * n * itemsize:
         raise ValueError(f"memory blob has {len(data)} bytes, expected {2 * len(layer_ids) * n * itemsize}")
     flat = torch.frombuffer(bytearray(data), dtype=tdtype)  # bytearray: writable, no warning
-    if mask is None:
-        m = torch.zeros(1, 1, t, 1, dtype=torch.float32)
-    else:
-        m = torch.frombuffer(bytearray(mask), dtype=torch.float32).view(1, 1, t, 1)
+    m = _mask_tensor(mask, t)
     out = {}
     for i, layer in enumerate(layer_ids):
         k = flat[2 * i * n:(2 * i + 1) * n].view(1, h, t, d)  # (1, Hkv, T, D)
         v = flat[(2 * i + 1) * n:(2 * i + 2) * n].view(1, h, t, d)
         out[layer] = MemCache(k, v, m)
     return Memory(out)
+
+
+def _mask_tensor(mask: bytes | None, t: int) -> torch.Tensor:
+    """The (1, 1, T, 1) float32 additive mask a row stores (NULL: all visible)."""
+    import torch
+
+    if mask is None:
+        return torch.zeros(1, 1, t, 1, dtype=torch.float32)
+    if len(mask) != 4 * t:
+        raise ValueError(f"memory mask has {len(mask)} bytes, expected {4 * t}")
+    return torch.frombuffer(bytearray(mask), dtype=torch.float32).view(1, 1, t, 1)
+
+
+def _decode_int8_rows(tdtype: torch.dtype, h: int, t: int, d: int, layer_ids: list[int], m: torch.Tensor,
+                      data: bytes) -> Memory:
+    import torch
+
+    from indexer.quant import dequantize_rows
+    from longllama_lsp.model.memory import MemCache, Memory
+
+    n_q, n_s = h * t * d, 2 * h * t  # bytes of one tensor's int8 rows and of its float16 scales
+    if len(data) != 2 * len(layer_ids) * (n_q + n_s):
+        raise ValueError(f"memory blob has {len(data)} bytes, expected {2 * len(layer_ids) * (n_q + n_s)}")
+    buf = bytearray(data)  # one copy: writable, no warning
+
+    def tensor(i: int) -> torch.Tensor:  # the i-th stored tensor: 0 = layer 0 keys, 1 = its values, ...
+        at = i * (n_q + n_s)
+        q = torch.frombuffer(buf, dtype=torch.int8, offset=at, count=n_q).view(1, h, t, d)
+        scale = torch.frombuffer(buf, dtype=torch.float16, offset=at + n_q, count=h * t).view(1, h, t, 1)
+        return dequantize_rows(q, scale, tdtype)  # (1, Hkv, T, D)
+
+    return Memory({layer: MemCache(tensor(2 * i), tensor(2 * i + 1), m) for i, layer in enumerate(layer_ids)})

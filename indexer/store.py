@@ -50,6 +50,7 @@ from sqlite_utils import Database
 from indexer.schema import (
     CHUNK_INPUT_FIELDS,
     SCHEMA_VERSION,
+    STORE_ENCODING,
     ChunkRow,
     FileRow,
     Fingerprint,
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data, mac"
+MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data, mac, encoding"
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite opens these by name, beside the database
 REBUILD_HINT = "run `longllama index --rebuild` to delete and rebuild it"
 CHUNK_COLUMNS = ", ".join(ChunkRow.__dataclass_fields__)
@@ -415,17 +416,20 @@ class Store:
                "WHERE value NOT IN (SELECT content_hash FROM memories)")
         return {r[0] for r in self.db.execute(sql, [json.dumps(list(hashes))])}
 
-    def put_memories(self, memories: Mapping[str, Memory], *, batch_bytes: int = 64 << 20) -> int:
+    def put_memories(self, memories: Mapping[str, Memory], *, batch_bytes: int = 64 << 20,
+                     encoding: str = STORE_ENCODING) -> int:
         """Store memories by content hash (already stored ones are kept); returns how many were new.
 
+        `encoding` (schema.ENCODINGS): int8 rows by default; 'raw' stores the bank dtype's bits as they are.
         Commits every ~batch_bytes, so a kill loses at most one batch of encoding work.
         """
         added, pending, size = 0, [], 0
         for content_hash, memory in memories.items():
-            row, mask, data = encode_memory(memory, self.fingerprint)
-            mac = self._mac(content_hash, row["dtype"], row["shape"], row["layers"], mask, data)
+            row, mask, data = encode_memory(memory, self.fingerprint, encoding)
+            mac = self._mac(content_hash, row["dtype"], row["shape"], row["layers"], mask, data, row["encoding"])
             pending.append([content_hash, self.fingerprint.digest, row["n_tokens"], row["dtype"],
-                            row["shape"], row["layers"], row["nbytes"], time.time(), mask, data, mac])
+                            row["shape"], row["layers"], row["nbytes"], time.time(), mask, data, mac,
+                            row["encoding"]])
             size += row["nbytes"]
             if size >= batch_bytes:
                 added, pending, size = added + self._insert_memories(pending), [], 0
@@ -438,7 +442,7 @@ class Store:
             before = self.db.conn.total_changes
             self.db.conn.executemany(
                 "INSERT OR IGNORE INTO memories (content_hash, fingerprint, n_tokens, dtype, shape, layers, "
-                "nbytes, created_at, mask, data, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "nbytes, created_at, mask, data, mac, encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             return self.db.conn.total_changes - before
 
     def get_memory(self, content_hash: str) -> Memory | None:
@@ -472,19 +476,25 @@ class Store:
                                   "(SELECT value FROM json_each(?))", [json.dumps(rowids[i:i + 4096])])
             yield from self._decode_rows(cur, batch)
 
-    def _mac(self, content_hash: str, dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes) -> bytes:
-        return sign(self._key, self.fingerprint.digest, content_hash, dtype, shape, layers, mask, data)
+    def _mac(self, *row: str | bytes | None) -> bytes:
+        return sign(self._key, *self._signed(*row))
+
+    def _signed(self, content_hash: str, dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes,
+                encoding: str) -> tuple[str | bytes | None, ...]:
+        # The encoding is signed too (relabelling int8 bytes as raw must not verify); a raw row signs
+        # without it, so rows written before migration 3 keep their MACs.
+        extra = () if encoding == "raw" else (encoding,)
+        return (self.fingerprint.digest, content_hash, dtype, shape, layers, mask, data, *extra)
 
     def _decode_rows(self, cur: sqlite3.Cursor, batch: int) -> Iterator[tuple[str, Memory]]:
         forged = []
         while rows := cur.fetchmany(batch):
-            for content_hash, dtype, shape, layers, mask, data, mac in rows:
-                if not verify(self._key, mac, self.fingerprint.digest, content_hash, dtype, shape, layers,
-                              mask, data):
+            for content_hash, dtype, shape, layers, mask, data, mac, encoding in rows:
+                if not verify(self._key, mac, *self._signed(content_hash, dtype, shape, layers, mask, data, encoding)):
                     forged.append(content_hash)
                     continue
                 try:
-                    memory = decode_memory(dtype, shape, layers, mask, data)
+                    memory = decode_memory(dtype, shape, layers, mask, data, encoding)
                 except ValueError as e:
                     raise StoreError(f"index {self.path}: memory {content_hash} is corrupt ({e}); "
                                      f"{REBUILD_HINT}") from e

@@ -8,3 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# True: `import longllama_lsp.model` does not import transformers to register the model's Auto classes
+# (the CLI's fast paths; see longllama_lsp.model). Per process: a child process registers as usual.
+defer_model_registration = False

@@ -8,6 +8,7 @@ Plain Protocols, no imports of the indexer: the engine and the server depend on 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -42,7 +43,8 @@ class MemorySource(Protocol):
 
 
 class Progress(Protocol):
-    """One progress report: `phase` is 'scan' (files) or 'encode' (chunks)."""
+    """One progress report: `phase` is 'scan' (files), 'encode' (chunks), or 'ready' (a priority tier's
+    memory is in the bank: `message` names the tier, done/total count files ready of all)."""
 
     phase: str
     done: int
@@ -59,7 +61,10 @@ ProgressFn = Callable[[Progress], None]
 class Repository(MemorySource, Protocol):
     """One indexed root, as the workspace drives it."""
 
-    def index(self, progress: ProgressFn | None = None) -> Any: ...  # a full pass; returns a summary
+    # A full pass, returns a summary; priority_paths (the files open in an editor) and their neighbourhood
+    # are in memory first, the 'ready' Progress says when.
+    def index(self, progress: ProgressFn | None = None, priority_paths: Iterable[str | os.PathLike] = ()
+              ) -> Any: ...
 
     def start_watching(self) -> Any: ...
 

@@ -305,9 +305,10 @@ class LongLlamaServer(LanguageServer):
         if progress:
             self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
                 title="LongLLaMA: indexing", message=repo.root.name, percentage=0, cancellable=False))
-        report = _ProgressReporter(self, token if progress else None, repo.root)
+        open_paths = [p for p in map(to_fs_path, self.documents.uris()) if p]  # their neighbourhood first
+        report = _ProgressReporter(self, token if progress else None, repo.root, open_paths)
         try:
-            await self.loop.run_in_executor(None, self.shared.workspace.index, repo, report)
+            await self.loop.run_in_executor(None, self.shared.workspace.index, repo, report, open_paths)
         finally:
             if progress:
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=summary_line(repo)))
@@ -451,19 +452,31 @@ class LongLlamaServer(LanguageServer):
 class _ProgressReporter:
     """Indexing progress as $/progress reports (throttled) and debug log lines."""
 
-    def __init__(self, session: LongLlamaServer, token: str | None, root: Path):
+    def __init__(self, session: LongLlamaServer, token: str | None, root: Path, open_paths: list[str]):
         self.session, self.token, self.root, self.last = session, token, root, 0.0
+        self.open_names = [Path(p).name for p in open_paths if Path(p).resolve().is_relative_to(root.resolve())]
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
-        if now - self.last < PROGRESS_EVERY_S and p.done < p.total:
-            return
+        if p.phase != "ready" and now - self.last < PROGRESS_EVERY_S and p.done < p.total:
+            return  # a 'ready' report is never throttled: it is the one the user waits for
         self.last = now
-        share = (0, 20) if p.phase == "scan" else (20, 80)  # scanning is cheap next to encoding
-        pct = share[0] + (share[1] * p.done) // p.total if p.total else None
-        unit = "files" if p.phase == "scan" else "chunks"
-        text = f"{p.phase} {p.done}/{p.total} {unit} {p.message}".strip()
+        if p.phase == "ready":
+            text, pct = self._ready_text(p), None
+        else:
+            share = (0, 20) if p.phase == "scan" else (20, 80)  # scanning is cheap next to encoding
+            pct = share[0] + (share[1] * p.done) // p.total if p.total else None
+            unit = "files" if p.phase == "scan" else "chunks"
+            text = f"{p.phase} {p.done}/{p.total} {unit} {p.message}".strip()
         if self.token is not None:
             self.session.call_soon(self.session.work_done_progress.report, self.token,
                                    types.WorkDoneProgressReport(message=text, percentage=pct))
         logger.debug("indexing %s: %s", self.root, text)
+
+    def _ready_text(self, p: Progress) -> str:
+        """'ready: a.py and its imports' (tier 'their imports'), 'ready: a.py' (tier 'open files')."""
+        names = ", ".join(self.open_names) or "open files"
+        tail = "" if p.message == "open files" else " and their imports" if len(self.open_names) > 1 \
+            else " and its imports"
+        rest = ", the rest continues" if p.done < p.total else ""
+        return f"ready: {names}{tail} ({p.done}/{p.total} files{rest})"

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +93,11 @@ class Workspace:
         entry = self._entry(repo)
         return entry is not None and not entry.indexed
 
-    def index(self, repo: Repository, progress: ProgressFn | None = None) -> Any:
-        """A full pass over `repo` (only new content reaches the model); returns its summary."""
-        summary = repo.index(progress=progress)
+    def index(self, repo: Repository, progress: ProgressFn | None = None, priority_paths: Sequence[str] = ()
+              ) -> Any:
+        """A full pass over `repo` (only new content reaches the model), `priority_paths` (files open in
+        an editor) and their neighbourhood first; returns its summary."""
+        summary = repo.index(progress=progress, priority_paths=priority_paths)
         logger.info("indexed %s: %s", repo.root, summary_line(repo))
         return summary
 

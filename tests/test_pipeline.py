@@ -321,7 +321,10 @@ def test_kill9_mid_index_then_resume_equals_uninterrupted(tiny, tmp_path):
 
 # -- priority: useful first ------------------------------------------------------------------------
 
-def test_open_file_and_its_imports_are_in_memory_before_the_rest_is_read(tiny, tmp_path):
+def test_open_file_and_its_imports_are_in_memory_before_the_rest_is_read(tiny, tmp_path, monkeypatch):
+    import indexer.priority
+
+    monkeypatch.setattr(indexer.priority, "READY_BYTES", 60_000)  # utils.py and both its imports (52 kB)
     root = copy_packages(tmp_path / "repo", "email")
     seen = []
 
@@ -412,7 +415,7 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
-def test_cli_status_imports_neither_torch_nor_transformers(tiny, tmp_path):
+def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_transformers(tiny, tmp_path):
     repo = small_repo(tmp_path / "repo")
     assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
     code = ("import sys; from longllama_lsp.cli import main; rc = main(['status', sys.argv[1]]); "
@@ -421,6 +424,20 @@ def test_cli_status_imports_neither_torch_nor_transformers(tiny, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert "files:    2" in done.stdout
     assert done.stdout.rstrip().endswith("[]")  # 20-40 s of imports on a busy machine, for reading SQLite
+    noop = code.replace("['status', sys.argv[1]]", "['index', sys.argv[1], '--model', sys.argv[2], '-q', "
+                        f"'--chunk-tokens', '{CHUNK_TOKENS}']")
+    done = subprocess.run([sys.executable, "-c", noop, str(repo), str(tiny[2])], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.stdout.rstrip().endswith("['torch']")  # a no-op index reads tensors' dtypes, never transformers
+
+
+def test_the_cli_loads_a_tokenizer_without_unknown_model_type_warnings(tiny):
+    """The CLI defers the Auto classes' registration; AutoTokenizer still reads our config.json."""
+    code = ("import sys, longllama_lsp; longllama_lsp.defer_model_registration = True; "
+            "from longllama_lsp.model.loading import load_tokenizer; load_tokenizer(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny[2])], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert "model of type" not in done.stderr, done.stderr
 
 
 def test_fingerprint_from_checkpoint_files_matches_the_model_and_follows_its_files(tiny, tmp_path):
@@ -475,13 +492,13 @@ def test_cli_plain_progress_lines_when_stderr_is_not_a_terminal(tiny, tmp_path):
     root = copy_packages(tmp_path / "repo", "email")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "index", str(root), "--model", str(tiny[2]),
-                           "--chunk-tokens", str(CHUNK_TOKENS), "--first", str(root / "email/utils.py")],
+                           "--chunk-tokens", str(CHUNK_TOKENS), "--first", str(root / "email/mime/text.py")],
                           capture_output=True, text=True, env=env, timeout=600, check=True)
     lines = done.stderr.splitlines()
     assert "\r" not in done.stderr and not any("%|" in line for line in lines)  # no tqdm bars in a log
     assert lines[0] == "scanning: 1/" + lines[0].split("/")[1]
     assert any(line.startswith("ready: open files (1 of ") for line in lines)
-    assert any(line.startswith("ready: their imports (") for line in lines)
+    assert any(line.startswith("ready: their imports (") for line in lines)  # charset.py, nonmultipart.py: 19 kB
     encode = [line for line in lines if line.startswith("encoding: ")]
     assert encode and ", ETA " in encode[0] and "tokens/s" in encode[-1]
     assert "usable now: all " in done.stdout

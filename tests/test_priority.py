@@ -27,7 +27,7 @@ def email_copy(root: Path) -> tuple[Path, list[str]]:
 
 def test_open_file_then_its_imports_then_theirs_then_the_rest(tmp_path):
     root, paths = email_copy(tmp_path)
-    t = tiers(paths, ["email/utils.py", "not/here.py"], lambda p: (root / p).read_bytes())
+    t = tiers(paths, ["email/utils.py", "not/here.py"], lambda p: (root / p).read_bytes(), ready_bytes=10**6)
     assert t.open == ["email/utils.py"]
     # utils imports _parseaddr and charset; charset imports base64mime, quoprimime, errors, encoders
     assert t.imports == ["email/_parseaddr.py", "email/charset.py"]
@@ -35,6 +35,22 @@ def test_open_file_then_its_imports_then_theirs_then_the_rest(tmp_path):
     assert "email/mime/image.py" in t.rest
     everything = t.open + t.imports + t.further + t.recent + t.rest
     assert sorted(everything) == paths  # each path exactly once
+
+
+def test_the_ready_tier_is_capped_by_source_bytes(tmp_path):
+    """utils.py (17 kB) imports _parseaddr.py (18 kB) and charset.py (17 kB): with room for one import,
+    the first is taken, the second waits in 'further' ahead of the imports' own imports."""
+    root, paths = email_copy(tmp_path)
+    def read(p):
+        return (root / p).read_bytes()
+    open_size, first, second = (len(read(f"email/{n}.py")) for n in ("utils", "_parseaddr", "charset"))
+    t = tiers(paths, ["email/utils.py"], read, ready_bytes=open_size + first + second - 1)
+    assert (t.open, t.imports) == (["email/utils.py"], ["email/_parseaddr.py"])
+    assert t.further[0] == "email/charset.py"
+    assert sorted(t.open + t.imports + t.further + t.recent + t.rest) == paths
+    tight = tiers(paths, ["email/utils.py"], read, ready_bytes=1)  # the open file goes first whatever its size
+    assert (tight.open, tight.imports, tight.further[:2]) == (["email/utils.py"], [], ["email/_parseaddr.py",
+                                                                                         "email/charset.py"])
 
 
 def test_python_import_spellings(tmp_path):

@@ -497,6 +497,30 @@ async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
+async def test_the_open_file_and_its_imports_are_indexed_first(model_dir, tmp_path):
+    """Test Data: ten small Python files; zeta.py (last in walk order) imports helper.py and is open."""
+    files = {f"a{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(8)}
+    files |= {"helper.py": "def helper():\n    return 42\n", "zeta.py": "from helper import helper\n\nhelper()\n"}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    client, _ = await start(server_command(model_dir), tmp_path, {"completion": {"debounceMs": 0}})
+    client.root = tmp_path
+    open_doc(client, "zeta.py", files["zeta.py"])  # right after initialized: before the engine is ready
+    try:
+        await wait_for(lambda: [v for values in client.progress_reports.values() for v in values
+                                if isinstance(v, types.WorkDoneProgressEnd)], 120)
+        steps = [r.message for r in next(iter(client.progress_reports.values()))
+                 if isinstance(r, types.WorkDoneProgressReport)]
+        ready = [i for i, m in enumerate(steps) if m.startswith("ready: zeta.py and its imports (2/10 files")]
+        assert ready, steps  # zeta.py and helper.py were in memory while 8 files were still to come
+        assert any(m.startswith("encode") for m in steps[ready[0] + 1:]), steps  # the rest came after
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
 async def test_untrained_memory_layers_are_reported_once(model_dir, tmp_path):
     """Test Data: the tiny model marked as converted from a GGUF (no FoT delta, no training record)."""
     import shutil

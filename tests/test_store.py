@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from indexer.quant import dequantize_rows, quantize_rows
 from indexer.schema import FileRow, Fingerprint, migrations
 from indexer.store import Store, index_path
 from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
@@ -69,6 +70,13 @@ def assert_same_memory(a: Memory, b: Memory) -> None:
             assert torch.equal(bits(x), bits(y)), f"layer {i} {name} differs"
 
 
+def as_stored(m: Memory) -> Memory:
+    """What the default (int8-rows) store gives back for `m`: indexer.quant's reference round trip."""
+    def ref(x):
+        return dequantize_rows(*quantize_rows(x), x.dtype)
+    return Memory({i: MemCache(ref(c.keys), ref(c.values), c.mask) for i, c in m.items()})
+
+
 @pytest.fixture
 def db(tmp_path) -> Path:
     return index_path(tmp_path, FP)
@@ -104,10 +112,52 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     masked = Memory({i: MemCache(c.keys, c.values, torch.tensor([0.0] * 5 + [MASK_MIN] * 2).view(1, 1, 7, 1))
                      for i, c in m.items()})
     with Store.open(index_path(tmp_path, fp), fp) as store:
-        assert store.put_memories({"a" * 64: m, "b" * 64: masked}) == 2
+        assert store.put_memories({"a" * 64: m, "b" * 64: masked}, encoding="raw") == 2
         got = dict(store.iter_memories())
     assert_same_memory(got["a" * 64], m)
     assert_same_memory(got["b" * 64], masked)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_int8_round_trip_equals_the_quant_reference_and_halves_the_bytes(tmp_path, dtype):
+    fp = Fingerprint("c", "w", "t", dtype, (0, 2, 5), kv_heads=3, head_dim=64)
+    m = memory(7, fp, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for c in m.values():  # rows 1000x apart in scale: a scale read from the wrong row, head or tensor shows
+        for x in (c.keys, c.values):
+            x.mul_((10 ** (torch.rand(1, 3, 7, 1, generator=g) * 6 - 3)).to(x.dtype))
+    m[0].keys[0, 1, 3] = 0  # an all-zero row stays zero
+    masked = Memory({i: MemCache(c.keys, c.values, torch.tensor([0.0] * 5 + [MASK_MIN] * 2).view(1, 1, 7, 1))
+                     for i, c in m.items()})
+    with Store.open(index_path(tmp_path, fp), fp) as store:
+        assert store.put_memories({"a" * 64: m, "b" * 64: masked}) == 2
+        got = dict(store.iter_memories())
+        nbytes = {r[0]: r[1:] for r in store.db.execute("SELECT content_hash, nbytes, encoding FROM memories")}
+    assert_same_memory(got["a" * 64], as_stored(m))
+    assert_same_memory(got["b" * 64], as_stored(masked))
+    assert nbytes["a" * 64] == (2 * 3 * 3 * 7 * (64 + 2), "int8-rows")  # 2 (K, V) L Hkv T (D + float16 scale)
+    assert not torch.equal(got["a" * 64][2].keys, m[2].keys)  # it did quantise
+
+
+def test_int8_encoding_is_signed(db):
+    with Store.open(db, FP) as store:
+        store.put_memories({sha("q"): memory(3)})
+        store.db.execute("UPDATE memories SET encoding = 'raw'")  # int8 bytes relabelled as another layout
+        assert dict(store.iter_memories()) == {}
+        assert store.stats().memories == 0  # dropped, to be encoded again
+
+
+def test_raw_rows_of_an_index_before_migration_3_stay_readable(db):
+    """An index written before int8 rows: opening it migrates the schema, its rows verify and read as they are."""
+    with Store.open(db, FP) as store:
+        store.put_memories({sha("old"): memory(5)}, encoding="raw")  # signed as before migration 3
+        store.db.execute("ALTER TABLE memories DROP COLUMN encoding")
+        store.db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm003_memory_encoding'")
+    with Store.open(db, FP) as store:
+        assert [m.name for m in migrations.pending(store.db)] == []
+        assert_same_memory(store.get_memory(sha("old")), memory(5))
+        store.put_memories({sha("new"): memory(5, seed=3)})
+        assert_same_memory(store.get_memory(sha("new")), as_stored(memory(5, seed=3)))
 
 
 def test_put_memories_validates_against_fingerprint(db):
@@ -125,7 +175,7 @@ def test_put_memories_keeps_existing_and_batches(db):
         first = {sha(str(i)): memory(5, seed=i) for i in range(10)}
         assert store.put_memories(first, batch_bytes=1000) == 10  # several transactions
         assert store.put_memories({sha("0"): memory(5, seed=99)}) == 0  # content-addressed: kept
-        assert_same_memory(store.get_memory(sha("0")), first[sha("0")])
+        assert_same_memory(store.get_memory(sha("0")), as_stored(first[sha("0")]))
         got = dict(store.iter_memories([sha("3"), sha("nope"), sha("3")], batch=2))
         assert list(got) == [sha("3")]
 
@@ -146,7 +196,7 @@ def test_migrations_are_idempotent(db):
             assert schema_of(store) == schema
             assert store.meta()["created_at"] == created
             names = [m.name for m in migrations.applied(store.db)]
-            assert names == ["m001_create_tables", "m002_memory_mac"]
+            assert names == ["m001_create_tables", "m002_memory_mac", "m003_memory_encoding"]
             assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -406,8 +456,9 @@ def check_consistent(db: Path) -> None:
             g = torch.Generator().manual_seed(int(h[:12], 16))
             shape = (1, FP.kv_heads, n, FP.head_dim)
             k, v = torch.randn(shape, generator=g).to(FP.torch_dtype), torch.randn(shape, generator=g)
-            assert torch.equal(bits(m[1].keys), bits(k))
-            assert torch.equal(bits(m[1].values), bits(v.to(FP.torch_dtype)))
+            want = as_stored(Memory({1: MemCache(k, v.to(FP.torch_dtype), m[1].mask)}))[1]
+            assert torch.equal(bits(m[1].keys), bits(want.keys))
+            assert torch.equal(bits(m[1].values), bits(want.values))
         store.gc()
         orphans = store.db.execute("SELECT count(*) FROM memories "
                                    "WHERE content_hash NOT IN (SELECT content_hash FROM chunks)").fetchone()

@@ -33,11 +33,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError, ModelError
-from .configuration_longllama import LongLlamaConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the config class imports transformers (seconds): only loading a model needs it
     from transformers import PreTrainedTokenizerBase
 
+    from .configuration_longllama import LongLlamaConfig
     from .modeling_longllama import LongLlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def read_config_dict(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> LongLlamaConfig:
     """A checkpoint's config as a LongLlamaConfig; a plain LLaMA config gets `mem_layers=[]`."""
+    from .configuration_longllama import LongLlamaConfig
+
     raw = read_config_dict(path)
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -297,6 +299,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (tokenizer.json, or a SentencePiece tokenizer.model)."""
     from transformers import AutoTokenizer
 
+    from . import register_config
+
+    register_config()  # AutoTokenizer reads config.json (registration may be deferred: see the package)
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         if not (path / "tokenizer.model").is_file():
