@@ -180,7 +180,9 @@ finetune = Command(_finetune_args, run_finetune, FINETUNE_HELP)
 TRAIN_HELP = """\
 FoT crossbatch training from a TOML config with [model], [data] and [train] tables
 (finetune/configs/*.toml; fields: finetune.config.ModelArgs / TrainArgs / DataArgs).
-Multi-GPU / multi-node: `accelerate launch [--multi_gpu|--use_fsdp ...] -m longllama_lsp.cli train CONFIG`."""
+Multi-GPU / multi-node: `accelerate launch [--multi_gpu|--use_fsdp ...] -m longllama_lsp.cli train CONFIG`.
+A config with a [retrieval] table (finetune/configs/retrieval-*.toml) trains retrieval instead:
+memory encoded per chunk as at inference, examples from local code (finetune/retrieval_train.py)."""
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -202,6 +204,12 @@ def run_train(args: argparse.Namespace) -> int:
                        ("train.resume", args.resume)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    from finetune.retrieval_train import is_retrieval_recipe
+
+    if is_retrieval_recipe(args.config):  # a [retrieval] table: memory built per chunk (issue 16)
+        from finetune.retrieval_train import run
+
+        return run(args.config, overrides)
     cfg = RunConfig.load(args.config, overrides)
     result = train(cfg)
     last = result.losses.get(result.step)
@@ -227,12 +235,16 @@ train = Command(_train_args, run_train, TRAIN_HELP)
 EVAL_HELP = """\
 Perplexity of held-out files in windows (local context = the window) with: no memory; the file's
 own earlier windows; the other files of its repository; the latter plus N x as many tokens of
-unrelated repositories (distractors: the other --repo's, or --distractors-from)."""
+unrelated repositories (distractors: the other --repo's, or --distractors-from).
+--task crossfile-ids|passkey|guard|skill measures retrieval instead (finetune/skill_eval.py)."""
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    add_repository_argument(p, "repository to evaluate on", repeat=True)
+    add_repository_argument(p, "repository to evaluate on", repeat=True, required=False)
     add_model_arguments(p)
+    from finetune.skill_eval import add_arguments
+
+    add_arguments(p)  # --task: the retrieval-skill measurements (issue 16)
     p.add_argument("--heldout", action="append", default=None, metavar="PATH",
                    help="held-out file relative to its repository (repeatable; default: a seeded split)")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
@@ -252,6 +264,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from finetune.evaluate import EvalArgs, evaluate, load_repo
+
+    if args.task != "perplexity":
+        from finetune.skill_eval import run
+
+        return run(args)
+    if not args.repo:
+        print("longllama eval: give at least one --repo", file=sys.stderr)
+        return 2
 
     device = _device(args.device)
     model, tokenizer, model_dir = load_eval_model(args.model, device, args.dtype)

@@ -51,11 +51,13 @@ def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -
 
 
 def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bool = False,
-                            positional_alias: bool = False) -> None:
-    """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required).
-    Old spellings stay as hidden aliases: `--root DIR` (ask, complete), a positional (index, watch, status)."""
+                            positional_alias: bool = False, required: bool = True) -> None:
+    """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required
+    unless `required=False`: then the command checks). Old spellings stay as hidden aliases: `--root DIR`
+    (ask, complete), a positional (index, watch, status)."""
     if repeat:
-        p.add_argument("--repo", action="append", required=True, metavar="DIR", help=help + " (repeatable)")
+        p.add_argument("--repo", action="append", required=required, default=None if required else [],
+                       metavar="DIR", help=help + " (repeatable)")
         return
     p.add_argument("--repo", default=".", metavar="DIR", help=help + " (default: .)")
     p.add_argument("--root", dest="repo", help=argparse.SUPPRESS)

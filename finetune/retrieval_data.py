@@ -1,0 +1,445 @@
+"""Training data that teaches the memory layers to retrieve (issue 16), generated from local code.
+
+Every example is (memory chunks, target window): the chunks are encoded independently into memory,
+exactly as the indexer does at inference (`model.encode_memory`: keys at position 0, an unordered
+bag), and the target window is scored with that memory. Three kinds:
+
+    repo       a real file of a local package; memory = chunks of the files it imports (the
+               definitions it uses, chunks holding the names the window uses first), filled with
+               other files of its package. Loss on every target token; cross-file identifier
+               tokens (finetune.pycode) are flagged and weighted `xid_weight`.
+    synthetic  a made-up constant, function signature, dict entry or class defined in one memory
+               chunk among look-alike decoys (inserted into real code); the local context ends
+               with a use whose continuation needs the definition. Loss on the answer only (plus
+               `context_weight` on the real code before it).
+    passkey    the passkey prompt of finetune/passkey.py: memory = the chunk holding the key plus
+               filler chunks; the target ends with the question and the key. Loss on the key.
+
+Besides its own chunks (differentiable), every row sees a shared pool of distractor chunks:
+code of other packages and passkey filler (`Pool`, re-encoded without gradient every few steps).
+
+Local code only: packages of the given roots (default: this interpreter's site-packages and the
+standard library). Held-out repositories (requests, flask, click by default) are excluded at any
+depth, vendored copies included (pip/_vendor/requests).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.passkey import FILLER, QUESTION, TASK
+from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
+
+HELD_OUT = ("requests", "flask", "click")  # evaluation repositories (finetune/skill_eval.py)
+KINDS = ("repo", "synthetic", "passkey")
+SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+
+
+def default_roots() -> list[str]:
+    """This interpreter's site-packages (purelib) and the standard library."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["stdlib"], *map(str, sorted(Path("/usr/lib").glob("python3.*")))]))
+
+
+def is_held_out(rel_parts: Sequence[str], held_out: Sequence[str]) -> bool:
+    """True when any path component is (or is the dist-info of) a held-out repository."""
+    for part in rel_parts:
+        base = part.lower().removesuffix(".py")
+        if any(base == h or base.startswith(f"{h}-") or base.startswith(f"{h}_") for h in held_out):
+            return True
+    return False
+
+
+@dataclass
+class Package:
+    name: str
+    root: Path  # the directory holding the package directory
+    files: list[str]  # posix paths relative to root, e.g. "email/mime/text.py"
+
+
+def find_packages(roots: Sequence[str | Path], held_out: Sequence[str] = HELD_OUT, max_files: int = 400,
+                  max_bytes: int = 200_000, seed: int = 0) -> list[Package]:
+    """Top-level packages (directories with `__init__.py`) of `roots` with >= 2 Python files.
+
+    Files over `max_bytes`, symlinks and held-out paths are skipped; big packages keep a seeded
+    sample of `max_files` files.
+    """
+    out: list[Package] = []
+    seen: set[str] = set()  # a package name found under two roots (two stdlib copies) counts once
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for pkg in sorted(root.iterdir()):
+            if (not pkg.is_dir() or pkg.is_symlink() or pkg.name in SKIP_DIRS or "." in pkg.name
+                    or not (pkg / "__init__.py").is_file() or is_held_out([pkg.name], held_out)
+                    or pkg.name in seen):
+                continue
+            seen.add(pkg.name)
+            files = []
+            for p in sorted(pkg.rglob("*.py")):
+                rel = p.relative_to(root)
+                if (p.is_symlink() or SKIP_DIRS & set(rel.parts) or is_held_out(rel.parts, held_out)
+                        or not p.is_file()):
+                    continue
+                try:
+                    if p.stat().st_size > max_bytes:
+                        continue
+                except OSError:
+                    continue
+                files.append(rel.as_posix())
+            if len(files) >= 2:
+                if len(files) > max_files:
+                    files = sorted(random.Random(f"{seed}:{pkg.name}").sample(files, max_files))
+                out.append(Package(pkg.name, root, files))
+    return out
+
+
+@dataclass
+class FileInfo:
+    text: str
+    ids: list[int]  # [bos] + tokens + [eos]
+    offsets: list[tuple[int, int]]  # character span of each id ((0, 0) for bos/eos)
+    exports: set[str]
+    binds: set[str]
+    imports: list[str]  # repository paths it imports
+    idents: list[tuple[int, int, str]]
+
+
+class Corpus:
+    """Lazily read, analysed and tokenized files of `packages` (a bounded cache of FileInfo)."""
+
+    def __init__(self, packages: list[Package], tokenizer: Any, cache_files: int = 4000):
+        if not packages:
+            raise ValueError("no training packages found (check the roots and held-out names)")
+        self.packages, self.tokenizer = packages, tokenizer
+        self._info: dict[tuple[str, str], FileInfo | None] = {}
+        self._modules = {p.name: {module_name(f): f for f in p.files} for p in packages}
+        self._pkg_exports: dict[str, dict[str, set[str]]] = {}
+        self.cache_files = cache_files
+
+    def info(self, pkg: Package, path: str) -> FileInfo | None:
+        key = (pkg.name, path)
+        if key not in self._info:
+            if len(self._info) >= self.cache_files:
+                self._info.pop(next(iter(self._info)))
+            self._info[key] = self._load(pkg, path)
+        return self._info[key]
+
+    def _load(self, pkg: Package, path: str) -> FileInfo | None:
+        try:
+            text = (pkg.root / path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not text.strip() or "\0" in text:
+            return None
+        from indexer.walker import looks_like_secret
+
+        if looks_like_secret(text):
+            return None
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        facts = analyse(text)
+        return FileInfo(text, [bos, *enc["input_ids"], eos], [(0, 0), *enc["offset_mapping"], (0, 0)],
+                        facts.exports, facts.binds,
+                        resolve_imports(path, facts.imports, self._modules[pkg.name]), facts.identifiers)
+
+    def exports_of(self, pkg: Package) -> dict[str, set[str]]:
+        """{path: exported names} of every readable file of the package (cached)."""
+        if pkg.name not in self._pkg_exports:  # tree-sitter only: tokenizing every file would be slow
+            out = {}
+            for f in pkg.files:
+                known = self._info.get((pkg.name, f))
+                if known is not None:
+                    out[f] = known.exports
+                    continue
+                try:
+                    out[f] = exports((pkg.root / f).read_bytes())
+                except OSError:
+                    continue
+            self._pkg_exports[pkg.name] = out
+        return self._pkg_exports[pkg.name]
+
+
+@dataclass
+class Example:
+    kind: str
+    memory: list[list[int]]  # chunks of <= chunk_len ids, encoded independently
+    ids: list[int]  # target_len + 1 ids: inputs ids[:-1], next-token targets ids[1:]
+    weights: list[float]  # target_len loss weights
+    flags: list[bool]  # target_len: target is a cross-file identifier / the answer
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MixArgs:
+    """The `[retrieval]` table of a training TOML: sources, mix, shapes, weights."""
+
+    roots: list[str] = field(default_factory=default_roots)
+    held_out: list[str] = field(default_factory=lambda: list(HELD_OUT))
+    mix: dict[str, float] = field(default_factory=lambda: {"repo": 0.4, "synthetic": 0.3, "passkey": 0.3})
+    chunk_len: int = 256  # tokens per memory chunk
+    target_len: int = 256  # tokens of the scored local window
+    own_chunks: int = 4  # differentiable memory chunks per example
+    pool_code_chunks: int = 16  # shared distractor chunks of other packages
+    pool_filler_chunks: int = 8  # distinct passkey filler chunks in the pool
+    pool_filler_repeat: int = 4  # each filler chunk counted this many times (duplicates cost no encoding)
+    pool_refresh: int = 10  # steps between re-encodings of the pool
+    xid_weight: float = 3.0  # loss weight of cross-file identifier tokens in repo examples
+    context_weight: float = 0.1  # loss weight of the real code before a synthetic answer
+    max_files_per_package: int = 400
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = sorted(set(self.mix) - set(KINDS))
+        if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
+            raise ValueError(f"retrieval.mix needs non-negative weights of {KINDS}, got {self.mix}")
+        if self.own_chunks < 1 or self.chunk_len < 16 or self.target_len < 32:
+            raise ValueError("retrieval: own_chunks >= 1, chunk_len >= 16 and target_len >= 32 required")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _chunks(ids: list[int], n: int) -> list[list[int]]:
+    return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+WORDS = ("alpha amber anchor arch atlas badge basin beacon birch blade bloom bolt cedar chalk cipher "
+         "cobalt comet coral crane crest delta drift ember falcon fern flint forge frost garnet glade "
+         "granite harbor hazel helix heron indigo iris jasper kelp lantern larch ledger lumen maple "
+         "marble meadow mesa nectar nimbus oak onyx orbit otter pebble pine plume prism quartz quill "
+         "raven reef ridge rune sable saffron sage shard sierra slate sorrel spruce summit tango "
+         "thistle timber topaz tundra umber vale vapor vertex willow yarrow zephyr zinc").split()
+VERBS = "build fetch load parse render resolve scan sync merge split encode decode verify compute".split()
+PARAMS = "path name key value timeout retries strict limit mode source target count flags encoding".split()
+
+
+def _snake(rng: random.Random, n: int) -> str:
+    return "_".join(rng.sample(WORDS, n))
+
+
+def _camel(rng: random.Random, n: int) -> str:
+    return "".join(w.capitalize() for w in rng.sample(WORDS, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators
+
+
+class ExampleMaker:
+    """Seeded, endless examples of every kind (see the module docstring)."""
+
+    def __init__(self, corpus: Corpus, args: MixArgs):
+        self.corpus, self.args, self.tok = corpus, args, corpus.tokenizer
+        self.filler_ids = _encode(self.tok, " ".join([FILLER] * (8 * args.chunk_len // 20 + 8)))
+        self._targets: list[tuple[Package, str]] | None = None
+
+    # -- repo --------------------------------------------------------------------------------
+
+    def _target_files(self, rng: random.Random) -> list[tuple[Package, str]]:
+        """(package, file) pairs sampled as targets: files with at least one intra-package import."""
+        if self._targets is None:
+            cands = [(p, f) for p in self.corpus.packages for f in p.files]
+            rng.shuffle(cands)
+            self._targets = cands
+        return self._targets
+
+    def repo(self, rng: random.Random) -> Example | None:
+        a = self.args
+        cands = self._target_files(rng)
+        for _ in range(50):
+            pkg, path = cands[rng.randrange(len(cands))]
+            info = self.corpus.info(pkg, path)
+            if info is None or not info.imports or len(info.ids) < a.target_len + 1:
+                continue
+            exports = self.corpus.exports_of(pkg)
+            others = set().union(*(e for f, e in exports.items() if f != path)) if len(exports) > 1 else set()
+            names = crossfile_names(_facts_view(info), others)
+            spans = [(s, e) for s, e, n in info.idents if n in names]
+            flags = token_flags(info.text, info.offsets, spans)
+            hits = [i for i, f in enumerate(flags) if f and i >= 1]
+            if not hits:
+                continue
+            end = min(len(info.ids), rng.choice(hits) + 1 + rng.randrange(a.target_len // 4))
+            start = max(0, end - a.target_len - 1)
+            ids = info.ids[start:start + a.target_len + 1]
+            tflags = flags[start + 1:start + a.target_len + 1]
+            lo, hi = info.offsets[start + 1][0], info.offsets[start + len(ids) - 1][1]
+            window_names = {n for s, e, n in info.idents if n in names and lo <= s < hi}
+            memory = self._repo_memory(pkg, path, info, window_names, rng)
+            w = [a.xid_weight if f else 1.0 for f in tflags]
+            return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"})
+        return None
+
+    def _repo_memory(self, pkg: Package, path: str, info: FileInfo, names: set[str], rng: random.Random
+                     ) -> list[list[int]]:
+        """Chunks of the imported files, those defining `names` first; then other files of the package."""
+        a = self.args
+        ranked: list[tuple[int, float, list[int]]] = []
+        others = [f for f in pkg.files if f != path and f not in info.imports]
+        for rank, files in ((0, info.imports), (1, rng.sample(others, min(len(others), 4)))):
+            for f in files:
+                fi = self.corpus.info(pkg, f)
+                if fi is None:
+                    continue
+                for c in _chunks(list(range(len(fi.ids))), a.chunk_len):
+                    lo, hi = fi.offsets[c[0]][0], max(fi.offsets[c[-1]][1], fi.offsets[c[0]][0])
+                    text = fi.text[lo:hi]
+                    defines = sum(1 for n in names if f"def {n}" in text or f"class {n}" in text
+                                  or f"\n{n} =" in text or f"\n    {n} =" in text)
+                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1]))
+        ranked.sort(key=lambda r: (r[0], r[1]))
+        return [r[2] for r in ranked[: a.own_chunks]]
+
+    # -- synthetic ----------------------------------------------------------------------------
+
+    def _code_ids(self, rng: random.Random, n: int) -> list[int]:
+        """n consecutive ids of a random corpus file (fewer if no file is that long in 20 tries)."""
+        best: list[int] = []
+        for _ in range(20):
+            pkg = rng.choice(self.corpus.packages)
+            info = self.corpus.info(pkg, rng.choice(pkg.files))
+            if info is None:
+                continue
+            ids = info.ids[1:-1]
+            if len(ids) >= n:
+                s = rng.randrange(len(ids) - n + 1)
+                return ids[s:s + n]
+            best = max(best, ids, key=len)
+        return best
+
+    def _definition(self, rng: random.Random, kind: str) -> tuple[str, str, str]:
+        """(definition source, use prefix, answer) of one made-up name."""
+        if kind == "const":
+            name = _snake(rng, 3).upper()
+            value = str(rng.randint(100, 999999))
+            use = rng.choice([f"assert {name} == ", f"self.assertEqual({name}, ", f"# {name} defaults to "])
+            return f"{name} = {value}\n", use, value
+        if kind == "signature":
+            name = f"{rng.choice(VERBS)}_{_snake(rng, 2)}"
+            params = rng.sample(PARAMS, rng.randint(2, 4))
+            sig = ", ".join(p if i == 0 else f"{p}={rng.randint(0, 99)}" for i, p in enumerate(params))
+            body = f"def {name}({sig}):\n    return _{name}({', '.join(params)})\n"
+            return body, f"result = {name}(", ", ".join(f"{p}={p}" for p in params) + ")"
+        if kind == "dict":
+            name = _snake(rng, 2).upper()
+            keys = rng.sample(WORDS, 4)
+            vals = [rng.randint(10, 9999) for _ in keys]
+            src = f"{name} = {{{', '.join(f'{k!r}: {v}' for k, v in zip(keys, vals, strict=True))}}}\n"
+            i = rng.randrange(len(keys))
+            return src, f"assert {name}[{keys[i]!r}] == ", str(vals[i])
+        module = _snake(rng, 2)
+        cls = _camel(rng, 2)
+        return (f"class {cls}:\n    \"\"\"{module.replace('_', ' ')} registry.\"\"\"\n",
+                f"from .{module} import ", cls)
+
+    def synthetic(self, rng: random.Random) -> Example:
+        """One definition among decoys of the same kind in memory; the window ends with its use."""
+        a = self.args
+        kind = rng.choice(("const", "signature", "dict", "class"))
+        memory = []
+        target_src = None
+        slot = rng.randrange(a.own_chunks)
+        for i in range(a.own_chunks):
+            src, use, answer = self._definition(rng, kind)
+            if i == slot:
+                target_src, target_use, target_answer = src, use, answer
+            if kind == "class":  # the module name is what the use names: say it in the chunk
+                src = f"# {use.split()[1].lstrip('.')}.py\n" + src
+            memory.append(self._insert(rng, _encode(self.tok, src), a.chunk_len))
+        assert target_src is not None
+        use_ids = _encode(self.tok, "\n" + target_use)
+        ans_ids = _encode(self.tok, target_answer + "\n")
+        n_ctx = a.target_len + 1 - len(use_ids) - len(ans_ids)
+        ids = (self._code_ids(rng, n_ctx) + use_ids + ans_ids)[-(a.target_len + 1):]
+        n_ans = min(len(ans_ids), a.target_len)
+        flags = [False] * (a.target_len - n_ans) + [True] * n_ans
+        weights = [1.0 if f else a.context_weight for f in flags]
+        if len(ids) < a.target_len + 1:  # no long enough code anywhere: pad in front (weight 0)
+            pad = a.target_len + 1 - len(ids)
+            ids = [self.tok.eos_token_id] * pad + ids
+        return Example("synthetic", memory, ids, weights, flags,
+                       {"kind": kind, "answer": target_answer, "definition": target_src})
+
+    def _insert(self, rng: random.Random, definition: list[int], n: int) -> list[int]:
+        """A chunk of n ids: real code with `definition` at a random line start (by newline ids)."""
+        host = self._code_ids(rng, n)
+        room = max(0, n - len(definition))
+        host = host[:room]
+        nl = [i for i, t in enumerate(host) if "\n" in self.tok.decode([t])]
+        at = rng.choice(nl) + 1 if nl else 0
+        return (host[:at] + definition + host[at:])[:n]
+
+    # -- passkey ------------------------------------------------------------------------------
+
+    def filler_chunk(self, rng: random.Random) -> list[int]:
+        s = rng.randrange(len(self.filler_ids) - self.args.chunk_len)
+        return self.filler_ids[s:s + self.args.chunk_len]
+
+    def passkey(self, rng: random.Random) -> Example:
+        """The passkey prompt's shape: the key sentence in one memory chunk, the question local."""
+        a = self.args
+        key = str(rng.randint(1, 50000))
+        info = _encode(self.tok, f" The pass key is {key}. Remember it. {key} is the pass key.")
+        head = _encode(self.tok, TASK + "\n") if rng.random() < 0.25 else []  # the prompt's first chunk
+        if len(head) + len(info) > a.chunk_len:
+            head = []
+        before = rng.randrange(max(1, a.chunk_len - len(head) - len(info)))
+        key_chunk = (head + self.filler_chunk(rng)[:before] + info + self.filler_chunk(rng))[: a.chunk_len]
+        memory = [key_chunk] + [self.filler_chunk(rng) for _ in range(a.own_chunks - 1)]
+        rng.shuffle(memory)
+        q = _encode(self.tok, "\n" + QUESTION)
+        ans = _encode(self.tok, f" {key}.")
+        ids = (self.filler_chunk(rng) + q + ans)[-(a.target_len + 1):]
+        n_ans = min(len(ans), a.target_len)
+        flags = [False] * (a.target_len - n_ans) + [True] * n_ans
+        return Example("passkey", memory, ids, [1.0 if f else 0.0 for f in flags], flags, {"key": key})
+
+    # -- mix ----------------------------------------------------------------------------------
+
+    def example(self, rng: random.Random) -> Example:
+        kinds = [k for k in KINDS if self.args.mix.get(k, 0) > 0]
+        for _ in range(10):
+            kind = rng.choices(kinds, [self.args.mix[k] for k in kinds])[0]
+            ex = getattr(self, kind)(rng)
+            if ex is not None:
+                return ex
+        raise RuntimeError("no example could be made in 10 tries (are there packages with imports?)")
+
+    def pool(self, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+        """(distinct chunks, repeat count of each) for the shared distractor pool."""
+        a = self.args
+        code = [self._code_ids(rng, a.chunk_len) for _ in range(a.pool_code_chunks)]
+        filler = [self.filler_chunk(rng) for _ in range(a.pool_filler_chunks)]
+        return [c for c in code if c] + filler, [1] * len([c for c in code if c]) + [a.pool_filler_repeat] * len(filler)
+
+
+def _facts_view(info: FileInfo):
+    from finetune.pycode import PyFacts
+
+    return PyFacts(info.exports, info.binds, [], info.idents)
+
+
+def examples(maker: ExampleMaker, seed: int) -> Iterator[Example]:
+    """Endless examples; the same seed gives the same stream."""
+    rng = random.Random(seed)
+    while True:
+        yield maker.example(rng)
+
+
+def build_maker(args: MixArgs, tokenizer: Any) -> ExampleMaker:
+    packages = find_packages(args.roots, args.held_out, max_files=args.max_files_per_package, seed=args.seed)
+    print(f"retrieval data: {len(packages)} packages, {sum(len(p.files) for p in packages)} files "
+          f"from {', '.join(args.roots)} (held out: {', '.join(args.held_out)})", file=sys.stderr)
+    return ExampleMaker(Corpus(packages, tokenizer), args)

@@ -1,0 +1,478 @@
+"""Does memory retrieve? (`longllama eval --task ...`, issue 16). Three measurements:
+
+crossfile-ids  On held-out repositories, spans of `span_len` tokens of a file F that contain
+               cross-file identifier tokens (finetune.pycode: names F binds nowhere and another
+               file of the repository exports). Each span is scored after `budget - span_len`
+               tokens of prompt, under three systems at the same prompt budget:
+                 none    the in-file prefix only
+                 memory  the same prompt + repository memory: the other files' chunks
+                         (`chunk_len` tokens, each encoded on its own, as the indexer does), the
+                         files F imports first, then files defining the names F uses, then the
+                         rest, up to `memory_tokens`
+                 bm25    BM25 snippets of the other files (bench/crossfile/retrieval.py: 20-line
+                         windows, query = the 20 lines before the span, at most half the prompt)
+                         pasted as comments before the in-file prefix, cut to the same budget
+               Reported: mean NLL and top-1 accuracy over the cross-file identifier tokens (and
+               NLL over all span tokens).
+passkey        finetune/passkey.py's prompt at several lengths, key at a uniform random depth.
+               The last `local_len` tokens are the local context; everything before is memory in
+               `chunk_len` chunks. Memory is an unordered bag of per-chunk keys/values at position
+               0, so identical chunks (the filler repeats) are encoded once and reused across
+               trials and lengths: 64k tokens cost a few distinct chunks. Greedy answer; a trial
+               passes when the key is in it. Reported per length: accuracy, and accuracy over the
+               trials whose key sat in memory (not in the local window).
+guard          finetune.evaluate's held-out perplexity without memory (the "no harm" check).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
+
+SYSTEMS = ("none", "memory", "bm25")
+TASKS = ("crossfile-ids", "passkey", "guard")
+
+
+@dataclass
+class SkillArgs:
+    budget: int = 512  # prompt tokens before + including the scored span (all systems)
+    span_len: int = 128  # scored tokens per span
+    chunk_len: int = 256  # memory chunk (the indexer's chunk budget)
+    memory_tokens: int = 8192  # repository memory per file (files it imports first)
+    files_per_repo: int | None = 6  # files scored per repository (seeded sample of those with spans)
+    spans_per_file: int = 2
+    batch_size: int = 4
+    passkey_lengths: tuple[int, ...] = (4096, 16384, 65536)
+    passkey_trials: int = 8
+    local_len: int | None = None  # passkey local window; None = the model's last_context_length
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Repositories
+
+
+@dataclass
+class RepoFile:
+    path: str
+    text: str
+    ids: list[int]  # [bos] + tokens + [eos]
+    flags: list[bool]  # per id: a cross-file identifier token
+    imports: list[str]
+    names: set[str]  # its cross-file names
+
+
+@dataclass
+class Repo:
+    name: str
+    root: Path
+    files: dict[str, RepoFile]
+    exports: dict[str, set[str]]
+
+
+def python_files(root: Path) -> list[str]:
+    """Python files of a repository (posix, relative), skipping caches, metadata and symlinks."""
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if p.is_symlink() or not p.is_file() or any(part.endswith(".dist-info") or part == "__pycache__"
+                                                     or part.startswith(".") for part in rel.parts):
+            continue
+        out.append(rel.as_posix())
+    return out
+
+
+def load_repo(root: str | Path, tokenizer: Any) -> Repo:
+    root = Path(root)
+    texts = {}
+    for rel in python_files(root):
+        try:
+            texts[rel] = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # one unreadable file never stops the evaluation
+    ex = {p: exports(t) for p, t in texts.items()}
+    modules = {module_name(p): p for p in texts}
+    files = {}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for p, text in texts.items():
+        facts = analyse(text)
+        others = set().union(*(e for q, e in ex.items() if q != p)) if len(ex) > 1 else set()
+        names = crossfile_names(facts, others)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        flags = token_flags(text, enc["offset_mapping"], [(s, e) for s, e, n in facts.identifiers if n in names])
+        files[p] = RepoFile(p, text, [bos, *enc["input_ids"], eos], [False, *flags, False],
+                            resolve_imports(p, facts.imports, modules), names)
+    return Repo(root.resolve().name, root, files, ex)
+
+
+@dataclass
+class Span:
+    repo: str
+    path: str
+    start: int  # index into the file's ids of the first scored target
+    end: int
+
+
+def pick_spans(repo: Repo, args: SkillArgs) -> list[Span]:
+    """Seeded, non-overlapping spans holding cross-file identifier tokens."""
+    rng = random.Random(f"{args.seed}:{repo.name}")
+    per_file: dict[str, list[Span]] = {}
+    for p, f in sorted(repo.files.items()):
+        hits = [i for i, fl in enumerate(f.flags) if fl and i >= 1]
+        rng.shuffle(hits)
+        spans: list[Span] = []
+        for h in hits:
+            start = max(1, h - rng.randrange(args.span_len))
+            end = min(len(f.ids), start + args.span_len)
+            if any(s.start < end and start < s.end for s in spans):
+                continue
+            spans.append(Span(repo.name, p, start, end))
+            if len(spans) == args.spans_per_file:
+                break
+        if spans:
+            per_file[p] = sorted(spans, key=lambda s: s.start)
+    paths = sorted(per_file)
+    if args.files_per_repo is not None and len(paths) > args.files_per_repo:
+        paths = sorted(rng.sample(paths, args.files_per_repo))
+    return [s for p in paths for s in per_file[p]]
+
+
+def memory_files(repo: Repo, path: str, budget: int, seed: int) -> list[str]:
+    """Other files for `path`'s memory: imported, then defining its names, then the rest; <= budget tokens."""
+    f = repo.files[path]
+    definers = [q for q in sorted(repo.files) if q != path and repo.exports.get(q, set()) & f.names]
+    rest = [q for q in sorted(repo.files) if q != path]
+    random.Random(f"{seed}:{path}").shuffle(rest)
+    out, used = [], 0
+    for q in [*f.imports, *definers, *rest]:
+        if q in out or q == path:
+            continue
+        n = len(repo.files[q].ids)
+        if used + n > budget:
+            continue
+        out.append(q)
+        used += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# BM25 prompts (the benchmark's system (b))
+
+
+def _retrieval_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "crossfile" / "retrieval.py"
+    if not path.is_file():
+        raise RuntimeError(f"the bm25 system needs bench/crossfile/retrieval.py (a source checkout); not at {path}")
+    name = "longllama_bench_crossfile_retrieval"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def bm25_prompt(repo: Repo, span: Span, budget_tokens: int, tokenizer: Any, index: Any, retrieval: Any) -> list[int]:
+    """Ids of [snippets as comments] + in-file prefix, <= budget_tokens, ending right before the span."""
+    f = repo.files[span.path]
+    cut = f.ids[1:span.start]  # tokens before the span (bos dropped)
+    prefix = tokenizer.decode(cut)
+    query = "\n".join(prefix.split("\n")[-retrieval.WINDOW:])
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    header, _ = retrieval.build_header(count, index.top(query, span.path), budget_tokens // 2)
+    # Whole prefix lines that fit beside the header; the ids keep the file's own tokenization.
+    keep = count(retrieval.fit_prefix(count, header, prefix, budget_tokens)) if header else budget_tokens
+    tail = cut[-keep:] if keep else []
+    head = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
+    ids = [f.ids[0], *head, *tail]
+    return ids[-budget_tokens:] if len(ids) > budget_tokens else ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class SystemScore:
+    xid_nll: float = 0.0
+    xid_hits: int = 0
+    xid_tokens: int = 0
+    all_nll: float = 0.0
+    all_tokens: int = 0
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {"xid_nll": self.xid_nll / self.xid_tokens if self.xid_tokens else None,
+                "xid_top1": self.xid_hits / self.xid_tokens if self.xid_tokens else None,
+                "xid_tokens": self.xid_tokens,
+                "span_nll": self.all_nll / self.all_tokens if self.all_tokens else None,
+                "span_tokens": self.all_tokens}
+
+
+@torch.no_grad()
+def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]], memory,
+           score: SystemScore) -> None:
+    """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid)."""
+    from finetune.evaluate import _pad
+
+    rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+    ids, mask = _pad(rows, model.device)
+    out = model(ids, attention_mask=mask, memory=memory, use_cache=True, last_context_length=ids.shape[1])
+    logp = torch.log_softmax(out.logits.float(), -1)
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logp.device)
+        tgt = torch.tensor(t, device=logp.device)
+        lp = logp[i, pos].gather(-1, tgt[:, None])[:, 0]
+        top = logp[i, pos].argmax(-1) == tgt
+        fl = torch.tensor(flags[i], device=logp.device)
+        score.all_nll += float(-lp.sum())
+        score.all_tokens += len(t)
+        score.xid_nll += float(-lp[fl].sum())
+        score.xid_hits += int(top[fl].sum())
+        score.xid_tokens += int(fl.sum())
+
+
+def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
+                   progress: bool = True) -> dict[str, Any]:
+    from finetune.evaluate import MemoryCache
+    from longllama_lsp.model import Memory
+
+    model.eval()
+    if args.span_len >= args.budget:
+        raise ValueError(f"span_len {args.span_len} must be below the prompt budget {args.budget}")
+    ctx = args.budget - args.span_len
+    retrieval = _retrieval_module() if "bm25" in systems else None
+    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False)
+    scores = {s: SystemScore() for s in systems}
+    per_repo: dict[str, dict[str, SystemScore]] = {}
+    n_spans, mem_sizes = 0, []
+    t0 = time.perf_counter()
+    for repo in repos:
+        spans = pick_spans(repo, args)
+        index = retrieval.SnippetIndex(repo.root, sorted(repo.files)) if retrieval else None
+        rs = per_repo.setdefault(repo.name, {s: SystemScore() for s in systems})
+        by_file: dict[str, list[Span]] = {}
+        for s in spans:
+            by_file.setdefault(s.path, []).append(s)
+        for path, group in by_file.items():
+            f = repo.files[path]
+            targets = [f.ids[s.start:s.end] for s in group]
+            tflags = [f.flags[s.start:s.end] for s in group]
+            plain = [f.ids[max(0, s.start - ctx):s.start] for s in group]
+            for system in systems:
+                memory = None
+                if system == "memory":
+                    files = memory_files(repo, path, args.memory_tokens, args.seed)
+                    cache.ensure({(repo.name, q): repo.files[q].ids for q in files})
+                    memory = Memory.concat([cache.get((repo.name, q)) for q in files]) if files else None
+                    mem_sizes.append(memory.num_tokens if memory is not None else 0)
+                prompts = ([bm25_prompt(repo, s, ctx, tokenizer, index, retrieval) for s in group]
+                           if system == "bm25" else plain)
+                for b in range(0, len(group), args.batch_size):
+                    sl = slice(b, b + args.batch_size)
+                    for sc in (scores[system], rs[system]):
+                        _score(model, prompts[sl], targets[sl], tflags[sl], memory, sc)
+            n_spans += len(group)
+            if progress:
+                print(f"crossfile-ids {repo.name}/{path}: {len(group)} spans "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    out = {"systems": {s: sc.summary() for s, sc in scores.items()},
+           "per_repo": {r: {s: sc.summary() for s, sc in d.items()} for r, d in per_repo.items()},
+           "spans": n_spans, "memory_tokens_mean": sum(mem_sizes) / len(mem_sizes) if mem_sizes else 0,
+           "encoded_tokens": cache.encoded_tokens, "seconds": round(time.perf_counter() - t0, 1),
+           "args": {k: v for k, v in asdict(args).items() if not k.startswith("passkey")}}
+    base, mem = out["systems"].get("none", {}).get("xid_nll"), out["systems"].get("memory", {}).get("xid_nll")
+    if base and mem:
+        out["memory_vs_none"] = mem / base - 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey with a memory bag
+
+
+class ChunkBag:
+    """Memory of token chunks, each distinct chunk encoded once (memory is an unordered bag)."""
+
+    def __init__(self, model):
+        self.model, self.memo, self.encoded = model, {}, 0
+
+    def memory(self, chunks: list[tuple[int, ...]]):
+        from longllama_lsp.model import Memory
+
+        todo = list(dict.fromkeys(c for c in chunks if c not in self.memo))
+        for c in todo:
+            ids = torch.tensor([c], device=self.model.device)
+            self.memo[c] = self.model.encode_memory(ids)
+            self.encoded += len(c)
+        return Memory.concat([self.memo[c] for c in chunks]) if chunks else None
+
+
+@dataclass
+class PasskeyScore:
+    tokens: int
+    trials: int = 0
+    correct: int = 0
+    in_memory: int = 0  # trials whose key sentence lay in memory
+    correct_in_memory: int = 0
+    depths: list[float] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "accuracy": self.correct / self.trials if self.trials else None,
+                "accuracy_in_memory": self.correct_in_memory / self.in_memory if self.in_memory else None}
+
+
+@torch.no_grad()
+def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> dict[str, Any]:
+    from finetune.passkey import filler_chars_for, passkey_prompt
+
+    model.eval()
+    local = args.local_len or model.config.last_context_length
+    bag = ChunkBag(model)
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for n in args.passkey_lengths:
+        rng = random.Random(f"passkey-{n}-{args.seed}")
+        n_chars = filler_chars_for(tokenizer, n)
+        sc = PasskeyScore(n)
+        for trial in range(args.passkey_trials):
+            prompt, key = passkey_prompt(n_chars, rng)
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            key_at = len(tokenizer(prompt[:prompt.index(f"The pass key is {key}.")], add_special_tokens=False)["input_ids"])
+            split = max(0, len(ids) - local)
+            chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
+            memory = bag.memory(chunks)
+            window = torch.tensor([ids[split:]], device=model.device)
+            gen = model.generate(window, max_new_tokens=8, memory=memory, last_context_length=window.shape[1])
+            answer = tokenizer.decode(gen[0, window.shape[1]:], skip_special_tokens=True)
+            ok = key in answer
+            in_mem = key_at < split
+            sc.trials += 1
+            sc.correct += ok
+            sc.in_memory += in_mem
+            sc.correct_in_memory += ok and in_mem
+            sc.depths.append(round(key_at / len(ids), 3))
+            sc.answers.append(answer.strip())
+            if progress:
+                print(f"passkey {n}: trial {trial + 1} key {key} depth {key_at / len(ids):.2f} "
+                      f"{'memory' if in_mem else 'local'} -> {answer.strip()!r} "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        out[str(n)] = sc.summary()
+    out["encoded_tokens"] = bag.encoded
+    out["local_len"] = local
+    out["chunk_len"] = args.chunk_len
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def eval_guard(model, tokenizer, repo_roots: Sequence[str | Path], heldout_fraction: float = 0.3,
+               max_windows: int | None = 8, batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
+    """Held-out perplexity without memory (finetune.evaluate, the issue-6 protocol: .py files)."""
+    from finetune.evaluate import EvalArgs, evaluate, load_repo
+
+    ea = EvalArgs(window=min(512, model.window), conditions=("none",), heldout_fraction=heldout_fraction,
+                  max_windows=max_windows,
+                  batch_size=batch_size, languages=[".py"])
+    repos = [load_repo(r, tokenizer, ea) for r in repo_roots]
+    report = evaluate(model, repos, ea, progress=progress)
+    return {"perplexity": report.ppl("none"), "tokens": sum(f.tokens for f in report.files),
+            "files": [f"{f.repo}/{f.path}" for f in report.files]}
+
+
+def fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    cf = result.get("crossfile-ids")
+    if cf:
+        lines.append(f"cross-file identifier tokens ({cf['spans']} spans, {cf['systems'][next(iter(cf['systems']))]['xid_tokens']} "
+                     f"tokens; memory {cf['memory_tokens_mean']:.0f} tokens on average)")
+        lines.append(f"{'system':8} {'xid NLL':>8} {'xid top-1':>10} {'span NLL':>9}")
+        for s, v in cf["systems"].items():
+            lines.append(f"{s:8} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
+    pk = result.get("passkey")
+    if pk:
+        lines.append(f"passkey (local {pk['local_len']} tokens, memory chunks of {pk['chunk_len']})")
+        for n, v in pk.items():
+            if isinstance(v, dict):
+                lines.append(f"  {int(n):>6} tokens: {v['correct']}/{v['trials']} "
+                             f"(key in memory: {v['correct_in_memory']}/{v['in_memory']})")
+    g = result.get("guard")
+    if g:
+        lines.append(f"held-out perplexity without memory: {g['perplexity']:.4f} ({g['tokens']} tokens)")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    """`longllama eval --task` options (the perplexity mode's --repo, --model, --json are shared)."""
+    p.add_argument("--task", default="perplexity", choices=("perplexity", "skill", *TASKS),
+                   help="perplexity (default): memory conditions as above; crossfile-ids: NLL/top-1 of "
+                        "cross-file identifier tokens with repository memory, none and BM25 snippets; "
+                        "passkey: the probe with a memory bag; guard: perplexity without memory; "
+                        "skill: all three (finetune/skill_eval.py)")
+    p.add_argument("--budget", type=int, default=512, help="crossfile-ids: prompt tokens per span (default: 512)")
+    p.add_argument("--span-len", type=int, default=128, help="crossfile-ids: scored tokens per span")
+    p.add_argument("--chunk-len", type=int, default=256, help="memory chunk tokens (default: 256)")
+    p.add_argument("--memory-tokens", type=int, default=8192, help="crossfile-ids: memory per file")
+    p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
+    p.add_argument("--spans-per-file", type=int, default=2)
+    p.add_argument("--passkey-lengths", default="4096,16384,65536")
+    p.add_argument("--passkey-trials", type=int, default=8)
+    p.add_argument("--local-len", type=int, default=None, help="passkey local window (default: the model's)")
+    p.add_argument("--guard-windows", type=int, default=8, help="guard: windows per held-out file")
+
+
+def run(args) -> int:
+    """`longllama eval --task crossfile-ids|passkey|guard|skill`."""
+    import json
+
+    from finetune.commands import _device, load_eval_model
+
+    tasks = TASKS if args.task == "skill" else (args.task,)
+    if not args.repo and ("crossfile-ids" in tasks or "guard" in tasks):
+        print("longllama eval: --task crossfile-ids/guard/skill needs --repo (held-out repositories, e.g. "
+              "requests, flask, click)", file=sys.stderr)
+        return 2
+    model, tokenizer, model_dir = load_eval_model(args.model, _device(args.device), args.dtype)
+    sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
+                   memory_tokens=args.memory_tokens, files_per_repo=args.files_per_repo,
+                   spans_per_file=args.spans_per_file, batch_size=args.batch_size,
+                   passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
+                   passkey_trials=args.passkey_trials, local_len=args.local_len, seed=args.seed)
+    result: dict[str, Any] = {"model": str(model_dir)}
+    for task in tasks:
+        t0 = time.perf_counter()
+        if task == "crossfile-ids":
+            repos = [load_repo(r, tokenizer) for r in args.repo]
+            result[task] = eval_crossfile(model, tokenizer, repos, sa, progress=args.progress)
+        elif task == "passkey":
+            result[task] = eval_passkey(model, tokenizer, sa, progress=args.progress)
+        else:
+            result[task] = eval_guard(model, tokenizer, args.repo, max_windows=args.guard_windows,
+                                      batch_size=args.batch_size, progress=args.progress)
+        result[task]["seconds"] = round(time.perf_counter() - t0, 1)
+        if args.json_out and args.json_out != "-":
+            Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
+    if args.json_out == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+    return 0

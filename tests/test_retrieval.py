@@ -1,0 +1,387 @@
+"""Issue 16: cross-file facts (finetune/pycode.py), retrieval training data (finetune/retrieval_data.py),
+the per-chunk memory training step (finetune/retrieval_train.py) and the skill eval (finetune/skill_eval.py).
+
+Test Data: small Python packages written into tmp dirs (every name made up here); the recall
+fixture's byte-level BPE (tests/fixtures/recall-tiny) as tokenizer; seeded tiny LongLLaMA models
+(PRESETS["tiny"], window raised to 128 where prompts need it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import pycode
+from finetune.retrieval_data import Corpus, ExampleMaker, MixArgs, find_packages, is_held_out
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECALL = FIXTURES / "recall-tiny"
+
+SHAPES = '''"""Shapes."""
+import math
+
+DEFAULT_SIDES = 4
+
+
+class Polygon:
+    sides = DEFAULT_SIDES
+
+    def area(self):
+        return 0.0
+
+
+def make_square(size):
+    return Polygon()
+'''
+
+DRAW = '''"""Drawing."""
+from .shapes import Polygon, make_square
+from . import colors
+
+
+def draw(canvas):
+    square = make_square(3)
+    if isinstance(square, Polygon):
+        canvas.paint(colors.RED_TONE, square.area())
+    return square
+''' * 3
+
+COLORS = '''RED_TONE = "#ff0000"
+BLUE_TONE = "#0000ff"
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from longllama_lsp.model.loading import load_tokenizer
+
+    return load_tokenizer(RECALL)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> Path:
+    """Test Data: site-like root with a package `geom` (3 files), a held-out `requests`, a vendored
+    held-out copy inside `vendorer`, and a package `other` used as distractor code."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "geom").mkdir()
+    (root / "geom" / "__init__.py").write_text("")
+    (root / "geom" / "shapes.py").write_text(SHAPES)
+    (root / "geom" / "draw.py").write_text(DRAW)
+    (root / "geom" / "colors.py").write_text(COLORS)
+    (root / "requests").mkdir()
+    (root / "requests" / "__init__.py").write_text("x = 1\n")
+    (root / "requests" / "api.py").write_text("def get(url):\n    return url\n")
+    (root / "vendorer" / "_vendor" / "click").mkdir(parents=True)
+    (root / "vendorer" / "__init__.py").write_text("")
+    (root / "vendorer" / "core.py").write_text("def run():\n    return 1\n" * 20)
+    (root / "vendorer" / "_vendor" / "click" / "core.py").write_text("def command():\n    pass\n")
+    (root / "other").mkdir()
+    (root / "other" / "__init__.py").write_text("")
+    (root / "other" / "util.py").write_text(("def helper(value):\n    return value * 2\n\n") * 30)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# pycode
+
+
+def test_analyse_exports_binds_imports_and_identifiers():
+    facts = pycode.analyse(DRAW.split("\n\n\n")[0] + "\n\n\n" + DRAW.split("\n\n\n")[1])
+    assert facts.exports == {"draw"}
+    assert {"draw", "canvas", "square"} <= facts.binds
+    assert "Polygon" not in facts.binds and "make_square" not in facts.binds  # imports do not bind
+    assert pycode.Import(1, "shapes", ("Polygon", "make_square")) in facts.imports
+    assert pycode.Import(1, "", ("colors",)) in facts.imports
+    used = [n for _, _, n in facts.identifiers]
+    assert "make_square" in used and "RED_TONE" in used
+    assert "Polygon" in used  # the isinstance use, not the import (imports are skipped)
+    shapes = pycode.analyse(SHAPES)
+    assert shapes.exports == {"DEFAULT_SIDES", "Polygon", "sides", "area", "make_square"}
+    assert "size" in shapes.binds and "size" not in shapes.exports  # a parameter is no export
+
+
+def test_fast_exports_agree_with_the_full_walk():
+    import json as stdlib_json
+
+    for mod in ("decoder.py", "encoder.py", "__init__.py"):
+        text = (Path(stdlib_json.__file__).parent / mod).read_text()
+        assert pycode.exports(text) == pycode.analyse(text).exports
+
+
+def test_resolve_imports_relative_absolute_and_submodules():
+    modules = {"geom": "geom/__init__.py", "geom.shapes": "geom/shapes.py", "geom.colors": "geom/colors.py",
+               "geom.sub.deep": "geom/sub/deep.py", "geom.sub": "geom/sub/__init__.py"}
+    facts = pycode.analyse("from .shapes import Polygon\nfrom . import colors\nfrom ..shapes import x\n"
+                           "import geom.sub.deep\nimport os\n")
+    assert pycode.resolve_imports("geom/draw.py", facts.imports, modules) == [
+        "geom/shapes.py", "geom/__init__.py", "geom/colors.py", "geom/sub/deep.py"]
+    # In a package's __init__.py, "." is the package itself.
+    facts = pycode.analyse("from .deep import y\n")
+    assert pycode.resolve_imports("geom/sub/__init__.py", facts.imports, modules) == ["geom/sub/deep.py"]
+
+
+def test_crossfile_flags_mark_exactly_the_names_of_other_files(tokenizer):
+    facts = pycode.analyse(DRAW)
+    names = pycode.crossfile_names(facts, pycode.exports(SHAPES) | pycode.exports(COLORS) | {"isinstance"})
+    # Attributes count too (CrossCodeEval's criterion): square.area() names shapes.py's method.
+    assert names == {"Polygon", "make_square", "RED_TONE", "area"}  # builtins and own names excluded
+    enc = tokenizer(DRAW, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(s, e) for s, e, n in facts.identifiers if n in names]
+    flags = pycode.token_flags(DRAW, enc["offset_mapping"], spans)
+    flagged = "".join(tokenizer.decode([t]) for t, f in zip(enc["input_ids"], flags, strict=True) if f)
+    assert flagged.replace(" ", "") == ("make_square" + "Polygon" + "RED_TONE" + "area") * 3
+    # Byte spans are mapped to characters: a non-ASCII prefix shifts nothing.
+    text = "é = 1\nPolygon()\n"
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.encode().index(b"Polygon")
+    flags = pycode.token_flags(text, enc["offset_mapping"], [(start, start + len("Polygon"))])
+    assert "".join(tokenizer.decode([t]) for t, f in zip(enc["input_ids"], flags, strict=True) if f) == "Polygon"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+
+
+def test_held_out_repositories_are_excluded_at_any_depth(roots):
+    names = {p.name: p for p in find_packages([roots])}
+    assert set(names) == {"geom", "vendorer", "other"}
+    assert not any("click" in f for f in names["vendorer"].files)
+    assert is_held_out(["pip", "_vendor", "requests", "api.py"], ["requests"])
+    assert is_held_out(["flask_sqlalchemy"], ["flask"]) and not is_held_out(["flasks"], ["flask"])
+
+
+@pytest.fixture(scope="module")
+def maker(roots, tokenizer):
+    args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3, pool_code_chunks=2,
+                   pool_filler_chunks=2)
+    return ExampleMaker(Corpus(find_packages([roots]), tokenizer), args)
+
+
+def _check_shapes(ex, args):
+    assert len(ex.ids) == args.target_len + 1 and len(ex.weights) == len(ex.flags) == args.target_len
+    assert 1 <= len(ex.memory) <= args.own_chunks and all(0 < len(c) <= args.chunk_len for c in ex.memory)
+
+
+def test_repo_examples_remember_the_imported_definitions(maker, tokenizer):
+    ex = maker.repo(random.Random(1))
+    _check_shapes(ex, maker.args)
+    assert ex.meta["path"] == "geom:geom/draw.py"  # the only file with imports and long enough
+    names = ("make_square", "Polygon", "RED_TONE", "area")
+    pieces = [tokenizer.decode([t]).strip() for t, f in zip(ex.ids[1:], ex.flags, strict=True) if f]
+    assert pieces and all(any(p in n for n in names) for p in pieces)  # (the window may cut a name)
+    assert "make_square" in "".join(pieces)
+    assert all(w == maker.args.xid_weight for w, f in zip(ex.weights, ex.flags, strict=True) if f)
+    first = tokenizer.decode(ex.memory[0])
+    assert "def make_square" in first or "class Polygon" in first or "RED_TONE =" in first  # definitions first
+
+
+def test_synthetic_examples_need_the_one_defining_chunk(maker, tokenizer):
+    rng = random.Random(3)
+    for _ in range(12):
+        ex = maker.synthetic(rng)
+        _check_shapes(ex, maker.args)
+        answer = ex.meta["answer"]
+        assert tokenizer.decode([t for t, f in zip(ex.ids[1:], ex.flags, strict=True) if f]).strip() == answer
+        inputs = tokenizer.decode(ex.ids[:-1][: len(ex.ids) - 1 - sum(ex.flags)])
+        first_line = ex.meta["definition"].split("\n")[0]
+        holders = [c for c in ex.memory if first_line in tokenizer.decode(c)]
+        assert len(holders) == 1, ex.meta  # one chunk defines it; the others hold decoys
+        assert sum(ex.weights) < sum(ex.flags) + 0.2 * len(ex.flags)  # loss mostly on the answer
+        assert inputs  # the use is in the local context
+
+
+def test_passkey_examples_keep_the_key_out_of_the_local_window(maker, tokenizer):
+    rng = random.Random(5)
+    for _ in range(5):
+        ex = maker.passkey(rng)
+        _check_shapes(ex, maker.args)
+        key = ex.meta["key"]
+        answer_at = len(ex.flags) - sum(ex.flags)
+        assert key not in tokenizer.decode(ex.ids[: answer_at + 1])
+        assert tokenizer.decode([t for t, f in zip(ex.ids[1:], ex.flags, strict=True) if f]) == f" {key}."
+        assert sum(key in tokenizer.decode(c) for c in ex.memory) == 1
+
+
+def test_examples_are_deterministic_per_seed(maker):
+    a = [maker.example(random.Random("s:1")) for _ in range(3)]
+    b = [maker.example(random.Random("s:1")) for _ in range(3)]
+    assert [(x.kind, x.ids, x.memory) for x in a] == [(x.kind, x.ids, x.memory) for x in b]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory with gradient
+
+
+def _tiny(seed=0, **over):
+    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {**PRESETS["tiny"], "max_position_embeddings": 128, "last_context_length": 64, "mem_layers": [0, 1],
+           **over}
+    return LongLlamaForCausalLM(LongLlamaConfig(**cfg)).eval()
+
+
+def test_memory_from_projection_inputs_equals_encode_memory():
+    from finetune.retrieval_train import encode_inputs, memory_from_inputs
+
+    model = _tiny()
+    chunks = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [], [20, 21, 22, 23, 24, 25]]  # padding, an empty chunk
+    enc = encode_inputs(model, chunks, 6, pad_id=0)
+    mem = memory_from_inputs(model, enc, rows=2)  # rows: chunks 0-1, chunks 2-3
+    for row, pair in enumerate((chunks[:2], chunks[2:])):
+        for layer, cache in mem.items():
+            got_k, mask = cache.keys[row], cache.mask[row, 0, :, 0]
+            for j, c in enumerate(pair):
+                sl = slice(6 * j, 6 * j + 6)
+                visible = mask[sl] == 0
+                assert int(visible.sum()) == len(c)
+                if c:
+                    ref = model.encode_memory(torch.tensor([c]))[layer]
+                    torch.testing.assert_close(got_k[:, sl][:, visible], ref.keys[0], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(cache.values[row][:, sl][:, visible], ref.values[0], atol=1e-5,
+                                               rtol=1e-5)
+
+
+def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
+    from finetune.retrieval_train import batch_loss, encode_inputs
+
+    model = _tiny(vocab_size=len(maker.tok))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    att = model.model.layers[0].self_attn
+    for lin in (att.q_proj, att.k_proj, att.v_proj):
+        lin.weight.requires_grad_(True)
+    rng = random.Random(0)
+    batch = [maker.passkey(rng), maker.synthetic(rng)]
+    pool = encode_inputs(model, [maker.filler_chunk(rng)], maker.args.chunk_len, 0)
+    loss, stats = batch_loss(model, batch, pool, [3], maker.args.chunk_len, 0)
+    loss.backward()
+    for lin in (att.q_proj, att.k_proj, att.v_proj):
+        assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
+    assert stats["passkey_n"] > 0 and 0 <= stats["passkey_acc"] <= 1
+
+
+def test_training_checkpoints_resume_and_delta(tmp_path, roots, tokenizer, maker):
+    from safetensors.torch import load_file
+
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
+    from finetune.config import ModelArgs, RunConfig
+    from finetune.outputs import load_trained, save_output
+
+    base = tmp_path / "base"
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    save_output(model, tokenizer, RunConfig(), base, None, "full")
+
+    def cfg(out, steps, resume=None):
+        return RetrievalConfig(ModelArgs(path=str(base), train="memory"), maker.args,
+                               RetrievalTrainArgs(out_dir=str(out), steps=steps, batch_size=2, lr=1e-2,
+                                                  save_every=1, resume=resume, warmup_steps=0))
+
+    _, run, state = train_retrieval(cfg(tmp_path / "full", 3), maker=maker, progress=False)
+    assert state["step"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    _, run2, _ = train_retrieval(cfg(tmp_path / "part", 2), maker=maker, progress=False)
+    _, run2, _ = train_retrieval(cfg(tmp_path / "part", 3, resume="latest"), maker=maker, progress=False)
+    a, b = load_file(str(run / "adapter.safetensors")), load_file(str(run2 / "adapter.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])  # resumed == uninterrupted
+    trained, _ = load_trained(run / "checkpoints" / "step-0000002" / "delta")
+    start = load_file(str(base / "model.safetensors"))
+    k = next(iter(a))
+    assert not torch.equal(trained.state_dict()[k], start[k])  # the delta changed the memory layers
+    assert json.loads((run / "adapter.json").read_text())["mem_layers"] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Skill eval
+
+
+@pytest.fixture(scope="module")
+def eval_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout") / "geom"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "shapes.py").write_text(SHAPES)
+    (root / "draw.py").write_text(DRAW)
+    (root / "colors.py").write_text(COLORS)
+    (root / "geom-1.0.dist-info").mkdir()
+    (root / "geom-1.0.dist-info" / "skip.py").write_text("Polygon = 1\n")
+    return root
+
+
+def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tokenizer):
+    from finetune.skill_eval import SkillArgs, eval_crossfile, load_repo, memory_files, pick_spans
+
+    repo = load_repo(eval_repo, tokenizer)
+    assert sorted(repo.files) == ["__init__.py", "colors.py", "draw.py", "shapes.py"]  # no dist-info
+    assert repo.files["draw.py"].names == {"Polygon", "make_square", "RED_TONE", "area"}
+    assert memory_files(repo, "draw.py", 10_000, 0) == ["shapes.py", "__init__.py", "colors.py"]  # imported first
+    args = SkillArgs(budget=96, span_len=32, chunk_len=32, memory_tokens=4096, files_per_repo=None,
+                     spans_per_file=2, batch_size=2)
+    spans = pick_spans(repo, args)
+    assert spans and all(s.path == "draw.py" for s in spans)
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = eval_crossfile(model, tokenizer, [repo], args, progress=False)
+    n = {s: v["xid_tokens"] for s, v in out["systems"].items()}
+    assert n["none"] == n["memory"] == n["bm25"] == sum(sum(repo.files[s.path].flags[s.start:s.end]) for s in spans)
+    assert out["systems"]["memory"]["xid_nll"] != out["systems"]["none"]["xid_nll"]  # memory is used
+    assert out["memory_tokens_mean"] > 0
+
+
+def test_bm25_prompt_pastes_other_files_within_the_budget(eval_repo, tokenizer):
+    from finetune.skill_eval import Span, _retrieval_module, bm25_prompt, load_repo
+
+    repo = load_repo(eval_repo, tokenizer)
+    retrieval = _retrieval_module()
+    index = retrieval.SnippetIndex(repo.root, sorted(repo.files))
+    f = repo.files["draw.py"]
+    start = len(f.ids) - 10
+    ids = bm25_prompt(repo, Span("geom", "draw.py", start, start + 5), 200, tokenizer, index, retrieval)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= 200
+    assert "# Path: colors.py" in text or "# Path: shapes.py" in text  # a file defining names used here
+    assert "# Path: draw.py" not in text  # never the file itself
+    assert text.endswith(tokenizer.decode(f.ids[start - 5:start]))  # the in-file prefix comes last
+
+
+def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
+    from finetune.skill_eval import ChunkBag, SkillArgs, eval_passkey
+
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    bag = ChunkBag(model)
+    mem = bag.memory([(5, 6, 7), (8, 9), (5, 6, 7)])
+    assert bag.encoded == 5 and mem.num_tokens == 8
+    args = SkillArgs(passkey_lengths=(512, 2048), passkey_trials=3, chunk_len=32, local_len=48)
+    out = eval_passkey(model, tokenizer, args, progress=False)
+    assert out["512"]["trials"] == out["2048"]["trials"] == 3
+    assert out["encoded_tokens"] < (512 + 2048) * 3 / 2  # the filler repeats: few distinct chunks
+    # With a local window longer than the prompt, nothing is in memory.
+    out = eval_passkey(model, tokenizer, SkillArgs(passkey_lengths=(64,), passkey_trials=2, local_len=120),
+                       progress=False)
+    assert out["64"]["in_memory"] == 0
+
+
+def test_eval_cli_task_passkey_and_missing_repo(capsys):
+    from longllama_lsp.cli import main
+
+    rc = main(["eval", "--task", "passkey", "--model", str(RECALL), "--passkey-lengths", "128",
+               "--passkey-trials", "1", "--local-len", "32", "--chunk-len", "32", "--no-progress"])
+    assert rc == 0
+    assert "passkey (local 32 tokens" in capsys.readouterr().out
+    assert main(["eval", "--task", "crossfile-ids", "--model", str(RECALL)]) == 2
+    assert "needs --repo" in capsys.readouterr().err
+    assert main(["eval", "--model", str(RECALL)]) == 2
