@@ -273,9 +273,9 @@ def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
 def test_training_checkpoints_resume_and_delta(tmp_path, roots, tokenizer, maker):
     from safetensors.torch import load_file
 
-    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
     from finetune.config import ModelArgs, RunConfig
     from finetune.outputs import load_trained, save_output
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
 
     base = tmp_path / "base"
     model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
