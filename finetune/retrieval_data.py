@@ -247,17 +247,16 @@ class ExampleMaker:
 
     # -- repo --------------------------------------------------------------------------------
 
-    def _target_files(self, rng: random.Random) -> list[tuple[Package, str]]:
-        """(package, file) pairs sampled as targets: files with at least one intra-package import."""
+    def _target_files(self) -> list[tuple[Package, str]]:
+        """Every (package, file), the candidates for a target (fixed order: a fresh maker, e.g. after a
+        resume or in a data worker, makes the same examples from the same seed)."""
         if self._targets is None:
-            cands = [(p, f) for p in self.corpus.packages for f in p.files]
-            rng.shuffle(cands)
-            self._targets = cands
+            self._targets = [(p, f) for p in self.corpus.packages for f in p.files]
         return self._targets
 
     def repo(self, rng: random.Random) -> Example | None:
         a = self.args
-        cands = self._target_files(rng)
+        cands = self._target_files()
         for _ in range(50):
             pkg, path = cands[rng.randrange(len(cands))]
             info = self.corpus.info(pkg, path)

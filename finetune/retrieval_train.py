@@ -57,6 +57,7 @@ class RetrievalTrainArgs:
     mixed_precision: str = "no"  # no | bf16 (CUDA autocast)
     device: str | None = None  # None: cuda when available
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    data_workers: int = 0  # processes making the next steps' examples (a GPU outruns one CPU core)
     seed: int = 0
     log_every: int = 1
     save_every: int = 10  # checkpoint (and delta) every N steps, and at the end
@@ -347,6 +348,7 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
     mix, pad = cfg.retrieval, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if t.mixed_precision == "bf16" else _null()
     start = time.perf_counter() - state["elapsed_s"]
+    batches = StepBatches(maker, t.seed, t.batch_size, t.data_workers, cfg.retrieval, tokenizer)
     model.train()
     while state["step"] < t.steps:
         if t.max_minutes is not None and time.perf_counter() - start > 60 * t.max_minutes:
@@ -357,8 +359,7 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
             chunks, pool_repeat = maker.pool(random.Random(f"{t.seed}:pool:{step // mix.pool_refresh}"))
             with torch.no_grad():
                 pool = encode_inputs(model, chunks, mix.chunk_len, pad) if chunks else None
-        rng = random.Random(f"{t.seed}:step:{step}")
-        batch = [maker.example(rng) for _ in range(t.batch_size)]
+        batch = batches.get(step)
         t_data = time.perf_counter() - t0
         with amp:
             loss, stats = batch_loss(model, batch, pool, pool_repeat, mix.chunk_len, pad)
@@ -386,9 +387,54 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
     if t.save_every and not (run_dir / "checkpoints" / f"step-{state['step']:07d}").exists():
         save_checkpoint(run_dir, model, opt, sched, state, cfg, tokenizer, base, t.keep_checkpoints, pool,
                         pool_repeat)
+    batches.close()
     if base is not None:
         write_delta(model, cfg, tokenizer, base, run_dir, state)
     return model, run_dir, state
+
+
+def step_batch(maker: ExampleMaker, seed: int, step: int, size: int) -> list[Example]:
+    """The examples of optimizer step `step` (seeded by (seed, step): resuming needs no replay)."""
+    rng = random.Random(f"{seed}:step:{step}")
+    return [maker.example(rng) for _ in range(size)]
+
+
+_WORKER_MAKER: ExampleMaker | None = None
+
+
+def _init_worker(mix: MixArgs, tokenizer) -> None:
+    global _WORKER_MAKER
+    torch.set_num_threads(1)
+    _WORKER_MAKER = build_maker(mix, tokenizer)
+
+
+def _worker_batch(seed: int, step: int, size: int) -> list[Example]:
+    return step_batch(_WORKER_MAKER, seed, step, size)
+
+
+class StepBatches:
+    """Examples per step, made in-process or by `workers` processes a few steps ahead (same data)."""
+
+    def __init__(self, maker: ExampleMaker, seed: int, size: int, workers: int, mix: MixArgs, tokenizer):
+        self.maker, self.seed, self.size, self.workers = maker, seed, size, workers
+        self.pending: dict[int, Any] = {}
+        self.pool = None
+        if workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(mix, tokenizer))
+
+    def get(self, step: int) -> list[Example]:
+        if self.pool is None:
+            return step_batch(self.maker, self.seed, step, self.size)
+        for ahead in range(step, step + 2 * self.workers):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(_worker_batch, self.seed, ahead, self.size)
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 class _null:

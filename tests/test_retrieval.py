@@ -217,6 +217,18 @@ def test_examples_are_deterministic_per_seed(maker):
     assert [(x.kind, x.ids, x.memory) for x in a] == [(x.kind, x.ids, x.memory) for x in b]
 
 
+def test_data_workers_make_the_same_batches(maker):
+    from finetune.retrieval_train import StepBatches, step_batch
+
+    batches = StepBatches(maker, 7, 2, 1, maker.args, maker.tok)
+    try:
+        for step in (0, 1, 2):
+            got, want = batches.get(step), step_batch(maker, 7, step, 2)
+            assert [(e.kind, e.ids, e.memory) for e in got] == [(e.kind, e.ids, e.memory) for e in want]
+    finally:
+        batches.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory with gradient
 
