@@ -398,3 +398,18 @@ def test_eval_cli_task_passkey_and_missing_repo(capsys):
     assert main(["eval", "--task", "crossfile-ids", "--model", str(RECALL)]) == 2
     assert "needs --repo" in capsys.readouterr().err
     assert main(["eval", "--model", str(RECALL)]) == 2
+
+
+def test_shipped_recipes_load_and_dispatch(tmp_path):
+    from finetune.retrieval_train import RetrievalConfig, is_retrieval_recipe
+
+    configs = Path(__file__).parents[1] / "finetune" / "configs"
+    for name in ("retrieval-cpu.toml", "retrieval-gpu.toml"):
+        assert is_retrieval_recipe(configs / name)
+        cfg = RetrievalConfig.load(configs / name, ["train.steps=3"])
+        assert cfg.train.steps == 3 and cfg.model.train == "memory"
+    assert not is_retrieval_recipe(configs / "default-memory.toml")  # FoT recipes keep their trainer
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[retrieval]\nmix = { repo = 1.0, poetry = 1.0 }\n")
+    with pytest.raises(ValueError, match="retrieval.mix"):
+        RetrievalConfig.load(bad)
