@@ -84,7 +84,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         torch.manual_seed(margs.init_seed)
         model, base = LongLlamaForCausalLM(config).to(device=device, dtype=dtype), None
     else:
-        base = Path(resolve_model(margs.path))
+        base = Path(resolve_model(margs.path, keep_delta=True))
         start_delta = None
         if (base / "adapter.json").is_file() and not (base / "config.json").is_file():
             # A weight delta (an earlier run's output): continue from it, on its base model, so the

