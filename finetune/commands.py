@@ -50,7 +50,9 @@ FoT-train the memory layers on your repository, then compare held-out perplexity
 The result is kept only if it helps, i.e. (c) < (b): repository memory predicts your held-out
 files better after training than before. It is written to --out as a weight delta
 (adapter.safetensors + adapter.json, applied on the base model) or with --full as a checkpoint.
-Whether memory beats no memory at all ((c) vs (a)) is reported too."""
+Whether memory beats no memory at all ((c) vs (a)) is reported too. Use the result anywhere a model
+goes: `longllama serve --model OUT` (complete, ask, index too), LONGLLAMA_MODEL=OUT, or the editors'
+model.path setting; `longllama finetune --model OUT` trains it further."""
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +166,9 @@ def _finetune_table(s: dict[str, Any], out: Path, keep: bool) -> str:
         lines.append(f"does not help: with memory {f(s['memory_after'])} after >= {f(s['memory_before'])} before")
     lines.append(f"{'kept' if keep else 'discarded'}: " + (f"{s.get('saved')} written to {out}" if keep else
                  f"nothing written but the report ({out / 'finetune_report.json'})"))
+    if keep:
+        lines.append(f"use it: longllama serve --model {out} (also complete, ask, index), or set the "
+                     f"editor's model.path (or LONGLLAMA_MODEL) to {out}")
     if not s["memory_beats_none"]:
         lines.append(f"note: memory still does not beat no memory after training ({f(s['memory_after'])} vs "
                      f"{f(s['no_memory_after'])}); consider more training or completions without memory")

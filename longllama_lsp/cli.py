@@ -39,7 +39,8 @@ class Command:
 def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -> None:
     """--model / --device / --dtype, shared by every command that loads the model (+ --decode-dtype for
     the commands that generate)."""
-    p.add_argument("--model", metavar="PATH", help="LongLLaMA checkpoint dir, LLaMA dir or GGUF file "
+    p.add_argument("--model", metavar="PATH", help="LongLLaMA checkpoint dir, LLaMA dir, GGUF file, "
+                   "or a `longllama finetune` output dir "
                    "(default: $LONGLLAMA_MODEL, else the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, choices=DTYPES,

@@ -4,7 +4,8 @@
 
 Used by the engine (`longllama serve / ask / complete`), `longllama index / watch` and the training
 commands (`finetune`, `eval`, `train`, which build on `resolve_device_dtype` and `resolve_model`).
-model/loading.py reads the files; resolve.py finds (and converts on first use) the checkpoint.
+model/loading.py reads the files; resolve.py finds (and converts on first use) the checkpoint, or
+builds one from a weight delta (`longllama finetune`'s output) on its base.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def test_finetune_repo_end_to_end_prints_three_perplexities(repos, base_dir, tmp
     assert rc == 0
     assert "(a) no memory" in text and "(b)/(c) repository memory" in text
     assert ("helps:" in text) or ("does not help:" in text)
+    assert f"use it: longllama serve --model {out} " in text  # how to use the output
     report = json.loads((out / "finetune_report.json").read_text())
     for key in ("no_memory_before", "memory_before", "memory_after", "no_memory_after"):
         assert math.isfinite(report[key]) and report[key] > 1
