@@ -22,6 +22,7 @@ import hashlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -122,8 +123,6 @@ def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
 
 def _delta_base(delta: Path) -> tuple[str, str]:
     """(base_model, base_fingerprint) from the delta's adapter.json, or ModelError saying what is wrong."""
-    import json
-
     try:
         meta = json.loads((delta / DELTA_META).read_text(encoding="utf-8"))
         base, fingerprint = meta["base_model"], meta["base_fingerprint"]
@@ -138,8 +137,6 @@ def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:
     """Write `out`: symlinks to the base's files (weights are not copied), and as adapter.safetensors
     the base's adapter tensors overlaid by the delta's (the order training and `load_trained` apply
     them in). Built in `out.tmp-PID`, renamed into place last."""
-    import json
-
     from safetensors.torch import load_file, save_file
 
     from .model.loading import ADAPTER_NAME, HASH_SIDECAR, find_adapter
