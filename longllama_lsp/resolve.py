@@ -149,6 +149,7 @@ def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:
     base_adapter = find_adapter(base)
     tensors = {**(load_file(base_adapter) if base_adapter else {}), **load_file(delta / ADAPTER_NAME)}
     save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "longllama-delta"})
+    os.chmod(tmp / ADAPTER_NAME, 0o644)  # safetensors writes 0600; a cache may be shared (as convert does)
     (tmp / DELTA_BUILT).write_text(json.dumps({"delta": str(delta), "base": str(base)}, indent=2) + "\n")
     if out.exists():  # a folder without the marker: not ours, or damaged
         shutil.rmtree(out)
