@@ -317,8 +317,7 @@ class LongLlamaServer(LanguageServer):
         """An opened file (and its folder) ranks first when the memory budget evicts chunks."""
         path = to_fs_path(uri)
         if path and self.shared.workspace is not None:
-            # Off the event loop: the bank's lock is held while a request attends to its views.
-            self.loop.run_in_executor(None, self.shared.workspace.touch, path)
+            self.shared.workspace.touch(path)
 
     def reindex(self) -> ReindexResult:
         if not self.indexes or not self.settings.indexing.enabled or self.engine is None \
