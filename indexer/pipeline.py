@@ -222,10 +222,9 @@ class Indexer:
         fp = checkpoint_fingerprint(Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
-        from longllama_lsp.model.loading import load_config
-
-        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,
-                                    block_size=load_config(model_dir).mem_block_size)
+        # The default block size (no transformers import here: `longllama index` with nothing new must
+        # stay fast); the engine's banks take the loaded model's (`open`).
+        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
