@@ -418,6 +418,10 @@ class MemoryBank:
     def __contains__(self, chunk_id: Hashable) -> bool:
         return chunk_id in self._entries
 
+    def chunks_of(self, path: str) -> dict[Hashable, Any]:
+        """Resident chunks of `path`: chunk_id -> meta."""
+        return {c: self._entries[c].meta for c in self._by_path.get(path, ()) if c in self._entries}
+
     def __len__(self) -> int:
         return len(self._entries)
 

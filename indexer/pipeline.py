@@ -31,6 +31,7 @@ from indexer.schema import ChunkRow, FileRow, Fingerprint
 from indexer.store import Store, index_path
 from indexer.walker import Decision, WalkRules, explain, printable_path, walk_with_skips
 from longllama_lsp.model.memory import Memory
+from longllama_lsp.repository import BufferChunk
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,9 @@ class Indexer:
         fp = fingerprint_for(model, Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         device = device or next(model.parameters()).device
-        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+        # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
+        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,
+                                    block_size=model.config.mem_block_size)
         return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
 
     @classmethod
@@ -219,6 +222,8 @@ class Indexer:
         fp = checkpoint_fingerprint(Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
+        # The default block size (no transformers import here: `longllama index` with nothing new must
+        # stay fast); the engine's banks take the loaded model's (`open`).
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, encoder, rules, chunk_tokens)
 
@@ -433,6 +438,18 @@ class Indexer:
         self._refresh_bank(changed)
         summary.seconds = time.perf_counter() - t0
         return summary
+
+    def chunk(self, path: str, text: str) -> list[BufferChunk]:
+        """An open buffer of `path` (relative) cut as `_scan_file` cuts the file: an unchanged chunk has
+        its indexed chunk's content hash (repository.MemorySource)."""
+        chunked = chunk_file(path, text.encode("utf-8", "surrogatepass"), self.encoder.count_tokens,
+                             self.chunk_tokens)
+        out, at = [], 0
+        for c in chunked.chunks:  # they cover the text in order: offsets accumulate
+            out.append(BufferChunk(path, at, at + len(c.text), c.start_line, c.end_line, c.symbol, c.text,
+                                   c.content_hash, c.token_count))
+            at += len(c.text)
+        return out
 
     def _relative(self, path: str | os.PathLike) -> str | None:
         p = Path(path)

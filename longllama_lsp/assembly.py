@@ -6,9 +6,15 @@ A request's memory is one Memory (B=1) concatenated along M from segments:
           |<--------- Segment(bank=...) ----------->|           |<- Segment(block=...) ->|
 
 Bank segments map a slot to its chunk with `bank.slot_owner`; buffer blocks are stretches of the
-open file (prompt.Block) encoded with `model.encode_memory` and cached by token hash. The
-concatenation is a copy, so the indexer may change a bank (under its `lock`) while a request
-runs; it is cached while every bank's `version` and the block list stay the same.
+open file (prompt.Block) encoded with `model.encode_memory` and cached by token hash. The result
+is cached while every bank's `version` and the block list stay the same.
+
+Copy or view: when the model attends densely (no `select_tokens`, or memory within it), the
+segments are copied into one memory in the compute dtype (attention then reads all of it without
+a cast per step). When it selects blocks (sparse), a lone bank is handed over as the bank's own
+views, summaries included: at 1M tokens a copy would move 2.4 GB per change of the open file. The
+repository's lock is then held until the request ends (`request()`), so the indexer cannot move
+slots under it; several segments are joined block-aligned in the storage dtype, summaries kept.
 
 Only the engine's worker thread uses an Assembler.
 """
@@ -17,14 +23,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .prompt import Block
-from .repository import Bank, MemorySource
+from .repository import Bank, BufferChunk, MemorySource
 
 if TYPE_CHECKING:  # torch loads with the model, not with this module (see engine.py)
     import torch
@@ -65,6 +72,7 @@ class Segment:
 class Assembled:
     memory: Memory | None
     segments: list[Segment]
+    views: bool = False  # memory aliases a bank: valid only while its lock is held (Assembler.request)
 
     @property
     def tokens(self) -> int:
@@ -74,54 +82,163 @@ class Assembled:
 NOTHING = Assembled(None, [])
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """A request's open file: its text and, for a completion, the local window [window_start, cursor)
+    (code points). cursor None: no window (a question about the file)."""
+
+    text: str
+    window_start: int = 0
+    cursor: int | None = None
+
+
 class Assembler:
     """Builds request memories from repositories (repository.MemorySource, read through the
     `repositories` provider per request) and blocks."""
 
     def __init__(self, encode: Callable[[list[int]], Memory], device: torch.device | str,
                  repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, select_tokens: Callable[[], int | None] = lambda: None,
+                 tokenize: Callable[[str], list[int]] | None = None, edited_tokens: int = 8192):
         self.encode, self.device, self.repositories = encode, device, repositories
-        # The request copy is made in the compute dtype: attention then skips a cast of all of memory
+        # The dense copy is made in the compute dtype: attention then skips a cast of all of memory
         # per decode step (bf16 -> fp32 on CPU: 270 -> 197 ms/step at 42k memory tokens, SmolLM2).
         self.dtype = dtype
+        self.select_tokens = select_tokens  # the model's sparse budget now (None: dense)
+        self.tokenize = tokenize  # chunk text -> ids, as the indexer's encoder cuts them
+        self.edited_tokens = edited_tokens  # most tokens of edited buffer chunks encoded, nearest the cursor first
         self.cache_tokens = cache_tokens
-        self._blocks: OrderedDict[str, Memory] = OrderedDict()
+        self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by content
         self._block_tokens = 0
+        self._chunked: OrderedDict[tuple, Sequence[BufferChunk]] = OrderedDict()  # (repo, path, text) -> chunks
         self._last: tuple[tuple, Assembled] | None = None
+        self._held: contextlib.ExitStack | None = None  # the banks' locks while a request uses views
+
+    @contextlib.contextmanager
+    def request(self):
+        """One request's span: bank views assembled inside it stay valid (their locks held) until it ends."""
+        with contextlib.ExitStack() as held:
+            self._held = held
+            try:
+                yield
+            finally:
+                self._held = None
 
     def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True,
-                 roots: Collection[Path] | None = None) -> Assembled:
+                 roots: Collection[Path] | None = None, buffer: Buffer | None = None) -> Assembled:
         """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map.
         `roots` (resolved paths): only the banks of those repositories (a TCP session reads its own
-        roots, never another editor's); None: every bank."""
+        roots, never another editor's); None: every bank.
+
+        With `buffer` (the open text of `path`) and `path` inside a repository, that repository's bank
+        stands for the buffer instead of `blocks` (see `_buffer_in_bank`)."""
         banks = []  # (repo, bank, root, path relative to root)
+        home = None  # the repository holding `path`, when its bank serves the buffer
         for repo in self.repositories():
             root = Path(repo.root).resolve()
-            if len(repo.bank) and (roots is None or root in roots):
-                banks.append((repo, repo.bank, root, relative(path, root) if exclude_current else None))
-        key = tuple((id(b), b.version, rel) for _, b, _, rel in banks) + tuple(b.key for b in blocks)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        shown = self.display_path(path)
-        block_parts = [(self.block_memory(b), Segment(0, 0, block=b, path=shown, file=path)) for b in blocks]
-        with contextlib.ExitStack() as locks:  # views alias the banks: copy them while the indexer waits
-            parts = []
-            for repo, bank, root, rel in banks:
+            if roots is not None and root not in roots:
+                continue
+            rel = relative(path, root) if exclude_current or buffer is not None else None
+            if buffer is not None and home is None and rel is not None and Path(path).is_absolute():
+                home = (repo, rel)
+            elif not len(repo.bank):
+                continue
+            banks.append((repo, repo.bank, root, rel))
+        with contextlib.ExitStack() as locks:  # views alias the banks: read them while the indexer waits
+            for repo, *_ in banks:
                 locks.enter_context(repo.lock)
-                mem = bank.memory(exclude_paths=[rel] if rel else ())
-                if mem.num_tokens:
-                    parts.append((mem, Segment(0, 0, bank=bank, root=root)))
-            parts += block_parts
-            if not parts:
-                return NOTHING
-            memory = concat([m for m, _ in parts], self.device, copy=bool(banks), dtype=self.dtype)
+            hidden = {}  # id(bank) -> what is left out of it: (paths, chunk ids)
+            for repo, bank, _, rel in banks:
+                hidden[id(bank)] = ((rel,) if rel else (), ())
+            if home is not None:
+                hidden[id(home[0].bank)] = ((), self._buffer_in_bank(home[0], home[1], buffer))
+                blocks = ()
+            key = tuple((id(b), b.version, hidden[id(b)]) for _, b, _, _ in banks) + tuple(b.key for b in blocks)
+            key += (self.select_tokens(),)
+            if self._last is not None and self._last[0] == key:
+                out = self._last[1]
+            else:
+                out = self._build(path, blocks, [(bank, root, hidden[id(bank)]) for _, bank, root, _ in banks])
+                self._last = (key, out)
+            if out.views and self._held is not None:
+                self._held.enter_context(locks.pop_all())  # released when the request ends
+            elif out.views:
+                raise RuntimeError("bank views outside Assembler.request()")
+        return out
+
+    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer) -> tuple:
+        """Make `repo`'s bank hold the open buffer of `rel`; returns the chunk ids to leave out (sorted).
+
+        Cut as the indexer cuts the file (`repo.chunk`), a buffer chunk with an indexed chunk's content
+        hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
+        edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones,
+        unless it holds the cursor (it changes with every key; the local window has its text). Chunks
+        wholly inside the local window are left out (the prompt has them), and so are the file's
+        indexed chunks the buffer no longer has. Runs under the repository's lock."""
+        bank = repo.bank
+        chunks = self._chunks(repo, rel, buffer.text)
+        resident = bank.chunks_of(rel)
+        indexed: dict[str, Hashable] = {}
+        for cid, meta in resident.items():
+            indexed.setdefault(meta.content_hash, cid)
+        keep: set[Hashable] = set()
+        edited = []
+        for c in chunks:
+            if buffer.cursor is not None and buffer.window_start <= c.start and c.end <= buffer.cursor:
+                continue  # wholly in the local window
+            cid = indexed.get(c.content_hash)
+            if cid is not None:
+                keep.add(cid)
+            elif buffer.cursor is None or not c.start <= buffer.cursor <= c.end:
+                edited.append(c)
+        if buffer.cursor is not None:  # the nearest edits first, within edited_tokens
+            edited.sort(key=lambda c: min(abs(c.start - buffer.cursor), abs(c.end - buffer.cursor)))
+        spent = 0
+        for c in edited:
+            spent += c.token_count
+            if spent > self.edited_tokens:
+                break
+            cid = ("buffer", rel, c.content_hash)
+            if cid in bank or bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid)):
+                keep.add(cid)
+        current = {c.content_hash for c in chunks}
+        for cid, meta in resident.items():  # edits the buffer no longer has
+            if cid not in keep and isinstance(cid, tuple) and cid[:1] == ("buffer",) \
+                    and meta.content_hash not in current:
+                bank.remove(cid)
+        return tuple(sorted((cid for cid in bank.chunks_of(rel) if cid not in keep), key=repr))
+
+    def _chunks(self, repo: MemorySource, rel: str, text: str) -> Sequence[BufferChunk]:
+        key = (id(repo), rel, text)
+        chunks = self._chunked.get(key)
+        if chunks is None:
+            chunks = self._chunked[key] = repo.chunk(rel, text)
+            while len(self._chunked) > 8:
+                self._chunked.popitem(last=False)
+        return chunks
+
+    def _build(self, path: str | None, blocks: Sequence[Block], banks: list) -> Assembled:
+        shown = self.display_path(path)
+        parts = []
+        for bank, root, (paths, chunks) in banks:
+            mem = bank.memory(exclude_paths=paths, exclude_chunks=chunks)
+            if mem.num_tokens:
+                parts.append((mem, Segment(0, 0, bank=bank, root=root)))
+        parts += [(self.block_memory(b), Segment(0, 0, block=b, path=shown, file=path)) for b in blocks]
+        if not parts:
+            return NOTHING
+        total = sum(m.num_tokens for m, _ in parts)
+        budget = self.select_tokens()
+        sparse = budget is not None and total > budget
+        views = sparse and len(parts) == 1 and parts[0][1].bank is not None
+        if views:
+            memory = parts[0][0]
+        else:  # a copy: dense in the compute dtype, sparse in the storage dtype (selected blocks are cast)
+            memory = concat([m for m, _ in parts], self.device, copy=bool(banks), dtype=None if sparse else self.dtype)
         offset = 0
         for mem, seg in parts:
             seg.start, seg.length, offset = offset, mem.num_tokens, offset + mem.num_tokens
-        out = Assembled(memory, [seg for _, seg in parts])
-        self._last = (key, out)
-        return out
+        return Assembled(memory, [seg for _, seg in parts], views)
 
     def display_path(self, path: str | None) -> str | None:
         """`path` relative to the first repository root that holds it (as bank sources are named)."""
@@ -132,13 +249,17 @@ class Assembler:
         return path
 
     def block_memory(self, block: Block) -> Memory:
-        mem = self._blocks.get(block.key)
+        return self._cached(block.key, block.ids)
+
+    def _cached(self, key: str, content: str | Sequence[int]) -> Memory:
+        """The memory of a buffer block (ids) or an edited chunk (text), encoded once per content."""
+        mem = self._blocks.get(key)
         if mem is not None:
-            self._blocks.move_to_end(block.key)
+            self._blocks.move_to_end(key)
             return mem
-        mem = self.encode(list(block.ids))
-        self._blocks[block.key] = mem
-        self._block_tokens += len(block.ids)
+        mem = self.encode(self.tokenize(content) if isinstance(content, str) else list(content))
+        self._blocks[key] = mem
+        self._block_tokens += mem.num_tokens
         while self._block_tokens > self.cache_tokens and len(self._blocks) > 1:
             _, old = self._blocks.popitem(last=False)
             self._block_tokens -= old.num_tokens
@@ -194,7 +315,8 @@ def relative(path: str | None, root: Path) -> str | None:
 
 def concat(parts: Sequence[Memory], device: torch.device | str, copy: bool = True,
            dtype: torch.dtype | None = None) -> Memory:
-    """Memories (B=1) along M on `device` in `dtype` (default: as stored), masks as float32.
+    """Memories (B=1) along M on `device` in `dtype` (default: as stored), masks as float32; block
+    summaries are kept when every part but the last is block-aligned (banks are), see MemCache.concat.
 
     copy=False lets a single part through as it is (an encoded block, which nothing else changes).
     """
@@ -207,8 +329,7 @@ def concat(parts: Sequence[Memory], device: torch.device | str, copy: bool = Tru
         return parts[0]
     out = {}
     for i in list(parts[0]):
-        caches = [p[i] for p in parts]
-        out[i] = MemCache(torch.cat([c.keys.to(device, dtype) for c in caches], dim=2),
-                          torch.cat([c.values.to(device, dtype) for c in caches], dim=2),
-                          torch.cat([c.mask.to(device, torch.float32) for c in caches], dim=2))
+        caches = [p[i].to(device, dtype) for p in parts]
+        caches = [MemCache(c.keys, c.values, c.mask.to(torch.float32), c.summary) for c in caches]
+        out[i] = MemCache.concat(caches)  # torch.cat: always a copy
     return Memory(out)

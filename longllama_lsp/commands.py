@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--select-tokens", type=_select_tokens, default=EngineOptions.select_tokens, metavar="N",
+                   help="memory tokens each query attends to: the memory blocks whose keys match it best "
+                        f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
                    "--dtype or --decode-dtype is given)")
@@ -84,9 +87,20 @@ def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, A
             "memory": {"enabled": not args.no_memory}}
 
 
+def _select_tokens(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more tokens, got {value!r}")
+    return n
+
+
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
     """The engine, loaded, with --repo indexed into its memory (unless --no-memory)."""
-    opts = EngineOptions(memory=not args.no_memory, **{k: v for k, v in options.items() if v is not None})
+    opts = EngineOptions(memory=not args.no_memory, select_tokens=args.select_tokens,
+                         **{k: v for k, v in options.items() if v is not None})
     engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
     workspace = Workspace(engine)
     try:

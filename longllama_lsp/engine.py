@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .assembly import NOTHING, Assembler, Source
+from .assembly import NOTHING, Assembler, Buffer, Source
 from .decode import DecodeOptions, Decoder, Generation
 from .decode import ms as _ms
 from .errors import LongLlamaError, ModelError
@@ -110,6 +110,9 @@ class EngineOptions(DecodeOptions):
     memory: bool = True  # repository + rest-of-buffer memory
     buffer_memory_tokens: int = 4096  # cap on each side of the cursor (encoded once per block, cached)
     block_cache_tokens: int = 1 << 17  # encoded buffer blocks kept, in tokens
+    # Memory tokens each query attends to (the model's config.mem_budget): the top memory blocks by
+    # their key summaries; None or 0: all of memory (dense). Setting memory.selectTokens.
+    select_tokens: int | None = 2048
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too
     # made each decode step 1.8x slower (792 vs 440 ms/token, 4k memory tokens, busy 2-core CPU).
@@ -216,7 +219,9 @@ class Engine:
         if self._model is not None:
             self._model.eval()
             self._assembler = Assembler(self._encode, self._model.device, lambda: self.repositories(),
-                                        self.options.block_cache_tokens, dtype=self._model.dtype)
+                                        self.options.block_cache_tokens, dtype=self._model.dtype,
+                                        select_tokens=lambda: self._model.config.mem_budget, tokenize=self._chunk_ids,
+                                        edited_tokens=2 * self.options.buffer_memory_tokens)
             self._fim = detect_fim(self._tokenizer, getattr(self._tokenizer, "bos_token_id", None))
             self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options,
                                     stop_ids=self._fim.stop_ids if self._fim else ())
@@ -231,8 +236,16 @@ class Engine:
             raise self._load_error
         import torch
 
-        with torch.inference_mode():
+        self._select_memory()
+        with torch.inference_mode(), self._assembler.request():  # bank views stay valid through the request
             return fn(req)
+
+    def _select_memory(self) -> None:
+        """The model attends to `options.select_tokens` memory tokens (config.mem_budget, at least one
+        block), read per request: the options may change while the server runs."""
+        cfg = self._model.config
+        n = self.options.select_tokens
+        cfg.mem_budget = max(n, cfg.mem_block_size) if n else None
 
     def submit(self, fn: Callable[[Request], Any], key: Hashable | None = None,
                priority: int = FOREGROUND) -> Request:
@@ -393,7 +406,8 @@ class Engine:
         max_new = self._clamp(max_tokens or self.options.max_tokens)
         prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new))
         t1 = time.perf_counter()
-        asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots) if use_memory else NOTHING
+        asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
+                                       buffer=Buffer(text, prompt.window_offset, offset)) if use_memory else NOTHING
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
@@ -456,7 +470,7 @@ class Engine:
             blocks = build_prompt(self._tokenizer, document[1], 0, 1,
                                   stride=256, memory_tokens=self.options.buffer_memory_tokens).after
         asm = self._assembler.assemble(document[0] if document else None, blocks, exclude_current=bool(blocks),
-                                       roots=roots) \
+                                       roots=roots, buffer=Buffer(document[1]) if blocks else None) \
             if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token)
@@ -467,6 +481,11 @@ class Engine:
                    "total": _ms(t0, time.perf_counter())}
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens), len(ids))
+
+    def _chunk_ids(self, text: str) -> list[int]:
+        """A chunk's ids as the indexer's encoder cuts them (indexer.encoder.Encoder.token_ids)."""
+        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[:self._model.config.max_position_embeddings]
 
     def _encode(self, ids: list[int]) -> Memory:
         import torch

@@ -48,6 +48,7 @@ class Prompt:
     line_prefix: str  # the cursor's line up to the cursor
     suffix: str  # everything after the cursor (for overlap trimming)
     window_start: int  # k: token index of the window's start in the text before the cursor
+    window_offset: int = 0  # the window's start as a code-point offset into the text
 
 
 def _line_of(starts: list[int], offset: int) -> int:
@@ -97,7 +98,7 @@ def build_prompt(tokenizer: Any, text: str, offset: int, context_tokens: int, st
         t_ids, t_spans = tokenize(tokenizer, tail)
         after = _blocks(t_ids[:memory_tokens], t_spans[:memory_tokens], offset, stride, starts)
     line_prefix = head[head.rfind("\n") + 1:] if "\n" in head else head
-    return Prompt(ids[k:], before, after, line_prefix.lstrip("\r"), tail, k)
+    return Prompt(ids[k:], before, after, line_prefix.lstrip("\r"), tail, k, spans[k][0] if k < len(ids) else offset)
 
 
 def word_before(line_prefix: str) -> str:

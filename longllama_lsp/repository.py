@@ -9,13 +9,32 @@ Plain Protocols, no imports of the indexer: the engine and the server depend on 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .model.memory import Memory
+
+
+@dataclass(frozen=True)
+class BufferChunk:
+    """A chunk of an open buffer, cut as the repository's indexer cuts files: a chunk whose
+    `content_hash` equals an indexed chunk's has that chunk's memory. Offsets are code points into
+    the buffer; lines 1-based, inclusive. `id` is its key in the bank once its memory is there."""
+
+    path: str  # relative to the repository root, as the bank names files
+    start: int
+    end: int
+    start_line: int
+    end_line: int
+    symbol: str | None
+    text: str
+    content_hash: str
+    token_count: int
+    id: Hashable | None = None
 
 
 class Bank(Protocol):
@@ -25,7 +44,15 @@ class Bank(Protocol):
 
     def __len__(self) -> int: ...
 
-    def memory(self, exclude_paths: Iterable[str] = ()) -> Memory: ...
+    def __contains__(self, chunk_id: Hashable) -> bool: ...
+
+    def memory(self, exclude_paths: Iterable[str] = (), exclude_chunks: Iterable[Hashable] = ()) -> Memory: ...
+
+    def add(self, chunk_id: Hashable, memory: Memory, meta: Any) -> bool: ...  # the engine adds edited buffer chunks
+
+    def remove(self, chunk_id: Hashable) -> bool: ...
+
+    def chunks_of(self, path: str) -> dict[Hashable, Any]: ...  # resident chunk id -> meta (with content_hash)
 
     def slot_owner(self, slot: int) -> Any | None: ...  # the chunk row (path, start_line, ...) of a slot
 
@@ -35,11 +62,14 @@ class Bank(Protocol):
 
 
 class MemorySource(Protocol):
-    """What the engine reads: a bank, the root its paths are relative to, the lock that guards it."""
+    """What the engine reads: a bank, the root its paths are relative to, the lock that guards it, and
+    the indexer's chunking of an open buffer (same cuts and content hashes as an indexed file)."""
 
     root: Path
     bank: Bank
-    lock: AbstractContextManager  # held by the indexer while it changes the bank, by the engine while it copies
+    lock: AbstractContextManager  # held by the indexer while it changes the bank, by the engine while it reads
+
+    def chunk(self, path: str, text: str) -> Sequence[BufferChunk]: ...  # path relative to root
 
 
 class Progress(Protocol):

@@ -10,7 +10,7 @@ reported by its dotted camelCase key and replaced by that key's default; the res
      "completion": {"mode": "line", "maxTokens": 48, "debounceMs": 75, "boundaryDebounceMs": 0,
                     "contextTokens": null},
      "ask": {"maxTokens": 256},
-     "memory": {"enabled": true, "budgetTokens": 65536},
+     "memory": {"enabled": true, "budgetTokens": 1048576, "selectTokens": 2048},
      "indexing": {"enabled": true},
      "logLevel": "info"}
 """
@@ -73,9 +73,14 @@ class AskSettings:
 @dataclass
 class MemorySettings:
     enabled: bool = field(default=True, metadata=_doc("attend to the repository and the rest of the file"))
-    # 65536 tokens ~ 150 MB of bf16 memory on SmolLM2-135M; about 2,000 files of 30 tokens/line.
-    budget_tokens: int = field(default=65536, metadata=_doc(
+    # 1M tokens ~ 2.4 GB of bf16 keys/values on SmolLM2-135M (2,304 B/token): a whole ordinary
+    # repository; sparse attention (selectTokens) keeps the cost per token near that of no memory.
+    budget_tokens: int = field(default=1 << 20, metadata=_doc(
         "most repository tokens kept in memory (lower-priority chunks are evicted)", min=0))
+    # 2048: BENCHMARKS.md "Sparse memory" (decode step at 1M tokens ~1.4x none; quality at budgets 512-8k).
+    select_tokens: int | None = field(default=2048, metadata=_doc(
+        "memory tokens each query attends to: the blocks of memory whose keys match it best "
+        "(0 or null: all of memory, dense; slower as the repository grows)", min=0))
 
 
 @dataclass

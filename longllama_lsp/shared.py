@@ -29,7 +29,8 @@ EngineFactory = Callable[[ModelSettings, EngineOptions], Engine]
 
 def engine_options(s: Settings) -> EngineOptions:
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
-                         context_tokens=s.completion.context_tokens, memory=s.memory.enabled)
+                         context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
+                         select_tokens=s.memory.select_tokens)
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:

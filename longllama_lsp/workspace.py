@@ -131,8 +131,10 @@ class Workspace:
         path = os.path.normpath(path)  # ws/../outside is not inside ws
         for repo in self.repositories():
             if Path(path).is_relative_to(repo.root):
-                with repo.lock:
-                    repo.bank.touch(Path(path).relative_to(repo.root).as_posix())
+                # Without the bank's lock: a request attending to the bank's views holds it until it
+                # ends, and this runs on the server's event loop. touch() only sets two priority maps
+                # (single dict stores), which the indexer reads when it next evicts.
+                repo.bank.touch(Path(path).relative_to(repo.root).as_posix())
 
     def untrained_memory(self) -> Path | None:
         """The engine's checkpoint folder when its memory layers are untrained (see `memory_untrained`)."""

@@ -10,6 +10,7 @@ observable.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ from typing import Any
 import torch
 
 from indexer.bank import MemoryBank
+from longllama_lsp.repository import BufferChunk
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class ChunkMeta:
     end_line: int
     symbol: str | None = None
     ordinal: int = 0
+    content_hash: str = ""
 
 
 class FakeIndexer:
@@ -60,13 +67,19 @@ class FakeIndexer:
             if ids:
                 memory = self.engine.on_worker(lambda ids=ids: self._encode(ids))
                 with self.lock:
-                    self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem))
+                    self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem,
+                                                         content_hash=_hash(text)))
             self.files = i
             if progress is not None:  # indexer.pipeline.Progress's fields
                 progress(SimpleNamespace(phase="encode", done=i, total=len(paths), tokens=0, tokens_per_s=0.0,
                                          message=rel))
             time.sleep(self.delay_s)
         self.state = "idle"
+
+    def chunk(self, path: str, text: str) -> list[BufferChunk]:
+        """One chunk per file, as `index` cuts them."""
+        return [BufferChunk(path, 0, len(text), 1, text.count("\n") + 1, Path(path).stem, text, _hash(text),
+                            len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]))]
 
     def start_watching(self) -> None:
         self.state = "watching"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny
+from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.model import Memory
 from longllama_lsp.model import memory as memory_module
@@ -182,3 +183,83 @@ def test_block_aligned_concat_keeps_summaries():
 def test_config_rejects_a_budget_below_one_block():
     with pytest.raises(Exception, match="mem_budget"):  # wrapped by the strict dataclass validator
         make_tiny(mem_block_size=64, mem_budget=32)
+
+
+# -- in the product: the engine's memory.selectTokens over a repository's bank (no copy) -----------------
+
+CHUNK = 32  # tokens per planted bank chunk: one block of the default mem_block_size
+
+
+@pytest.fixture
+def sparse_engine(tiny_model_dir, smol_tokenizer, tmp_path):  # noqa: F811
+    """An engine on its own tiny model (it sets the model's mem_budget) and a repository of 12 one-block
+    chunks (c0.py ... c11.py) in a bank with block summaries, as the indexer leaves it."""
+    import threading
+    from types import SimpleNamespace
+
+    from helpers_indexer import ChunkMeta
+
+    from indexer.bank import MemoryBank
+    from longllama_lsp.engine import Engine, EngineOptions
+    from longllama_lsp.model import LongLlamaForCausalLM
+
+    model = LongLlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = model.config
+    bank = MemoryBank(cfg.mem_layers, cfg.num_key_value_heads, cfg.head_dim, getattr(torch, cfg.mem_dtype), "cpu",
+                      block_size=cfg.mem_block_size)
+    g = torch.Generator().manual_seed(7)
+    for i in range(12):
+        ids = torch.randint(100, 5000, (1, CHUNK), generator=g)
+        bank.add(f"c{i}", model.encode_memory(ids), ChunkMeta(f"c{i}", f"c{i}.py", 1, 3, f"f{i}"))
+    engine = Engine(model, smol_tokenizer, options=EngineOptions(max_tokens=6, select_tokens=None))
+    engine.repositories = lambda: (SimpleNamespace(bank=bank, root=tmp_path, lock=threading.RLock(),
+                                                   chunk=lambda path, text: []),)
+    yield engine, bank
+    engine.close()
+
+
+PROMPT = "def main():\n    value = compute("
+
+
+def test_engine_sparse_selecting_every_live_block_equals_dense_without_copying_the_bank(sparse_engine, tmp_path):
+    engine, bank = sparse_engine
+    path = str(tmp_path / "c0.py")  # the current file: its chunk is masked out, so 11 blocks are live
+    dense = engine.complete(PROMPT, len(PROMPT), path=path, key="dense")  # own keys: no prefix reuse
+    assert engine.model.config.mem_budget is None
+    engine.options.select_tokens = 11 * CHUNK  # < the 12 blocks of memory: the sparse path runs
+    sparse = engine.complete(PROMPT, len(PROMPT), path=path, key="sparse")
+    assert engine.model.config.mem_budget == 11 * CHUNK
+    assert sparse.memory_tokens == dense.memory_tokens == 12 * CHUNK
+    assert sparse.text == dense.text
+    assert [s.path for s in sparse.sources] == [s.path for s in dense.sources]
+    assert all(abs(a.weight - b.weight) < 1e-4 for a, b in zip(sparse.sources, dense.sources, strict=True))
+    # The request attended to the bank's own tensors and summaries, not a copy of them.
+    memory = engine._assembler._last[1].memory
+    layer = engine.model.config.mem_layers[0]
+    assert memory[layer].keys.data_ptr() == bank.memory()[layer].keys.data_ptr()
+
+
+def test_engine_beyond_select_tokens_attends_only_to_the_selected_blocks(sparse_engine):
+    """A chunk whose keys span everything (its Quest bound tops every query) is selected, and with a
+    one-block selection it is the only source; dense attention spreads over many chunks."""
+    from helpers_indexer import ChunkMeta
+
+    from longllama_lsp.model.memory import Memory
+
+    engine, bank = sparse_engine
+    layers = engine.model.config.mem_layers
+    planted = bank.memory()
+    spread = {i: MemCache(torch.linspace(-30, 30, CHUNK).view(1, 1, CHUNK, 1).expand_as(planted[i].keys[:, :, :CHUNK])
+                          .to(planted[i].keys.dtype).contiguous(),
+                          planted[i].values[:, :, :CHUNK].clone(), torch.zeros(1, 1, CHUNK, 1)) for i in layers}
+    bank.add("planted", Memory(spread), ChunkMeta("planted", "planted.py", 1, 3, "planted"))
+    dense = engine.complete(PROMPT, len(PROMPT), key="dense")
+    assert len(dense.sources) > 1
+    engine.options.select_tokens = CHUNK
+    sparse = engine.complete(PROMPT, len(PROMPT), key="sparse")
+    assert sparse.memory_tokens == 13 * CHUNK
+    assert [s.path for s in sparse.sources] == ["planted.py"]
+    engine.options.select_tokens = 0  # 0: dense again
+    assert [s.path for s in engine.complete(PROMPT, len(PROMPT), key="again").sources] == \
+        [s.path for s in dense.sources]
+    assert engine.model.config.mem_budget is None

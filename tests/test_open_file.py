@@ -1,0 +1,88 @@
+"""The open file's memory comes from the index (issue 15 item 4): a buffer chunk with an indexed chunk's
+content is that chunk's memory; only edited chunks are encoded, once; the cursor moving encodes nothing.
+
+Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) loaded by the engine's
+worker; a twelve-function Python file written to tmp_path, indexed by the real indexer.pipeline
+(SQLite store, tree-sitter chunks: one chunk per function, MemoryBank). Encoder calls are counted at
+`model.encode_memory`, the one way to the model's memory encoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
+
+from longllama_lsp.engine import Engine, EngineOptions
+from longllama_lsp.model.memory import MASK_MIN
+from longllama_lsp.workspace import Workspace
+
+FUNCTIONS = [f"def step_{i}(value):\n    total = value * {i} + {i * 7}\n    return total - {i}\n\n\n"
+             for i in range(12)]
+SOURCE = "".join(FUNCTIONS)
+
+
+@pytest.fixture
+def indexed(tiny_model_dir, tmp_path):  # noqa: F811
+    (tmp_path / "steps.py").write_text(SOURCE)
+    engine = Engine.load(tiny_model_dir, "cpu", decode_dtype="float32",
+                         options=EngineOptions(max_tokens=2, context_tokens=100))
+    engine.wait_ready()
+    ws = Workspace(engine)
+    repo = ws.open(tmp_path, user="test")
+    ws.index(repo)
+    model = engine.model
+    calls: list[int] = []  # tokens per encoder call
+    encode = model.encode_memory
+
+    def counting(input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[-1])
+        return encode(input_ids, *args, **kwargs)
+
+    model.encode_memory = counting
+    yield engine, repo, str(tmp_path / "steps.py"), calls
+    del model.encode_memory
+    ws.close()
+
+
+def at(text: str, function: int) -> int:
+    """The cursor at the end of `function`'s `return` line."""
+    return text.index(f"return total - {function}\n") + len(f"return total - {function}")
+
+
+def visible_chunks(engine, repo) -> set[int]:
+    """Indexes into FUNCTIONS (by start line) of steps.py's chunks the last request attended to."""
+    memory = engine._assembler._last[1].memory
+    mask = memory[next(iter(memory))].mask[0, 0, :, 0]
+    seen = set()
+    for cid, meta in repo.bank.chunks_of("steps.py").items():
+        slots = repo.bank.chunk_slots(cid)
+        if bool((mask[slots.start:slots.stop] > MASK_MIN / 2).all()):
+            seen.add((meta.start_line - 1) // 5)
+    return seen
+
+
+def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_none_either(indexed):
+    engine, repo, path, calls = indexed
+    assert len(repo.bank.chunks_of("steps.py")) == 12  # one chunk per function
+    engine.complete(SOURCE, at(SOURCE, 8), path=path)
+    assert calls == []
+    seen = visible_chunks(engine, repo)
+    # The rest of the file (the cursor's chunk too: its text after the cursor), not what the window holds.
+    assert seen == set(range(12)) - {6, 7}
+    engine.complete(SOURCE, at(SOURCE, 3), path=path)  # the cursor moves
+    assert calls == []
+    assert 9 in visible_chunks(engine, repo)
+
+
+def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  # noqa: F811
+    engine, repo, path, calls = indexed
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
+    engine.complete(edited, at(edited, 9), path=path)
+    new_chunk = FUNCTIONS[1].replace("* 1 +", "* 100 +")
+    expected = len(smol_tokenizer(new_chunk.rstrip("\n") + "\n", add_special_tokens=False)["input_ids"])
+    assert len(calls) == 1 and abs(calls[0] - expected) <= 3  # step_1 alone (its chunk may keep blank lines)
+    assert 1 in visible_chunks(engine, repo)  # the edited text, not the indexed one
+    engine.complete(edited, at(edited, 5), path=path)  # the cursor moves: nothing new
+    typed = edited[:at(edited, 5)] + " + 1" + edited[at(edited, 5):]
+    engine.complete(typed, at(edited, 5) + 4, path=path)  # typing in a chunk: it is the local window's
+    assert len(calls) == 1
