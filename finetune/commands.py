@@ -247,7 +247,7 @@ unrelated repositories (distractors: the other --repo's, or --distractors-from).
 def _eval_args(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to evaluate on", repeat=True, required=False)
     add_model_arguments(p)
-    from finetune.skill_eval import add_arguments
+    from finetune.skill_args import add_arguments
 
     add_arguments(p)  # --task: the retrieval-skill measurements (issue 16)
     p.add_argument("--heldout", action="append", default=None, metavar="PATH",

@@ -41,7 +41,7 @@ import torch
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
 
 SYSTEMS = ("none", "memory", "bm25")
-TASKS = ("crossfile-ids", "passkey", "guard")
+from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
 
 
 @dataclass
@@ -419,25 +419,6 @@ def table(result: dict[str, Any]) -> str:
     if g:
         lines.append(f"held-out perplexity without memory: {g['perplexity']:.4f} ({g['tokens']} tokens)")
     return "\n".join(lines)
-
-
-def add_arguments(p) -> None:
-    """`longllama eval --task` options (the perplexity mode's --repo, --model, --json are shared)."""
-    p.add_argument("--task", default="perplexity", choices=("perplexity", "skill", *TASKS),
-                   help="perplexity (default): memory conditions as above; crossfile-ids: NLL/top-1 of "
-                        "cross-file identifier tokens with repository memory, none and BM25 snippets; "
-                        "passkey: the probe with a memory bag; guard: perplexity without memory; "
-                        "skill: all three (finetune/skill_eval.py)")
-    p.add_argument("--budget", type=int, default=512, help="crossfile-ids: prompt tokens per span (default: 512)")
-    p.add_argument("--span-len", type=int, default=128, help="crossfile-ids: scored tokens per span")
-    p.add_argument("--chunk-len", type=int, default=256, help="memory chunk tokens (default: 256)")
-    p.add_argument("--memory-tokens", type=int, default=8192, help="crossfile-ids: memory per file")
-    p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
-    p.add_argument("--spans-per-file", type=int, default=2)
-    p.add_argument("--passkey-lengths", default="4096,16384,65536")
-    p.add_argument("--passkey-trials", type=int, default=8)
-    p.add_argument("--local-len", type=int, default=None, help="passkey local window (default: the model's)")
-    p.add_argument("--guard-windows", type=int, default=8, help="guard: windows per held-out file")
 
 
 def run(args) -> int:
