@@ -80,7 +80,9 @@ def test_closing_the_worker_cancels_queued_background_work():
     release = threading.Event()
     worker = Worker(setup=lambda: None, wrap=lambda fn, req: fn(req))
     worker.start()
-    blocker = worker.submit(lambda _req: release.wait(10))
+    running = threading.Event()
+    blocker = worker.submit(lambda _req: running.set() or release.wait(10))
+    assert running.wait(10)  # close() cancels what is still queued: the blocker must be running already
     queued = worker.submit(lambda _req: "never", priority=BACKGROUND)
     closer = threading.Thread(target=worker.close)
     closer.start()
