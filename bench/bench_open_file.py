@@ -63,7 +63,7 @@ def pad_bank(repo, tokens: int) -> int:
 
 
 def load() -> str:
-    return "%.1f %.1f %.1f" % os.getloadavg()
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def first_completions(engine: Engine, text: str, path: str, positions: list[int]) -> list[dict]:

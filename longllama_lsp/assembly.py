@@ -148,7 +148,7 @@ class Assembler:
             for repo, *_ in banks:
                 locks.enter_context(repo.lock)
             hidden = {}  # id(bank) -> what is left out of it: (paths, chunk ids)
-            for repo, bank, _, rel in banks:
+            for _, bank, _, rel in banks:
                 hidden[id(bank)] = ((rel,) if rel else (), ())
             if home is not None:
                 hidden[id(home[0].bank)] = ((), self._buffer_in_bank(home[0], home[1], buffer))
