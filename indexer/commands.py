@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from longllama_lsp.cli import Command, ProgressBars, add_model_arguments, add_repository_argument
+from longllama_lsp.cli import (
+    Command,
+    ProgressBars,
+    add_model_arguments,
+    add_repository_argument,
+    repository_problem,
+)
 
 
 def load_model_for(args: argparse.Namespace, model_dir: Path):
@@ -28,12 +34,10 @@ def _device(args: argparse.Namespace) -> str:
 
 def root_problem(command: str, root: str) -> int:
     """0 when `root` is a directory; else says so on stderr and returns 2 (usage error), creating nothing."""
-    path = Path(root)
-    if path.is_dir():
-        return 0
-    print(f"longllama {command}: error: {root}: {'not a directory' if path.exists() else 'no such directory'}",
-          file=sys.stderr)
-    return 2
+    if problem := repository_problem(root):
+        print(f"longllama {command}: error: {problem}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import longllama_lsp
@@ -64,6 +65,14 @@ def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bo
     p.add_argument("--root", dest="repo", help=argparse.SUPPRESS)
     if positional_alias:
         p.add_argument("repo", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def repository_problem(repo: str) -> str | None:
+    """Why --repo cannot be used (checked before anything loads or is created in it), else None."""
+    path = Path(repo)
+    if path.is_dir():
+        return None
+    return f"--repo {repo}: {'not a directory' if path.exists() else 'no such directory'}"
 
 
 def add_version_argument(p: argparse.ArgumentParser) -> None:

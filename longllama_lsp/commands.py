@@ -21,7 +21,7 @@ from typing import Any
 
 from . import remote
 from .auth import AuthError, ServerRecord
-from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument
+from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument, repository_problem
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
 from .workspace import Workspace, memory_untrained
@@ -56,14 +56,6 @@ def usage_error(command: str, message: str) -> int:
     """Say what is wrong with the command line on stderr, argparse-style; the exit status is 2."""
     print(f"longllama {command}: error: {message}", file=sys.stderr)
     return 2
-
-
-def repository_problem(repo: str) -> str | None:
-    """Why --repo cannot be used (checked before anything loads or is created in it), else None."""
-    path = Path(repo)
-    if path.is_dir():
-        return None
-    return f"--repo {repo}: {'not a directory' if path.exists() else 'no such directory'}"
 
 
 def _running_server(args: argparse.Namespace) -> ServerRecord | None:
