@@ -4,7 +4,7 @@
 
 For each model: passkey prompts (finetune/passkey.py, same seeds for every model) whose last
 `--local` tokens are the local window (ending with the question) and the rest is memory (chunks
-encoded on their own, finetune/skill_eval.ChunkBag). One forward of the window with
+encoded on their own, finetune.evaluate.MemoryCache). One forward of the window with
 output_memory_attention: the share of the memory layers' attention mass that falls on the key
 sentence's tokens, divided by their share of the memory slots ("lift": 1 = no preference; a model
 that retrieves puts most of the question's memory attention on the key). Weights are summed over
@@ -22,11 +22,11 @@ import torch
 
 @torch.no_grad()
 def key_lift(model, tokenizer, n_tokens: int, trials: int, local: int, chunk_len: int, seed: int = 0) -> list[float]:
+    from finetune.evaluate import MemoryCache
     from finetune.passkey import filler_chars_for, passkey_prompt
-    from finetune.skill_eval import ChunkBag
 
     rng = random.Random(f"attention-{n_tokens}-{seed}")
-    bag = ChunkBag(model)
+    cache = MemoryCache(model, chunk_len, progress=False)
     out = []
     for _ in range(trials):
         prompt, key = passkey_prompt(filler_chars_for(tokenizer, n_tokens), rng)
@@ -38,7 +38,8 @@ def key_lift(model, tokenizer, n_tokens: int, trials: int, local: int, chunk_len
         if end > split:
             continue  # the key is local: nothing to measure in memory
         chunks = [tuple(ids[i:min(i + chunk_len, split)]) for i in range(0, split, chunk_len)]
-        memory = bag.memory(chunks)
+        cache.ensure({c: list(c) for c in chunks})
+        memory = cache.memory(chunks)
         window = torch.tensor([ids[split:]], device=model.device)
         res = model(window, memory=memory, use_cache=True, last_context_length=window.shape[1],
                     output_memory_attention=True)

@@ -110,6 +110,12 @@ class MemoryCache:
     def get(self, key: Any):
         return self._files[key]
 
+    def memory(self, keys: Sequence[Any]):
+        """The cached memories of `keys` (repeats allowed) concatenated in order; None for no keys."""
+        from longllama_lsp.model import Memory
+
+        return Memory.concat([self._files[k] for k in keys]) if keys else None
+
     def ensure(self, items: dict[Any, list[int]]) -> None:
         """Encode the files of `items` {key: tokens} not cached yet."""
         from tqdm.auto import tqdm

@@ -248,7 +248,6 @@ def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: lis
 def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
                    progress: bool = True) -> dict[str, Any]:
     from finetune.evaluate import MemoryCache
-    from longllama_lsp.model import Memory
 
     model.eval()
     if args.span_len >= args.budget:
@@ -277,7 +276,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                 if system == "memory":
                     files = memory_files(repo, path, args.memory_tokens, args.seed)
                     cache.ensure({(repo.name, q): repo.files[q].ids for q in files})
-                    memory = Memory.concat([cache.get((repo.name, q)) for q in files]) if files else None
+                    memory = cache.memory([(repo.name, q) for q in files])
                     mem_sizes.append(memory.num_tokens if memory is not None else 0)
                 prompts = ([bm25_prompt(repo, s, ctx, tokenizer, index, retrieval) for s in group]
                            if system == "bm25" else plain)
@@ -304,23 +303,6 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
 # Passkey with a memory bag
 
 
-class ChunkBag:
-    """Memory of token chunks, each distinct chunk encoded once (memory is an unordered bag)."""
-
-    def __init__(self, model):
-        self.model, self.memo, self.encoded = model, {}, 0
-
-    def memory(self, chunks: list[tuple[int, ...]]):
-        from longllama_lsp.model import Memory
-
-        todo = list(dict.fromkeys(c for c in chunks if c not in self.memo))
-        for c in todo:
-            ids = torch.tensor([c], device=self.model.device)
-            self.memo[c] = self.model.encode_memory(ids)
-            self.encoded += len(c)
-        return Memory.concat([self.memo[c] for c in chunks]) if chunks else None
-
-
 @dataclass
 class PasskeyScore:
     tokens: int
@@ -338,11 +320,13 @@ class PasskeyScore:
 
 @torch.no_grad()
 def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> dict[str, Any]:
+    from finetune.evaluate import MemoryCache
     from finetune.passkey import filler_chars_for, passkey_prompt
 
     model.eval()
     local = args.local_len or model.config.last_context_length
-    bag = ChunkBag(model)
+    # Keyed by the chunk's tokens: a repeated chunk is encoded once (encoded_tokens counts distinct ones).
+    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     for n in args.passkey_lengths:
@@ -355,7 +339,8 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
             key_at = len(tokenizer(prompt[:prompt.index(f"The pass key is {key}.")], add_special_tokens=False)["input_ids"])
             split = max(0, len(ids) - local)
             chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
-            memory = bag.memory(chunks)
+            cache.ensure({c: list(c) for c in chunks})
+            memory = cache.memory(chunks)
             window = torch.tensor([ids[split:]], device=model.device)
             gen = model.generate(window, max_new_tokens=8, memory=memory, last_context_length=window.shape[1])
             answer = tokenizer.decode(gen[0, window.shape[1]:], skip_special_tokens=True)
@@ -372,7 +357,7 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
                       f"{'memory' if in_mem else 'local'} -> {answer.strip()!r} "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         out[str(n)] = sc.summary()
-    out["encoded_tokens"] = bag.encoded
+    out["encoded_tokens"] = cache.encoded_tokens
     out["local_len"] = local
     out["chunk_len"] = args.chunk_len
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -371,13 +371,16 @@ def test_bm25_prompt_pastes_other_files_within_the_budget(eval_repo, tokenizer):
 
 
 def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
-    from finetune.skill_eval import ChunkBag, SkillArgs, eval_passkey
+    from finetune.evaluate import MemoryCache
+    from finetune.skill_eval import SkillArgs, eval_passkey
 
     model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    bag = ChunkBag(model)
-    mem = bag.memory([(5, 6, 7), (8, 9), (5, 6, 7)])
-    assert bag.encoded == 5 and mem.num_tokens == 8
+    cache = MemoryCache(model, 32, progress=False)
+    chunks = [(5, 6, 7), (8, 9), (5, 6, 7)]
+    cache.ensure({c: list(c) for c in chunks})
+    mem = cache.memory(chunks)
+    assert cache.encoded_tokens == 5 and mem.num_tokens == 8
     args = SkillArgs(passkey_lengths=(512, 2048), passkey_trials=3, chunk_len=32, local_len=48)
     out = eval_passkey(model, tokenizer, args, progress=False)
     assert out["512"]["trials"] == out["2048"]["trials"] == 3
