@@ -33,11 +33,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from finetune.config import DataArgs
+from finetune.data import SourceFile, collect_files
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
 
 SYSTEMS = ("none", "memory", "bm25")
@@ -81,24 +83,21 @@ class Repo:
     exports: dict[str, set[str]]
 
 
-def python_files(root: Path) -> list[str]:
-    """Python files of a repository (posix, relative), skipping caches, metadata and symlinks."""
-    out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root)
-        if p.is_symlink() or not p.is_file() or any(part.endswith(".dist-info") or part == "__pycache__"
-                                                     or part.startswith(".") for part in rel.parts):
-            continue
-        out.append(rel.as_posix())
-    return out
+def python_files(root: Path) -> list[SourceFile]:
+    """Python files of a repository as training and the guard see them (finetune.data.collect_files:
+    walker ignore rules, symlinks, secret, size and binary filters), minus packaging metadata and
+    hidden paths. Identical files are all kept: each is a module that imports resolve to."""
+    data = DataArgs(sources=[str(root)], languages=[".py"], min_doc_tokens=0, dedup=False)
+    return [f for f in collect_files(data)
+            if not any(part.endswith(".dist-info") or part.startswith(".") for part in PurePosixPath(f.path).parts)]
 
 
 def load_repo(root: str | Path, tokenizer: Any) -> Repo:
     root = Path(root)
     texts = {}
-    for rel in python_files(root):
+    for f in python_files(root):
         try:
-            texts[rel] = (root / rel).read_text(encoding="utf-8")
+            texts[f.path] = f.read_text()
         except (OSError, UnicodeDecodeError):
             continue  # one unreadable file never stops the evaluation
     ex = {p: exports(t) for p, t in texts.items()}

@@ -331,6 +331,8 @@ def eval_repo(tmp_path_factory):
     (root / "colors.py").write_text(COLORS)
     (root / "geom-1.0.dist-info").mkdir()
     (root / "geom-1.0.dist-info" / "skip.py").write_text("Polygon = 1\n")
+    (root / ".gitignore").write_text("generated.py\n")  # the walker's rules (finetune.data.collect_files) apply
+    (root / "generated.py").write_text("Polygon = 2\n")
     return root
 
 
@@ -338,7 +340,7 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
     from finetune.skill_eval import SkillArgs, eval_crossfile, load_repo, memory_files, pick_spans
 
     repo = load_repo(eval_repo, tokenizer)
-    assert sorted(repo.files) == ["__init__.py", "colors.py", "draw.py", "shapes.py"]  # no dist-info
+    assert sorted(repo.files) == ["__init__.py", "colors.py", "draw.py", "shapes.py"]  # no dist-info, no ignored file
     assert repo.files["draw.py"].names == {"Polygon", "make_square", "RED_TONE", "area"}
     assert memory_files(repo, "draw.py", 10_000, 0) == ["shapes.py", "__init__.py", "colors.py"]  # imported first
     args = SkillArgs(budget=96, span_len=32, chunk_len=32, memory_tokens=4096, files_per_repo=None,
