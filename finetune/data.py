@@ -205,17 +205,22 @@ def split_repo_files(root: str | Path, heldout_fraction: float, seed: int) -> tu
 # Tokens
 
 
-def encode_document(tokenizer: Any, text: str) -> tuple[list[int], list[float]]:
-    """[bos] + tokens + [eos] with the TextProcessor loss mask (0 on bos, 1 elsewhere).
+def document_ends(tokenizer: Any) -> tuple[int, int]:
+    """(first id, last id) of every document: bos and eos.
 
     A tokenizer without BOS (Qwen2 / Qwen2.5-Coder: documents were separated by <|endoftext|> in
-    pretraining) starts each document with its EOS instead, also masked.
+    pretraining) starts each document with its EOS instead.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
-    bos = eos if bos is None else bos
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id: training needs it to end documents")
+    return (eos if bos is None else bos), eos
+
+
+def encode_document(tokenizer: Any, text: str) -> tuple[list[int], list[float]]:
+    """[bos] + tokens + [eos] (document_ends) with the TextProcessor loss mask (0 on bos, 1 elsewhere)."""
+    bos, eos = document_ends(tokenizer)
     ids = tokenizer.encode(text, add_special_tokens=False)
     ids = list(getattr(ids, "ids", ids))  # a raw `tokenizers.Tokenizer` returns an Encoding
     return [bos, *ids, eos], [0.0] + [1.0] * (len(ids) + 1)

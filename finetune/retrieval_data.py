@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data import document_ends
 from finetune.passkey import FILLER, QUESTION, TASK
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
 
@@ -103,7 +104,7 @@ def find_packages(roots: Sequence[str | Path], held_out: Sequence[str] = HELD_OU
 @dataclass
 class FileInfo:
     text: str
-    ids: list[int]  # [bos] + tokens + [eos]
+    ids: list[int]  # [bos] + tokens + [eos] (finetune.data.document_ends)
     offsets: list[tuple[int, int]]  # character span of each id ((0, 0) for bos/eos)
     exports: set[str]
     binds: set[str]
@@ -143,7 +144,7 @@ class Corpus:
         if looks_like_secret(text):
             return None
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        bos, eos = document_ends(self.tokenizer)
         facts = analyse(text)
         return FileInfo(text, [bos, *enc["input_ids"], eos], [(0, 0), *enc["offset_mapping"], (0, 0)],
                         facts.exports, facts.binds,

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from finetune.config import DataArgs
-from finetune.data import SourceFile, collect_files
+from finetune.data import SourceFile, collect_files, document_ends
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
 
 SYSTEMS = ("none", "memory", "bm25")
@@ -69,7 +69,7 @@ class SkillArgs:
 class RepoFile:
     path: str
     text: str
-    ids: list[int]  # [bos] + tokens + [eos]
+    ids: list[int]  # [bos] + tokens + [eos] (finetune.data.document_ends)
     flags: list[bool]  # per id: a cross-file identifier token
     imports: list[str]
     names: set[str]  # its cross-file names
@@ -103,7 +103,7 @@ def load_repo(root: str | Path, tokenizer: Any) -> Repo:
     ex = {p: exports(t) for p, t in texts.items()}
     modules = {module_name(p): p for p in texts}
     files = {}
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = document_ends(tokenizer)
     for p, text in texts.items():
         facts = analyse(text)
         others = set().union(*(e for q, e in ex.items() if q != p)) if len(ex) > 1 else set()

@@ -372,6 +372,24 @@ def test_bm25_prompt_pastes_other_files_within_the_budget(eval_repo, tokenizer):
     assert text.endswith(tokenizer.decode(f.ids[start - 5:start]))  # the in-file prefix comes last
 
 
+def test_bos_less_tokenizer_starts_every_file_with_eos(eval_repo, roots):
+    """Qwen2 has no BOS: files start with EOS in the skill eval and the retrieval data, as in
+    finetune.data.encode_document (no None ids)."""
+    from helpers_tokenizer import family_tokenizer
+
+    from finetune.data import encode_document
+    from finetune.skill_eval import load_repo
+
+    tok = family_tokenizer("qwen2")
+    eos = tok.eos_token_id
+    assert tok.bos_token_id is None and encode_document(tok, "x = 1\n")[0][0] == eos
+    f = load_repo(eval_repo, tok).files["draw.py"]
+    assert f.ids[0] == f.ids[-1] == eos and None not in f.ids
+    geom = next(p for p in find_packages([roots]) if p.name == "geom")
+    info = Corpus([geom], tok).info(geom, "geom/draw.py")
+    assert info.ids[0] == info.ids[-1] == eos and None not in info.ids
+
+
 def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
     from finetune.evaluate import MemoryCache
     from finetune.skill_eval import SkillArgs, eval_passkey
