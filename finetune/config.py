@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomllib
 
@@ -193,10 +193,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
         """From a TOML file (or defaults when None), then `section.key=value` overrides (TOML values)."""
-        text = Path(path).read_text(encoding="utf-8") if path is not None else ""
-        d = tomllib.loads(text)
-        for item in overrides:
-            apply_override(d, item)
+        d, text = read_toml(path, overrides)
         cfg = cls.from_dict(d)
         cfg.source_toml = text or None
         return cfg
@@ -204,6 +201,15 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": self.data.to_dict(),
                 "train": dataclasses.asdict(self.train)}
+
+
+def read_toml(path: str | Path | None, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
+    """(tables, TOML text) of a recipe file ("" when None) with `section.key=value` overrides applied."""
+    text = Path(path).read_text(encoding="utf-8") if path is not None else ""
+    d = tomllib.loads(text)
+    for item in overrides:
+        apply_override(d, item)
+    return d, text
 
 
 def apply_override(d: dict[str, Any], item: str) -> None:
@@ -235,7 +241,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_run_config(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
+class RecordedConfig(Protocol):
+    """What a run directory records of a config: RunConfig, or retrieval_train.RetrievalConfig."""
+
+    source_toml: str | None
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def write_run_config(cfg: RecordedConfig, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     d = {**cfg.to_dict(), "versions": package_versions(), "argv": sys.argv, **(extra or {})}
     (run_dir / "train_config.json").write_text(json.dumps(d, indent=2, default=str) + "\n")

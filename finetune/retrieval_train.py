@@ -26,6 +26,7 @@ so a resumed run sees the same data as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -91,12 +92,9 @@ class RetrievalConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RetrievalConfig:
-        from finetune.config import apply_override
+        from finetune.config import read_toml
 
-        text = Path(path).read_text(encoding="utf-8")
-        d = tomllib.loads(text)
-        for item in overrides:
-            apply_override(d, item)
+        d, text = read_toml(path, overrides)
         cfg = cls.from_dict(d)
         cfg.source_toml = text
         return cfg
@@ -300,13 +298,14 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
     """Train as `cfg` says; returns (model, run dir, final state)."""
     from safetensors.torch import load_file
 
-    from finetune.config import package_versions
-    from finetune.train import load_for_training
+    from finetune.config import write_run_config
+    from finetune.train import _log, _lr_lambda, _trim_metrics, load_for_training
+    from longllama_lsp.load import resolve_device_dtype
 
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device_dtype(t.device)[0]
     model, tokenizer, base = load_for_training(cfg.model, device=device)
     if cfg.model.train == "lora":
         raise ValueError("retrieval training supports model.train = 'memory' or 'all' (LoRA: use finetune.train)")
@@ -315,8 +314,7 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
     run_dir.mkdir(parents=True, exist_ok=True)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
-    warm = t.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps))
     state = {"step": 0, "examples": 0, "tokens": 0, "elapsed_s": 0.0}
     pool: EncodedChunks | None = None
     pool_repeat: list[int] | None = None
@@ -339,14 +337,10 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
     else:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "train_config.json").write_text(json.dumps(
-        {**cfg.to_dict(), "versions": package_versions(), "argv": sys.argv, "device": device}, indent=2,
-        default=str) + "\n")
-    if cfg.source_toml:
-        (run_dir / "train_config.toml").write_text(cfg.source_toml)
-    _trim(run_dir / "metrics.jsonl", state["step"])
+    write_run_config(cfg, run_dir, {"device": device})
+    _trim_metrics(run_dir / "metrics.jsonl", state["step"])
     mix, pad = cfg.retrieval, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if t.mixed_precision == "bf16" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if t.mixed_precision == "bf16" else contextlib.nullcontext()
     start = time.perf_counter() - state["elapsed_s"]
     batches = StepBatches(maker, t.seed, t.batch_size, t.data_workers, cfg.retrieval, tokenizer)
     model.train()
@@ -435,25 +429,6 @@ class StepBatches:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _log(run_dir: Path, rec: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _trim(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def run(config: str | Path, overrides: list[str]) -> int:
