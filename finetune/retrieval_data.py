@@ -28,14 +28,22 @@ from __future__ import annotations
 import random
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.data import document_ends
 from finetune.passkey import FILLER, QUESTION, TASK
-from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
+from finetune.pycode import (
+    PyFacts,
+    analyse,
+    crossfile_names,
+    exports,
+    module_name,
+    resolve_imports,
+    token_flags,
+)
 
 HELD_OUT = ("requests", "flask", "click")  # evaluation repositories (finetune/skill_eval.py)
 KINDS = ("repo", "synthetic", "passkey")
@@ -106,10 +114,8 @@ class FileInfo:
     text: str
     ids: list[int]  # [bos] + tokens + [eos] (finetune.data.document_ends)
     offsets: list[tuple[int, int]]  # character span of each id ((0, 0) for bos/eos)
-    exports: set[str]
-    binds: set[str]
-    imports: list[str]  # repository paths it imports
-    idents: list[tuple[int, int, str]]
+    facts: PyFacts  # finetune.pycode.analyse of `text`
+    imports: list[str]  # repository paths it imports (facts.imports resolved)
 
 
 class Corpus:
@@ -147,8 +153,7 @@ class Corpus:
         bos, eos = document_ends(self.tokenizer)
         facts = analyse(text)
         return FileInfo(text, [bos, *enc["input_ids"], eos], [(0, 0), *enc["offset_mapping"], (0, 0)],
-                        facts.exports, facts.binds,
-                        resolve_imports(path, facts.imports, self._modules[pkg.name]), facts.identifiers)
+                        facts, resolve_imports(path, facts.imports, self._modules[pkg.name]))
 
     def exports_of(self, pkg: Package) -> dict[str, set[str]]:
         """{path: exported names} of every readable file of the package (cached)."""
@@ -157,7 +162,7 @@ class Corpus:
             for f in pkg.files:
                 known = self._info.get((pkg.name, f))
                 if known is not None:
-                    out[f] = known.exports
+                    out[f] = known.facts.exports
                     continue
                 try:
                     out[f] = exports((pkg.root / f).read_bytes())
@@ -265,8 +270,8 @@ class ExampleMaker:
                 continue
             exports = self.corpus.exports_of(pkg)
             others = set().union(*(e for f, e in exports.items() if f != path)) if len(exports) > 1 else set()
-            names = crossfile_names(_facts_view(info), others)
-            spans = [(s, e) for s, e, n in info.idents if n in names]
+            names = crossfile_names(info.facts, others)
+            spans = [(s, e) for s, e, n in info.facts.identifiers if n in names]
             flags = token_flags(info.text, info.offsets, spans)
             hits = [i for i, f in enumerate(flags) if f and i >= 1]
             if not hits:
@@ -276,7 +281,7 @@ class ExampleMaker:
             ids = info.ids[start:start + a.target_len + 1]
             tflags = flags[start + 1:start + a.target_len + 1]
             lo, hi = info.offsets[start + 1][0], info.offsets[start + len(ids) - 1][1]
-            window_names = {n for s, e, n in info.idents if n in names and lo <= s < hi}
+            window_names = {n for s, e, n in info.facts.identifiers if n in names and lo <= s < hi}
             memory = self._repo_memory(pkg, path, info, window_names, rng)
             w = [a.xid_weight if f else 1.0 for f in tflags]
             return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"})
@@ -423,19 +428,6 @@ class ExampleMaker:
         code = [self._code_ids(rng, a.chunk_len) for _ in range(a.pool_code_chunks)]
         filler = [self.filler_chunk(rng) for _ in range(a.pool_filler_chunks)]
         return [c for c in code if c] + filler, [1] * len([c for c in code if c]) + [a.pool_filler_repeat] * len(filler)
-
-
-def _facts_view(info: FileInfo):
-    from finetune.pycode import PyFacts
-
-    return PyFacts(info.exports, info.binds, [], info.idents)
-
-
-def examples(maker: ExampleMaker, seed: int) -> Iterator[Example]:
-    """Endless examples; the same seed gives the same stream."""
-    rng = random.Random(seed)
-    while True:
-        yield maker.example(rng)
 
 
 def build_maker(args: MixArgs, tokenizer: Any) -> ExampleMaker:
