@@ -166,8 +166,7 @@ def build_model(args, tok):
 
 
 def run_config(args, out_dir: Path, steps: int, d_schedule, max_minutes=None, resume=None):
-    from finetune.config import DataArgs
-    from finetune.train import ModelArgs, RunConfig, TrainArgs
+    from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs
 
     data = DataArgs(sources=list(args.train), languages=[".py"], min_doc_tokens=1024, seq_len=args.seq_len,
                     batch_size=args.batch, pack=2, cross_batch_range=1, stepping=True, d_schedule=d_schedule,

@@ -229,8 +229,8 @@ def evaluate_recall(model, tokenizer, trials: int = 64, dict_rows: int = 1, dist
 
 def train_recall(out_dir: Path, steps: int = 900, seed: int = 0, progress: bool = True):
     """Train a tiny model on recall_batches with the FoT loop; returns (model, tokenizer, cfg, result)."""
-    from finetune.config import DataArgs
-    from finetune.train import ModelArgs, RunConfig, TrainArgs, prepare_trainable, train_loop
+    from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs
+    from finetune.train import prepare_trainable, train_loop
 
     tokenizer = build_tokenizer()
     model = prepare_trainable(build_model(tokenizer, seed), ModelArgs(train="all"))
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from finetune.train import save_output
+    from finetune.outputs import save_output
     from longllama_lsp.model.loading import load_model, load_tokenizer
 
     t0 = time.perf_counter()

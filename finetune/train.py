@@ -45,12 +45,7 @@ from typing import Any
 import torch
 
 from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs, write_run_config
-from finetune.outputs import layer_of, load_trained, memory_attention_names, save_output
-
-# ModelArgs, RunConfig, TrainArgs (config.py) and save_output, load_trained (outputs.py) stay importable from
-# here for callers written before the split.
-__all__ = ["ModelArgs", "RunConfig", "TrainArgs", "TrainResult", "load_for_training", "load_trained",
-           "make_accelerator", "prepare_trainable", "save_output", "train", "train_loop"]
+from finetune.outputs import layer_of, memory_attention_names, save_output
 
 logger = logging.getLogger(__name__)
 
