@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import pytest_lsp
+from helpers_lsp import server_env
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
@@ -31,7 +31,6 @@ from longllama_lsp.engine import Completion
 from longllama_lsp.protocol import METHOD_TO_TYPES, AskParams
 from longllama_lsp.server import check_listen_address, completion_item
 
-TESTS = Path(__file__).parent
 UTF16 = types.PositionEncodingKind.Utf16
 SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
 EMOJI_LINE = "s = '😀😀'; total = value + other"
@@ -92,12 +91,6 @@ def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
 
 def server_command(model_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
-
-
-def server_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
 INIT_OPTIONS = {"completion": {"maxTokens": "lots", "debounceMs": 0}, "ask": {"maxTokens": 12},
