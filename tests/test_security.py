@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, server_command, server_env, wait_until
+from helpers_lsp import SyncClient, frame, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 
 AWS_KEY = "AKIAQWERTYUIOPASDFGH"
@@ -354,11 +354,6 @@ MINE = {"app/db.py": "def connect(url):\n    return url\n\n\ndef query(conn, sql
         "deploy/jobs.py": "def nightly():\n    return 'backup'\n\n\ndef weekly():\n    return 'report'\n"}
 
 
-def frame_of(message: dict) -> bytes:
-    body = json.dumps(message).encode()
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
-
-
 def hostile_client(port: int, runtime: Path, root_uri: str) -> dict:
     """What a client of another uid gets: run in a forked child after setuid(nobody)."""
     out: dict = {"uid": os.getuid()}
@@ -369,9 +364,11 @@ def hostile_client(port: int, runtime: Path, root_uri: str) -> dict:
         out["record_readable"] = False
     for name, options in [("none", {}), ("guess", {"token": "s3cret"})]:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(frame_of({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "processId": None, "rootUri": root_uri, "capabilities": {}, "initializationOptions": options}}))
-            s.sendall(frame_of({"jsonrpc": "2.0", "id": 2, "method": "longllama/ask", "params": {"question": "?"}}))
+            s.sendall(frame(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "processId": None, "rootUri": root_uri, "capabilities": {},
+                "initializationOptions": options}}).encode()))
+            s.sendall(frame(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "longllama/ask",
+                                        "params": {"question": "?"}}).encode()))
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
