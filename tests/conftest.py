@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import make_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "longllama-tiny"
@@ -46,15 +47,6 @@ def golden_cases():
     from safetensors.torch import load_file
 
     return load_file(GOLDEN / "cases.safetensors")
-
-
-def make_tiny(seed: int = 0, **overrides):
-    """A seeded tiny random LongLLaMA (GQA 4/2 heads, tied embeddings unless overridden)."""
-    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LongLlamaConfig(**{**PRESETS["tiny"], "tie_word_embeddings": True, **overrides})
-    return LongLlamaForCausalLM(cfg).eval()
 
 
 def greedy(model, input_ids, max_new_tokens: int, **kwargs):

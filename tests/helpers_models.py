@@ -6,6 +6,8 @@ pytest's cache dir (.pytest_cache/d/) across runs. The model is PRESETS["tiny"] 
 vocabulary and a 128-token window (last_context_length 64), seeded, so runs are reproducible.
 
 Import the fixtures into a test module: `from helpers_models import tiny_model_dir  # noqa: F401`.
+`make_tiny` is the one seeded builder behind every tiny model of the tests (in memory, on disk,
+sized to a tokenizer).
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 TINY_OVERRIDES = dict(vocab_size=49152, max_position_embeddings=128, last_context_length=64,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def make_tiny(seed: int = 0, **overrides):
+    """A seeded tiny random LongLLaMA (GQA 4/2 heads, tied embeddings unless overridden), in memory:
+    the one builder behind the tiny models of the tests (PRESETS["tiny"]'s 99-token vocabulary by default)."""
+    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LongLlamaConfig(**{**PRESETS["tiny"], "tie_word_embeddings": True, **overrides})
+    return LongLlamaForCausalLM(cfg).eval()
 
 
 def gguf_dir() -> Path | None:
@@ -54,11 +66,7 @@ def build_tokenizer_dir(dest: Path) -> Path:
 
 def write_tiny_model(dest: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
     """A seeded tiny LongLLaMA checkpoint + tokenizer files in `dest`."""
-    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LongLlamaConfig(**{**PRESETS["tiny"], **TINY_OVERRIDES, **overrides})
-    LongLlamaForCausalLM(cfg).eval().save_pretrained(dest)
+    make_tiny(seed, **{**TINY_OVERRIDES, **overrides}).save_pretrained(dest)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, dest / name)
@@ -95,14 +103,9 @@ def tiny_model(tiny_model_dir):
 
 def tiny_model_for(tokenizer, seed: int = 0, **overrides):
     """A seeded tiny LongLLaMA (PRESETS["tiny"], window 128) sized to `tokenizer`'s vocabulary, in memory."""
-    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
-
-    torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
-    cfg = LongLlamaConfig(**{**PRESETS["tiny"], **TINY_OVERRIDES, "vocab_size": len(tokenizer),
-                             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos,
-                             **overrides})
-    return LongLlamaForCausalLM(cfg).eval()
+    return make_tiny(seed, **{**TINY_OVERRIDES, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                              "eos_token_id": eos, "pad_token_id": eos, **overrides})
 
 
 @torch.no_grad()

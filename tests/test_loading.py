@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN, SHARED, make_tiny
+from conftest import GOLDEN, SHARED
+from helpers_models import make_tiny
 from safetensors.torch import load_file, save_file
 
 from longllama_lsp.errors import CheckpointError, ModelError

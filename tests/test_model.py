@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN, greedy, make_tiny
+from conftest import GOLDEN, greedy
+from helpers_models import make_tiny
 
 from longllama_lsp.model import LongLlamaConfig, LongLlamaForCausalLM, Memory
 

@@ -235,12 +235,10 @@ def test_data_workers_make_the_same_batches(maker):
 
 
 def _tiny(seed=0, **over):
-    from longllama_lsp.model import PRESETS, LongLlamaConfig, LongLlamaForCausalLM
+    from helpers_models import make_tiny
 
-    torch.manual_seed(seed)
-    cfg = {**PRESETS["tiny"], "max_position_embeddings": 128, "last_context_length": 64, "mem_layers": [0, 1],
-           **over}
-    return LongLlamaForCausalLM(LongLlamaConfig(**cfg)).eval()
+    return make_tiny(seed, **{"tie_word_embeddings": False, "max_position_embeddings": 128, "last_context_length": 64,
+                              "mem_layers": [0, 1], **over})
 
 
 def test_memory_from_projection_inputs_equals_encode_memory():

@@ -1,6 +1,6 @@
 """Block-sparse memory attention (issue 15): blocks with min/max summaries, top blocks per query tile.
 
-Tiny random models (tests/conftest.make_tiny: GQA 4 query / 2 key-value heads). The dense path is
+Tiny random models (tests/helpers_models.make_tiny: GQA 4 query / 2 key-value heads). The dense path is
 the reference (tests/test_model.py golden tests); these check that sparse selection reduces to it
 when it keeps every live block, that it finds a block that matters, that the host tier reads the
 same numbers as the device tier, and that the reported sources are the blocks actually attended.
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
-from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
+from helpers_models import make_tiny, smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.model import Memory
 from longllama_lsp.model import memory as memory_module
