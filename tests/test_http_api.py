@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_lsp import server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 
 from longllama_lsp.http_api import (
@@ -34,7 +34,6 @@ from longllama_lsp.http_api import (
 
 openai = pytest.importorskip("openai")
 
-TESTS = Path(__file__).parent
 REPO_FILES = {"alpha.py": "def alpha():\n    return 1\n", "pkg/beta.py": "def beta(x):\n    return x * 2\n"}
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\nprint(add(3, 4))\n"
 
@@ -83,14 +82,6 @@ def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
     return write_tiny_model(tmp_path_factory.mktemp("tiny-1k"), smol_tokenizer_dir, max_position_embeddings=1024)
 
 
-def server_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("LONGLLAMA_TOKEN", None)  # the module's server makes its own
-    return {**env, **extra}
-
-
 class Server:
     """`longllama serve --http` in a subprocess; its stderr is collected on a thread."""
 
@@ -124,8 +115,10 @@ def server(model_dir, tmp_path_factory):
     for name, body in REPO_FILES.items():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(body)
+    env = server_env(XDG_RUNTIME_DIR=str(run))
+    env.pop("LONGLLAMA_TOKEN", None)  # the module's server makes its own
     s = Server(["--port", "0", "--model", str(model_dir), "--repo", str(repo), "--indexer-factory",
-                "helpers_indexer:make"], server_env(XDG_RUNTIME_DIR=str(run)))
+                "helpers_indexer:make"], env)
     s.run_dir, s.repo = run / "longllama", repo
     records = list(s.run_dir.glob("server-http-*.json"))
     s.record = json.loads(records[0].read_text()) if len(records) == 1 else None
@@ -340,13 +333,6 @@ def counts(engine) -> dict[str, int]:
     return dict(engine.status()["requests"])
 
 
-def wait_until(predicate, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 @pytest.mark.e2e
 def test_a_client_that_disconnects_mid_stream_cancels_its_request(local):
     before = counts(local.engine)
@@ -367,7 +353,7 @@ def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
     """`user` keys requests: the older one, still queued, is answered empty (200), not an error."""
     engine = local.engine
     blocker = engine.submit_answer("Keep the worker busy.", max_tokens=400, key="blocker")
-    wait_until(lambda: engine.status()["running"] == blocker.id)
+    wait_until(lambda: engine.status()["running"] == blocker.id, every=0.02)  # act while the blocker runs
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{local.server_address[1]}/v1", api_key="t0ken", max_retries=0)
     replies: dict[str, object] = {}
 
@@ -376,7 +362,7 @@ def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=tokens, user="editor-1")
     first, second = (threading.Thread(target=ask, args=args) for args in (("first", 300), ("second", 2)))
     first.start()
-    wait_until(lambda: engine.pending >= 1)
+    wait_until(lambda: engine.pending >= 1, every=0.02)
     second.start()  # queued behind the blocker too: it supersedes the first at once
     first.join(60)
     assert "first" in replies and blocker.future.running()
