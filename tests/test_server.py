@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import pytest_lsp
-from helpers_lsp import server_env
+from helpers_lsp import frame, free_port, server_command, server_env
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
@@ -87,10 +86,6 @@ def test_non_loopback_addresses_need_allow_remote():
 def model_dir(smol_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
     """Test Data: the tiny LongLLaMA with a 1024-token window, so a long generation can be cancelled."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-1k"), smol_tokenizer_dir, max_position_embeddings=1024)
-
-
-def server_command(model_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
 
 
 INIT_OPTIONS = {"completion": {"maxTokens": "lots", "debounceMs": 0}, "ask": {"maxTokens": 12},
@@ -321,7 +316,7 @@ class RawClient:
 
     async def send(self, message: dict | bytes) -> None:
         body = message if isinstance(message, bytes) else json.dumps(message).encode()
-        self.writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.writer.write(frame(body))
         await self.writer.drain()
 
     async def receive(self, timeout: float = 60) -> dict:
@@ -411,12 +406,6 @@ async def test_initialize_is_answered_while_the_model_loads(model_dir, tmp_path)
     finally:
         proc.kill()
         await proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.e2e
