@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, frame, rss_kib, server_command, server_env, wait_until
+from helpers_lsp import SyncClient, frame, free_port, rss_kib, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -243,14 +243,6 @@ def test_rss_stays_bounded_after_the_fuzzing(server):
 
 
 # -- load: concurrent clients over TCP -----------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def client_loop(client: SyncClient, uri: str, rounds: int, latencies: list[float], failures: list[str]) -> None:
     """completion, edit, completion cancelled right away, completion: every request answered in time."""
