@@ -124,41 +124,41 @@ class Assembler:
             finally:
                 self._held = None
 
-    def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True,
-                 roots: Collection[Path] | None = None, buffer: Buffer | None = None) -> Assembled:
-        """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map.
-        `roots` (resolved paths): only the banks of those repositories (a TCP session reads its own
-        roots, never another editor's); None: every bank.
+    def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
+                 buffer: Buffer | None = None) -> Assembled:
+        """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
+        repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
-        With `buffer` (the open text of `path`) and `path` inside a repository, that repository's bank
-        stands for the buffer instead of `blocks` (see `_buffer_in_bank`)."""
-        banks = []  # (repo, bank, root, path relative to root)
+        With `buffer` (the open text of `path`), the banks leave out `path`'s indexed chunks (the buffer
+        is newer), and when `path` is inside a repository, that repository's bank stands for the buffer
+        instead of `blocks` (see `_buffer_in_bank`)."""
+        used = []  # (repo, root, `path` relative to root when the buffer replaces its chunks)
         home = None  # the repository holding `path`, when its bank serves the buffer
         for repo in self.repositories():
             root = Path(repo.root).resolve()
             if roots is not None and root not in roots:
                 continue
-            rel = relative(path, root) if exclude_current or buffer is not None else None
+            rel = relative(path, root) if buffer is not None else None
             if buffer is not None and home is None and rel is not None and Path(path).is_absolute():
-                home = (repo, rel)
+                home = repo
             elif not len(repo.bank):
                 continue
-            banks.append((repo, repo.bank, root, rel))
+            used.append((repo, root, rel))
         with contextlib.ExitStack() as locks:  # views alias the banks: read them while the indexer waits
-            for repo, *_ in banks:
+            for repo, _, _ in used:
                 locks.enter_context(repo.lock)
-            hidden = {}  # id(bank) -> what is left out of it: (paths, chunk ids)
-            for _, bank, _, rel in banks:
-                hidden[id(bank)] = ((rel,) if rel else (), ())
+            banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
+            for repo, root, rel in used:
+                hidden = ((), self._buffer_in_bank(repo, rel, buffer)) if repo is home else ((rel,) if rel else (), ())
+                banks.append((repo.bank, root, hidden))
             if home is not None:
-                hidden[id(home[0].bank)] = ((), self._buffer_in_bank(home[0], home[1], buffer))
                 blocks = ()
-            key = tuple((id(b), b.version, hidden[id(b)]) for _, b, _, _ in banks) + tuple(b.key for b in blocks)
+            key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)
             key += (self.select_tokens(),)
             if self._last is not None and self._last[0] == key:
                 out = self._last[1]
             else:
-                out = self._build(path, blocks, [(bank, root, hidden[id(bank)]) for _, bank, root, _ in banks])
+                out = self._build(path, blocks, banks)
                 self._last = (key, out)
             if out.views and self._held is not None:
                 self._held.enter_context(locks.pop_all())  # released when the request ends

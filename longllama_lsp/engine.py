@@ -469,9 +469,8 @@ class Engine:
         if use_memory and document is not None and document[1].strip():
             blocks = build_prompt(self._tokenizer, document[1], 0, 1,
                                   stride=256, memory_tokens=self.options.buffer_memory_tokens).after
-        asm = self._assembler.assemble(document[0] if document else None, blocks, exclude_current=bool(blocks),
-                                       roots=roots, buffer=Buffer(document[1]) if blocks else None) \
-            if use_memory else NOTHING
+        asm = self._assembler.assemble(document[0] if document else None, blocks, roots=roots,
+                                       buffer=Buffer(document[1]) if blocks else None) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),
