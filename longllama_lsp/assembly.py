@@ -133,7 +133,7 @@ class Assembler:
         is newer), and when `path` is inside a repository, that repository's bank stands for the buffer
         instead of `blocks` (see `_buffer_in_bank`)."""
         used = []  # (repo, root, `path` relative to root when the buffer replaces its chunks)
-        home = None  # the repository holding `path`, when its bank serves the buffer
+        home, chunks = None, ()  # the repository whose bank serves the buffer, and the buffer cut as it cuts files
         for repo in self.repositories():
             root = Path(repo.root).resolve()
             if roots is not None and root not in roots:
@@ -141,6 +141,7 @@ class Assembler:
             rel = relative(path, root) if buffer is not None else None
             if buffer is not None and home is None and rel is not None and Path(path).is_absolute():
                 home = repo
+                chunks = self._chunks(repo, rel, buffer.text)  # a parse of all of it: before the locks
             elif not len(repo.bank):
                 continue
             used.append((repo, root, rel))
@@ -149,7 +150,7 @@ class Assembler:
                 locks.enter_context(repo.lock)
             banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
             for repo, root, rel in used:
-                hidden = ((), self._buffer_in_bank(repo, rel, buffer)) if repo is home else ((rel,) if rel else (), ())
+                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks)) if repo is home else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
             if home is not None:
                 blocks = ()
@@ -166,17 +167,16 @@ class Assembler:
                 raise RuntimeError("bank views outside Assembler.request()")
         return out
 
-    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer) -> tuple:
+    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk]) -> tuple:
         """Make `repo`'s bank hold the open buffer of `rel`; returns the chunk ids to leave out (sorted).
 
-        Cut as the indexer cuts the file (`repo.chunk`), a buffer chunk with an indexed chunk's content
-        hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
+        Cut as the indexer cuts the file (`chunks`, see `_chunks`), a buffer chunk with an indexed chunk's
+        content hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
         edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones,
         unless it holds the cursor (it changes with every key; the local window has its text). Chunks
         wholly inside the local window are left out (the prompt has them), and so are the file's
         indexed chunks the buffer no longer has. Runs under the repository's lock."""
         bank = repo.bank
-        chunks = self._chunks(repo, rel, buffer.text)
         resident = bank.chunks_of(rel)
         indexed: dict[str, Hashable] = {}
         for cid, meta in resident.items():

@@ -9,6 +9,8 @@ worker; a twelve-function Python file written to tmp_path, indexed by the real i
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
@@ -72,6 +74,31 @@ def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_non
     engine.complete(SOURCE, at(SOURCE, 3), path=path)  # the cursor moves
     assert calls == []
     assert 9 in visible_chunks(engine, repo)
+
+
+def test_the_buffer_is_cut_before_the_repository_lock_is_taken(indexed):
+    """Cutting the buffer parses all of it: the indexer, waiting on the lock, must not wait for that too."""
+    engine, repo, path, _ = indexed
+    free: list[bool] = []  # whether another thread could take the repository's lock while the buffer was cut
+    chunk = repo.chunk
+
+    def probing(rel, text):
+        def try_lock():
+            got = repo.lock.acquire(blocking=False)
+            if got:
+                repo.lock.release()
+            free.append(got)
+        probe = threading.Thread(target=try_lock)
+        probe.start()
+        probe.join()
+        return chunk(rel, text)
+
+    repo.chunk = probing
+    try:
+        engine.complete(SOURCE, at(SOURCE, 8), path=path)
+    finally:
+        del repo.chunk
+    assert free == [True]
 
 
 def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  # noqa: F811
