@@ -124,33 +124,40 @@ class Assembler:
             finally:
                 self._held = None
 
+    def home(self, path: str | None, roots: Collection[Path] | None = None) -> tuple[MemorySource, str] | None:
+        """The repository (of `roots`; None: any) that holds the file `path` (absolute, as an editor names
+        it) and the file's path in it: its bank stands for the file's open buffer (`assemble`)."""
+        return _home(path, self._placed(path, roots))
+
+    def _placed(self, path: str | None, roots: Collection[Path] | None) -> list[tuple[MemorySource, Path, str | None]]:
+        """(repository, resolved root, `path` relative to that root or None) of each repository of `roots`."""
+        out = []
+        for repo in self.repositories():
+            root = Path(repo.root).resolve()
+            if roots is None or root in roots:
+                out.append((repo, root, relative(path, root)))
+        return out
+
     def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
                  buffer: Buffer | None = None) -> Assembled:
         """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
         repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
         With `buffer` (the open text of `path`), the banks leave out `path`'s indexed chunks (the buffer
-        is newer), and when `path` is inside a repository, that repository's bank stands for the buffer
-        instead of `blocks` (see `_buffer_in_bank`)."""
-        used = []  # (repo, root, `path` relative to root when the buffer replaces its chunks)
-        home, chunks = None, ()  # the repository whose bank serves the buffer, and the buffer cut as it cuts files
-        for repo in self.repositories():
-            root = Path(repo.root).resolve()
-            if roots is not None and root not in roots:
-                continue
-            rel = relative(path, root) if buffer is not None else None
-            if buffer is not None and home is None and rel is not None and Path(path).is_absolute():
-                home = repo
-                chunks = self._chunks(repo, rel, buffer.text)  # a parse of all of it: before the locks
-            elif not len(repo.bank):
-                continue
-            used.append((repo, root, rel))
+        is newer), and when `path` is inside a repository (`home`), that repository's bank stands for the
+        buffer instead of `blocks` (see `_buffer_in_bank`)."""
+        placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
+        home = _home(path, placed)
+        # the buffer cut as the indexer cuts files (a parse of all of it), before the locks the indexer waits on
+        chunks = self._chunks(*home, buffer.text) if home is not None else ()
+        used = [(repo, root, rel) for repo, root, rel in placed if len(repo.bank) or home and repo is home[0]]
         with contextlib.ExitStack() as locks:  # views alias the banks: read them while the indexer waits
             for repo, _, _ in used:
                 locks.enter_context(repo.lock)
             banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
             for repo, root, rel in used:
-                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks)) if repo is home else ((rel,) if rel else (), ())
+                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks)) if home and repo is home[0] \
+                    else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
             if home is not None:
                 blocks = ()
@@ -298,6 +305,14 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     file = str(seg.root / meta.path) if seg.root is not None else None
     return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(
         meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), w, file)
+
+
+def _home(path: str | None, placed: Sequence[tuple[MemorySource, Path, str | None]]
+          ) -> tuple[MemorySource, str] | None:
+    """The first of the `placed` repositories (see `Assembler._placed`) holding the file `path` (absolute)."""
+    if path and Path(path).is_absolute():
+        return next(((repo, rel) for repo, _, rel in placed if rel is not None), None)
+    return None
 
 
 def relative(path: str | None, root: Path) -> str | None:

@@ -82,7 +82,8 @@ def build_prompt(tokenizer: Any, text: str, offset: int, context_tokens: int, st
     """Split `text` at the code-point `offset` into the local window and memory blocks.
 
     stride: window step and memory block size (default context_tokens // 4). memory_tokens caps the
-    buffer's own memory on each side (the blocks nearest the cursor are kept).
+    buffer's own memory on each side (the blocks nearest the cursor are kept); 0: no memory blocks
+    (a repository's bank holds the buffer), and the text after the cursor is not tokenized.
     """
     if not 0 <= offset <= len(text):
         raise ValueError(f"offset {offset} outside the document (0..{len(text)})")
@@ -91,10 +92,10 @@ def build_prompt(tokenizer: Any, text: str, offset: int, context_tokens: int, st
     head, tail = text[:offset], text[offset:]
     ids, spans = tokenize(tokenizer, head)
     k = window_start(len(ids), context_tokens, stride)
-    before = _blocks(ids[:k], spans[:k], 0, stride, starts) if k else []
+    before = _blocks(ids[:k], spans[:k], 0, stride, starts) if k and memory_tokens else []
     before = before[max(0, len(before) - memory_tokens // stride):]
     after: list[Block] = []
-    if tail.strip():
+    if memory_tokens and tail.strip():
         t_ids, t_spans = tokenize(tokenizer, tail)
         after = _blocks(t_ids[:memory_tokens], t_spans[:memory_tokens], offset, stride, starts)
     line_prefix = head[head.rfind("\n") + 1:] if "\n" in head else head

@@ -14,6 +14,7 @@ import threading
 import pytest
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
+from longllama_lsp import prompt
 from longllama_lsp.engine import Engine, EngineOptions
 from longllama_lsp.model.memory import MASK_MIN
 from longllama_lsp.workspace import Workspace
@@ -74,6 +75,21 @@ def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_non
     engine.complete(SOURCE, at(SOURCE, 3), path=path)  # the cursor moves
     assert calls == []
     assert 9 in visible_chunks(engine, repo)
+
+
+def test_a_file_in_the_repository_is_not_cut_into_buffer_blocks(indexed, tmp_path_factory, monkeypatch):
+    """The repository's bank stands for the buffer: the text after the cursor is not tokenized into blocks
+    that would be thrown away; a file outside every repository still is."""
+    engine, _, path, _ = indexed
+    seen: list[str] = []  # texts the prompt tokenized
+    real = prompt.tokenize
+    monkeypatch.setattr(prompt, "tokenize", lambda tokenizer, text: seen.append(text) or real(tokenizer, text))
+    offset = at(SOURCE, 3)
+    engine.complete(SOURCE, offset, path=path)
+    assert seen[0] == SOURCE[:offset] and SOURCE[offset:] not in seen
+    seen.clear()
+    engine.complete(SOURCE, offset, path=str(tmp_path_factory.mktemp("outside") / "steps.py"))
+    assert SOURCE[offset:] in seen
 
 
 def test_the_buffer_is_cut_before_the_repository_lock_is_taken(indexed):
