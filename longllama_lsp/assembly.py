@@ -64,8 +64,9 @@ class Segment:
     bank: Bank | None = None
     root: Path | None = None
     block: Block | None = None
-    path: str | None = None  # shown path of a buffer block (relative to its repository when inside one)
-    file: str | None = None  # the buffer's own path
+    # The buffer's own path: blocks exist only for a file no repository (of the request) holds, so it is
+    # not shown relative to one.
+    file: str | None = None
 
 
 @dataclass
@@ -225,13 +226,12 @@ class Assembler:
         return chunks
 
     def _build(self, path: str | None, blocks: Sequence[Block], banks: list) -> Assembled:
-        shown = self.display_path(path)
         parts = []
         for bank, root, (paths, chunks) in banks:
             mem = bank.memory(exclude_paths=paths, exclude_chunks=chunks)
             if mem.num_tokens:
                 parts.append((mem, Segment(0, 0, bank=bank, root=root)))
-        parts += [(self.block_memory(b), Segment(0, 0, block=b, path=shown, file=path)) for b in blocks]
+        parts += [(self.block_memory(b), Segment(0, 0, block=b, file=path)) for b in blocks]
         if not parts:
             return NOTHING
         total = sum(m.num_tokens for m, _ in parts)
@@ -246,14 +246,6 @@ class Assembler:
         for mem, seg in parts:
             seg.start, seg.length, offset = offset, mem.num_tokens, offset + mem.num_tokens
         return Assembled(memory, [seg for _, seg in parts], views)
-
-    def display_path(self, path: str | None) -> str | None:
-        """`path` relative to the first repository root that holds it (as bank sources are named)."""
-        for repo in self.repositories():
-            rel = relative(path, Path(repo.root).resolve())
-            if rel and path and Path(path).is_absolute():
-                return rel
-        return path
 
     def block_memory(self, block: Block) -> Memory:
         return self._cached(block.key, block.ids)
@@ -294,7 +286,7 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     """The chunk holding `slot` and its share: a whole buffer block, or a bank chunk (all its slots)."""
     if seg.block is not None:
         w = float(share[seg.start:seg.start + seg.length].sum())
-        return ("buf", seg.start), Source(seg.path or "<buffer>", seg.block.start_line, seg.block.end_line,
+        return ("buf", seg.start), Source(seg.file or "<buffer>", seg.block.start_line, seg.block.end_line,
                                           None, w, seg.file)
     meta = seg.bank.slot_owner(slot - seg.start)
     if meta is None:
