@@ -56,7 +56,6 @@ from .prompt import (
     finish,
     incremental_text,
     rest_of_line,
-    tokenize,
 )
 from .repetition import RepetitionGuard
 from .repository import MemorySource
@@ -445,12 +444,12 @@ class Engine:
             return prompt, ids or self._start_ids(), healed, False
         usable = context - fim.special_tokens
         budget = FimBudget(context, min(self.options.fim_suffix_share, self.options.fim_suffix_tokens / usable))
-        n_suffix = int(usable * budget.max_suffix_share)
+        n_suffix = budget.suffix_tokens(fim)
         # the window fits beside the largest suffix, so fim_prompt keeps all of it (same k as typing goes on)
-        prompt = build_prompt(self._tokenizer, text, offset, max(1, usable - n_suffix), memory_tokens=memory_tokens)
+        prompt = build_prompt(self._tokenizer, text, offset, max(1, usable - n_suffix), memory_tokens=memory_tokens,
+                              suffix_tokens=n_suffix)
         prefix, healed = self._heal(prompt.ids, prompt.line_prefix)
-        suffix, _ = tokenize(self._tokenizer, prompt.suffix[: n_suffix * 16])  # a token is rarely longer
-        return prompt, fim_prompt(fim, prefix, suffix, budget).ids, healed, True
+        return prompt, fim_prompt(fim, prefix, prompt.suffix_ids, budget).ids, healed, True
 
     def _remember(self, key: Hashable, text: str, offset: int, out: str) -> None:
         """Keep the suggestion for typeahead (the newest `sessions` documents)."""
