@@ -64,8 +64,9 @@ class Segment:
     bank: Bank | None = None
     root: Path | None = None
     block: Block | None = None
-    path: str | None = None  # shown path of a buffer block (relative to its repository when inside one)
-    file: str | None = None  # the buffer's own path
+    # The buffer's own path: blocks exist only for a file no repository (of the request) holds, so it is
+    # not shown relative to one.
+    file: str | None = None
 
 
 @dataclass
@@ -124,41 +125,49 @@ class Assembler:
             finally:
                 self._held = None
 
-    def assemble(self, path: str | None, blocks: Sequence[Block], exclude_current: bool = True,
-                 roots: Collection[Path] | None = None, buffer: Buffer | None = None) -> Assembled:
-        """Every bank (minus `path`'s chunks when exclude_current) + `blocks`, with the slot map.
-        `roots` (resolved paths): only the banks of those repositories (a TCP session reads its own
-        roots, never another editor's); None: every bank.
+    def home(self, path: str | None, roots: Collection[Path] | None = None) -> tuple[MemorySource, str] | None:
+        """The repository (of `roots`; None: any) that holds the file `path` (absolute, as an editor names
+        it) and the file's path in it: its bank stands for the file's open buffer (`assemble`)."""
+        return _home(path, self._placed(path, roots))
 
-        With `buffer` (the open text of `path`) and `path` inside a repository, that repository's bank
-        stands for the buffer instead of `blocks` (see `_buffer_in_bank`)."""
-        banks = []  # (repo, bank, root, path relative to root)
-        home = None  # the repository holding `path`, when its bank serves the buffer
+    def _placed(self, path: str | None, roots: Collection[Path] | None) -> list[tuple[MemorySource, Path, str | None]]:
+        """(repository, resolved root, `path` relative to that root or None) of each repository of `roots`."""
+        out = []
         for repo in self.repositories():
             root = Path(repo.root).resolve()
-            if roots is not None and root not in roots:
-                continue
-            rel = relative(path, root) if exclude_current or buffer is not None else None
-            if buffer is not None and home is None and rel is not None and Path(path).is_absolute():
-                home = (repo, rel)
-            elif not len(repo.bank):
-                continue
-            banks.append((repo, repo.bank, root, rel))
+            if roots is None or root in roots:
+                out.append((repo, root, relative(path, root)))
+        return out
+
+    def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
+                 buffer: Buffer | None = None) -> Assembled:
+        """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
+        repositories (a TCP session reads its own roots, never another editor's); None: every bank.
+
+        With `buffer` (the open text of `path`), the banks leave out `path`'s indexed chunks (the buffer
+        is newer), and when `path` is inside a repository (`home`), that repository's bank stands for the
+        buffer instead of `blocks` (see `_buffer_in_bank`)."""
+        placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
+        home = _home(path, placed)
+        # the buffer cut as the indexer cuts files (a parse of all of it), before the locks the indexer waits on
+        chunks = self._chunks(*home, buffer.text) if home is not None else ()
+        used = [(repo, root, rel) for repo, root, rel in placed if len(repo.bank) or home and repo is home[0]]
         with contextlib.ExitStack() as locks:  # views alias the banks: read them while the indexer waits
-            for repo, *_ in banks:
+            for repo, _, _ in used:
                 locks.enter_context(repo.lock)
-            hidden = {}  # id(bank) -> what is left out of it: (paths, chunk ids)
-            for _, bank, _, rel in banks:
-                hidden[id(bank)] = ((rel,) if rel else (), ())
+            banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
+            for repo, root, rel in used:
+                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks)) if home and repo is home[0] \
+                    else ((rel,) if rel else (), ())
+                banks.append((repo.bank, root, hidden))
             if home is not None:
-                hidden[id(home[0].bank)] = ((), self._buffer_in_bank(home[0], home[1], buffer))
                 blocks = ()
-            key = tuple((id(b), b.version, hidden[id(b)]) for _, b, _, _ in banks) + tuple(b.key for b in blocks)
+            key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)
             key += (self.select_tokens(),)
             if self._last is not None and self._last[0] == key:
                 out = self._last[1]
             else:
-                out = self._build(path, blocks, [(bank, root, hidden[id(bank)]) for _, bank, root, _ in banks])
+                out = self._build(path, blocks, banks)
                 self._last = (key, out)
             if out.views and self._held is not None:
                 self._held.enter_context(locks.pop_all())  # released when the request ends
@@ -166,17 +175,16 @@ class Assembler:
                 raise RuntimeError("bank views outside Assembler.request()")
         return out
 
-    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer) -> tuple:
+    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk]) -> tuple:
         """Make `repo`'s bank hold the open buffer of `rel`; returns the chunk ids to leave out (sorted).
 
-        Cut as the indexer cuts the file (`repo.chunk`), a buffer chunk with an indexed chunk's content
-        hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
+        Cut as the indexer cuts the file (`chunks`, see `_chunks`), a buffer chunk with an indexed chunk's
+        content hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
         edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones,
         unless it holds the cursor (it changes with every key; the local window has its text). Chunks
         wholly inside the local window are left out (the prompt has them), and so are the file's
         indexed chunks the buffer no longer has. Runs under the repository's lock."""
         bank = repo.bank
-        chunks = self._chunks(repo, rel, buffer.text)
         resident = bank.chunks_of(rel)
         indexed: dict[str, Hashable] = {}
         for cid, meta in resident.items():
@@ -218,13 +226,12 @@ class Assembler:
         return chunks
 
     def _build(self, path: str | None, blocks: Sequence[Block], banks: list) -> Assembled:
-        shown = self.display_path(path)
         parts = []
         for bank, root, (paths, chunks) in banks:
             mem = bank.memory(exclude_paths=paths, exclude_chunks=chunks)
             if mem.num_tokens:
                 parts.append((mem, Segment(0, 0, bank=bank, root=root)))
-        parts += [(self.block_memory(b), Segment(0, 0, block=b, path=shown, file=path)) for b in blocks]
+        parts += [(self.block_memory(b), Segment(0, 0, block=b, file=path)) for b in blocks]
         if not parts:
             return NOTHING
         total = sum(m.num_tokens for m, _ in parts)
@@ -239,14 +246,6 @@ class Assembler:
         for mem, seg in parts:
             seg.start, seg.length, offset = offset, mem.num_tokens, offset + mem.num_tokens
         return Assembled(memory, [seg for _, seg in parts], views)
-
-    def display_path(self, path: str | None) -> str | None:
-        """`path` relative to the first repository root that holds it (as bank sources are named)."""
-        for repo in self.repositories():
-            rel = relative(path, Path(repo.root).resolve())
-            if rel and path and Path(path).is_absolute():
-                return rel
-        return path
 
     def block_memory(self, block: Block) -> Memory:
         return self._cached(block.key, block.ids)
@@ -287,7 +286,7 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     """The chunk holding `slot` and its share: a whole buffer block, or a bank chunk (all its slots)."""
     if seg.block is not None:
         w = float(share[seg.start:seg.start + seg.length].sum())
-        return ("buf", seg.start), Source(seg.path or "<buffer>", seg.block.start_line, seg.block.end_line,
+        return ("buf", seg.start), Source(seg.file or "<buffer>", seg.block.start_line, seg.block.end_line,
                                           None, w, seg.file)
     meta = seg.bank.slot_owner(slot - seg.start)
     if meta is None:
@@ -298,6 +297,14 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     file = str(seg.root / meta.path) if seg.root is not None else None
     return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(
         meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), w, file)
+
+
+def _home(path: str | None, placed: Sequence[tuple[MemorySource, Path, str | None]]
+          ) -> tuple[MemorySource, str] | None:
+    """The first of the `placed` repositories (see `Assembler._placed`) holding the file `path` (absolute)."""
+    if path and Path(path).is_absolute():
+        return next(((repo, rel) for repo, _, rel in placed if rel is not None), None)
+    return None
 
 
 def relative(path: str | None, root: Path) -> str | None:

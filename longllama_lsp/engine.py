@@ -56,7 +56,6 @@ from .prompt import (
     finish,
     incremental_text,
     rest_of_line,
-    tokenize,
 )
 from .repetition import RepetitionGuard
 from .repository import MemorySource
@@ -404,7 +403,11 @@ class Engine:
                   roots: Collection[Path] | None = None) -> Completion:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.max_tokens)
-        prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new))
+        # The buffer goes to memory in blocks only when no repository holds the file: else that repository's
+        # bank stands for it (assembly.py). Should a repository open or close before `assemble`, its blocks
+        # are dropped there, or this one request has no memory of the buffer beyond the window.
+        blocks = use_memory and self._assembler.home(path, roots) is None
+        prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new), blocks)
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
                                        buffer=Buffer(text, prompt.window_offset, offset)) if use_memory else NOTHING
@@ -429,23 +432,24 @@ class Engine:
         return Completion(out, req.id, found, timings, gen.stop_reason, stop.rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
 
-    def _completion_prompt(self, text: str, offset: int, context: int) -> tuple[Prompt, list[int], str, bool]:
-        """(the buffer split, the prompt ids, the healed whitespace, whether the prompt is FIM) for a
-        local context of `context` tokens (see the module docstring)."""
+    def _completion_prompt(self, text: str, offset: int, context: int, blocks: bool
+                           ) -> tuple[Prompt, list[int], str, bool]:
+        """(the buffer split, with memory blocks if `blocks`; the prompt ids, the healed whitespace,
+        whether the prompt is FIM) for a local context of `context` tokens (see the module docstring)."""
         fim = self._fim if self.options.fim else None
+        memory_tokens = self.options.buffer_memory_tokens if blocks else 0
         if fim is None or context < fim.special_tokens + 2:
-            prompt = build_prompt(self._tokenizer, text, offset, context, memory_tokens=self.options.buffer_memory_tokens)
+            prompt = build_prompt(self._tokenizer, text, offset, context, memory_tokens=memory_tokens)
             ids, healed = self._heal(prompt.ids, prompt.line_prefix)
             return prompt, ids or self._start_ids(), healed, False
         usable = context - fim.special_tokens
         budget = FimBudget(context, min(self.options.fim_suffix_share, self.options.fim_suffix_tokens / usable))
-        n_suffix = int(usable * budget.max_suffix_share)
+        n_suffix = budget.suffix_tokens(fim)
         # the window fits beside the largest suffix, so fim_prompt keeps all of it (same k as typing goes on)
-        prompt = build_prompt(self._tokenizer, text, offset, max(1, usable - n_suffix),
-                              memory_tokens=self.options.buffer_memory_tokens)
+        prompt = build_prompt(self._tokenizer, text, offset, max(1, usable - n_suffix), memory_tokens=memory_tokens,
+                              suffix_tokens=n_suffix)
         prefix, healed = self._heal(prompt.ids, prompt.line_prefix)
-        suffix, _ = tokenize(self._tokenizer, prompt.suffix[: n_suffix * 16])  # a token is rarely longer
-        return prompt, fim_prompt(fim, prefix, suffix, budget).ids, healed, True
+        return prompt, fim_prompt(fim, prefix, prompt.suffix_ids, budget).ids, healed, True
 
     def _remember(self, key: Hashable, text: str, offset: int, out: str) -> None:
         """Keep the suggestion for typeahead (the newest `sessions` documents)."""
@@ -464,14 +468,14 @@ class Engine:
         t0 = time.perf_counter()
         max_new = self._clamp(max_tokens or self.options.answer_max_tokens)
         budget = self._model.window - max_new
-        ids = self._chat_ids(question, document[0] if document else None, messages)[-budget:]
+        path, text = document or (None, "")
+        ids = self._chat_ids(question, path, messages)[-budget:]
+        memory_tokens = self.options.buffer_memory_tokens  # 0: no memory of the document
+        buffer = Buffer(text) if use_memory and text.strip() and memory_tokens else None
         blocks: list[Block] = []
-        if use_memory and document is not None and document[1].strip():
-            blocks = build_prompt(self._tokenizer, document[1], 0, 1,
-                                  stride=256, memory_tokens=self.options.buffer_memory_tokens).after
-        asm = self._assembler.assemble(document[0] if document else None, blocks, exclude_current=bool(blocks),
-                                       roots=roots, buffer=Buffer(document[1]) if blocks else None) \
-            if use_memory else NOTHING
+        if buffer is not None and self._assembler.home(path, roots) is None:  # in blocks as in _complete
+            blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
+        asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),

@@ -102,6 +102,10 @@ class FimBudget:
         if self.max_prompt_tokens < 1 or not 0 <= self.max_suffix_share <= 1:
             raise ValueError(f"invalid FIM budget {self}")
 
+    def suffix_tokens(self, fim: FimTokens) -> int:
+        """The most suffix tokens a prompt holds: its share of the tokens beside `fim`'s markers."""
+        return int((self.max_prompt_tokens - fim.special_tokens) * self.max_suffix_share)
+
 
 @dataclass(frozen=True)
 class FimPrompt:
@@ -120,7 +124,7 @@ def fim_prompt(fim: FimTokens, prefix_ids: Sequence[int], suffix_ids: Sequence[i
     if usable < 1:
         raise ValueError(f"max_prompt_tokens {budget.max_prompt_tokens} leaves no room beside "
                          f"{fim.special_tokens} FIM marker tokens")
-    n_suffix = min(len(suffix_ids), int(usable * budget.max_suffix_share))
+    n_suffix = min(len(suffix_ids), budget.suffix_tokens(fim))
     n_prefix = min(len(prefix_ids), usable - n_suffix)
     prefix = list(prefix_ids[len(prefix_ids) - n_prefix:])
     suffix = list(suffix_ids[:n_suffix])

@@ -20,7 +20,7 @@ import itertools
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _EOL = re.compile(r"\r\n|\r|\n")
@@ -49,6 +49,7 @@ class Prompt:
     suffix: str  # everything after the cursor (for overlap trimming)
     window_start: int  # k: token index of the window's start in the text before the cursor
     window_offset: int = 0  # the window's start as a code-point offset into the text
+    suffix_ids: list[int] = field(default_factory=list)  # the first `suffix_tokens` ids of `suffix` (FIM)
 
 
 def _line_of(starts: list[int], offset: int) -> int:
@@ -78,11 +79,13 @@ def tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]
 
 
 def build_prompt(tokenizer: Any, text: str, offset: int, context_tokens: int, stride: int | None = None,
-                 memory_tokens: int = 16384) -> Prompt:
+                 memory_tokens: int = 16384, suffix_tokens: int = 0) -> Prompt:
     """Split `text` at the code-point `offset` into the local window and memory blocks.
 
     stride: window step and memory block size (default context_tokens // 4). memory_tokens caps the
-    buffer's own memory on each side (the blocks nearest the cursor are kept).
+    buffer's own memory on each side (the blocks nearest the cursor are kept); 0: no memory blocks
+    (a repository's bank holds the buffer), and the text after the cursor is not tokenized but for
+    `suffix_tokens` ids of it, for a FIM prompt's suffix.
     """
     if not 0 <= offset <= len(text):
         raise ValueError(f"offset {offset} outside the document (0..{len(text)})")
@@ -91,14 +94,18 @@ def build_prompt(tokenizer: Any, text: str, offset: int, context_tokens: int, st
     head, tail = text[:offset], text[offset:]
     ids, spans = tokenize(tokenizer, head)
     k = window_start(len(ids), context_tokens, stride)
-    before = _blocks(ids[:k], spans[:k], 0, stride, starts) if k else []
+    before = _blocks(ids[:k], spans[:k], 0, stride, starts) if k and memory_tokens else []
     before = before[max(0, len(before) - memory_tokens // stride):]
     after: list[Block] = []
-    if tail.strip():
+    t_ids: list[int] = []
+    if memory_tokens and tail.strip():
         t_ids, t_spans = tokenize(tokenizer, tail)
         after = _blocks(t_ids[:memory_tokens], t_spans[:memory_tokens], offset, stride, starts)
+    elif suffix_tokens:  # no blocks: only the start of the tail (a token is rarely longer than 16 characters)
+        t_ids, _ = tokenize(tokenizer, tail[: suffix_tokens * 16])
     line_prefix = head[head.rfind("\n") + 1:] if "\n" in head else head
-    return Prompt(ids[k:], before, after, line_prefix.lstrip("\r"), tail, k, spans[k][0] if k < len(ids) else offset)
+    return Prompt(ids[k:], before, after, line_prefix.lstrip("\r"), tail, k, spans[k][0] if k < len(ids) else offset,
+                  suffix_ids=t_ids[:suffix_tokens])
 
 
 def word_before(line_prefix: str) -> str:

@@ -31,6 +31,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
 from . import __version__
+from .assembly import relative
 from .documents import Document, Documents, PositionError, UnknownDocument
 from .engine import Answer, Cancelled, Completion, Engine, Source
 from .logs import LspLogHandler, apply_log_level
@@ -454,7 +455,7 @@ class _ProgressReporter:
 
     def __init__(self, session: LongLlamaServer, token: str | None, root: Path, open_paths: list[str]):
         self.session, self.token, self.root, self.last = session, token, root, 0.0
-        self.open_names = [Path(p).name for p in open_paths if Path(p).resolve().is_relative_to(root.resolve())]
+        self.open_names = [Path(p).name for p in open_paths if relative(p, root.resolve()) is not None]
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()

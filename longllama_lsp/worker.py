@@ -44,6 +44,11 @@ class Request:
         self._cancel.set()
         self.future.cancel()  # succeeds only while queued
 
+    def supersede(self) -> None:
+        """Cancel as stale: a newer request with the same key arrived, or the client dropped it."""
+        self.superseded = True
+        self.cancel()
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -98,8 +103,7 @@ class Worker:
                 self._latest[key] = req
             self._queue.put((priority, next(self._seq), req))
         if older is not None:
-            older.superseded = True
-            older.cancel()
+            older.supersede()
         return req
 
     def answered(self, req: Request, result: Any) -> Request:
@@ -107,8 +111,7 @@ class Worker:
         with self._lock:
             older = self._latest.pop(req.key, None) if req.key is not None else None
         if older is not None:
-            older.superseded = True
-            older.cancel()
+            older.supersede()
         req.future.set_running_or_notify_cancel()
         req.future.set_result(result)
         return req
@@ -118,8 +121,7 @@ class Worker:
         with self._lock:
             req = self._latest.get(key)
         if req is not None:
-            req.superseded = True
-            req.cancel()
+            req.supersede()
 
     def close(self) -> None:
         """Cancel all queued work and stop the thread (the running request stops at its next step)."""

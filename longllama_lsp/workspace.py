@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .assembly import relative
 from .repository import ProgressFn, Repository
 
 if TYPE_CHECKING:
@@ -127,14 +127,17 @@ class Workspace:
             _close(repo)
 
     def touch(self, path: str) -> None:
-        """An opened file (and its folder) ranks first when a memory budget evicts chunks."""
-        path = os.path.normpath(path)  # ws/../outside is not inside ws
+        """An opened file (`path` absolute, as the editor names it) and its folder rank first when a
+        memory budget evicts chunks."""
+        if not Path(path).is_absolute():
+            return
         for repo in self.repositories():
-            if Path(path).is_relative_to(repo.root):
+            rel = relative(path, Path(repo.root).resolve())  # resolved, as the bank names files
+            if rel is not None:
                 # Without the bank's lock: a request attending to the bank's views holds it until it
                 # ends, and this runs on the server's event loop. touch() only sets two priority maps
                 # (single dict stores), which the indexer reads when it next evicts.
-                repo.bank.touch(Path(path).relative_to(repo.root).as_posix())
+                repo.bank.touch(rel)
 
     def untrained_memory(self) -> Path | None:
         """The engine's checkpoint folder when its memory layers are untrained (see `memory_untrained`)."""

@@ -84,6 +84,33 @@ def test_fim_prompt_keeps_prefix_and_suffix_budgets_and_memory(fim_tok):
     assert done.memory_tokens > 0  # the text before the window and after the cursor stay in memory
 
 
+def test_the_text_after_the_cursor_is_tokenized_once(fim_tok):
+    """The FIM suffix is the start of the ids build_prompt cut into memory blocks, not a second tokenization."""
+    from helpers_models import tiny_model_for
+
+    class Counting:  # the tokenizer, recording the texts it is asked to tokenize
+        def __init__(self, tokenizer):
+            self.tokenizer, self.texts = tokenizer, []
+
+        def __call__(self, text, *args, **kwargs):
+            self.texts.append(text)
+            return self.tokenizer(text, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    long_text = "".join(f"value_{i} = compute({i})\n" for i in range(40))
+    cursor = long_text.index("compute(20)")
+    counting = Counting(fim_tok)
+    eng = Engine(tiny_model_for(fim_tok), counting, options=EngineOptions(max_tokens=8, typeahead=False))
+    try:
+        done = eng.complete(long_text, cursor, path="/repo/values.py")
+    finally:
+        eng.close()
+    assert done.memory_tokens > 0  # the text after the cursor went to memory in blocks
+    assert [t for t in counting.texts if t and long_text[cursor:].startswith(t)] == [long_text[cursor:]]
+
+
 def test_typing_mid_line_reuses_the_prefix_and_prefills_the_suffix_again(fim_engine, fim_tok):
     first = fim_engine.complete(TEXT, CURSOR, path="/repo/area.py")
     typed = TEXT[:CURSOR] + "(" + TEXT[CURSOR:]

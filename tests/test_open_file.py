@@ -9,9 +9,12 @@ worker; a twelve-function Python file written to tmp_path, indexed by the real i
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
+from longllama_lsp import prompt
 from longllama_lsp.engine import Engine, EngineOptions
 from longllama_lsp.model.memory import MASK_MIN
 from longllama_lsp.workspace import Workspace
@@ -72,6 +75,46 @@ def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_non
     engine.complete(SOURCE, at(SOURCE, 3), path=path)  # the cursor moves
     assert calls == []
     assert 9 in visible_chunks(engine, repo)
+
+
+def test_a_file_in_the_repository_is_not_cut_into_buffer_blocks(indexed, tmp_path_factory, monkeypatch):
+    """The repository's bank stands for the buffer: the text after the cursor is not tokenized into blocks
+    that would be thrown away; a file outside every repository still is."""
+    engine, _, path, _ = indexed
+    seen: list[str] = []  # texts the prompt tokenized
+    real = prompt.tokenize
+    monkeypatch.setattr(prompt, "tokenize", lambda tokenizer, text: seen.append(text) or real(tokenizer, text))
+    offset = at(SOURCE, 3)
+    engine.complete(SOURCE, offset, path=path)
+    assert seen[0] == SOURCE[:offset] and SOURCE[offset:] not in seen
+    seen.clear()
+    engine.complete(SOURCE, offset, path=str(tmp_path_factory.mktemp("outside") / "steps.py"))
+    assert SOURCE[offset:] in seen
+
+
+def test_the_buffer_is_cut_before_the_repository_lock_is_taken(indexed):
+    """Cutting the buffer parses all of it: the indexer, waiting on the lock, must not wait for that too."""
+    engine, repo, path, _ = indexed
+    free: list[bool] = []  # whether another thread could take the repository's lock while the buffer was cut
+    chunk = repo.chunk
+
+    def probing(rel, text):
+        def try_lock():
+            got = repo.lock.acquire(blocking=False)
+            if got:
+                repo.lock.release()
+            free.append(got)
+        probe = threading.Thread(target=try_lock)
+        probe.start()
+        probe.join()
+        return chunk(rel, text)
+
+    repo.chunk = probing
+    try:
+        engine.complete(SOURCE, at(SOURCE, 8), path=path)
+    finally:
+        del repo.chunk
+    assert free == [True]
 
 
 def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  # noqa: F811

@@ -94,3 +94,17 @@ def test_closing_the_worker_cancels_queued_background_work():
     assert not isinstance(exc.value, TimeoutError)
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(lambda _req: None)
+
+
+def test_touch_ranks_a_file_reached_through_a_symlink(workspace, repo_dir, tmp_path_factory):
+    """The editor may open a file through a symlinked folder; the bank names it by its resolved path."""
+    link = tmp_path_factory.mktemp("links") / "ws"
+    link.symlink_to(repo_dir, target_is_directory=True)
+    repo = workspace.open(repo_dir, user="me")
+    workspace.index(repo)
+    meta = next(iter(repo.bank.chunks_of("a.py").values()))
+    untouched = repo.bank.priority(meta)
+    workspace.touch(str(repo_dir / ".." / "a.py"))  # outside the root, whatever its name
+    assert repo.bank.priority(meta) == untouched
+    workspace.touch(str(link / "a.py"))
+    assert repo.bank.priority(meta)[0] > untouched[0]
