@@ -16,10 +16,10 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from longllama_lsp.errors import StoreError
+from longllama_lsp.safefile import UnsafeFile, read_private, write_private
 
 KEY_BYTES = 32
 
@@ -41,37 +41,20 @@ def _load_or_create(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(KEY_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # atomic, and fails if another process made the key first: theirs wins
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
+    write_private(path, secrets.token_bytes(KEY_BYTES), replace=False)  # another process's key may win
     return _read_key(path)
 
 
 def _read_key(path: Path) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        key = read_private(path, KEY_BYTES + 1)
+    except UnsafeFile as e:
+        raise StoreError(f"the index signing key {e}; it must be a regular file owned by you with mode 0600: "
+                         "delete it to make a new one") from None
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise StoreError(f"cannot read the index signing key {path}: {e}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise StoreError(f"the index signing key {path} must be a regular file owned by you with mode 0600 "
-                             f"(it is {stat.filemode(st.st_mode)}, uid {st.st_uid}); delete it to make a new one")
-        key = os.read(fd, KEY_BYTES + 1)
-    finally:
-        os.close(fd)
     if len(key) != KEY_BYTES:
         raise StoreError(f"the index signing key {path} has {len(key)} bytes, not {KEY_BYTES}; "
                          "delete it to make a new one")

@@ -30,7 +30,6 @@ tensor file or an orphan. Cold reads measured ~680 MiB/s (environment.md §6).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -60,6 +59,7 @@ from indexer.schema import (
 )
 from indexer.signing import sign, user_key, verify
 from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
+from longllama_lsp.safefile import UnsafeFile, open_regular
 
 if TYPE_CHECKING:
     from longllama_lsp.model.memory import Memory
@@ -122,16 +122,10 @@ class _WriterLock:
 def _open_regular(path: Path, flags: int) -> int:
     """os.open without following a symlink at `path`, and only onto a regular file."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StoreError(f"{path} is a symlink; the index never writes through one (a repository may "
-                             "ship it to make us overwrite another file): delete it") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise StoreError(f"{path} is not a regular file; delete it")
-    return fd
+        return open_regular(path, flags, 0o644)
+    except UnsafeFile as e:
+        raise StoreError(f"{e}; the index never opens one (a repository may ship it to make us overwrite "
+                         "another file): delete it") from None
 
 
 def _check_index_dir(directory: Path) -> None:
@@ -155,8 +149,9 @@ def _check_index_dir(directory: Path) -> None:
 
 
 def _check_side_files(path: Path) -> None:
-    """The database and the files SQLite opens beside it by name must not be symlinks."""
-    for p in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES)):
+    """The files SQLite opens beside the database by name must not be symlinks (the database itself is
+    opened with _open_regular first)."""
+    for p in (Path(f"{path}{suffix}") for suffix in SIDE_FILES):
         try:
             st = p.lstat()
         except FileNotFoundError:
@@ -237,6 +232,10 @@ class Store:
         if readonly:
             if not path.exists():
                 raise StoreError(f"no index at {path}; run `longllama index` first")
+            try:
+                os.close(_open_regular(path, os.O_RDONLY))
+            except OSError as e:
+                raise StoreError(f"cannot open index at {path}: {e}") from e
             _check_side_files(path)
             return cls._connect(path, fingerprint, readonly=True, lock=None)
         try:
@@ -251,8 +250,8 @@ class Store:
                 for p in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES)):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()  # unlink removes a symlink itself, never its target
-            _check_side_files(path)
             os.close(_open_regular(path, os.O_RDWR | os.O_CREAT))
+            _check_side_files(path)
             return cls._connect(path, fingerprint, readonly=False, lock=lock)
         except BaseException:
             lock.release()

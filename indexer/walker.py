@@ -19,7 +19,6 @@ own path anyway, and outside it they would leak files; loops are impossible by c
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from indexer.languages import language_for
 from indexer.secrets import looks_like_secret, secret_file_reason
+from longllama_lsp.safefile import UnsafeFile, read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -296,13 +296,13 @@ class _Walker:
         if st.st_size > self.rules.max_bytes:
             return Decision(False, f"too large ({_kib(st.st_size)} > --max-file-kb {_kib(self.rules.max_bytes, '')})", rel)
         try:
-            data = read_regular_file(path, self.rules.max_bytes + 1)
+            data, _ = read_regular(path, self.rules.max_bytes + 1)
         except FileNotFoundError:
             return Decision(False, "vanished during the walk", rel)
+        except UnsafeFile:  # replaced by a symlink, FIFO or device since the lstat
+            return Decision(False, "not a regular file (changed during the walk)", rel)
         except OSError as err:
             return Decision(False, f"unreadable: {err.strerror or err}", rel)
-        if data is None:  # replaced by a symlink, FIFO or device since the lstat
-            return Decision(False, "not a regular file (changed during the walk)", rel)
         reason = self.content_reason(rel, data)
         if reason is not None:
             return Decision(False, reason, rel)
@@ -367,36 +367,17 @@ def printable_path(rel: str) -> str:
         return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_regular_file(path: Path, limit: int, *, follow_symlinks: bool = False) -> bytes | None:
-    """At most `limit` bytes of `path` if it is a regular file, else None (a symlink unless
-    follow_symlinks, a FIFO that would block forever, /dev/zero that never ends, a directory).
-    O_NONBLOCK makes opening a FIFO return at once; fstat then tells what was opened."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        if err.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
-            return None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return f.read(limit)
-
-
 def read_small_text(path: Path, *, follow_symlinks: bool = False) -> str | None:
     """An ignore or git metadata file's text; None if absent, not a regular file (git does not follow
     a symlinked .gitignore either) or larger than IGNORE_FILE_MAX_BYTES (logged, then not used)."""
     try:
-        data = read_regular_file(path, IGNORE_FILE_MAX_BYTES + 1, follow_symlinks=follow_symlinks)
-    except OSError:  # absent (the usual case), a directory, or unreadable
+        data, _ = read_regular(path, IGNORE_FILE_MAX_BYTES + 1, follow_symlinks=follow_symlinks)
+    except (OSError, UnsafeFile):  # absent (the usual case), a symlink, FIFO, directory, or unreadable
         return None
-    if data is not None and len(data) > IGNORE_FILE_MAX_BYTES:
+    if len(data) > IGNORE_FILE_MAX_BYTES:
         logger.warning("not reading %s: larger than %d bytes", printable_path(str(path)), IGNORE_FILE_MAX_BYTES)
         return None
-    return None if data is None else data.decode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
 def _load_level(path: Path, base: str, source: str, *, follow_symlinks: bool = False) -> _IgnoreLevel | None:

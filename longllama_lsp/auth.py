@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LongLlamaError
+from .safefile import UnsafeFile, read_private, write_private
 
 TOKEN_ENV = "LONGLLAMA_TOKEN"
 MAX_PRIVATE_FILE = 64 * 1024  # bytes; a token file or server record is tiny
@@ -50,18 +51,11 @@ def runtime_dir() -> Path:
 def read_private_file(path: str | os.PathLike) -> str:
     """The text of a file only this user can read; AuthError otherwise (never follows a final symlink)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_private(path, MAX_PRIVATE_FILE + 1)
+    except UnsafeFile as exc:
+        raise AuthError(str(exc)) from None
     except OSError as exc:
         raise AuthError(f"cannot open {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AuthError(f"{path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise AuthError(f"{path} is owned by another user")
-        if st.st_mode & 0o077:
-            raise AuthError(f"{path} is readable by other users: chmod 600 {path}")
-        data = f.read(MAX_PRIVATE_FILE + 1)
     if len(data) > MAX_PRIVATE_FILE:
         raise AuthError(f"{path} is larger than {MAX_PRIVATE_FILE} bytes")
     return data.decode("utf-8", errors="replace")
@@ -122,11 +116,7 @@ class ServerRecord:
 def publish(record: ServerRecord) -> Path:
     """Write (or rewrite) the record atomically, mode 0600."""
     path = record.path
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(asdict(record)).encode())
     return path
 
 

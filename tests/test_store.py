@@ -624,3 +624,30 @@ def test_damaged_table_page_is_a_store_error_offering_rebuild(db):
                 store.stats()
     with Store.open(db, FP, rebuild=True) as store:
         assert store.files() == [] and store.check() == []
+
+
+def test_a_fifo_at_the_signing_key_path_is_refused_at_once(tmp_path):
+    """A FIFO where index.key should be made opening the key block forever (no O_NONBLOCK): every
+    `longllama index` hung. It is refused with the key's error now, without waiting for a writer."""
+    import threading
+
+    from indexer import signing
+
+    key = tmp_path / "index.key"
+    os.mkfifo(key, 0o600)
+    result: dict[str, str] = {}
+
+    def read() -> None:
+        try:
+            signing._read_key(key)
+        except StoreError as e:
+            result["error"] = str(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():
+        os.close(os.open(key, os.O_WRONLY | os.O_NONBLOCK))  # a writer end lets the stuck open return
+        reader.join(10)
+        pytest.fail("reading a FIFO signing key blocked")
+    assert "not a regular file (a FIFO)" in result["error"] and "delete it" in result["error"]

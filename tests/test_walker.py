@@ -318,7 +318,7 @@ def test_unreadable_vanishing_and_special_files_are_skipped(tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(walker.os, "scandir", scandir)
-    monkeypatch.setattr(walker, "read_regular_file", deny_open)
+    monkeypatch.setattr(walker, "read_regular", deny_open)
     got = decisions(root)
     assert got["a.py"].reason == "unreadable: Permission denied"
     assert got["c/"].reason == "unreadable directory: Permission denied"
