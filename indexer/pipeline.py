@@ -12,6 +12,7 @@ memory is missing and encodes just those.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,13 +30,15 @@ from indexer.encoder import Encoder
 from indexer.priority import Tiers, recently_changed, tiers
 from indexer.schema import ChunkRow, FileRow, Fingerprint
 from indexer.store import Store, index_path
-from indexer.walker import Decision, WalkRules, explain, printable_path, walk_with_skips
+from indexer.walker import Decision, WalkRules, content_reason, explain, printable_path, walk_with_skips
 from longllama_lsp.model.memory import Memory
 from longllama_lsp.repository import BufferChunk
+from longllama_lsp.safefile import UnsafeFile, open_regular, read_regular
 
 logger = logging.getLogger(__name__)
 
 OWN_DIR = ".longllama/"  # our own database: not worth a 'skipped' line in status
+CONTENT_RULES = "content_rules"  # meta key: the WalkRules the stored files were last checked under
 ENCODE_BATCH_CHUNKS = 64  # chunks per encode + commit round: the most work a kill -9 can lose
 
 
@@ -73,6 +76,10 @@ class IndexSummary:
     ready_seconds: float | None = None  # when the open files and their imports were in memory
     ready_files: int = 0  # how many files that was
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append((path, reason))
+        self.files_skipped += 1
 
     def line(self) -> str:
         rate = self.tokens_encoded / self.seconds if self.seconds else 0.0
@@ -191,6 +198,7 @@ class Indexer:
         self.state = "idle"  # idle | indexing | watching
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
+        self._trust_mtime = False  # a file's stored size/mtime spares reading it (same content rules)
 
     @functools.cached_property
     def chunk_tokens(self) -> int:
@@ -250,7 +258,8 @@ class Indexer:
         t0, summary = time.perf_counter(), IndexSummary()
         self.state = "indexing"
         try:
-            decisions = list(walk_with_skips(self.root, self.rules))
+            self._trust_mtime = self.store.meta().get(CONTENT_RULES) == self._content_rules()
+            decisions = list(walk_with_skips(self.root, self.rules, read=False))
             wanted = {d.file.path: d for d in decisions if d.file is not None}
             summary.skipped = [(d.path, d.reason) for d in decisions
                                if d.file is None and not d.path.startswith(OWN_DIR)]
@@ -263,6 +272,7 @@ class Indexer:
                 if name in READY_TIERS and paths:
                     run.ready(name, summary)
             self.store.gc()
+            self.store.set_meta(CONTENT_RULES, self._content_rules())  # every file was checked under them
         finally:
             self.state = "watching" if self._watcher else "idle"
         summary.files_indexed = sum(f.status == "indexed" for f in self.store.files())
@@ -277,8 +287,8 @@ class Indexer:
 
         def read(rel: str) -> bytes | None:
             try:
-                return wanted[rel].file.abs_path.read_bytes()
-            except (OSError, KeyError):
+                return read_regular(wanted[rel].file.abs_path, self.rules.max_bytes + 1)[0]
+            except (OSError, UnsafeFile, KeyError):
                 return None
 
         return tiers(list(wanted), first, read, recently_changed(self.root))
@@ -328,28 +338,40 @@ class Indexer:
         """Chunk every new or changed file into the store; returns the paths whose chunks changed."""
         changed = []
         for decision in files:
-            if self._scan_file(decision.file.path, decision.file.abs_path):
+            if self._scan_file(decision.file.path, decision.file.abs_path, summary):
                 changed.append(decision.file.path)
             run.scanned(decision.file.path)
         summary.files_changed += len(changed)
         return changed
 
-    def _scan_file(self, rel: str, path: Path) -> bool:
-        """Re-chunk `rel` if its bytes changed. True when its chunk rows changed."""
+    def _scan_file(self, rel: str, path: Path, summary: IndexSummary) -> bool:
+        """Re-chunk `rel` if its bytes changed. True when its chunk rows changed.
+
+        The one read of a file per pass: the walk judged it by name and lstat only, so the content rules
+        (binary, generated, minified, secret) run here, on the very bytes that get chunked, and only for
+        a file whose size or mtime changed. Opened without following a symlink: a file swapped for a
+        link (to ~/.ssh/id_rsa, to /dev/zero) since the walk is skipped, never read."""
+        old = self.store.file(rel)
         try:
-            st = path.stat()
-            old = self.store.file(rel)
-            if old is not None and old.content_hash is not None and old.size == st.st_size \
-                    and old.mtime_ns == st.st_mtime_ns:
-                return False  # unchanged by size and mtime: not even read (a walk skip has no hash)
-            data = path.read_bytes()
-        except OSError as exc:  # vanished or unreadable since the walk: recorded, the pass goes on
+            with os.fdopen(open_regular(path), "rb") as f:
+                st = os.fstat(f.fileno())
+                if self._trust_mtime and old is not None and old.content_hash is not None \
+                        and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                    if old.status == "skipped":  # still, for the same reason
+                        summary.skip(rel, old.skip_reason or "skipped")
+                    return False  # unchanged by size and mtime: not even read (a walk skip has no hash)
+                data = f.read(self.rules.max_bytes + 1)
+        except FileNotFoundError as exc:  # vanished since the walk: the next pass forgets it
             logger.info("skipping %s: %s", rel, exc)
-            if path.exists():
-                self.store.replace_file(FileRow(rel, None, 0, 0, status="skipped",
-                                                skip_reason=f"unreadable: {exc.strerror or exc}"))
             return False
+        except UnsafeFile as exc:
+            return self._skip(rel, old, None, f"changed during the walk: {exc.reason}", summary)
+        except OSError as exc:  # unreadable: recorded, the pass goes on
+            return self._skip(rel, old, None, f"unreadable: {exc.strerror or exc}", summary)
         digest = hashlib.sha256(data).hexdigest()
+        reason = content_reason(rel, data, self.rules)
+        if reason is not None:
+            return self._skip(rel, old, FileRow(rel, digest, st.st_size, st.st_mtime_ns), reason, summary)
         if old is not None and old.content_hash == digest and old.status == "indexed":
             self.store.replace_file(FileRow(rel, digest, st.st_size, st.st_mtime_ns, old.language, old.decode),
                                     self.store.chunks(rel))
@@ -359,9 +381,24 @@ class Indexer:
         row = FileRow(rel, digest, st.st_size, st.st_mtime_ns, chunked.language, chunked.decode_policy,
                       status, chunked.skip_reason)
         self.store.replace_file(row, chunked.chunks)
+        if chunked.skip_reason:
+            summary.skip(rel, chunked.skip_reason)
         for c in chunked.chunks:
             self._texts[c.content_hash] = c.text
         return True
+
+    def _skip(self, rel: str, old: FileRow | None, row: FileRow | None, reason: str, summary: IndexSummary) -> bool:
+        """Record `rel` as skipped for `reason` (row: its hash, size and mtime when they were read);
+        True when it had chunks, which must leave the bank."""
+        logger.info("skipping %s: %s", rel, reason)
+        summary.skip(rel, reason)
+        row = row or FileRow(rel, None, 0, 0)
+        self.store.replace_file(dataclasses.replace(row, status="skipped", skip_reason=reason))
+        return old is not None and old.status == "indexed"
+
+    def _content_rules(self) -> str:
+        """The settings content_reason depends on: a stored size/mtime shortcut holds only under the same."""
+        return json.dumps([self.rules.max_bytes, self.rules.include_secrets, self.rules.minified_line_chars])
 
     # -- encoding -------------------------------------------------------------------------------
 
@@ -395,8 +432,8 @@ class Indexer:
             return self._texts[row.content_hash]
         file = self.store.file(row.path)
         try:
-            data = (self.root / row.path).read_bytes()
-        except OSError:
+            data, _ = read_regular(self.root / row.path, self.rules.max_bytes + 1)
+        except (OSError, UnsafeFile):
             return None
         text = decode_bytes(data[row.start_byte:row.end_byte], file.decode if file else "utf-8")
         if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != row.content_hash:
@@ -419,16 +456,17 @@ class Indexer:
         """Re-index just these paths (files or directories; created, changed, moved or deleted)."""
         t0, summary, changed = time.perf_counter(), IndexSummary(), []
         stored = {f.path for f in self.store.files()}
+        self._trust_mtime = self.store.meta().get(CONTENT_RULES) == self._content_rules()
         for rel in sorted({self._relative(p) for p in paths} - {None}):
             target = self.root / rel
             if target.is_dir():
-                for d in walk_with_skips(self.root, self.rules):
+                for d in walk_with_skips(self.root, self.rules, read=False):
                     if d.file is not None and d.file.path.startswith(rel.rstrip("/") + "/"):
-                        changed += [d.file.path] if self._scan_file(d.file.path, d.file.abs_path) else []
+                        changed += [d.file.path] if self._scan_file(d.file.path, d.file.abs_path, summary) else []
                 continue
-            decision = explain(self.root, rel, self.rules) if target.exists() else None
+            decision = explain(self.root, rel, self.rules, read=False) if target.exists() else None
             if decision is not None and decision.file is not None:
-                changed += [rel] if self._scan_file(rel, decision.file.abs_path) else []
+                changed += [rel] if self._scan_file(rel, decision.file.abs_path, summary) else []
             else:  # deleted, moved away, or now ignored: drop it and anything stored below it
                 for path in [p for p in stored if p == rel or p.startswith(rel.rstrip("/") + "/")]:
                     self._forget(path)

@@ -140,20 +140,23 @@ def walk(root: Path, rules: WalkRules = WalkRules()) -> Iterator[WalkedFile]:
             yield decision.file
 
 
-def walk_with_skips(root: Path, rules: WalkRules = WalkRules()) -> Iterator[Decision]:
-    """A Decision for every file seen, and one per pruned directory (its contents are not listed)."""
-    return _Walker(Path(root), rules).walk()
+def walk_with_skips(root: Path, rules: WalkRules = WalkRules(), *, read: bool = True) -> Iterator[Decision]:
+    """A Decision for every file seen, and one per pruned directory (its contents are not listed).
+
+    read=False: names and lstat only; the caller applies `content_reason` to the bytes it reads (the
+    pipeline does, once, and only for files whose size or mtime changed)."""
+    return _Walker(Path(root), rules, read).walk()
 
 
-def explain(root: Path, path: Path | str, rules: WalkRules = WalkRules()) -> Decision:
+def explain(root: Path, path: Path | str, rules: WalkRules = WalkRules(), *, read: bool = True) -> Decision:
     """Why `path` (absolute, or relative to `root`) is or is not indexed."""
-    return _Walker(Path(root), rules).explain(Path(path))
+    return _Walker(Path(root), rules, read).explain(Path(path))
 
 
 class _Walker:
-    def __init__(self, root: Path, rules: WalkRules):
+    def __init__(self, root: Path, rules: WalkRules, read: bool = True):
         self.root = Path(os.path.abspath(root))
-        self.rules = rules
+        self.rules, self.read = rules, read
         self.top, self.offset, self.base_levels = _repo_context(self.root, rules.use_ignore_files)
         self.extra = (
             _IgnoreLevel(self.offset, parse_ignore_lines(rules.extra_ignores), "settings")
@@ -295,6 +298,8 @@ class _Walker:
             return Decision(False, reason, rel)
         if st.st_size > self.rules.max_bytes:
             return Decision(False, f"too large ({_kib(st.st_size)} > --max-file-kb {_kib(self.rules.max_bytes, '')})", rel)
+        if not self.read:
+            return Decision(True, "indexed (content not checked yet)", rel, WalkedFile(rel, path, st.st_size, language_for(rel)))
         try:
             data, _ = read_regular(path, self.rules.max_bytes + 1)
         except FileNotFoundError:
@@ -303,7 +308,7 @@ class _Walker:
             return Decision(False, "not a regular file (changed during the walk)", rel)
         except OSError as err:
             return Decision(False, f"unreadable: {err.strerror or err}", rel)
-        reason = self.content_reason(rel, data)
+        reason = content_reason(rel, data, self.rules)
         if reason is not None:
             return Decision(False, reason, rel)
         language = language_for(rel, data[:4096])
@@ -327,24 +332,6 @@ class _Walker:
             return "minified file (by its name)"
         return None
 
-    def content_reason(self, rel: str, data: bytes) -> str | None:
-        if len(data) > self.rules.max_bytes:
-            return f"too large (grew past --max-file-kb {_kib(self.rules.max_bytes, '')} while walking)"
-        if b"\0" in data[:BINARY_SNIFF]:
-            return "binary (NUL byte in the first 8 KiB)"
-        marker = _GENERATED_HEADER.search(data[:2048])
-        if marker is not None:
-            return f"generated file (header says {marker.group(0).decode('ascii', 'replace')!r})"
-        lines = data.count(b"\n") + 1
-        if PurePosixPath(rel).suffix.lower() not in _PROSE_SUFFIXES and len(data) >= 2048:
-            if len(data) / lines > self.rules.minified_line_chars:
-                return f"minified or machine-written (average line {len(data) // lines} chars)"
-        if not self.rules.include_secrets:
-            secret = looks_like_secret(data.decode("utf-8", "replace"), rel)
-            if secret is not None:
-                return f"secret: {secret}; never indexed unless include_secrets is set"
-        return None
-
     def symlink_reason(self, path: Path) -> str:
         try:
             target = path.resolve(strict=True)
@@ -356,6 +343,26 @@ class _Walker:
         if not target.is_relative_to(real_root):
             return f"symlink leaves the root (-> {target})"
         return f"symlink to {target.relative_to(real_root).as_posix()} (not followed; targets are walked at their own path)"
+
+
+def content_reason(rel: str, data: bytes, rules: WalkRules) -> str | None:
+    """Why a file with these bytes (at most rules.max_bytes + 1 of them) is not indexed, or None."""
+    if len(data) > rules.max_bytes:
+        return f"too large (grew past --max-file-kb {_kib(rules.max_bytes, '')} while walking)"
+    if b"\0" in data[:BINARY_SNIFF]:
+        return "binary (NUL byte in the first 8 KiB)"
+    marker = _GENERATED_HEADER.search(data[:2048])
+    if marker is not None:
+        return f"generated file (header says {marker.group(0).decode('ascii', 'replace')!r})"
+    lines = data.count(b"\n") + 1
+    if PurePosixPath(rel).suffix.lower() not in _PROSE_SUFFIXES and len(data) >= 2048:
+        if len(data) / lines > rules.minified_line_chars:
+            return f"minified or machine-written (average line {len(data) // lines} chars)"
+    if not rules.include_secrets:
+        secret = looks_like_secret(data.decode("utf-8", "replace"), rel)
+        if secret is not None:
+            return f"secret: {secret}; never indexed unless include_secrets is set"
+    return None
 
 
 def printable_path(rel: str) -> str:

@@ -201,6 +201,71 @@ def test_delete_removes_memory_from_bank_and_store(repo, tiny, via):
         assert orphans(ix.store) == 0
 
 
+AWS_LINE = 'KEY = "AKIAQWERTYUIOPASDFGH"\n'  # detect-secrets' AWSKeyDetector matches it
+
+
+def test_file_swapped_for_a_symlink_after_the_walk_is_never_read(repo, tiny, tmp_path, monkeypatch):
+    """Between the walk (which saw a regular json/tool.py) and the read, the file becomes a link to a
+    secret outside the repository, as a process racing the indexer could make it. The pass opens it
+    without following links: a skipped row, no chunks, nothing of the outside file in the index."""
+    import indexer.pipeline as pipeline
+
+    outside = tmp_path / "outside.py"
+    outside.write_text("def stolen():\n    return 'OUTSIDE_7c1e'\n" + AWS_LINE)
+    target = repo / "json/tool.py"
+    walk = pipeline.walk_with_skips
+
+    def walk_then_swap(*args, **kwargs):
+        decisions = list(walk(*args, **kwargs))
+        target.unlink()
+        target.symlink_to(outside)
+        return iter(decisions)
+
+    monkeypatch.setattr(pipeline, "walk_with_skips", walk_then_swap)
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        row = ix.store.file("json/tool.py")
+        assert row.status == "skipped" and "symlink" in row.skip_reason, row
+        assert ix.store.chunks("json/tool.py") == []
+        assert all(r.path != "json/tool.py" for r in ix.bank.resident().values())
+        assert "OUTSIDE_7c1e" not in "".join(ix._texts.values())
+
+
+def test_a_pass_with_nothing_to_do_scans_no_file_for_secrets(repo, tiny, monkeypatch):
+    """The content rules run on the bytes a pass reads, and an unchanged file (size, mtime) is not read:
+    a no-op pass scanned every file for secrets (3 s on a 2.5 MB tree), now none; a changed one, once."""
+    import indexer.walker as walker
+
+    scanned = []
+    scan = walker.looks_like_secret
+    monkeypatch.setattr(walker, "looks_like_secret", lambda text, rel: scanned.append(rel) or scan(text, rel))
+    with open_ix(repo, tiny) as ix:
+        assert ix.index().files_changed == 0
+        assert scanned == []
+        (repo / "json/tool.py").write_text((repo / "json/tool.py").read_text() + "\n# changed\n")
+        assert ix.index().files_changed == 1
+        assert scanned == ["json/tool.py"]
+
+
+def test_turning_include_secrets_off_drops_an_unchanged_secret_file(repo, tiny):
+    """A file's stored size and mtime spare reading it only under the content rules it was checked by:
+    indexed with include_secrets, an unchanged secret file leaves the index once that is off again."""
+    from indexer.walker import WalkRules
+
+    (repo / "json/keys.py").write_text(AWS_LINE)
+    model, tok, model_dir = tiny
+    with Indexer.open(repo, model, tok, model_dir, chunk_tokens=CHUNK_TOKENS,
+                      rules=WalkRules(include_secrets=True)) as ix:
+        ix.index()
+        assert ix.store.file("json/keys.py").status == "indexed"
+    with open_ix(repo, tiny) as ix:
+        summary = ix.index()
+        row = ix.store.file("json/keys.py")
+        assert row.status == "skipped" and row.skip_reason.startswith("secret: AWS Access Key"), row
+        assert ix.store.chunks("json/keys.py") == [] and ("json/keys.py", row.skip_reason) in summary.skipped
+        assert all(r.path != "json/keys.py" for r in ix.bank.resident().values())
+
+
 def test_ignored_file_leaves_and_comes_back(repo, tiny):
     with open_ix(repo, tiny) as ix:
         ix.index()
