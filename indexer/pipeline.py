@@ -259,8 +259,10 @@ class Indexer:
             summary.files_deleted += self._record_skips(summary.skipped)
             run = _Run(t0, len(wanted), progress)
             for name, paths in self._tiers(wanted, priority_paths).named():
+                if not paths:
+                    continue  # nothing to scan, encode or bank (and no store query to ask)
                 self._index_tier([wanted[p] for p in paths], summary, run)
-                if name in READY_TIERS and paths:
+                if name in READY_TIERS:
                     run.ready(name, summary)
             self.store.gc()
         finally:
@@ -368,7 +370,7 @@ class Indexer:
     def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None,
                         paths: set[str] | None = None, run: _Run | None = None) -> None:
         """Encode the chunks (of `paths`, or all) whose content has no memory yet."""
-        rows = [r for r in self.store.chunks_missing_memory() if paths is None or r.path in paths]
+        rows = self.store.chunks_missing_memory(paths)
         todo = {r.content_hash: r for r in rows}  # identical content anywhere is encoded once
         hashes = list(todo)
         run = run or _Run(time.perf_counter(), 0, progress)

@@ -146,6 +146,21 @@ def test_second_run_encodes_nothing(repo, tiny):
         assert ix.encoder.stats.chunks == 0
 
 
+def test_a_pass_asks_the_store_for_missing_memories_once_per_step_not_per_empty_tier(repo, tiny, monkeypatch):
+    """chunks_missing_memory is a LEFT JOIN over the chunks: one full query (the bank's first load), then
+    per tier that has files one filtered by its paths to encode and one to bank what changed."""
+    asked = []
+    real = Store.chunks_missing_memory
+    monkeypatch.setattr(Store, "chunks_missing_memory", lambda self, paths=None: asked.append(
+        None if paths is None else set(paths)) or real(self, paths))
+    edit_function(repo / "json/decoder.py", "JSONObject")
+    with open_ix(repo, tiny) as ix:
+        summary = ix.index()  # no editor: one tier, the rest, in walk order
+        files = {f.path for f in ix.store.files()}
+    assert 1 <= summary.chunks_encoded <= 3
+    assert asked == [None, files, {"json/decoder.py"}]
+
+
 @pytest.mark.parametrize("via", ["index", "update"])
 def test_editing_one_function_reencodes_only_its_chunks(repo, tiny, via):
     with open_ix(repo, tiny) as ix:
