@@ -43,7 +43,7 @@ def root_problem(command: str, root: str) -> int:
 def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):
     """An Indexer whose model loads only when a chunk needs encoding (a no-op run never loads it).
 
-    keep_memory=False (one-shot `index`): nothing stays on the device, the database is the product.
+    keep_memory=False (one-shot `index`): no bank, nothing on the device; the database is the product.
     """
     from indexer.encoder import LazyEncoder
     from indexer.pipeline import Indexer
@@ -52,8 +52,8 @@ def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):
     root = Path(args.repo)
     model_dir = resolve_model(args.model)
     encoder = LazyEncoder(model_dir, lambda: load_model_for(args, model_dir))
-    return Indexer.open_checkpoint(root, model_dir, encoder, device=_device(args), rules=walk_rules(args),
-                                   budget_tokens=args.memory_budget if keep_memory else 0,
+    return Indexer.open_checkpoint(root, model_dir, encoder, device=_device(args) if keep_memory else None,
+                                   rules=walk_rules(args), budget_tokens=args.memory_budget,
                                    chunk_tokens=args.chunk_tokens, rebuild=getattr(args, "rebuild", False))
 
 

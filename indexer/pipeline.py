@@ -179,10 +179,11 @@ class Indexer:
     """Keeps one repository's memory current: SQLite cache on disk, MemoryBank on the device.
 
     `lock` guards the bank: the indexer holds it only while changing the bank; the engine holds it
-    while a request uses `bank.memory()` views.
+    while a request uses `bank.memory()` views. `bank` None: nothing is kept on a device, the database
+    is the product (the one-shot `longllama index`).
     """
 
-    def __init__(self, root: Path, store: Store, bank: MemoryBank, encoder: Encoder,
+    def __init__(self, root: Path, store: Store, bank: MemoryBank | None, encoder: Encoder,
                  rules: WalkRules = WalkRules(), chunk_tokens: int = 256):  # noqa: B008 (frozen)
         self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
         self.rules, self._chunk_tokens = rules, chunk_tokens
@@ -214,17 +215,19 @@ class Indexer:
         return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
 
     @classmethod
-    def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device="cpu", db_path: Path | None = None,
-                        budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
+    def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device: str | None = "cpu",
+                        db_path: Path | None = None, budget_tokens: int | None = None,
+                        rules: WalkRules = WalkRules(),  # noqa: B008
                         chunk_tokens: int = 256, rebuild: bool = False) -> Indexer:
         """Like `open`, without a loaded model: `encoder` (an indexer.encoder.LazyEncoder) loads it
-        when a chunk needs encoding, so a pass with nothing new never does."""
+        when a chunk needs encoding, so a pass with nothing new never does. device: the bank's; None:
+        no bank (the one-shot `longllama index`, whose product is the database)."""
         fp = checkpoint_fingerprint(Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
         # The default block size (no transformers import here: `longllama index` with nothing new must
         # stay fast); the engine's banks take the loaded model's (`open`).
-        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+        bank = None if device is None else MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
@@ -288,7 +291,8 @@ class Indexer:
     def _index_tier(self, files: list[Decision], summary: IndexSummary, run: _Run) -> None:
         """Chunk, encode and bank one tier's files."""
         changed = self._scan(files, summary, run)
-        if not self.loaded:  # what earlier runs stored is usable at once, before any encoding
+        # What earlier runs stored is usable at once, before any encoding.
+        if self.bank is not None and not self.loaded:
             with self.lock:
                 self.bank.load_from_store(self.store)
             self.loaded = True
@@ -310,8 +314,7 @@ class Indexer:
             if old is not None and old.status == "skipped" and old.skip_reason == reason:
                 continue
             if old is not None and old.status == "indexed":
-                with self.lock:
-                    self.bank.remove_file(path)
+                self._unbank([path])
                 dropped += 1
             try:
                 st = (self.root / path).lstat()
@@ -323,8 +326,7 @@ class Indexer:
 
     def _forget(self, path: str) -> None:
         self.store.delete_file(path)
-        with self.lock:
-            self.bank.remove_file(path)
+        self._unbank([path])
 
     def _scan(self, files: list[Decision], summary: IndexSummary, run: _Run) -> list[str]:
         """Chunk every new or changed file into the store; returns the paths whose chunks changed."""
@@ -408,12 +410,19 @@ class Indexer:
     def _refresh_bank(self, paths: Iterable[str]) -> None:
         """Replace the bank's chunks of `paths` with their stored memories."""
         paths = list(paths)
-        if not paths:
+        if self.bank is None or not paths:
+            return
+        with self.lock:
+            self._unbank(paths)
+            self.bank.load_from_store(self.store, paths=paths)
+
+    def _unbank(self, paths: Iterable[str]) -> None:
+        """Drop the bank's chunks of `paths`."""
+        if self.bank is None:
             return
         with self.lock:
             for path in paths:
                 self.bank.remove_file(path)
-            self.bank.load_from_store(self.store, paths=paths)
 
     # -- incremental ----------------------------------------------------------------------------
 
@@ -482,8 +491,8 @@ class Indexer:
 
     def status(self) -> dict:
         stats = self.store.stats()
-        bank = self.bank.status()
+        bank = self.bank.status() if self.bank is not None else None
         return {"root": str(self.root), "state": self.state, "files": stats.files, "chunks": stats.chunks,
-                "tokens": stats.tokens, "memory_tokens": bank.live_tokens, "bytes_on_disk": stats.bytes_on_disk,
+                "tokens": stats.tokens, "memory_tokens": bank.live_tokens if bank else 0, "bytes_on_disk": stats.bytes_on_disk,
                 "db": stats.path, "fingerprint": stats.fingerprint, "chunks_missing_memory": stats.chunks_missing_memory,
                 "skipped": stats.skipped, "bank": bank}

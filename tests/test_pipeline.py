@@ -430,6 +430,28 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
+def test_cli_one_shot_index_builds_no_bank(tiny, capsys, tmp_path, monkeypatch):
+    """`longllama index` exits when done: a bank would only allocate device memory (CUDA on a GPU
+    machine) and plan every stored chunk out of a zero budget, per tier."""
+    from indexer.bank import MemoryBank
+
+    banked = []
+    for name in ("__init__", "load_from_store"):
+        real = getattr(MemoryBank, name)
+        monkeypatch.setattr(MemoryBank, name, lambda *a, _real=real, _name=name, **k: banked.append(_name)
+                            or _real(*a, **k))
+    repo = small_repo(tmp_path / "repo")
+    args = ["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q",
+            "--first", str(repo / "json/tool.py")]
+    assert cli_main(args) == 0
+    assert "usable now: all 2 files are in memory" in capsys.readouterr().out
+    (repo / "json/scanner.py").unlink()  # a deletion, then an edit: no bank to drop them from either
+    (repo / "json/tool.py").write_text("def edited():\n    return 2\n")
+    assert cli_main(args) == 0
+    assert "1 files (1 changed, 1 deleted" in capsys.readouterr().out
+    assert banked == []
+
+
 def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_transformers(tiny, tmp_path):
     repo = small_repo(tmp_path / "repo")
     assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
