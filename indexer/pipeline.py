@@ -286,7 +286,7 @@ class Indexer:
             except (OSError, KeyError):
                 return None
 
-        return tiers(list(wanted), first, read, recently_changed(self.root))
+        return tiers({p: d.file for p, d in wanted.items()}, first, read, recently_changed(self.root))
 
     def _index_tier(self, files: list[Decision], summary: IndexSummary, run: _Run) -> None:
         """Chunk, encode and bank one tier's files."""
