@@ -18,12 +18,11 @@ from longllama_lsp.cli import (
 
 
 def load_model_for(args: argparse.Namespace, model_dir: Path):
-    """(model, tokenizer) of the resolved checkpoint, on --device in --dtype (this process only
-    indexes, so the encoder runs on this thread)."""
-    from longllama_lsp.load import load_model_and_tokenizer
+    """The resolved checkpoint's model, on --device in --dtype: this process only indexes, so the
+    encoder runs on this thread, with no decode weight copies (the LazyEncoder has the tokenizer)."""
+    from longllama_lsp.load import load_resolved_model
 
-    model, tokenizer, _ = load_model_and_tokenizer(model_dir, args.device, args.dtype, decoding=False)
-    return model, tokenizer
+    return load_resolved_model(model_dir, args.device, args.dtype, decoding=False)[0]
 
 
 def _device(args: argparse.Namespace) -> str:

@@ -430,6 +430,19 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
+def test_cli_index_loads_the_tokenizer_once(tiny, capsys, tmp_path, monkeypatch):
+    """Chunking loads the tokenizer; the model, loaded later for encoding, is encoded with that one."""
+    import longllama_lsp.model.loading as loading
+
+    loads = []
+    real = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    assert "usable now: all 2 files are in memory" in capsys.readouterr().out  # so every chunk was encoded
+    assert len(loads) == 1
+
+
 def test_cli_one_shot_index_builds_no_bank(tiny, capsys, tmp_path, monkeypatch):
     """`longllama index` exits when done: a bank would only allocate device memory (CUDA on a GPU
     machine) and plan every stored chunk out of a zero budget, per tier."""
