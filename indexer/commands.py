@@ -13,6 +13,7 @@ from longllama_lsp.cli import (
     ProgressBars,
     add_model_arguments,
     add_repository_argument,
+    ready_line,
     repository_problem,
 )
 
@@ -77,25 +78,6 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="also index .env files, keys and files that look like they hold credentials (off by default)")
 
 
-class ReadyBars(ProgressBars):
-    """The CLI's tqdm bars, plus a line when a priority tier is ready."""
-
-    def __call__(self, p) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if p.phase == "ready":
-            tqdm.write(ready_line(p), file=sys.stderr)
-            return
-        bar = self.bars.get(p.phase)
-        if p.phase == "encode" and bar is not None and p.done >= p.total:
-            bar.n = p.done  # a tier's last chunk: the next tier adds more, so the bar stays open
-            bar.refresh()
-            return
-        super().__call__(p)
-
-
 class ProgressLines:
     """Plain lines on stderr, at most one per `every_s` (a log, CI, a multiplexer pane: no terminal).
 
@@ -133,10 +115,6 @@ def progress_line(p) -> str:
             f"{p.tokens_per_s:.0f} tokens/s{eta_text}")
 
 
-def ready_line(p) -> str:
-    return f"ready: {p.message} ({p.done} of {p.total} files) are in memory; the rest continues"
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -144,8 +122,8 @@ def _duration(seconds: float) -> str:
 def progress_reporter(quiet: bool):
     """Bars on a terminal, plain periodic lines otherwise, nothing with -q."""
     if quiet:
-        return ReadyBars(enabled=False)
-    return ReadyBars() if sys.stderr.isatty() else ProgressLines()
+        return ProgressBars(enabled=False)
+    return ProgressBars() if sys.stderr.isatty() else ProgressLines()
 
 
 def usable_line(summary, ix) -> str:
