@@ -116,14 +116,10 @@ def _kv_shape(model_dir: Path) -> tuple[int, int]:
 
 def checkpoint_meta(model_dir: Path) -> dict[str, str | None]:
     """What `longllama status` says about the model that built an index."""
-    from longllama_lsp.model.loading import memory_training
+    from longllama_lsp.model.loading import memory_training, read_provenance
 
     model_dir = Path(model_dir)
-    try:
-        source = json.loads((model_dir / "longllama_convert.json").read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        source = None
-    return {"name": model_dir.name, "path": str(model_dir), "source": source,
+    return {"name": model_dir.name, "path": str(model_dir), "source": (read_provenance(model_dir) or {}).get("source"),
             "memory_training": memory_training(model_dir)}
 
 
