@@ -455,7 +455,8 @@ class MemoryBank:
 
         Under a budget, chunks that could not stay are recorded as evicted without reading their blobs.
         """
-        missing = {c.id for c in store.chunks_missing_memory()}
+        paths = None if paths is None else list(paths)
+        missing = {c.id for c in store.chunks_missing_memory(paths)}
         rows: list[ChunkRow] = ([r for p in paths for r in store.chunks(p)] if paths is not None
                                 else store.chunks())
         rows = [r for r in rows if r.id not in missing and r.id not in self._entries]

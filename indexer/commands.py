@@ -13,17 +13,17 @@ from longllama_lsp.cli import (
     ProgressBars,
     add_model_arguments,
     add_repository_argument,
+    ready_line,
     repository_problem,
 )
 
 
 def load_model_for(args: argparse.Namespace, model_dir: Path):
-    """(model, tokenizer) of the resolved checkpoint, on --device in --dtype (this process only
-    indexes, so the encoder runs on this thread)."""
-    from longllama_lsp.load import load_model_and_tokenizer
+    """The resolved checkpoint's model, on --device in --dtype: this process only indexes, so the
+    encoder runs on this thread, with no decode weight copies (the LazyEncoder has the tokenizer)."""
+    from longllama_lsp.load import load_resolved_model
 
-    model, tokenizer, _ = load_model_and_tokenizer(model_dir, args.device, args.dtype, decoding=False)
-    return model, tokenizer
+    return load_resolved_model(model_dir, args.device, args.dtype, decoding=False)[0]
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -43,7 +43,7 @@ def root_problem(command: str, root: str) -> int:
 def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):
     """An Indexer whose model loads only when a chunk needs encoding (a no-op run never loads it).
 
-    keep_memory=False (one-shot `index`): nothing stays on the device, the database is the product.
+    keep_memory=False (one-shot `index`): no bank, nothing on the device; the database is the product.
     """
     from indexer.encoder import LazyEncoder
     from indexer.pipeline import Indexer
@@ -52,8 +52,8 @@ def open_indexer(args: argparse.Namespace, *, keep_memory: bool = True):
     root = Path(args.repo)
     model_dir = resolve_model(args.model)
     encoder = LazyEncoder(model_dir, lambda: load_model_for(args, model_dir))
-    return Indexer.open_checkpoint(root, model_dir, encoder, device=_device(args), rules=walk_rules(args),
-                                   budget_tokens=args.memory_budget if keep_memory else 0,
+    return Indexer.open_checkpoint(root, model_dir, encoder, device=_device(args) if keep_memory else None,
+                                   rules=walk_rules(args), budget_tokens=args.memory_budget,
                                    chunk_tokens=args.chunk_tokens, rebuild=getattr(args, "rebuild", False))
 
 
@@ -76,25 +76,6 @@ def _add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="most memory tokens kept on the device (default: no limit)")
     p.add_argument("--include-secrets", action="store_true",
                    help="also index .env files, keys and files that look like they hold credentials (off by default)")
-
-
-class ReadyBars(ProgressBars):
-    """The CLI's tqdm bars, plus a line when a priority tier is ready."""
-
-    def __call__(self, p) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if p.phase == "ready":
-            tqdm.write(ready_line(p), file=sys.stderr)
-            return
-        bar = self.bars.get(p.phase)
-        if p.phase == "encode" and bar is not None and p.done >= p.total:
-            bar.n = p.done  # a tier's last chunk: the next tier adds more, so the bar stays open
-            bar.refresh()
-            return
-        super().__call__(p)
 
 
 class ProgressLines:
@@ -134,10 +115,6 @@ def progress_line(p) -> str:
             f"{p.tokens_per_s:.0f} tokens/s{eta_text}")
 
 
-def ready_line(p) -> str:
-    return f"ready: {p.message} ({p.done} of {p.total} files) are in memory; the rest continues"
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -145,8 +122,8 @@ def _duration(seconds: float) -> str:
 def progress_reporter(quiet: bool):
     """Bars on a terminal, plain periodic lines otherwise, nothing with -q."""
     if quiet:
-        return ReadyBars(enabled=False)
-    return ReadyBars() if sys.stderr.isatty() else ProgressLines()
+        return ProgressBars(enabled=False)
+    return ProgressBars() if sys.stderr.isatty() else ProgressLines()
 
 
 def usable_line(summary, ix) -> str:

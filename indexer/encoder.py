@@ -13,6 +13,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class Encoder:
         return ids[: self.max_chunk_tokens]
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return count_tokens(self.tokenizer, text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[Memory]:
         """One Memory (B=1, M = the chunk's token count) per text, in the order given."""
@@ -109,18 +110,22 @@ class Encoder:
         return out
 
 
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of `text` alone (no BOS): what a chunk's memory will hold, before the window's cut."""
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
 class LazyEncoder:
     """An Encoder whose model loads on the first text that needs encoding.
 
     `longllama index` with nothing changed (or only deletions) never needs the model: the walk
     compares sizes and mtimes, and the store's fingerprint comes from the checkpoint files. Chunking
-    needs only the tokenizer, loaded on the first changed file.
+    needs only the tokenizer, loaded on the first changed file; `load_model()` returns the model.
     """
 
-    def __init__(self, model_dir, load: Callable[[], tuple], batch_tokens: int = 4096):
-        self.model_dir, self._load, self.batch_tokens = model_dir, load, batch_tokens
+    def __init__(self, model_dir, load_model: Callable[[], Any], batch_tokens: int = 4096):
+        self.model_dir, self._load_model, self.batch_tokens = model_dir, load_model, batch_tokens
         self._encoder: Encoder | None = None
-        self._tokenizer = None
         self._stats = EncodeStats()
 
     @functools.cached_property
@@ -138,15 +143,17 @@ class LazyEncoder:
     def stats(self) -> EncodeStats:
         return self._encoder.stats if self._encoder is not None else self._stats
 
-    def count_tokens(self, text: str) -> int:
-        if self._tokenizer is None:
-            from longllama_lsp.model.loading import load_tokenizer
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded once, on the first file to chunk; the Encoder built later shares it."""
+        from longllama_lsp.model.loading import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.model_dir)
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        return load_tokenizer(self.model_dir)
+
+    def count_tokens(self, text: str) -> int:
+        return count_tokens(self.tokenizer, text)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[Memory]:
         if self._encoder is None:
-            model, tokenizer = self._load()
-            self._encoder = Encoder(model, tokenizer, self.batch_tokens, self.max_chunk_tokens)
+            self._encoder = Encoder(self._load_model(), self.tokenizer, self.batch_tokens, self.max_chunk_tokens)
         return self._encoder.encode(texts, progress)

@@ -123,14 +123,10 @@ def _kv_shape(model_dir: Path) -> tuple[int, int]:
 
 def checkpoint_meta(model_dir: Path) -> dict[str, str | None]:
     """What `longllama status` says about the model that built an index."""
-    from longllama_lsp.model.loading import memory_training
+    from longllama_lsp.model.loading import memory_training, read_provenance
 
     model_dir = Path(model_dir)
-    try:
-        source = json.loads((model_dir / "longllama_convert.json").read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        source = None
-    return {"name": model_dir.name, "path": str(model_dir), "source": source,
+    return {"name": model_dir.name, "path": str(model_dir), "source": (read_provenance(model_dir) or {}).get("source"),
             "memory_training": memory_training(model_dir)}
 
 
@@ -186,10 +182,11 @@ class Indexer:
     """Keeps one repository's memory current: SQLite cache on disk, MemoryBank on the device.
 
     `lock` guards the bank: the indexer holds it only while changing the bank; the engine holds it
-    while a request uses `bank.memory()` views.
+    while a request uses `bank.memory()` views. `bank` None: nothing is kept on a device, the database
+    is the product (the one-shot `longllama index`).
     """
 
-    def __init__(self, root: Path, store: Store, bank: MemoryBank, encoder: Encoder,
+    def __init__(self, root: Path, store: Store, bank: MemoryBank | None, encoder: Encoder,
                  rules: WalkRules = WalkRules(), chunk_tokens: int = 256):  # noqa: B008 (frozen)
         self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
         self.rules, self._chunk_tokens = rules, chunk_tokens
@@ -222,17 +219,19 @@ class Indexer:
         return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
 
     @classmethod
-    def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device="cpu", db_path: Path | None = None,
-                        budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
+    def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device: str | None = "cpu",
+                        db_path: Path | None = None, budget_tokens: int | None = None,
+                        rules: WalkRules = WalkRules(),  # noqa: B008
                         chunk_tokens: int = 256, rebuild: bool = False) -> Indexer:
         """Like `open`, without a loaded model: `encoder` (an indexer.encoder.LazyEncoder) loads it
-        when a chunk needs encoding, so a pass with nothing new never does."""
+        when a chunk needs encoding, so a pass with nothing new never does. device: the bank's; None:
+        no bank (the one-shot `longllama index`, whose product is the database)."""
         fp = checkpoint_fingerprint(Path(model_dir))
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
         # The default block size (no transformers import here: `longllama index` with nothing new must
         # stay fast); the engine's banks take the loaded model's (`open`).
-        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+        bank = None if device is None else MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
         return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
@@ -268,8 +267,10 @@ class Indexer:
             summary.files_deleted += self._record_skips(summary.skipped)
             run = _Run(t0, len(wanted), progress)
             for name, paths in self._tiers(wanted, priority_paths).named():
+                if not paths:
+                    continue  # nothing to scan, encode or bank (and no store query to ask)
                 self._index_tier([wanted[p] for p in paths], summary, run)
-                if name in READY_TIERS and paths:
+                if name in READY_TIERS:
                     run.ready(name, summary)
             self.store.gc()
             self.store.set_meta(CONTENT_RULES, self._content_rules())  # every file was checked under them
@@ -291,12 +292,13 @@ class Indexer:
             except (OSError, UnsafeFile, KeyError):
                 return None
 
-        return tiers(list(wanted), first, read, recently_changed(self.root))
+        return tiers({p: d.file for p, d in wanted.items()}, first, read, recently_changed(self.root))
 
     def _index_tier(self, files: list[Decision], summary: IndexSummary, run: _Run) -> None:
         """Chunk, encode and bank one tier's files."""
         changed = self._scan(files, summary, run)
-        if not self.loaded:  # what earlier runs stored is usable at once, before any encoding
+        # What earlier runs stored is usable at once, before any encoding.
+        if self.bank is not None and not self.loaded:
             with self.lock:
                 self.bank.load_from_store(self.store)
             self.loaded = True
@@ -318,8 +320,7 @@ class Indexer:
             if old is not None and old.status == "skipped" and old.skip_reason == reason:
                 continue
             if old is not None and old.status == "indexed":
-                with self.lock:
-                    self.bank.remove_file(path)
+                self._unbank([path])
                 dropped += 1
             try:
                 st = (self.root / path).lstat()
@@ -331,8 +332,7 @@ class Indexer:
 
     def _forget(self, path: str) -> None:
         self.store.delete_file(path)
-        with self.lock:
-            self.bank.remove_file(path)
+        self._unbank([path])
 
     def _scan(self, files: list[Decision], summary: IndexSummary, run: _Run) -> list[str]:
         """Chunk every new or changed file into the store; returns the paths whose chunks changed."""
@@ -405,7 +405,7 @@ class Indexer:
     def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None,
                         paths: set[str] | None = None, run: _Run | None = None) -> None:
         """Encode the chunks (of `paths`, or all) whose content has no memory yet."""
-        rows = [r for r in self.store.chunks_missing_memory() if paths is None or r.path in paths]
+        rows = self.store.chunks_missing_memory(paths)
         todo = {r.content_hash: r for r in rows}  # identical content anywhere is encoded once
         hashes = list(todo)
         run = run or _Run(time.perf_counter(), 0, progress)
@@ -443,12 +443,19 @@ class Indexer:
     def _refresh_bank(self, paths: Iterable[str]) -> None:
         """Replace the bank's chunks of `paths` with their stored memories."""
         paths = list(paths)
-        if not paths:
+        if self.bank is None or not paths:
+            return
+        with self.lock:
+            self._unbank(paths)
+            self.bank.load_from_store(self.store, paths=paths)
+
+    def _unbank(self, paths: Iterable[str]) -> None:
+        """Drop the bank's chunks of `paths`."""
+        if self.bank is None:
             return
         with self.lock:
             for path in paths:
                 self.bank.remove_file(path)
-            self.bank.load_from_store(self.store, paths=paths)
 
     # -- incremental ----------------------------------------------------------------------------
 
@@ -518,8 +525,8 @@ class Indexer:
 
     def status(self) -> dict:
         stats = self.store.stats()
-        bank = self.bank.status()
+        bank = self.bank.status() if self.bank is not None else None
         return {"root": str(self.root), "state": self.state, "files": stats.files, "chunks": stats.chunks,
-                "tokens": stats.tokens, "memory_tokens": bank.live_tokens, "bytes_on_disk": stats.bytes_on_disk,
+                "tokens": stats.tokens, "memory_tokens": bank.live_tokens if bank else 0, "bytes_on_disk": stats.bytes_on_disk,
                 "db": stats.path, "fingerprint": stats.fingerprint, "chunks_missing_memory": stats.chunks_missing_memory,
                 "skipped": stats.skipped, "bank": bank}

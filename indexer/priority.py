@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import tree_sitter as ts
 
-from indexer.languages import language_for, ts_language
+from indexer.languages import ts_language
+from indexer.walker import WalkedFile
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +59,18 @@ class Tiers:
                 ("recently changed", self.recent), ("the rest", self.rest)]
 
 
-def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], bytes | None],
+def tiers(files: Mapping[str, WalkedFile], first: Iterable[str], read: Callable[[str], bytes | None],
           recent: Sequence[str] = (), ready_bytes: int | None = None) -> Tiers:
-    """Order `paths` (repository-relative, '/'-separated) for indexing.
+    """Order the walk's `files` (repository-relative, '/'-separated path -> its file, in walk order).
 
-    first: the open files (those not in `paths` are ignored); read: a path's bytes, or None;
-    recent: recently changed paths, newest first (see `recently_changed`); ready_bytes: the budget
-    of 'open' + 'imports' (default READY_BYTES; an import that does not fit goes to 'further', a
-    smaller later one may fit).
+    first: the open files (those not in `files` are ignored); read: a path's bytes, or None (only
+    files whose imports are parsed are read: sizes and languages are the walk's); recent: recently
+    changed paths, newest first (see `recently_changed`); ready_bytes: the budget of 'open' +
+    'imports' (default READY_BYTES; an import that does not fit goes to 'further', a smaller later
+    one may fit).
     """
     ready_bytes = READY_BYTES if ready_bytes is None else ready_bytes
-    known = set(paths)
+    known = set(files)
     out, placed = Tiers(), set()
 
     def place(tier: list[str], items: Iterable[str]) -> None:
@@ -77,25 +79,24 @@ def tiers(paths: Sequence[str], first: Iterable[str], read: Callable[[str], byte
                 placed.add(p)
                 tier.append(p)
 
+    def imports_of(path: str) -> list[str]:
+        return imported_paths(path, files[path].language, read(path), known)
+
     place(out.open, first)
-    imports = [t for p in out.open for t in imported_paths(p, read(p), known)]
-    place(out.imports, _within(imports, ready_bytes - sum(_size(read, p) for p in out.open), read))
+    imports = [t for p in out.open for t in imports_of(p)]
+    place(out.imports, _within(imports, ready_bytes - sum(files[p].size for p in out.open), files))
     # The direct imports over the budget first: they are closer than the imports of imports.
-    place(out.further, imports + [t for p in out.imports for t in imported_paths(p, read(p), known)])
+    place(out.further, imports + [t for p in out.imports for t in imports_of(p)])
     place(out.recent, recent)
-    place(out.rest, paths)
+    place(out.rest, files)
     return out
 
 
-def _size(read: Callable[[str], bytes | None], path: str) -> int:
-    return len(read(path) or b"")
-
-
-def _within(paths: list[str], room: int, read: Callable[[str], bytes | None]) -> list[str]:
+def _within(paths: list[str], room: int, files: Mapping[str, WalkedFile]) -> list[str]:
     """The paths, in order, that fit in `room` bytes; one too large is passed over, not the rest."""
     out = []
     for p in dict.fromkeys(paths):
-        if (size := _size(read, p)) <= room:
+        if (size := files[p].size) <= room:
             out.append(p)
             room -= size
     return out
@@ -103,11 +104,11 @@ def _within(paths: list[str], room: int, read: Callable[[str], bytes | None]) ->
 
 # -- imports ----------------------------------------------------------------------------------------
 
-def imported_paths(path: str, data: bytes | None, known: set[str]) -> list[str]:
-    """Repository files that `path` imports, in the order of its import statements."""
+def imported_paths(path: str, language: str, data: bytes | None, known: set[str]) -> list[str]:
+    """Repository files that `path` (in `language`, languages.language_for's name) imports, in the
+    order of its import statements."""
     if not data:
         return []
-    language = language_for(path, data[:4096])
     finder = _FINDERS.get(language)
     grammar = ts_language(language) if finder else None
     if grammar is None:

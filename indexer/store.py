@@ -399,12 +399,16 @@ class Store:
         return [ChunkRow(*r) for r in self.db.execute(sql, args)]
 
     @_reads
-    def chunks_missing_memory(self) -> list[ChunkRow]:
-        """Chunks whose content has no memory yet (what a resumed run must encode)."""
+    def chunks_missing_memory(self, paths: Iterable[str] | None = None) -> list[ChunkRow]:
+        """Chunks (of `paths`, or all) whose content has no memory yet (what a resumed run must encode).
+
+        `paths` filter in SQL, through the (path, ordinal) index: a pass asks once per priority tier."""
         cols = ", ".join(f"c.{c}" for c in ChunkRow.__dataclass_fields__)
+        where, args = ("AND c.path IN (SELECT value FROM json_each(?))", [json.dumps(list(paths))]) \
+            if paths is not None else ("", [])
         sql = (f"SELECT {cols} FROM chunks c LEFT JOIN memories m ON m.content_hash = c.content_hash "
-               "WHERE m.content_hash IS NULL ORDER BY c.path, c.ordinal")
-        return [ChunkRow(*r) for r in self.db.execute(sql)]
+               f"WHERE m.content_hash IS NULL {where} ORDER BY c.path, c.ordinal")
+        return [ChunkRow(*r) for r in self.db.execute(sql, args)]
 
     # -- memories -------------------------------------------------------------------------------
 

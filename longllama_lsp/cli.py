@@ -80,7 +80,9 @@ def add_version_argument(p: argparse.ArgumentParser) -> None:
 
 
 class ProgressBars:
-    """tqdm bars on stderr for the indexer's phases (repository.Progress: 'scan', then 'encode')."""
+    """tqdm bars on stderr for the indexer's phases (repository.Progress: 'scan' and 'encode' bars, a
+    line per 'ready' tier). A bar closes only in close(): a pass's totals grow tier by tier, so a bar
+    that reached its total may move on."""
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.bars = enabled, {}
@@ -90,6 +92,9 @@ class ProgressBars:
             return
         from tqdm import tqdm
 
+        if p.phase == "ready":
+            tqdm.write(ready_line(p), file=sys.stderr)
+            return
         bar = self.bars.get(p.phase)
         if bar is None:
             unit = "file" if p.phase == "scan" else "chunk"
@@ -101,12 +106,14 @@ class ProgressBars:
         if p.phase == "encode":
             bar.set_postfix_str(f"{p.tokens} tok, {p.tokens_per_s:.0f} tok/s", refresh=False)
         bar.refresh()
-        if p.done >= p.total:
-            bar.close()
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+def ready_line(p: Progress) -> str:
+    return f"ready: {p.message} ({p.done} of {p.total} files) are in memory; the rest continues"
 
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)

@@ -40,10 +40,21 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None = None, device
     when the model runs in float32 on a CPU, else none. decoding=False (commands that only encode):
     no copies.
     """
+    from .model.loading import load_tokenizer
+
+    model, path = load_resolved_model(model_path, device, dtype, config_value, decode_dtype, decoding)
+    return model, load_tokenizer(path), path
+
+
+def load_resolved_model(model_path: str | os.PathLike | None = None, device: str | None = None,
+                        dtype: str | None = None, config_value: str | None = None,
+                        decode_dtype: str | None = None, decoding: bool = True) -> tuple[Any, Path]:
+    """`load_model_and_tokenizer` without the tokenizer, for a caller that has it already (the
+    indexer's LazyEncoder, which chunked files before the model was needed)."""
     import torch
 
     from .model.decode_weights import add_decode_weights
-    from .model.loading import load_model, load_tokenizer
+    from .model.loading import load_model
     from .resolve import resolve_model
 
     device, torch_dtype = resolve_device_dtype(device, dtype)
@@ -53,4 +64,4 @@ def load_model_and_tokenizer(model_path: str | os.PathLike | None = None, device
     if decoding and decode is not None and getattr(torch, decode) != torch_dtype:
         added = add_decode_weights(model, getattr(torch, decode))
         logger.info("decode steps use %s weight copies (+%.0f MB)", decode, added / 2**20)
-    return model, load_tokenizer(path), Path(path)
+    return model, Path(path)

@@ -160,3 +160,24 @@ def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path)
         os.close(write)
     assert proc.returncode == 141, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_progress_bars_follow_totals_that_grow_and_print_ready_lines(capsys):
+    """A pass's encode total grows tier by tier: a bar that reached one tier's total moves on with the
+    next (it closes only in close()); a 'ready' tier is a line, not a bar."""
+    from indexer.pipeline import Progress
+    from longllama_lsp.cli import ProgressBars
+
+    bars = ProgressBars()
+    for p in [Progress("scan", 1, 2), Progress("encode", 3, 3, 30), Progress("ready", 1, 2, 30, message="open files"),
+              Progress("scan", 2, 2), Progress("encode", 5, 5, 50)]:
+        bars(p)
+    assert all(not bar.disable for bar in bars.bars.values())  # still open: more may come
+    bars.close()
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves between bars
+    renders = [r.strip() for r in re.split(r"[\r\n]+", err)]
+    assert "ready: open files (1 of 2 files) are in memory; the rest continues" in renders
+    assert sorted(bars.bars) == ["encode", "scan"]
+    encoding = [r for r in renders if r.startswith("encoding")]
+    assert encoding and "5/5" in encoding[-1] and "50 tok" in encoding[-1]
+    assert "2/2" in [r for r in renders if r.startswith("scanning")][-1]

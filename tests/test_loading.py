@@ -360,3 +360,5 @@ def test_memory_training_tells_fot_trained_checkpoints_from_untrained(tmp_path):
     assert memory_training(ckpt("published")) == "LongLLaMA checkpoint"
     assert "training.json" in memory_training(ckpt("trained", files={"training.json": "{}"}))
     assert memory_training(ckpt("resaved", files=converted_from("longllama"))) == "converted from a LongLLaMA checkpoint"
+    for name, record in [("torn", '{"source_kind": "long'), ("list", '["longllama"]')]:  # a damaged record
+        assert memory_training(ckpt(name, files={"longllama_convert.json": record})) is None

@@ -146,6 +146,21 @@ def test_second_run_encodes_nothing(repo, tiny):
         assert ix.encoder.stats.chunks == 0
 
 
+def test_a_pass_asks_the_store_for_missing_memories_once_per_step_not_per_empty_tier(repo, tiny, monkeypatch):
+    """chunks_missing_memory is a LEFT JOIN over the chunks: one full query (the bank's first load), then
+    per tier that has files one filtered by its paths to encode and one to bank what changed."""
+    asked = []
+    real = Store.chunks_missing_memory
+    monkeypatch.setattr(Store, "chunks_missing_memory", lambda self, paths=None: asked.append(
+        None if paths is None else set(paths)) or real(self, paths))
+    edit_function(repo / "json/decoder.py", "JSONObject")
+    with open_ix(repo, tiny) as ix:
+        summary = ix.index()  # no editor: one tier, the rest, in walk order
+        files = {f.path for f in ix.store.files()}
+    assert 1 <= summary.chunks_encoded <= 3
+    assert asked == [None, files, {"json/decoder.py"}]
+
+
 @pytest.mark.parametrize("via", ["index", "update"])
 def test_editing_one_function_reencodes_only_its_chunks(repo, tiny, via):
     with open_ix(repo, tiny) as ix:
@@ -478,6 +493,41 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert "1 files (0 changed, 1 deleted" in capsys.readouterr().out
     (repo / "json/new.py").write_text("def added():\n    return 1\n")
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
+
+
+def test_cli_index_loads_the_tokenizer_once(tiny, capsys, tmp_path, monkeypatch):
+    """Chunking loads the tokenizer; the model, loaded later for encoding, is encoded with that one."""
+    import longllama_lsp.model.loading as loading
+
+    loads = []
+    real = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    assert "usable now: all 2 files are in memory" in capsys.readouterr().out  # so every chunk was encoded
+    assert len(loads) == 1
+
+
+def test_cli_one_shot_index_builds_no_bank(tiny, capsys, tmp_path, monkeypatch):
+    """`longllama index` exits when done: a bank would only allocate device memory (CUDA on a GPU
+    machine) and plan every stored chunk out of a zero budget, per tier."""
+    from indexer.bank import MemoryBank
+
+    banked = []
+    for name in ("__init__", "load_from_store"):
+        real = getattr(MemoryBank, name)
+        monkeypatch.setattr(MemoryBank, name, lambda *a, _real=real, _name=name, **k: banked.append(_name)
+                            or _real(*a, **k))
+    repo = small_repo(tmp_path / "repo")
+    args = ["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q",
+            "--first", str(repo / "json/tool.py")]
+    assert cli_main(args) == 0
+    assert "usable now: all 2 files are in memory" in capsys.readouterr().out
+    (repo / "json/scanner.py").unlink()  # a deletion, then an edit: no bank to drop them from either
+    (repo / "json/tool.py").write_text("def edited():\n    return 2\n")
+    assert cli_main(args) == 0
+    assert "1 files (1 changed, 1 deleted" in capsys.readouterr().out
+    assert banked == []
 
 
 def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_transformers(tiny, tmp_path):

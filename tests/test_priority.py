@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from indexer.languages import language_for
 from indexer.priority import imported_paths, recently_changed, tiers
+from indexer.walker import WalkedFile, walk
 
 STDLIB = Path(json.__file__).parent.parent
 
@@ -25,9 +27,14 @@ def email_copy(root: Path) -> tuple[Path, list[str]]:
     return root, paths
 
 
+def walked(root: Path) -> dict[str, WalkedFile]:
+    """What the pipeline hands `tiers`: the walk's files (size and language known) by path."""
+    return {f.path: f for f in walk(root)}
+
+
 def test_open_file_then_its_imports_then_theirs_then_the_rest(tmp_path):
     root, paths = email_copy(tmp_path)
-    t = tiers(paths, ["email/utils.py", "not/here.py"], lambda p: (root / p).read_bytes(), ready_bytes=10**6)
+    t = tiers(walked(root), ["email/utils.py", "not/here.py"], lambda p: (root / p).read_bytes(), ready_bytes=10**6)
     assert t.open == ["email/utils.py"]
     # utils imports _parseaddr and charset; charset imports base64mime, quoprimime, errors, encoders
     assert t.imports == ["email/_parseaddr.py", "email/charset.py"]
@@ -44,13 +51,15 @@ def test_the_ready_tier_is_capped_by_source_bytes(tmp_path):
     def read(p):
         return (root / p).read_bytes()
     open_size, first, second = (len(read(f"email/{n}.py")) for n in ("utils", "_parseaddr", "charset"))
-    t = tiers(paths, ["email/utils.py"], read, ready_bytes=open_size + first + second - 1)
+    t = tiers(walked(root), ["email/utils.py"], read, ready_bytes=open_size + first + second - 1)
     assert (t.open, t.imports) == (["email/utils.py"], ["email/_parseaddr.py"])
     assert t.further[0] == "email/charset.py"
     assert sorted(t.open + t.imports + t.further + t.recent + t.rest) == paths
-    tight = tiers(paths, ["email/utils.py"], read, ready_bytes=1)  # the open file goes first whatever its size
+    reads = []
+    tight = tiers(walked(root), ["email/utils.py"], lambda p: reads.append(p) or read(p), ready_bytes=1)
     assert (tight.open, tight.imports, tight.further[:2]) == (["email/utils.py"], [], ["email/_parseaddr.py",
                                                                                          "email/charset.py"])
+    assert reads == ["email/utils.py"]  # sizes are the walk's: only a file whose imports are parsed is read
 
 
 def test_python_import_spellings(tmp_path):
@@ -59,7 +68,7 @@ def test_python_import_spellings(tmp_path):
     (root / "email/mime/x.py").write_text("from .. import header\nfrom ..errors import HeaderParseError\n"
                                           "from . import base as b\nimport email.feedparser\n"
                                           "try:\n    from email import policy\nexcept ImportError:\n    pass\n")
-    found = imported_paths("email/mime/x.py", (root / "email/mime/x.py").read_bytes(), known)
+    found = imported_paths("email/mime/x.py", "python", (root / "email/mime/x.py").read_bytes(), known)
     assert found == ["email/__init__.py", "email/header.py", "email/errors.py", "email/mime/__init__.py",
                      "email/mime/base.py", "email/feedparser.py", "email/policy.py"]
 
@@ -73,7 +82,7 @@ def test_python_import_spellings(tmp_path):
      {"pkg/store/store.go", "pkg/store/store_test.go", "pkg/other/o.go"}, ["pkg/store/store.go"]),
 ])
 def test_other_languages(path, source, known, expected):
-    assert imported_paths(path, source, known) == expected
+    assert imported_paths(path, language_for(path, source), source, known) == expected
 
 
 def git(root: Path, *args: str) -> None:
@@ -94,7 +103,7 @@ def test_recently_changed_work_tree_first_then_last_commits(tmp_path):
     recent = recently_changed(root)
     assert recent[:2] == ["email/header.py", "email/mime/text.py"]
     assert recently_changed(root / "email")[:2] == ["header.py", "mime/text.py"]  # relative to a subfolder root
-    t = tiers(paths, ["email/utils.py"], lambda p: (root / p).read_bytes(), recent)
+    t = tiers(walked(root), ["email/utils.py"], lambda p: (root / p).read_bytes(), recent)
     assert t.recent[:2] == ["email/header.py", "email/mime/text.py"]
 
 

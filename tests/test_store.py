@@ -228,6 +228,8 @@ def test_replace_file_and_missing_and_gc(db):
                                                                                          sha("only a")}
         store.put_memories({sha("shared"): memory(4)})
         assert [c.content_hash for c in store.chunks_missing_memory()] == [sha("only a")]
+        assert store.chunks_missing_memory(["a.py"]) == store.chunks_missing_memory()
+        assert store.chunks_missing_memory(["b.py", "none.py"]) == store.chunks_missing_memory([]) == []
         store.put_memories({sha("only a"): memory(4)})
         assert store.chunks_missing_memory() == []
 

@@ -261,14 +261,23 @@ def memory_training(path: str | Path) -> str | None:
         return "FoT weight delta (adapter.safetensors)"
     if (path / "training.json").is_file():
         return "trained by longllama train (training.json)"
-    provenance = path / "longllama_convert.json"  # convert.PROVENANCE_NAME (convert imports this module)
-    if not provenance.is_file():
+    provenance = read_provenance(path)
+    if provenance is None:
         return "LongLLaMA checkpoint" if read_config_dict(path).get("model_type") == "longllama" else None
-    try:
-        kind = json.loads(provenance.read_text()).get("source_kind")
-    except (OSError, ValueError):
+    return "converted from a LongLLaMA checkpoint" if provenance.get("source_kind") == "longllama" else None
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """What `longllama convert` recorded about the checkpoint's source (its source, source_kind, ...):
+    None when no conversion of ours made it, {} when the record is unreadable."""
+    file = Path(path) / "longllama_convert.json"  # convert.PROVENANCE_NAME (convert imports this module)
+    if not file.is_file():
         return None
-    return "converted from a LongLLaMA checkpoint" if kind == "longllama" else None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def apply_weight_delta(model: nn.Module, path: str | Path) -> list[str]:
