@@ -143,6 +143,42 @@ def test_host_tier_gives_the_same_logits_as_the_device_tier(tmp_path, dtype):
     assert torch.equal(device_out[1], host_out[1])
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", [dict(torch_attention=True), dict(mem_topk=16), {}], ids=["sdpa", "topk", "dense"])
+def test_host_tier_within_the_budget_gives_the_device_tier_logits(tmp_path, device, path):
+    """Memory within the budget is attended densely (sdpa, top-k or the manual path), all of it read
+    from the host tier; on a GPU the host memory meets CUDA queries (see the meta-device test below
+    for a machine without one)."""
+    model = make_tiny(seed=8, mem_dtype="bfloat16", **path).to(device)
+    g = torch.Generator().manual_seed(8)
+    memory = Memory.concat([model.encode_memory(torch.randint(0, 99, (1, 40), generator=g).to(device))
+                            for _ in range(3)])
+    host = Memory({i: c.on_host(str(tmp_path)) for i, c in memory.items()})
+    assert all(c.keys.device.type == "cpu" for c in host.values())
+    prompt = torch.randint(0, 99, (1, 9), generator=g).to(device)
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, memory.num_tokens  # within: not sparse
+    assert torch.equal(model(prompt, memory=host).logits, model(prompt, memory=memory).logits)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "topk", "dense"])
+def test_memory_on_another_device_than_the_queries_is_moved_to_them(path):
+    """Host memory with queries elsewhere (the meta device stands in for a GPU on a CPU-only machine):
+    every path that reads the whole memory moves it to the queries' device, none fails at cat/gather."""
+    from longllama_lsp.model.attention import sdpa_attend
+
+    q, k, v, mask, memory, _ = _planted(0)
+    q, k, v, mask = (x.to("meta") for x in (q, k, v, mask))
+    if path == "sdpa":
+        out = sdpa_attend(q, k, v, mask, memory)
+    else:
+        out, _ = attend(q, k, v, mask, memory, topk=8 if path == "topk" else None)
+    assert out.device.type == "meta" and out.shape == q.shape
+
+
 @torch.no_grad()
 def test_summaries_are_built_once_per_memory(monkeypatch):
     """Decoding many steps over one memory builds its block summaries once per layer, not per step."""

@@ -79,10 +79,17 @@ def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
 def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
     b, hk, g, t, _ = q.shape
-    # .to(q.device): host-tier memory streams through here when attention is dense
-    s = torch.matmul(_flat(q), mem_k.to(q.device, q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
-    mask = mem_mask[:, :, :, 0].to(s.device, s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
+    s = torch.matmul(_flat(q), mem_k.to(q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    mask = mem_mask[:, :, :, 0].to(s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
     return torch.clamp_min(s + mask, min_score(s.dtype))
+
+
+def _on_device(memory: MemCache | None, device: torch.device) -> MemCache | None:
+    """Memory on the queries' device: the host tier (keys/values in host memory) is copied over once,
+    here, for the paths that read all of it (dense, top-k, sdpa); sparse attention gathers its blocks."""
+    if memory is None or memory.keys.device == device:
+        return memory
+    return memory.to(device)
 
 
 def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     blocks = None
     if sparse is not None and sparse.applies(memory):
         blocks = _SparseState.of(memory, sparse, q.device, q.dtype, b)
+    else:  # the sparse path gathers only its selected blocks from the host tier; the others read it all
+        memory = _on_device(memory, q.device)
     if memory is not None and memory.keys.shape[0] != b:
         memory = MemCache(memory.keys.expand(b, -1, -1, -1), memory.values.expand(b, -1, -1, -1),
                           memory.mask.expand(b, -1, -1, -1))
@@ -161,7 +170,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
         w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
         n_loc = s_loc.shape[-1]
         w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
-        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.device, q.dtype))
+        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.dtype))
         return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
     return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
 
@@ -180,7 +189,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
         correction = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
         run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + _weighted(p, mem.values[:, :, ms].to(q.device, torch.float32))
+        acc = acc * correction + _weighted(p, mem.values[:, :, ms].float())
         run_max = new_max
     out = (acc / run_sum).to(q.dtype)
     weights = None
@@ -288,6 +297,7 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     Also the fast path for plain layers. mask: (B, 1, T, L) additive or None with causal=True.
     """
     hkv, h = k.shape[1], q.shape[1]
+    memory = _on_device(memory, q.device)
     if memory is not None and memory.num_tokens:
         b, t = q.shape[0], q.shape[2]
         mem_k = memory.keys.to(k.dtype).expand(b, -1, -1, -1)
