@@ -101,6 +101,23 @@ def test_a_planted_block_is_always_selected(seed):
     assert int(per_block.argmax()) == span.start // BLOCK
 
 
+def test_each_batch_row_is_masked_by_its_own_memory_mask():
+    """A batch of two whose memories hide opposite halves: sparse attention keeping every live block
+    equals dense row by row (one row's mask must not reach the other row, or a key/value head)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    mask = torch.zeros(2, 1, 3, 3).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -1e9)
+    hidden = torch.zeros(2, 1, 1024, 1)
+    hidden[0, :, :512], hidden[1, :, 512:] = MASK_MIN, MASK_MIN
+    keys, values = torch.randn(2, 2, 1024, 16, generator=g), torch.randn(2, 2, 1024, 16, generator=g)
+    dense = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True)
+    sparse = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True,
+                    sparse=Sparse(BLOCK, 512))  # 512 = the live slots of each row
+    assert (sparse[0] - dense[0]).abs().max() < 1e-5
+    assert (sparse[1] - dense[1]).abs().max() < 1e-6
+
+
 @torch.no_grad()
 def test_sources_are_the_selected_blocks():
     """output_memory_attention reports mass only on whole selected blocks, at most budget/block per

@@ -291,7 +291,7 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
     at = slots.to(mem.keys.device)
     keys = torch.gather(mem.keys, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)  # (B, Hk, K, D)
     vals = torch.gather(mem.values, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)
-    mask = torch.gather(mem.mask[:, 0, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
+    mask = torch.gather(mem.mask[:, :, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
     mask = mask.masked_fill(~inside, MASK_MIN)[..., None]  # (B, Hk, K, 1): a mask per key/value head
     out, w_mem = _one_softmax(s_loc, v, _memory_scores(q, keys, mask, scale), vals)  # w_mem (B, Hk, G, T, K)
     return out, (_mass_per_slot(slots, w_mem.sum(dim=(2, 3)), m) if want_weights else None)
