@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import machine_facts  # noqa: E402
 
-from longllama_lsp.engine import load_model_and_tokenizer  # noqa: E402
+from longllama_lsp.load import load_model_and_tokenizer  # noqa: E402
 from longllama_lsp.model.memory import BlockSummary, MemCache, Memory  # noqa: E402
 
 REPO = Path("/work/data/eval/requests/requests")

@@ -51,10 +51,7 @@ from typing import Any
 import torch
 
 from indexer.schema import ChunkRow
-from longllama_lsp.model.memory import MASK_MIN, BlockSummary, MemCache, Memory
-
-# Default block of sparse memory attention: LongLlamaConfig.mem_block_size's default.
-BLOCK_SIZE = 32
+from longllama_lsp.model.memory import DEFAULT_BLOCK_SIZE, MASK_MIN, BlockSummary, MemCache, Memory
 
 _TEST_PATH = re.compile(r"(^|/)(tests?|__tests__|spec)/|(^|/)test_[^/]*$|_test\.[^/]*$|\.(test|spec)\.[^/]*$")
 
@@ -123,7 +120,7 @@ class MemoryBank:
     def for_store(cls, store: Any, device: torch.device | str, **kwargs: Any) -> MemoryBank:
         """A bank shaped for `store`'s model fingerprint, with block summaries for sparse attention."""
         fp = store.fingerprint
-        kwargs.setdefault("block_size", BLOCK_SIZE)
+        kwargs.setdefault("block_size", DEFAULT_BLOCK_SIZE)
         return cls(fp.mem_layers, fp.kv_heads, fp.head_dim, fp.torch_dtype, device, **kwargs)
 
     def _span(self, n: int) -> int:

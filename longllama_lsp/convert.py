@@ -112,6 +112,7 @@ class Source:
     write_tokenizer: Callable[[Path], None]
     generation_config: Path | None = None
     hub_id: str | None = None
+    license: str | None = None  # when the source says: GGUF `general.license`, a model card's `license:`
 
 
 def convert(src: str | Path, out: str | Path, mem_layers: Sequence[int] | None = None, mem_dtype: str | None = None,
@@ -183,7 +184,7 @@ def _read_gguf(path: Path, progress: Progress) -> Source:
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     with _corrupt_gguf_is_model_error(path):
-        arch, num_layers = _gguf_arch(path)
+        arch, num_layers, licence = _gguf_header(path)
     if arch not in GGUF_ARCHITECTURES:
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (GGUF files of "
                          f"{', '.join(GGUF_ARCHITECTURES)} are)")
@@ -194,7 +195,7 @@ def _read_gguf(path: Path, progress: Progress) -> Source:
                                                  model_to_load=_NameSkeleton(arch, num_layers))
     config = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS or k == "model_type"}
     return Source("gguf", path, config, family_tensors(config.get("model_type", arch), parsed["tensors"]),
-                  lambda out: _gguf_tokenizer(path, out))
+                  lambda out: _gguf_tokenizer(path, out), license=licence)
 
 
 @contextlib.contextmanager
@@ -210,18 +211,19 @@ def _corrupt_gguf_is_model_error(path: Path) -> Iterator[None]:
                          f"{str(exc)[:200]}); download it again") from None
 
 
-def _gguf_arch(path: Path) -> tuple[str, int]:
-    """(general.architecture, block count) from the GGUF header, without parsing the vocabulary."""
+def _gguf_header(path: Path) -> tuple[str, int, str | None]:
+    """(general.architecture, block count, general.license or None) from the GGUF header, without
+    parsing the vocabulary."""
     try:
         from transformers.integrations.gguf import read_gguf_metadata  # transformers >= 5.2x: 20 ms
     except ImportError:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # older: parses it all
 
         config = load_gguf_checkpoint(str(path))["config"]
-        return config.get("model_type", "?"), int(config.get("num_hidden_layers", 0))
+        return config.get("model_type", "?"), int(config.get("num_hidden_layers", 0)), None  # licence unknown
     metadata, _ = read_gguf_metadata(str(path))
-    arch = str(metadata.get("general.architecture"))
-    return arch, int(metadata.get(f"{arch}.block_count", 0))
+    arch, licence = str(metadata.get("general.architecture")), metadata.get("general.license")
+    return arch, int(metadata.get(f"{arch}.block_count", 0)), str(licence) if licence else None
 
 
 class _NameSkeleton:
@@ -278,7 +280,7 @@ def _read_folder(path: Path, progress: Progress) -> Source:
     return Source("longllama" if config["model_type"] == "longllama" else "llama", path, config,
                   family_tensors(config["model_type"], read_state_dict(path)),
                   lambda out: _copy_tokenizer(path, out, progress),
-                  generation if generation.is_file() else None)
+                  generation if generation.is_file() else None, license=card_license(path))
 
 
 def check_family(model_type: Any, path: Path) -> None:
@@ -479,7 +481,7 @@ def _provenance(source: Source, config: LongLlamaConfig) -> dict[str, Any]:
         "source_sha256": source_sha256(source.path),
         "source_max_position_embeddings": source.config.get("max_position_embeddings"),
         "source_model_type": source.config.get("model_type", "llama"),
-        "source_license": source_license(source.path),
+        "source_license": source.license,
         "options": {"mem_layers": list(config.mem_layers), "mem_dtype": config.mem_dtype,
                     "window": config.max_position_embeddings, "last_context_length": config.last_context_length,
                     "dtype": str(config.dtype).removeprefix("torch.")},
@@ -488,16 +490,8 @@ def _provenance(source: Source, config: LongLlamaConfig) -> dict[str, Any]:
     }
 
 
-def source_license(path: Path) -> str | None:
-    """The source's licence when it says: GGUF `general.license`, or a hub model card's `license:` line."""
-    if path.is_file():
-        try:
-            from transformers.integrations.gguf import read_gguf_metadata
-
-            value = read_gguf_metadata(str(path))[0].get("general.license")
-        except Exception:  # noqa: BLE001 - older transformers, unreadable metadata: unknown
-            return None
-        return str(value) if value else None
+def card_license(path: Path) -> str | None:
+    """The `license:` line of a checkpoint folder's model card (hub front matter), if any."""
     try:
         card = (path / MODEL_CARD).read_text(encoding="utf-8", errors="replace")
     except OSError:

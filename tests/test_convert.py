@@ -169,6 +169,7 @@ def test_smollm2_checkpoint_layout(smollm2):
     assert provenance["source_kind"] == "gguf" and provenance["source"] == str(smollm2.gguf)
     assert provenance["source_sha256"] == file_sha256(smollm2.gguf)
     assert provenance["source_max_position_embeddings"] == 8192
+    assert provenance["source_license"] == "apache-2.0"  # the GGUF header's general.license
     assert provenance["versions"]["transformers"] and provenance["created"].endswith("+00:00")
     assert not list(path.parent.glob("*.tmp-*"))
 

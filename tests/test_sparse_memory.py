@@ -101,6 +101,23 @@ def test_a_planted_block_is_always_selected(seed):
     assert int(per_block.argmax()) == span.start // BLOCK
 
 
+def test_each_batch_row_is_masked_by_its_own_memory_mask():
+    """A batch of two whose memories hide opposite halves: sparse attention keeping every live block
+    equals dense row by row (one row's mask must not reach the other row, or a key/value head)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    mask = torch.zeros(2, 1, 3, 3).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -1e9)
+    hidden = torch.zeros(2, 1, 1024, 1)
+    hidden[0, :, :512], hidden[1, :, 512:] = MASK_MIN, MASK_MIN
+    keys, values = torch.randn(2, 2, 1024, 16, generator=g), torch.randn(2, 2, 1024, 16, generator=g)
+    dense = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True)
+    sparse = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True,
+                    sparse=Sparse(BLOCK, 512))  # 512 = the live slots of each row
+    assert (sparse[0] - dense[0]).abs().max() < 1e-5
+    assert (sparse[1] - dense[1]).abs().max() < 1e-6
+
+
 @torch.no_grad()
 def test_sources_are_the_selected_blocks():
     """output_memory_attention reports mass only on whole selected blocks, at most budget/block per
@@ -141,6 +158,42 @@ def test_host_tier_gives_the_same_logits_as_the_device_tier(tmp_path, dtype):
     host_out = decode(model, prompt, host, 4)
     assert torch.equal(device_out[0], host_out[0])
     assert torch.equal(device_out[1], host_out[1])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", [dict(torch_attention=True), dict(mem_topk=16), {}], ids=["sdpa", "topk", "dense"])
+def test_host_tier_within_the_budget_gives_the_device_tier_logits(tmp_path, device, path):
+    """Memory within the budget is attended densely (sdpa, top-k or the manual path), all of it read
+    from the host tier; on a GPU the host memory meets CUDA queries (see the meta-device test below
+    for a machine without one)."""
+    model = make_tiny(seed=8, mem_dtype="bfloat16", **path).to(device)
+    g = torch.Generator().manual_seed(8)
+    memory = Memory.concat([model.encode_memory(torch.randint(0, 99, (1, 40), generator=g).to(device))
+                            for _ in range(3)])
+    host = Memory({i: c.on_host(str(tmp_path)) for i, c in memory.items()})
+    assert all(c.keys.device.type == "cpu" for c in host.values())
+    prompt = torch.randint(0, 99, (1, 9), generator=g).to(device)
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, memory.num_tokens  # within: not sparse
+    assert torch.equal(model(prompt, memory=host).logits, model(prompt, memory=memory).logits)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "topk", "dense"])
+def test_memory_on_another_device_than_the_queries_is_moved_to_them(path):
+    """Host memory with queries elsewhere (the meta device stands in for a GPU on a CPU-only machine):
+    every path that reads the whole memory moves it to the queries' device, none fails at cat/gather."""
+    from longllama_lsp.model.attention import sdpa_attend
+
+    q, k, v, mask, memory, _ = _planted(0)
+    q, k, v, mask = (x.to("meta") for x in (q, k, v, mask))
+    if path == "sdpa":
+        out = sdpa_attend(q, k, v, mask, memory)
+    else:
+        out, _ = attend(q, k, v, mask, memory, topk=8 if path == "topk" else None)
+    assert out.device.type == "meta" and out.shape == q.shape
 
 
 @torch.no_grad()

@@ -77,18 +77,49 @@ def _local_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: f
 
 
 def _memory_scores(q: torch.Tensor, mem_k: torch.Tensor, mem_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1, M, 1) -> (B, Hk, G, T, M)."""
+    """q (B, Hk, G, T, D), mem_k (B, Hk, M, D), mem_mask (B, 1 or Hk, M, 1) -> (B, Hk, G, T, M)."""
     b, hk, g, t, _ = q.shape
-    # .to(q.device): host-tier memory streams through here when attention is dense
-    s = torch.matmul(_flat(q), mem_k.to(q.device, q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
-    mask = mem_mask[:, :, :, 0].to(s.device, s.dtype)[:, :, None, None, :]  # (B, 1, 1, 1, M)
+    s = torch.matmul(_flat(q), mem_k.to(q.dtype).transpose(-1, -2)).view(b, hk, g, t, -1) * scale
+    mask = mem_mask[:, :, :, 0].to(s.dtype)[:, :, None, None, :]  # (B, 1 or Hk, 1, 1, M)
     return torch.clamp_min(s + mask, min_score(s.dtype))
+
+
+def _on_device(memory: MemCache | None, device: torch.device) -> MemCache | None:
+    """Memory on the queries' device: the host tier (keys/values in host memory) is copied over once,
+    here, for the paths that read all of it (dense, top-k, sdpa); sparse attention gathers its blocks."""
+    if memory is None or memory.keys.device == device:
+        return memory
+    return memory.to(device)
 
 
 def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """w (B, Hk, G, T, N) @ v (B, Hk, N, D) -> (B, Hk, G, T, D)."""
     b, hk, g, t, n = w.shape
     return torch.matmul(w.reshape(b, hk, g * t, n), v).view(b, hk, g, t, -1)
+
+
+def _one_softmax(s_loc: torch.Tensor, v: torch.Tensor, s_mem: torch.Tensor,
+                 mem_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local scores s_loc (B, Hk, G, T, L) and memory scores s_mem (B, Hk, G, T, N) under ONE softmax.
+
+    Returns the local values v (B, Hk, L, D) weighted, plus memory values mem_v (B, Hk, N, D) weighted
+    when given (top-k weighs its own per-query values): (B, Hk, G, T, D); and the memory
+    probabilities (B, Hk, G, T, N) in float32.
+    """
+    w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
+    n_loc = s_loc.shape[-1]
+    w_mem = w[..., n_loc:]
+    out = _weighted(w[..., :n_loc].to(v.dtype), v)
+    if mem_v is not None:
+        out = out + _weighted(w_mem.to(v.dtype), mem_v.to(v.dtype))
+    return out, w_mem
+
+
+def _mass_per_slot(slots: torch.Tensor, mass: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Attention mass (B, ...) on memory slots `slots` (B, ..., same shape) summed per slot: (B, num_slots)."""
+    b = slots.shape[0]
+    weights = torch.zeros(b, num_slots, dtype=torch.float32, device=mass.device)
+    return weights.scatter_add_(1, slots.reshape(b, -1), mass.reshape(b, -1))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -113,6 +144,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     blocks = None
     if sparse is not None and sparse.applies(memory):
         blocks = _SparseState.of(memory, sparse, q.device, q.dtype, b)
+    else:  # the sparse path gathers only its selected blocks from the host tier; the others read it all
+        memory = _on_device(memory, q.device)
     if memory is not None and memory.keys.shape[0] != b:
         memory = MemCache(memory.keys.expand(b, -1, -1, -1), memory.values.expand(b, -1, -1, -1),
                           memory.mask.expand(b, -1, -1, -1))
@@ -158,10 +191,7 @@ def _attend_tile(q, k, v, mask, mem, scale, topk, want_weights):
         return _attend_topk(q, s_loc, v, mem, scale, topk, want_weights)
     if mem.num_tokens <= MEM_BLOCK:
         s_mem = _memory_scores(q, mem.keys, mem.mask, scale)  # (B, Hk, G, T, M)
-        w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
-        n_loc = s_loc.shape[-1]
-        w_loc, w_mem = w[..., :n_loc].to(q.dtype), w[..., n_loc:]
-        out = _weighted(w_loc, v) + _weighted(w_mem.to(q.dtype), mem.values.to(q.device, q.dtype))
+        out, w_mem = _one_softmax(s_loc, v, s_mem, mem.values)
         return out, (w_mem.sum(dim=(1, 2, 3)) if want_weights else None)
     return _attend_blocked(q, s_loc, v, mem, scale, want_weights)
 
@@ -180,7 +210,7 @@ def _attend_blocked(q, s_loc, v, mem, scale, want_weights):
         correction = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
         run_sum = run_sum * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + _weighted(p, mem.values[:, :, ms].to(q.device, torch.float32))
+        acc = acc * correction + _weighted(p, mem.values[:, :, ms].float())
         run_max = new_max
     out = (acc / run_sum).to(q.dtype)
     weights = None
@@ -202,19 +232,13 @@ def _attend_topk(q, s_loc, v, mem, scale, topk, want_weights):
             s, idx = torch.cat([best_s, s], dim=-1), torch.cat([best_i, idx], dim=-1)
         best_s, pos = torch.topk(s, min(topk, s.shape[-1]), dim=-1)  # (B, Hk, G, T, K)
         best_i = torch.gather(idx, -1, pos)
-    w = torch.softmax(torch.cat([s_loc, best_s], dim=-1), dim=-1, dtype=torch.float32)
-    n_loc = s_loc.shape[-1]
+    out, w_mem = _one_softmax(s_loc, v, best_s)
     bsz, hk, g, t, kk = best_i.shape
     vals = mem.values  # (B, Hk, M, D), gathered before the cast: only K rows per query are converted
     flat = best_i.reshape(bsz, hk, g * t * kk, 1).expand(-1, -1, -1, vals.shape[-1])
     picked = torch.gather(vals, 2, flat).view(bsz, hk, g, t, kk, -1).to(q.dtype)  # (B, Hk, G, T, K, D)
-    out = _weighted(w[..., :n_loc].to(q.dtype), v)
-    out = out + torch.einsum("bhgtk,bhgtkd->bhgtd", w[..., n_loc:].to(q.dtype), picked)
-    weights = None
-    if want_weights:
-        weights = torch.zeros(bsz, mem.num_tokens, dtype=torch.float32, device=q.device)
-        weights.scatter_add_(1, best_i.reshape(bsz, -1), w[..., n_loc:].reshape(bsz, -1))
-    return out, weights
+    out = out + torch.einsum("bhgtk,bhgtkd->bhgtd", w_mem.to(q.dtype), picked)
+    return out, (_mass_per_slot(best_i, w_mem, mem.num_tokens) if want_weights else None)
 
 
 @dataclass
@@ -252,7 +276,7 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
     that any of them needs is kept. Only the selected blocks' keys/values are read, from wherever
     they live (device or host tier). q (B, Hk, G, T, D), s_loc (B, Hk, G, T, L).
     """
-    b, hk, g, t, d = q.shape
+    b, hk, _, _, d = q.shape
     bs, m = blocks.summary.size, mem.num_tokens
     qf = _flat(q)  # (B, Hk, G*T, D)
     kmin, kmax = blocks.summary.kmin, blocks.summary.kmax  # (B, Hk, NB, D)
@@ -267,18 +291,10 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
     at = slots.to(mem.keys.device)
     keys = torch.gather(mem.keys, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)  # (B, Hk, K, D)
     vals = torch.gather(mem.values, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)
-    mask = torch.gather(mem.mask[:, 0, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
-    mask = mask.masked_fill(~inside, MASK_MIN).to(q.dtype)
-    s_mem = torch.matmul(qf, keys.transpose(-1, -2)).view(b, hk, g, t, -1) * scale
-    s_mem = torch.clamp_min(s_mem + mask[:, :, None, None], min_score(s_mem.dtype))  # (B, Hk, G, T, K)
-    w = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=torch.float32)
-    n_loc = s_loc.shape[-1]
-    out = _weighted(w[..., :n_loc].to(q.dtype), v) + _weighted(w[..., n_loc:].to(q.dtype), vals)
-    weights = None
-    if want_weights:
-        weights = torch.zeros(b, m, dtype=torch.float32, device=q.device)
-        weights.scatter_add_(1, slots.reshape(b, -1), w[..., n_loc:].sum(dim=(2, 3)).reshape(b, -1))
-    return out, weights
+    mask = torch.gather(mem.mask[:, :, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
+    mask = mask.masked_fill(~inside, MASK_MIN)[..., None]  # (B, Hk, K, 1): a mask per key/value head
+    out, w_mem = _one_softmax(s_loc, v, _memory_scores(q, keys, mask, scale), vals)  # w_mem (B, Hk, G, T, K)
+    return out, (_mass_per_slot(slots, w_mem.sum(dim=(2, 3)), m) if want_weights else None)
 
 
 def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -288,6 +304,7 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     Also the fast path for plain layers. mask: (B, 1, T, L) additive or None with causal=True.
     """
     hkv, h = k.shape[1], q.shape[1]
+    memory = _on_device(memory, q.device)
     if memory is not None and memory.num_tokens:
         b, t = q.shape[0], q.shape[2]
         mem_k = memory.keys.to(k.dtype).expand(b, -1, -1, -1)

@@ -10,6 +10,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .memory import DEFAULT_BLOCK_SIZE
+
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 NORM_TYPES = ("rms", "layer")
 MLP_TYPES = ("gated", "plain")
@@ -45,7 +47,7 @@ class LongLlamaConfig(LlamaConfig):
     # Block-sparse memory: memory in blocks of mem_block_size slots, each with a min/max key summary;
     # when memory exceeds mem_budget tokens, each query tile attends to its top blocks within that
     # many tokens. None = dense (the reference); within the budget, dense as well.
-    mem_block_size: int = 32
+    mem_block_size: int = DEFAULT_BLOCK_SIZE
     mem_budget: int | None = None
 
     def __post_init__(self, **kwargs):

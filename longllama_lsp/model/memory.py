@@ -14,6 +14,9 @@ import torch
 
 # Additive mask value for hidden memory slots; the reference clamps scores at max(finfo.min, -1e6).
 MASK_MIN = -1e6
+# Memory slots per block of sparse memory attention: LongLlamaConfig.mem_block_size's default and the
+# block the indexer's bank aligns chunks to (here, not in the config, so the bank needs no transformers).
+DEFAULT_BLOCK_SIZE = 32
 
 
 @dataclass
