@@ -1,4 +1,4 @@
-"""One LSP session: its documents, settings, initialize/shutdown and auth, and what the handlers in
+"""One LSP session: its documents, settings, initialize/shutdown, and what the handlers in
 server.py call: completion and ask (through the Engine, whose worker thread owns the model), status,
 settings updates, and indexing of its workspace folders with work-done progress.
 
@@ -88,9 +88,6 @@ class LongLlamaServer(LanguageServer):
         return (self.session_id, uri) if self.shared.multi else uri
 
     # -- plumbing -----------------------------------------------------------------------------------
-
-    def may_serve(self, initialize_received: bool) -> bool:
-        return initialize_received  # over TCP the token was checked before the session began (tcp.py)
 
     @property
     def position_encoding(self) -> str:
