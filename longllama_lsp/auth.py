@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import LongLlamaError
 from .safefile import UnsafeFile, read_private, write_private
+from .user_cache import cache_dir
 
 TOKEN_ENV = "LONGLLAMA_TOKEN"
 MAX_PRIVATE_FILE = 64 * 1024  # bytes; a token file or server record is tiny
@@ -35,9 +36,7 @@ def runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         path = Path(base) / "longllama"
-    else:  # imported here: resolve imports the model package (torch, ~10-30 s), which `complete` through a
-        from .resolve import cache_dir  # server never needs
-
+    else:
         path = cache_dir() / "run"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)

@@ -76,3 +76,16 @@ def test_record_readable_by_others_is_ignored():
     record = auth.ServerRecord(pid=os.getpid(), host="127.0.0.1", port=1, token="t")
     auth.publish(record).chmod(0o644)
     assert auth.running_servers() == []
+
+
+def test_finding_servers_without_xdg_runtime_dir_imports_no_torch(tmp_path):
+    """`longllama complete`/`ask` through a server and `longllama servers` look for server records in
+    <cache>/run when XDG_RUNTIME_DIR is unset: finding that directory must not load the model package."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["LONGLLAMA_CACHE"] = str(tmp_path / "cache")
+    code = ("import sys; from pathlib import Path; from longllama_lsp import remote; "
+            "assert remote.find_server(Path('.')) is None; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert (tmp_path / "cache" / "run").is_dir()
