@@ -25,6 +25,7 @@ from typing import Any
 from .auth import ServerRecord, running_servers
 from .cli import Command
 from .errors import LongLlamaError
+from .framing import frame_message, read_frame
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,8 @@ class LspConnection:
         self.ids = itertools.count(1)
 
     def send(self, message: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
         try:
-            self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            self.sock.sendall(frame_message({"jsonrpc": "2.0", **message}))
         except OSError as exc:
             raise Unreachable(f"the server closed the connection: {exc}") from None
 
@@ -89,17 +89,15 @@ class LspConnection:
 
     def _read(self) -> dict[str, Any]:
         try:
-            length = None
-            while True:
-                line = self.reader.readline()
-                if not line:
-                    raise Unreachable("the server closed the connection")
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-                elif line.strip() == b"" and length is not None:
-                    return json.loads(self.reader.read(length))
-        except (OSError, ValueError) as exc:  # a timeout too
+            body = read_frame(self.reader)
+            if body is None:
+                raise Unreachable("the server closed the connection")
+            msg = json.loads(body)
+        except (OSError, ValueError) as exc:  # a timeout, a bad frame (FrameError), a body that is not JSON
             raise Unreachable(f"no answer from the server: {exc}") from None
+        if not isinstance(msg, dict):
+            raise Unreachable(f"the server sent a {type(msg).__name__}, not a JSON-RPC message")
+        return msg
 
     def close(self) -> None:
         try:
