@@ -24,7 +24,7 @@ from .auth import AuthError, ServerRecord
 from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument, repository_problem
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
-from .workspace import Workspace, memory_untrained
+from .workspace import Workspace, untrained_memory_warning
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,9 @@ def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
 
 
 def warn_if_memory_untrained(model_dir: Path | None) -> None:
-    """Untrained memory layers make predictions worse: say so once (workspace.memory_untrained)."""
-    if memory_untrained(model_dir):
-        logger.warning("the memory layers of %s are not FoT-trained: repository memory may make answers "
-                       "worse; pass --no-memory, or train them (longllama finetune)", model_dir)
+    """Untrained memory layers make predictions worse: say so once."""
+    if warning := untrained_memory_warning(model_dir, "pass --no-memory"):
+        logger.warning("%s", warning)
 
 
 def _index(workspace: Workspace, root: Path) -> None:

@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .auth import ServerRecord, publish, server_token, tokens_match, unpublish
+from .auth import AuthError, ServerRecord, publish, server_token, tokens_match, unpublish
 from .fim import split_fim_text
 from .worker import Cancelled
 
@@ -659,23 +659,26 @@ def model_id(engine: Engine) -> str:
 
 def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory | None) -> int:
     """Load the model, listen, index --repo in the background, serve until stopped."""
+    from .cli import repository_problem
     from .engine import Engine, EngineOptions
-    from .workspace import Workspace, memory_untrained
+    from .workspace import Workspace, untrained_memory_warning
 
-    token = server_token(args.token_file)
-    generated = not os.environ.get("LONGLLAMA_TOKEN") and args.token_file is None
-    root = Path(args.repo).resolve()
-    if not root.is_dir():
-        print(f"longllama serve: error: --repo {args.repo} is not a directory", file=sys.stderr)
+    try:
+        token, generated = server_token(args.token_file)
+    except AuthError as exc:
+        print(f"longllama serve: error: {exc}", file=sys.stderr)
         return 2
+    if problem := repository_problem(args.repo):
+        print(f"longllama serve: error: {problem}", file=sys.stderr)
+        return 2
+    root = Path(args.repo).resolve()
     engine = Engine.load(args.model, args.device, args.dtype, options=EngineOptions(), decode_dtype=args.decode_dtype)
     workspace = Workspace(engine, repository_factory)
     record: ServerRecord | None = None
     try:
         engine.wait_ready()
-        if memory_untrained(engine.model_dir):
-            logger.warning("the memory layers of %s are not FoT-trained: repository memory may make completions "
-                           "worse", engine.model_dir)
+        if warning := untrained_memory_warning(engine.model_dir):
+            logger.warning("%s", warning)
         server = ApiServer((args.host, args.port), Api(workspace, token, model_id(engine)))
         host, port = server.server_address[:2]
         index_in_background(workspace, root)

@@ -22,12 +22,12 @@ def test_token_from_env_then_file_then_fresh(tmp_path, monkeypatch):
     f = tmp_path / "token"
     f.write_text("from-file\n")
     f.chmod(0o600)
-    assert auth.server_token(f) == "from-file"
+    assert auth.server_token(f) == ("from-file", False)
     monkeypatch.setenv(auth.TOKEN_ENV, "from-env")
-    assert auth.server_token(f) == "from-env"
+    assert auth.server_token(f) == ("from-env", False)
     monkeypatch.delenv(auth.TOKEN_ENV)
-    a, b = auth.server_token(), auth.server_token()
-    assert a != b and len(a) >= 32
+    (a, generated_a), (b, generated_b) = auth.server_token(), auth.server_token()
+    assert a != b and len(a) >= 32 and generated_a and generated_b
 
 
 def test_token_file_readable_by_others_is_refused(tmp_path):

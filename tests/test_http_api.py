@@ -308,6 +308,23 @@ def test_the_token_never_comes_from_argv(capsys):
     assert "LONGLLAMA_TOKEN" in err and "--token-file" in err and "s3cret" not in err
 
 
+@pytest.mark.timeout(60)
+def test_a_bad_token_file_or_repo_is_a_clear_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from longllama_lsp.server import main
+
+    monkeypatch.delenv("LONGLLAMA_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    token_file.chmod(0o644)
+    assert main(["--http", "--token-file", str(token_file), "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "chmod 600" in err and "Traceback" not in err and "s3cret" not in err
+    token_file.chmod(0o600)
+    assert main(["--http", "--token-file", str(token_file), "--repo", str(tmp_path / "gone"),
+                 "--model", "/nonexistent"]) == 2
+    assert f"--repo {tmp_path / 'gone'}: no such directory" in capsys.readouterr().err
+
+
 # -- in process: what the engine does with requests whose client left or moved on -------------------------
 
 @pytest.fixture(scope="module")
