@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +30,26 @@ from .workspace import Workspace, untrained_memory_warning
 logger = logging.getLogger(__name__)
 
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}")
+        return number
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
-    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="most tokens to generate")
-    p.add_argument("--select-tokens", type=_select_tokens, default=EngineOptions.select_tokens, metavar="N",
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--select-tokens", type=int_at_least(0), default=EngineOptions.select_tokens, metavar="N",
                    help="memory tokens each query attends to: the memory blocks whose keys match it best "
                         f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
@@ -77,16 +83,6 @@ def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, A
     limit = {"maxTokens": args.max_tokens} if args.max_tokens else {}
     return {"completion": {**completion, **limit, "debounceMs": 0}, "ask": limit,
             "memory": {"enabled": not args.no_memory}}
-
-
-def _select_tokens(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more tokens, got {value!r}")
-    return n
 
 
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
