@@ -23,8 +23,10 @@ import traceback
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, frame, server_command, server_env, wait_until
+from helpers_lsp import SyncClient, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+
+from longllama_lsp.framing import frame
 
 AWS_KEY = "AKIAQWERTYUIOPASDFGH"
 ENV_SECRET = "hunter2-Zx9Qv7Lm3Np8Rt"
