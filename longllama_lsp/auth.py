@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import LongLlamaError
 from .safefile import UnsafeFile, read_private, write_private
+from .user_cache import cache_dir
 
 TOKEN_ENV = "LONGLLAMA_TOKEN"
 MAX_PRIVATE_FILE = 64 * 1024  # bytes; a token file or server record is tiny
@@ -35,9 +36,7 @@ def runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         path = Path(base) / "longllama"
-    else:  # imported here: resolve imports the model package (torch, ~10-30 s), which `complete` through a
-        from .resolve import cache_dir  # server never needs
-
+    else:
         path = cache_dir() / "run"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
@@ -61,16 +60,17 @@ def read_private_file(path: str | os.PathLike) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def server_token(token_file: str | os.PathLike | None = None) -> str:
-    """The token clients must present: $LONGLLAMA_TOKEN, else the token file, else a fresh random one."""
+def server_token(token_file: str | os.PathLike | None = None) -> tuple[str, bool]:
+    """The token clients must present: $LONGLLAMA_TOKEN, else the token file, else a fresh random one;
+    and whether it is that fresh one (then only a server record can tell this user's tools)."""
     if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV]
+        return os.environ[TOKEN_ENV], False
     if token_file is not None:
         token = read_private_file(token_file).strip()
         if not token:
             raise AuthError(f"{token_file} is empty")
-        return token
-    return secrets.token_urlsafe(32)
+        return token, False
+    return secrets.token_urlsafe(32), True
 
 
 def tokens_match(given: object, expected: str) -> bool:

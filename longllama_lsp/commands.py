@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,31 @@ from .auth import AuthError, ServerRecord
 from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument, repository_problem
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
-from .workspace import Workspace, memory_untrained
+from .workspace import Workspace, untrained_memory_warning
 
 logger = logging.getLogger(__name__)
 
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}")
+        return number
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
-    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="most tokens to generate")
-    p.add_argument("--select-tokens", type=_select_tokens, default=EngineOptions.select_tokens, metavar="N",
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--select-tokens", type=int_at_least(0), default=EngineOptions.select_tokens, metavar="N",
                    help="memory tokens each query attends to: the memory blocks whose keys match it best "
                         f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
@@ -79,16 +85,6 @@ def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, A
             "memory": {"enabled": not args.no_memory}}
 
 
-def _select_tokens(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more tokens, got {value!r}")
-    return n
-
-
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
     """The engine, loaded, with --repo indexed into its memory (unless --no-memory)."""
     opts = EngineOptions(memory=not args.no_memory, select_tokens=args.select_tokens,
@@ -107,10 +103,9 @@ def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
 
 
 def warn_if_memory_untrained(model_dir: Path | None) -> None:
-    """Untrained memory layers make predictions worse: say so once (workspace.memory_untrained)."""
-    if memory_untrained(model_dir):
-        logger.warning("the memory layers of %s are not FoT-trained: repository memory may make answers "
-                       "worse; pass --no-memory, or train them (longllama finetune)", model_dir)
+    """Untrained memory layers make predictions worse: say so once."""
+    if warning := untrained_memory_warning(model_dir, "pass --no-memory"):
+        logger.warning("%s", warning)
 
 
 def _index(workspace: Workspace, root: Path) -> None:

@@ -11,7 +11,11 @@ the model's one owner; every request is queued there) and one indexer for the se
 in the background after the model loads and then watched; requests meanwhile use what is indexed.
 
 Every request needs `Authorization: Bearer <token>` (auth.py: $LONGLLAMA_TOKEN, else --token-file,
-else a fresh token published in this user's private server record, protocol "http"). Bodies are
+else a fresh token published in this user's private server record, protocol "http"). Every local user
+can connect, so a connection is *pending* until a request of it carries the token, with the policy
+of tcp.TcpLimits (`HttpLimits`): at most max_pending pending connections (a newcomer past the cap
+closes the oldest), each closed unless authenticated within pre_auth_s of its accept, whatever
+trickles in; only then does it take one of max_connections slots. Bodies are
 JSON with a Content-Length no larger than MAX_BODY_BYTES, checked before a byte is read. Errors are
 OpenAI-style objects ({"error": {"message", "type", "param", "code"}}) with a 4xx status, and the
 server keeps serving. A client that disconnects while its request is queued or running cancels it
@@ -36,13 +40,14 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .auth import ServerRecord, publish, server_token, tokens_match, unpublish
+from .auth import AuthError, ServerRecord, publish, server_token, tokens_match, unpublish
 from .fim import split_fim_text
 from .worker import Cancelled
 
@@ -54,8 +59,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20  # a 4M-character buffer (service.MAX_DOCUMENT_CHARS) of mostly ASCII, and JSON around it
-MAX_CONNECTIONS = 32  # concurrent connections; more get 503 (each holds a thread)
-SOCKET_TIMEOUT_S = 60  # a client silent this long mid-request (or idle between requests) is dropped
+MAX_CONNECTIONS = 32  # concurrent authenticated connections; more get 503 (each holds a thread)
+SOCKET_TIMEOUT_S = 60  # an authenticated client silent this long mid-request (or idle between requests) is dropped
 POLL_S = 0.05  # how often a waiting handler looks for a disconnected client
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_MESSAGES = 256
@@ -302,6 +307,10 @@ class Handler(BaseHTTPRequestHandler):
             bool(self.headers.get("Transfer-Encoding"))
         try:
             self._authorize()
+            if not self.server.authenticated(self.request):
+                self.close_connection = True
+                raise ApiError(503, f"the server has {self.server.limits.max_connections} connections open",
+                               type="server_error", code="busy")
             route = ROUTES.get(self.path.split("?", 1)[0])
             if route is None:
                 raise ApiError(404, f"no route {self.path.split('?', 1)[0]!r}: this server has "
@@ -543,33 +552,79 @@ def _usage(prompt: int, completion: int, memory: int) -> dict[str, int]:
             "memory_tokens": memory}
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """tcp.TcpLimits' policy for HTTP connections (see the module docstring)."""
+
+    max_connections: int = MAX_CONNECTIONS  # authenticated connections
+    max_pending: int = 8  # connections that have not sent a request with the token yet
+    pre_auth_s: float = 10.0  # from accept to a request line + headers with the token, in all
+
+
 class ApiServer(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS of them (more get 503 and are closed)."""
+    """A thread per connection: at most `max_pending` waiting to authenticate, `max_connections` after."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], api: Api, max_connections: int = MAX_CONNECTIONS):
-        self.api = api
-        self._slots = threading.BoundedSemaphore(max_connections)
+    def __init__(self, address: tuple[str, int], api: Api, limits: HttpLimits = HttpLimits()):
+        self.api, self.limits = api, limits
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[socket.socket, float] = OrderedDict()  # -> accept time (monotonic)
+        self._active: set[socket.socket] = set()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            logger.warning("refused a client from %s: %d connections open", client_address, MAX_CONNECTIONS)
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+        with self._lock:
+            if len(self._pending) >= self.limits.max_pending:  # the oldest newcomer goes, never a client
+                oldest, _ = self._pending.popitem(last=False)
+                logger.warning("dropped a pending HTTP connection: %d others waited to authenticate",
+                               self.limits.max_pending)
+                _hang_up(oldest)
+            self._pending[request] = time.monotonic()
         super().process_request(request, client_address)
+
+    def authenticated(self, request: socket.socket) -> bool:
+        """A request of this connection carried the token: it leaves the pending ones for a slot. False
+        when no slot is free, or when it was closed meanwhile (evicted, too late)."""
+        with self._lock:
+            if request in self._active:
+                return True
+            if self._pending.pop(request, None) is None or len(self._active) >= self.limits.max_connections:
+                logger.warning("refused an HTTP client: %d connections open", len(self._active))
+                return False
+            self._active.add(request)
+            return True
+
+    def service_actions(self) -> None:
+        """serve_forever's loop (every poll interval): close pending connections past their deadline,
+        however slowly their bytes trickled in (the socket timeout counts per read)."""
+        super().service_actions()
+        late = time.monotonic() - self.limits.pre_auth_s
+        with self._lock:
+            expired = [r for r, accepted in self._pending.items() if accepted < late]
+            for r in expired:
+                del self._pending[r]
+        for r in expired:
+            logger.warning("closed an HTTP connection: not authenticated in %.0f s", self.limits.pre_auth_s)
+            _hang_up(r)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._lock:
+                self._pending.pop(request, None)
+                self._active.discard(request)
+
+
+def _hang_up(request: socket.socket) -> None:
+    """End a connection another thread serves: its blocked read returns EOF and that thread closes
+    the socket (closing it here could hand its descriptor number to a new connection mid-read)."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # -- the command ------------------------------------------------------------------------------------------
@@ -604,23 +659,26 @@ def model_id(engine: Engine) -> str:
 
 def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory | None) -> int:
     """Load the model, listen, index --repo in the background, serve until stopped."""
+    from .cli import repository_problem
     from .engine import Engine, EngineOptions
-    from .workspace import Workspace, memory_untrained
+    from .workspace import Workspace, untrained_memory_warning
 
-    token = server_token(args.token_file)
-    generated = not os.environ.get("LONGLLAMA_TOKEN") and args.token_file is None
-    root = Path(args.repo).resolve()
-    if not root.is_dir():
-        print(f"longllama serve: error: --repo {args.repo} is not a directory", file=sys.stderr)
+    try:
+        token, generated = server_token(args.token_file)
+    except AuthError as exc:
+        print(f"longllama serve: error: {exc}", file=sys.stderr)
         return 2
+    if problem := repository_problem(args.repo):
+        print(f"longllama serve: error: {problem}", file=sys.stderr)
+        return 2
+    root = Path(args.repo).resolve()
     engine = Engine.load(args.model, args.device, args.dtype, options=EngineOptions(), decode_dtype=args.decode_dtype)
     workspace = Workspace(engine, repository_factory)
     record: ServerRecord | None = None
     try:
         engine.wait_ready()
-        if memory_untrained(engine.model_dir):
-            logger.warning("the memory layers of %s are not FoT-trained: repository memory may make completions "
-                           "worse", engine.model_dir)
+        if warning := untrained_memory_warning(engine.model_dir):
+            logger.warning("%s", warning)
         server = ApiServer((args.host, args.port), Api(workspace, token, model_id(engine)))
         host, port = server.server_address[:2]
         index_in_background(workspace, root)

@@ -68,9 +68,11 @@ class LspLogHandler(logging.Handler):
                 targets = list(self.sessions)
             else:  # a session's own record: to it alone, and nowhere once it ended
                 targets = [current] if current in self.sessions else []
+            if not targets:
+                return
+            params = types.LogMessageParams(type=kind, message=redact(self.format(record)))  # once: ~0.1-0.3 ms
             for server in targets:
-                server.call_soon(server.window_log_message,
-                                 types.LogMessageParams(type=kind, message=redact(self.format(record))))
+                server.call_soon(server.window_log_message, params)
         except Exception:  # noqa: BLE001 - logging must never break the server
             pass
         finally:

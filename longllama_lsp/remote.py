@@ -14,10 +14,13 @@ over TCP.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import itertools
 import json
 import logging
+import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 from .auth import ServerRecord, running_servers
 from .cli import Command
 from .errors import LongLlamaError
+from .framing import frame_message, read_frame
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +53,59 @@ def find_server(repo: Path) -> ServerRecord | None:
     return None
 
 
+def listener_uids(host: str, port: int, proc_net: Path = Path("/proc/net")) -> set[int] | None:
+    """The uids owning a listening TCP socket that takes connections to host:port (bound to host or to
+    the wildcard address), from /proc/net/tcp{,6}; None where there is no /proc (not Linux)."""
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return None
+    wanted = {("tcp", address), ("tcp", ipaddress.ip_address("0.0.0.0")), ("tcp6", ipaddress.ip_address("::"))}
+    if address.version == 4:
+        wanted.add(("tcp6", ipaddress.ip_address(f"::ffff:{address}")))
+    else:
+        wanted = {("tcp6", address), ("tcp6", ipaddress.ip_address("::"))}
+    uids, found_table = set(), False
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc_net / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found_table = True
+        for line in lines:
+            fields = line.split()
+            local, state, uid = fields[1], fields[3], fields[7]
+            hex_address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port and (table, _proc_address(hex_address)) in wanted:
+                uids.add(int(uid))
+    return uids if found_table else None
+
+
+def _proc_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """/proc/net/tcp's address: 32-bit words in host byte order."""
+    raw = bytes.fromhex(hex_address)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(raw)
+
+
+def check_listener(record: ServerRecord) -> None:
+    """Unreachable unless what listens on the record's port is this user's: after the server died
+    (kill -9 leaves its record) and its pid was reused, another local user may listen there, and the
+    client would send it the token and the user's file."""
+    uids = listener_uids(record.host, record.port)
+    if uids is None:
+        return  # no /proc: nothing to check with (the record folder is still private)
+    if uids != {os.geteuid()}:
+        owners = ", ".join(str(u) for u in sorted(uids)) or "nobody listens"
+        raise Unreachable(f"{record.host}:{record.port} is not this user's server (listening uid: {owners})")
+
+
 class LspConnection:
     """One LSP session over TCP: Content-Length frames of JSON, requests answered in order of need."""
 
     def __init__(self, record: ServerRecord, timeout: float):
+        check_listener(record)
         try:
             self.sock = socket.create_connection((record.host, record.port), timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
@@ -62,9 +115,8 @@ class LspConnection:
         self.ids = itertools.count(1)
 
     def send(self, message: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
         try:
-            self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            self.sock.sendall(frame_message({"jsonrpc": "2.0", **message}))
         except OSError as exc:
             raise Unreachable(f"the server closed the connection: {exc}") from None
 
@@ -89,17 +141,15 @@ class LspConnection:
 
     def _read(self) -> dict[str, Any]:
         try:
-            length = None
-            while True:
-                line = self.reader.readline()
-                if not line:
-                    raise Unreachable("the server closed the connection")
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-                elif line.strip() == b"" and length is not None:
-                    return json.loads(self.reader.read(length))
-        except (OSError, ValueError) as exc:  # a timeout too
+            body = read_frame(self.reader)
+            if body is None:
+                raise Unreachable("the server closed the connection")
+            msg = json.loads(body)
+        except (OSError, ValueError) as exc:  # a timeout, a bad frame (FrameError), a body that is not JSON
             raise Unreachable(f"no answer from the server: {exc}") from None
+        if not isinstance(msg, dict):
+            raise Unreachable(f"the server sent a {type(msg).__name__}, not a JSON-RPC message")
+        return msg
 
     def close(self) -> None:
         try:

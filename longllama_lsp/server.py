@@ -244,7 +244,7 @@ def token_refusal(args: argparse.Namespace) -> str | None:
 def run_tcp(args: argparse.Namespace, repository_factory: RepositoryFactory | None, overrides: ModelSettings) -> int:
     """Serve over TCP with a token; this user's server record says where (and the roots open), until exit."""
     try:
-        token = server_token(args.token_file)
+        token, _ = server_token(args.token_file)
     except AuthError as exc:
         print(f"longllama-lsp: error: {exc}", file=sys.stderr)
         return 2

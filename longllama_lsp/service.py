@@ -1,4 +1,4 @@
-"""One LSP session: its documents, settings, initialize/shutdown and auth, and what the handlers in
+"""One LSP session: its documents, settings, initialize/shutdown, and what the handlers in
 server.py call: completion and ask (through the Engine, whose worker thread owns the model), status,
 settings updates, and indexing of its workspace folders with work-done progress.
 
@@ -43,7 +43,7 @@ from .rpc import LongLlamaProtocol
 from .settings import ModelSettings, Settings, parse_settings, to_camel_dict
 from .shared import EngineFactory, SharedServices, engine_options
 from .tcp import Discard, TcpSessionProtocol
-from .workspace import RepositoryFactory, repository_status, summary_line
+from .workspace import RepositoryFactory, repository_status, summary_line, untrained_memory_warning
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,6 @@ class LongLlamaServer(LanguageServer):
         return (self.session_id, uri) if self.shared.multi else uri
 
     # -- plumbing -----------------------------------------------------------------------------------
-
-    def may_serve(self, initialize_received: bool) -> bool:
-        return initialize_received  # over TCP the token was checked before the session began (tcp.py)
 
     @property
     def position_encoding(self) -> str:
@@ -196,11 +193,9 @@ class LongLlamaServer(LanguageServer):
 
     def warn_if_memory_untrained(self) -> None:
         """Untrained memory layers make completions worse (BENCHMARKS.md, issue 6): say so once."""
-        model_dir = self.shared.workspace.untrained_memory()
-        if self.settings.memory.enabled and model_dir is not None:
-            self.show(f"longllama: the memory layers of {model_dir.name} are not FoT-trained, so repository "
-                      f"memory may make completions worse; set memory.enabled = false or train them "
-                      f"(longllama finetune)", types.MessageType.Warning, once=True)
+        warning = untrained_memory_warning(self.shared.workspace.engine.model_dir, "set memory.enabled = false")
+        if self.settings.memory.enabled and warning is not None:
+            self.show(f"longllama: {warning}", types.MessageType.Warning, once=True)
 
     def effective_model_settings(self) -> ModelSettings:
         s, o = self.settings.model, self.model_overrides

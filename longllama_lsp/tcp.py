@@ -31,6 +31,7 @@ from pygls.exceptions import JsonRpcException
 from pygls.protocol.language_server import lsp_method
 
 from .auth import tokens_match
+from .framing import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, FrameError, FrameHeader, frame_message
 from .logs import CURRENT_SESSION
 from .protocol import UNAUTHORIZED
 from .rpc import LongLlamaProtocol
@@ -54,13 +55,9 @@ class TcpLimits:
     max_pending: int = 8  # connections that have not sent a valid initialize yet
     pre_initialize_s: float = 10.0
     idle_s: float = 3600.0  # an editor left open over lunch keeps its session; a dead socket does not
-    max_message_bytes: int = 16 << 20  # a 4M-character document (documents.MAX_DOCUMENT_CHARS) fits
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     max_initialize_bytes: int = 64 << 10
-    max_header_bytes: int = 8 << 10  # one header line; longer ends the connection
-
-
-class FrameError(Exception):
-    """A frame that cannot be read: the connection ends."""
+    max_header_bytes: int = MAX_HEADER_BYTES  # one header line; longer ends the connection
 
 
 class TooLarge(Exception):
@@ -72,7 +69,7 @@ class TooLarge(Exception):
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
     """The body of the next frame, or None at end of input. Headers are checked before the body is read."""
-    length = None
+    header = FrameHeader()
     while True:
         try:
             line = await reader.readline()
@@ -80,18 +77,10 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
             raise FrameError(f"header line too long: {exc}") from None
         if not line.endswith(b"\n"):
             return None  # end of input (possibly mid-header)
-        if line.strip() == b"":
-            if length is None:
-                raise FrameError("a frame without Content-Length")
+        if header.feed(line):
             break
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise FrameError(f"bad Content-Length {value.strip()[:20]!r}") from None
-            if length < 0:
-                raise FrameError("negative Content-Length")
+    length = header.length
+    assert length is not None
     if length > max_bytes:
         left = length
         while left:  # skipped in small pieces: the bytes are never held
@@ -106,14 +95,9 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
         return None
 
 
-def frame(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message).encode()
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
-
-
 async def reply_error(writer: asyncio.StreamWriter, msg_id: Any, code: int, message: str) -> None:
     msg_id = msg_id if isinstance(msg_id, (int, str)) else None
-    writer.write(frame({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}}))
+    writer.write(frame_message({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}}))
     await writer.drain()
 
 

@@ -139,11 +139,6 @@ class Workspace:
                 # (single dict stores), which the indexer reads when it next evicts.
                 repo.bank.touch(rel)
 
-    def untrained_memory(self) -> Path | None:
-        """The engine's checkpoint folder when its memory layers are untrained (see `memory_untrained`)."""
-        model_dir = self.engine.model_dir
-        return Path(model_dir) if memory_untrained(model_dir) else None
-
     def close(self) -> None:
         """Close every repository and the engine."""
         with self._lock:
@@ -164,6 +159,16 @@ def memory_untrained(model_dir: Path | None) -> bool:
     from .model.loading import memory_training
 
     return model_dir is not None and memory_training(model_dir) is None
+
+
+def untrained_memory_warning(model_dir: Path | None, memory_off: str | None = None) -> str | None:
+    """What to tell the user once when the memory layers of `model_dir` are untrained, else None;
+    `memory_off` says how to turn memory off where they are (a CLI flag, an editor setting)."""
+    if not memory_untrained(model_dir):
+        return None
+    remedy = f"{memory_off}, or train them" if memory_off else "train them"
+    return (f"the memory layers of {Path(model_dir).name} are not FoT-trained, so repository memory may make "
+            f"predictions worse; {remedy} (longllama finetune)")
 
 
 def repository_status(repo: Repository) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longllama_lsp.framing import frame_message, read_frame
+
 TESTS = Path(__file__).parent
 
 
@@ -31,10 +33,6 @@ def server_env(**extra: str) -> dict[str, str]:
 
 def server_command(model_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "longllama_lsp.server", "--model", str(model_dir), *extra]
-
-
-def frame(body: bytes) -> bytes:
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
 def rss_kib(pid: int) -> int:
@@ -91,16 +89,10 @@ class SyncClient:
     def _pump(self) -> None:
         try:
             while True:
-                length = None
-                while True:
-                    line = self._read.readline()
-                    if not line:
-                        raise EOFError
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                    elif line == b"\r\n" and length is not None:
-                        break
-                msg = json.loads(self._read.read(length))
+                body = read_frame(self._read, max_bytes=1 << 30)  # the server under test may answer big
+                if body is None:
+                    raise EOFError
+                msg = json.loads(body)
                 if "method" in msg and "id" in msg:  # e.g. window/workDoneProgress/create
                     self.send({"jsonrpc": "2.0", "id": msg["id"], "result": None})
                     continue
@@ -123,7 +115,7 @@ class SyncClient:
             self._write(data)
 
     def send(self, message: dict) -> None:
-        self.send_raw(frame(json.dumps(message).encode()))
+        self.send_raw(frame_message(message))
 
     def notify(self, method: str, params) -> None:
         self.send({"jsonrpc": "2.0", "method": method, "params": params})

@@ -22,12 +22,12 @@ def test_token_from_env_then_file_then_fresh(tmp_path, monkeypatch):
     f = tmp_path / "token"
     f.write_text("from-file\n")
     f.chmod(0o600)
-    assert auth.server_token(f) == "from-file"
+    assert auth.server_token(f) == ("from-file", False)
     monkeypatch.setenv(auth.TOKEN_ENV, "from-env")
-    assert auth.server_token(f) == "from-env"
+    assert auth.server_token(f) == ("from-env", False)
     monkeypatch.delenv(auth.TOKEN_ENV)
-    a, b = auth.server_token(), auth.server_token()
-    assert a != b and len(a) >= 32
+    (a, generated_a), (b, generated_b) = auth.server_token(), auth.server_token()
+    assert a != b and len(a) >= 32 and generated_a and generated_b
 
 
 def test_token_file_readable_by_others_is_refused(tmp_path):
@@ -76,3 +76,16 @@ def test_record_readable_by_others_is_ignored():
     record = auth.ServerRecord(pid=os.getpid(), host="127.0.0.1", port=1, token="t")
     auth.publish(record).chmod(0o644)
     assert auth.running_servers() == []
+
+
+def test_finding_servers_without_xdg_runtime_dir_imports_no_torch(tmp_path):
+    """`longllama complete`/`ask` through a server and `longllama servers` look for server records in
+    <cache>/run when XDG_RUNTIME_DIR is unset: finding that directory must not load the model package."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["LONGLLAMA_CACHE"] = str(tmp_path / "cache")
+    code = ("import sys; from pathlib import Path; from longllama_lsp import remote; "
+            "assert remote.find_server(Path('.')) is None; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert (tmp_path / "cache" / "run").is_dir()

@@ -141,6 +141,12 @@ def test_max_tokens_must_be_positive(capsys):
         main(["complete", "m.py:1:1", "--max-tokens", "0"])
     assert done.value.code == 2
     assert "argument --max-tokens: expected a positive integer, got '0'" in capsys.readouterr().err
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit):
+            main(["ask", "why?", "--select-tokens", bad])
+        assert f"argument --select-tokens: expected an integer of at least 0, got '{bad}'" in capsys.readouterr().err
+    args = build_parser().parse_args(["ask", "why?", "--select-tokens", "0", "--max-tokens", "1"])
+    assert (args.select_tokens, args.max_tokens) == (0, 1)
 
 
 @pytest.mark.parametrize("command", [["complete", "{source}:2:5", "--json"], ["ask", "What does main return?"]])

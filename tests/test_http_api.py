@@ -308,6 +308,23 @@ def test_the_token_never_comes_from_argv(capsys):
     assert "LONGLLAMA_TOKEN" in err and "--token-file" in err and "s3cret" not in err
 
 
+@pytest.mark.timeout(60)
+def test_a_bad_token_file_or_repo_is_a_clear_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from longllama_lsp.server import main
+
+    monkeypatch.delenv("LONGLLAMA_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    token_file.chmod(0o644)
+    assert main(["--http", "--token-file", str(token_file), "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "chmod 600" in err and "Traceback" not in err and "s3cret" not in err
+    token_file.chmod(0o600)
+    assert main(["--http", "--token-file", str(token_file), "--repo", str(tmp_path / "gone"),
+                 "--model", "/nonexistent"]) == 2
+    assert f"--repo {tmp_path / 'gone'}: no such directory" in capsys.readouterr().err
+
+
 # -- in process: what the engine does with requests whose client left or moved on -------------------------
 
 @pytest.fixture(scope="module")
@@ -370,3 +387,58 @@ def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
     second.join(60)
     assert replies["first"].choices[0].message.content == "" and replies["first"].choices[0].finish_reason == "stop"
     assert replies["second"].usage.completion_tokens >= 1
+
+
+# -- connections that never authenticate (other local users are hostile) ------------------------------------
+
+def slow_clients(address, n: int) -> list[socket.socket]:
+    """n connections that began a request and went quiet (a slowloris sends one byte a minute)."""
+    socks = [socket.create_connection(address, timeout=10) for _ in range(n)]
+    for s in socks:
+        s.sendall(b"GET /v1/mo")
+    return socks
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.e2e
+def test_slow_unauthenticated_connections_do_not_lock_out_a_client(local):
+    from longllama_lsp.http_api import MAX_CONNECTIONS
+
+    socks = slow_clients(local.server_address, MAX_CONNECTIONS + 4)
+    try:
+        time.sleep(0.5)  # all of them accepted and waiting
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{local.server_address[1]}/v1", api_key="t0ken",
+                               max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert closed_by_server(socks[0])  # the oldest waiting connection made room
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.e2e
+def test_a_connection_that_does_not_authenticate_in_time_is_closed(local):
+    from longllama_lsp.http_api import ApiServer, HttpLimits
+
+    server = ApiServer(("127.0.0.1", 0), local.api, HttpLimits(pre_auth_s=1.0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        (s,) = slow_clients(server.server_address, 1)
+        start = time.monotonic()
+        for byte in b"dels HTTP/1.1\r\n":  # a byte every 0.2 s: no single read ever times out
+            time.sleep(0.2)
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+        assert closed_by_server(s) and time.monotonic() - start < 5
+        s.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, frame, free_port, rss_kib, server_command, server_env, wait_until
+from helpers_lsp import SyncClient, free_port, rss_kib, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from longllama_lsp.framing import frame
 
 SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
 TCP_TOKEN = "reliability-token"

@@ -80,3 +80,32 @@ def test_complete_loads_the_model_for_a_repository_no_server_has_open(served, tm
                     str(tmp_path / "main.py") + ":10:8", "--max-tokens", "4", "--json")
     assert out.returncode == 0, out.stderr
     assert "server" not in json.loads(out.stdout) and "timings" in json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("header", [b"Content-Length: -1", b"Content-Length: 99999999999", b"X" * 10_000])
+def test_a_bad_frame_from_the_port_is_unreachable_not_a_crash(header):
+    """The CLI reads frames from whatever listens on a record's port (framing.read_frame): a negative or
+    huge Content-Length, or an endless header line, ends the connection before a body is read."""
+    import socket
+    import threading
+    import time
+
+    from longllama_lsp import remote
+    from longllama_lsp.auth import ServerRecord
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(header + b"\r\n\r\n" + b"{}" * 10)
+            time.sleep(3)  # the connection stays open: the client must not wait for more
+
+    threading.Thread(target=answer, daemon=True).start()
+    record = ServerRecord(pid=0, host="127.0.0.1", port=listener.getsockname()[1], token="t")
+    start = time.monotonic()
+    with pytest.raises(remote.Unreachable, match="no answer from the server"):
+        remote.LspConnection(record, timeout=10).request("initialize", {})
+    assert time.monotonic() - start < 2
+    listener.close()

@@ -23,8 +23,10 @@ import traceback
 from pathlib import Path
 
 import pytest
-from helpers_lsp import SyncClient, frame, server_command, server_env, wait_until
+from helpers_lsp import SyncClient, server_command, server_env, wait_until
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
+
+from longllama_lsp.framing import frame
 
 AWS_KEY = "AKIAQWERTYUIOPASDFGH"
 ENV_SECRET = "hunter2-Zx9Qv7Lm3Np8Rt"
@@ -564,3 +566,43 @@ def test_documents_are_limited_as_text_arrives():
     assert "b" not in docs and docs.chars == 50  # an edit past a limit drops the document
     docs.close("a")
     assert docs.chars == 0 and len(docs) == 0
+
+
+def test_the_cli_sends_nothing_to_another_users_listener_on_a_records_port():
+    """kill -9 leaves a server's record; once its pid is reused (here: this process) and another user
+    listens on its port, `longllama complete`/`ask` must not send the token or the file there."""
+    from longllama_lsp import remote
+    from longllama_lsp.auth import ServerRecord
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid (nobody)")
+    ports, results = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child listens as nobody and reports what it received
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            listener = socket.create_server(("127.0.0.1", 0))
+            os.write(ports[1], b"%d\n" % listener.getsockname()[1])
+            listener.settimeout(5)
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(2)
+                received = conn.recv(65536)
+            except OSError:
+                received = b""
+            os.write(results[1], received or b"-")
+        finally:
+            os._exit(0)
+    os.close(ports[1])
+    os.close(results[1])
+    port = int(os.read(ports[0], 64))
+    record = ServerRecord(pid=os.getpid(), host="127.0.0.1", port=port, token="the-users-token")
+    with pytest.raises(remote.Unreachable, match="not this user's server"):
+        remote.session(record, Path("/tmp"), {}, timeout=3, memory=False)
+    received = b""
+    while chunk := os.read(results[0], 65536):
+        received += chunk
+    os.waitpid(pid, 0)
+    assert received == b"-", received  # nothing sent, the token least of all

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import pytest_lsp
-from helpers_lsp import frame, free_port, server_command, server_env
+from helpers_lsp import free_port, server_command, server_env
 from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcRequestCancelled
@@ -27,6 +27,7 @@ from pytest_lsp import ClientServerConfig
 
 from longllama_lsp.documents import Document, PositionError
 from longllama_lsp.engine import Completion
+from longllama_lsp.framing import frame
 from longllama_lsp.protocol import METHOD_TO_TYPES, AskParams
 from longllama_lsp.server import check_listen_address, completion_item
 
