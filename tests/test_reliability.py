@@ -191,17 +191,20 @@ def test_positions_past_the_end_are_invalid_params(server):
 
 
 def test_ten_megabyte_document_is_refused_and_memory_is_returned(server):
-    """Refused when it arrives (didOpen), not kept: the completion finds no such document and RSS,
-    measured before any didClose, grows by less than the text (before: kept until closed, +14 MB)."""
-    uri = (server.root / "huge.py").as_uri()
+    """Refused when it arrives (didOpen), not kept: the completion finds no such document, and ten
+    such opens grow RSS (measured before any didClose) by less than four texts. Kept documents would
+    grow it by ten or more (before: kept until closed, +14 MB each); the allocator keeps some freed
+    10 MB buffers (4.4-26 MB measured after 1-12 opens, bounded), so one open cannot tell."""
     text = ("x = 1  # " + "y" * 90 + "\n") * 100_000  # 10 MB
     before = rss_kib(server.proc.pid)
-    server.open(uri, text)
-    reply = server.complete(uri, 100, 3)
-    assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
-    growth_after_huge_kib = rss_kib(server.proc.pid) - before
-    print(f"RSS growth after a refused 10 MB didOpen: {growth_after_huge_kib} KiB")
-    assert growth_after_huge_kib < 8 * 1024
+    for i in range(10):
+        uri = (server.root / f"huge{i}.py").as_uri()
+        server.open(uri, text)
+        reply = server.complete(uri, 100, 3)
+        assert reply["error"]["code"] == -32602 and "unknown document" in reply["error"]["message"], reply
+    growth_kib = rss_kib(server.proc.pid) - before
+    print(f"RSS growth after ten refused 10 MB didOpens: {growth_kib} KiB")
+    assert growth_kib < 4 * len(text) // 1024
     alive_and_serving(server)
 
 
@@ -304,7 +307,8 @@ def test_load_four_editors_on_the_stdio_server(server):
     numbers["rss_growth_mb"] = (rss_kib(server.proc.pid) - rss0) / 1024
     print("stdio load (4 documents):", numbers)
     assert numbers["rss_growth_mb"] < 100  # measured +0 MB (RELIABILITY.md)
-    assert server.status()["pending"] == 0
+    # the last cancellations may still be on their way through the worker when the load ends
+    wait_until(lambda: server.status()["pending"] == 0, 30, 0.2)
     alive_and_serving(server)
 
 
@@ -324,8 +328,8 @@ def test_tcp_load_four_editors_on_one_connection(model_dir, tmp_path):
         numbers = run_load([client], tmp_path, per_client=4, rounds=5)
         numbers["rss_growth_mb"] = (rss_kib(proc.pid) - rss0) / 1024
         print("tcp load (1 connection, 4 documents):", numbers)
-        assert client.status()["pending"] == 0 and proc.poll() is None
-        assert numbers["rss_growth_mb"] < 100
+        wait_until(lambda: client.status()["pending"] == 0, 30, 0.2)
+        assert proc.poll() is None and numbers["rss_growth_mb"] < 100
     finally:
         proc.kill()
         proc.wait()

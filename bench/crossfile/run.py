@@ -18,6 +18,8 @@ for the default model, and (b) gets exactly as many prompt tokens as (a)):
   c  our repository memory: memory on, the repository indexed by the server itself (its own
      watcher/indexer, the current file's indexed chunks excluded by the engine), plus buffer memory.
   d  (c) with `--model PATH` (a FoT-fine-tuned checkpoint).
+  x  (c) with dense memory attention (memory.selectTokens 0: every memory token, as before issue 15);
+     (c) against (x) is sparse against dense on the same index.
 
 Each hole: textDocument/didOpen of the file's text up to the hole column + the rest of the file after
 the hole line (the hole line's remainder removed), textDocument/inlineCompletion (Invoked, line
@@ -58,6 +60,7 @@ SYSTEMS = {
     "m": "memory on, no index (own buffer only)",
     "c": "repository memory (memory on, indexed)",
     "d": "(c) + FoT adapter (--model)",
+    "x": "(c) with dense memory attention (selectTokens 0)",
 }
 
 
@@ -88,7 +91,7 @@ class Server:
     """One `python -m longllama_lsp.server` process over stdio, driven by tests/helpers_lsp.SyncClient."""
 
     def __init__(self, root: Path, memory: bool, index: bool, model: str | None, log: Path, threads: int,
-                 context_tokens: int | None = None, index_timeout: float = 7200):
+                 context_tokens: int | None = None, index_timeout: float = 7200, dense: bool = False):
         cmd = [sys.executable, "-m", "longllama_lsp.server", "--log-file", str(log)]
         if model:
             cmd += ["--model", model]
@@ -100,7 +103,8 @@ class Server:
         self.client = SyncClient.over_process(self.proc)
         completion = {"debounceMs": 0, "mode": "line", **({"contextTokens": context_tokens} if context_tokens else {})}
         self.client.initialize(root, {"completion": completion,
-                                      "memory": {"enabled": memory}, "indexing": {"enabled": index},
+                                      "memory": {"enabled": memory, **({"selectTokens": 0} if dense else {})},
+                                      "indexing": {"enabled": index},
                                       "logLevel": "info"}, timeout=600)
         self.index_seconds = None
         deadline = time.monotonic() + index_timeout
@@ -227,8 +231,8 @@ def summarize(records: list[dict], systems: list[str]) -> dict:
 
 
 def run_system(system: str, holes: list[dict], args, prompter_factory, done: dict, sink, index_sink) -> None:
-    memory = system in ("m", "c", "d")
-    index = system in ("c", "d")
+    memory = system in ("m", "c", "d", "x")
+    index = system in ("c", "d", "x")
     model = args.model if (system == "d" or args.model_all) else None
     by_repo: dict[str, list[dict]] = {}
     for h in holes:
@@ -245,7 +249,8 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                     server.close()
                 log = args.work / f"server-{system}-{repo if index else 'all'}.log"
                 print(f"[{system}] starting server ({'indexing ' + repo if index else 'no index'})", flush=True)
-                server = Server(root, memory, index, model, log, args.threads, args.context_tokens)
+                server = Server(root, memory, index, model, log, args.threads, args.context_tokens,
+                                dense=system == "x")
                 if index:
                     index_sink.write(json.dumps({"system": system, "repo": repo, "seconds_to_ready": server.index_seconds,
                                                  "files": server.status["files"], "chunks": server.status["chunks"],
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/work/data/eval"), help="pristine repositories (copied to --work)")
     p.add_argument("--work", type=Path, default=Path("/tmp/longllama-crossfile"),
                    help="scratch: repository copies (the server writes its index into <repo>/.longllama), logs")
-    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d (d needs --model)")
+    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d,x (d needs --model)")
     p.add_argument("--model", help="checkpoint for (d) (and for every system with --model-all)")
     p.add_argument("--model-all", action="store_true", help="use --model for every system, not only (d)")
     p.add_argument("--repos", help="comma list: only these repositories")
