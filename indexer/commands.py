@@ -15,6 +15,7 @@ from longllama_lsp.cli import (
     add_repository_argument,
     ready_line,
     repository_problem,
+    shown,
 )
 
 
@@ -145,7 +146,8 @@ def run_index(args: argparse.Namespace) -> int:
         return bad
     if args.explain:
         decision = explain(Path(args.repo), Path(args.explain), walk_rules(args))
-        print(f"{decision.path or args.explain}: {'indexed' if decision.indexed else 'not indexed'} ({decision.reason})")
+        print(f"{shown(decision.path or args.explain)}: {'indexed' if decision.indexed else 'not indexed'} "
+              f"({shown(decision.reason)})")
         return 0
     report = progress_reporter(args.quiet)
     with open_indexer(args, keep_memory=False) as ix:
@@ -154,8 +156,8 @@ def run_index(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**summary.__dict__, "skipped": summary.skipped}, indent=2))
         else:
-            print(f"indexed {ix.root}: {summary.line()}")
-            print(f"database: {ix.store.path}")
+            print(f"indexed {shown(ix.root)}: {summary.line()}")
+            print(f"database: {shown(ix.store.path)}")
             print(usable_line(summary, ix))
     return 0
 
@@ -211,14 +213,14 @@ def run_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta)}, indent=2, default=str))
             continue
-        print(f"index:    {s.path}")
+        print(f"index:    {shown(s.path)}")
         print(model_lines(s, meta))
         print(f"files:    {s.files}\nchunks:   {s.chunks} ({s.chunks_missing_memory} not encoded yet)\n"
               f"tokens:   {s.tokens}\non disk:  {s.bytes_on_disk / 2**20:.1f} MiB")
         if s.skipped:
             print(f"skipped:  {len(s.skipped)} files")
             for path, reason in s.skipped[: args.show_skipped]:
-                print(f"  {path}: {reason}")
+                print(f"  {shown(path)}: {shown(reason)}")
     return 0
 
 
@@ -230,17 +232,19 @@ def _checkpoint(meta: dict[str, str]) -> dict:
 
 
 def model_lines(s, meta: dict[str, str]) -> str:
-    """Which model built the index: name, where it came from, memory layers, how they were trained."""
+    """Which model built the index: name, where it came from, memory layers, how they were trained (as
+    the store's metadata says: shown())."""
     ck = _checkpoint(meta)  # written by `longllama index` since issue 19; older indexes lack it
     name = ck.get("name") or s.fingerprint[:12]
-    lines = [f"model:    {name} (fingerprint {s.fingerprint[:12]}, mem_layers {s.model.get('mem_layers')}, "
-             f"{s.model.get('mem_dtype')})"]
+    lines = [f"model:    {shown(name)} (fingerprint {shown(s.fingerprint[:12])}, "
+             f"mem_layers {shown(s.model.get('mem_layers'))}, {shown(s.model.get('mem_dtype'))})"]
     if ck.get("path"):
-        lines.append(f"  path:   {ck['path']}")
+        lines.append(f"  path:   {shown(ck['path'])}")
     if ck.get("source"):
-        lines.append(f"  source: {ck['source']}")
+        lines.append(f"  source: {shown(ck['source'])}")
     if ck:
-        lines.append(f"  memory: {ck.get('memory_training') or 'untrained memory layers (answers get worse with memory)'}")
+        trained = ck.get("memory_training") or "untrained memory layers (answers get worse with memory)"
+        lines.append(f"  memory: {shown(trained)}")
     return "\n".join(lines)
 
 

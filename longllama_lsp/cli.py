@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,33 @@ if TYPE_CHECKING:
     from .repository import Progress
 
 DTYPES = ("float32", "bfloat16", "float16")  # compute / on-disk dtypes the CLI accepts
+# C0 controls, DEL, C1 controls, and lone surrogates (the undecodable bytes of a file name)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def shown(value: object) -> str:
+    """`value` as text safe to print on a terminal. For what a repository's `.longllama/` store or a
+    checkpoint's metadata says (file paths, model names and paths), which a hostile repository writes:
+    control characters show escaped, as repr shows them, so an ESC sequence (an OSC 52 clipboard write),
+    a BEL or a CR that overwrites the line arrives as the text `\\x1b]52;...\\x07`, `\\r`."""
+    return _CONTROLS.sub(_escaped, str(value))
+
+
+def shown_lines(text: str) -> str:
+    """A message of several lines (an error, a log record) as shown() shows a value, its newlines kept."""
+    return _CONTROLS_BUT_NEWLINE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
+
+
+class ShownFormatter(logging.Formatter):
+    """Log records (which name repository files and checkpoints) printed as shown_lines() shows them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown_lines(super().format(record))
 
 
 @dataclass(frozen=True)
@@ -174,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     longllama_lsp.defer_model_registration = True  # no transformers for --help, a no-op index, status
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ShownFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
@@ -186,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except LongLlamaError as exc:
-        print(f"longllama: error: {exc}", file=sys.stderr)
+        print(f"longllama: error: {shown_lines(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("longllama: interrupted", file=sys.stderr)

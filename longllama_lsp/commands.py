@@ -22,7 +22,14 @@ from typing import Any
 
 from . import remote
 from .auth import AuthError, ServerRecord
-from .cli import Command, ProgressBars, add_model_arguments, add_repository_argument, repository_problem
+from .cli import (
+    Command,
+    ProgressBars,
+    add_model_arguments,
+    add_repository_argument,
+    repository_problem,
+    shown,
+)
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
 from .workspace import Workspace, untrained_memory_warning
@@ -123,7 +130,9 @@ def _index(workspace: Workspace, root: Path) -> None:
 
 
 def format_sources(sources: list[Source]) -> str:
-    return "\n".join(f"  {s.location}{'  ' + s.symbol if s.symbol else ''}  ({s.weight:.1%})" for s in sources)
+    """One line per source; its path and symbol come from the index: shown()."""
+    return "\n".join(f"  {shown(s.location)}{'  ' + shown(s.symbol) if s.symbol else ''}  ({s.weight:.1%})"
+                     for s in sources)
 
 
 # -- ask ----------------------------------------------------------------------------------------------

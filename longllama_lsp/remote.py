@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import ServerRecord, running_servers
-from .cli import Command
+from .cli import Command, shown
 from .errors import LongLlamaError
 from .framing import frame_message, read_frame
 
@@ -228,7 +228,7 @@ def run_servers(args: argparse.Namespace) -> int:
     if not records:
         print("no running servers (start one with `longllama serve --tcp`)")
     for r in records:
-        roots = ", ".join(r.roots) or "no repository open"
+        roots = ", ".join(shown(root) for root in r.roots) or "no repository open"  # a cloned repo's name
         print(f"{r.protocol} pid {r.pid} on {r.host}:{r.port}: {roots}\n  token: {r.token}")
     return 0
 

@@ -187,3 +187,20 @@ def test_progress_bars_follow_totals_that_grow_and_print_ready_lines(capsys):
     encoding = [r for r in renders if r.startswith("encoding")]
     assert encoding and "5/5" in encoding[-1] and "50 tok" in encoding[-1]
     assert "2/2" in [r for r in renders if r.startswith("scanning")][-1]
+
+
+def test_values_from_an_index_or_checkpoint_print_with_control_characters_escaped():
+    """Sources and log records name files of a (maybe hostile) repository: an OSC 52 clipboard write, a
+    BEL, a CR reach the terminal escaped, as repr shows them; a log record keeps its own newlines."""
+    import logging
+
+    from longllama_lsp.assembly import Source
+    from longllama_lsp.cli import ShownFormatter, shown
+    from longllama_lsp.commands import format_sources
+
+    hostile, escaped = "\x1b]52;c;ZWNobyBwd25lZA==\x07\rok", "\\x1b]52;c;ZWNobyBwd25lZA==\\x07\\rok"
+    assert format_sources([Source(f"a{hostile}.py", 1, 2, f"f{hostile}", 0.5)]) == \
+        f"  a{escaped}.py:1-2  f{escaped}  (50.0%)"
+    record = logging.LogRecord("indexer", logging.WARNING, __file__, 1, "skipping %s\nnext", (hostile,), None)
+    assert ShownFormatter("%(message)s").format(record) == f"skipping {escaped}\nnext"
+    assert shown("a\nb\udcff\x9b") == "a\\nb\\udcff\\x9b"  # a value's newline, undecodable byte, C1 CSI

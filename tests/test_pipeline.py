@@ -603,6 +603,30 @@ def test_cli_status_names_the_model(tiny, capsys, tmp_path):
     assert f"  memory: {memory_training(tiny[2])}\n" in out  # how its memory layers were trained
 
 
+HOSTILE = "\x1b]52;c;ZWNobyBwd25lZA==\x07\rok"  # an OSC 52 clipboard write, then a CR to hide it
+
+
+def test_cli_status_escapes_control_characters_from_the_store(tiny, capsys, tmp_path):
+    """A hostile repository commits its own `.longllama/` and names its files: what status echoes from
+    the store (model name, path, source, memory training, skipped files) reaches no terminal raw."""
+    repo = small_repo(tmp_path / "repo")
+    (repo / f"blob{HOSTILE}.bin").write_bytes(b"\x00\x01" * 100)  # skipped: listed by status
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    [db] = (repo / ".longllama").glob("index-*.db")
+    hostile = {key: f"{key}{HOSTILE}" for key in ("name", "path", "source", "memory_training")}
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'checkpoint'", [json.dumps(hostile)])
+    conn.close()
+    capsys.readouterr()
+    assert cli_main(["status", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert not {"\x1b", "\x07", "\r"} & set(out), out
+    escaped = "\\x1b]52;c;ZWNobyBwd25lZA==\\x07\\rok"
+    for key in hostile:
+        assert f"{key}{escaped}" in out
+    assert f"  blob{escaped}.bin: " in out
+
+
 def test_cli_plain_progress_lines_when_stderr_is_not_a_terminal(tiny, tmp_path):
     root = copy_packages(tmp_path / "repo", "email")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
