@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 CONVERT_FORMAT = 1  # bump when the output changes, so cached conversions (resolve.py) are redone
-PROVENANCE_NAME = "longllama_convert.json"
 MEM_DTYPES = ("float32", "float16", "bfloat16")  # configuration_longllama.MEM_DTYPES (a test keeps them equal)
 # Window (= max_position_embeddings, the reference's lctx) for sources that are not LongLLaMA yet.
 # 2048: a full 2048-token forward of SmolLM2-135M takes ~4.5 s on 2 CPU cores and cost grows
@@ -127,7 +126,7 @@ def convert(src: str | Path, out: str | Path, mem_layers: Sequence[int] | None =
     import torch
 
     from .model import LongLlamaForCausalLM
-    from .model.loading import check_state_dict
+    from .model.loading import PROVENANCE_NAME, check_state_dict
 
     progress = progress or _quiet
     if dtype not in DTYPES:
@@ -504,7 +503,7 @@ def card_license(path: Path) -> str | None:
 def write_model_card(folder: Path, name: str | None = None) -> None:
     """README.md of a converted folder: source, family, memory layers, the memory delta, licence.
     Rewritten when the folder changes (resolve.install_adapter adds the default delta)."""
-    from .model.loading import find_adapter, memory_training
+    from .model.loading import PROVENANCE_NAME, find_adapter, memory_training
 
     prov = json.loads((folder / PROVENANCE_NAME).read_text(encoding="utf-8"))
     opts = prov["options"]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from .convert import (
     CONVERT_FORMAT,
-    PROVENANCE_NAME,
     Progress,
     convert,
     download,
@@ -41,7 +40,7 @@ from .convert import (
     write_model_card,
 )
 from .errors import ModelError
-from .model.loading import module_available, read_config_dict
+from .model.loading import PROVENANCE_NAME, module_available, read_config_dict
 from .user_cache import cache_dir
 
 ENV_MODEL = "LONGLLAMA_MODEL"

@@ -56,11 +56,12 @@ def test_ask_and_complete_warn_when_memory_layers_are_untrained(tmp_path, caplog
     import json
 
     from longllama_lsp.commands import warn_if_memory_untrained
+    from longllama_lsp.model.loading import PROVENANCE_NAME
 
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model_type": "longllama"}))
-    (plain / "longllama_convert.json").write_text(json.dumps({"source_kind": "gguf"}))
+    (plain / PROVENANCE_NAME).write_text(json.dumps({"source_kind": "gguf"}))
     with caplog.at_level("WARNING"):
         warn_if_memory_untrained(plain)
     assert "not FoT-trained" in caplog.text and "--no-memory" in caplog.text

@@ -27,14 +27,20 @@ from safetensors.torch import load_file, save_file
 from longllama_lsp import convert as convert_mod
 from longllama_lsp import resolve
 from longllama_lsp.convert import (
-    PROVENANCE_NAME,
     add_convert_arguments,
     convert,
     default_mem_layers,
     run_convert,
 )
 from longllama_lsp.errors import ModelError
-from longllama_lsp.model.loading import build_model, file_sha256, load_model, load_tokenizer, module_available
+from longllama_lsp.model.loading import (
+    PROVENANCE_NAME,
+    build_model,
+    file_sha256,
+    load_model,
+    load_tokenizer,
+    module_available,
+)
 from longllama_lsp.resolve import cache_dir, find_bundled_gguf, resolve_model, resolve_value
 
 CODE = 'def fibonacci(n: int) -> int:\n\t"""Nth number."""\n    if n < 2:\n        return n  # é 漢\n' \

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from longllama_lsp.convert import convert
 from longllama_lsp.errors import ModelError
 from longllama_lsp.model import LongLlamaForCausalLM, Memory
-from longllama_lsp.model.loading import load_model
+from longllama_lsp.model.loading import PROVENANCE_NAME, load_model
 
 ATOL = 1e-5
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -345,4 +345,4 @@ def test_family_from_gguf_equals_transformers(case, tmp_path):
     out = convert(write_gguf(src, tmp_path / "tiny.gguf"), tmp_path / "out", mem_layers=[])
     ids = torch.randint(3, 99, (2, 40), generator=torch.Generator().manual_seed(1))
     assert max_diff(load_model(out)(ids, last_context_length=64).logits, transformers_logits(src, ids)) < ATOL
-    assert json.loads((out / "longllama_convert.json").read_text())["source_kind"] == "gguf"
+    assert json.loads((out / PROVENANCE_NAME).read_text())["source_kind"] == "gguf"

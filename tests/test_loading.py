@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from longllama_lsp.errors import CheckpointError, ModelError
 from longllama_lsp.model import LongLlamaForCausalLM, loading
 from longllama_lsp.model.loading import (
+    PROVENANCE_NAME,
     apply_weight_delta,
     fingerprint_details,
     load_config,
@@ -350,7 +351,7 @@ def test_memory_training_tells_fot_trained_checkpoints_from_untrained(tmp_path):
         return d
 
     def converted_from(kind: str) -> dict[str, str]:
-        return {"longllama_convert.json": _json.dumps({"source_kind": kind})}
+        return {PROVENANCE_NAME: _json.dumps({"source_kind": kind})}
 
     gguf = ckpt("gguf", files=converted_from("gguf"))
     assert memory_training(gguf) is None
@@ -361,4 +362,4 @@ def test_memory_training_tells_fot_trained_checkpoints_from_untrained(tmp_path):
     assert "training.json" in memory_training(ckpt("trained", files={"training.json": "{}"}))
     assert memory_training(ckpt("resaved", files=converted_from("longllama"))) == "converted from a LongLLaMA checkpoint"
     for name, record in [("torn", '{"source_kind": "long'), ("list", '["longllama"]')]:  # a damaged record
-        assert memory_training(ckpt(name, files={"longllama_convert.json": record})) is None
+        assert memory_training(ckpt(name, files={PROVENANCE_NAME: record})) is None

@@ -508,9 +508,11 @@ async def test_untrained_memory_layers_are_reported_once(model_dir, tmp_path):
     """Test Data: the tiny model marked as converted from a GGUF (no FoT delta, no training record)."""
     import shutil
 
+    from longllama_lsp.model.loading import PROVENANCE_NAME
+
     untrained = tmp_path / "converted"
     shutil.copytree(model_dir, untrained)
-    (untrained / "longllama_convert.json").write_text(json.dumps({"source_kind": "gguf"}))
+    (untrained / PROVENANCE_NAME).write_text(json.dumps({"source_kind": "gguf"}))
     client, _ = await start(server_command(untrained, "--no-index"), tmp_path, {})
     try:
         shown = await wait_for(lambda: [m for m in client.messages if "not FoT-trained" in m.message], 120)

@@ -46,6 +46,7 @@ MODEL_TYPES = ("longllama", "llama")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_NAME = "adapter.safetensors"
+PROVENANCE_NAME = "longllama_convert.json"  # what `longllama convert` recorded about the source
 # Tokenizer files as transformers writes or reads them; whichever exist are copied and fingerprinted.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -270,7 +271,7 @@ def memory_training(path: str | Path) -> str | None:
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
     """What `longllama convert` recorded about the checkpoint's source (its source, source_kind, ...):
     None when no conversion of ours made it, {} when the record is unreadable."""
-    file = Path(path) / "longllama_convert.json"  # convert.PROVENANCE_NAME (convert imports this module)
+    file = Path(path) / PROVENANCE_NAME
     if not file.is_file():
         return None
     try:
