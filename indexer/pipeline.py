@@ -182,13 +182,14 @@ class Indexer:
     """Keeps one repository's memory current: SQLite cache on disk, MemoryBank on the device.
 
     `lock` guards the bank: the indexer holds it only while changing the bank; the engine holds it
-    while a request uses `bank.memory()` views. `bank` None: nothing is kept on a device, the database
-    is the product (the one-shot `longllama index`).
+    while a request uses `bank.memory()` views. Opened with no bank (`open_checkpoint(device=None)`, the
+    one-shot `longllama index`): nothing is kept on a device, the database is the product, and the
+    indexer is no repository.MemorySource (`bank` raises).
     """
 
     def __init__(self, root: Path, store: Store, bank: MemoryBank | None, encoder: Encoder,
                  rules: WalkRules = WalkRules(), chunk_tokens: int = 256):  # noqa: B008 (frozen)
-        self.root, self.store, self.bank, self.encoder = Path(root).resolve(), store, bank, encoder
+        self.root, self.store, self._bank, self.encoder = Path(root).resolve(), store, bank, encoder
         self.rules, self._chunk_tokens = rules, chunk_tokens
         self.lock = threading.RLock()
         self.loaded = False  # bank filled from the store
@@ -196,6 +197,14 @@ class Indexer:
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
         self._trust_mtime = False  # a file's stored size/mtime spares reading it (same content rules)
+
+    @property
+    def bank(self) -> MemoryBank:
+        """The repository's memory on the device, which the engine reads (repository.MemorySource)."""
+        if self._bank is None:
+            raise RuntimeError("this indexer keeps no memory on a device (opened with device=None): "
+                               "it is no MemorySource")
+        return self._bank
 
     @functools.cached_property
     def chunk_tokens(self) -> int:
@@ -298,9 +307,9 @@ class Indexer:
         """Chunk, encode and bank one tier's files."""
         changed = self._scan(files, summary, run)
         # What earlier runs stored is usable at once, before any encoding.
-        if self.bank is not None and not self.loaded:
+        if self._bank is not None and not self.loaded:
             with self.lock:
-                self.bank.load_from_store(self.store)
+                self._bank.load_from_store(self.store)
             self.loaded = True
         self._encode_missing(summary, run.progress, paths={d.file.path for d in files}, run=run)
         self._refresh_bank(changed)
@@ -443,19 +452,19 @@ class Indexer:
     def _refresh_bank(self, paths: Iterable[str]) -> None:
         """Replace the bank's chunks of `paths` with their stored memories."""
         paths = list(paths)
-        if self.bank is None or not paths:
+        if self._bank is None or not paths:
             return
         with self.lock:
             self._unbank(paths)
-            self.bank.load_from_store(self.store, paths=paths)
+            self._bank.load_from_store(self.store, paths=paths)
 
     def _unbank(self, paths: Iterable[str]) -> None:
         """Drop the bank's chunks of `paths`."""
-        if self.bank is None:
+        if self._bank is None:
             return
         with self.lock:
             for path in paths:
-                self.bank.remove_file(path)
+                self._bank.remove_file(path)
 
     # -- incremental ----------------------------------------------------------------------------
 
@@ -525,7 +534,7 @@ class Indexer:
 
     def status(self) -> dict:
         stats = self.store.stats()
-        bank = self.bank.status() if self.bank is not None else None
+        bank = self._bank.status() if self._bank is not None else None
         return {"root": str(self.root), "state": self.state, "files": stats.files, "chunks": stats.chunks,
                 "tokens": stats.tokens, "memory_tokens": bank.live_tokens if bank else 0, "bytes_on_disk": stats.bytes_on_disk,
                 "db": stats.path, "fingerprint": stats.fingerprint, "chunks_missing_memory": stats.chunks_missing_memory,

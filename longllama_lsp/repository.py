@@ -66,8 +66,10 @@ class MemorySource(Protocol):
     the indexer's chunking of an open buffer (same cuts and content hashes as an indexed file)."""
 
     root: Path
-    bank: Bank
     lock: AbstractContextManager  # held by the indexer while it changes the bank, by the engine while it reads
+
+    @property
+    def bank(self) -> Bank: ...  # never None: an indexer that keeps no memory (one-shot index) is no MemorySource
 
     def chunk(self, path: str, text: str) -> Sequence[BufferChunk]: ...  # path relative to root
 

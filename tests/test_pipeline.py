@@ -530,6 +530,24 @@ def test_cli_one_shot_index_builds_no_bank(tiny, capsys, tmp_path, monkeypatch):
     assert banked == []
 
 
+def test_an_indexer_without_a_device_has_no_bank_to_hand_the_engine(tiny, tmp_path):
+    """The one-shot index keeps nothing on a device: its `bank`, which repository.MemorySource promises
+    the engine, is an error to ask for (not a None the engine would fail on later); the pass, its
+    status and one update still run."""
+    from indexer.encoder import LazyEncoder
+
+    repo = small_repo(tmp_path / "repo")
+    model, _, model_dir = tiny
+    with Indexer.open_checkpoint(repo, model_dir, LazyEncoder(model_dir, lambda: model), device=None,
+                                 chunk_tokens=CHUNK_TOKENS) as ix:
+        assert ix.index().files_indexed == 2
+        (repo / "json/tool.py").write_text("def edited():\n    return 2\n")
+        assert ix.update(["json/tool.py"]).files_changed == 1
+        assert ix.status()["bank"] is None
+        with pytest.raises(RuntimeError, match="no memory on a device"):
+            ix.bank  # noqa: B018
+
+
 def test_cli_status_imports_neither_torch_nor_transformers_and_a_noop_index_no_transformers(tiny, tmp_path):
     repo = small_repo(tmp_path / "repo")
     assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
