@@ -29,6 +29,7 @@ from indexer.chunker import chunk_file, decode_bytes
 from indexer.encoder import Encoder
 from indexer.priority import Tiers, recently_changed, tiers
 from indexer.schema import ChunkRow, FileRow, Fingerprint
+from indexer.secrets import DETECTOR_VERSION
 from indexer.store import Store, index_path
 from indexer.walker import Decision, WalkRules, content_reason, explain, printable_path, walk_with_skips
 from longllama_lsp.model.memory import Memory
@@ -38,7 +39,7 @@ from longllama_lsp.safefile import UnsafeFile, open_regular, read_regular
 logger = logging.getLogger(__name__)
 
 OWN_DIR = ".longllama/"  # our own database: not worth a 'skipped' line in status
-CONTENT_RULES = "content_rules"  # meta key: the WalkRules the stored files were last checked under
+CONTENT_RULES = "content_rules"  # meta key: the content rules the stored files were last checked under
 ENCODE_BATCH_CHUNKS = 64  # chunks per encode + commit round: the most work a kill -9 can lose
 
 
@@ -406,8 +407,10 @@ class Indexer:
         return old is not None and old.status == "indexed"
 
     def _content_rules(self) -> str:
-        """The settings content_reason depends on: a stored size/mtime shortcut holds only under the same."""
-        return json.dumps([self.rules.max_bytes, self.rules.include_secrets, self.rules.minified_line_chars])
+        """What content_reason depends on: its settings and the secret detector's version (an upgrade may
+        flag what the last one let through). A stored size/mtime shortcut holds only under the same."""
+        return json.dumps([self.rules.max_bytes, self.rules.include_secrets, self.rules.minified_line_chars,
+                           DETECTOR_VERSION])
 
     # -- encoding -------------------------------------------------------------------------------
 

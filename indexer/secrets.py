@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from detect_secrets import __version__ as detect_secrets_version
 from detect_secrets.core.potential_secret import PotentialSecret
 from detect_secrets.filters import heuristic
 from detect_secrets.plugins.base import BasePlugin, RegexBasedDetector
@@ -34,6 +35,10 @@ from detect_secrets.util.code_snippet import get_code_snippet
 from detect_secrets.util.filetype import FileType, determine_file_type
 
 from indexer.languages import SPECS, language_for
+
+# In the index's content-rules fingerprint (pipeline.CONTENT_RULES): an upgraded detector may flag what
+# the last one let through, so every stored file is checked again once.
+DETECTOR_VERSION = f"detect-secrets {detect_secrets_version.VERSION}"
 
 # Exact file names that hold credentials.
 _SECRET_NAMES = {

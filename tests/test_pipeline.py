@@ -262,6 +262,24 @@ def test_a_pass_with_nothing_to_do_scans_no_file_for_secrets(repo, tiny, monkeyp
         assert scanned == ["json/tool.py"]
 
 
+def test_an_upgraded_secret_detector_checks_every_stored_file_again_once(repo, tiny, monkeypatch):
+    """The detector's version is part of the content rules a stored size/mtime vouches for: a newer
+    detect-secrets may flag what the last one let through, so unchanged files are read and scanned."""
+    import indexer.pipeline as pipeline
+    import indexer.walker as walker
+
+    scanned = []
+    scan = walker.looks_like_secret
+    monkeypatch.setattr(walker, "looks_like_secret", lambda text, rel: scanned.append(rel) or scan(text, rel))
+    monkeypatch.setattr(pipeline, "DETECTOR_VERSION", "detect-secrets 99.0")
+    with open_ix(repo, tiny) as ix:
+        assert ix.index().chunks_encoded == 0  # read again, same content: no model time
+        assert sorted(scanned) == sorted(f.path for f in ix.store.files() if f.status == "indexed")
+        scanned.clear()
+        ix.index()
+        assert scanned == []  # once: the new version is the stored one now
+
+
 def test_turning_include_secrets_off_drops_an_unchanged_secret_file(repo, tiny):
     """A file's stored size and mtime spare reading it only under the content rules it was checked by:
     indexed with include_secrets, an unchanged secret file leaves the index once that is off again."""
