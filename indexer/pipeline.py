@@ -218,10 +218,13 @@ class Indexer:
     def open(cls, root: Path, model, tokenizer, model_dir: Path, *, db_path: Path | None = None,
              device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
              chunk_tokens: int = 256, batch_tokens: int = 4096,
-             run_model: Callable[[Callable[[], Memory]], Memory] | None = None, rebuild: bool = False) -> Indexer:
-        """run_model: runs each encode on the model's owner thread (the engine's worker); None: here."""
+             run_model: Callable[[Callable[[], Memory]], Memory] | None = None, rebuild: bool = False,
+             readonly: bool = False) -> Indexer:
+        """run_model: runs each encode on the model's owner thread (the engine's worker); None: here.
+        readonly: read the index as another process writes it (no writer lock): `index` only loads what
+        is stored into the bank; the engine still encodes an open buffer's edits, in memory."""
         fp = fingerprint_for(model, Path(model_dir))
-        store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
+        store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild, readonly=readonly)
         device = device or next(model.parameters()).device
         # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,
@@ -265,6 +268,8 @@ class Indexer:
         memory is usable (and a 'ready' Progress says so) long before the pass ends.
         """
         t0, summary = time.perf_counter(), IndexSummary()
+        if self.store.readonly:
+            return self._load_stored(summary, t0)
         self.state = "indexing"
         try:
             self._trust_mtime = self.store.meta().get(CONTENT_RULES) == self._content_rules()
@@ -288,6 +293,17 @@ class Indexer:
             self.state = "watching" if self._watcher else "idle"
         summary.files_indexed = sum(f.status == "indexed" for f in self.store.files())
         summary.chunks = len(self.store.chunks())
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    def _load_stored(self, summary: IndexSummary, t0: float) -> IndexSummary:
+        """A read-only index's pass: what another process stored goes into the bank; nothing is walked."""
+        if self._bank is not None and not self.loaded:
+            with self.lock:
+                self._bank.load_from_store(self.store)
+            self.loaded = True
+        stats = self.store.stats()
+        summary.files_indexed, summary.chunks = stats.files, stats.chunks
         summary.seconds = time.perf_counter() - t0
         return summary
 

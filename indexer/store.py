@@ -108,8 +108,7 @@ class _WriterLock:
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise IndexBusy(f"index {db_path} is being written by another process (PID {holder}); "
-                            "wait for it to finish or stop it") from None
+            raise IndexBusy(db_path, holder) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -1,5 +1,7 @@
 """The few user-facing errors. Each message says what went wrong and what to do about it."""
 
+from pathlib import Path
+
 
 class LongLlamaError(Exception):
     """Base class for errors shown to users (CLI prints the message, the server shows it)."""
@@ -22,4 +24,9 @@ class StoreMismatch(StoreError):
 
 
 class IndexBusy(StoreError):
-    """Another process holds the index writer lock."""
+    """Another process (PID `holder`, as its lock file says) holds the writer lock of the index at `path`."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"index {path} is being written by another process (PID {holder}); "
+                         "wait for it to finish or stop it")
+        self.path, self.holder = path, holder

@@ -33,14 +33,16 @@ logger = logging.getLogger(__name__)
 RepositoryFactory = Callable[[Path, "Engine", "int | None"], Repository]
 
 
-def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None) -> Repository:
-    """indexer.pipeline.Indexer for `root` on the engine's model; it encodes on the engine's worker."""
+def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None, *, readonly: bool = False
+                 ) -> Repository:
+    """indexer.pipeline.Indexer for `root` on the engine's model; it encodes on the engine's worker.
+    readonly: it reads the index another process writes (Indexer.open)."""
     from indexer.pipeline import Indexer
 
     if engine.model_dir is None:
         raise ValueError("indexing needs the model's checkpoint folder (Engine.model_dir)")
     return Indexer.open(root, engine.model, engine.tokenizer, engine.model_dir, budget_tokens=budget_tokens,
-                        run_model=engine.on_worker)
+                        run_model=engine.on_worker, readonly=readonly)
 
 
 @dataclasses.dataclass(eq=False)

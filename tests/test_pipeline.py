@@ -663,6 +663,54 @@ def test_cli_status_escapes_control_characters_from_the_store(tiny, capsys, tmp_
     assert f"  blob{escaped}.bin: " in out
 
 
+WRITER = """\
+import sys, time
+from pathlib import Path
+from indexer.pipeline import checkpoint_fingerprint
+from indexer.store import Store
+
+store = Store.open(sys.argv[1], checkpoint_fingerprint(Path(sys.argv[2])))  # the writer lock, as `watch` holds it
+print("writing", flush=True)
+while True:  # and commits, as it does
+    store.set_meta("heartbeat", str(time.time()))
+    time.sleep(0.01)
+"""
+
+
+def test_complete_without_a_server_reads_an_index_another_process_writes(tiny, capsys, caplog, tmp_path):
+    """`longllama watch` (or a server) holds the index's writer lock: `complete` and `ask --no-server` read the index
+    as it is, read-only (a WAL reader is never blocked), and says so; it failed with 'is being written by
+    another process'. The file it completes in is read as it is now, in memory."""
+    repo = small_repo(tmp_path / "repo")
+    model = str(tiny[2])
+    assert cli_main(["index", str(repo), "--model", model, "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    [db] = (repo / ".longllama").glob("index-*.db")
+    with Store.open(db, None, readonly=True) as store:
+        stored = store.stats().tokens
+    (repo / "json/new.py").write_text("def added():\n    return 1\n")  # not indexed: read in memory
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), model], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        capsys.readouterr()
+        with caplog.at_level("WARNING"):
+            rc = cli_main(["complete", f"{repo / 'json/new.py'}:2:5", "--repo", str(repo), "--model", model,
+                           "--no-server", "--max-tokens", "2", "--json"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert f"PID {writer.pid}" in caplog.text and "read-only" in caplog.text, caplog.text
+        done = json.loads(out)
+        assert done["memory_tokens"] >= stored > 0  # every indexed file's memory
+        assert cli_main(["ask", "What does added return?", "--repo", str(repo), "--model", model, "--no-server",
+                         "--max-tokens", "2"]) == 0, capsys.readouterr().err
+        assert writer.poll() is None  # still writing: nothing waited for it
+    finally:
+        writer.kill()
+        writer.wait()
+    with Store.open(db, None, readonly=True) as store:
+        assert store.stats().files == 2 and store.file("json/new.py") is None  # the reader wrote nothing
+
+
 def test_cli_plain_progress_lines_when_stderr_is_not_a_terminal(tiny, tmp_path):
     root = copy_packages(tmp_path / "repo", "email")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
