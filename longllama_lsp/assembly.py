@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,8 @@ class Assembler:
         self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by content
         self._block_tokens = 0
         self._chunked: OrderedDict[tuple, Sequence[BufferChunk]] = OrderedDict()  # (repo, path, text) -> chunks
+        # Edited chunks the last deferring request left out, nearest its cursor first (`encode_deferred`).
+        self.deferred: deque[BufferChunk] = deque()
         self._last: tuple[tuple, Assembled] | None = None
         self._held: contextlib.ExitStack | None = None  # the banks' locks while a request uses views
 
@@ -140,13 +142,16 @@ class Assembler:
         return out
 
     def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
-                 buffer: Buffer | None = None) -> Assembled:
+                 buffer: Buffer | None = None, defer_edits: bool = False) -> Assembled:
         """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
         repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
         With `buffer` (the open text of `path`), the banks leave out `path`'s indexed chunks (the buffer
         is newer), and when `path` is inside a repository (`home`), that repository's bank stands for the
-        buffer instead of `blocks` (see `_buffer_in_bank`)."""
+        buffer instead of `blocks` (see `_buffer_in_bank`). `defer_edits`: edited chunks not encoded yet
+        are left out and become `deferred` (a keystroke's completion must not wait for their encoding)."""
+        if defer_edits:  # the latest buffer replaces earlier keystrokes' (those states are gone)
+            self.deferred = deque()
         placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
         home = _home(path, placed)
         # the buffer cut as the indexer cuts files (a parse of all of it), before the locks the indexer waits on
@@ -157,8 +162,8 @@ class Assembler:
                 locks.enter_context(repo.lock)
             banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
             for repo, root, rel in used:
-                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks)) if home and repo is home[0] \
-                    else ((rel,) if rel else (), ())
+                hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks, defer_edits)) \
+                    if home and repo is home[0] else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
             if home is not None:
                 blocks = ()
@@ -175,15 +180,17 @@ class Assembler:
                 raise RuntimeError("bank views outside Assembler.request()")
         return out
 
-    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk]) -> tuple:
+    def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk],
+                        defer_edits: bool = False) -> tuple:
         """Make `repo`'s bank hold the open buffer of `rel`; returns the chunk ids to leave out (sorted).
 
         Cut as the indexer cuts the file (`chunks`, see `_chunks`), a buffer chunk with an indexed chunk's
         content hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
-        edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones,
-        unless it holds the cursor (it changes with every key; the local window has its text). Chunks
-        wholly inside the local window are left out (the prompt has them), and so are the file's
-        indexed chunks the buffer no longer has. Runs under the repository's lock."""
+        edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones
+        (`_add_edited`; with `defer_edits`, by a later request), unless it holds the cursor (it changes with
+        every key; the local window has its text). Chunks wholly inside the local window are left out (the
+        prompt has them), and so are the file's indexed chunks the buffer no longer has. Runs under the
+        repository's lock."""
         bank = repo.bank
         resident = bank.chunks_of(rel)
         indexed: dict[str, Hashable] = {}
@@ -201,20 +208,46 @@ class Assembler:
                 edited.append(c)
         if buffer.cursor is not None:  # the nearest edits first, within edited_tokens
             edited.sort(key=lambda c: min(abs(c.start - buffer.cursor), abs(c.end - buffer.cursor)))
-        spent = 0
-        for c in edited:
-            spent += c.token_count
-            if spent > self.edited_tokens:
-                break
-            cid = ("buffer", rel, c.content_hash)
-            if cid in bank or bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid)):
-                keep.add(cid)
+        keep |= self._add_edited(bank, rel, edited, defer_edits)
         current = {c.content_hash for c in chunks}
         for cid, meta in resident.items():  # edits the buffer no longer has
             if cid not in keep and isinstance(cid, tuple) and cid[:1] == ("buffer",) \
                     and meta.content_hash not in current:
                 bank.remove(cid)
         return tuple(sorted((cid for cid in bank.chunks_of(rel) if cid not in keep), key=repr))
+
+    def _add_edited(self, bank: Bank, rel: str, edited: Sequence[BufferChunk], defer_edits: bool
+                    ) -> set[Hashable]:
+        """Add the `edited` chunks of `rel` (in order, within edited_tokens) to `bank`; returns their ids.
+
+        With `defer_edits`, a chunk whose memory is not cached yet is left out and queued in `deferred`:
+        typing one line in a long function shifts the chunk boundaries near the cursor, and encoding those
+        chunks (up to edited_tokens) held a keystroke's completion for seconds. `encode_deferred` encodes
+        them after it; the next request finds them cached and adds them here."""
+        added: set[Hashable] = set()
+        spent = 0
+        for c in edited:
+            spent += c.token_count
+            if spent > self.edited_tokens:
+                break
+            cid = ("buffer", rel, c.content_hash)
+            if cid in bank:
+                added.add(cid)
+            elif defer_edits and c.content_hash not in self._blocks:
+                self.deferred.append(c)
+            elif bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid)):
+                added.add(cid)
+        return added
+
+    def encode_deferred(self) -> bool:
+        """Encode the first `deferred` chunk into the cache, not the bank (a request adds it under the
+        repository's lock, or drops it if the buffer moved on); returns whether more remain."""
+        while self.deferred:
+            c = self.deferred.popleft()
+            if c.content_hash not in self._blocks:
+                self._cached(c.content_hash, c.text)
+                break
+        return bool(self.deferred)
 
     def _chunks(self, repo: MemorySource, rel: str, text: str) -> Sequence[BufferChunk]:
         key = (id(repo), rel, text)

@@ -59,7 +59,7 @@ from .prompt import (
 )
 from .repetition import RepetitionGuard
 from .repository import MemorySource
-from .worker import BACKGROUND, FOREGROUND, Cancelled, Request, Worker
+from .worker import BACKGROUND, FOREGROUND, Cancelled, Closed, Request, Worker
 
 if TYPE_CHECKING:
     from .model.memory import Memory
@@ -69,6 +69,8 @@ __all__ = ["Answer", "Cancelled", "Completion", "Engine", "EngineOptions", "Gene
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFERRED = ("deferred edits",)  # the worker key of the background encodes of Assembler.deferred
 
 ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is in your memory. "
               "Answer the question about it concisely, naming files and functions.")
@@ -107,6 +109,11 @@ class EngineOptions(DecodeOptions):
     answer_max_tokens: int = 256
     context_tokens: int | None = None  # None: min(window - max_tokens, config.last_context_length)
     memory: bool = True  # repository + rest-of-buffer memory
+    # Completions leave out the open file's edited chunks whose memory is not encoded yet and encode them
+    # in the background afterwards (Assembler.deferred): a keystroke never waits for them (one waited 4.6 s
+    # at 64k memory tokens), the next completion finds them. The language server sets it; a one-shot CLI
+    # completion has no next request to pick them up, and answers always encode first.
+    defer_edits: bool = False
     buffer_memory_tokens: int = 4096  # cap on each side of the cursor (encoded once per block, cached)
     block_cache_tokens: int = 1 << 17  # encoded buffer blocks kept, in tokens
     # Memory tokens each query attends to (the model's config.mem_budget): the top memory blocks by
@@ -410,7 +417,9 @@ class Engine:
         prompt, ids, healed, fim = self._completion_prompt(text, offset, self.context_tokens(max_new), blocks)
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
-                                       buffer=Buffer(text, prompt.window_offset, offset)) if use_memory else NOTHING
+                                       buffer=Buffer(text, prompt.window_offset, offset),
+                                       defer_edits=self.options.defer_edits) if use_memory else NOTHING
+        self._encode_deferred_later()  # queued now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
@@ -431,6 +440,21 @@ class Engine:
         self._remember(key, text, offset, out)
         return Completion(out, req.id, found, timings, gen.stop_reason, stop.rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
+
+    def _encode_deferred_later(self) -> None:
+        """Queue the encoding of the edited chunks the last completion left out behind the foreground work,
+        one chunk per job (a keystroke then waits for one chunk's encode at most), nearest the cursor first.
+        One chain: a newer one (same key) supersedes the queued one; each job queues the next."""
+        if not self._assembler.deferred:
+            return
+        try:
+            self.submit(self._encode_deferred, key=DEFERRED, priority=BACKGROUND)
+        except Closed:  # shutting down: no request will read the cache
+            logger.debug("engine closed: %d deferred edits not encoded", len(self._assembler.deferred))
+
+    def _encode_deferred(self, req: Request) -> None:
+        if self._assembler.encode_deferred():
+            self._encode_deferred_later()
 
     def _completion_prompt(self, text: str, offset: int, context: int, blocks: bool
                            ) -> tuple[Prompt, list[int], str, bool]:

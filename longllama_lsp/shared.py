@@ -28,9 +28,11 @@ EngineFactory = Callable[[ModelSettings, EngineOptions], Engine]
 
 
 def engine_options(s: Settings) -> EngineOptions:
+    """The engine's options in a language server: its completions never wait for encoding the open file's
+    edits (the editor's next keystroke picks them up, EngineOptions.defer_edits)."""
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
                          context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
-                         select_tokens=s.memory.select_tokens)
+                         select_tokens=s.memory.select_tokens, defer_edits=True)
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:

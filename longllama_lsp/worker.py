@@ -26,6 +26,10 @@ class Cancelled(Exception):
     """The request was cancelled: by the client, or by a newer request for the same document."""
 
 
+class Closed(RuntimeError):
+    """The worker is closed (the engine shut down): it takes no more work."""
+
+
 class Request:
     """A queued unit of work; `future` resolves to its result, or raises Cancelled."""
 
@@ -97,7 +101,7 @@ class Worker:
         req = Request(fn, key, priority)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the engine is closed")
+                raise Closed("the engine is closed")
             older = self._latest.get(key) if key is not None else None
             if key is not None:
                 self._latest[key] = req

@@ -4,11 +4,13 @@ content is that chunk's memory; only edited chunks are encoded, once; the cursor
 Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) loaded by the engine's
 worker; a twelve-function Python file written to tmp_path, indexed by the real indexer.pipeline
 (SQLite store, tree-sitter chunks: one chunk per function, MemoryBank). Encoder calls are counted at
-`model.encode_memory`, the one way to the model's memory encoding.
+`model.encode_memory`, the one way to the model's memory encoding; with `on_requests`, by the worker request
+that made them (a completion's own, or a background encode of deferred edits).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -17,6 +19,8 @@ from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  #
 from longllama_lsp import prompt
 from longllama_lsp.engine import Engine, EngineOptions
 from longllama_lsp.model.memory import MASK_MIN
+from longllama_lsp.settings import Settings
+from longllama_lsp.shared import engine_options
 from longllama_lsp.workspace import Workspace
 
 FUNCTIONS = [f"def step_{i}(value):\n    total = value * {i} + {i * 7}\n    return total - {i}\n\n\n"
@@ -129,3 +133,80 @@ def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  #
     typed = edited[:at(edited, 5)] + " + 1" + edited[at(edited, 5):]
     engine.complete(typed, at(edited, 5) + 4, path=path)  # typing in a chunk: it is the local window's
     assert len(calls) == 1
+
+
+# -- deferred edits: a completion in the language server never waits for encoding edited chunks ----------------
+
+
+def deferring(engine) -> None:
+    engine.options = dataclasses.replace(engine.options, defer_edits=True)
+
+
+def on_requests(engine) -> list[tuple[int | None, str]]:
+    """(the worker request's id, the text encoded) of each encoder call from now on."""
+    model, seen = engine.model, []
+    encode = model.encode_memory
+
+    def recording(input_ids, *args, **kwargs):
+        seen.append((engine._worker.running, engine.tokenizer.decode(input_ids[0].tolist())))
+        return encode(input_ids, *args, **kwargs)
+
+    model.encode_memory = recording  # the fixture's `del model.encode_memory` removes this one too
+    return seen
+
+
+def settle(engine) -> None:
+    """Wait until the background encodes of deferred edits have run: a BACKGROUND job queued now runs after
+    those queued before it, and once it finds nothing deferred, the job that encoded the last one is done."""
+    for _ in range(100):
+        if not engine.on_worker(lambda: bool(engine._assembler.deferred)):
+            return
+    raise AssertionError("deferred edits were never encoded")
+
+
+def buffer_id(repo, text: str, marker: str) -> tuple:
+    """The bank id an edited chunk of steps.py (the one containing `marker`) gets (Assembler._add_edited)."""
+    chunk = next(c for c in repo.chunk("steps.py", text) if marker in c.text)
+    return ("buffer", "steps.py", chunk.content_hash)
+
+
+def test_the_server_defers_edits_and_the_cli_does_not():
+    assert engine_options(Settings()).defer_edits  # the language server: the next keystroke picks them up
+    assert not EngineOptions().defer_edits  # `longllama complete`/`ask` in process: no next request
+
+
+def test_a_deferred_edit_costs_its_completion_no_encoder_calls_and_the_next_one_has_it(indexed):
+    engine, repo, path, calls = indexed
+    deferring(engine)
+    by = on_requests(engine)
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7") \
+        .replace("total = value * 3 + 21", "total = value * 3 + 2100")
+    first = engine.complete(edited, at(edited, 9), path=path)
+    assert first.request_id not in [r for r, _ in by]  # step_1 and step_3 (outside the window): left out
+    assert not {1, 3} & visible_chunks(engine, repo)  # neither the edited nor the stale indexed text
+    settle(engine)
+    assert len(calls) == 2 and len({r for r, _ in by}) == 2  # one background job per chunk
+    assert "2100" in by[0][1] and "* 100 +" in by[1][1]  # the nearest the cursor first
+    second = engine.complete(edited, at(edited, 8), path=path)
+    assert len(calls) == 2 and second.request_id not in [r for r, _ in by]  # found in the cache
+    assert buffer_id(repo, edited, "* 100 +") in repo.bank and buffer_id(repo, edited, "+ 2100") in repo.bank
+    assert {1, 3} <= visible_chunks(engine, repo)
+
+
+def test_a_burst_of_edits_leaves_only_the_latest_state_to_encode(indexed):
+    """Keystrokes whose completions ran one after another (the worker busy throughout): the intermediate
+    states of the edited chunk are never encoded, only the one the buffer has now."""
+    engine, repo, path, calls = indexed
+    deferring(engine)
+    gate = threading.Event()
+    engine.submit(lambda _req: gate.wait(60))  # holds the worker while the keystrokes queue
+    states = [SOURCE.replace("total = value * 1 + 7", f"total = value * 1{'0' * n} + 7") for n in range(1, 4)]
+    typed = [engine.submit_complete(s, at(s, 9), path=path, key=("keystroke", n)) for n, s in enumerate(states)]
+    gate.set()
+    for request in typed:
+        request.result(timeout=120)
+    settle(engine)
+    assert len(calls) == 1  # step_1 as the last keystroke left it
+    engine.complete(states[-1], at(states[-1], 8), path=path)
+    assert len(calls) == 1 and buffer_id(repo, states[-1], "* 1000 +") in repo.bank
+    assert 1 in visible_chunks(engine, repo)
