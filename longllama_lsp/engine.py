@@ -22,9 +22,11 @@ that per-keystroke cost; the rest of the suffix is in memory.
 
 Memory for a completion = every repository's bank (read through `repositories`, which the workspace
 provides; only the request's `roots` when given: a TCP session reads its own) minus the current
-file's (stale) chunks, plus the buffer's own text outside the local window (prompt.py), encoded with `model.encode_memory` and cached by token hash (assembly.py). The
-local window is at most `window - max_new_tokens` tokens, so generation never hits the local-cache
-flush (spec §2.3).
+file's (stale) chunks, plus the buffer's own text outside the local window (prompt.py), encoded with
+`model.encode_memory` and cached by token hash (assembly.py). With `defer_edits` (the language
+server) a completion does not wait for that encoding: edited chunks not cached yet are left out and
+encoded after it, in the background (`_encode_deferred_later`). The local window is at most
+`window - max_new_tokens` tokens, so generation never hits the local-cache flush (spec §2.3).
 """
 
 from __future__ import annotations
