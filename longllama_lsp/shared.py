@@ -29,10 +29,11 @@ EngineFactory = Callable[[ModelSettings, EngineOptions], Engine]
 
 def engine_options(s: Settings) -> EngineOptions:
     """The engine's options in a language server: its completions never wait for encoding the open file's
-    edits (the editor's next keystroke picks them up, EngineOptions.defer_edits)."""
+    edits (the editor's next keystroke picks them up, EngineOptions.defer_edits), and those encodes start
+    after a second without completion requests: longer than the gaps between keys of someone typing."""
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
                          context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
-                         select_tokens=s.memory.select_tokens, defer_edits=True)
+                         select_tokens=s.memory.select_tokens, defer_edits=True, defer_idle_ms=1000)
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:

@@ -30,6 +30,54 @@ class Closed(RuntimeError):
     """The worker is closed (the engine shut down): it takes no more work."""
 
 
+class AfterIdle:
+    """Calls `fire` (on a timer thread) once no `touch` has come for the seconds the last touch gave.
+
+    Background work on the worker cannot be preempted once it starts, so work that would delay the next
+    keystroke (encoding an edited chunk: 0.5-1 s on a CPU thread) waits for a pause in typing."""
+
+    def __init__(self, fire: Callable[[], None]):
+        self._fire = fire
+        self._lock = threading.Lock()
+        self._due = 0.0  # time.monotonic() before which `fire` must not run
+        self._timer: threading.Timer | None = None
+
+    def touch(self, idle_s: float) -> None:
+        with self._lock:
+            self._due = time.monotonic() + idle_s
+
+    def busy(self) -> bool:
+        """A touch came less than its idle time ago."""
+        with self._lock:
+            return time.monotonic() < self._due
+
+    def schedule(self) -> None:
+        """`fire` once idle (now, if it is); a pending call is not doubled."""
+        with self._lock:
+            if self._timer is None:
+                self._arm(max(0.0, self._due - time.monotonic()))
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._tick)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _tick(self) -> None:
+        with self._lock:
+            wait = self._due - time.monotonic()
+            if wait > 0:  # touched since it was armed
+                self._arm(wait)
+                return
+            self._timer = None
+        self._fire()
+
+
 class Request:
     """A queued unit of work; `future` resolves to its result, or raises Cancelled."""
 

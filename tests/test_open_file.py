@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
@@ -138,8 +139,8 @@ def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  #
 # -- deferred edits: a completion in the language server never waits for encoding edited chunks ----------------
 
 
-def deferring(engine) -> None:
-    engine.options = dataclasses.replace(engine.options, defer_edits=True)
+def deferring(engine, idle_ms: int = 0) -> None:
+    engine.options = dataclasses.replace(engine.options, defer_edits=True, defer_idle_ms=idle_ms)
 
 
 def on_requests(engine) -> list[tuple[int | None, str]]:
@@ -158,9 +159,10 @@ def on_requests(engine) -> list[tuple[int | None, str]]:
 def settle(engine) -> None:
     """Wait until the background encodes of deferred edits have run: a BACKGROUND job queued now runs after
     those queued before it, and once it finds nothing deferred, the job that encoded the last one is done."""
-    for _ in range(100):
+    for _ in range(200):  # the jobs are queued from a timer thread once completions pause (defer_idle_ms)
         if not engine.on_worker(lambda: bool(engine._assembler.deferred)):
             return
+        time.sleep(0.05)
     raise AssertionError("deferred edits were never encoded")
 
 
@@ -210,3 +212,18 @@ def test_a_burst_of_edits_leaves_only_the_latest_state_to_encode(indexed):
     engine.complete(states[-1], at(states[-1], 8), path=path)
     assert len(calls) == 1 and buffer_id(repo, states[-1], "* 1000 +") in repo.bank
     assert 1 in visible_chunks(engine, repo)
+
+
+def test_deferred_edits_wait_for_a_pause_in_completions(indexed):
+    """An encode already running cannot be preempted, so none starts while completions keep coming
+    (defer_idle_ms after the last one); once they pause, the edits are encoded as before."""
+    engine, repo, path, calls = indexed
+    deferring(engine, idle_ms=600)
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
+    engine.complete(edited, at(edited, 9), path=path)
+    for _ in range(4):  # keystrokes every 0.2 s: never a 0.6 s pause
+        time.sleep(0.2)
+        engine.complete(edited, at(edited, 9), path=path)
+        assert not calls and engine.on_worker(lambda: bool(engine._assembler.deferred))
+    settle(engine)
+    assert len(calls) == 1
