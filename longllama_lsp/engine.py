@@ -310,8 +310,16 @@ class Engine:
         ahead = self.typeahead(key, text, offset, mode)
         if ahead is not None:
             return ahead
-        return self.submit(lambda req: self._complete(req, text, offset, path, mode, max_tokens, use_memory, key,
-                                                      sources, roots), key=key)
+        return self.submit(lambda req: self._typed(req, text, offset, path, mode, max_tokens, use_memory, key,
+                                                   sources, roots), key=key)
+
+    def _typed(self, req: Request, *args: Any) -> Completion:
+        """A completion; the pause deferred encodes wait for starts when it ends (it may outlast the idle
+        time: counted from its submission only, the encode would run right after it, before the next key)."""
+        try:
+            return self._complete(req, *args)
+        finally:
+            self._typing.touch(self.options.defer_idle_ms / 1000)
 
     def typeahead(self, key: Hashable, text: str, offset: int, mode: str | None = None) -> Request | None:
         """A request already answered with the rest of the last suggestion, when the keys typed since

@@ -227,3 +227,17 @@ def test_deferred_edits_wait_for_a_pause_in_completions(indexed):
         assert not calls and engine.on_worker(lambda: bool(engine._assembler.deferred))
     settle(engine)
     assert len(calls) == 1
+
+
+def test_the_pause_counts_from_the_end_of_a_slow_completion(indexed):
+    """A completion that outlasts the idle time (here: queued behind 0.5 s of work) must not be followed at
+    once by a deferred encode, or the next keystroke, sent when its answer arrives, waits behind it."""
+    engine, repo, path, calls = indexed
+    deferring(engine, idle_ms=300)
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
+    engine.submit(lambda _req: time.sleep(0.5))
+    engine.submit_complete(edited, at(edited, 9), path=path).result(timeout=120)
+    time.sleep(0.15)
+    assert not calls and engine.on_worker(lambda: bool(engine._assembler.deferred))
+    settle(engine)
+    assert len(calls) == 1
