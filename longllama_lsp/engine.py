@@ -435,7 +435,7 @@ class Engine:
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
                                        buffer=Buffer(text, prompt.window_offset, offset),
                                        defer_edits=self.options.defer_edits) if use_memory else NOTHING
-        self._encode_deferred_later()  # queued now: encoded even if typing cancels this completion
+        self._encode_deferred_later()  # scheduled now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
@@ -472,9 +472,8 @@ class Engine:
             logger.debug("engine closed: deferred edits not encoded")
 
     def _encode_deferred(self, req: Request) -> None:
-        if self._typing.busy():  # a keystroke came while this job was queued: wait for the next pause
-            self._encode_deferred_later()
-        elif self._assembler.encode_deferred():
+        """One chunk, unless a keystroke came while this job was queued (then: wait for the next pause)."""
+        if self._typing.busy() or self._assembler.encode_deferred():
             self._encode_deferred_later()
 
     def _completion_prompt(self, text: str, offset: int, context: int, blocks: bool
