@@ -241,3 +241,25 @@ def test_the_pause_counts_from_the_end_of_a_slow_completion(indexed):
     assert not calls and engine.on_worker(lambda: bool(engine._assembler.deferred))
     settle(engine)
     assert len(calls) == 1
+
+
+def test_a_buffer_cut_again_after_a_keystroke_counts_only_the_changed_pieces(indexed):
+    """The open file is cut at every keystroke; the tokenizer counts only pieces it has not seen."""
+    engine, repo, path, calls = indexed
+    counted: list[str] = []
+    count = repo.encoder.count_tokens
+
+    def counting(text: str) -> int:
+        counted.append(text)
+        return count(text)
+
+    repo.encoder.count_tokens = counting
+    try:
+        repo.__dict__.pop("_buffer_token_counts", None)  # a fresh cache over the counting tokenizer
+        repo.chunk("steps.py", SOURCE)
+        first = len(counted)
+        counted.clear()
+        repo.chunk("steps.py", SOURCE.replace("total = value * 1 + 7", "total = value * 12 + 7"))
+        assert first > 1 and len(counted) < first and all("* 12 +" in t for t in counted)
+    finally:
+        del repo.encoder.count_tokens
