@@ -105,9 +105,12 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="pad the bank to this many tokens")
     ap.add_argument("--select-tokens", type=int, default=EngineOptions.select_tokens)
     ap.add_argument("--skip-first", action="store_true")
+    ap.add_argument("--defer-edits", action="store_true",
+                    help="as the language server: edited chunks encoded after a 1 s pause, not in a keystroke")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    engine = Engine.load(options=EngineOptions(select_tokens=args.select_tokens))
+    engine = Engine.load(options=EngineOptions(select_tokens=args.select_tokens, defer_edits=args.defer_edits,
+                                               defer_idle_ms=1000 if args.defer_edits else 0))
     ws = Workspace(engine)
     engine.wait_ready()
     repo = ws.open(args.repo.resolve(), user="bench")
