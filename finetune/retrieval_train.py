@@ -240,6 +240,24 @@ def batch_loss(model, examples: list[Example], pool: EncodedChunks | None, pool_
     return loss, stats
 
 
+def plain_loss(model, windows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Mean next-token NLL of `windows` WITHOUT memory (the guard term: the no-memory path stays put).
+
+    Windows are right-padded (causal: padding after a window's tokens changes nothing before them).
+    """
+    device = next(model.parameters()).device
+    t = max(len(w) for w in windows) - 1
+    ids = torch.full((len(windows), t + 1), pad_id, dtype=torch.long)  # (R, T+1)
+    real = torch.zeros((len(windows), t), dtype=torch.bool)  # (R, T): target j is a real token
+    for i, w in enumerate(windows):
+        ids[i, :len(w)] = torch.tensor(w)
+        real[i, :len(w) - 1] = True
+    ids, real = ids.to(device), real.to(device)
+    out = model(ids[:, :-1], use_cache=True, last_context_length=t, logits_to_keep=1)
+    logits = model.lm_head(out.hidden_states[real]).float()  # (K, V)
+    return torch.nn.functional.cross_entropy(logits, ids[:, 1:][real])
+
+
 # ---------------------------------------------------------------------------------------------
 # Loop, checkpoints
 
@@ -355,9 +373,13 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
                 pool = encode_inputs(model, chunks, mix.chunk_len, pad) if chunks else None
         batch = batches.get(step)
         t_data = time.perf_counter() - t0
+        plain = plain_batch(maker, t.seed, step, mix.lm_rows)
         with amp:
             loss, stats = batch_loss(model, batch, pool, pool_repeat, mix.chunk_len, pad)
-        loss.backward()
+            if plain:  # `loss` stays the retrieval loss in metrics.jsonl (comparable across runs)
+                lm = plain_loss(model, plain, pad)
+                stats["lm_nll"] = lm.item()
+        (loss + mix.lm_weight * lm if plain else loss).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
         lr = sched.get_last_lr()[0]
         opt.step()
@@ -391,6 +413,12 @@ def step_batch(maker: ExampleMaker, seed: int, step: int, size: int) -> list[Exa
     """The examples of optimizer step `step` (seeded by (seed, step): resuming needs no replay)."""
     rng = random.Random(f"{seed}:step:{step}")
     return [maker.example(rng) for _ in range(size)]
+
+
+def plain_batch(maker: ExampleMaker, seed: int, step: int, rows: int) -> list[list[int]]:
+    """Step `step`'s plain windows for the guard term (own seed: the retrieval examples do not change)."""
+    rng = random.Random(f"{seed}:plain:{step}")
+    return [w for w in (maker.plain(rng) for _ in range(rows)) if len(w) >= 2]
 
 
 _WORKER_MAKER: ExampleMaker | None = None
