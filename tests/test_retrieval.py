@@ -281,17 +281,63 @@ def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
     assert stats["passkey_n"] > 0 and 0 <= stats["passkey_acc"] <= 1
 
 
+def _saved_tiny(path: Path, tokenizer) -> Path:
+    """A tiny model with the test tokenizer's vocabulary, saved as a full checkpoint (a training base)."""
+    from finetune.config import RunConfig
+    from finetune.outputs import save_output
+
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    save_output(model, tokenizer, RunConfig(), path, None, "full")
+    return path
+
+
+def test_plain_loss_is_the_no_memory_nll_and_ignores_padding():
+    from finetune.retrieval_train import plain_loss
+
+    model = _tiny()
+    a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23]
+    logits = model(torch.tensor([a])).logits[0, :-1]
+    want_a = torch.nn.functional.cross_entropy(logits, torch.tensor(a[1:]), reduction="none")
+    logits = model(torch.tensor([b])).logits[0, :-1]
+    want_b = torch.nn.functional.cross_entropy(logits, torch.tensor(b[1:]), reduction="none")
+    got = plain_loss(model, [a, b], pad_id=0)  # b is padded to a's length: its padding is not scored
+    torch.testing.assert_close(got, torch.cat([want_a, want_b]).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_guard_term_trains_the_memory_layers_on_plain_code(tmp_path, tokenizer, maker):
+    """lm_weight > 0 adds the plain windows' no-memory NLL to the loss: the update differs from the
+    same step without it, and metrics.jsonl logs it (lm_nll) beside the unchanged retrieval loss."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from finetune.config import ModelArgs
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
+
+    base = _saved_tiny(tmp_path / "base", tokenizer)
+    runs = {}
+    for weight in (0.0, 5.0):
+        mix = dataclasses.replace(maker.args, lm_rows=2, lm_len=48, lm_weight=weight)
+        cfg = RetrievalConfig(ModelArgs(path=str(base), train="memory"), mix,
+                              RetrievalTrainArgs(out_dir=str(tmp_path / f"w{weight}"), steps=1, batch_size=2,
+                                                 lr=1e-2, save_every=0, warmup_steps=0))
+        _, run, _ = train_retrieval(cfg, maker=ExampleMaker(maker.corpus, mix), progress=False)
+        runs[weight] = (json.loads((run / "metrics.jsonl").read_text()), load_file(str(run / "adapter.safetensors")))
+    (rec0, delta0), (rec5, delta5) = runs[0.0], runs[5.0]
+    assert rec0["loss"] == pytest.approx(rec5["loss"]) and rec0["lm_nll"] == pytest.approx(rec5["lm_nll"])
+    assert rec5["lm_nll"] > 0
+    assert any(not torch.allclose(delta0[k], delta5[k]) for k in delta0)  # the term moved the weights
+
+
 def test_training_checkpoints_resume_and_delta(tmp_path, roots, tokenizer, maker):
     from safetensors.torch import load_file
 
-    from finetune.config import ModelArgs, RunConfig
-    from finetune.outputs import load_trained, save_output
+    from finetune.config import ModelArgs
+    from finetune.outputs import load_trained
     from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
 
-    base = tmp_path / "base"
-    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    save_output(model, tokenizer, RunConfig(), base, None, "full")
+    base = _saved_tiny(tmp_path / "base", tokenizer)
 
     def cfg(out, steps, resume=None):
         return RetrievalConfig(ModelArgs(path=str(base), train="memory"), maker.args,
