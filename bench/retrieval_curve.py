@@ -7,6 +7,7 @@ Training curve: `metrics.jsonl` of `longllama train` on a [retrieval] recipe. Ea
 new (never trained on before that step), so the per-kind NLL and top-1 accuracy of the flagged
 tokens (the answer, the key, the cross-file identifiers) before the update is an online held-out
 measure (progressive validation), averaged over blocks of `--every` steps, weighted by token count.
+"plain NLL" is the guard term's no-memory NLL of plain training code (runs with `lm_rows`; else -).
 Eval: for each NAME=PREFIX, PREFIX-passkey.json, PREFIX-guard.json, PREFIX-crossfile.json written
 by `longllama eval --task passkey|guard|crossfile-ids --json` (missing ones are shown as -).
 """
@@ -23,8 +24,8 @@ KINDS = ("repo", "synthetic", "passkey")
 def curve(run: Path, every: int) -> list[str]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = max(r["step"] for r in rows)
-    out = ["| steps | examples | " + " | ".join(f"{k} NLL | {k} top-1" for k in KINDS) + " | loss | s/step |",
-           "|---|---|" + "---|---|" * len(KINDS) + "---|---|"]
+    out = ["| steps | examples | " + " | ".join(f"{k} NLL | {k} top-1" for k in KINDS) + " | plain NLL | loss | s/step |",
+           "|---|---|" + "---|---|" * len(KINDS) + "---|---|---|"]
     for lo in range(1, last + 1, every):
         sel = [r for r in rows if lo <= r["step"] < lo + every]
         cells = []
@@ -36,6 +37,8 @@ def curve(run: Path, every: int) -> list[str]:
                 cells += [f"{nll:.2f}", f"{100 * acc:.0f}% ({n})"]
             else:
                 cells += ["-", "-"]
+        plain = [r["lm_nll"] for r in sel if "lm_nll" in r]
+        cells.append(f"{sum(plain) / len(plain):.3f}" if plain else "-")
         loss = sum(r["loss"] for r in sel) / len(sel)
         step_s = sum(r["step_s"] for r in sel) / len(sel)
         out.append(f"| {lo}-{sel[-1]['step']} | {sel[-1]['examples']} | " + " | ".join(cells)
