@@ -15,7 +15,8 @@ their keys/values recomputed with the current weights at every step.
 
 Run directory (`train.out_dir`):
     train_config.json          the three tables + package versions
-    metrics.jsonl              per logged step: loss, per-kind loss and top-1 accuracy on flagged tokens
+    metrics.jsonl              per logged step: loss, per-kind loss and top-1 accuracy on flagged tokens,
+                               lm_nll (the guard term's no-memory NLL, with [retrieval] lm_rows > 0)
     checkpoints/step-N/        trainable tensors + optimizer (safetensors / weights_only torch.save),
                                trainer_state.json, and delta/ (adapter.safetensors + adapter.json: a
                                weight delta that `longllama eval --model` loads)
@@ -372,8 +373,8 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
             with torch.no_grad():
                 pool = encode_inputs(model, chunks, mix.chunk_len, pad) if chunks else None
         batch = batches.get(step)
-        t_data = time.perf_counter() - t0
         plain = plain_batch(maker, t.seed, step, mix.lm_rows)
+        t_data = time.perf_counter() - t0
         with amp:
             loss, stats = batch_loss(model, batch, pool, pool_repeat, mix.chunk_len, pad)
             if plain:  # `loss` stays the retrieval loss in metrics.jsonl (comparable across runs)
