@@ -296,12 +296,16 @@ class Indexer:
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    def _load_stored(self, summary: IndexSummary, t0: float) -> IndexSummary:
-        """A read-only index's pass: what another process stored goes into the bank; nothing is walked."""
+    def _load_bank_once(self) -> None:
+        """Everything stored goes into the bank on the first pass (later passes refresh what changed)."""
         if self._bank is not None and not self.loaded:
             with self.lock:
                 self._bank.load_from_store(self.store)
             self.loaded = True
+
+    def _load_stored(self, summary: IndexSummary, t0: float) -> IndexSummary:
+        """A read-only index's pass: what another process stored goes into the bank; nothing is walked."""
+        self._load_bank_once()
         stats = self.store.stats()
         summary.files_indexed, summary.chunks = stats.files, stats.chunks
         summary.seconds = time.perf_counter() - t0
@@ -323,11 +327,7 @@ class Indexer:
     def _index_tier(self, files: list[Decision], summary: IndexSummary, run: _Run) -> None:
         """Chunk, encode and bank one tier's files."""
         changed = self._scan(files, summary, run)
-        # What earlier runs stored is usable at once, before any encoding.
-        if self._bank is not None and not self.loaded:
-            with self.lock:
-                self._bank.load_from_store(self.store)
-            self.loaded = True
+        self._load_bank_once()  # what earlier runs stored is usable at once, before any encoding
         self._encode_missing(summary, run.progress, paths={d.file.path for d in files}, run=run)
         self._refresh_bank(changed)
 
