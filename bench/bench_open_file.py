@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 from longllama_lsp.engine import Engine, EngineOptions  # noqa: E402
+from longllama_lsp.shared import DEFER_IDLE_MS  # noqa: E402
 from longllama_lsp.workspace import Workspace  # noqa: E402
 
 
@@ -110,7 +111,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     engine = Engine.load(options=EngineOptions(select_tokens=args.select_tokens, defer_edits=args.defer_edits,
-                                               defer_idle_ms=1000 if args.defer_edits else 0))
+                                               defer_idle_ms=DEFER_IDLE_MS if args.defer_edits else 0))
     ws = Workspace(engine)
     engine.wait_ready()
     repo = ws.open(args.repo.resolve(), user="bench")

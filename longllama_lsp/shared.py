@@ -25,6 +25,8 @@ from .workspace import RepositoryFactory, Workspace
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSettings, EngineOptions], Engine]
+# A pause longer than the gaps between keys of someone typing: deferred edit encodes wait for it.
+DEFER_IDLE_MS = 1000
 
 
 def engine_options(s: Settings) -> EngineOptions:
@@ -33,7 +35,7 @@ def engine_options(s: Settings) -> EngineOptions:
     after a second without completion requests: longer than the gaps between keys of someone typing."""
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
                          context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
-                         select_tokens=s.memory.select_tokens, defer_edits=True, defer_idle_ms=1000)
+                         select_tokens=s.memory.select_tokens, defer_edits=True, defer_idle_ms=DEFER_IDLE_MS)
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:
