@@ -2,6 +2,7 @@
 
     python bench/bench_sparse.py [--memories 0,65536,1048576] [--budget 2048] [--block 32]
                                  [--steps 12] [--repeats 2] [--host-10m DIR] [--quality]
+                                 [--two-level-quality]
                                  [--json bench/results/sparse.json]
 
 The default model (SmolLM2-135M as LongLLaMA with its memory delta) on the CPU, float32 with the
@@ -13,6 +14,9 @@ memory-mapped from files in DIR (the host tier; ~23 GB of sparse files: pages ne
 zeros from the page cache, so this is a lower bound of a real disk read) with summaries in memory.
 --quality: held-out loss of requests/sessions.py (first 1,024 tokens, one window) with the rest of
 the package in memory: none, dense, and sparse at budgets 512..8192 and blocks 16/32/64.
+--two-level-quality: the same loss with the two-level selection (groups of blocks first) forced on
+at 16k tokens, groups of 2..16 blocks, against the flat selection: what the coarse level loses.
+Speed runs time both selections where they differ (memories above 4,096 blocks: "sparse-flat").
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import machine_facts  # noqa: E402
 
 from longllama_lsp.load import load_model_and_tokenizer  # noqa: E402
+from longllama_lsp.model import attention  # noqa: E402
 from longllama_lsp.model.memory import BlockSummary, MemCache, Memory  # noqa: E402
+
+DEFAULT_COARSE_FROM, DEFAULT_GROUP = attention.COARSE_FROM_BLOCKS, attention.COARSE_GROUP
 
 REPO = Path("/work/data/eval/requests/requests")
 HELD_OUT = "sessions.py"
@@ -98,19 +105,22 @@ def step_ms(model, memory: Memory | None, steps: int, prefix: int = 900) -> floa
     return statistics.median(times[1:]) * 1e3
 
 
-def configure(model, block: int, budget: int | None) -> None:
+def configure(model, block: int, budget: int | None, flat: bool = False) -> None:
+    """Dense (budget None) or sparse; `flat`: one-level selection at every size (no group summaries)."""
     model.config.mem_block_size, model.config.mem_budget = block, budget
+    attention.COARSE_FROM_BLOCKS = 2**62 if flat else DEFAULT_COARSE_FROM
 
 
 def speed(model, base: Memory, sizes: list[int], budget: int, block: int, steps: int, repeats: int,
           dense_max: int) -> dict:
     memories = {m: tiled(base, m) if m else None for m in sizes}
+    two_level = [m for m in sizes if m > block * DEFAULT_COARSE_FROM]  # where flat and two-level differ
     runs = [(m, mode) for m in sizes for mode in (("dense", "sparse") if m else ("none",))
-            if mode != "dense" or m <= dense_max]
+            if mode != "dense" or m <= dense_max] + [(m, "sparse-flat") for m in two_level]
     times: dict[str, list[float]] = {f"{m}/{mode}": [] for m, mode in runs}
     for r in range(repeats):
         for m, mode in runs:
-            configure(model, block, budget if mode == "sparse" else None)
+            configure(model, block, budget if mode.startswith("sparse") else None, flat=mode == "sparse-flat")
             ms = step_ms(model, memories[m], steps)
             times[f"{m}/{mode}"].append(ms)
             print(f"repeat {r + 1}: {m:>8} tokens {mode:>6}: {ms:8.1f} ms  (load {os.getloadavg()[0]:.1f})",
@@ -135,6 +145,29 @@ def quality(model, tokenizer, base: Memory, budgets: list[int], blocks: list[int
     return out
 
 
+@torch.inference_mode()
+def two_level_quality(model, tokenizer, base: Memory, budgets: list[int], groups: list[int]) -> dict:
+    """Held-out loss with the two-level selection forced on at this memory's size (groups of `group`
+    blocks of 32), against the flat selection at the same budget: what the coarse level loses."""
+    ids = tokenizer((REPO / HELD_OUT).read_text(), return_tensors="pt")["input_ids"][:, :1024]
+
+    def loss(budget, group=None):
+        configure(model, 32, budget, flat=group is None)
+        if group is not None:
+            attention.COARSE_GROUP, attention.COARSE_FROM_BLOCKS = group, 0
+        fresh = Memory({i: MemCache(c.keys, c.values, c.mask) for i, c in base.items()})
+        out = round(float(model(ids, memory=fresh, labels=ids).loss), 4)
+        attention.COARSE_GROUP, attention.COARSE_FROM_BLOCKS = DEFAULT_GROUP, DEFAULT_COARSE_FROM
+        return out
+
+    out = {"memory_tokens": base.num_tokens}
+    for budget in budgets:
+        out[f"budget{budget}/flat"] = loss(budget)
+        for group in groups:
+            out[f"budget{budget}/group{group}"] = loss(budget, group)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memories", default="0,65536,1048576", help="memory sizes in tokens (0 = none)")
@@ -147,6 +180,8 @@ def main() -> None:
     ap.add_argument("--host-10m", type=Path, default=None, metavar="DIR",
                     help="also time a 10M-token host-tier (memory-mapped) memory with files in DIR")
     ap.add_argument("--quality", action="store_true", help="held-out loss: none, dense, sparse budgets/blocks")
+    ap.add_argument("--two-level-quality", action="store_true",
+                    help="held-out loss, flat vs two-level selection forced on (budgets 512/2048, groups 2..16)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     model, tokenizer, path = load_model_and_tokenizer(device="cpu")
@@ -157,6 +192,9 @@ def main() -> None:
     if args.quality:
         result["quality_loss"] = quality(model, tokenizer, base, [512, 1024, 2048, 4096, 8192], [16, 32, 64])
         print(json.dumps(result["quality_loss"], indent=1), file=sys.stderr, flush=True)
+    if args.two_level_quality:
+        result["two_level_loss"] = two_level_quality(model, tokenizer, base, [512, 2048], [2, 4, 8, 16])
+        print(json.dumps(result["two_level_loss"], indent=1), file=sys.stderr, flush=True)
     sizes = [int(x) for x in args.memories.split(",")]
     result["step_ms"] = speed(model, base, sizes, args.budget, args.block, args.steps, args.repeats, args.dense_max)
     if args.host_10m is not None:

@@ -232,6 +232,67 @@ def test_block_aligned_concat_keeps_summaries():
     assert MemCache.concat([c, b]).summary is None  # misaligned: rebuilt on first use instead
 
 
+# -- two-level selection (groups of blocks first; forced on at small sizes with coarse_from) ------------------
+
+TWO_LEVEL = {"group": 4, "coarse_from": 8}  # 64 blocks of 16 -> 16 groups of 4 blocks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_two_level_selection_keeps_a_planted_block(seed):
+    """A block whose keys dominate q.k wins its group first, then its own place: it draws the most mass."""
+    q, k, v, mask, memory, span = _planted(seed)
+    _, weights = attend(q, k, v, mask, memory, want_memory_weights=True,
+                        sparse=Sparse(BLOCK, 4 * BLOCK, **TWO_LEVEL))
+    attended = weights[0] > 0
+    assert attended[span].all()
+    assert int(attended.sum()) <= 2 * 4 * BLOCK
+    assert int(weights[0].view(-1, BLOCK).sum(dim=-1).argmax()) == span.start // BLOCK
+
+
+def test_two_level_keeping_every_live_block_equals_dense_row_by_row():
+    """Two rows hiding opposite halves, the last group short (62 blocks, groups of 4): with a budget of
+    every live block the two-level path attends to exactly them (hidden and padded blocks never)."""
+    g = torch.Generator().manual_seed(1)
+    m = 62 * BLOCK
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    mask = torch.zeros(2, 1, 3, 3).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -1e9)
+    hidden = torch.zeros(2, 1, m, 1)
+    hidden[0, :, :m // 2], hidden[1, :, m // 2:] = MASK_MIN, MASK_MIN
+    keys, values = torch.randn(2, 2, m, 16, generator=g), torch.randn(2, 2, m, 16, generator=g)
+    dense = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True)
+    sparse = attend(q, k, v, mask, MemCache(keys, values, hidden), want_memory_weights=True,
+                    sparse=Sparse(BLOCK, m // 2, **TWO_LEVEL))
+    assert (sparse[0] - dense[0]).abs().max() < 1e-5
+    assert (sparse[1] - dense[1]).abs().max() < 1e-5
+
+
+def test_two_level_scores_the_groups_and_only_the_chosen_groups_blocks(monkeypatch):
+    """The point of the coarse level: a step scores NG group summaries plus n_sel groups' blocks, not all NB."""
+    from longllama_lsp.model import attention as attention_module
+
+    scored = []
+    real = attention_module._quest_bound
+    monkeypatch.setattr(attention_module, "_quest_bound", lambda qf, s: scored.append(s.num_blocks) or real(qf, s))
+    q, k, v, mask, memory, _ = _planted(0)  # 64 blocks of 16
+    attend(q, k, v, mask, memory, sparse=Sparse(BLOCK, 2 * BLOCK, **TWO_LEVEL))
+    assert scored == [16, 2 * 4]  # 16 groups, then the blocks of the best 2 groups
+    scored.clear()
+    attend(q, k, v, mask, memory, sparse=Sparse(BLOCK, 2 * BLOCK))  # 64 blocks < coarse_from: flat
+    assert scored == [64]
+
+
+def test_group_summaries_bound_their_blocks():
+    keys = torch.randn(1, 2, 10 * BLOCK + 5, 8)  # 11 blocks, the last short; groups of 4: the last of 3
+    fine = memory_module.BlockSummary.of(keys, BLOCK)
+    coarse = fine.coarse(4)
+    assert coarse.num_blocks == 3 and coarse.size == 4 * BLOCK
+    for gi, blocks in enumerate([range(0, 4), range(4, 8), range(8, 11)]):
+        assert torch.equal(coarse.kmin[:, :, gi], fine.kmin[:, :, list(blocks)].amin(dim=2))
+        assert torch.equal(coarse.kmax[:, :, gi], fine.kmax[:, :, list(blocks)].amax(dim=2))
+    assert fine.coarse(4) is coarse  # kept
+
+
 def test_config_rejects_a_budget_below_one_block():
     with pytest.raises(Exception, match="mem_budget"):  # wrapped by the strict dataclass validator
         make_tiny(mem_block_size=64, mem_budget=32)

@@ -12,7 +12,7 @@ padding rows, whose logits the golden tests compare).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,14 +22,23 @@ from .memory import MASK_MIN, BlockSummary, MemCache
 MEM_BLOCK = 16384
 # Queries that share one block selection in sparse memory attention (prefill); decode has one.
 SPARSE_QUERY_TILE = 128
+# Two-level selection: from COARSE_FROM_BLOCKS blocks on, groups of COARSE_GROUP blocks are scored first
+# and only the best groups' blocks are scanned. At 1M tokens (32,768 blocks of 32) the flat scan reads
+# 2 x 25 MB of summaries per memory layer and step, the whole decode overhead on a CPU (BENCHMARKS.md);
+# the coarse level is 1,024 groups. Below 4,096 blocks (131k tokens) the flat scan is cheap and kept.
+COARSE_GROUP = 32
+COARSE_FROM_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
 class Sparse:
-    """Block-sparse memory attention: blocks of `block_size` memory slots, at most `budget` slots attended."""
+    """Block-sparse memory attention: blocks of `block_size` memory slots, at most `budget` slots attended;
+    with more than `coarse_from` blocks, selection first ranks groups of `group` blocks."""
 
     block_size: int
     budget: int
+    group: int = field(default_factory=lambda: COARSE_GROUP)  # read when built: benches compare flat
+    coarse_from: int = field(default_factory=lambda: COARSE_FROM_BLOCKS)
 
     def applies(self, memory: MemCache | None) -> bool:
         return memory is not None and memory.num_tokens > self.budget
@@ -243,11 +252,14 @@ def _attend_topk(q, s_loc, v, mem, scale, topk, want_weights):
 
 @dataclass
 class _SparseState:
-    """What selection needs, on the queries' device: summaries (B, Hkv, NB, D), visible blocks (B, NB)."""
+    """What selection needs, on the queries' device: summaries (B, Hkv, NB, D), visible blocks (B, NB),
+    and for two-level selection the groups' summaries (B, Hkv, NG, D) and visible groups (B, NG)."""
 
     summary: BlockSummary
     visible: torch.Tensor
     budget: int
+    coarse: BlockSummary | None = None
+    coarse_visible: torch.Tensor | None = None
 
     @classmethod
     def of(cls, memory: MemCache, sparse: Sparse, device, dtype: torch.dtype, batch: int) -> _SparseState:
@@ -257,40 +269,91 @@ class _SparseState:
             summary = memory.summary = BlockSummary(summary.size, summary.kmin.to(device, dtype),
                                                     summary.kmax.to(device, dtype))
         visible = memory.visible_blocks(sparse.block_size, device)
-        if summary.kmin.shape[0] != batch:
-            summary = BlockSummary(summary.size, summary.kmin.expand(batch, -1, -1, -1),
-                                   summary.kmax.expand(batch, -1, -1, -1))
-            visible = visible.expand(batch, -1)
-        return cls(summary, visible, sparse.budget)
+        coarse = coarse_visible = None
+        if summary.num_blocks > sparse.coarse_from:
+            coarse = summary.coarse(sparse.group)  # kept with the summary
+            pad = -summary.num_blocks % sparse.group
+            coarse_visible = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, sparse.group)
+            coarse_visible = coarse_visible.any(dim=-1)  # (B, NG)
+        state = cls(summary, visible, sparse.budget, coarse, coarse_visible)
+        return state.expand(batch) if summary.kmin.shape[0] != batch else state
+
+    def expand(self, batch: int) -> _SparseState:
+        """A batch-1 memory's state for `batch` query rows (views, no copies)."""
+        def wide(s: BlockSummary | None) -> BlockSummary | None:
+            return None if s is None else BlockSummary(s.size, s.kmin.expand(batch, -1, -1, -1),
+                                                       s.kmax.expand(batch, -1, -1, -1))
+        cv = None if self.coarse_visible is None else self.coarse_visible.expand(batch, -1)
+        return _SparseState(wide(self.summary), self.visible.expand(batch, -1), self.budget, wide(self.coarse), cv)
 
     def heads(self, hs: slice) -> _SparseState:
-        s = self.summary
-        return _SparseState(BlockSummary(s.size, s.kmin[:, hs], s.kmax[:, hs]), self.visible, self.budget)
+        def part(s: BlockSummary | None) -> BlockSummary | None:
+            return None if s is None else BlockSummary(s.size, s.kmin[:, hs], s.kmax[:, hs])
+        return _SparseState(part(self.summary), self.visible, self.budget, part(self.coarse), self.coarse_visible)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, h, index[b, h, k]] for x (B, Hk, N, D) and index (B, Hk, K): (B, Hk, K, D), on x's device.
+
+    Whole D-rows with index_select per (row, head), which also reads batch-expanded or head-sliced
+    views and memory-mapped host tiers without a copy: torch.gather with an index expanded over D cost
+    ~4x more (a fifth of a 1M-token decode step on the CPU).
+    """
+    b, hk, k = index.shape
+    index = index.to(x.device)
+    out = [x[i, h].index_select(0, index[i, h]) for i in range(b) for h in range(hk)]  # each (K, D)
+    return torch.stack(out).view(b, hk, k, x.shape[-1])
+
+
+def _quest_bound(qf: torch.Tensor, summary: BlockSummary) -> torch.Tensor:
+    """Quest's bound sum_d max(q_d kmin_d, q_d kmax_d) >= q.k for every key of a block, maxed over the
+    queries: qf (B, Hk, N, D), summaries (B, Hk, NB, D) -> (B, Hk, NB)."""
+    bound = (torch.matmul(qf.clamp(min=0), summary.kmax.transpose(-1, -2))
+             + torch.matmul(qf.clamp(max=0), summary.kmin.transpose(-1, -2)))  # (B, Hk, N, NB)
+    return bound.amax(dim=2)
+
+
+def _select_blocks(qf: torch.Tensor, blocks: _SparseState, n_sel: int) -> torch.Tensor:
+    """The `n_sel` blocks with the highest bound for queries qf (B, Hk, N, D): (B, Hk, n_sel), sorted."""
+    if blocks.coarse is None:
+        score = _quest_bound(qf, blocks.summary).masked_fill(~blocks.visible[:, None], float("-inf"))
+        return torch.topk(score, n_sel, dim=-1, sorted=False).indices.sort(dim=-1).values
+    # Two levels: the best n_sel groups (every selected block could sit in a different group), then
+    # the best n_sel of their blocks. A group's bound is >= its blocks', so a block that dominates q.k
+    # lifts its group too.
+    b, hk, _, d = qf.shape
+    nb, group = blocks.summary.num_blocks, blocks.coarse.size // blocks.summary.size
+    g_score = _quest_bound(qf, blocks.coarse).masked_fill(~blocks.coarse_visible[:, None], float("-inf"))
+    groups = torch.topk(g_score, min(n_sel, g_score.shape[-1]), dim=-1, sorted=False).indices  # (B, Hk, Sg)
+    cand = (groups[..., None] * group + torch.arange(group, device=qf.device)).reshape(b, hk, -1)  # (B, Hk, C)
+    real = cand < nb  # the last group may be short
+    cand = cand.clamp(max=nb - 1)
+    fine = BlockSummary(blocks.summary.size, _rows(blocks.summary.kmin, cand),
+                        _rows(blocks.summary.kmax, cand))  # (B, Hk, C, D)
+    seen = torch.gather(blocks.visible[:, None].expand(b, hk, nb), 2, cand)  # (B, Hk, C)
+    # Hidden blocks rank below every visible one and clamped repeats below them: never picked twice.
+    score = _quest_bound(qf, fine).masked_fill(~seen, torch.finfo(qf.dtype).min).masked_fill(~real, float("-inf"))
+    pick = torch.topk(score, n_sel, dim=-1, sorted=False).indices
+    return torch.gather(cand, 2, pick).sort(dim=-1).values
 
 
 def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want_weights):
     """Local keys plus the top memory blocks of this query tile, one softmax (Quest-style selection).
 
-    A block's score is the Quest bound sum_d max(q_d kmin_d, q_d kmax_d) >= q.k for all its keys, taken
-    as the max over the tile's queries and the query heads of each key/value head (GQA), so a block
-    that any of them needs is kept. Only the selected blocks' keys/values are read, from wherever
-    they live (device or host tier). q (B, Hk, G, T, D), s_loc (B, Hk, G, T, L).
+    A block's score is the Quest bound, taken as the max over the tile's queries and the query heads
+    of each key/value head (GQA), so a block that any of them needs is kept (_select_blocks). Only the
+    selected blocks' keys/values are read, from wherever they live (device or host tier).
+    q (B, Hk, G, T, D), s_loc (B, Hk, G, T, L).
     """
     b, hk, _, _, d = q.shape
     bs, m = blocks.summary.size, mem.num_tokens
-    qf = _flat(q)  # (B, Hk, G*T, D)
-    kmin, kmax = blocks.summary.kmin, blocks.summary.kmax  # (B, Hk, NB, D)
-    bound = (torch.matmul(qf.clamp(min=0), kmax.transpose(-1, -2))
-             + torch.matmul(qf.clamp(max=0), kmin.transpose(-1, -2)))  # (B, Hk, G*T, NB)
-    score = bound.amax(dim=2).masked_fill(~blocks.visible[:, None], float("-inf"))  # (B, Hk, NB)
-    n_sel = min(max(1, blocks.budget // bs), score.shape[-1])
-    chosen = torch.topk(score, n_sel, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, Hk, S)
+    n_sel = min(max(1, blocks.budget // bs), blocks.summary.num_blocks)
+    chosen = _select_blocks(_flat(q), blocks, n_sel)  # (B, Hk, S)
     slots = (chosen[..., None] * bs + torch.arange(bs, device=chosen.device)).reshape(b, hk, n_sel * bs)
     inside = slots < m  # the short last block
     slots = slots.clamp(max=m - 1)  # (B, Hk, K)
-    at = slots.to(mem.keys.device)
-    keys = torch.gather(mem.keys, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)  # (B, Hk, K, D)
-    vals = torch.gather(mem.values, 2, at[..., None].expand(-1, -1, -1, d)).to(q.device, q.dtype)
+    keys = _rows(mem.keys, slots).to(q.device, q.dtype)  # (B, Hk, K, D), from the device or the host tier
+    vals = _rows(mem.values, slots).to(q.device, q.dtype)
     mask = torch.gather(mem.mask[:, :, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
     mask = mask.masked_fill(~inside, MASK_MIN)[..., None]  # (B, Hk, K, 1): a mask per key/value head
     out, w_mem = _one_softmax(s_loc, v, _memory_scores(q, keys, mask, scale), vals)  # w_mem (B, Hk, G, T, K)

@@ -32,10 +32,24 @@ class BlockSummary:
     size: int
     kmin: torch.Tensor
     kmax: torch.Tensor
+    # The coarse level (groups of blocks), built on first use and kept with these summaries.
+    _coarse: BlockSummary | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
         return self.kmin.shape[2]
+
+    def coarse(self, group: int) -> BlockSummary:
+        """Summaries of groups of `group` consecutive blocks: the min of their mins and the max of their
+        maxes, so a group's bound is >= the bound of each of its blocks (the last group may be short)."""
+        if self._coarse is None or self._coarse.size != self.size * group:
+            b, h, nb, d = self.kmin.shape
+            pad = -nb % group  # padded with +inf mins / -inf maxes: they change no group's min or max
+            kmin = torch.nn.functional.pad(self.kmin, (0, 0, 0, pad), value=float("inf"))
+            kmax = torch.nn.functional.pad(self.kmax, (0, 0, 0, pad), value=float("-inf"))
+            self._coarse = BlockSummary(self.size * group, kmin.view(b, h, -1, group, d).amin(dim=3),
+                                        kmax.view(b, h, -1, group, d).amax(dim=3))  # (B, Hkv, NG, D)
+        return self._coarse
 
     @classmethod
     def of(cls, keys: torch.Tensor, size: int, device=None) -> BlockSummary:
