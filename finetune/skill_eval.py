@@ -383,6 +383,10 @@ def fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _attention_label(select_tokens: int | str) -> str:
+    return "dense" if select_tokens == "dense" else f"top blocks within {select_tokens} tokens"
+
+
 def table(result: dict[str, Any]) -> str:
     lines = []
     cf = result.get("crossfile-ids")
@@ -394,7 +398,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{s:8} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
     pk = result.get("passkey")
     if pk:
-        lines.append(f"passkey (local {pk['local_len']} tokens, memory chunks of {pk['chunk_len']})")
+        lines.append(f"passkey (local {pk['local_len']} tokens, memory chunks of {pk['chunk_len']}, "
+                     f"memory attention: {_attention_label(result.get('select_tokens', 'dense'))})")
         for n, v in pk.items():
             if isinstance(v, dict):
                 lines.append(f"  {int(n):>6} tokens: {v['correct']}/{v['trials']} "
@@ -417,12 +422,14 @@ def run(args) -> int:
               "requests, flask, click)", file=sys.stderr)
         return 2
     model, tokenizer, model_dir = load_eval_model(args.model, _device(args.device), args.dtype)
+    if args.select_tokens > 0:  # block-sparse memory attention, as the engine sets it
+        model.config.mem_budget = max(args.select_tokens, model.config.mem_block_size)
     sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
                    memory_tokens=args.memory_tokens, files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,
                    passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
                    passkey_trials=args.passkey_trials, local_len=args.local_len, seed=args.seed)
-    result: dict[str, Any] = {"model": str(model_dir)}
+    result: dict[str, Any] = {"model": str(model_dir), "select_tokens": model.config.mem_budget or "dense"}
     for task in tasks:
         t0 = time.perf_counter()
         if task == "crossfile-ids":

@@ -461,10 +461,26 @@ def test_eval_cli_task_passkey_and_missing_repo(capsys):
     rc = main(["eval", "--task", "passkey", "--model", str(RECALL), "--passkey-lengths", "128",
                "--passkey-trials", "1", "--local-len", "32", "--chunk-len", "32", "--no-progress"])
     assert rc == 0
-    assert "passkey (local 32 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "passkey (local 32 tokens" in out and "memory attention: dense" in out
     assert main(["eval", "--task", "crossfile-ids", "--model", str(RECALL)]) == 2
     assert "needs --repo" in capsys.readouterr().err
     assert main(["eval", "--model", str(RECALL)]) == 2
+
+
+def test_eval_select_tokens_runs_the_sparse_path(capsys, monkeypatch):
+    """`--select-tokens N` attends to the top blocks within N memory tokens, as the server does."""
+    from longllama_lsp.cli import main
+    from longllama_lsp.model import attention
+
+    calls = []
+    real = attention._attend_sparse
+    monkeypatch.setattr(attention, "_attend_sparse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["eval", "--task", "passkey", "--model", str(RECALL), "--passkey-lengths", "256", "--passkey-trials",
+            "1", "--local-len", "32", "--chunk-len", "32", "--no-progress"]
+    assert main(argv) == 0 and not calls  # dense by default
+    assert main([*argv, "--select-tokens", "32"]) == 0
+    assert calls and "memory attention: top blocks within 32 tokens" in capsys.readouterr().out
 
 
 def test_shipped_recipes_load_and_dispatch(tmp_path):
