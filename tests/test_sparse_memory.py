@@ -334,7 +334,19 @@ def sparse_engine(tiny_model_dir, smol_tokenizer, tmp_path):  # noqa: F811
 PROMPT = "def main():\n    value = compute("
 
 
-def test_engine_sparse_selecting_every_live_block_equals_dense_without_copying_the_bank(sparse_engine, tmp_path):
+@pytest.fixture(params=["flat", "two-level"])
+def selection(request, monkeypatch):
+    """Both selections in the product: two-level forced on for the 12-block bank (groups of 2 blocks)."""
+    if request.param == "two-level":
+        from longllama_lsp.model import attention
+
+        monkeypatch.setattr(attention, "COARSE_GROUP", 2)
+        monkeypatch.setattr(attention, "COARSE_FROM_BLOCKS", 0)
+    return request.param
+
+
+def test_engine_sparse_selecting_every_live_block_equals_dense_without_copying_the_bank(sparse_engine, tmp_path,
+                                                                                         selection):
     engine, bank = sparse_engine
     path = str(tmp_path / "c0.py")  # the current file: its chunk is masked out, so 11 blocks are live
     dense = engine.complete(PROMPT, len(PROMPT), path=path, key="dense")  # own keys: no prefix reuse
@@ -352,7 +364,7 @@ def test_engine_sparse_selecting_every_live_block_equals_dense_without_copying_t
     assert memory[layer].keys.data_ptr() == bank.memory()[layer].keys.data_ptr()
 
 
-def test_engine_beyond_select_tokens_attends_only_to_the_selected_blocks(sparse_engine):
+def test_engine_beyond_select_tokens_attends_only_to_the_selected_blocks(sparse_engine, selection):
     """A chunk whose keys span everything (its Quest bound tops every query) is selected, and with a
     one-block selection it is the only source; dense attention spreads over many chunks."""
     from helpers_indexer import ChunkMeta

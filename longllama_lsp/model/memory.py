@@ -43,12 +43,15 @@ class BlockSummary:
         """Summaries of groups of `group` consecutive blocks: the min of their mins and the max of their
         maxes, so a group's bound is >= the bound of each of its blocks (the last group may be short)."""
         if self._coarse is None or self._coarse.size != self.size * group:
-            b, h, nb, d = self.kmin.shape
-            pad = -nb % group  # padded with +inf mins / -inf maxes: they change no group's min or max
-            kmin = torch.nn.functional.pad(self.kmin, (0, 0, 0, pad), value=float("inf"))
-            kmax = torch.nn.functional.pad(self.kmax, (0, 0, 0, pad), value=float("-inf"))
-            self._coarse = BlockSummary(self.size * group, kmin.view(b, h, -1, group, d).amin(dim=3),
-                                        kmax.view(b, h, -1, group, d).amax(dim=3))  # (B, Hkv, NG, D)
+            full = self.num_blocks // group * group
+
+            def reduce(x: torch.Tensor, op) -> torch.Tensor:  # (B, Hkv, NB, D) -> (B, Hkv, NG, D), no copy of x
+                parts = [op(x[:, :, :full].unflatten(2, (-1, group)), dim=3)]
+                if full < self.num_blocks:  # the short last group
+                    parts.append(op(x[:, :, full:], dim=2, keepdim=True))
+                return torch.cat(parts, dim=2)
+
+            self._coarse = BlockSummary(self.size * group, reduce(self.kmin, torch.amin), reduce(self.kmax, torch.amax))
         return self._coarse
 
     @classmethod
