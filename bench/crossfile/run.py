@@ -91,7 +91,7 @@ class Server:
     """One `python -m longllama_lsp.server` process over stdio, driven by tests/helpers_lsp.SyncClient."""
 
     def __init__(self, root: Path, memory: bool, index: bool, model: str | None, log: Path, threads: int,
-                 context_tokens: int | None = None, index_timeout: float = 7200, dense: bool = False):
+                 context_tokens: int | None = None, index_timeout: float = 7200, select_tokens: int | None = None):
         cmd = [sys.executable, "-m", "longllama_lsp.server", "--log-file", str(log)]
         if model:
             cmd += ["--model", model]
@@ -103,7 +103,8 @@ class Server:
         self.client = SyncClient.over_process(self.proc)
         completion = {"debounceMs": 0, "mode": "line", **({"contextTokens": context_tokens} if context_tokens else {})}
         self.client.initialize(root, {"completion": completion,
-                                      "memory": {"enabled": memory, **({"selectTokens": 0} if dense else {})},
+                                      "memory": {"enabled": memory,
+                                                 **({"selectTokens": select_tokens} if select_tokens is not None else {})},
                                       "indexing": {"enabled": index},
                                       "logLevel": "info"}, timeout=600)
         self.index_seconds = None
@@ -250,7 +251,7 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                 log = args.work / f"server-{system}-{repo if index else 'all'}.log"
                 print(f"[{system}] starting server ({'indexing ' + repo if index else 'no index'})", flush=True)
                 server = Server(root, memory, index, model, log, args.threads, args.context_tokens,
-                                dense=system == "x")
+                                select_tokens=0 if system == "x" else args.select_tokens)
                 if index:
                     index_sink.write(json.dumps({"system": system, "repo": repo, "seconds_to_ready": server.index_seconds,
                                                  "files": server.status["files"], "chunks": server.status["chunks"],
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-tokens", type=int, default=512,
                    help="completion.contextTokens for every system: the prompt budget (default 512; 0 = the "
                         "engine's default, last_context_length = 1024 for the default model)")
+    p.add_argument("--select-tokens", type=int, default=None, metavar="N",
+                   help="memory.selectTokens of (c)/(d)/(m): the sparse budget (default: the server's, 2,048)")
     p.add_argument("--resume", action="store_true", help="keep the per-hole results already in --work")
     p.add_argument("--summarize-only", action="store_true",
                    help="run nothing: summarize the per-hole results in --work over the holes every listed system "
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
            "config": {"holes": str(args.holes.relative_to(REPO)) if args.holes.is_absolute() else str(args.holes),
                       "n_holes": len(holes), "context_tokens": args.context_tokens or "engine default",
                       "scorer": args.scorer, "snippet_share": args.snippet_share,
-                      "retrieval_window_lines": WINDOW, "model": args.model or "default (bundled SmolLM2-135M LongLLaMA)"},
+                      "retrieval_window_lines": WINDOW, "select_tokens": args.select_tokens or "server default",
+                      "model": args.model or "default (bundled SmolLM2-135M LongLLaMA)"},
            "index": index_info, "summary": summary, "examples": ex, "records": records}
     # Systems that also ran on holes outside this selection (e.g. a/b on all holes, c on --per-repo):
     all_ids = {h["id"] for h in every_hole}
