@@ -282,8 +282,8 @@ def save_checkpoint(run_dir: Path, model, opt, sched, state: dict[str, Any], cfg
         save_file({**{f"x.{i}": x.cpu().contiguous() for i, x in pool.x.items()}, "valid": pool.valid.cpu(),
                    "repeat": torch.tensor(pool_repeat)}, str(tmp / "pool.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
-    if base is not None:
-        write_delta(model, cfg, tokenizer, base, tmp / "delta", state)
+    if base is not None and cfg.model.train != "all":  # train = 'all': a full copy per checkpoint is no curve point
+        write_output(model, cfg, tokenizer, base, tmp / "delta", state)
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)  # a checkpoint dir exists only once complete
     for old in sorted((run_dir / "checkpoints").glob("step-*[0-9]"))[:-max(keep, 1)]:
@@ -293,12 +293,13 @@ def save_checkpoint(run_dir: Path, model, opt, sched, state: dict[str, Any], cfg
     return ckpt
 
 
-def write_delta(model, cfg: RetrievalConfig, tokenizer, base: Path, out: Path, state: dict[str, Any]) -> None:
+def write_output(model, cfg: RetrievalConfig, tokenizer, base: Path, out: Path, state: dict[str, Any]) -> None:
+    """The trained weights in `out`: a weight delta, or a full checkpoint when every tensor trained."""
     from finetune.config import RunConfig
     from finetune.outputs import save_output
 
     run = RunConfig(model=cfg.model)
-    save_output(model, tokenizer, run, out, base, "delta",
+    save_output(model, tokenizer, run, out, base, "full" if cfg.model.train == "all" else "delta",
                 extra={"recipe": "retrieval (finetune/retrieval_train.py)", "steps": state["step"],
                        "examples": state["examples"], "tokens": state["tokens"]})
     (out / "training.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
@@ -406,7 +407,7 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
                         pool_repeat)
     batches.close()
     if base is not None:
-        write_delta(model, cfg, tokenizer, base, run_dir, state)
+        write_output(model, cfg, tokenizer, base, run_dir, state)
     return model, run_dir, state
 
 

@@ -361,6 +361,28 @@ def test_training_checkpoints_resume_and_delta(tmp_path, roots, tokenizer, maker
     assert json.loads((run / "adapter.json").read_text())["mem_layers"] == [0, 1]
 
 
+def test_training_every_tensor_checkpoints_and_writes_a_full_checkpoint(tmp_path, tokenizer, maker):
+    """model.train = 'all' saves resumable checkpoints (no per-checkpoint delta: every tensor changed)
+    and ends with a full checkpoint that loads; it used to fail at its first checkpoint."""
+    from finetune.config import ModelArgs
+    from finetune.outputs import load_trained
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
+    from longllama_lsp.model import LongLlamaForCausalLM
+
+    base = _saved_tiny(tmp_path / "base", tokenizer)
+    cfg = RetrievalConfig(ModelArgs(path=str(base), train="all"), maker.args,
+                          RetrievalTrainArgs(out_dir=str(tmp_path / "all"), steps=2, batch_size=2, lr=1e-2,
+                                             save_every=1, warmup_steps=0))
+    _, run, state = train_retrieval(cfg, maker=maker, progress=False)
+    assert state["step"] == 2
+    ckpt = run / "checkpoints" / "step-0000002"
+    assert (ckpt / "trainable.safetensors").is_file() and not (ckpt / "delta").exists()
+    trained, _ = load_trained(run)
+    start = LongLlamaForCausalLM.from_pretrained(base).state_dict()
+    changed = [k for k, v in trained.state_dict().items() if k in start and not torch.equal(v, start[k])]
+    assert any(".mlp." in k for k in changed)  # beyond the memory layers' attention
+
+
 # ---------------------------------------------------------------------------------------------
 # Skill eval
 
