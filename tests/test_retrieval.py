@@ -477,6 +477,18 @@ def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
     assert out["64"]["in_memory"] == 0
 
 
+def test_key_digits_scores_near_misses():
+    from finetune.skill_eval import PasskeyScore, key_digits
+
+    assert key_digits("47178", "47177. The pass") == 0.8
+    assert key_digits("48822", "48822.") == 1.0
+    assert key_digits("3810", "33100.") == 0.75  # place by place: 3, 1, 0 (the extra digit does not count)
+    assert key_digits("12345", "a key that is used to open a") == 0.0
+    sc = PasskeyScore(16384, digits_in_memory=[0.8, 0.4])
+    assert sc.summary()["key_digits_in_memory"] == pytest.approx(0.6)
+    assert PasskeyScore(16384).summary()["key_digits_in_memory"] is None
+
+
 def test_eval_cli_task_passkey_and_missing_repo(capsys):
     from longllama_lsp.cli import main
 
