@@ -251,6 +251,10 @@ async def test_cancel_request_stops_generation(lsp):
     lsp.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={
         "completion": {"maxTokens": 900, "mode": "block", "debounceMs": 0}, "ask": {"maxTokens": 12}}))
     uri = open_doc(lsp, "long.py", "def f(x):\n")
+    for _ in range(600):  # a loaded model (run alone, this test would otherwise cancel a queued request)
+        if (await status(lsp)).engine == "ready":
+            break
+        await asyncio.sleep(0.1)
     before = (await status(lsp)).requests
     future = lsp.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, pos(1, 0)),
                                        msg_id="to-cancel")
