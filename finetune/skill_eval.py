@@ -440,7 +440,7 @@ def run(args) -> int:
         return 2
     model, tokenizer, model_dir = load_eval_model(args.model, _device(args.device), args.dtype)
     if args.select_tokens > 0:  # block-sparse memory attention, as the engine sets it
-        model.config.mem_budget = max(args.select_tokens, model.config.mem_block_size)
+        model.config.select_memory_tokens(args.select_tokens)
     sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
                    memory_tokens=args.memory_tokens, files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,

@@ -255,9 +255,7 @@ class Engine:
     def _select_memory(self) -> None:
         """The model attends to `options.select_tokens` memory tokens (config.mem_budget, at least one
         block), read per request: the options may change while the server runs."""
-        cfg = self._model.config
-        n = self.options.select_tokens
-        cfg.mem_budget = max(n, cfg.mem_block_size) if n else None
+        self._model.config.select_memory_tokens(self.options.select_tokens)
 
     def submit(self, fn: Callable[[Request], Any], key: Hashable | None = None,
                priority: int = FOREGROUND) -> Request:

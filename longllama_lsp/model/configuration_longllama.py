@@ -85,6 +85,11 @@ class LongLlamaConfig(LlamaConfig):
         if self.last_context_length < 1:
             raise ValueError(f"last_context_length must be >= 1, got {self.last_context_length}")
 
+    def select_memory_tokens(self, n: int) -> None:
+        """Attend to the top memory blocks within n tokens (the server's memory.selectTokens; at least
+        one block), or with n = 0 to every memory token (dense)."""
+        self.mem_budget = max(n, self.mem_block_size) if n else None
+
     @property
     def attention_qkv_bias(self) -> bool:
         return self.attention_bias if self.qkv_bias is None else self.qkv_bias
