@@ -128,14 +128,24 @@ def speed(model, base: Memory, sizes: list[int], budget: int, block: int, steps:
     return {k: round(statistics.median(v), 1) for k, v in times.items()}
 
 
+def held_out_ids(tokenizer) -> torch.Tensor:
+    return tokenizer((REPO / HELD_OUT).read_text(), return_tensors="pt")["input_ids"][:, :1024]  # (1, 1024)
+
+
+def held_out_loss(model, ids: torch.Tensor, memory: Memory | None) -> float:
+    """Loss of `ids` with `memory` as the model is configured now (a fresh MemCache per layer: no
+    summaries kept from another configuration)."""
+    fresh = None if memory is None else Memory({i: MemCache(c.keys, c.values, c.mask) for i, c in memory.items()})
+    return round(float(model(ids, memory=fresh, labels=ids).loss), 4)
+
+
 @torch.inference_mode()
 def quality(model, tokenizer, base: Memory, budgets: list[int], blocks: list[int]) -> dict:
-    ids = tokenizer((REPO / HELD_OUT).read_text(), return_tensors="pt")["input_ids"][:, :1024]
+    ids = held_out_ids(tokenizer)
 
     def loss(memory, block=32, budget=None):
         configure(model, block, budget)
-        fresh = None if memory is None else Memory({i: MemCache(c.keys, c.values, c.mask) for i, c in memory.items()})
-        return round(float(model(ids, memory=fresh, labels=ids).loss), 4)
+        return held_out_loss(model, ids, memory)
 
     out = {"memory_tokens": base.num_tokens, "none": loss(None), "dense": loss(base)}
     for block in blocks:
@@ -149,14 +159,13 @@ def quality(model, tokenizer, base: Memory, budgets: list[int], blocks: list[int
 def two_level_quality(model, tokenizer, base: Memory, budgets: list[int], groups: list[int]) -> dict:
     """Held-out loss with the two-level selection forced on at this memory's size (groups of `group`
     blocks of 32), against the flat selection at the same budget: what the coarse level loses."""
-    ids = tokenizer((REPO / HELD_OUT).read_text(), return_tensors="pt")["input_ids"][:, :1024]
+    ids = held_out_ids(tokenizer)
 
     def loss(budget, group=None):
         configure(model, 32, budget, flat=group is None)
         if group is not None:
             attention.COARSE_GROUP, attention.COARSE_FROM_BLOCKS = group, 0
-        fresh = Memory({i: MemCache(c.keys, c.values, c.mask) for i, c in base.items()})
-        out = round(float(model(ids, memory=fresh, labels=ids).loss), 4)
+        out = held_out_loss(model, ids, base)
         attention.COARSE_GROUP, attention.COARSE_FROM_BLOCKS = DEFAULT_GROUP, DEFAULT_COARSE_FROM
         return out
 
