@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--passkey-trials", type=int, default=8)
     p.add_argument("--local-len", type=int, default=None, help="passkey local window (default: the model's)")
     p.add_argument("--guard-windows", type=int, default=8, help="guard: windows per held-out file")
-    p.add_argument("--select-tokens", type=int, default=0, metavar="N",
+    from longllama_lsp.commands import int_at_least
+
+    p.add_argument("--select-tokens", type=int_at_least(0), default=0, metavar="N",
                    help="memory tokens each query attends to: the top blocks within N, as the server's "
                         "memory.selectTokens (default 0: dense, every memory token)")

@@ -515,6 +515,9 @@ def test_eval_select_tokens_runs_the_sparse_path(capsys, monkeypatch):
     assert main(argv) == 0 and not calls  # dense by default
     assert main([*argv, "--select-tokens", "32"]) == 0
     assert calls and "memory attention: top blocks within 32 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        main([*argv, "--select-tokens", "-5"])
+    assert bad.value.code == 2 and "at least 0" in capsys.readouterr().err
 
 
 def test_shipped_recipes_load_and_dispatch(tmp_path):
