@@ -327,8 +327,9 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
         torch.set_num_threads(t.threads)
     device = resolve_device_dtype(t.device)[0]
     model, tokenizer, base = load_for_training(cfg.model, device=device)
-    if cfg.model.train == "lora":
-        raise ValueError("retrieval training supports model.train = 'memory' or 'all' (LoRA: use finetune.train)")
+    # PEFT wraps the model for 'lora' (the adapters sit inside the base model's modules): forward
+    # passes reach the memory layers through `net`; checkpoints and outputs go through `model`.
+    net = model.get_base_model() if cfg.model.train == "lora" else model
     maker = maker or build_maker(cfg.retrieval, tokenizer)
     run_dir = Path(t.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,14 +373,14 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
         if pool is None or step % mix.pool_refresh == 0:
             chunks, pool_repeat = maker.pool(random.Random(f"{t.seed}:pool:{step // mix.pool_refresh}"))
             with torch.no_grad():
-                pool = encode_inputs(model, chunks, mix.chunk_len, pad) if chunks else None
+                pool = encode_inputs(net, chunks, mix.chunk_len, pad) if chunks else None
         batch = batches.get(step)
         plain = plain_batch(maker, t.seed, step, mix.lm_rows)
         t_data = time.perf_counter() - t0
         with amp:
-            loss, stats = batch_loss(model, batch, pool, pool_repeat, mix.chunk_len, pad)
+            loss, stats = batch_loss(net, batch, pool, pool_repeat, mix.chunk_len, pad)
             if plain:  # `loss` stays the retrieval loss in metrics.jsonl (comparable across runs)
-                lm = plain_loss(model, plain, pad)
+                lm = plain_loss(net, plain, pad)
                 stats["lm_nll"] = lm.item()
         (loss + mix.lm_weight * lm if plain else loss).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None

@@ -130,6 +130,7 @@ def prepare_trainable(model, margs: ModelArgs):
         from peft import LoraConfig, get_peft_model
 
         targets = lora_module_names(model, margs)
+        torch.manual_seed(margs.init_seed)  # lora_A starts random: the same run must start the same
         model = get_peft_model(model, LoraConfig(r=margs.lora_r, lora_alpha=margs.lora_alpha,
                                                  lora_dropout=margs.lora_dropout, target_modules=targets))
     return model.train()

@@ -383,6 +383,42 @@ def test_training_every_tensor_checkpoints_and_writes_a_full_checkpoint(tmp_path
     assert any(".mlp." in k for k in changed)  # beyond the memory layers' attention
 
 
+def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, tokenizer, maker):
+    """model.train = 'lora' (adapters on every layer): the forward passes reach the adapters inside
+    the PEFT-wrapped model, a resumed run equals an uninterrupted one, and the delta it writes loads
+    on the base and changes layers beyond the memory layers. Retrieval training refused LoRA before."""
+    from safetensors.torch import load_file
+
+    from finetune.config import ModelArgs
+    from finetune.outputs import load_trained
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
+
+    base = _saved_tiny(tmp_path / "base", tokenizer)
+
+    def cfg(out, steps, resume=None):
+        margs = ModelArgs(path=str(base), train="lora", lora_layers="all", lora_r=4,
+                          lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        return RetrievalConfig(margs, maker.args, RetrievalTrainArgs(out_dir=str(out), steps=steps, batch_size=2,
+                                                                     lr=1e-2, save_every=1, resume=resume,
+                                                                     warmup_steps=0))
+
+    _, run, state = train_retrieval(cfg(tmp_path / "full", 2), maker=maker, progress=False)
+    assert state["step"] == 2
+    train_retrieval(cfg(tmp_path / "part", 1), maker=maker, progress=False)
+    _, run2, _ = train_retrieval(cfg(tmp_path / "part", 2, resume="latest"), maker=maker, progress=False)
+    a = load_file(str(run / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    b = load_file(str(run2 / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and any(".lora_A." in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])  # resumed == uninterrupted
+    trained, _ = load_trained(run)
+    start = load_file(str(base / "model.safetensors"))
+    changed = {k for k, v in trained.state_dict().items() if k in start and not torch.equal(v, start[k])}
+    assert any(".mlp." in k for k in changed)
+    n_layers = trained.config.num_hidden_layers
+    assert {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(n_layers)} <= changed
+
+
 # ---------------------------------------------------------------------------------------------
 # Skill eval
 
