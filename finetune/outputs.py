@@ -1,8 +1,8 @@
 """What a training run writes and how it is read back: a full checkpoint or a weight delta.
 
     "full"  = config.json + model.safetensors + tokenizer (load by path)
-    "delta" = adapter.safetensors + adapter.json (only the trained tensors, LoRA merged; applied on
-              the base model named by its fingerprint)
+    "delta" = adapter.safetensors + adapter.json (only the trained tensors: replacements, and a LoRA
+              run's adapters as low-rank pairs; applied on the base model named by its fingerprint)
 """
 
 from __future__ import annotations
@@ -41,25 +41,38 @@ def trained_state_dict(model, acc=None) -> dict[str, torch.Tensor]:
 
     `model` as prepared by `acc` (gathered from FSDP shards by accelerate) or a plain module.
     """
+    return merge_lora(*lora_parts(model, acc))
+
+
+def merge_lora(state: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+               ) -> dict[str, torch.Tensor]:
+    merged = dict(state)
+    for module, (down, up) in lora.items():
+        w = state[f"{module}.weight"]
+        merged[f"{module}.weight"] = (w.float() + up @ down).to(w.dtype)
+    return merged
+
+
+def lora_parts(model, acc=None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(state dict with base-model names and LoRA unmerged, {module: (down (r, in), up·alpha/r (out, r))})."""
     state = acc.get_state_dict(model) if acc is not None else model.state_dict()
     peft_cfg = getattr(acc.unwrap_model(model) if acc is not None else model, "peft_config", None)
     if not peft_cfg:
-        return {k: v for k, v in state.items()}
+        return dict(state), {}
     scale = {name: c.lora_alpha / c.r for name, c in peft_cfg.items()}
     prefix = "base_model.model."
-    out, lora = {}, {}
+    out, factors = {}, {}
     for k, v in state.items():
         k = k.removeprefix(prefix)
         if ".lora_A." in k or ".lora_B." in k:
             module, kind, adapter = _split_lora_key(k)
-            lora.setdefault((module, adapter), {})[kind] = v
+            factors.setdefault((module, adapter), {})[kind] = v
         else:
             out[k.replace(".base_layer.", ".")] = v
-    for (module, adapter), ab in lora.items():
-        w = out[f"{module}.weight"]
-        delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scale[adapter]
-        out[f"{module}.weight"] = (w.float() + delta).to(w.dtype)
-    return out
+    lora = {}
+    for (module, adapter), ab in factors.items():  # one adapter per module (PEFT's "default")
+        lora[module] = (ab["lora_A"].float(), ab["lora_B"].float() * scale[adapter])
+    return out, lora
 
 
 def _split_lora_key(k: str) -> tuple[str, str, str]:
@@ -71,15 +84,30 @@ def _split_lora_key(k: str) -> tuple[str, str, str]:
     raise AssertionError(k)
 
 
+def lora_delta(state: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               base_path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA run's weight delta (from `lora_parts`) on its base checkpoint: low-rank pairs for the
+    adapters on weights the checkpoint holds as they were; merged replacements for weights a start
+    delta had changed (the shipped memory delta, say), so the delta alone rebuilds the trained model."""
+    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, read_state_dict
+
+    saved = read_state_dict(base_path)
+    changed = {n for n, v in state.items() if n in saved and not torch.equal(v, saved[n].to(v.dtype))}
+    out = {n: state[n] for n in changed}
+    for module, (down, up) in lora.items():
+        name = f"{module}.weight"
+        if name in changed:
+            out[name] = (state[name].float() + up @ down).to(state[name].dtype)
+        else:
+            out[name + LOW_RANK_DOWN], out[name + LOW_RANK_UP] = down, up
+    return out
+
+
 def delta_names(model, margs: ModelArgs) -> list[str]:
-    """Parameters `margs.train` changes, by base-model name."""
+    """Parameters `margs.train = 'memory'` changes, by base-model name (a LoRA run: `lora_delta`)."""
     if margs.train == "memory":
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return memory_attention_names(base)
-    if margs.train == "lora":
-        modules = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")
-                   and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)}
-        return [f"{m}.weight" for m in sorted(modules)]
     raise ValueError("train = 'all' changes every tensor: write a full checkpoint (output = 'full')")
 
 
@@ -95,7 +123,7 @@ def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path
         kind = "full" if cfg.model.train == "all" or base_path is None else "delta"
     if kind == "none":
         return None
-    state = trained_state_dict(model, acc)
+    state, lora = lora_parts(model, acc)  # every process (FSDP gathers)
     if acc is not None:
         if not acc.is_main_process:
             return None
@@ -106,7 +134,7 @@ def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path
     if kind == "full":
         if base.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in merge_lora(state, lora).items()}
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         base.config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
@@ -116,14 +144,17 @@ def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path
         raise ValueError("a weight delta needs a base checkpoint (model.path); use output = 'full'")
     from longllama_lsp.model.loading import model_fingerprint
 
-    names = delta_names(model, cfg.model)
-    tensors = {n: state[n].detach().contiguous().cpu().clone() for n in names}
+    if cfg.model.train == "lora":
+        tensors = {n: t.detach().contiguous().cpu().clone() for n, t in lora_delta(state, lora, base_path).items()}
+    else:
+        tensors = {n: state[n].detach().contiguous().cpu().clone() for n in delta_names(model, cfg.model)}
     save_file(tensors, str(out_dir / "adapter.safetensors"), metadata={"format": "longllama-delta"})
-    meta = {"format": DELTA_FORMAT, "kind": "replace", "base_model": str(Path(base_path).resolve()),
+    meta = {"format": DELTA_FORMAT, "kind": "replace, then add low-rank pairs (NAME.lora_down/.lora_up)",
+            "base_model": str(Path(base_path).resolve()),
             "base_fingerprint": model_fingerprint(base_path), "mem_layers": list(base.config.mem_layers),
             "tensors": {n: list(t.shape) for n, t in tensors.items()}, **info,
             "lora": ({"r": cfg.model.lora_r, "alpha": cfg.model.lora_alpha, "targets": cfg.model.lora_targets,
-                      "layers": cfg.model.lora_layers, "merged": True} if cfg.model.train == "lora" else None)}
+                      "layers": cfg.model.lora_layers, "merged": False} if cfg.model.train == "lora" else None)}
     (out_dir / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "training.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     return out_dir

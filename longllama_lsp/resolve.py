@@ -11,8 +11,8 @@ memory layers) goes inside it as `adapter.safetensors`: `model.loading.load_mode
 `model_fingerprint` covers it, so indexes built without it are invalidated.
 
 A weight delta (`longllama finetune`'s output: adapter.safetensors + adapter.json naming its base) is
-built once into the cache as a checkpoint: the base's files linked, the base's adapter with the
-delta's tensors over it as `adapter.safetensors`; keyed by the delta's content. Training asks for the
+built once into the cache as a checkpoint: the base's files linked, the base's adapter and the
+delta stacked into one `adapter.safetensors`; keyed by the delta's content. Training asks for the
 delta itself (`keep_delta=True`) to continue from it on its base.
 """
 
@@ -134,11 +134,11 @@ def _delta_base(delta: Path) -> tuple[str, str]:
 
 def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:
     """Write `out`: symlinks to the base's files (weights are not copied), and as adapter.safetensors
-    the base's adapter tensors overlaid by the delta's (the order training and `load_trained` apply
+    the base's adapter and the delta stacked into one (the order training and `load_trained` apply
     them in). Built in `out.tmp-PID`, renamed into place last."""
     from safetensors.torch import load_file, save_file
 
-    from .model.loading import ADAPTER_NAME, HASH_SIDECAR, find_adapter
+    from .model.loading import ADAPTER_NAME, HASH_SIDECAR, find_adapter, stack_weight_deltas
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.mkdir()
@@ -146,7 +146,7 @@ def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:
         if file.is_file() and file.name not in (ADAPTER_NAME, HASH_SIDECAR, "README.md"):
             (tmp / file.name).symlink_to(file.absolute())
     base_adapter = find_adapter(base)
-    tensors = {**(load_file(base_adapter) if base_adapter else {}), **load_file(delta / ADAPTER_NAME)}
+    tensors = stack_weight_deltas(load_file(base_adapter) if base_adapter else {}, load_file(delta / ADAPTER_NAME))
     save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "longllama-delta"})
     os.chmod(tmp / ADAPTER_NAME, 0o644)  # safetensors writes 0600; a cache may be shared (as convert does)
     (tmp / DELTA_BUILT).write_text(json.dumps({"delta": str(delta), "base": str(base)}, indent=2) + "\n")

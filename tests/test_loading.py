@@ -242,6 +242,54 @@ def test_apply_weight_delta_rejects_misfits_and_changes_nothing(tmp_path, delta,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_apply_weight_delta_adds_low_rank_pairs_after_replacements(tmp_path):
+    model = make_tiny()
+    q, k = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"
+    before = {n: model.state_dict()[n].clone() for n in (q, k)}
+    down, up = torch.randn(2, 32), torch.randn(32, 2)
+    start = torch.randn_like(before[k])
+    save_file({q + ".lora_down": down, q + ".lora_up": up, k: start, k + ".lora_down": torch.randn(2, 32),
+               k + ".lora_up": torch.zeros(16, 2)}, tmp_path / "a.safetensors")
+    assert apply_weight_delta(model, tmp_path / "a.safetensors") == [k, q]
+    torch.testing.assert_close(model.state_dict()[q], before[q] + up @ down)
+    assert torch.equal(model.state_dict()[k], start)  # replaced, then a zero increment
+
+
+@pytest.mark.parametrize("delta, message", [
+    ({"model.layers.1.self_attn.k_proj.weight.lora_down": torch.zeros(2, 32)}, "without .lora_up"),
+    ({"model.layers.1.self_attn.k_proj.weight.lora_down": torch.zeros(2, 32),
+      "model.layers.1.self_attn.k_proj.weight.lora_up": torch.zeros(32, 2)}, r"expected up @ down of \(16, 32\)"),
+    ({"model.layers.9.self_attn.k_proj.weight.lora_down": torch.zeros(2, 32),
+      "model.layers.9.self_attn.k_proj.weight.lora_up": torch.zeros(16, 2)}, "unknown tensors"),
+])
+def test_apply_weight_delta_rejects_bad_low_rank_pairs_and_changes_nothing(tmp_path, delta, message):
+    model = make_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file({"model.layers.1.self_attn.q_proj.weight": torch.zeros(32, 32), **delta}, tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        apply_weight_delta(model, tmp_path / "a.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_stacked_deltas_equal_applying_them_in_turn(tmp_path):
+    """What a delta checkpoint holds (the base's adapter, then the delta): a replacement drops the
+    first delta's increment of that weight; two increments of one weight sum (ranks concatenated)."""
+    from longllama_lsp.model.loading import stack_weight_deltas
+
+    q, k, v = (f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
+    first = {q + ".lora_down": torch.randn(2, 32), q + ".lora_up": torch.randn(32, 2),
+             k + ".lora_down": torch.randn(2, 32), k + ".lora_up": torch.randn(16, 2), v: torch.randn(16, 32)}
+    second = {q + ".lora_down": torch.randn(3, 32), q + ".lora_up": torch.randn(32, 3), k: torch.randn(16, 32)}
+    in_turn, stacked = make_tiny(), make_tiny()
+    for i, delta in enumerate((first, second)):
+        save_file(delta, tmp_path / f"{i}.safetensors")
+        apply_weight_delta(in_turn, tmp_path / f"{i}.safetensors")
+    save_file(stack_weight_deltas(first, second), tmp_path / "s.safetensors")
+    apply_weight_delta(stacked, tmp_path / "s.safetensors")
+    for name, want in in_turn.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[name], want)
+
+
 def test_load_model_applies_adapter_in_folder(tmp_path):
     folder = write_checkpoint(tmp_path, golden_state())
     name = "model.layers.3.self_attn.v_proj.weight"

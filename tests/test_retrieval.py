@@ -386,14 +386,19 @@ def test_training_every_tensor_checkpoints_and_writes_a_full_checkpoint(tmp_path
 def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, tokenizer, maker):
     """model.train = 'lora' (adapters on every layer): the forward passes reach the adapters inside
     the PEFT-wrapped model, a resumed run equals an uninterrupted one, and the delta it writes loads
-    on the base and changes layers beyond the memory layers. Retrieval training refused LoRA before."""
-    from safetensors.torch import load_file
+    on the base and changes layers beyond the memory layers. Retrieval training refused LoRA before.
+    The base carries an adapter (as the bundled model carries the shipped memory delta): the weight
+    it changed is written merged, the others as low-rank pairs, and the delta rebuilds the model."""
+    from safetensors.torch import load_file, save_file
 
     from finetune.config import ModelArgs
-    from finetune.outputs import load_trained
+    from finetune.outputs import load_trained, trained_state_dict
     from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
 
     base = _saved_tiny(tmp_path / "base", tokenizer)
+    shipped = "model.layers.0.self_attn.q_proj.weight"
+    save_file({shipped: torch.randn_like(load_file(str(base / "model.safetensors"))[shipped])},
+              str(base / "adapter.safetensors"))
 
     def cfg(out, steps, resume=None):
         margs = ModelArgs(path=str(base), train="lora", lora_layers="all", lora_r=4,
@@ -402,8 +407,12 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
                                                                      lr=1e-2, save_every=1, resume=resume,
                                                                      warmup_steps=0))
 
-    _, run, state = train_retrieval(cfg(tmp_path / "full", 2), maker=maker, progress=False)
+    model, run, state = train_retrieval(cfg(tmp_path / "full", 2), maker=maker, progress=False)
     assert state["step"] == 2
+    delta = load_file(str(run / "adapter.safetensors"))
+    assert shipped in delta and shipped + ".lora_down" not in delta
+    assert "model.layers.1.self_attn.q_proj.weight.lora_down" in delta
+    assert "model.layers.1.self_attn.q_proj.weight" not in delta
     train_retrieval(cfg(tmp_path / "part", 1), maker=maker, progress=False)
     _, run2, _ = train_retrieval(cfg(tmp_path / "part", 2, resume="latest"), maker=maker, progress=False)
     a = load_file(str(run / "checkpoints" / "step-0000002" / "trainable.safetensors"))
@@ -412,6 +421,9 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
     for k in a:
         torch.testing.assert_close(a[k], b[k])  # resumed == uninterrupted
     trained, _ = load_trained(run)
+    want = trained_state_dict(model)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], atol=1e-6, rtol=1e-5)
     start = load_file(str(base / "model.safetensors"))
     changed = {k for k, v in trained.state_dict().items() if k in start and not torch.equal(v, start[k])}
     assert any(".mlp." in k for k in changed)

@@ -226,7 +226,10 @@ def test_lora_delta_loads_and_changes_outputs(corpus, base_dir, tmp_path):
     result = train(cfg)
     meta = json.loads((tmp_path / "lora" / "adapter.json").read_text())
     assert meta["base_fingerprint"] == model_fingerprint(base_dir)
-    assert set(meta["tensors"]) == {f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo"}
+    # low-rank pairs (r = 4), not merged (out, in) matrices: a LoRA delta stays the adapters' size
+    assert set(meta["tensors"]) == {f"model.layers.1.self_attn.{p}_proj.weight.lora_{d}" for p in "qkvo"
+                                    for d in ("down", "up")}
+    assert meta["tensors"]["model.layers.1.self_attn.q_proj.weight.lora_down"][0] == 4
     assert not (tmp_path / "lora" / "config.json").exists()  # a delta, not a checkpoint
     base = load_model(base_dir)
     tuned, _ = load_trained(tmp_path / "lora")

@@ -6,7 +6,8 @@ A checkpoint is a folder in the HF layout:
     model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json
     pytorch_model.bin               or pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json
     tokenizer.json / tokenizer.model, tokenizer_config.json, chat_template.jinja ...
-    adapter.safetensors             optional: replacement tensors applied on top (the FoT-trained layers)
+    adapter.safetensors             optional: a weight delta applied on top (the FoT-trained layers):
+                                    replacement tensors, and low-rank pairs (apply_weight_delta)
 
 The model is built on the meta device and the checkpoint's tensors are assigned to it, after every
 name and shape is checked, so a wrong file fails with a message instead of a half-random model.
@@ -281,28 +282,85 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def apply_weight_delta(model: nn.Module, path: str | Path) -> list[str]:
-    """Overwrite parameters of `model` in place with the tensors of a safetensors file; returns their names.
+# A weight delta holds replacement tensors by parameter name, and low-rank increments as pairs
+# NAME.lora_down (r, in) and NAME.lora_up (out, r), scale folded in: NAME += up @ down. A LoRA run on
+# every layer is ~10 MB as pairs and ~200 MB merged. Replacements apply first (a run's start value),
+# then the increments.
+LOW_RANK_DOWN, LOW_RANK_UP = ".lora_down", ".lora_up"
 
-    Every name must be a parameter (or persistent buffer) of the model with the same shape, else
+
+def split_weight_delta(delta: dict[str, torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(replacements by name, {name: {".lora_down": down, ".lora_up": up}}) of a delta's tensors."""
+    replace: dict[str, torch.Tensor] = {}
+    low_rank: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in delta.items():
+        suffix = next((s for s in (LOW_RANK_DOWN, LOW_RANK_UP) if key.endswith(s)), None)
+        if suffix is None:
+            replace[key] = tensor
+        else:
+            low_rank.setdefault(key.removesuffix(suffix), {})[suffix] = tensor
+    return replace, low_rank
+
+
+def stack_weight_deltas(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One delta equal to applying `first`, then `second`: a replacement in `second` drops what `first`
+    did to that name; two increments of one name become one pair of the summed rank."""
+    replace, low_rank = split_weight_delta(first)
+    replace2, low_rank2 = split_weight_delta(second)
+    replace.update(replace2)
+    low_rank = {name: pair for name, pair in low_rank.items() if name not in replace2}
+    for name, pair in low_rank2.items():
+        if len(low_rank.get(name, {})) == 2 and len(pair) == 2:  # an unpaired half is refused when applied
+            old = low_rank[name]  # up1 @ down1 + up2 @ down2 = [up1 up2] @ [down1; down2]
+            pair = {LOW_RANK_DOWN: torch.cat([old[LOW_RANK_DOWN].float(), pair[LOW_RANK_DOWN].float()], 0),
+                    LOW_RANK_UP: torch.cat([old[LOW_RANK_UP].float(), pair[LOW_RANK_UP].float()], 1)}
+        low_rank[name] = pair
+    return {**replace, **{name + suffix: t for name, pair in low_rank.items() for suffix, t in pair.items()}}
+
+
+def _low_rank_problems(low_rank: dict[str, dict[str, torch.Tensor]], targets: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for name, pair in sorted(low_rank.items()):
+        down, up = pair.get(LOW_RANK_DOWN), pair.get(LOW_RANK_UP)
+        if down is None or up is None:
+            problems.append(f"{name}: {LOW_RANK_DOWN} without {LOW_RANK_UP} or the reverse")
+        elif name in targets and (down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]
+                                  or (up.shape[0], down.shape[1]) != tuple(targets[name].shape)):
+            problems.append(f"{name}: expected up @ down of {tuple(targets[name].shape)}, got "
+                            f"{tuple(up.shape)} @ {tuple(down.shape)}")
+    return problems
+
+
+def apply_weight_delta(model: nn.Module, path: str | Path) -> list[str]:
+    """Apply a safetensors weight delta to `model` in place; returns the names it changed.
+
+    Replacement tensors overwrite parameters, low-rank pairs add to them (see LOW_RANK_DOWN). Every
+    name must be a parameter (or persistent buffer) of the model with a fitting shape, else
     CheckpointError and nothing is changed. Tied parameters change together.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter file not found")
-    delta = _read_safetensors(path)
+    replace, low_rank = split_weight_delta(_read_safetensors(path))
     targets = model.state_dict(keep_vars=True)
-    unknown = sorted(delta.keys() - targets.keys())
+    unknown = sorted((replace.keys() | low_rank.keys()) - targets.keys())
     shapes = [f"{k}: expected {tuple(targets[k].shape)}, got {tuple(v.shape)}"
-              for k, v in sorted(delta.items()) if k in targets and v.shape != targets[k].shape]
-    if unknown or shapes:
+              for k, v in sorted(replace.items()) if k in targets and v.shape != targets[k].shape]
+    pairs = _low_rank_problems(low_rank, targets)
+    if unknown or shapes or pairs:
         raise CheckpointError(f"{path}: adapter does not fit the model: "
                               + "; ".join(f"{kind}: {items[:_LIST_LIMIT]}" for kind, items in
-                                          (("unknown tensors", unknown), ("wrong shapes", shapes)) if items))
+                                          (("unknown tensors", unknown), ("wrong shapes", shapes),
+                                           ("low-rank pairs", pairs)) if items))
     with torch.no_grad():
-        for name, tensor in delta.items():
+        for name, tensor in replace.items():
             targets[name].copy_(tensor.to(dtype=targets[name].dtype, device=targets[name].device))
-    return sorted(delta)
+        for name, pair in low_rank.items():
+            step = pair[LOW_RANK_UP].float() @ pair[LOW_RANK_DOWN].float()  # (out, in)
+            target = targets[name]
+            target.copy_((target.float() + step.to(target.device)).to(target.dtype))
+    return sorted(replace.keys() | low_rank.keys())
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
