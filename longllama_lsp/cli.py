@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # compute / on-disk dtypes the CLI 
 # C0 controls, DEL, C1 controls, and lone surrogates (the undecodable bytes of a file name)
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROLS_BUT_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # tab and newline kept
 
 
 def shown(value: object) -> str:
@@ -43,6 +44,13 @@ def shown(value: object) -> str:
 def shown_lines(text: str) -> str:
     """A message of several lines (an error, a log record) as shown() shows a value, its newlines kept."""
     return _CONTROLS_BUT_NEWLINE.sub(_escaped, text)
+
+
+def shown_text(text: str) -> str:
+    """What the model wrote, for the terminal: newlines and tabs kept (code), CRLF as LF, every other
+    control escaped as shown() does. A repository steers the model (it copies what the files hold), so
+    its output is as hostile as a file name: an ESC sequence in a completion must not reach the terminal."""
+    return _CONTROLS_BUT_TEXT.sub(_escaped, text.replace("\r\n", "\n"))
 
 
 def _escaped(match: re.Match[str]) -> str:

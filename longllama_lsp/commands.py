@@ -29,6 +29,7 @@ from .cli import (
     add_repository_argument,
     repository_problem,
     shown,
+    shown_text,
 )
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
@@ -165,7 +166,7 @@ def run_ask(args: argparse.Namespace) -> int:
         try:
             result = remote.ask(record, Path(args.repo), args.question, _server_settings(args),
                                 memory=not args.no_memory)
-            print(result["answer"])
+            print(shown_text(result["answer"]))
             sources = [Source(s["path"], s["startLine"], s["endLine"], s.get("symbol"), s["weight"])
                        for s in result["sources"]]
             if sources:
@@ -175,9 +176,14 @@ def run_ask(args: argparse.Namespace) -> int:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
     workspace = _workspace(args, answer_max_tokens=args.max_tokens)
     try:
+        held = [""]  # a CR that may start a CRLF split across two pieces
+
         def stream(text: str) -> None:  # on the engine's worker
+            text, held[0] = held[0] + text, ""
+            if text.endswith("\r"):
+                text, held[0] = text[:-1], "\r"
             try:
-                sys.stdout.write(text)
+                sys.stdout.write(shown_text(text))
                 sys.stdout.flush()
             except BrokenPipeError as exc:  # the reader went away (`| head`): stop generating
                 raise Cancelled("stdout was closed") from exc
@@ -186,7 +192,7 @@ def run_ask(args: argparse.Namespace) -> int:
             answer = workspace.engine.answer(args.question, on_token=stream)
         except Cancelled as exc:
             raise (exc.__cause__ or exc) from None  # cli.main ends a closed pipe quietly
-        sys.stdout.write("\n")
+        sys.stdout.write(shown_text(held[0]) + "\n")
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")
         logger.info("timings (ms): %s", answer.timings)
@@ -254,7 +260,7 @@ def run_complete(args: argparse.Namespace) -> int:
             out = remote.complete(record, Path(args.repo), path, text, line - 1, col - 1,
                                   Document("", text).line_text(line - 1), _server_settings(args, mode=args.mode),
                                   memory=not args.no_memory)
-            print(json.dumps({"text": out, "server": f"{record.host}:{record.port}"}) if args.json else out)
+            print(json.dumps({"text": out, "server": f"{record.host}:{record.port}"}) if args.json else shown_text(out))
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
@@ -266,7 +272,7 @@ def run_complete(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(done), indent=2))
     else:
-        print(done.text)
+        print(shown_text(done.text))
     return 0
 
 

@@ -205,3 +205,44 @@ def test_values_from_an_index_or_checkpoint_print_with_control_characters_escape
     record = logging.LogRecord("indexer", logging.WARNING, __file__, 1, "skipping %s\nnext", (hostile,), None)
     assert ShownFormatter("%(message)s").format(record) == f"skipping {escaped}\nnext"
     assert shown("a\nb\udcff\x9b") == "a\\nb\\udcff\\x9b"  # a value's newline, undecodable byte, C1 CSI
+
+
+# A completion as a hostile repository can steer the model to write it: an OSC 52 clipboard write, a
+# BEL, a lone CR that would overwrite the line, a CRLF split across two streamed pieces, and a tab.
+HOSTILE_PIECES = ["x = 1\t# \x1b]52;c;ZXZpbA==\x07", " ok\r", "\nevil\rgood\n"]
+HOSTILE_SHOWN = "x = 1\t# \\x1b]52;c;ZXZpbA==\\x07 ok\nevil\\rgood\n"
+
+
+class _SteeredWorkspace:
+    """Workspace whose engine writes HOSTILE_PIECES (what is under test is what the CLI prints)."""
+
+    def __init__(self):
+        import types
+
+        def answer(question, on_token):
+            for piece in HOSTILE_PIECES:
+                on_token(piece)
+            return types.SimpleNamespace(sources=[], timings={})
+
+        def complete(text, offset, path, mode):
+            return types.SimpleNamespace(text="".join(HOSTILE_PIECES))
+
+        self.engine = types.SimpleNamespace(answer=answer, complete=complete)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("argv", [["ask", "what?"], ["complete", "{src}:1:1"]])
+def test_model_output_reaches_the_terminal_with_controls_escaped(argv, tmp_path, capsys, monkeypatch):
+    from longllama_lsp import commands
+    from longllama_lsp.cli import shown_text
+
+    src = tmp_path / "a.py"
+    src.write_text("x\n")
+    monkeypatch.setattr(commands, "_workspace", lambda args, **options: _SteeredWorkspace())
+    assert main([a.format(src=src) for a in argv] + ["--repo", str(tmp_path), "--no-server"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert out.startswith(HOSTILE_SHOWN)
+    assert shown_text("a\r\nb\x9bc\td") == "a\nb\\x9bc\td"
