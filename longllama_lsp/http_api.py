@@ -659,17 +659,17 @@ def model_id(engine: Engine) -> str:
 
 def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory | None) -> int:
     """Load the model, listen, index --repo in the background, serve until stopped."""
-    from .cli import repository_problem
+    from .cli import repository_problem, shown, shown_lines
     from .engine import Engine, EngineOptions
     from .workspace import Workspace, untrained_memory_warning
 
     try:
         token, generated = server_token(args.token_file)
     except AuthError as exc:
-        print(f"longllama serve: error: {exc}", file=sys.stderr)
+        print(f"longllama serve: error: {shown_lines(str(exc))}", file=sys.stderr)
         return 2
     if problem := repository_problem(args.repo):
-        print(f"longllama serve: error: {problem}", file=sys.stderr)
+        print(f"longllama serve: error: {shown_lines(problem)}", file=sys.stderr)
         return 2
     root = Path(args.repo).resolve()
     engine = Engine.load(args.model, args.device, args.dtype, options=EngineOptions(), decode_dtype=args.decode_dtype)
@@ -686,10 +686,10 @@ def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory |
             record = ServerRecord(os.getpid(), host, port, token, protocol="http", roots=[str(root)])
             publish(record)
         where = f"[{host}]" if ":" in host else host
-        print(f"longllama: OpenAI-compatible API on http://{where}:{port}/v1 (model {model_id(engine)}, "
-              f"repository {root})", file=sys.stderr, flush=True)
+        print(f"longllama: OpenAI-compatible API on http://{where}:{port}/v1 (model {shown(model_id(engine))}, "
+              f"repository {shown(root)})", file=sys.stderr, flush=True)
         if generated:
-            print(f"longllama: token in {record.path}" + ("" if args.print_token else " (--print-token shows it)"),
+            print(f"longllama: token in {shown(record.path)}" + ("" if args.print_token else " (--print-token shows it)"),
                   file=sys.stderr, flush=True)
             if args.print_token:
                 print(f"longllama: token {token}", file=sys.stderr, flush=True)

@@ -91,9 +91,13 @@ def setup_logging(log_file: str | None, verbose: bool = False) -> None:
 
 class RedactingFormatter(logging.Formatter):
     """Masks credentials (indexer.secrets patterns) in every log line, tracebacks included: messages
-    and exceptions can quote the user's buffers or requests (house rule: secrets never reach the logs)."""
+    and exceptions can quote the user's buffers or requests (house rule: secrets never reach the logs).
+    Control characters show escaped (cli.shown_lines): a repository's file names reach these lines, and
+    the server's stderr is often a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         from indexer.secrets import redact
 
-        return redact(super().format(record))
+        from .cli import shown_lines
+
+        return shown_lines(redact(super().format(record)))

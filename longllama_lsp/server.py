@@ -37,7 +37,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 
 from .auth import TOKEN_ENV, AuthError, ServerRecord, publish, server_token, unpublish
-from .cli import Command, add_model_arguments, add_repository_argument, add_version_argument
+from .cli import Command, add_model_arguments, add_repository_argument, add_version_argument, shown_lines
 from .documents import Document
 from .engine import Completion
 from .logs import RedactingFormatter, setup_logging
@@ -211,7 +211,7 @@ def check_listen_address(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     refusal = check_listen_address(args) or token_refusal(args)
     if refusal:
-        print(f"longllama-lsp: error: {refusal}", file=sys.stderr)
+        print(f"longllama-lsp: error: {shown_lines(refusal)}", file=sys.stderr)
         return 2
     setup_logging(args.log_file, verbose=getattr(args, "verbose", False))
     repository_factory: RepositoryFactory | None = None if args.no_index else open_indexer
@@ -246,7 +246,7 @@ def run_tcp(args: argparse.Namespace, repository_factory: RepositoryFactory | No
     try:
         token, _ = server_token(args.token_file)
     except AuthError as exc:
-        print(f"longllama-lsp: error: {exc}", file=sys.stderr)
+        print(f"longllama-lsp: error: {shown_lines(str(exc))}", file=sys.stderr)
         return 2
     shared = SharedServices(repository_factory=repository_factory, model_overrides=overrides, multi=True,
                             allowed_roots=args.allow_root)

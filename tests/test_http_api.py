@@ -323,6 +323,10 @@ def test_a_bad_token_file_or_repo_is_a_clear_error_before_the_model_loads(tmp_pa
     assert main(["--http", "--token-file", str(token_file), "--repo", str(tmp_path / "gone"),
                  "--model", "/nonexistent"]) == 2
     assert f"--repo {tmp_path / 'gone'}: no such directory" in capsys.readouterr().err
+    assert main(["--http", "--token-file", str(token_file), "--repo", str(tmp_path / "gone\x1b]0;owned\x07"),
+                 "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "gone\\x1b]0;owned\\x07: no such directory" in err
 
 
 # -- in process: what the engine does with requests whose client left or moved on -------------------------

@@ -118,6 +118,24 @@ def test_log_lines_are_redacted():
     assert AWS_KEY not in line and "[REDACTED]" in line and "ValueError" in line
 
 
+def test_server_log_lines_and_errors_show_control_characters_escaped(capsys):
+    """A repository's file names reach the server's log lines, and its stderr is often a terminal: an
+    ESC sequence in a name (an OSC 52 clipboard write) arrives as text, newlines between lines kept."""
+    import argparse
+    import logging
+
+    from longllama_lsp.server import RedactingFormatter, add_arguments, run
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "skipped %s\nnext", ("a\x1b]52;c;eA==\x07.py",), None)
+    line = RedactingFormatter("%(message)s").format(record)
+    assert line == "skipped a\\x1b]52;c;eA==\\x07.py\nnext"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--tcp", "--host", "\x1b]0;owned\x07"])) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b]0;owned" in err
+
+
 def listening_addresses(port: int) -> set[str]:
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
