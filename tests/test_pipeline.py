@@ -280,6 +280,26 @@ def test_an_upgraded_secret_detector_checks_every_stored_file_again_once(repo, t
         assert scanned == []  # once: the new version is the stored one now
 
 
+def test_an_edit_of_our_own_secret_rules_changes_the_detector_version(tmp_path, monkeypatch):
+    """The gitleaks restatements and secret file names are ours, not detect-secrets': a release that adds
+    a rule must check stored files again as a detect-secrets upgrade does (the test above)."""
+    import importlib.util
+
+    import indexer.secrets as secrets
+
+    source = Path(secrets.__file__).read_text()
+    rule = '_gitleaks("npm-access-token", r"\\bnpm_[A-Za-z0-9]{36}\\b"),'
+    assert rule in source
+    edited = tmp_path / "secrets_edited.py"
+    edited.write_text(source.replace(rule, rule + '\n    _gitleaks("new-token", r"\\bnew_[A-Za-z0-9]{36}\\b"),'))
+    spec = importlib.util.spec_from_file_location("secrets_edited", edited)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "secrets_edited", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert len(module.GITLEAKS_RULES) == len(secrets.GITLEAKS_RULES) + 1
+    assert module.DETECTOR_VERSION != secrets.DETECTOR_VERSION
+
+
 def test_turning_include_secrets_off_drops_an_unchanged_secret_file(repo, tiny):
     """A file's stored size and mtime spare reading it only under the content rules it was checked by:
     indexed with include_secrets, an unchanged secret file leaves the index once that is off again."""
