@@ -114,6 +114,9 @@ class MemoryBank:
         self._touched_dirs: dict[str, int] = {}
         self._heap: list[tuple[tuple, int, Hashable, int]] = []
         self._view: Memory | None = None
+        # Per layer, the summaries of slots [0, end) until the next change: shared by every view, so a
+        # request's view (its open file masked) reuses their coarse level and compute-dtype copy.
+        self._summaries: dict[int, BlockSummary] = {}
         self.version = 0  # bumped on every change: callers may cache what they build from memory()
 
     @classmethod
@@ -130,6 +133,7 @@ class MemoryBank:
 
     def _changed(self) -> None:
         self._view = None
+        self._summaries.clear()
         self.version += 1
 
     def _alloc_storage(self, capacity: int) -> None:
@@ -290,6 +294,8 @@ class MemoryBank:
                 self._kmax[i][:, :nb].copy_(summaries[1][i][:, :nb])
         self._mask[:end].copy_(mask[:end])
         self._owner[:end].copy_(owner[:end])
+        self._view = None  # views of the old storage would keep it alive
+        self._summaries.clear()
 
     def _maybe_compact(self) -> None:
         if self._end and self._free_tokens / self._end > self.compact_threshold:
@@ -399,8 +405,11 @@ class MemoryBank:
         """Summaries of slots [0, end) (end is block-aligned), views (1, Hkv, end / bs, D)."""
         if self.block_size is None:
             return None
-        nb = end // self.block_size
-        return BlockSummary(self.block_size, self._kmin[layer][None, :, :nb], self._kmax[layer][None, :, :nb])
+        if layer not in self._summaries:
+            nb = end // self.block_size
+            self._summaries[layer] = BlockSummary(self.block_size, self._kmin[layer][None, :, :nb],
+                                                  self._kmax[layer][None, :, :nb])
+        return self._summaries[layer]
 
     def slot_owner(self, slot: int) -> Any | None:
         """The meta of the chunk holding memory slot `slot` (as indexed in `memory()`), None if free."""

@@ -317,3 +317,22 @@ def test_bank_memory_carries_its_summaries_to_the_model(monkeypatch):
     sparse, _ = attend(q, k, v, mask, memory, sparse=Sparse(4, 5 * 4))  # the 5 live blocks
     assert memory.num_tokens == 8 * 4
     assert (dense - sparse).abs().max() < 1e-6
+
+
+def test_views_share_summaries_their_coarse_level_and_cast_until_the_bank_changes():
+    """Each request's view masks another file; its summaries (and what selection derives from them:
+    the coarse level, the compute-dtype copy) are the bank's until the bank changes, not rebuilt per
+    request (at 1M tokens that was tens of ms per request)."""
+    b = bank(block_size=4, compact_threshold=1.0)
+    for cid, n in enumerate([5, 9, 3, 8]):
+        b.add(cid, mem(n, cid), meta(f"f{cid}.py", cid))
+    first, second = b.memory(exclude_paths=["f0.py"])[0].summary, b.memory(exclude_paths=["f1.py"])[0].summary
+    assert first is second and b.memory()[0].summary is first
+    assert first.coarse(2) is second.coarse(2)
+    assert first.cast("cpu", torch.bfloat16) is second.cast("cpu", torch.bfloat16)
+    assert first.cast("cpu", torch.bfloat16).kmin.dtype == torch.bfloat16 and first.cast("cpu", first.kmin.dtype) is first
+    b.add(9, mem(4, 9), meta("f9.py", 9))
+    after = b.memory(exclude_paths=["f0.py"])[0].summary
+    assert after is not first and after.num_blocks == first.num_blocks + 1
+    b.reserve(4096)  # new storage: no view of the old one stays cached
+    assert b.memory(exclude_paths=["f0.py"])[0].summary is not after

@@ -263,11 +263,9 @@ class _SparseState:
 
     @classmethod
     def of(cls, memory: MemCache, sparse: Sparse, device, dtype: torch.dtype, batch: int) -> _SparseState:
-        summary = memory.blocks(sparse.block_size, device)  # built once per memory, then kept
-        if summary.kmin.dtype != dtype or summary.kmin.device != torch.device(device):
-            # Kept in the compute dtype and device: converting (B, Hkv, NB, D) every step costs more than scoring.
-            summary = memory.summary = BlockSummary(summary.size, summary.kmin.to(device, dtype),
-                                                    summary.kmax.to(device, dtype))
+        # Built once per memory and kept in the compute dtype and device: converting (B, Hkv, NB, D)
+        # every step costs more than scoring.
+        summary = memory.blocks(sparse.block_size, device).cast(device, dtype)
         visible = memory.visible_blocks(sparse.block_size, device)
         coarse = coarse_visible = None
         if summary.num_blocks > sparse.coarse_from:

@@ -32,8 +32,10 @@ class BlockSummary:
     size: int
     kmin: torch.Tensor
     kmax: torch.Tensor
-    # The coarse level (groups of blocks), built on first use and kept with these summaries.
+    # The coarse level (groups of blocks) and a copy in the compute dtype, built on first use and kept
+    # with these summaries: a bank's summaries serve every request's view (each masks another file).
     _coarse: BlockSummary | None = field(default=None, init=False, repr=False, compare=False)
+    _cast: BlockSummary | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
@@ -53,6 +55,15 @@ class BlockSummary:
 
             self._coarse = BlockSummary(self.size * group, reduce(self.kmin, torch.amin), reduce(self.kmax, torch.amax))
         return self._coarse
+
+    def cast(self, device, dtype: torch.dtype) -> BlockSummary:
+        """These summaries on `device` in `dtype` (self when they are); the copy is kept."""
+        device = torch.device(device)
+        if self.kmin.dtype == dtype and self.kmin.device == device:
+            return self
+        if self._cast is None or self._cast.kmin.dtype != dtype or self._cast.kmin.device != device:
+            self._cast = BlockSummary(self.size, self.kmin.to(device, dtype), self.kmax.to(device, dtype))
+        return self._cast
 
     @classmethod
     def of(cls, keys: torch.Tensor, size: int, device=None) -> BlockSummary:
