@@ -215,6 +215,21 @@ def test_summaries_are_built_once_per_memory(monkeypatch):
     assert built == [BLOCK] * len(model.config.mem_layers)
 
 
+def test_visible_groups_are_computed_once_per_memory_with_a_short_last_group():
+    """Two-level selection asks every layer and step for the groups holding a visible block: computed
+    once per memory (and mask), a group visible when any of its blocks is, the short last group too."""
+    m, size, group = 7 * 4, 4, 3  # 7 blocks: groups of 3, 3 and 1
+    mask = torch.full((1, 1, m, 1), MASK_MIN)
+    mask[0, 0, 13] = 0.0  # block 3: group 1
+    mask[0, 0, 25] = 0.0  # block 6: the short last group
+    keys = torch.randn(1, 2, m, 8)
+    memory = MemCache(keys, keys.clone(), mask)
+    groups = memory.visible_groups(size, group)
+    assert groups.tolist() == [[False, True, True]]
+    assert memory.visible_groups(size, group) is groups
+    assert memory.visible_groups(size, 2).tolist() == [[False, True, False, True]]
+
+
 def test_block_aligned_concat_keeps_summaries():
     keys = torch.randn(1, 2, 64, 8)
     a = MemCache(keys[:, :, :32], keys[:, :, :32].clone(), torch.zeros(1, 1, 32, 1))

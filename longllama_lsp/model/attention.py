@@ -270,9 +270,7 @@ class _SparseState:
         coarse = coarse_visible = None
         if summary.num_blocks > sparse.coarse_from:
             coarse = summary.coarse(sparse.group)  # kept with the summary
-            pad = -summary.num_blocks % sparse.group
-            coarse_visible = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, sparse.group)
-            coarse_visible = coarse_visible.any(dim=-1)  # (B, NG)
+            coarse_visible = memory.visible_groups(sparse.block_size, sparse.group, device)  # (B, NG), kept
         state = cls(summary, visible, sparse.budget, coarse, coarse_visible)
         return state.expand(batch) if summary.kmin.shape[0] != batch else state
 

@@ -102,6 +102,8 @@ class MemCache:
     # with the memory; keys/values may stay in host memory (the host tier) while these live on the device.
     summary: BlockSummary | None = field(default=None, repr=False, compare=False)
     _visible: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _visible_groups: tuple[int, int, torch.Tensor] | None = field(default=None, init=False, repr=False,
+                                                                  compare=False)
 
     def __post_init__(self):
         b, h, m, d = self.keys.shape
@@ -135,6 +137,15 @@ class MemCache:
             seen[:, :m] = self.mask[:, 0, :, 0].to(device) > MASK_MIN / 2
             self._visible = (size, seen.view(b, nb, size).any(dim=-1))
         return self._visible[1]
+
+    def visible_groups(self, size: int, group: int, device=None) -> torch.Tensor:
+        """(B, NG) bool: groups of `group` blocks of `size` holding a visible block; kept as visible_blocks."""
+        if self._visible_groups is None or self._visible_groups[:2] != (size, group):
+            visible = self.visible_blocks(size, device)  # (B, NB)
+            pad = -visible.shape[1] % group
+            groups = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, group).any(dim=-1)
+            self._visible_groups = (size, group, groups)
+        return self._visible_groups[2]
 
     @classmethod
     def concat(cls, parts: Iterable[MemCache]) -> MemCache:
