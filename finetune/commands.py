@@ -60,7 +60,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="output directory (model delta, report, metrics)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on the memory layers' attention "
-                   "(merged into the delta) instead of the memory layers' q/k/v/o weights")
+                   "(kept as low-rank pairs in the delta) instead of the memory layers' q/k/v/o weights")
     p.add_argument("--all", dest="train_all", action="store_true", help="train every parameter (implies --full)")
     p.add_argument("--full", action="store_true", help="write a full checkpoint instead of a weight delta")
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget (default: 10)")

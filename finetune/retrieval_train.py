@@ -13,14 +13,18 @@ path through the chunk's own hidden states (a memory layer changing the inputs o
 which moves slowly. Shared distractors (the pool) are re-encoded every `pool_refresh` steps and
 their keys/values recomputed with the current weights at every step.
 
+What trains (`[model] train`): "memory" (the memory layers' q/k/v/o, as FoT), "lora" (adapters on
+`lora_layers` x `lora_targets`; "all" layers with the MLPs is what run 4 tried: the delta keeps
+them as low-rank pairs) or "all" (every weight; a full checkpoint, no per-step delta).
+
 Run directory (`train.out_dir`):
     train_config.json          the three tables + package versions
     metrics.jsonl              per logged step: loss, per-kind loss and top-1 accuracy on flagged tokens,
                                lm_nll (the guard term's no-memory NLL, with [retrieval] lm_rows > 0)
     checkpoints/step-N/        trainable tensors + optimizer (safetensors / weights_only torch.save),
                                trainer_state.json, and delta/ (adapter.safetensors + adapter.json: a
-                               weight delta that `longllama eval --model` loads)
-    adapter.safetensors, adapter.json   the final delta
+                               weight delta that `longllama eval --model` loads; not for "all")
+    adapter.safetensors, adapter.json   the final delta ("all": config.json + model.safetensors)
 Resume: `-o train.resume=latest` (or `--resume`); each step's examples are seeded by (seed, step),
 so a resumed run sees the same data as an uninterrupted one.
 """
