@@ -10,7 +10,8 @@ clients that never authenticate cannot take the slots of real editors:
     session  (<= max_sessions, closed after idle_s without a message, messages <= max_message_bytes)
 
 Message sizes are read from Content-Length before the body: a body over the limit is skipped
-unread (a session is told why) and never parsed. Each session is its own LSP session (documents,
+unread (a session is told why) and never parsed. Replies a client leaves unread are bounded too
+(max_unread_bytes: past it the connection is closed). Each session is its own LSP session (documents,
 initialize/shutdown); `exit` ends that session and its connection, not the process. A dropped
 connection cancels its session's pending requests and releases its roots (`end_session`).
 """
@@ -58,6 +59,9 @@ class TcpLimits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_initialize_bytes: int = 64 << 10
     max_header_bytes: int = MAX_HEADER_BYTES  # one header line; longer ends the connection
+    # Replies the client has not read yet, beyond the kernel's buffers: a client that keeps sending
+    # requests and never reads would grow them without end. Past this the connection is closed.
+    max_unread_bytes: int = 64 << 20
 
 
 class TooLarge(Exception):
@@ -146,6 +150,28 @@ class TcpSessionProtocol(LongLlamaProtocol):
             writer.close()
 
 
+class BoundedWriter:
+    """A session's writer: closes the connection once the replies its client has not read pass
+    `max_unread` bytes (the transport's buffer), instead of buffering them without end."""
+
+    def __init__(self, writer: asyncio.StreamWriter, max_unread: int, session_id: int):
+        self.writer, self.max_unread, self.session_id = writer, max_unread, session_id
+
+    def write(self, data: bytes) -> None:
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() + len(data) > self.max_unread:
+            logger.warning("TCP session %d: closed, its client left %d bytes of replies unread", self.session_id,
+                           transport.get_write_buffer_size())
+            transport.abort()
+            return
+        self.writer.write(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Discard:
     """The writer of a session whose connection is gone."""
 
@@ -212,7 +238,7 @@ def serve_tcp(host: str, port: int, new_session: Callable[[], LongLlamaServer], 
         CURRENT_SESSION.set(session)  # this task's context: its handlers' logs go to this client
         shared.sessions[session.session_id] = session
         session._stop_event = threading.Event()
-        session.protocol.set_writer(writer)  # type: ignore[arg-type]
+        session.protocol.set_writer(BoundedWriter(writer, limits.max_unread_bytes, session.session_id))  # type: ignore[arg-type]
         logger.info("TCP session %d from %s (%d open)", session.session_id, peer, len(shared.sessions))
         try:
             deliver(session, first)

@@ -219,3 +219,32 @@ def test_idle_and_pre_initialize_timeouts(model_dir, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_client_that_never_reads_its_replies_is_closed_at_the_bound():
+    """A session's replies go through BoundedWriter: a peer that never reads (here over a real socket
+    whose other end only sends) is disconnected once its unread replies pass the bound, instead of the
+    server buffering them without end (before: 10 MB of replies all buffered)."""
+    import asyncio
+
+    from longllama_lsp.tcp import BoundedWriter
+
+    bound, reply = 256 << 10, b"x" * 1000
+
+    async def flood() -> tuple[int, bool]:
+        ours, theirs = socket.socketpair()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        _, writer = await asyncio.open_connection(sock=ours)
+        bounded = BoundedWriter(writer, bound, session_id=1)
+        sent = 0
+        while sent < 10_000 and not writer.transport.is_closing():  # 10 MB of replies, none read
+            bounded.write(reply)
+            sent += 1
+            await asyncio.sleep(0)  # the loop hands the kernel what it takes
+        closed = writer.transport.is_closing()
+        theirs.close()
+        return sent, closed
+
+    sent, closed = asyncio.run(flood())
+    print(f"closed after {sent} KB of unread replies (bound {bound >> 10} KB + the kernel's buffers)")
+    assert closed and sent * len(reply) < bound + (4 << 20)
