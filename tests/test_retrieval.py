@@ -281,6 +281,27 @@ def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
     assert stats["passkey_n"] > 0 and 0 <= stats["passkey_acc"] <= 1
 
 
+def test_batch_loss_with_the_servers_sparse_selection_trains_through_the_selected_blocks(maker):
+    """mem_budget set (the server's memory.selectTokens, via [model] config_overrides): the loss is
+    that of attention to the top blocks only (it differs from dense), and gradient still reaches the
+    memory layers' k/v projections, through the rows selection kept."""
+    from finetune.retrieval_train import batch_loss, encode_inputs
+
+    model = _tiny(vocab_size=len(maker.tok))
+    rng = random.Random(0)
+    batch = [maker.passkey(rng), maker.synthetic(rng)]
+    pool = encode_inputs(model, [maker.filler_chunk(rng) for _ in range(4)], maker.args.chunk_len, 0)
+    dense, _ = batch_loss(model, batch, pool, [3] * 4, maker.args.chunk_len, 0)
+    model.config.mem_block_size, model.config.mem_budget = 8, 16  # 2 blocks of the ~100 in memory
+    att = model.model.layers[model.config.mem_layers[0]].self_attn
+    model.zero_grad()
+    sparse, _ = batch_loss(model, batch, pool, [3] * 4, maker.args.chunk_len, 0)
+    sparse.backward()
+    assert abs(float(sparse) - float(dense)) > 1e-4
+    for lin in (att.k_proj, att.v_proj):
+        assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
+
+
 def _saved_tiny(path: Path, tokenizer) -> Path:
     """A tiny model with the test tokenizer's vocabulary, saved as a full checkpoint (a training base)."""
     from finetune.config import RunConfig
