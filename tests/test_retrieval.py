@@ -590,13 +590,18 @@ def test_eval_select_tokens_runs_the_sparse_path(capsys, monkeypatch):
 
 
 def test_shipped_recipes_load_and_dispatch(tmp_path):
+    from finetune.config import TRAIN_MODES
     from finetune.retrieval_train import RetrievalConfig, is_retrieval_recipe
+    from longllama_lsp.model import LongLlamaConfig
 
     configs = Path(__file__).parents[1] / "finetune" / "configs"
     for name in ("retrieval-cpu.toml", "retrieval-gpu.toml"):
         assert is_retrieval_recipe(configs / name)
         cfg = RetrievalConfig.load(configs / name, ["train.steps=3"])
-        assert cfg.train.steps == 3 and cfg.model.train == "memory"
+        assert cfg.train.steps == 3 and cfg.model.train in TRAIN_MODES
+        config = LongLlamaConfig(**cfg.model.config_overrides)  # a misspelt field would be ignored silently
+        assert all(getattr(config, k) == v for k, v in cfg.model.config_overrides.items())
+        assert all(k in LongLlamaConfig().to_dict() for k in cfg.model.config_overrides)
     assert not is_retrieval_recipe(configs / "default-memory.toml")  # FoT recipes keep their trainer
     bad = tmp_path / "bad.toml"
     bad.write_text("[retrieval]\nmix = { repo = 1.0, poetry = 1.0 }\n")
