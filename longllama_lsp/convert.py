@@ -159,15 +159,24 @@ def open_source(src: str | Path, progress: Progress = _quiet) -> Source:
         if not is_hub_id(str(src)):
             raise ModelError(f"{src}: no such file or folder")
         path, hub_id = download(str(src), progress), str(src)
-    path = path.absolute()
+    path = convertible(path.absolute())
+    source = _read_gguf(path, progress) if path.is_file() else _read_folder(path, progress)
+    source.hub_id = hub_id
+    return source
+
+
+def convertible(path: Path) -> Path:
+    """The file or folder to read for existing `path`: a folder without config.json may hold one .gguf.
+
+    ModelError otherwise, raised before anything is written (resolve checks it before taking a lock
+    in the cache, so a wrong --model leaves nothing behind there).
+    """
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
             raise ModelError(f"{path}: not a checkpoint folder (no config.json) and not holding exactly one .gguf")
-        path = ggufs[0]
-    source = _read_gguf(path, progress) if path.is_file() else _read_folder(path, progress)
-    source.hub_id = hub_id
-    return source
+        return ggufs[0]
+    return path
 
 
 def _read_gguf(path: Path, progress: Progress) -> Source:

@@ -34,6 +34,7 @@ from .convert import (
     CONVERT_FORMAT,
     Progress,
     convert,
+    convertible,
     download,
     is_hub_id,
     print_to_stderr,
@@ -90,6 +91,7 @@ def resolve_value(value: str, origin: str = "--model", progress: Progress = prin
         return path  # resolve_model builds it into a checkpoint unless training asks for the delta
     if path.is_dir() and (path / "config.json").is_file() and read_config_dict(path).get("model_type") == "longllama":
         return path
+    convertible(path)  # a folder that is no model fails here, before a lock file in the cache
     target = cache_dir() / "models" / f"{_slug(path)}-{source_key(path)}"
     return ensure_converted(path, target, progress, f"Converting {path} to LongLLaMA format (one time)...")
 

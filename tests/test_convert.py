@@ -428,6 +428,15 @@ def test_missing_model_names_where_it_came_from(tmp_path, cache, monkeypatch):
         resolve_model()
 
 
+def test_a_folder_that_is_no_model_leaves_nothing_in_the_cache(tmp_path, cache):
+    """A wrong --model (an empty folder, a source tree) is refused before a lock file is made there."""
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "main.py").write_text("print('hi')\n")
+    with pytest.raises(ModelError, match="not a checkpoint folder"):
+        resolve_model(str(tmp_path / "not-a-model"))
+    assert not cache.exists() or not any(cache.rglob("*"))
+
+
 def test_llama_folder_is_converted_once_per_version_of_it(tmp_path, cache):
     src = tiny_llama_dir(tmp_path / "My Llama")
     messages: list[str] = []
