@@ -116,19 +116,23 @@ def test_bundled_model_carries_the_fot_trained_memory_layers(smollm2, tmp_path):
     """The shipped FoT delta (issue 6) is installed beside the converted weights and applied on load."""
     from safetensors.torch import load_file
 
-    from longllama_lsp.model.loading import fingerprint_details
+    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, fingerprint_details, split_weight_delta
     from longllama_lsp.resolve import DEFAULT_MEMORY_ADAPTER, install_adapter
 
     installed = smollm2.path / "adapter.safetensors"
     assert installed.read_bytes() == DEFAULT_MEMORY_ADAPTER.read_bytes()
-    delta = load_file(str(DEFAULT_MEMORY_ADAPTER))
-    assert {n.split(".")[2] for n in delta} == {"7", "14", "21"} and len(delta) == 12  # q/k/v/o of memory layers
-    trained, untrained = load_model(smollm2.path), load_model(smollm2.path, adapter=False)
-    for name, p in trained.state_dict().items():
-        if name in delta:
-            assert torch.equal(p, delta[name].float()) and not torch.equal(p, untrained.state_dict()[name])
+    replace, low_rank = split_weight_delta(load_file(str(DEFAULT_MEMORY_ADAPTER)))
+    assert {n.split(".")[2] for n in replace} == {"7", "14", "21"} and len(replace) == 12  # q/k/v/o of memory layers
+    assert len(low_rank) == 30 * 7 - 12  # issue 16: LoRA on every other attention and MLP projection
+    trained, untrained = load_model(smollm2.path).state_dict(), load_model(smollm2.path, adapter=False).state_dict()
+    for name, p in trained.items():
+        if name in replace:
+            assert torch.equal(p, replace[name].float()) and not torch.equal(p, untrained[name])
+        elif name in low_rank:
+            step = low_rank[name][LOW_RANK_UP].float() @ low_rank[name][LOW_RANK_DOWN].float()
+            assert torch.equal(p, untrained[name] + step) and not torch.equal(p, untrained[name])
         else:
-            assert torch.equal(p, untrained.state_dict()[name])
+            assert torch.equal(p, untrained[name])
     assert fingerprint_details(smollm2.path)["adapter"] == file_sha256(installed)  # the index follows the weights
     stale = tmp_path / "ckpt"
     stale.mkdir()
@@ -144,12 +148,14 @@ def test_bundled_model_through_from_pretrained_has_fot_trained_memory(smollm2):
     from safetensors.torch import load_file
 
     from longllama_lsp.model import LongLlamaForCausalLM
-    from longllama_lsp.model.loading import memory_training
+    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, memory_training
 
     assert memory_training(smollm2.path) == "FoT weight delta (adapter.safetensors)"
-    delta = load_file(str(smollm2.path / "adapter.safetensors"))
     hf = LongLlamaForCausalLM.from_pretrained(smollm2.path).state_dict()
-    assert all(torch.equal(hf[name], tensor.float()) for name, tensor in delta.items())
+    ours = load_model(smollm2.path).state_dict()  # replacements and low-rank pairs (the test above)
+    changed = {name.removesuffix(LOW_RANK_DOWN).removesuffix(LOW_RANK_UP)
+               for name in load_file(str(smollm2.path / "adapter.safetensors"))}
+    assert len(changed) == 30 * 7 and all(torch.equal(hf[name], ours[name]) for name in changed)
     card = (smollm2.path / "README.md").read_text()
     assert "| FoT memory delta | FoT weight delta (adapter.safetensors); applied by" in card
     assert "| memory layers (0-based) | 7, 14, 21 |" in card and "not FoT-trained" not in card
