@@ -113,10 +113,15 @@ def test_bundled_model_is_converted_once_into_the_cache(smollm2, monkeypatch):
 
 
 def test_bundled_model_carries_the_fot_trained_memory_layers(smollm2, tmp_path):
-    """The shipped FoT delta (issue 6) is installed beside the converted weights and applied on load."""
+    """The shipped delta (issue 6 FoT + issue 16 LoRA) is installed beside the converted weights and applied on load."""
     from safetensors.torch import load_file
 
-    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, fingerprint_details, split_weight_delta
+    from longllama_lsp.model.loading import (
+        LOW_RANK_DOWN,
+        LOW_RANK_UP,
+        fingerprint_details,
+        split_weight_delta,
+    )
     from longllama_lsp.resolve import DEFAULT_MEMORY_ADAPTER, install_adapter
 
     installed = smollm2.path / "adapter.safetensors"
