@@ -194,7 +194,7 @@ class Indexer:
         self.rules, self._chunk_tokens = rules, chunk_tokens
         self.lock = threading.RLock()
         self.loaded = False  # bank filled from the store
-        self.state = "idle"  # idle | indexing | watching
+        self.state = "read-only" if store.readonly else "idle"  # idle | indexing | watching | read-only
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
         self._trust_mtime = False  # a file's stored size/mtime spares reading it (same content rules)
@@ -544,8 +544,11 @@ class Indexer:
     # -- watching -------------------------------------------------------------------------------
 
     def start_watching(self, debounce: float = 0.3, on_update: Callable[[IndexSummary], None] | None = None):
+        """Keep the index current as files change; None for a read-only index (its writer watches)."""
         from indexer.watcher import Watcher
 
+        if self.store.readonly:
+            return None
         if self._watcher is None:
             self._watcher = Watcher(self.root, self.update, debounce=debounce, on_update=on_update)
             self._watcher.start()

@@ -33,9 +33,7 @@ from .cli import (
 )
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
-from .errors import IndexBusy
-from .repository import Repository
-from .workspace import Workspace, open_indexer, untrained_memory_warning
+from .workspace import Workspace, untrained_memory_warning
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
     opts = EngineOptions(memory=not args.no_memory, select_tokens=args.select_tokens,
                          **{k: v for k, v in options.items() if v is not None})
     engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
-    workspace = Workspace(engine, _open_repository)
+    workspace = Workspace(engine)  # open_indexer: read-only while another process writes
     try:
         engine.wait_ready()
         if not args.no_memory:
@@ -110,18 +108,6 @@ def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
         workspace.close()
         raise
     return workspace
-
-
-def _open_repository(root: Path, engine: Engine, budget_tokens: int | None) -> Repository:
-    """`root`'s indexer; while another process writes its index (`longllama watch`, a server), a
-    read-only one: SQLite lets it read the last commit, and the file in hand is read in memory."""
-    try:
-        return open_indexer(root, engine, budget_tokens)
-    except IndexBusy as busy:
-        logger.warning("index %s is being written by another process (PID %s, e.g. `longllama watch` or a "
-                       "server): using it read-only as it is; files changed since that process last indexed "
-                       "them are not in memory, the file you name is read as it is now", busy.path, busy.holder)
-    return open_indexer(root, engine, budget_tokens, readonly=True)
 
 
 def warn_if_memory_untrained(model_dir: Path | None) -> None:

@@ -277,11 +277,20 @@ class LongLlamaServer(LanguageServer):
                         if self.ended:
                             return  # its roots were released meanwhile
                         await self.loop.run_in_executor(None, workspace.watch, repo)
+                    await self._say_if_read_only(repo)
             self.indexing_state = "watching" if self.repositories else "idle"
         except Exception as exc:  # noqa: BLE001 - completions keep working without (some) memory
             logger.exception("indexing failed")
             self.indexing_state, self.indexing_error = "error", str(exc)
             self.show(f"longllama: indexing failed: {exc}", types.MessageType.Error)
+
+    async def _say_if_read_only(self, repo: Repository) -> None:
+        """The editor says why edits of closed files do not reach memory (workspace.open_indexer)."""
+        state = (await self.loop.run_in_executor(None, repository_status, repo)).get("state")
+        if state == "read-only":
+            self.show(f"longllama: the index of {repo.root} is being written by another process (e.g. "
+                      f"`longllama watch`); using it read-only: files changed since it last indexed them "
+                      f"are not in memory until it does (open files are read as they are)", once=True)
 
     def stop_indexing(self) -> None:
         if self.shared.workspace is not None:

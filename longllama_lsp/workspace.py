@@ -33,16 +33,29 @@ logger = logging.getLogger(__name__)
 RepositoryFactory = Callable[[Path, "Engine", "int | None"], Repository]
 
 
-def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None, *, readonly: bool = False
-                 ) -> Repository:
+def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None) -> Repository:
     """indexer.pipeline.Indexer for `root` on the engine's model; it encodes on the engine's worker.
-    readonly: it reads the index another process writes (Indexer.open)."""
+
+    While another process writes the index (`longllama watch`, another server), a read-only one
+    (status state "read-only"): SQLite lets it read the last commit, an open buffer is encoded in
+    memory, and nothing is written or watched here. Refusing instead left a server without any
+    repository memory whenever the user also ran `longllama watch`.
+    """
     from indexer.pipeline import Indexer
+
+    from .errors import IndexBusy
 
     if engine.model_dir is None:
         raise ValueError("indexing needs the model's checkpoint folder (Engine.model_dir)")
-    return Indexer.open(root, engine.model, engine.tokenizer, engine.model_dir, budget_tokens=budget_tokens,
-                        run_model=engine.on_worker, readonly=readonly)
+    args = (root, engine.model, engine.tokenizer, engine.model_dir)
+    try:
+        return Indexer.open(*args, budget_tokens=budget_tokens, run_model=engine.on_worker)
+    except IndexBusy as busy:
+        logger.warning("index %s is being written by another process (PID %s, e.g. `longllama watch` or a "
+                       "server): using it read-only as it is; files changed since that process last indexed "
+                       "them are not in memory, the files open here are read as they are now",
+                       busy.path, busy.holder)
+    return Indexer.open(*args, budget_tokens=budget_tokens, run_model=engine.on_worker, readonly=True)
 
 
 @dataclasses.dataclass(eq=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_models import smol_tokenizer_dir, tiny_model_dir, write_tiny_model  # noqa: F401
+from helpers_store import start_writer
 
 from indexer.pipeline import Indexer
 from indexer.store import Store
@@ -683,20 +684,6 @@ def test_cli_status_escapes_control_characters_from_the_store(tiny, capsys, tmp_
     assert f"  blob{escaped}.bin: " in out
 
 
-WRITER = """\
-import sys, time
-from pathlib import Path
-from indexer.pipeline import checkpoint_fingerprint
-from indexer.store import Store
-
-store = Store.open(sys.argv[1], checkpoint_fingerprint(Path(sys.argv[2])))  # the writer lock, as `watch` holds it
-print("writing", flush=True)
-while True:  # and commits, as it does
-    store.set_meta("heartbeat", str(time.time()))
-    time.sleep(0.01)
-"""
-
-
 def test_complete_without_a_server_reads_an_index_another_process_writes(tiny, capsys, caplog, tmp_path):
     """`longllama watch` (or a server) holds the index's writer lock: `complete` and `ask --no-server` read the index
     as it is, read-only (a WAL reader is never blocked), and says so; it failed with 'is being written by
@@ -708,10 +695,8 @@ def test_complete_without_a_server_reads_an_index_another_process_writes(tiny, c
     with Store.open(db, None, readonly=True) as store:
         stored = store.stats().tokens
     (repo / "json/new.py").write_text("def added():\n    return 1\n")  # not indexed: read in memory
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), model], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    writer = start_writer(db, Path(model))
     try:
-        assert writer.stdout.readline() == "writing\n"
         capsys.readouterr()
         with caplog.at_level("WARNING"):
             rc = cli_main(["complete", f"{repo / 'json/new.py'}:2:5", "--repo", str(repo), "--model", model,

@@ -484,6 +484,45 @@ async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
+async def test_a_server_reads_the_index_another_process_writes(model_dir, tmp_path):
+    """`longllama watch` holds the index's writer lock: the server reads the index read-only, with its
+    memory, says so in the editor, and writes nothing; it used to fail ('indexing failed: ... is being
+    written by another process') and serve without repository memory.
+    Test Data: two small Python files indexed by `longllama index`, a third added afterwards."""
+    from helpers_store import start_writer
+
+    from indexer.store import Store
+    from longllama_lsp.cli import main as cli_main
+
+    for name, body in {"alpha.py": "def alpha():\n    return 1\n", "beta.py": "def beta(x):\n    return x * 2\n"}.items():
+        (tmp_path / name).write_text(body)
+    assert cli_main(["index", "--repo", str(tmp_path), "--model", str(model_dir), "-q"]) == 0
+    [db] = (tmp_path / ".longllama").glob("index-*.db")
+    (tmp_path / "gamma.py").write_text("def gamma():\n    return 3\n")  # changed after the writer indexed
+    writer = start_writer(db, model_dir)
+    client, _ = await start(server_command(model_dir), tmp_path, {"completion": {"debounceMs": 0}})
+    try:
+        for _ in range(2400):
+            if (now := await status(client)).indexing in ("watching", "error"):
+                break
+            await asyncio.sleep(0.05)
+        assert now.indexing == "watching", now.error
+        assert now.details[0]["state"] == "read-only" and now.files == 2 and now.memory_tokens > 0
+        shown = await wait_for(lambda: [m.message for m in client.messages if "read-only" in m.message], 30)
+        assert "another process" in shown[0]
+        assert not [m for m in client.messages if m.type == types.MessageType.Error]
+        assert writer.poll() is None  # nothing waited for it
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+        writer.kill()
+        writer.wait()
+    with Store.open(db, None, readonly=True) as store:
+        assert store.stats().files == 2 and store.file("gamma.py") is None  # the server wrote nothing
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
 async def test_the_open_file_and_its_imports_are_indexed_first(model_dir, tmp_path):
     """Test Data: ten small Python files; zeta.py (last in walk order) imports helper.py and is open."""
     files = {f"a{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(8)}
