@@ -179,6 +179,36 @@ class _Run:
             self.progress(Progress("ready", self.files_done, self.files, summary.tokens_encoded, message=tier))
 
 
+class _Follower:
+    """A read-only index's watcher: polls SQLite's data_version (a counter of other connections'
+    commits) and lets the indexer bank what its writer committed. Not filesystem events: they come
+    before the writer has re-encoded the file."""
+
+    def __init__(self, indexer: Indexer, interval: float = 1.0):
+        self.indexer, self.interval = indexer, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="longllama-follow", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        seen = None
+        while not self._stop.wait(self.interval):
+            try:
+                version = self.indexer.store.data_version()
+                if version != seen:
+                    seen = version
+                    if changed := self.indexer.follow_writer():
+                        logger.info("%s: %d files from the index's writer", self.indexer.root, changed)
+            except Exception:  # noqa: BLE001 - a damaged read must not end following; the next commit retries
+                logger.exception("following the index of %s failed", self.indexer.root)
+
+
 class Indexer:
     """Keeps one repository's memory current: SQLite cache on disk, MemoryBank on the device.
 
@@ -198,6 +228,7 @@ class Indexer:
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
         self._trust_mtime = False  # a file's stored size/mtime spares reading it (same content rules)
+        self._followed: dict[str, tuple[str | None, int]] = {}  # read-only: the writer's files as banked
 
     @property
     def bank(self) -> MemoryBank:
@@ -300,8 +331,21 @@ class Indexer:
         """Everything stored goes into the bank on the first pass (later passes refresh what changed)."""
         if self._bank is not None and not self.loaded:
             with self.lock:
+                if self.store.readonly:  # before the load: a commit in between is refreshed, not missed
+                    self._followed = self.store.file_signatures()
                 self._bank.load_from_store(self.store)
             self.loaded = True
+
+    def follow_writer(self) -> int:
+        """A read-only index: move what its writer committed since the last look into the bank (files
+        re-indexed, their memories stored, files dropped); returns how many files changed."""
+        now = self.store.file_signatures()
+        changed = [path for path, signature in now.items() if self._followed.get(path) != signature]
+        gone = [path for path in self._followed if path not in now]
+        self._unbank(gone)
+        self._refresh_bank(changed)
+        self._followed = now
+        return len(changed) + len(gone)
 
     def _load_stored(self, summary: IndexSummary, t0: float) -> IndexSummary:
         """A read-only index's pass: what another process stored goes into the bank; nothing is walked."""
@@ -544,11 +588,12 @@ class Indexer:
     # -- watching -------------------------------------------------------------------------------
 
     def start_watching(self, debounce: float = 0.3, on_update: Callable[[IndexSummary], None] | None = None):
-        """Keep the index current as files change; None for a read-only index (its writer watches)."""
+        """Keep the index current as files change; a read-only index follows what its writer commits."""
         from indexer.watcher import Watcher
 
-        if self.store.readonly:
-            return None
+        if self._watcher is None and self.store.readonly:
+            self._watcher = _Follower(self)
+            self._watcher.start()
         if self._watcher is None:
             self._watcher = Watcher(self.root, self.update, debounce=debounce, on_update=on_update)
             self._watcher.start()

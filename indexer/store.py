@@ -528,6 +528,21 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [key, value])
 
     @_reads
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's PRAGMA data_version): a reader's cue."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    @_reads
+    def file_signatures(self) -> dict[str, tuple[str | None, int]]:
+        """{path: (content hash, chunks whose memory is stored)} of every indexed file: what changes
+        when a writer re-indexes a file, and again when it stores the file's memories."""
+        files = dict(self.db.execute("SELECT path, content_hash FROM files WHERE status = 'indexed'"))
+        encoded = dict(self.db.execute(
+            "SELECT c.path, count(m.content_hash) FROM chunks c "
+            "LEFT JOIN memories m ON m.content_hash = c.content_hash GROUP BY c.path"))
+        return {path: (digest, encoded.get(path, 0)) for path, digest in files.items()}
+
+    @_reads
     def stats(self) -> StoreStats:
         one = lambda sql: self.db.execute(sql).fetchone()  # noqa: E731
         files, = one("SELECT count(*) FROM files WHERE status = 'indexed'")

@@ -285,12 +285,12 @@ class LongLlamaServer(LanguageServer):
             self.show(f"longllama: indexing failed: {exc}", types.MessageType.Error)
 
     async def _say_if_read_only(self, repo: Repository) -> None:
-        """The editor says why edits of closed files do not reach memory (workspace.open_indexer)."""
+        """The editor says why this server does not index (workspace.open_indexer)."""
         state = (await self.loop.run_in_executor(None, repository_status, repo)).get("state")
         if state == "read-only":
             self.show(f"longllama: the index of {repo.root} is being written by another process (e.g. "
-                      f"`longllama watch`); using it read-only: files changed since it last indexed them "
-                      f"are not in memory until it does (open files are read as they are)", once=True)
+                      f"`longllama watch`); using it read-only: memory follows what that process indexes "
+                      f"(open files are read as they are here)", once=True)
 
     def stop_indexing(self) -> None:
         if self.shared.workspace is not None:

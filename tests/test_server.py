@@ -486,8 +486,8 @@ async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
 @pytest.mark.asyncio
 async def test_a_server_reads_the_index_another_process_writes(model_dir, tmp_path):
     """`longllama watch` holds the index's writer lock: the server reads the index read-only, with its
-    memory, says so in the editor, and writes nothing; it used to fail ('indexing failed: ... is being
-    written by another process') and serve without repository memory.
+    memory, says so in the editor, writes nothing, and banks what the writer indexes later; it used to
+    fail ('indexing failed: ... is being written by another process') and serve without repository memory.
     Test Data: two small Python files indexed by `longllama index`, a third added afterwards."""
     from helpers_store import start_writer
 
@@ -512,13 +512,23 @@ async def test_a_server_reads_the_index_another_process_writes(model_dir, tmp_pa
         assert "another process" in shown[0]
         assert not [m for m in client.messages if m.type == types.MessageType.Error]
         assert writer.poll() is None  # nothing waited for it
+        with Store.open(db, None, readonly=True) as store:
+            assert store.stats().files == 2 and store.file("gamma.py") is None  # the server wrote nothing
+        writer.kill()
+        writer.wait()
+        before = now.memory_tokens  # the writer indexes gamma.py: the server's memory follows it
+        assert cli_main(["index", "--repo", str(tmp_path), "--model", str(model_dir), "-q"]) == 0
+        for _ in range(600):
+            if (now := await status(client)).memory_tokens > before:
+                break
+            await asyncio.sleep(0.05)
+        assert now.files == 3 and now.memory_tokens > before
+        assert now.details[0]["bank"]["live_chunks"] == now.chunks and now.details[0]["state"] == "read-only"
     finally:
         await client.shutdown_session()
         await client.stop()
         writer.kill()
         writer.wait()
-    with Store.open(db, None, readonly=True) as store:
-        assert store.stats().files == 2 and store.file("gamma.py") is None  # the server wrote nothing
 
 
 @pytest.mark.e2e
