@@ -38,8 +38,8 @@ def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None) -
 
     While another process writes the index (`longllama watch`, another server), a read-only one
     (status state "read-only"): SQLite lets it read the last commit, an open buffer is encoded in
-    memory, and nothing is written or watched here. Refusing instead left a server without any
-    repository memory whenever the user also ran `longllama watch`.
+    memory, nothing is written here, and watching it follows what the writer commits. Refusing
+    instead left a server without any repository memory whenever the user also ran `longllama watch`.
     """
     from indexer.pipeline import Indexer
 

@@ -26,6 +26,14 @@ if not os.environ.get("LONGLLAMA_TEST_RUNTIME"):
     os.environ["XDG_RUNTIME_DIR"] = os.environ["LONGLLAMA_TEST_RUNTIME"] = tempfile.mkdtemp(prefix="longllama-run-")
 
 
+# ... and build models in a cache of this run: a test that resolves a model must not leave files in
+# the user's ~/.cache/longllama (tests that need a particular cache set LONGLLAMA_CACHE themselves).
+if not os.environ.get("LONGLLAMA_TEST_CACHE"):
+    import tempfile
+
+    os.environ["LONGLLAMA_CACHE"] = os.environ["LONGLLAMA_TEST_CACHE"] = tempfile.mkdtemp(prefix="longllama-cache-")
+
+
 def pytest_report_header(config):
     import transformers
     import tree_sitter
