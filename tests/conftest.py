@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -32,6 +33,18 @@ if not os.environ.get("LONGLLAMA_TEST_CACHE"):
     import tempfile
 
     os.environ["LONGLLAMA_CACHE"] = os.environ["LONGLLAMA_TEST_CACHE"] = tempfile.mkdtemp(prefix="longllama-cache-")
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_outlives_its_test():
+    """cli.main and the servers' mains, run in-process, add a root log handler on sys.stderr as this
+    test captured it; a later test's thread logging into that closed stream printed '--- Logging
+    error --- ValueError: I/O operation on closed file' in full runs."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before and not type(h).__module__.startswith("_pytest")]:
+        root.removeHandler(handler)
 
 
 def pytest_report_header(config):
