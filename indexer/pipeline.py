@@ -182,10 +182,13 @@ class _Run:
 class _Follower:
     """A read-only index's watcher: polls SQLite's data_version (a counter of other connections'
     commits) and lets the indexer bank what its writer committed. Not filesystem events: they come
-    before the writer has re-encoded the file."""
+    before the writer has re-encoded the file. Once the writer has stopped, the indexer takes the
+    index over and watches files itself (`Indexer.take_over`); this thread then ends."""
 
-    def __init__(self, indexer: Indexer, interval: float = 1.0):
+    def __init__(self, indexer: Indexer, debounce: float, on_update: Callable[[IndexSummary], None] | None,
+                 interval: float = 1.0):
         self.indexer, self.interval = indexer, interval
+        self.debounce, self.on_update = debounce, on_update  # for the file watcher after a take-over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="longllama-follow", daemon=True)
 
@@ -194,12 +197,19 @@ class _Follower:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def _run(self) -> None:
         seen = None
         while not self._stop.wait(self.interval):
             try:
+                if self.indexer.take_over(self):
+                    return
                 version = self.indexer.store.data_version()
                 if version != seen:
                     seen = version
@@ -592,13 +602,33 @@ class Indexer:
         from indexer.watcher import Watcher
 
         if self._watcher is None and self.store.readonly:
-            self._watcher = _Follower(self)
+            self._watcher = _Follower(self, debounce, on_update)
             self._watcher.start()
         if self._watcher is None:
             self._watcher = Watcher(self.root, self.update, debounce=debounce, on_update=on_update)
             self._watcher.start()
             self.state = "watching"
         return self._watcher
+
+    def take_over(self, follower: _Follower) -> bool:
+        """A read-only index whose writer has stopped: write it from here on. What changed since the
+        writer last indexed is indexed, then file events are watched instead of the writer's commits.
+        False while the writer is still there."""
+        with self.lock:
+            if not self.store.take_over():
+                return False
+        logger.warning("the index of %s is no longer written by another process: this one writes it now",
+                       self.root)
+        self._followed = {}
+        self.state = "idle"
+        summary = self.index()
+        if follower.stopped or self._watcher is not follower:
+            return True  # closed meanwhile: nothing to watch
+        self._watcher = None
+        self.start_watching(follower.debounce, follower.on_update)
+        if follower.on_update is not None:
+            follower.on_update(summary)
+        return True
 
     def stop_watching(self) -> None:
         if self._watcher is not None:

@@ -345,6 +345,22 @@ class Store:
         if self._lock is not None:
             self._lock.release()
 
+    def take_over(self) -> bool:
+        """A read-only store becomes the writer once the process that wrote it has stopped (its lock,
+        a read-write connection); False while that process still writes. A server beside
+        `longllama watch` would otherwise stay read-only, and miss every later edit, after watch ends."""
+        if not self.readonly:
+            return True
+        try:
+            writer = Store.open(self.path, self.fingerprint)
+        except IndexBusy:
+            return False
+        reader = self.db
+        self.db, self._lock, self.readonly = writer.db, writer._lock, False
+        self.distrusted += writer.distrusted
+        reader.conn.close()
+        return True
+
     def __enter__(self) -> Store:
         return self
 

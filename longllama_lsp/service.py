@@ -290,7 +290,8 @@ class LongLlamaServer(LanguageServer):
         if state == "read-only":
             self.show(f"longllama: the index of {repo.root} is being written by another process (e.g. "
                       f"`longllama watch`); using it read-only: memory follows what that process indexes "
-                      f"(open files are read as they are here)", once=True)
+                      f"(open files are read as they are here), and this server indexes itself once that "
+                      f"process stops", once=True)
 
     def stop_indexing(self) -> None:
         if self.shared.workspace is not None:

@@ -38,7 +38,8 @@ def open_indexer(root: Path, engine: Engine, budget_tokens: int | None = None) -
 
     While another process writes the index (`longllama watch`, another server), a read-only one
     (status state "read-only"): SQLite lets it read the last commit, an open buffer is encoded in
-    memory, nothing is written here, and watching it follows what the writer commits. Refusing
+    memory, nothing is written here, and watching it follows what the writer commits until the
+    writer stops; then this process writes the index (Indexer.take_over). Refusing
     instead left a server without any repository memory whenever the user also ran `longllama watch`.
     """
     from indexer.pipeline import Indexer

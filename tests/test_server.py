@@ -484,24 +484,23 @@ async def test_indexing_reports_progress_and_feeds_sources(model_dir, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
-async def test_a_server_reads_the_index_another_process_writes(model_dir, tmp_path):
+async def test_a_server_beside_longllama_watch_follows_its_index_then_writes_it(model_dir, tmp_path):
     """`longllama watch` holds the index's writer lock: the server reads the index read-only, with its
-    memory, says so in the editor, writes nothing, and banks what the writer indexes later; it used to
-    fail ('indexing failed: ... is being written by another process') and serve without repository memory.
-    Test Data: two small Python files indexed by `longllama index`, a third added afterwards."""
-    from helpers_store import start_writer
+    memory, says so in the editor, and banks what watch indexes later; it used to fail ('indexing
+    failed: ... is being written by another process') and serve without repository memory. Once watch
+    stops, the server writes the index itself; it used to stay read-only and miss every later edit.
+    Test Data: two small Python files, a third written while watch runs, a fourth after it stopped."""
+    from helpers_store import Watch
 
     from indexer.store import Store
-    from longllama_lsp.cli import main as cli_main
 
     for name, body in {"alpha.py": "def alpha():\n    return 1\n", "beta.py": "def beta(x):\n    return x * 2\n"}.items():
         (tmp_path / name).write_text(body)
-    assert cli_main(["index", "--repo", str(tmp_path), "--model", str(model_dir), "-q"]) == 0
-    [db] = (tmp_path / ".longllama").glob("index-*.db")
-    (tmp_path / "gamma.py").write_text("def gamma():\n    return 3\n")  # changed after the writer indexed
-    writer = start_writer(db, model_dir)
-    client, _ = await start(server_command(model_dir), tmp_path, {"completion": {"debounceMs": 0}})
+    watch, client = Watch(tmp_path, model_dir), None
     try:
+        watch.wait_for("watching")
+        [db] = (tmp_path / ".longllama").glob("index-*.db")
+        client, _ = await start(server_command(model_dir), tmp_path, {"completion": {"debounceMs": 0}})
         for _ in range(2400):
             if (now := await status(client)).indexing in ("watching", "error"):
                 break
@@ -511,24 +510,32 @@ async def test_a_server_reads_the_index_another_process_writes(model_dir, tmp_pa
         shown = await wait_for(lambda: [m.message for m in client.messages if "read-only" in m.message], 30)
         assert "another process" in shown[0]
         assert not [m for m in client.messages if m.type == types.MessageType.Error]
-        assert writer.poll() is None  # nothing waited for it
-        with Store.open(db, None, readonly=True) as store:
-            assert store.stats().files == 2 and store.file("gamma.py") is None  # the server wrote nothing
-        writer.kill()
-        writer.wait()
-        before = now.memory_tokens  # the writer indexes gamma.py: the server's memory follows it
-        assert cli_main(["index", "--repo", str(tmp_path), "--model", str(model_dir), "-q"]) == 0
+
+        before = now.memory_tokens  # watch indexes gamma.py: the server's memory follows it
+        (tmp_path / "gamma.py").write_text("def gamma():\n    return 3\n")
+        watch.wait_for("updated")
         for _ in range(600):
             if (now := await status(client)).memory_tokens > before:
                 break
             await asyncio.sleep(0.05)
         assert now.files == 3 and now.memory_tokens > before
         assert now.details[0]["bank"]["live_chunks"] == now.chunks and now.details[0]["state"] == "read-only"
+
+        watch.stop()  # Ctrl-C: the server takes the index over and watches the files itself
+        before = now.memory_tokens
+        (tmp_path / "delta.py").write_text("def delta():\n    return 4\n")
+        for _ in range(1200):
+            if (now := await status(client)).memory_tokens > before and now.details[0]["state"] == "watching":
+                break
+            await asyncio.sleep(0.05)
+        assert now.details[0]["state"] == "watching" and now.files == 4 and now.memory_tokens > before
+        with Store.open(db, None, readonly=True) as store:
+            assert store.file("delta.py") is not None  # written by the server
     finally:
-        await client.shutdown_session()
-        await client.stop()
-        writer.kill()
-        writer.wait()
+        if client is not None:
+            await client.shutdown_session()
+            await client.stop()
+        watch.stop()
 
 
 @pytest.mark.e2e

@@ -314,6 +314,21 @@ def test_read_only_file_cannot_be_opened_for_writing(db):
 
 # -- concurrency ------------------------------------------------------------------------------------
 
+def test_a_reader_takes_the_index_over_once_its_writer_stops(db):
+    """A read-only store (a server beside `longllama watch`) becomes the writer when watch ends: the
+    lock is its, writes go through, and the next process is the one that is busy."""
+    writer = Store.open(db, FP)
+    put_file(writer, "a.py", ["one"])
+    with Store.open(db, FP, readonly=True) as reader:
+        assert not reader.take_over() and reader.readonly  # still written by the other
+        writer.close()
+        assert reader.take_over() and not reader.readonly
+        put_file(reader, "b.py", ["two"])
+        with pytest.raises(IndexBusy, match=f"PID {os.getpid()}"):
+            Store.open(db, FP)
+    with Store.open(db, FP) as store:  # released on close
+        assert [f.path for f in store.files()] == ["a.py", "b.py"]
+
 def test_second_writer_is_busy_and_readers_are_not_blocked(db):
     with Store.open(db, FP) as store:
         put_file(store, "a.py", ["one"])
