@@ -197,8 +197,7 @@ class _Follower:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+        self._thread.join(timeout=10)
 
     @property
     def stopped(self) -> bool:
