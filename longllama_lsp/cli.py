@@ -164,7 +164,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("longllama_lsp.convert:cli", "convert a GGUF file or LLaMA checkpoint into a LongLLaMA checkpoint"),
     "finetune": ("finetune.commands:finetune", "FoT-train the memory layers on your own codebase"),
     "train": ("finetune.commands:train", "FoT crossbatch training from a TOML config (GitHub-style code data)"),
-    "eval": ("finetune.commands:evaluate", "perplexity with and without repository memory on held-out files"),
+    "eval": ("finetune.commands:evaluate", "measure memory on held-out code: perplexity with and without it, cross-file names, passkey"),
 }
 
 EPILOG = """\
