@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -607,3 +608,20 @@ def test_shipped_recipes_load_and_dispatch(tmp_path):
     bad.write_text("[retrieval]\nmix = { repo = 1.0, poetry = 1.0 }\n")
     with pytest.raises(ValueError, match="retrieval.mix"):
         RetrievalConfig.load(bad)
+
+
+def test_the_retrieval_probe_takes_out_exactly_the_chunk_that_holds_the_answer(maker, tokenizer):
+    """bench/retrieval_probe.py's "decoys" condition: the example without the chunk holding the
+    definition or key (the others unchanged), "none": every chunk empty (masked)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from retrieval_probe import answer_slot, variant
+
+    rng = random.Random(7)
+    for ex in [maker.synthetic(rng) for _ in range(6)] + [maker.passkey(rng) for _ in range(3)]:
+        slot = answer_slot(ex, tokenizer)
+        needle = ex.meta.get("definition", "").split("\n")[0] or ex.meta["key"]
+        assert needle in tokenizer.decode(ex.memory[slot])
+        decoys = variant(ex, "decoys", tokenizer).memory
+        assert decoys[slot] == [] and all(needle not in tokenizer.decode(c) for c in decoys)
+        assert [c for i, c in enumerate(decoys) if i != slot] == [c for i, c in enumerate(ex.memory) if i != slot]
+        assert all(c == [] for c in variant(ex, "none", tokenizer).memory) and variant(ex, "memory", tokenizer) is ex
