@@ -1,13 +1,14 @@
 """Issue 16: does a model read its training tasks' answers out of memory? Held-out examples of the
-retrieval recipe's kinds, scored three ways with the same weights:
+retrieval recipe's kinds, scored four ways with the same weights:
 
     memory    the example's own chunks (the definition or key among its decoys), as in training
+    alone     only the chunk that holds the answer (can the model copy from memory at all?)
     decoys    the same chunks without the one that holds the answer (what is left to guess from)
     none      no memory at all
 
 Top-1 and NLL over the answer tokens (the flagged ones), per kind (synthetic: const, signature, dict,
-class; passkey). "memory" above "decoys" is what memory contributes; the training log's online top-1
-cannot tell retrieval from guessing. Examples come from the recipe's generator with a seed training
+class; passkey). "memory" above "decoys" is what memory contributes, "alone" above "memory" what the
+decoys cost; the training log's online top-1 cannot tell retrieval from guessing. Examples come from the recipe's generator with a seed training
 never uses (`--seed`; training seeds each step's examples with (seed, step)).
 
     OMP_NUM_THREADS=1 python bench/retrieval_probe.py --model runs/r5lora --examples 48 \
@@ -30,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.facts import cpu_model  # noqa: E402
 
-CONDITIONS = ("memory", "decoys", "none")
+CONDITIONS = ("memory", "alone", "decoys", "none")
+KINDS = ("const", "signature", "dict", "class", "passkey")
 
 
 def answer_slot(example, tokenizer) -> int:
@@ -48,7 +50,8 @@ def variant(example, condition: str, tokenizer):
     if condition == "memory":
         return example
     slot = answer_slot(example, tokenizer)
-    keep = [c if condition == "decoys" and i != slot else [] for i, c in enumerate(example.memory)]
+    keep = [c if (condition == "decoys") == (i != slot) and condition != "none" else []
+            for i, c in enumerate(example.memory)]
     return dataclasses.replace(example, memory=keep)
 
 
@@ -66,6 +69,17 @@ def score(model, examples, chunk_len: int, pad_id: int, batch: int) -> dict[str,
     return {"top1": hits / max(n, 1), "nll": nll / max(n, 1), "tokens": int(n)}
 
 
+def make_examples(maker, rng: random.Random, kinds: list[str], n: int, tokenizer) -> dict[str, list]:
+    """{kind: n examples}; the same first n of a kind whichever kinds are asked (one seeded stream)."""
+    groups: dict[str, list] = {k: [] for k in kinds}
+    while min(len(g) for g in groups.values()) < n:
+        ex = maker.synthetic(rng) if rng.random() < 0.8 else maker.passkey(rng)
+        kind = ex.meta.get("kind", "passkey")
+        if kind in groups and len(groups[kind]) < n and answer_slot(ex, tokenizer) >= 0:
+            groups[kind].append(ex)
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint or training delta (default: the bundled model)")
@@ -75,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--own-chunks", type=int, default=3, help="chunks per example: the answer's and decoys")
     p.add_argument("--seed", type=int, default=16_000_001, help="an example seed training never uses")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to probe")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated conditions to score")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    kinds, conditions = args.kinds.split(","), args.conditions.split(",")
+    if bad := sorted(set(conditions) - set(CONDITIONS)) + sorted(set(kinds) - set(KINDS)):
+        p.error(f"unknown {bad}; conditions: {', '.join(CONDITIONS)}; kinds: {', '.join(KINDS)}")
 
     from finetune.commands import load_eval_model
     from finetune.retrieval_data import MixArgs, build_maker
@@ -85,24 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     mix = MixArgs(mix={"synthetic": 1.0, "passkey": 1.0}, chunk_len=args.chunk_len, target_len=args.target_len,
                   own_chunks=args.own_chunks)
     maker = build_maker(mix, tokenizer)
-    rng = random.Random(args.seed)
-    groups: dict[str, list] = {}
-    while min((len(groups.get(k, [])) for k in ("const", "signature", "dict", "class", "passkey")), default=0) \
-            < args.examples:
-        ex = maker.synthetic(rng) if rng.random() < 0.8 else maker.passkey(rng)
-        kind = ex.meta.get("kind", "passkey")
-        if len(groups.setdefault(kind, [])) < args.examples and answer_slot(ex, tokenizer) >= 0:
-            groups[kind].append(ex)
+    groups = make_examples(maker, random.Random(args.seed), kinds, args.examples, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0, results = time.perf_counter(), {}
     for kind, examples in sorted(groups.items()):
         results[kind] = {c: score(model, [variant(e, c, tokenizer) for e in examples], args.chunk_len, pad, args.batch)
-                         for c in CONDITIONS}
+                         for c in conditions}
         row = "  ".join(f"{c} {r['top1']:.2f} ({r['nll']:.2f})" for c, r in results[kind].items())
         print(f"{kind:10s} {row}", flush=True)
     out = {"model": str(model_dir), "examples_per_kind": args.examples, "seed": args.seed,
            "shapes": {"chunk_len": args.chunk_len, "target_len": args.target_len, "own_chunks": args.own_chunks},
-           "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()}, "seconds": round(time.perf_counter() - t0, 1), "results": results}
+           "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
+           "seconds": round(time.perf_counter() - t0, 1), "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

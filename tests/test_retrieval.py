@@ -612,7 +612,7 @@ def test_shipped_recipes_load_and_dispatch(tmp_path):
 
 def test_the_retrieval_probe_takes_out_exactly_the_chunk_that_holds_the_answer(maker, tokenizer):
     """bench/retrieval_probe.py's "decoys" condition: the example without the chunk holding the
-    definition or key (the others unchanged), "none": every chunk empty (masked)."""
+    definition or key (the others unchanged), "alone": only that chunk, "none": every chunk empty."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from retrieval_probe import answer_slot, variant
 
@@ -624,4 +624,6 @@ def test_the_retrieval_probe_takes_out_exactly_the_chunk_that_holds_the_answer(m
         decoys = variant(ex, "decoys", tokenizer).memory
         assert decoys[slot] == [] and all(needle not in tokenizer.decode(c) for c in decoys)
         assert [c for i, c in enumerate(decoys) if i != slot] == [c for i, c in enumerate(ex.memory) if i != slot]
+        alone = variant(ex, "alone", tokenizer).memory
+        assert alone[slot] == ex.memory[slot] and sum(c != [] for c in alone) == 1
         assert all(c == [] for c in variant(ex, "none", tokenizer).memory) and variant(ex, "memory", tokenizer) is ex
