@@ -18,6 +18,7 @@ never uses (`--seed`; training seeds each step's examples with (seed, step)).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -45,8 +46,6 @@ def answer_slot(example, tokenizer) -> int:
 
 def variant(example, condition: str, tokenizer):
     """The example with the memory of `condition` (chunks removed stay as empty, fully masked, slots)."""
-    import dataclasses
-
     if condition == "memory":
         return example
     slot = answer_slot(example, tokenizer)

@@ -613,13 +613,11 @@ class Indexer:
         """A read-only index whose writer has stopped: write it from here on. What changed since the
         writer last indexed is indexed, then file events are watched instead of the writer's commits.
         False while the writer is still there."""
-        with self.lock:
-            if not self.store.take_over():
-                return False
+        if not self.store.take_over():  # the bank's lock is not needed: the bank is untouched
+            return False
         logger.warning("the index of %s is no longer written by another process: this one writes it now",
                        self.root)
         self._followed = {}
-        self.state = "idle"
         summary = self.index()
         if follower.stopped or self._watcher is not follower:
             return True  # closed meanwhile: nothing to watch
