@@ -256,7 +256,9 @@ class ExampleMaker:
 
     def __init__(self, corpus: Corpus, args: MixArgs):
         self.corpus, self.args, self.tok = corpus, args, corpus.tokenizer
-        self.filler_ids = _encode(self.tok, " ".join([FILLER] * (8 * args.chunk_len // 20 + 8)))
+        # filler for memory chunks (chunk_len) and for the passkey's local window (target_len + 1)
+        longest = max(args.chunk_len, args.target_len + 1)
+        self.filler_ids = _encode(self.tok, " ".join([FILLER] * (8 * longest // 20 + 8)))
         self._targets: list[tuple[Package, str]] | None = None
 
     # -- repo --------------------------------------------------------------------------------
@@ -397,8 +399,11 @@ class ExampleMaker:
     # -- passkey ------------------------------------------------------------------------------
 
     def filler_chunk(self, rng: random.Random) -> list[int]:
-        s = rng.randrange(len(self.filler_ids) - self.args.chunk_len)
-        return self.filler_ids[s:s + self.args.chunk_len]
+        return self._filler(rng, self.args.chunk_len)
+
+    def _filler(self, rng: random.Random, n: int) -> list[int]:
+        s = rng.randrange(len(self.filler_ids) - n)
+        return self.filler_ids[s:s + n]
 
     def passkey(self, rng: random.Random) -> Example:
         """The passkey prompt's shape: the key sentence in one memory chunk, the question local."""
@@ -414,7 +419,8 @@ class ExampleMaker:
         rng.shuffle(memory)
         q = _encode(self.tok, "\n" + QUESTION)
         ans = _encode(self.tok, f" {key}.")
-        ids = (self.filler_chunk(rng) + q + ans)[-(a.target_len + 1):]
+        # the local window is filler up to the question (target_len + 1 ids, whatever chunk_len is)
+        ids = (self._filler(rng, a.target_len + 1) + q + ans)[-(a.target_len + 1):]
         n_ans = min(len(ans), a.target_len)
         flags = [False] * (a.target_len - n_ans) + [True] * n_ans
         return Example("passkey", memory, ids, [1.0 if f else 0.0 for f in flags], flags, {"key": key})
