@@ -46,6 +46,13 @@ import torch
 
 from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs, write_run_config
 from finetune.outputs import layer_of, memory_attention_names, save_output
+from longllama_lsp.model.loading import (
+    LOW_RANK_DOWN,
+    LOW_RANK_UP,
+    apply_delta_tensors,
+    read_weight_delta,
+    split_weight_delta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         model, base = LongLlamaForCausalLM(config).to(device=device, dtype=dtype), None
     else:
         base = Path(resolve_model(margs.path, keep_delta=True))
-        start_delta = None
+        start_delta, seeds = None, {}
         if (base / "adapter.json").is_file() and not (base / "config.json").is_file():
             # A weight delta (an earlier run's output): continue from it, on its base model, so the
             # new delta again applies to that base (training in stages, e.g. a d schedule per run).
@@ -90,11 +97,29 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         for k, v in margs.config_overrides.items():
             setattr(config, k, v)
         model = build_model(config, read_state_dict(base), device=device, dtype=dtype, source=base)
-        for adapter in (find_adapter(base), start_delta):
-            if adapter is not None:
-                apply_weight_delta(model, adapter)
+        if (adapter := find_adapter(base)) is not None:
+            apply_weight_delta(model, adapter)
+        if start_delta is not None:
+            seeds = apply_start_delta(model, read_weight_delta(start_delta), str(start_delta), margs)
         tokenizer = load_tokenizer(margs.tokenizer or base)
-    return prepare_trainable(model, margs), tokenizer, base
+    return prepare_trainable(model, margs, seeds), tokenizer, base
+
+
+def apply_start_delta(model, delta: dict[str, torch.Tensor], source: str, margs: ModelArgs
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """Apply an earlier run's delta to start from; returns the low-rank pairs a LoRA run continues as
+    its adapters' start (not applied here). Merged, they would differ from the base, so the new delta
+    would hold every one of them as a full replacement (~400 MB instead of ~30 MB on SmolLM2)."""
+    replace, low_rank = split_weight_delta(delta)
+    seeds = {}
+    if margs.train == "lora":
+        wrapped = {f"{n}.weight" for n in lora_module_names(model, margs)}
+        seeds = {name: pair for name, pair in low_rank.items() if name in wrapped and len(pair) == 2
+                 and pair[LOW_RANK_DOWN].shape[0] == margs.lora_r}
+    apply_delta_tensors(model, {k: v for k, v in delta.items()
+                                if k in replace or k.removesuffix(LOW_RANK_DOWN).removesuffix(LOW_RANK_UP)
+                                not in seeds}, source)
+    return seeds
 
 
 def lora_module_names(model, margs: ModelArgs) -> list[str]:
@@ -112,8 +137,9 @@ def lora_module_names(model, margs: ModelArgs) -> list[str]:
     return names
 
 
-def prepare_trainable(model, margs: ModelArgs):
-    """Freeze what `margs.train` does not train; wrap in PEFT LoRA for 'lora'. Returns the model to train."""
+def prepare_trainable(model, margs: ModelArgs, seeds: dict[str, dict[str, torch.Tensor]] | None = None):
+    """Freeze what `margs.train` does not train; wrap in PEFT LoRA for 'lora', its adapters starting at
+    `seeds` (low-rank pairs by weight name, from `apply_start_delta`). Returns the model to train."""
     from longllama_lsp.model import LongLlamaModel
 
     if margs.gradient_checkpointing:
@@ -133,7 +159,19 @@ def prepare_trainable(model, margs: ModelArgs):
         torch.manual_seed(margs.init_seed)  # lora_A starts random: the same run must start the same
         model = get_peft_model(model, LoraConfig(r=margs.lora_r, lora_alpha=margs.lora_alpha,
                                                  lora_dropout=margs.lora_dropout, target_modules=targets))
+        seed_lora(model, seeds or {})
     return model.train()
+
+
+def seed_lora(peft_model, seeds: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Start each adapter at a low-rank pair: A = down (r, in), B = up / scale (out, r), so that
+    B @ A * scale = up @ down, the increment the pair stood for."""
+    for name, pair in seeds.items():
+        layer = peft_model.base_model.model.get_submodule(name.removesuffix(".weight"))
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            a.copy_(pair[LOW_RANK_DOWN].to(a.dtype))
+            b.copy_((pair[LOW_RANK_UP].float() / layer.scaling["default"]).to(b.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,6 +213,17 @@ def test_passkey_examples_keep_the_key_out_of_the_local_window(maker, tokenizer)
         assert sum(key in tokenizer.decode(c) for c in ex.memory) == 1
 
 
+def test_every_kind_fills_a_target_window_longer_than_a_memory_chunk(roots, tokenizer):
+    # the GPU recipe's shape (target_len 512 > chunk_len 256): the batch is one (B, T + 1) tensor
+    args = MixArgs(roots=[str(roots)], chunk_len=64, target_len=150, own_chunks=3, pool_code_chunks=2,
+                   pool_filler_chunks=2)
+    long_maker = ExampleMaker(Corpus(find_packages([roots]), tokenizer), args)
+    rng = random.Random(9)
+    for make in (long_maker.passkey, long_maker.synthetic):
+        for _ in range(3):
+            _check_shapes(make(rng), args)
+
+
 def test_examples_are_deterministic_per_seed(maker):
     a = [maker.example(random.Random("s:1")) for _ in range(3)]
     b = [maker.example(random.Random("s:1")) for _ in range(3)]
@@ -451,6 +462,37 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
     assert any(".mlp." in k for k in changed)
     n_layers = trained.config.num_hidden_layers
     assert {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(n_layers)} <= changed
+
+
+def test_a_lora_run_continues_a_lora_delta_as_adapters_and_stays_low_rank(tmp_path, tokenizer, maker):
+    """model.path = an earlier LoRA run's delta: its pairs start the new adapters (not merged into the
+    weights, which made the next delta a full replacement of every adapted weight, ~400 MB on
+    SmolLM2), so the new delta is pairs again and, before any step, rebuilds the earlier model."""
+    from safetensors.torch import load_file
+
+    from finetune.config import ModelArgs
+    from finetune.outputs import load_trained
+    from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
+
+    base = _saved_tiny(tmp_path / "base", tokenizer)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def cfg(path, out, steps, lr):
+        margs = ModelArgs(path=str(path), train="lora", lora_layers="all", lora_r=4, lora_targets=targets)
+        return RetrievalConfig(margs, maker.args, RetrievalTrainArgs(out_dir=str(out), steps=steps, batch_size=2,
+                                                                     lr=lr, save_every=0, warmup_steps=0))
+
+    _, first, _ = train_retrieval(cfg(base, tmp_path / "first", 2, 1e-2), maker=maker, progress=False)
+    _, again, _ = train_retrieval(cfg(first, tmp_path / "again", 1, 0.0), maker=maker, progress=False)
+    a, b = load_file(str(first / "adapter.safetensors")), load_file(str(again / "adapter.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith(".lora_down") for k in b)  # pairs, not replacements
+    want, _ = load_trained(first)
+    got, _ = load_trained(again)
+    for name, tensor in got.state_dict().items():
+        torch.testing.assert_close(tensor, want.state_dict()[name], atol=1e-6, rtol=1e-5)
+    _, more, _ = train_retrieval(cfg(first, tmp_path / "more", 1, 1e-2), maker=maker, progress=False)
+    c = load_file(str(more / "adapter.safetensors"))
+    assert c.keys() == a.keys() and any(not torch.equal(c[k], a[k]) for k in a)  # it trains on from there
 
 
 # ---------------------------------------------------------------------------------------------

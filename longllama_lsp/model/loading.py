@@ -339,17 +339,27 @@ def apply_weight_delta(model: nn.Module, path: str | Path) -> list[str]:
     name must be a parameter (or persistent buffer) of the model with a fitting shape, else
     CheckpointError and nothing is changed. Tied parameters change together.
     """
+    return apply_delta_tensors(model, read_weight_delta(path), str(path))
+
+
+def read_weight_delta(path: str | Path) -> dict[str, torch.Tensor]:
+    """A weight delta's tensors (replacements and low-rank pairs), not yet applied."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter file not found")
-    replace, low_rank = split_weight_delta(_read_safetensors(path))
+    return _read_safetensors(path)
+
+
+def apply_delta_tensors(model: nn.Module, delta: dict[str, torch.Tensor], source: str) -> list[str]:
+    """`apply_weight_delta` on tensors already read; `source` names them in errors."""
+    replace, low_rank = split_weight_delta(delta)
     targets = model.state_dict(keep_vars=True)
     unknown = sorted((replace.keys() | low_rank.keys()) - targets.keys())
     shapes = [f"{k}: expected {tuple(targets[k].shape)}, got {tuple(v.shape)}"
               for k, v in sorted(replace.items()) if k in targets and v.shape != targets[k].shape]
     pairs = _low_rank_problems(low_rank, targets)
     if unknown or shapes or pairs:
-        raise CheckpointError(f"{path}: adapter does not fit the model: "
+        raise CheckpointError(f"{source}: adapter does not fit the model: "
                               + "; ".join(f"{kind}: {items[:_LIST_LIMIT]}" for kind, items in
                                           (("unknown tensors", unknown), ("wrong shapes", shapes),
                                            ("low-rank pairs", pairs)) if items))
