@@ -91,7 +91,9 @@ def lora_delta(state: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tenso
     delta had changed (the shipped memory delta, say), so the delta alone rebuilds the trained model."""
     from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, read_state_dict
 
-    saved = read_state_dict(base_path)
+    saved = read_state_dict(base_path)  # on the CPU: compare and write there, whatever device trained
+    state = {n: v.detach().cpu() for n, v in state.items()}
+    lora = {module: (down.cpu(), up.cpu()) for module, (down, up) in lora.items()}
     changed = {n for n, v in state.items() if n in saved and not torch.equal(v, saved[n].to(v.dtype))}
     out = {n: state[n] for n in changed}
     for module, (down, up) in lora.items():
