@@ -346,3 +346,20 @@ def test_family_from_gguf_equals_transformers(case, tmp_path):
     ids = torch.randint(3, 99, (2, 40), generator=torch.Generator().manual_seed(1))
     assert max_diff(load_model(out)(ids, last_context_length=64).logits, transformers_logits(src, ids)) < ATOL
     assert json.loads((out / PROVENANCE_NAME).read_text())["source_kind"] == "gguf"
+
+
+@torch.no_grad()
+def test_generation_steps_take_the_running_cache_under_either_name(tiny_model):  # noqa: F811
+    """transformers 5.17 (the GPU image's) hands the running cache over as past_key_values, 5.25 as
+    `cache`; under the old name the step re-sent the whole sequence with memory beside the cache and
+    generate failed ('pass memory either in past_key_values or as memory=, not both')."""
+    ids = torch.randint(3, 99, (1, 12))
+    memory = tiny_model.encode_memory(torch.randint(3, 99, (1, 20)))
+    first = tiny_model(ids, memory=memory, use_cache=True)
+    grown = torch.cat([ids, first.logits[:, -1:].argmax(-1)], dim=1)
+    for name in ("cache", "past_key_values"):
+        step = tiny_model.prepare_inputs_for_generation(grown, memory=memory, use_cache=True,
+                                                        **{name: first.past_key_values})
+        assert step["input_ids"].shape == (1, 1) and step["past_key_values"] is first.past_key_values
+        assert "memory" not in step and step["position_ids"].tolist() == [[12]]
+        tiny_model(**step)  # the step's forward runs
