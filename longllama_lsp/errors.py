@@ -28,5 +28,6 @@ class IndexBusy(StoreError):
 
     def __init__(self, path: Path, holder: str):
         super().__init__(f"index {path} is being written by another process (PID {holder}); "
-                         "wait for it to finish or stop it")
+                         "wait for it to finish or stop it (if it is `longllama watch`, it keeps this "
+                         "index current: nothing to do)")
         self.path, self.holder = path, holder

@@ -332,8 +332,9 @@ def test_a_reader_takes_the_index_over_once_its_writer_stops(db):
 def test_second_writer_is_busy_and_readers_are_not_blocked(db):
     with Store.open(db, FP) as store:
         put_file(store, "a.py", ["one"])
-        with pytest.raises(IndexBusy, match=f"PID {os.getpid()}"):
+        with pytest.raises(IndexBusy, match=f"PID {os.getpid()}") as busy:
             Store.open(db, FP)
+        assert "`longllama watch`, it keeps this index current" in str(busy.value)  # what to do beside watch
         with store.transaction():  # the writer holds an open write transaction ...
             put_file(store, "b.py", ["two"])
             t0 = time.perf_counter()
