@@ -493,6 +493,14 @@ def test_a_lora_run_continues_a_lora_delta_as_adapters_and_stays_low_rank(tmp_pa
     _, more, _ = train_retrieval(cfg(first, tmp_path / "more", 1, 1e-2), maker=maker, progress=False)
     c = load_file(str(more / "adapter.safetensors"))
     assert c.keys() == a.keys() and any(not torch.equal(c[k], a[k]) for k in a)  # it trains on from there
+    from safetensors.torch import save_file
+
+    from longllama_lsp.errors import CheckpointError
+
+    name = next(k for k in a if k.endswith(".lora_down"))
+    save_file({**a, name: torch.zeros(4, a[name].shape[1] + 1)}, str(first / "adapter.safetensors"))
+    with pytest.raises(CheckpointError, match="do not fit"):  # another model's pairs: said, not a shape crash
+        train_retrieval(cfg(first, tmp_path / "bad", 1, 1e-2), maker=maker, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
