@@ -590,8 +590,8 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
                                       **kwargs) -> dict[str, Any]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # transformers before ~5.2x hands the running cache over as past_key_values, later ones as
-        # `cache`: take either (as both, the forward got the whole sequence again and memory twice)
+        # transformers 5.17 hands the running cache over as past_key_values, 5.25 as `cache`: take
+        # either (under the old name each step went out as a prompt, with memory beside the cache)
         past = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else past
         # Positions count real tokens, as the reference's prepare_inputs_for_generation (left pads get -1).
