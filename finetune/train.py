@@ -76,6 +76,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
     from longllama_lsp.resolve import resolve_model
 
     dtype = getattr(torch, margs.dtype)
+    seeds: dict[str, dict[str, torch.Tensor]] = {}  # LoRA pairs of a start delta (apply_start_delta)
     if margs.preset is not None:
         if margs.tokenizer is None:
             raise ValueError("model.preset needs model.tokenizer (a tokenizer dir)")
@@ -88,7 +89,7 @@ def load_for_training(margs: ModelArgs, device: str | torch.device = "cpu"):
         model, base = LongLlamaForCausalLM(config).to(device=device, dtype=dtype), None
     else:
         base = Path(resolve_model(margs.path, keep_delta=True))
-        start_delta, seeds = None, {}
+        start_delta = None
         if (base / "adapter.json").is_file() and not (base / "config.json").is_file():
             # A weight delta (an earlier run's output): continue from it, on its base model, so the
             # new delta again applies to that base (training in stages, e.g. a d schedule per run).
