@@ -46,7 +46,6 @@ import torch
 
 from finetune.config import DataArgs, ModelArgs, RunConfig, TrainArgs, write_run_config
 from finetune.outputs import layer_of, memory_attention_names, save_output
-from longllama_lsp.errors import CheckpointError
 from longllama_lsp.model.loading import (
     LOW_RANK_DOWN,
     LOW_RANK_UP,
@@ -112,20 +111,13 @@ def apply_start_delta(model, delta: dict[str, torch.Tensor], source: str, margs:
     """Apply an earlier run's delta to start from; returns the low-rank pairs a LoRA run continues as
     its adapters' start (not applied here). Merged, they would differ from the base, so the new delta
     would hold every one of them as a full replacement (~400 MB instead of ~30 MB on SmolLM2)."""
-    replace, low_rank = split_weight_delta(delta)
+    _, low_rank = split_weight_delta(delta)
     seeds = {}
     if margs.train == "lora":
         wrapped = {f"{n}.weight" for n in lora_module_names(model, margs)}
         seeds = {name: pair for name, pair in low_rank.items() if name in wrapped and len(pair) == 2
                  and pair[LOW_RANK_DOWN].shape[0] == margs.lora_r}
-        weights = dict(model.named_parameters())
-        wrong = [name for name, pair in seeds.items()
-                 if (pair[LOW_RANK_UP].shape[0], pair[LOW_RANK_DOWN].shape[1]) != tuple(weights[name].shape)]
-        if wrong:
-            raise CheckpointError(f"{source}: low-rank pairs do not fit the model: {wrong[:5]}")
-    apply_delta_tensors(model, {k: v for k, v in delta.items()
-                                if k in replace or k.removesuffix(LOW_RANK_DOWN).removesuffix(LOW_RANK_UP)
-                                not in seeds}, source)
+    apply_delta_tensors(model, delta, source, keep_pairs=seeds.keys())  # checks the seeds' shapes too
     return seeds
 
 

@@ -499,7 +499,7 @@ def test_a_lora_run_continues_a_lora_delta_as_adapters_and_stays_low_rank(tmp_pa
 
     name = next(k for k in a if k.endswith(".lora_down"))
     save_file({**a, name: torch.zeros(4, a[name].shape[1] + 1)}, str(first / "adapter.safetensors"))
-    with pytest.raises(CheckpointError, match="do not fit"):  # another model's pairs: said, not a shape crash
+    with pytest.raises(CheckpointError, match="adapter does not fit the model: low-rank pairs"):  # said, not a crash
         train_retrieval(cfg(first, tmp_path / "bad", 1, 1e-2), maker=maker, progress=False)
 
 

@@ -24,7 +24,7 @@ import os
 import pickle
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -350,8 +350,11 @@ def read_weight_delta(path: str | Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(path)
 
 
-def apply_delta_tensors(model: nn.Module, delta: dict[str, torch.Tensor], source: str) -> list[str]:
-    """`apply_weight_delta` on tensors already read; `source` names them in errors."""
+def apply_delta_tensors(model: nn.Module, delta: dict[str, torch.Tensor], source: str,
+                        keep_pairs: Collection[str] = ()) -> list[str]:
+    """`apply_weight_delta` on tensors already read; `source` names them in errors. The low-rank
+    pairs of the weights in `keep_pairs` are checked like the rest but not added (a LoRA run that
+    continues this delta starts its adapters at them)."""
     replace, low_rank = split_weight_delta(delta)
     targets = model.state_dict(keep_vars=True)
     unknown = sorted((replace.keys() | low_rank.keys()) - targets.keys())
@@ -366,11 +369,12 @@ def apply_delta_tensors(model: nn.Module, delta: dict[str, torch.Tensor], source
     with torch.no_grad():
         for name, tensor in replace.items():
             targets[name].copy_(tensor.to(dtype=targets[name].dtype, device=targets[name].device))
-        for name, pair in low_rank.items():
+        added = {name: pair for name, pair in low_rank.items() if name not in keep_pairs}
+        for name, pair in added.items():
             step = pair[LOW_RANK_UP].float() @ pair[LOW_RANK_DOWN].float()  # (out, in)
             target = targets[name]
             target.copy_((target.float() + step.to(target.device)).to(target.dtype))
-    return sorted(replace.keys() | low_rank.keys())
+    return sorted(replace.keys() | added.keys())
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
