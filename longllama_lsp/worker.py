@@ -197,6 +197,8 @@ class Worker:
                 return
             if req.future.set_running_or_notify_cancel():
                 self._serve(req)
+            else:  # cancelled while queued: the caller has heard already
+                self.counts["cancelled"] += 1
 
     def _drain(self) -> None:
         """Closed: what is still queued (unkeyed background work too) is cancelled, so no caller waits forever."""
@@ -211,21 +213,25 @@ class Worker:
     def _serve(self, req: Request) -> None:
         req.started = time.perf_counter()
         self.running = req.id
+        result: Any = None
+        error: BaseException | None = None
         try:
             req.check()
             result = self._wrap(req.fn, req)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
-            outcome = "cancelled" if isinstance(exc, Cancelled) else "failed"
+            error = exc
             if not isinstance(exc, (Cancelled, ValueError)):
                 logger.exception("request %s failed", req.id)
-            req.future.set_exception(exc)
-        else:
-            outcome = "completed"
-            req.future.set_result(result)
-        finally:
-            self.running = None
-            with self._lock:
-                if req.key is not None and self._latest.get(req.key) is req:
-                    del self._latest[req.key]
+        outcome = "completed" if error is None else "cancelled" if isinstance(error, Cancelled) else "failed"
+        # Counted and off the worker before the caller hears: one who sees its answer (or `running` is None)
+        # then reads `counts` must find this request in them.
         self.counts[outcome] += 1
         self.busy_ms[outcome] += (time.perf_counter() - req.started) * 1000
+        self.running = None
+        with self._lock:
+            if req.key is not None and self._latest.get(req.key) is req:
+                del self._latest[req.key]
+        if error is None:
+            req.future.set_result(result)
+        else:
+            req.future.set_exception(error)

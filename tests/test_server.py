@@ -261,6 +261,7 @@ async def test_cancel_request_stops_generation(lsp):
     for _ in range(200):  # wait until the engine is generating (900 tokens take many seconds)
         if (await status(lsp)).running is not None:
             break
+        await asyncio.sleep(0.01)
     lsp.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="to-cancel"))
     with pytest.raises(JsonRpcRequestCancelled):
         await asyncio.wrap_future(future)

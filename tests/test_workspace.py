@@ -7,6 +7,7 @@ indexer.pipeline (SQLite store, tree-sitter chunks, MemoryBank).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -94,6 +95,49 @@ def test_closing_the_worker_cancels_queued_background_work():
     assert not isinstance(exc.value, TimeoutError)
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(lambda _req: None)
+
+
+@pytest.mark.parametrize("outcome", ["completed", "cancelled", "failed"])
+def test_a_request_is_counted_before_its_caller_hears(outcome):
+    """The server's status (a cancel test read it) must count a request once its caller has the answer."""
+    def fn(req):
+        if outcome == "cancelled":
+            req.cancel()
+            req.check()
+        if outcome == "failed":
+            raise ValueError("bad input")
+        return "done"
+
+    worker = Worker(setup=lambda: None, wrap=lambda fn, req: fn(req))
+    worker.start()
+    try:
+        req = worker.submit(fn)
+        seen = []  # done callbacks run on the worker thread the moment the future resolves: no race to win
+        req.future.add_done_callback(lambda _f: seen.append((dict(worker.counts), worker.running)))
+        with pytest.raises((Cancelled, ValueError)) if outcome != "completed" else contextlib.nullcontext():
+            req.result(timeout=10)
+        assert seen == [({**dict.fromkeys(worker.counts, 0), outcome: 1}, None)]
+    finally:
+        worker.close()
+
+
+def test_a_request_cancelled_while_queued_is_counted():
+    release = threading.Event()
+    worker = Worker(setup=lambda: None, wrap=lambda fn, req: fn(req))
+    worker.start()
+    try:
+        running = threading.Event()
+        blocker = worker.submit(lambda _req: running.set() or release.wait(10))
+        assert running.wait(10)
+        queued = worker.submit(lambda _req: "never")
+        queued.cancel()
+        release.set()
+        assert blocker.result(timeout=10) is True
+        after = worker.submit(lambda _req: "after")  # served after the cancelled one was taken off the queue
+        assert after.result(timeout=10) == "after"
+        assert worker.counts["cancelled"] == 1 and worker.counts["completed"] == 2
+    finally:
+        worker.close()
 
 
 def test_touch_ranks_a_file_reached_through_a_symlink(workspace, repo_dir, tmp_path_factory):
