@@ -24,7 +24,7 @@ import math
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class MemoryCache:
     def __init__(self, model: Any, window: int, batch_size: int = 8, progress: bool = True):
         self.model, self.window, self.batch_size, self.progress = model, window, batch_size, progress
         self._files: dict[Any, Any] = {}
+        self._next_content = 0  # each encoded key's content number (BlockIds)
         self.encoded_tokens = 0
 
     def get(self, key: Any):
@@ -139,7 +140,19 @@ class MemoryCache:
             self.encoded_tokens += sum(len(c[2]) for c in group)
         bar.close()
         for k in todo:
-            self._files[k] = Memory.concat([parts[k][i] for i in sorted(parts[k])])
+            self._files[k] = self._with_block_ids(Memory.concat([parts[k][i] for i in sorted(parts[k])]))
+
+    def _with_block_ids(self, memory):
+        """`memory` with the block ids of its key's content (each key encoded once): where memories
+        repeat a key, sparse attention reads one copy (longllama_lsp.model.memory.BlockIds)."""
+        from longllama_lsp.model.memory import BlockIds, Memory
+
+        if not len(memory):
+            return memory
+        size, content = self.model.config.mem_block_size, self._next_content
+        self._next_content += 1
+        return Memory({i: replace(c, block_ids=BlockIds.of_chunk(content, c.num_tokens, size))
+                       for i, c in memory.items()})
 
 
 def _pad(rows: Sequence[Sequence[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from indexer.schema import ChunkRow
-from longllama_lsp.model.memory import DEFAULT_BLOCK_SIZE, MASK_MIN, BlockSummary, MemCache, Memory
+from longllama_lsp.model.memory import DEFAULT_BLOCK_SIZE, MASK_MIN, BlockIds, BlockSummary, MemCache, Memory
 
 _TEST_PATH = re.compile(r"(^|/)(tests?|__tests__|spec)/|(^|/)test_[^/]*$|_test\.[^/]*$|\.(test|spec)\.[^/]*$")
 
@@ -67,6 +67,7 @@ class _Entry:
     meta: Any
     handle: int
     span: int  # slots taken: n rounded up to whole blocks
+    content: int = -1  # the chunk's content, interned (equal content, equal memory); -1 = unknown
 
 
 @dataclass
@@ -117,6 +118,12 @@ class MemoryBank:
         # Per layer, the summaries of slots [0, end) until the next change: shared by every view, so a
         # request's view (its open file masked) reuses their coarse level and compute-dtype copy.
         self._summaries: dict[int, BlockSummary] = {}
+        # Chunk contents interned to ints (with how many resident chunks hold each), and the block ids of
+        # slots [0, end) built from them until the next change: repeated chunks' blocks share ids.
+        self._contents: dict[Hashable, int] = {}
+        self._content_refs: dict[int, tuple[Hashable, int]] = {}  # interned -> (content, resident chunks)
+        self._next_content = 0
+        self._block_ids: BlockIds | None = None
         self.version = 0  # bumped on every change: callers may cache what they build from memory()
 
     @classmethod
@@ -134,6 +141,7 @@ class MemoryBank:
     def _changed(self) -> None:
         self._view = None
         self._summaries.clear()
+        self._block_ids = None
         self.version += 1
 
     def _alloc_storage(self, capacity: int) -> None:
@@ -154,10 +162,12 @@ class MemoryBank:
 
     # -- adding and removing --------------------------------------------------------------------
 
-    def add(self, chunk_id: Hashable, memory: Memory, meta: Any) -> bool:
+    def add(self, chunk_id: Hashable, memory: Memory, meta: Any, content: Hashable | None = None) -> bool:
         """Make a chunk's memory resident (replacing `chunk_id` if present); False if the budget dropped it.
 
         `meta` is what `slot_owner` returns (e.g. a ChunkRow); it needs `.path`, `.ordinal` is optional.
+        `content` names what the chunk holds (its content hash): chunks of equal content must have equal
+        memory (the store keeps one per hash); sparse attention then reads one copy (BlockIds).
         """
         self._validate(memory)
         self.remove(chunk_id)
@@ -185,7 +195,7 @@ class MemoryBank:
         self._next_handle += 1
         self._owner[start:start + n] = handle
         self._handles[handle] = chunk_id
-        self._entries[chunk_id] = _Entry(start, n, meta, handle, span)
+        self._entries[chunk_id] = _Entry(start, n, meta, handle, span, self._intern(content))
         self._live_tokens += n
         heapq.heappush(self._heap, (self.priority(meta), handle, chunk_id, handle))
         self._changed()
@@ -220,8 +230,28 @@ class MemoryBank:
         if not ids:
             del self._by_path[path]
 
+    def _intern(self, content: Hashable | None) -> int:
+        if content is None:
+            return -1
+        k = self._contents.get(content)
+        if k is None:
+            k = self._contents[content] = self._next_content
+            self._next_content += 1
+        self._content_refs[k] = (content, self._content_refs.get(k, (content, 0))[1] + 1)
+        return k
+
+    def _release_content(self, k: int) -> None:
+        if k < 0:
+            return
+        content, refs = self._content_refs.pop(k)
+        if refs > 1:
+            self._content_refs[k] = (content, refs - 1)
+        else:  # no resident chunk holds it: forgotten, so a long watch stays bounded
+            del self._contents[content]
+
     def _release(self, entry: _Entry) -> None:
         s, n = entry.start, entry.n
+        self._release_content(entry.content)
         self._mask[s:s + n] = MASK_MIN
         self._owner[s:s + n] = -1
         del self._handles[entry.handle]
@@ -395,8 +425,9 @@ class MemoryBank:
             for e in excluded:
                 mask[e.start:e.start + e.n] = MASK_MIN
         mask = mask.view(1, 1, end, 1)  # (B, 1, M, 1)
+        ids = self._ids(end)
         view = Memory({i: MemCache(self._keys[i][:, :end].unsqueeze(0), self._values[i][:, :end].unsqueeze(0),
-                                   mask, self._summary(i, end)) for i in self.layers})  # (B, Hkv, M, D)
+                                   mask, self._summary(i, end), ids) for i in self.layers})  # (B, Hkv, M, D)
         if not excluded:
             self._view = view
         return view
@@ -410,6 +441,24 @@ class MemoryBank:
             self._summaries[layer] = BlockSummary(self.block_size, self._kmin[layer][None, :, :nb],
                                                   self._kmax[layer][None, :, :nb])
         return self._summaries[layer]
+
+    def _ids(self, end: int) -> BlockIds | None:
+        """Block ids of slots [0, end): block j of a chunk with content k is k * 2^20 + j; free: -1."""
+        if self.block_size is None:
+            return None
+        if self._block_ids is None:
+            bs = self.block_size
+            ids = torch.full((end // bs,), -1, dtype=torch.int64)  # (NB,)
+            known = [e for e in self._entries.values() if e.content >= 0]
+            if known:
+                first = torch.tensor([e.start // bs for e in known])
+                count = torch.tensor([e.span // bs for e in known])
+                content = torch.tensor([e.content for e in known], dtype=torch.int64)
+                at = torch.repeat_interleave(first, count)
+                ordinal = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+                ids[at + ordinal] = torch.repeat_interleave(content, count) * (1 << 20) + ordinal
+            self._block_ids = BlockIds(bs, ids)
+        return self._block_ids
 
     def slot_owner(self, slot: int) -> Any | None:
         """The meta of the chunk holding memory slot `slot` (as indexed in `memory()`), None if free."""
@@ -475,7 +524,7 @@ class MemoryBank:
         added = 0
         for content_hash, memory in store.iter_memories(list(by_hash), batch=batch):
             for r in by_hash[content_hash]:
-                added += self.add(r.id, memory, r)
+                added += self.add(r.id, memory, r, content_hash)
         return added
 
     def _plan(self, rows: list[ChunkRow]) -> list[ChunkRow]:

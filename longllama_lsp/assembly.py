@@ -235,7 +235,7 @@ class Assembler:
                 added.add(cid)
             elif defer_edits and c.content_hash not in self._blocks:
                 self.deferred.append(c)
-            elif bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid)):
+            elif bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid), c.content_hash):
                 added.add(cid)
         return added
 
@@ -370,6 +370,6 @@ def concat(parts: Sequence[Memory], device: torch.device | str, copy: bool = Tru
     out = {}
     for i in list(parts[0]):
         caches = [p[i].to(device, dtype) for p in parts]
-        caches = [MemCache(c.keys, c.values, c.mask.to(torch.float32), c.summary) for c in caches]
+        caches = [MemCache(c.keys, c.values, c.mask.to(torch.float32), c.summary, c.block_ids) for c in caches]
         out[i] = MemCache.concat(caches)  # torch.cat: always a copy
     return Memory(out)

@@ -251,6 +251,11 @@ def test_load_from_store_is_what_the_store_holds_and_budget(tmp_path):
                 stored = dequantize_rows(*quantize_rows(want[i].keys[0]), torch.bfloat16)  # the store's int8 rows
                 assert torch.equal(bits(b.memory()[i].keys[0, :, r.start:r.stop]), bits(stored))
         assert {md.path for md in b.resident().values()} == {"src/a.py", "tests/test_a.py"}
+        ids = b.memory()[LAYERS[0]].block_ids.ids  # the "shared" chunk of both files: the same blocks
+        first = {md.path: ids[b.chunk_slots(cid).start // b.block_size].item() for cid, md in b.resident().items()
+                 if md.content_hash == hashlib.sha256(b"shared").hexdigest()}
+        assert len(first) == 2 and len(set(first.values())) == 1
+        assert len(set(ids.tolist())) == 3  # a0, t0, shared
 
         small = MemoryBank.for_store(store, "cpu", budget_tokens=12)
         assert small.load_from_store(store) == 2  # non-test code first, file heads first
@@ -295,6 +300,40 @@ def test_block_summaries_follow_adds_removes_compaction_and_growth():
     check(b, model)
     b.compact()
     check_summaries(b)
+
+
+def test_block_ids_name_contents_through_adds_removes_compaction_and_growth():
+    """Blocks of chunks with equal content share ids (block j of content k: k * 2^20 + j), free blocks
+    are -1, and a content no resident chunk holds is forgotten."""
+    b, model, rng = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}, torch.Generator().manual_seed(1)
+    for step in range(60):
+        cid = int(torch.randint(0, 12, (1,), generator=rng))
+        if cid in model and step % 3 == 0:
+            b.remove(cid)
+            del model[cid]
+        else:
+            content = int(torch.randint(0, 4, (1,), generator=rng))  # few contents: many repeats
+            n = 3 + 2 * content  # equal content, equal length
+            model[cid] = content
+            b.add(cid, mem(n, content), meta(f"f{cid % 3}.py", cid), content=f"hash{content}")
+        ids = b.memory()[LAYERS[0]].block_ids.ids
+        by_content: dict[int, list[int]] = {}
+        owned = torch.zeros_like(ids, dtype=torch.bool)
+        for c, content in model.items():
+            r = b.chunk_slots(c)
+            blocks = ids[r.start // 4:(r.start + len(r) + 3) // 4]
+            owned[r.start // 4:(r.start + len(r) + 3) // 4] = True
+            assert blocks.tolist() == [blocks[0].item() + j for j in range(len(blocks))]
+            by_content.setdefault(content, []).append(blocks[0].item())
+        assert all(len(set(v)) == 1 for v in by_content.values())  # equal content, equal ids
+        assert len({v[0] for v in by_content.values()}) == len(by_content)  # other content, other ids
+        assert (ids[~owned] == -1).all()
+        assert len(b._contents) == len(by_content)
+    for c in list(model):
+        b.remove(c)
+    assert not b._contents and not b._content_refs
+    b.add("x", mem(5, 0), meta("x.py"))  # content unknown: never merged
+    assert (b.memory()[LAYERS[0]].block_ids.ids == -1).all()
 
 
 def test_bank_memory_carries_its_summaries_to_the_model(monkeypatch):

@@ -587,6 +587,12 @@ def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
     cache.ensure({c: list(c) for c in chunks})
     mem = cache.memory(chunks)
     assert cache.encoded_tokens == 5 and mem.num_tokens == 8
+    # Whole blocks: a repeated chunk's blocks carry one content's ids (sparse attention reads one copy).
+    size = model.config.mem_block_size
+    a, b = tuple(range(10, 10 + size)), tuple(range(50, 50 + 2 * size))
+    cache.ensure({c: list(c) for c in (a, b)})
+    ids = cache.memory([a, b, a, b])[model.config.mem_layers[0]].block_ids.ids
+    assert ids[0] == ids[3] and ids[1:3].tolist() == ids[4:6].tolist() and len(set(ids.tolist())) == 3
     args = SkillArgs(passkey_lengths=(512, 2048), passkey_trials=3, chunk_len=32, local_len=48)
     out = eval_passkey(model, tokenizer, args, progress=False)
     assert out["512"]["trials"] == out["2048"]["trials"] == 3

@@ -403,3 +403,82 @@ def test_engine_beyond_select_tokens_attends_only_to_the_selected_blocks(sparse_
     assert [s.path for s in engine.complete(PROMPT, len(PROMPT), key="again").sources] == \
         [s.path for s in dense.sources]
     assert engine.model.config.mem_budget is None
+
+
+def _repeated(seed: int, copies: int = 52, hidden: int = 6):
+    """Memory (B=1, Hkv=2, M=64 blocks of 16, D=16) shaped like a passkey prompt: one filler block
+    repeated `copies` times (spread keys: a loose Quest bound, above the key's), `hidden` more copies
+    masked, a key block pointing along each key/value head's mean query (a tight bound: the scores it
+    has), and 5 other distinct blocks. Returns (q, k, v, mask, memory without ids, block ids)."""
+    from longllama_lsp.model.memory import BlockIds
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, 3, 16, generator=g)
+    k, v = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    mask = torch.zeros(1, 1, 3, 3).masked_fill(torch.ones(3, 3, dtype=torch.bool).triu(1), -1e9)
+    nb = 64
+    keys, values = torch.randn(1, 2, nb * BLOCK, 16, generator=g), 3 * torch.randn(1, 2, nb * BLOCK, 16, generator=g)
+    filler_k, filler_v = 4 * torch.randn(1, 2, BLOCK, 16, generator=g), torch.randn(1, 2, BLOCK, 16, generator=g)
+    direction = q.view(1, 2, 2, 3, 16).mean(dim=(2, 3))  # (B, Hkv, D)
+    ids = torch.arange(nb) + 100  # distinct blocks: ids of their own
+    order = torch.randperm(nb, generator=g).tolist()
+    hidden_slots = torch.zeros(1, 1, nb * BLOCK, 1)
+    for n, b in enumerate(order[:copies + hidden]):
+        keys[:, :, b * BLOCK:(b + 1) * BLOCK], values[:, :, b * BLOCK:(b + 1) * BLOCK] = filler_k, filler_v
+        ids[b] = 7
+        if n >= copies:
+            hidden_slots[:, :, b * BLOCK:(b + 1) * BLOCK] = MASK_MIN
+    key = order[-1]
+    keys[:, :, key * BLOCK:(key + 1) * BLOCK] = 8 * (direction / direction.norm(dim=-1, keepdim=True))[:, :, None]
+    return q, k, v, mask, MemCache(keys, values, hidden_slots), BlockIds(BLOCK, ids)
+
+
+@pytest.mark.parametrize("two_level", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_repeated_blocks_are_read_once_with_their_count_and_equal_dense(seed, two_level):
+    """52 visible copies of one block + 6 distinct blocks, a budget of 8 blocks: with block ids the copies
+    are one block weighted by log 52 (exp(s + log n) = n exp(s)), so sparse attention is dense attention;
+    without ids the copies' bounds fill the budget and the key block is never read."""
+    import dataclasses
+
+    q, k, v, mask, memory, ids = _repeated(seed)
+    sparse = Sparse(BLOCK, 8 * BLOCK, **(TWO_LEVEL if two_level else {}))
+    dense, dense_w = attend(q, k, v, mask, memory, want_memory_weights=True)
+    plain, _ = attend(q, k, v, mask, memory, sparse=sparse)
+    assert (plain - dense).abs().max() > 0.05  # the copies crowd the distinct blocks out
+    with_ids = dataclasses.replace(memory, block_ids=ids)
+    out, weights = attend(q, k, v, mask, with_ids, want_memory_weights=True, sparse=sparse)
+    assert (out - dense).abs().max() < 1e-5
+    distinct = (ids.ids != 7).repeat_interleave(BLOCK)
+    assert torch.allclose(weights[0][distinct], dense_w[0][distinct], atol=1e-5)  # each distinct block's mass
+    # the copies' mass, all of it on the kept copy (sources name the first copy)
+    assert torch.isclose(weights[0][~distinct].sum(), dense_w[0][~distinct].sum(), atol=1e-4)
+    assert int((weights[0][~distinct].view(-1, BLOCK).sum(dim=-1) > 0).sum()) == 1
+
+
+def test_distinct_blocks_keep_the_first_visible_copy_and_never_merge_unknown_ids():
+    from longllama_lsp.model.memory import BlockIds
+
+    keys = torch.zeros(1, 1, 6 * BLOCK, 4)
+    mask = torch.zeros(1, 1, 6 * BLOCK, 1)
+    mask[:, :, :BLOCK] = MASK_MIN  # block 0 hidden (a request's own file): its copies stand without it
+    ids = BlockIds(BLOCK, torch.tensor([5, 5, 5, -1, -1, 9]))
+    keep, log_count = MemCache(keys, keys.clone(), mask, block_ids=ids).distinct_blocks(BLOCK)
+    assert keep[0].tolist() == [False, True, False, True, True, True]
+    assert torch.allclose(log_count, torch.tensor([1, 2, 1, 1, 1, 1]).float().log())  # hidden or copies: 0
+    assert MemCache(keys, keys.clone(), mask).distinct_blocks(BLOCK) is None  # no ids: no merging
+    with pytest.raises(ValueError, match="block ids"):
+        MemCache(keys, keys.clone(), mask, block_ids=BlockIds(BLOCK, torch.tensor([1, 2])))
+
+
+def test_block_ids_survive_block_aligned_concat_and_moves():
+    from longllama_lsp.model.memory import BlockIds
+
+    def part(content: int, n: int) -> MemCache:
+        z = torch.zeros(1, 1, n, 4)
+        return MemCache(z, z.clone(), torch.zeros(1, 1, n, 1), block_ids=BlockIds.of_chunk(content, n, BLOCK))
+
+    joined = MemCache.concat([part(1, 2 * BLOCK), part(2, BLOCK), part(1, 2 * BLOCK - 3)])
+    assert joined.block_ids.ids.tolist() == [1 << 20, (1 << 20) + 1, 2 << 20, 1 << 20, (1 << 20) + 1]
+    assert joined.to("cpu", torch.float16).block_ids is joined.block_ids
+    assert MemCache.concat([part(1, BLOCK - 1), part(2, BLOCK)]).block_ids is None  # a block would mix two chunks

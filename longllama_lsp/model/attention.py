@@ -260,6 +260,8 @@ class _SparseState:
     budget: int
     coarse: BlockSummary | None = None
     coarse_visible: torch.Tensor | None = None
+    # (NB,) log of how many visible copies each kept block stands for (MemCache.distinct_blocks); None: 1
+    log_count: torch.Tensor | None = None
 
     @classmethod
     def of(cls, memory: MemCache, sparse: Sparse, device, dtype: torch.dtype, batch: int) -> _SparseState:
@@ -267,11 +269,18 @@ class _SparseState:
         # every step costs more than scoring.
         summary = memory.blocks(sparse.block_size, device).cast(device, dtype)
         visible = memory.visible_blocks(sparse.block_size, device)
+        distinct = memory.distinct_blocks(sparse.block_size, device)
+        log_count = None
+        if distinct is not None:  # copies of a block are hidden behind the first, which counts them
+            visible, log_count = distinct
         coarse = coarse_visible = None
         if summary.num_blocks > sparse.coarse_from:
             coarse = summary.coarse(sparse.group)  # kept with the summary
-            coarse_visible = memory.visible_groups(sparse.block_size, sparse.group, device)  # (B, NG), kept
-        state = cls(summary, visible, sparse.budget, coarse, coarse_visible)
+            if distinct is None:
+                coarse_visible = memory.visible_groups(sparse.block_size, sparse.group, device)  # (B, NG), kept
+            else:
+                coarse_visible = _any_in_groups(visible, sparse.group)
+        state = cls(summary, visible, sparse.budget, coarse, coarse_visible, log_count)
         return state.expand(batch) if summary.kmin.shape[0] != batch else state
 
     def expand(self, batch: int) -> _SparseState:
@@ -280,12 +289,20 @@ class _SparseState:
             return None if s is None else BlockSummary(s.size, s.kmin.expand(batch, -1, -1, -1),
                                                        s.kmax.expand(batch, -1, -1, -1))
         cv = None if self.coarse_visible is None else self.coarse_visible.expand(batch, -1)
-        return _SparseState(wide(self.summary), self.visible.expand(batch, -1), self.budget, wide(self.coarse), cv)
+        return _SparseState(wide(self.summary), self.visible.expand(batch, -1), self.budget, wide(self.coarse), cv,
+                            self.log_count)
 
     def heads(self, hs: slice) -> _SparseState:
         def part(s: BlockSummary | None) -> BlockSummary | None:
             return None if s is None else BlockSummary(s.size, s.kmin[:, hs], s.kmax[:, hs])
-        return _SparseState(part(self.summary), self.visible, self.budget, part(self.coarse), self.coarse_visible)
+        return _SparseState(part(self.summary), self.visible, self.budget, part(self.coarse), self.coarse_visible,
+                            self.log_count)
+
+
+def _any_in_groups(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, NB) visible blocks -> (B, NG) groups of `group` blocks holding one (the last may be short)."""
+    pad = -visible.shape[1] % group
+    return torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, group).any(dim=-1)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -311,8 +328,12 @@ def _quest_bound(qf: torch.Tensor, summary: BlockSummary) -> torch.Tensor:
 
 def _select_blocks(qf: torch.Tensor, blocks: _SparseState, n_sel: int) -> torch.Tensor:
     """The `n_sel` blocks with the highest bound for queries qf (B, Hk, N, D): (B, Hk, n_sel), sorted."""
+    bonus = None if blocks.log_count is None else blocks.log_count * math.sqrt(qf.shape[-1])  # (NB,) in q.k units
     if blocks.coarse is None:
-        score = _quest_bound(qf, blocks.summary).masked_fill(~blocks.visible[:, None], float("-inf"))
+        score = _quest_bound(qf, blocks.summary)
+        if bonus is not None:  # a block standing for n copies bounds n copies' mass: rank by bound + log n
+            score = score + bonus.to(score.dtype)
+        score = score.masked_fill(~blocks.visible[:, None], float("-inf"))
         return torch.topk(score, n_sel, dim=-1, sorted=False).indices.sort(dim=-1).values
     # Two levels: the best n_sel groups (every selected block could sit in a different group), then
     # the best n_sel of their blocks. A group's bound is >= its blocks', so a block that dominates q.k
@@ -328,7 +349,10 @@ def _select_blocks(qf: torch.Tensor, blocks: _SparseState, n_sel: int) -> torch.
                         _rows(blocks.summary.kmax, cand))  # (B, Hk, C, D)
     seen = torch.gather(blocks.visible[:, None].expand(b, hk, nb), 2, cand)  # (B, Hk, C)
     # Hidden blocks rank below every visible one and clamped repeats below them: never picked twice.
-    score = _quest_bound(qf, fine).masked_fill(~seen, torch.finfo(qf.dtype).min).masked_fill(~real, float("-inf"))
+    score = _quest_bound(qf, fine)
+    if bonus is not None:
+        score = score + bonus.to(score.dtype)[cand]
+    score = score.masked_fill(~seen, torch.finfo(qf.dtype).min).masked_fill(~real, float("-inf"))
     pick = torch.topk(score, n_sel, dim=-1, sorted=False).indices
     return torch.gather(cand, 2, pick).sort(dim=-1).values
 
@@ -351,6 +375,12 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
     keys = _rows(mem.keys, slots).to(q.device, q.dtype)  # (B, Hk, K, D), from the device or the host tier
     vals = _rows(mem.values, slots).to(q.device, q.dtype)
     mask = torch.gather(mem.mask[:, :, :, 0].to(q.device).expand(b, hk, m), 2, slots)  # (B, Hk, K)
+    if blocks.log_count is not None:  # a kept block's keys stand for its hidden copies too
+        mask = mask + blocks.log_count.to(q.device)[chosen].repeat_interleave(bs, dim=-1)
+        # With fewer kept blocks than n_sel, top-k also returns hidden ones: a copy's slots are visible in
+        # the mask, so they are hidden here (its count is on the kept block already).
+        kept = torch.gather(blocks.visible[:, None].expand(b, hk, -1), 2, chosen)  # (B, Hk, S)
+        inside = inside & kept.to(inside.device).repeat_interleave(bs, dim=-1)
     mask = mask.masked_fill(~inside, MASK_MIN)[..., None]  # (B, Hk, K, 1): a mask per key/value head
     out, w_mem = _one_softmax(s_loc, v, _memory_scores(q, keys, mask, scale), vals)  # w_mem (B, Hk, G, T, K)
     return out, (_mass_per_slot(slots, w_mem.sum(dim=(2, 3)), m) if want_weights else None)

@@ -87,6 +87,26 @@ class BlockSummary:
 
 
 
+@dataclass(frozen=True)
+class BlockIds:
+    """The content of each block of `size` memory slots, as whoever built the memory knows it: blocks
+    with equal ids >= 0 hold equal keys, values and mask slots (the same chunk content at the same
+    block of it, encoded once); -1 = unknown, never taken for another block. ids: (NB,) int64.
+
+    Sparse attention reads one copy of repeated content, weighted by its count (`MemCache.distinct_blocks`):
+    otherwise copies of one filler or boilerplate block can fill the whole selection budget.
+    """
+
+    size: int
+    ids: torch.Tensor
+
+    @classmethod
+    def of_chunk(cls, content: int, num_tokens: int, size: int) -> BlockIds:
+        """The ids of one chunk's blocks: `content` (>= 0) names the chunk's content; block j is content * 2^20 + j."""
+        nb = -(-num_tokens // size)
+        return cls(size, content * (1 << 20) + torch.arange(nb, dtype=torch.int64))
+
+
 @dataclass
 class MemCache:
     """One memory layer's memory.
@@ -101,7 +121,11 @@ class MemCache:
     # Block summaries for sparse memory attention, built once (by the bank, or on first use) and kept
     # with the memory; keys/values may stay in host memory (the host tier) while these live on the device.
     summary: BlockSummary | None = field(default=None, repr=False, compare=False)
+    # What each block holds, when the builder knows (batch-1 memories only): repeated blocks are read once.
+    block_ids: BlockIds | None = field(default=None, repr=False, compare=False)
     _visible: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _distinct: tuple[int, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False,
+                                                                     compare=False)
     _visible_groups: tuple[int, int, torch.Tensor] | None = field(default=None, init=False, repr=False,
                                                                   compare=False)
 
@@ -111,6 +135,9 @@ class MemCache:
             raise ValueError(f"memory values {tuple(self.values.shape)} != keys {tuple(self.keys.shape)}")
         if tuple(self.mask.shape) != (b, 1, m, 1):
             raise ValueError(f"memory mask {tuple(self.mask.shape)}, expected {(b, 1, m, 1)}")
+        if self.block_ids is not None and (b != 1 or self.block_ids.ids.shape != (-(-m // self.block_ids.size),)):
+            raise ValueError(f"block ids {tuple(self.block_ids.ids.shape)} of size {self.block_ids.size} "
+                             f"do not cover a batch-1 memory of {m} slots (batch {b})")
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +165,28 @@ class MemCache:
             self._visible = (size, seen.view(b, nb, size).any(dim=-1))
         return self._visible[1]
 
+    def distinct_blocks(self, size: int, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keep (1, NB) bool, log_count (NB,) float32): of each set of visible blocks with equal ids, the
+        first is kept and carries the log of their count (its keys stand for all of them in one softmax:
+        exp(s + log n) = n exp(s)); the others are hidden. None without block ids of `size`. Kept
+        while the mask is (a request's view masks its own file: its copies elsewhere stay)."""
+        if self.block_ids is None or self.block_ids.size != size:
+            return None
+        if self._distinct is None or self._distinct[0] != size:
+            visible = self.visible_blocks(size, device)[0]  # (NB,)
+            ids = self.block_ids.ids.to(visible.device)
+            nb = ids.shape[0]
+            order = torch.arange(nb, device=visible.device)
+            # Unknown ids and hidden blocks get ids of their own (-1 - index): never merged with others.
+            key = torch.where(visible & (ids >= 0), ids, -1 - order)
+            _, group, count = torch.unique(key, return_inverse=True, return_counts=True)
+            first = torch.full((count.shape[0],), nb, device=visible.device).scatter_reduce(
+                0, group, order, reduce="amin")
+            keep = visible & (first[group] == order)
+            log_count = torch.where(keep, count[group].float().log(), torch.zeros((), device=visible.device))
+            self._distinct = (size, keep[None], log_count)
+        return self._distinct[1], self._distinct[2]
+
     def visible_groups(self, size: int, group: int, device=None) -> torch.Tensor:
         """(B, NG) bool: groups of `group` blocks of `size` holding a visible block; kept as visible_blocks."""
         if self._visible_groups is None or self._visible_groups[:2] != (size, group):
@@ -154,7 +203,7 @@ class MemCache:
             raise ValueError("cannot concatenate zero memory caches")
         return cls(torch.cat([p.keys for p in parts], dim=2),
                    torch.cat([p.values for p in parts], dim=2),
-                   torch.cat([p.mask for p in parts], dim=2), _concat_summaries(parts))
+                   torch.cat([p.mask for p in parts], dim=2), _concat_summaries(parts), _concat_block_ids(parts))
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> MemCache:
         summary = self.summary
@@ -162,14 +211,14 @@ class MemCache:
             summary = BlockSummary(summary.size, summary.kmin.to(device=device, dtype=dtype),
                                    summary.kmax.to(device=device, dtype=dtype))
         return MemCache(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype),
-                        self.mask.to(device=device), summary)
+                        self.mask.to(device=device), summary, self.block_ids)
 
     def on_host(self, directory: str | None = None) -> MemCache:
         """The host tier: keys/values in host memory (pinned when a GPU is present), or memory-mapped
         from files in `directory`; the summary (if built) stays where it is. Sparse attention reads
         only the selected blocks from here."""
         return MemCache(_host_copy(self.keys, directory, "keys"), _host_copy(self.values, directory, "values"),
-                        self.mask, self.summary)
+                        self.mask, self.summary, self.block_ids)
 
     def select(self, index: torch.Tensor) -> MemCache:
         """Memory slots `index` (1-D LongTensor over M)."""
@@ -187,6 +236,15 @@ def _concat_summaries(parts: list[MemCache]) -> BlockSummary | None:
             else BlockSummary.of(p.keys, known.size, known.kmin.device) for p in parts]
     return BlockSummary(known.size, torch.cat([s.kmin.to(known.kmin.dtype) for s in sums], dim=2),
                         torch.cat([s.kmax.to(known.kmax.dtype) for s in sums], dim=2))
+
+
+def _concat_block_ids(parts: list[MemCache]) -> BlockIds | None:
+    """The parts' block ids joined when every part has them, of one size, and every block stays whole."""
+    first = parts[0].block_ids
+    if (first is None or any(p.block_ids is None or p.block_ids.size != first.size for p in parts)
+            or any(p.num_tokens % first.size for p in parts[:-1])):
+        return None
+    return BlockIds(first.size, torch.cat([p.block_ids.ids for p in parts]))
 
 
 def _host_copy(x: torch.Tensor, directory: str | None, name: str) -> torch.Tensor:
