@@ -330,10 +330,47 @@ def key_digits(key: str, answer: str) -> float:
     return sum(a == b for a, b in zip(key, got.group(), strict=False)) / len(key)
 
 
+@dataclass
+class PasskeyTrial:
+    """One passkey prompt as the eval runs it: the local window (1, L) after the memory of the rest."""
+
+    key: str
+    window: torch.Tensor  # (1, L) token ids, ending with the question
+    memory: Any  # the prompt before the window, chunk by chunk (chunks concatenated: slot i = token i)
+    key_at: int  # the key sentence's first token; a memory slot when key_at < split
+    key_end: int  # one past the key sentence's last token
+    split: int  # tokens in memory
+    prompt_tokens: int
+
+
+def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int):
+    """The eval's `args.passkey_trials` trials at about n tokens (seeded: the same prompts every run)."""
+    from finetune.passkey import filler_chars_for, passkey_prompt
+
+    rng = random.Random(f"passkey-{n}-{args.seed}")
+    n_chars = filler_chars_for(tokenizer, n)
+    for _ in range(args.passkey_trials):
+        prompt, key = passkey_prompt(n_chars, rng)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        at = prompt.index(f"The pass key is {key}.")
+        key_at = len(tokenizer(prompt[:at], add_special_tokens=False)["input_ids"])
+        key_end = len(tokenizer(prompt[:prompt.index(" is the pass key.", at) + 17], add_special_tokens=False)["input_ids"])
+        split = max(0, len(ids) - local)
+        chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
+        cache.ensure({c: list(c) for c in chunks})
+        window = torch.tensor([ids[split:]], device=model.device)
+        yield PasskeyTrial(key, window, cache.memory(chunks), key_at, key_end, split, len(ids))
+
+
+def answer_passkey(model, tokenizer, trial: PasskeyTrial) -> str:
+    gen = model.generate(trial.window, max_new_tokens=8, memory=trial.memory,
+                         last_context_length=trial.window.shape[1])
+    return tokenizer.decode(gen[0, trial.window.shape[1]:], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> dict[str, Any]:
     from finetune.evaluate import MemoryCache
-    from finetune.passkey import filler_chars_for, passkey_prompt
 
     model.eval()
     local = args.local_len or model.config.last_context_length
@@ -342,32 +379,21 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     for n in args.passkey_lengths:
-        rng = random.Random(f"passkey-{n}-{args.seed}")
-        n_chars = filler_chars_for(tokenizer, n)
         sc = PasskeyScore(n)
-        for trial in range(args.passkey_trials):
-            prompt, key = passkey_prompt(n_chars, rng)
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            key_at = len(tokenizer(prompt[:prompt.index(f"The pass key is {key}.")], add_special_tokens=False)["input_ids"])
-            split = max(0, len(ids) - local)
-            chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
-            cache.ensure({c: list(c) for c in chunks})
-            memory = cache.memory(chunks)
-            window = torch.tensor([ids[split:]], device=model.device)
-            gen = model.generate(window, max_new_tokens=8, memory=memory, last_context_length=window.shape[1])
-            answer = tokenizer.decode(gen[0, window.shape[1]:], skip_special_tokens=True)
-            ok = key in answer
-            in_mem = key_at < split
+        for i, trial in enumerate(passkey_trials(model, tokenizer, cache, n, args, local)):
+            answer = answer_passkey(model, tokenizer, trial)
+            ok = trial.key in answer
+            in_mem = trial.key_at < trial.split
             sc.trials += 1
             sc.correct += ok
             sc.in_memory += in_mem
             sc.correct_in_memory += ok and in_mem
             if in_mem:
-                sc.digits_in_memory.append(key_digits(key, answer))
-            sc.depths.append(round(key_at / len(ids), 3))
+                sc.digits_in_memory.append(key_digits(trial.key, answer))
+            sc.depths.append(round(trial.key_at / trial.prompt_tokens, 3))
             sc.answers.append(answer.strip())
             if progress:
-                print(f"passkey {n}: trial {trial + 1} key {key} depth {key_at / len(ids):.2f} "
+                print(f"passkey {n}: trial {i + 1} key {trial.key} depth {trial.key_at / trial.prompt_tokens:.2f} "
                       f"{'memory' if in_mem else 'local'} -> {answer.strip()!r} "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         out[str(n)] = sc.summary()
