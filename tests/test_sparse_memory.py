@@ -482,3 +482,6 @@ def test_block_ids_survive_block_aligned_concat_and_moves():
     assert joined.block_ids.ids.tolist() == [1 << 20, (1 << 20) + 1, 2 << 20, 1 << 20, (1 << 20) + 1]
     assert joined.to("cpu", torch.float16).block_ids is joined.block_ids
     assert MemCache.concat([part(1, BLOCK - 1), part(2, BLOCK)]).block_ids is None  # a block would mix two chunks
+    z = torch.zeros(1, 1, BLOCK + 5, 4)
+    moved = MemCache(z, z.clone(), torch.zeros(1, 1, BLOCK + 5, 1))  # no ids: a window moved to memory
+    assert MemCache.concat([part(2, BLOCK), moved]).block_ids.ids.tolist() == [2 << 20, -1, -1]

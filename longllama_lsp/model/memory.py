@@ -239,12 +239,16 @@ def _concat_summaries(parts: list[MemCache]) -> BlockSummary | None:
 
 
 def _concat_block_ids(parts: list[MemCache]) -> BlockIds | None:
-    """The parts' block ids joined when every part has them, of one size, and every block stays whole."""
-    first = parts[0].block_ids
-    if (first is None or any(p.block_ids is None or p.block_ids.size != first.size for p in parts)
-            or any(p.num_tokens % first.size for p in parts[:-1])):
+    """The parts' block ids joined when some part has them and every block stays whole (all parts but the
+    last a multiple of the block size); parts without ids (a window the model moved to memory while
+    decoding) get -1, unknown. Otherwise None."""
+    known = next((p.block_ids for p in parts if p.block_ids is not None), None)
+    if known is None or any(p.num_tokens % known.size for p in parts[:-1]) \
+            or any(p.block_ids is not None and p.block_ids.size != known.size for p in parts):
         return None
-    return BlockIds(first.size, torch.cat([p.block_ids.ids for p in parts]))
+    return BlockIds(known.size, torch.cat([
+        p.block_ids.ids if p.block_ids is not None else torch.full((-(-p.num_tokens // known.size),), -1)
+        for p in parts]))
 
 
 def _host_copy(x: torch.Tensor, directory: str | None, name: str) -> torch.Tensor:
