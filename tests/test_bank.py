@@ -285,19 +285,27 @@ def check_summaries(b: MemoryBank) -> None:
                 assert torch.equal(summary.kmax[0, :, blk], keys[:, s0:s0 + bs].amax(dim=1))
 
 
-def test_block_summaries_follow_adds_removes_compaction_and_growth():
-    b, model, rng = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}, torch.Generator().manual_seed(0)
-    for step in range(40):
+def churn(b: MemoryBank, model: dict, steps: int, seed: int, make):
+    """Random adds (make(cid, step, rng) -> (memory, meta, content)) and removes of 12 chunk ids, through
+    growth and compaction, kept in `model` {cid: what make returned}; yields after each."""
+    rng = torch.Generator().manual_seed(seed)
+    for step in range(steps):
         cid = int(torch.randint(0, 12, (1,), generator=rng))
         if cid in model and step % 3 == 0:
             b.remove(cid)
             del model[cid]
         else:
-            n = int(torch.randint(1, 11, (1,), generator=rng))
-            model[cid] = (mem(n, step), meta(f"f{cid % 3}.py", cid))
+            model[cid] = make(cid, step, rng)
             b.add(cid, *model[cid])
+        yield
+
+
+def test_block_summaries_follow_adds_removes_compaction_and_growth():
+    b, model = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}
+    for _ in churn(b, model, 40, 0, lambda cid, step, rng: (mem(int(torch.randint(1, 11, (1,), generator=rng)), step),
+                                                             meta(f"f{cid % 3}.py", cid), None)):
         check_summaries(b)
-    check(b, model)
+    check(b, {c: m[:2] for c, m in model.items()})
     b.compact()
     check_summaries(b)
 
@@ -305,21 +313,16 @@ def test_block_summaries_follow_adds_removes_compaction_and_growth():
 def test_block_ids_name_contents_through_adds_removes_compaction_and_growth():
     """Blocks of chunks with equal content share ids (block j of content k: k * 2^20 + j), free blocks
     are -1, and a content no resident chunk holds is forgotten."""
-    b, model, rng = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}, torch.Generator().manual_seed(1)
-    for step in range(60):
-        cid = int(torch.randint(0, 12, (1,), generator=rng))
-        if cid in model and step % 3 == 0:
-            b.remove(cid)
-            del model[cid]
-        else:
-            content = int(torch.randint(0, 4, (1,), generator=rng))  # few contents: many repeats
-            n = 3 + 2 * content  # equal content, equal length
-            model[cid] = content
-            b.add(cid, mem(n, content), meta(f"f{cid % 3}.py", cid), content=f"hash{content}")
+    def make(cid, step, rng):
+        content = int(torch.randint(0, 4, (1,), generator=rng))  # few contents: many repeats
+        return mem(3 + 2 * content, content), meta(f"f{cid % 3}.py", cid), f"hash{content}"  # equal content, length
+
+    b, model = bank(block_size=4, capacity_tokens=8, compact_threshold=0.3), {}
+    for _ in churn(b, model, 60, 1, make):
         ids = b.memory()[LAYERS[0]].block_ids.ids
-        by_content: dict[int, list[int]] = {}
+        by_content: dict[str, list[int]] = {}
         owned = torch.zeros_like(ids, dtype=torch.bool)
-        for c, content in model.items():
+        for c, (_, _, content) in model.items():
             r = b.chunk_slots(c)
             blocks = ids[r.start // 4:(r.start + len(r) + 3) // 4]
             owned[r.start // 4:(r.start + len(r) + 3) // 4] = True
