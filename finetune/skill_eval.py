@@ -353,8 +353,9 @@ def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int)
         prompt, key = passkey_prompt(n_chars, rng)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         at = prompt.index(f"The pass key is {key}.")
+        tail = " is the pass key."  # the key sentence's end ("... Remember it. {key} is the pass key.")
         key_at = len(tokenizer(prompt[:at], add_special_tokens=False)["input_ids"])
-        key_end = len(tokenizer(prompt[:prompt.index(" is the pass key.", at) + 17], add_special_tokens=False)["input_ids"])
+        key_end = len(tokenizer(prompt[:prompt.index(tail, at) + len(tail)], add_special_tokens=False)["input_ids"])
         split = max(0, len(ids) - local)
         chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
         cache.ensure({c: list(c) for c in chunks})
