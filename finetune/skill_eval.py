@@ -335,12 +335,16 @@ class PasskeyTrial:
     """One passkey prompt as the eval runs it: the local window (1, L) after the memory of the rest."""
 
     key: str
+    ids: list[int]  # the whole prompt's tokens
     window: torch.Tensor  # (1, L) token ids, ending with the question
     memory: Any  # the prompt before the window, chunk by chunk (chunks concatenated: slot i = token i)
     key_at: int  # the key sentence's first token; a memory slot when key_at < split
     key_end: int  # one past the key sentence's last token
     split: int  # tokens in memory
-    prompt_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
 
 
 def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int):
@@ -360,7 +364,7 @@ def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int)
         chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
         cache.ensure({c: list(c) for c in chunks})
         window = torch.tensor([ids[split:]], device=model.device)
-        yield PasskeyTrial(key, window, cache.memory(chunks), key_at, key_end, split, len(ids))
+        yield PasskeyTrial(key, ids, window, cache.memory(chunks), key_at, key_end, split)
 
 
 def answer_passkey(model, tokenizer, trial: PasskeyTrial) -> str:

@@ -603,6 +603,25 @@ def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
     assert out["64"]["in_memory"] == 0
 
 
+def test_passkey_trials_name_the_key_sentences_memory_slots(tokenizer):
+    """bench/passkey_selection.py checks the selection against these slots: memory slot i is token i."""
+    from finetune.evaluate import MemoryCache
+    from finetune.skill_eval import SkillArgs, passkey_trials
+
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cache = MemoryCache(model, 64, progress=False)
+    args = SkillArgs(passkey_trials=4, chunk_len=64)
+    in_memory = 0
+    for t in passkey_trials(model, tokenizer, cache, 1024, args, local=64):
+        assert t.memory.num_tokens == t.split == t.prompt_tokens - t.window.shape[1]
+        assert t.window[0].tolist() == t.ids[t.split:]
+        text = tokenizer.decode(t.ids[t.key_at:t.key_end])
+        assert text.strip().startswith(f"The pass key is {t.key}.") and text.endswith(f"{t.key} is the pass key.")
+        in_memory += t.key_end <= t.split
+    assert in_memory  # some trials' key sentence lies in memory, at those slots
+
+
 def test_key_digits_scores_near_misses():
     from finetune.skill_eval import PasskeyScore, key_digits
 
