@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import MASK_MIN, BlockSummary, MemCache
+from .memory import MASK_MIN, BlockSummary, MemCache, any_in_groups
 
 # Memory keys scored per block; bounds the (T, M) score matrix to (T, MEM_BLOCK) at a time.
 MEM_BLOCK = 16384
@@ -279,7 +279,7 @@ class _SparseState:
             if distinct is None:
                 coarse_visible = memory.visible_groups(sparse.block_size, sparse.group, device)  # (B, NG), kept
             else:
-                coarse_visible = _any_in_groups(visible, sparse.group)
+                coarse_visible = any_in_groups(visible, sparse.group)  # (B, NG)
         state = cls(summary, visible, sparse.budget, coarse, coarse_visible, log_count)
         return state.expand(batch) if summary.kmin.shape[0] != batch else state
 
@@ -297,12 +297,6 @@ class _SparseState:
             return None if s is None else BlockSummary(s.size, s.kmin[:, hs], s.kmax[:, hs])
         return _SparseState(part(self.summary), self.visible, self.budget, part(self.coarse), self.coarse_visible,
                             self.log_count)
-
-
-def _any_in_groups(visible: torch.Tensor, group: int) -> torch.Tensor:
-    """(B, NB) visible blocks -> (B, NG) groups of `group` blocks holding one (the last may be short)."""
-    pad = -visible.shape[1] % group
-    return torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, group).any(dim=-1)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -190,10 +190,7 @@ class MemCache:
     def visible_groups(self, size: int, group: int, device=None) -> torch.Tensor:
         """(B, NG) bool: groups of `group` blocks of `size` holding a visible block; kept as visible_blocks."""
         if self._visible_groups is None or self._visible_groups[:2] != (size, group):
-            visible = self.visible_blocks(size, device)  # (B, NB)
-            pad = -visible.shape[1] % group
-            groups = torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, group).any(dim=-1)
-            self._visible_groups = (size, group, groups)
+            self._visible_groups = (size, group, any_in_groups(self.visible_blocks(size, device), group))
         return self._visible_groups[2]
 
     @classmethod
@@ -223,6 +220,12 @@ class MemCache:
     def select(self, index: torch.Tensor) -> MemCache:
         """Memory slots `index` (1-D LongTensor over M)."""
         return MemCache(self.keys[:, :, index], self.values[:, :, index], self.mask[:, :, index])
+
+
+def any_in_groups(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, NB) visible blocks -> (B, NG) groups of `group` blocks holding one (the last may be short)."""
+    pad = -visible.shape[1] % group
+    return torch.nn.functional.pad(visible, (0, pad)).view(visible.shape[0], -1, group).any(dim=-1)
 
 
 def _concat_summaries(parts: list[MemCache]) -> BlockSummary | None:
