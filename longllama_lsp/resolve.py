@@ -120,10 +120,22 @@ def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
     if model_fingerprint(base) != base_fingerprint:
         raise ModelError(f"{delta}: trained on another base model than {base} (its fingerprint changed since); "
                          f"fine-tune again on the current base")
+    _check_delta_layers(delta, base)
     key = hashlib.sha256(f"{base_fingerprint}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{_slug(delta)}-delta-{key}"
     return build_once(target, DELTA_BUILT, lambda out: _link_delta_checkpoint(base, delta, out), progress,
                       f"Applying the weight delta {delta} to {base} (one time)...")
+
+
+def _check_delta_layers(delta: Path, base: Path) -> None:
+    """A delta trained with memory at other layers than its base's config (training's
+    model.config_overrides) would run with memory where it never learned to read it: say so."""
+    trained = json.loads((delta / DELTA_META).read_text(encoding="utf-8")).get("mem_layers")
+    config = read_config_dict(base).get("mem_layers") or []
+    if trained is not None and list(trained) != list(config):
+        raise ModelError(f"{delta}: trained with memory layers {list(trained)}, but its base {base} has them at "
+                         f"{list(config)}; convert the base with `longllama convert SRC --out DIR --mem-layers "
+                         f"{','.join(map(str, trained))}` and train on that folder")
 
 
 def _delta_base(delta: Path) -> tuple[str, str]:

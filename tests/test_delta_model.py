@@ -67,6 +67,24 @@ def test_a_delta_checkpoint_is_built_once_and_fingerprinted_apart_from_its_base(
     assert resolve_model(str(delta_dir), keep_delta=True) == delta_dir  # what training continues from
 
 
+def test_a_delta_trained_at_other_memory_layers_than_its_base_is_refused(delta_dir, base_dir, cache, tmp_path):  # noqa: F811
+    """Training's config_overrides can move memory; the base's config would silently put it back."""
+    import shutil
+
+    from longllama_lsp.errors import ModelError
+    from longllama_lsp.resolve import resolve_model
+
+    moved = tmp_path / "moved"
+    shutil.copytree(delta_dir, moved)
+    meta = json.loads((moved / "adapter.json").read_text())
+    base_layers = json.loads((base_dir / "config.json").read_text())["mem_layers"]
+    meta["mem_layers"] = [i + 1 for i in base_layers]
+    (moved / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"trained with memory layers .* --mem-layers"):
+        resolve_model(str(moved), progress=lambda _: None)
+    assert resolve_model(str(delta_dir), progress=lambda _: None).is_dir()  # the layers it names: accepted
+
+
 def test_an_index_of_the_base_is_not_reused_with_the_fine_tuned_model(delta_dir, base_dir, repos, cache,  # noqa: F811
                                                                       capsys):
     from indexer.pipeline import checkpoint_fingerprint
