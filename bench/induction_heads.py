@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.facts import cpu_model  # noqa: E402
+from longllama_lsp.model.attention import apply_rope  # noqa: E402
 
 
 def capture_qk(model) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list]:
@@ -40,22 +41,14 @@ def capture_qk(model) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
     return queries, keys, handles
 
 
-def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE at positions 0..T-1, HF rotate_half convention; x (B, H, T, D)."""
-    t, d = x.shape[-2], x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    freqs = torch.outer(torch.arange(t, dtype=torch.float32), inv)  # (T, D/2)
-    emb = torch.cat([freqs, freqs], -1)  # (T, D)
-    half = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
-    return x * emb.cos() + half * emb.sin()
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, config) -> torch.Tensor:
-    """Causal softmax attention of one layer, (B, heads, T, T), from its projections (B, T, *)."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, model) -> torch.Tensor:
+    """Causal softmax attention of one layer, (B, heads, T, T), from its projections (B, T, *),
+    rotated by the model's own RoPE (its scaling included) at positions 0..T-1."""
     b, t, _ = q.shape
-    d = config.head_dim
-    q = rotate(q.view(b, t, -1, d).transpose(1, 2), config.rope_theta)  # (B, H, T, D)
-    k = rotate(k.view(b, t, -1, d).transpose(1, 2), config.rope_theta)  # (B, KV, T, D)
+    d = model.config.head_dim
+    cos, sin = model.model.rope(torch.arange(t).expand(b, t), torch.float32)  # (B, T, D)
+    q = apply_rope(q.view(b, t, -1, d).transpose(1, 2), cos, sin)  # (B, H, T, D)
+    k = apply_rope(k.view(b, t, -1, d).transpose(1, 2), cos, sin)  # (B, KV, T, D)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query heads share keys
     scores = q @ k.transpose(-1, -2) / d ** 0.5
     causal = torch.ones(t, t, dtype=torch.bool).triu(1)
@@ -80,7 +73,7 @@ def induction_scores(model, length: int, sequences: int, seed: int) -> tuple[tor
     target = q_pos - length + 1  # the token after the same token's first occurrence
     rows = []
     for i in range(len(model.model.layers)):
-        probs = attention_probs(queries[i], keys[i], model.config)
+        probs = attention_probs(queries[i], keys[i], model)
         rows.append(probs[:, :, q_pos, target].mean(dim=(0, 2)))  # (heads,)
     logp = torch.log_softmax(logits[:, 1 + length:-1].float(), -1).gather(-1, ids[:, 2 + length:, None])
     return torch.stack(rows), float(logp.mean())
