@@ -113,41 +113,43 @@ def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
     """
     from .model.loading import ADAPTER_NAME, file_sha256, model_fingerprint
 
-    base, base_fingerprint = _delta_base(delta)
+    base, base_fingerprint, trained_layers = _delta_base(delta)
     base = resolve_value(base, f"{delta / DELTA_META} (base_model)", progress)
     if is_weight_delta(base):
         raise ModelError(f"{delta}: its base {base} is itself a weight delta; expected a checkpoint folder")
     if model_fingerprint(base) != base_fingerprint:
         raise ModelError(f"{delta}: trained on another base model than {base} (its fingerprint changed since); "
                          f"fine-tune again on the current base")
-    _check_delta_layers(delta, base)
+    _check_delta_layers(delta, trained_layers, base)
     key = hashlib.sha256(f"{base_fingerprint}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{_slug(delta)}-delta-{key}"
     return build_once(target, DELTA_BUILT, lambda out: _link_delta_checkpoint(base, delta, out), progress,
                       f"Applying the weight delta {delta} to {base} (one time)...")
 
 
-def _check_delta_layers(delta: Path, base: Path) -> None:
+def _check_delta_layers(delta: Path, trained: list[int] | None, base: Path) -> None:
     """A delta trained with memory at other layers than its base's config (training's
     model.config_overrides) would run with memory where it never learned to read it: say so."""
-    trained = json.loads((delta / DELTA_META).read_text(encoding="utf-8")).get("mem_layers")
     config = read_config_dict(base).get("mem_layers") or []
-    if trained is not None and list(trained) != list(config):
+    if trained is not None and trained != list(config):
         raise ModelError(f"{delta}: trained with memory layers {list(trained)}, but its base {base} has them at "
                          f"{list(config)}; convert the base with `longllama convert SRC --out DIR --mem-layers "
                          f"{','.join(map(str, trained))}` and train on that folder")
 
 
-def _delta_base(delta: Path) -> tuple[str, str]:
-    """(base_model, base_fingerprint) from the delta's adapter.json, or ModelError saying what is wrong."""
+def _delta_base(delta: Path) -> tuple[str, str, list[int] | None]:
+    """(base_model, base_fingerprint, mem_layers or None) from the delta's adapter.json, or
+    ModelError saying what is wrong."""
     try:
         meta = json.loads((delta / DELTA_META).read_text(encoding="utf-8"))
-        base, fingerprint = meta["base_model"], meta["base_fingerprint"]
+        base, fingerprint, layers = meta["base_model"], meta["base_fingerprint"], meta.get("mem_layers")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{delta / DELTA_META}: not a readable weight delta description ({exc!r})") from None
     if not (isinstance(base, str) and isinstance(fingerprint, str)):
         raise ModelError(f"{delta / DELTA_META}: base_model and base_fingerprint must be strings")
-    return base, fingerprint
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise ModelError(f"{delta / DELTA_META}: mem_layers must be a list of layer numbers")
+    return base, fingerprint, layers
 
 
 def _link_delta_checkpoint(base: Path, delta: Path, out: Path) -> None:

@@ -82,6 +82,10 @@ def test_a_delta_trained_at_other_memory_layers_than_its_base_is_refused(delta_d
     (moved / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"trained with memory layers .* --mem-layers"):
         resolve_model(str(moved), progress=lambda _: None)
+    meta["mem_layers"] = 5
+    (moved / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="mem_layers must be a list of layer numbers"):
+        resolve_model(str(moved), progress=lambda _: None)
     assert resolve_model(str(delta_dir), progress=lambda _: None).is_dir()  # the layers it names: accepted
 
 
