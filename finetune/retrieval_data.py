@@ -192,6 +192,10 @@ class MixArgs:
     chunk_len: int = 256  # tokens per memory chunk
     target_len: int = 256  # tokens of the scored local window
     own_chunks: int = 4  # differentiable memory chunks per example
+    # Look-alike distractors: repo examples also get this many chunks of the package's files that the
+    # target does not import and that define none of its names. The server's selection fills memory with
+    # the same repository's code; other packages' code and filler (the pool) are easier to ignore.
+    same_repo_chunks: int = 0
     pool_code_chunks: int = 16  # shared distractor chunks of other packages
     pool_filler_chunks: int = 8  # distinct passkey filler chunks in the pool
     pool_filler_repeat: int = 4  # each filler chunk counted this many times (duplicates cost no encoding)
@@ -211,8 +215,9 @@ class MixArgs:
         bad = sorted(set(self.mix) - set(KINDS))
         if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
             raise ValueError(f"retrieval.mix needs non-negative weights of {KINDS}, got {self.mix}")
-        if self.own_chunks < 1 or self.chunk_len < 16 or self.target_len < 32:
-            raise ValueError("retrieval: own_chunks >= 1, chunk_len >= 16 and target_len >= 32 required")
+        if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32:
+            raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16 and "
+                             "target_len >= 32 required")
         if self.lm_rows < 0 or self.lm_len < 2 or self.lm_weight < 0:
             raise ValueError("retrieval: lm_rows >= 0, lm_len >= 2 and lm_weight >= 0 required")
 
@@ -299,7 +304,8 @@ class ExampleMaker:
 
     def _repo_memory(self, pkg: Package, path: str, info: FileInfo, names: set[str], rng: random.Random
                      ) -> list[list[int]]:
-        """Chunks of the imported files, those defining `names` first; then other files of the package."""
+        """own_chunks chunks of the imported files, those defining `names` first (then other files of the
+        package if the imports are short); then same_repo_chunks look-alikes from the package's other files."""
         a = self.args
         ranked: list[tuple[int, float, list[int]]] = []
         others = [f for f in pkg.files if f != path and f not in info.imports]
@@ -315,7 +321,9 @@ class ExampleMaker:
                                   or f"\n{n} =" in text or f"\n    {n} =" in text)
                     ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1]))
         ranked.sort(key=lambda r: (r[0], r[1]))
-        return [r[2] for r in ranked[: a.own_chunks]]
+        # rank 1: a non-imported file's chunk that defines none of the names
+        look_alikes = [r[2] for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
+        return [r[2] for r in ranked[: a.own_chunks]] + look_alikes
 
     # -- synthetic ----------------------------------------------------------------------------
 

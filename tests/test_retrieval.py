@@ -70,7 +70,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory) -> Path:
-    """Test Data: site-like root with a package `geom` (3 files), a held-out `requests`, a vendored
+    """Test Data: site-like root with a package `geom` (4 files; layout.py imported by none), a held-out `requests`, a vendored
     held-out copy inside `vendorer`, and a package `other` used as distractor code."""
     root = tmp_path_factory.mktemp("site")
     (root / "geom").mkdir()
@@ -78,6 +78,7 @@ def roots(tmp_path_factory) -> Path:
     (root / "geom" / "shapes.py").write_text(SHAPES)
     (root / "geom" / "draw.py").write_text(DRAW)
     (root / "geom" / "colors.py").write_text(COLORS)
+    (root / "geom" / "layout.py").write_text("def place_item(grid, row, col):\n    return grid[row][col]\n\n" * 12)
     (root / "requests").mkdir()
     (root / "requests" / "__init__.py").write_text("x = 1\n")
     (root / "requests" / "api.py").write_text("def get(url):\n    return url\n")
@@ -187,6 +188,22 @@ def test_repo_examples_remember_the_imported_definitions(maker, tokenizer):
     assert all(w == maker.args.xid_weight for w, f in zip(ex.weights, ex.flags, strict=True) if f)
     first = tokenizer.decode(ex.memory[0])
     assert "def make_square" in first or "class Polygon" in first or "RED_TONE =" in first  # definitions first
+
+
+def test_repo_examples_add_look_alikes_from_the_same_package(roots, tokenizer):
+    corpus = Corpus(find_packages([roots]), tokenizer)
+
+    def memory(same_repo_chunks: int) -> list[str]:
+        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=2,
+                       same_repo_chunks=same_repo_chunks)
+        return [tokenizer.decode(c) for c in ExampleMaker(corpus, args).repo(random.Random(1)).memory]
+
+    plain, hard = memory(0), memory(2)
+    assert len(plain) == 2 and not any("place_item" in c for c in plain)
+    assert hard[:2] == plain  # the definitions stay first, and the data stream is unchanged
+    assert len(hard) == 4 and all("def place_item" in c for c in hard[2:])  # layout.py: not imported by draw.py
+    with pytest.raises(ValueError, match="same_repo_chunks"):
+        MixArgs(roots=[str(roots)], same_repo_chunks=-1)
 
 
 def test_synthetic_examples_need_the_one_defining_chunk(maker, tokenizer):
