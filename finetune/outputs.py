@@ -162,22 +162,19 @@ def save_output(model, tokenizer, cfg: RunConfig, out_dir: Path, base_path: Path
     return out_dir
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 base: str | Path | None = None, check_fingerprint: bool = True):
-    """(model, tokenizer) from a training output: a full checkpoint, or a delta dir on its base model."""
+def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer) from a training output: a full checkpoint, or a delta dir on its base model
+    (checked as the server checks it: the base's fingerprint and memory layers)."""
     from longllama_lsp.errors import CheckpointError
-    from longllama_lsp.model.loading import apply_weight_delta, load_model, load_tokenizer, model_fingerprint
+    from longllama_lsp.model.loading import apply_weight_delta, load_model, load_tokenizer
+    from longllama_lsp.resolve import delta_base
 
     path = Path(path)
     if (path / "config.json").is_file():
         return load_model(path, device, dtype), load_tokenizer(path)
-    meta_file = path / "adapter.json"
-    if not meta_file.is_file():
+    if not (path / "adapter.json").is_file():
         raise CheckpointError(f"{path}: neither a checkpoint (config.json) nor a weight delta (adapter.json)")
-    meta = json.loads(meta_file.read_text())
-    base_path = Path(base or meta["base_model"])
-    if check_fingerprint and model_fingerprint(base_path) != meta["base_fingerprint"]:
-        raise CheckpointError(f"{path}: trained on another base model than {base_path} (fingerprint mismatch)")
-    model = load_model(base_path, device, dtype)
+    base = delta_base(path)
+    model = load_model(base, device, dtype)
     apply_weight_delta(model, path / "adapter.safetensors")
-    return model, load_tokenizer(base_path)
+    return model, load_tokenizer(base)

@@ -68,9 +68,11 @@ def test_a_delta_checkpoint_is_built_once_and_fingerprinted_apart_from_its_base(
 
 
 def test_a_delta_trained_at_other_memory_layers_than_its_base_is_refused(delta_dir, base_dir, cache, tmp_path):  # noqa: F811
-    """Training's config_overrides can move memory; the base's config would silently put it back."""
+    """Training's config_overrides can move memory; the base's config would silently put it back. Both
+    ways in check it: the server's (resolve_model) and evaluation's (load_trained)."""
     import shutil
 
+    from finetune.outputs import load_trained
     from longllama_lsp.errors import ModelError
     from longllama_lsp.resolve import resolve_model
 
@@ -80,12 +82,14 @@ def test_a_delta_trained_at_other_memory_layers_than_its_base_is_refused(delta_d
     base_layers = json.loads((base_dir / "config.json").read_text())["mem_layers"]
     meta["mem_layers"] = [i + 1 for i in base_layers]
     (moved / "adapter.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match=r"trained with memory layers .* --mem-layers"):
-        resolve_model(str(moved), progress=lambda _: None)
+    for load in (lambda d: resolve_model(str(d), progress=lambda _: None), load_trained):
+        with pytest.raises(ModelError, match=r"trained with memory layers .* --mem-layers"):
+            load(moved)
     meta["mem_layers"] = 5
     (moved / "adapter.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="mem_layers must be a list of layer numbers"):
-        resolve_model(str(moved), progress=lambda _: None)
+    for load in (lambda d: resolve_model(str(d), progress=lambda _: None), load_trained):
+        with pytest.raises(ModelError, match="mem_layers must be a list of layer numbers"):
+            load(moved)
     assert resolve_model(str(delta_dir), progress=lambda _: None).is_dir()  # the layers it names: accepted
 
 
