@@ -63,6 +63,22 @@ def test_sparse_keeping_every_live_block_equals_dense_prefill_and_decode(positio
 
 
 @torch.no_grad()
+def test_sparse_with_topk_keeps_each_querys_top_keys_of_the_selected_blocks():
+    """mem_topk applies within the selection: keeping every live block, sparse + top-k equals the dense
+    path's exact top-k; and the cut is real."""
+    model = make_tiny(seed=11)
+    memory, live = _memory_with_padding(model)
+    prompt = torch.randint(0, 99, (1, 12))
+    model.config.mem_topk = 5
+    exact = model(prompt, memory=memory).logits  # dense top-k over every memory key
+    model.config.mem_block_size, model.config.mem_budget = BLOCK, live
+    sparse = model(prompt, memory=memory).logits
+    model.config.mem_topk = None
+    assert (sparse - exact).abs().max() < 1e-5
+    assert (model(prompt, memory=memory).logits - exact).abs().max() > 1e-4
+
+
+@torch.no_grad()
 def test_a_real_cut_changes_the_output():
     """The equality above is not vacuous: with half the live blocks the logits move."""
     model = make_tiny(seed=11)

@@ -140,7 +140,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q: (B, H, T, D) rotated; k, v: (B, Hkv, L, D) rotated local keys and values; mask: (B, 1, T, L)
     additive. memory: keys/values (B or 1, Hkv, M, D). grouping: (heads, queries) tile as the
     reference's mem_attention_grouping (pure tiling, same result). topk: attend only to the top-k
-    memory keys of each query and head (exact retrieval; k >= M equals dense). sparse: when memory
+    memory keys of each query and head (exact retrieval; k >= M equals dense; with sparse, the top-k
+    of the selected blocks' keys). sparse: when memory
     exceeds its budget, each query tile attends to the memory blocks its block summaries rank highest
     (see _attend_sparse); within the budget, dense.
     Returns (B, H, T, D) and, if asked, memory attention mass (B, M) summed over heads and queries.
@@ -178,7 +179,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             if blocks is not None:
                 s_loc = _local_scores(qg[:, hs, :, ts], k[:, hs], mask[:, :, ts], scale)
                 out_tile, w_tile = _attend_sparse(qg[:, hs, :, ts], s_loc, v[:, hs], mem, blocks.heads(hs),
-                                                  scale, weights is not None)
+                                                  scale, topk, weights is not None)
             else:
                 out_tile, w_tile = _attend_tile(qg[:, hs, :, ts], k[:, hs], v[:, hs], mask[:, :, ts], mem,
                                                 scale, topk, weights is not None)
@@ -351,8 +352,9 @@ def _select_blocks(qf: torch.Tensor, blocks: _SparseState, n_sel: int) -> torch.
     return torch.gather(cand, 2, pick).sort(dim=-1).values
 
 
-def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want_weights):
-    """Local keys plus the top memory blocks of this query tile, one softmax (Quest-style selection).
+def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, topk, want_weights):
+    """Local keys plus the top memory blocks of this query tile, one softmax (Quest-style selection);
+    with topk, each query and head then keeps only its own top-k keys of those blocks (FoT's kNN).
 
     A block's score is the Quest bound, taken as the max over the tile's queries and the query heads
     of each key/value head (GQA), so a block that any of them needs is kept (_select_blocks). Only the
@@ -376,7 +378,11 @@ def _attend_sparse(q, s_loc, v, mem: MemCache, blocks: _SparseState, scale, want
         kept = torch.gather(blocks.visible[:, None].expand(b, hk, -1), 2, chosen)  # (B, Hk, S)
         inside = inside & kept.to(inside.device).repeat_interleave(bs, dim=-1)
     mask = mask.masked_fill(~inside, MASK_MIN)[..., None]  # (B, Hk, K, 1): a mask per key/value head
-    out, w_mem = _one_softmax(s_loc, v, _memory_scores(q, keys, mask, scale), vals)  # w_mem (B, Hk, G, T, K)
+    s_mem = _memory_scores(q, keys, mask, scale)  # (B, Hk, G, T, K)
+    if topk is not None and topk < s_mem.shape[-1]:
+        kth = torch.topk(s_mem, topk, dim=-1).values[..., -1:]  # (B, Hk, G, T, 1)
+        s_mem = s_mem.masked_fill(s_mem < kth, min_score(s_mem.dtype))
+    out, w_mem = _one_softmax(s_loc, v, s_mem, vals)  # w_mem (B, Hk, G, T, K)
     return out, (_mass_per_slot(slots, w_mem.sum(dim=(2, 3)), m) if want_weights else None)
 
 

@@ -35,7 +35,8 @@ class LongLlamaConfig(LlamaConfig):
     gradient_checkpoint_every_ith: int = 1
     # Final input tokens kept in the local (generation) cache rather than pushed to memory.
     last_context_length: int = 1024
-    # Per-head top-k over memory keys (exact retrieval) when memory exceeds the device budget; None = dense.
+    # Per query and head, attend only to the top-k memory keys (FoT's kNN; with block selection, of the
+    # selected blocks' keys); None = every key (of the selection).
     mem_topk: int | None = None
     # Family switches (convert.py sets them; LLaMA's values are the defaults). qkv_bias: bias on the q/k/v
     # projections only (Qwen2); None = attention_bias, which puts it on all four (o_proj too).
