@@ -111,10 +111,11 @@ def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
     The key covers the delta's tensors and its base's fingerprint, so a retrained delta gets a new
     folder, and the checkpoint's fingerprint (which hashes adapter.safetensors) differs from the base's.
     """
-    from .model.loading import ADAPTER_NAME, file_sha256, model_fingerprint
+    from .model.loading import ADAPTER_NAME, file_sha256
 
     base = delta_base(delta, progress)
-    key = hashlib.sha256(f"{model_fingerprint(base)}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
+    base_fingerprint = _delta_base(delta)[1]  # checked against the base by delta_base
+    key = hashlib.sha256(f"{base_fingerprint}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{_slug(delta)}-delta-{key}"
     return build_once(target, DELTA_BUILT, lambda out: _link_delta_checkpoint(base, delta, out), progress,
                       f"Applying the weight delta {delta} to {base} (one time)...")
