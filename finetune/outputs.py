@@ -174,7 +174,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", dtype: to
         return load_model(path, device, dtype), load_tokenizer(path)
     if not (path / "adapter.json").is_file():
         raise CheckpointError(f"{path}: neither a checkpoint (config.json) nor a weight delta (adapter.json)")
-    base = delta_base(path)
+    base, _ = delta_base(path)
     model = load_model(base, device, dtype)
     apply_weight_delta(model, path / "adapter.safetensors")
     return model, load_tokenizer(base)

@@ -113,17 +113,16 @@ def delta_checkpoint(delta: Path, progress: Progress = print_to_stderr) -> Path:
     """
     from .model.loading import ADAPTER_NAME, file_sha256
 
-    base = delta_base(delta, progress)
-    base_fingerprint = _delta_base(delta)[1]  # checked against the base by delta_base
+    base, base_fingerprint = delta_base(delta, progress)
     key = hashlib.sha256(f"{base_fingerprint}\n{file_sha256(delta / ADAPTER_NAME)}\n".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{_slug(delta)}-delta-{key}"
     return build_once(target, DELTA_BUILT, lambda out: _link_delta_checkpoint(base, delta, out), progress,
                       f"Applying the weight delta {delta} to {base} (one time)...")
 
 
-def delta_base(delta: Path, progress: Progress = print_to_stderr) -> Path:
-    """The checkpoint folder weight delta `delta` applies to, after checking that it is the one the delta
-    was trained on (fingerprint) with memory at the same layers; ModelError saying what is wrong."""
+def delta_base(delta: Path, progress: Progress = print_to_stderr) -> tuple[Path, str]:
+    """(the checkpoint folder weight delta `delta` applies to, its fingerprint), after checking that it is
+    the one the delta was trained on with memory at the same layers; ModelError saying what is wrong."""
     from .model.loading import model_fingerprint
 
     base, base_fingerprint, trained_layers = _delta_base(delta)
@@ -134,7 +133,7 @@ def delta_base(delta: Path, progress: Progress = print_to_stderr) -> Path:
         raise ModelError(f"{delta}: trained on another base model than {base} (its fingerprint changed since); "
                          f"fine-tune again on the current base")
     _check_delta_layers(delta, trained_layers, base)
-    return base
+    return base, base_fingerprint
 
 
 def _check_delta_layers(delta: Path, trained: list[int] | None, base: Path) -> None:
