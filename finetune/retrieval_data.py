@@ -15,6 +15,15 @@ bag), and the target window is scored with that memory. Three kinds:
     passkey    the passkey prompt of finetune/passkey.py: memory = the chunk holding the key plus
                filler chunks; the target ends with the question and the key. Loss on the key.
 
+What precedes a question varies (`passkey_prompts`, `synthetic_ask`): a model that only ever saw the
+question after filler reads the key there and nowhere else (`longllama ask "What is the pass key?"`
+answered a made-up key while the reference prompt read it). Prompt styles, answer weighted only:
+    reference  filler (sometimes the task sentence) up to the question, the window's end (above)
+    ask        `longllama ask`'s chat prompt (engine.ask_prompt_ids) at the window's start; the answer
+               is a sentence and the end-of-turn token; the padding after it changes nothing (causal)
+    bare       the question line alone at the window's start (a new file)
+    code       real code up to the question line
+
 Besides its own chunks (differentiable), every row sees a shared pool of distractor chunks:
 code of other packages and passkey filler (`Pool`, re-encoded without gradient every few steps).
 
@@ -47,6 +56,9 @@ from finetune.pycode import (
 
 HELD_OUT = ("requests", "flask", "click")  # evaluation repositories (finetune/skill_eval.py)
 KINDS = ("repo", "synthetic", "passkey")
+PASSKEY_PROMPTS = ("reference", "ask", "bare", "code")
+ASK_PASSKEY = ("What is the pass key?", "What's the pass key?", "Which pass key is mentioned?",
+               "Tell me the pass key.", "what is the pass key")
 SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
 
 
@@ -200,6 +212,10 @@ class MixArgs:
     pool_filler_chunks: int = 8  # distinct passkey filler chunks in the pool
     pool_filler_repeat: int = 4  # each filler chunk counted this many times (duplicates cost no encoding)
     pool_refresh: int = 10  # steps between re-encodings of the pool
+    # What precedes the question (module docstring): style -> weight. {"reference": 1} keeps the stream
+    # of earlier recipes byte for byte (no draw is made).
+    passkey_prompts: dict[str, float] = field(default_factory=lambda: {"reference": 1.0})
+    synthetic_ask: float = 0.0  # share of synthetic constants / dict entries asked through ask's prompt
     xid_weight: float = 3.0  # loss weight of cross-file identifier tokens in repo examples
     context_weight: float = 0.1  # loss weight of the real code before a synthetic answer
     # The guard term: the memory layers' q/k/v/o also serve local attention, so each step also scores
@@ -218,6 +234,12 @@ class MixArgs:
         if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32:
             raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16 and "
                              "target_len >= 32 required")
+        bad = sorted(set(self.passkey_prompts) - set(PASSKEY_PROMPTS))
+        if bad or min(self.passkey_prompts.values(), default=-1) < 0 or sum(self.passkey_prompts.values()) <= 0:
+            raise ValueError(f"retrieval.passkey_prompts needs non-negative weights of {PASSKEY_PROMPTS}, "
+                             f"got {self.passkey_prompts}")
+        if not 0 <= self.synthetic_ask <= 1:
+            raise ValueError(f"retrieval.synthetic_ask is a share in [0, 1], got {self.synthetic_ask}")
         if self.lm_rows < 0 or self.lm_len < 2 or self.lm_weight < 0:
             raise ValueError("retrieval: lm_rows >= 0, lm_len >= 2 and lm_weight >= 0 required")
 
@@ -242,6 +264,15 @@ WORDS = ("alpha amber anchor arch atlas badge basin beacon birch blade bloom bol
          "thistle timber topaz tundra umber vale vapor vertex willow yarrow zephyr zinc").split()
 VERBS = "build fetch load parse render resolve scan sync merge split encode decode verify compute".split()
 PARAMS = "path name key value timeout retries strict limit mode source target count flags encoding".split()
+
+
+def _asked_name(kind: str, definition: str, use: str) -> str | None:
+    """What an `ask` question names for a constant (NAME) or dict entry (NAME['key']); None otherwise."""
+    if kind == "const":
+        return definition.split(" = ")[0]
+    if kind == "dict":
+        return use.removeprefix("assert ").removesuffix(" == ")
+    return None
 
 
 def _snake(rng: random.Random, n: int) -> str:
@@ -382,18 +413,17 @@ class ExampleMaker:
                 src = f"# {use.split()[1].lstrip('.')}.py\n" + src
             memory.append(self._insert(rng, _encode(self.tok, src), a.chunk_len))
         assert target_src is not None
-        use_ids = _encode(self.tok, "\n" + target_use)
-        ans_ids = _encode(self.tok, target_answer + "\n")
-        n_ctx = a.target_len + 1 - len(use_ids) - len(ans_ids)
-        ids = (self._code_ids(rng, n_ctx) + use_ids + ans_ids)[-(a.target_len + 1):]
-        n_ans = min(len(ans_ids), a.target_len)
-        flags = [False] * (a.target_len - n_ans) + [True] * n_ans
-        weights = [1.0 if f else a.context_weight for f in flags]
-        if len(ids) < a.target_len + 1:  # no long enough code anywhere: pad in front (weight 0)
-            pad = a.target_len + 1 - len(ids)
-            ids = [self.tok.eos_token_id] * pad + ids
-        return Example("synthetic", memory, ids, weights, flags,
-                       {"kind": kind, "answer": target_answer, "definition": target_src})
+        meta = {"kind": kind, "answer": target_answer, "definition": target_src, "prompt": "code"}
+        asked = _asked_name(kind, target_src, target_use)
+        if asked is not None and a.synthetic_ask > 0 and rng.random() < a.synthetic_ask:
+            question = rng.choice(("What is {}?", "What is the value of {}?", "what's {} set to"))
+            ids, weights, flags = self._at_start(self._ask_ids(question.format(asked)),
+                                                 self._ask_answer(f"{asked} is {target_answer}."))
+            return Example("synthetic", memory, ids, weights, flags, {**meta, "prompt": "ask"})
+        use_ids, ans_ids = _encode(self.tok, "\n" + target_use), _encode(self.tok, target_answer + "\n")
+        code = self._code_ids(rng, a.target_len + 1 - len(use_ids) - len(ans_ids))
+        ids, weights, flags = self._at_end(code, use_ids, ans_ids, a.context_weight)
+        return Example("synthetic", memory, ids, weights, flags, meta)
 
     def _insert(self, rng: random.Random, definition: list[int], n: int) -> list[int]:
         """A chunk of n ids: real code with `definition` at a random line start (by newline ids)."""
@@ -414,24 +444,66 @@ class ExampleMaker:
         return self.filler_ids[s:s + n]
 
     def passkey(self, rng: random.Random) -> Example:
-        """The passkey prompt's shape: the key sentence in one memory chunk, the question local."""
+        """The key sentence in one memory chunk among filler; the question in one of the prompt styles."""
         a = self.args
+        styles = list(a.passkey_prompts)
+        style = styles[0] if len(styles) == 1 else rng.choices(styles, [a.passkey_prompts[k] for k in styles])[0]
         key = str(rng.randint(1, 50000))
         info = _encode(self.tok, f" The pass key is {key}. Remember it. {key} is the pass key.")
-        head = _encode(self.tok, TASK + "\n") if rng.random() < 0.25 else []  # the prompt's first chunk
+        # the reference prompt's first chunk starts with the task sentence; a user's files do not
+        head = _encode(self.tok, TASK + "\n") if style == "reference" and rng.random() < 0.25 else []
         if len(head) + len(info) > a.chunk_len:
             head = []
         before = rng.randrange(max(1, a.chunk_len - len(head) - len(info)))
         key_chunk = (head + self.filler_chunk(rng)[:before] + info + self.filler_chunk(rng))[: a.chunk_len]
         memory = [key_chunk] + [self.filler_chunk(rng) for _ in range(a.own_chunks - 1)]
         rng.shuffle(memory)
-        q = _encode(self.tok, "\n" + QUESTION)
-        ans = _encode(self.tok, f" {key}.")
-        # the local window is filler up to the question (target_len + 1 ids, whatever chunk_len is)
-        ids = (self._filler(rng, a.target_len + 1) + q + ans)[-(a.target_len + 1):]
-        n_ans = min(len(ans), a.target_len)
-        flags = [False] * (a.target_len - n_ans) + [True] * n_ans
-        return Example("passkey", memory, ids, [1.0 if f else 0.0 for f in flags], flags, {"key": key})
+        if style == "ask":
+            ids, weights, flags = self._at_start(self._ask_ids(rng.choice(ASK_PASSKEY)),
+                                                 self._ask_answer(f"The pass key is {key}."))
+        elif style == "bare":
+            ids, weights, flags = self._at_start(_encode(self.tok, QUESTION), _encode(self.tok, f" {key}."))
+        else:  # filler (reference) or real code up to the question (target_len + 1 ids, whatever chunk_len is)
+            before_ids = self._filler(rng, a.target_len + 1) if style == "reference" else \
+                self._code_ids(rng, a.target_len + 1)
+            ids, weights, flags = self._at_end(before_ids, _encode(self.tok, "\n" + QUESTION),
+                                               _encode(self.tok, f" {key}."), 0.0)
+        return Example("passkey", memory, ids, weights, flags, {"key": key, "prompt": style})
+
+    def _at_end(self, before: list[int], question: list[int], answer: list[int], before_weight: float
+                ) -> tuple[list[int], list[float], list[bool]]:
+        """(ids, weights, flags): the window ends with question + answer, `before` fills the rest (its
+        start cut off; padded in front with weight 0 when too short)."""
+        n = self.args.target_len
+        ids = (before + question + answer)[-(n + 1):]
+        n_ans = min(len(answer), n)
+        flags = [False] * (n - n_ans) + [True] * n_ans
+        weights = [1.0 if f else before_weight for f in flags]
+        if len(ids) < n + 1:
+            ids = [self.tok.eos_token_id] * (n + 1 - len(ids)) + ids
+        return ids, weights, flags
+
+    def _at_start(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[float], list[bool]]:
+        """(ids, weights, flags): a prompt that starts a sequence (ask, a new file), then the answer, then
+        padding to target_len + 1 ids with weight 0 (causal: it changes nothing before it)."""
+        n = self.args.target_len
+        ids = (prompt + answer)[-(n + 1):]
+        n_ans = min(len(answer), len(ids) - 1)
+        flags = [False] * (len(ids) - 1 - n_ans) + [True] * n_ans
+        pad = n + 1 - len(ids)
+        return (ids + [self.tok.eos_token_id] * pad, [1.0 if f else 0.0 for f in flags] + [0.0] * pad,
+                flags + [False] * pad)
+
+    def _ask_ids(self, question: str) -> list[int]:
+        from longllama_lsp.engine import ask_prompt_ids
+
+        return list(ask_prompt_ids(self.tok, question))
+
+    def _ask_answer(self, text: str) -> list[int]:
+        """An assistant turn: the sentence and end-of-turn (a chat template's eos), or " text" without one."""
+        if getattr(self.tok, "chat_template", None):
+            return _encode(self.tok, text) + [self.tok.eos_token_id]
+        return _encode(self.tok, " " + text + "\n")
 
     # -- plain (the guard term) ---------------------------------------------------------------
 

@@ -19,6 +19,11 @@ def add_arguments(p) -> None:
     p.add_argument("--spans-per-file", type=int, default=2)
     p.add_argument("--passkey-lengths", default="4096,16384,65536")
     p.add_argument("--passkey-trials", type=int, default=8)
+    p.add_argument("--passkey-prompt", default="reference", choices=("reference", "ask", "bare"),
+                   help="passkey: what the model reads before answering. reference (default): the reference "
+                        "prompt's last --local-len tokens; ask: `longllama ask \"What is the pass key?\"`'s chat "
+                        "prompt, with the filler and key alone in memory (a folder of text files as a user indexes "
+                        "it); bare: the question line alone, as at the top of a new file")
     p.add_argument("--local-len", type=int, default=None, help="passkey local window (default: the model's)")
     p.add_argument("--guard-windows", type=int, default=8, help="guard: windows per held-out file")
     from longllama_lsp.commands import int_at_least

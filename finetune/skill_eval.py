@@ -58,6 +58,7 @@ class SkillArgs:
     batch_size: int = 4
     passkey_lengths: tuple[int, ...] = (4096, 16384, 65536)
     passkey_trials: int = 8
+    passkey_prompt: str = "reference"  # PROMPT_STYLES: what precedes the answer in the local window
     local_len: int | None = None  # passkey local window; None = the model's last_context_length
     seed: int = 0
 
@@ -347,28 +348,49 @@ class PasskeyTrial:
         return len(self.ids)
 
 
-def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int):
-    """The eval's `args.passkey_trials` trials at about n tokens (seeded: the same prompts every run)."""
-    from finetune.passkey import filler_chars_for, passkey_prompt
+PROMPT_STYLES = ("reference", "ask", "bare")  # --passkey-prompt
+
+
+def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int, style: str = "reference"):
+    """The eval's `args.passkey_trials` trials at about n tokens (seeded: the same prompts every run).
+
+    style reference: the reference prompt, its last `local` tokens local, the rest memory.
+          ask:       memory = the filler and key sentence alone (a folder of text files, as a user indexes
+                     it); local = `longllama ask "What is the pass key?"`'s chat prompt (engine.ask_prompt_ids).
+          bare:      the same memory; local = the question line alone, as typed at the top of a new file.
+    """
+    from finetune.passkey import QUESTION, filler_chars_for, passkey_prompt
 
     rng = random.Random(f"passkey-{n}-{args.seed}")
     n_chars = filler_chars_for(tokenizer, n)
     for _ in range(args.passkey_trials):
         prompt, key = passkey_prompt(n_chars, rng)
+        if style != "reference":  # the text a user indexed: no task sentence, no question
+            prompt = prompt[prompt.index("\n") + 1:prompt.rindex("\n")]
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         at = prompt.index(f"The pass key is {key}.")
         tail = " is the pass key."  # the key sentence's end ("... Remember it. {key} is the pass key.")
         key_at = len(tokenizer(prompt[:at], add_special_tokens=False)["input_ids"])
         key_end = len(tokenizer(prompt[:prompt.index(tail, at) + len(tail)], add_special_tokens=False)["input_ids"])
-        split = max(0, len(ids) - local)
+        split = max(0, len(ids) - local) if style == "reference" else len(ids)
         chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
         cache.ensure({c: list(c) for c in chunks})
-        window = torch.tensor([ids[split:]], device=model.device)
+        local_ids = ids[split:] if style == "reference" else _question_ids(tokenizer, style, QUESTION)
+        window = torch.tensor([local_ids], device=model.device)
         yield PasskeyTrial(key, ids, window, cache.memory(chunks), key_at, key_end, split)
 
 
-def answer_passkey(model, tokenizer, trial: PasskeyTrial) -> str:
-    gen = model.generate(trial.window, max_new_tokens=8, memory=trial.memory,
+def _question_ids(tokenizer, style: str, question: str) -> list[int]:
+    if style == "ask":
+        from longllama_lsp.engine import ask_prompt_ids
+
+        return ask_prompt_ids(tokenizer, question.split("?")[0] + "?")
+    return tokenizer(question, add_special_tokens=True)["input_ids"]
+
+
+def answer_passkey(model, tokenizer, trial: PasskeyTrial, max_new_tokens: int = 8) -> str:
+    """Greedy answer; 8 tokens hold " 48213." after "The pass key is", an ask answer needs a sentence."""
+    gen = model.generate(trial.window, max_new_tokens=max_new_tokens, memory=trial.memory,
                          last_context_length=trial.window.shape[1])
     return tokenizer.decode(gen[0, trial.window.shape[1]:], skip_special_tokens=True)
 
@@ -385,8 +407,8 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
     t0 = time.perf_counter()
     for n in args.passkey_lengths:
         sc = PasskeyScore(n)
-        for i, trial in enumerate(passkey_trials(model, tokenizer, cache, n, args, local)):
-            answer = answer_passkey(model, tokenizer, trial)
+        for i, trial in enumerate(passkey_trials(model, tokenizer, cache, n, args, local, args.passkey_prompt)):
+            answer = answer_passkey(model, tokenizer, trial, 24 if args.passkey_prompt == "ask" else 8)
             ok = trial.key in answer
             in_mem = trial.key_at < trial.split
             sc.trials += 1
@@ -403,7 +425,8 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         out[str(n)] = sc.summary()
     out["encoded_tokens"] = cache.encoded_tokens
-    out["local_len"] = local
+    out["local_len"] = local if args.passkey_prompt == "reference" else None
+    out["prompt"] = args.passkey_prompt
     out["chunk_len"] = args.chunk_len
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -444,7 +467,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{s:8} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
     pk = result.get("passkey")
     if pk:
-        lines.append(f"passkey (local {pk['local_len']} tokens, memory chunks of {pk['chunk_len']}, "
+        local = f"local {pk['local_len']} tokens" if pk.get("local_len") else f"{pk.get('prompt')} prompt"
+        lines.append(f"passkey ({local}, memory chunks of {pk['chunk_len']}, "
                      f"memory attention: {_attention_label(result.get('select_tokens', 'dense'))})")
         for n, v in pk.items():
             if isinstance(v, dict):
@@ -476,7 +500,8 @@ def run(args) -> int:
                    memory_tokens=args.memory_tokens, files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,
                    passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
-                   passkey_trials=args.passkey_trials, local_len=args.local_len, seed=args.seed)
+                   passkey_trials=args.passkey_trials, passkey_prompt=args.passkey_prompt,
+                   local_len=args.local_len, seed=args.seed)
     result: dict[str, Any] = {"model": str(model_dir), "select_tokens": model.config.mem_budget or "dense"}
     for task in tasks:
         t0 = time.perf_counter()

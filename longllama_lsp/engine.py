@@ -78,6 +78,23 @@ ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is 
               "Answer the question about it concisely, naming files and functions.")
 
 
+def ask_prompt_ids(tokenizer: Any, question: str, path: str | None = None,
+                   conversation: Sequence[Mapping[str, str]] | None = None) -> list[int]:
+    """`ask`'s prompt: ASK_SYSTEM (+ the conversation's system turns), then the turns, ready for the
+    assistant's answer. Training and `longllama eval --task passkey --passkey-prompt ask` build the
+    same ids, so the model learns to read memory under the prompt users send."""
+    user = question if path is None else f"{question}\n\n(The question is about the file {path}.)"
+    turns = [{"role": "user", "content": user}] if conversation is None else \
+        [dict(m) for m in conversation if m["role"] != "system"]
+    system = "\n\n".join([ASK_SYSTEM] + [m["content"] for m in conversation or () if m["role"] == "system"])
+    messages = [{"role": "system", "content": system}, *turns]
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    said = "\n".join(f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}" for m in turns)
+    return tokenizer(f"{system}\n\n{said}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
 @dataclass
 class Completion:
     text: str
@@ -511,7 +528,7 @@ class Engine:
         max_new = self._clamp(max_tokens or self.options.answer_max_tokens)
         budget = self._model.window - max_new
         path, text = document or (None, "")
-        ids = self._chat_ids(question, path, messages)[-budget:]
+        ids = ask_prompt_ids(self._tokenizer, question, path, messages)[-budget:]
         memory_tokens = self.options.buffer_memory_tokens  # 0: no memory of the document
         buffer = Buffer(text) if use_memory and text.strip() and memory_tokens else None
         blocks: list[Block] = []
@@ -544,19 +561,6 @@ class Engine:
         if max_new > limit:
             logger.debug("max tokens %d clamped to %d (half the model window)", max_new, limit)
         return max(1, min(max_new, limit))
-
-    def _chat_ids(self, question: str, path: str | None,
-                  conversation: Sequence[Mapping[str, str]] | None = None) -> list[int]:
-        user = question if path is None else f"{question}\n\n(The question is about the file {path}.)"
-        turns = [{"role": "user", "content": user}] if conversation is None else \
-            [dict(m) for m in conversation if m["role"] != "system"]
-        system = "\n\n".join([ASK_SYSTEM] + [m["content"] for m in conversation or () if m["role"] == "system"])
-        messages = [{"role": "system", "content": system}, *turns]
-        if getattr(self._tokenizer, "chat_template", None):
-            enc = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-        said = "\n".join(f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}" for m in turns)
-        return self._tokenizer(f"{system}\n\n{said}\nAnswer:", add_special_tokens=True)["input_ids"]
 
     def _start_ids(self) -> list[int]:
         """A prompt for an empty prefix: BOS if the tokenizer has one, else a newline."""

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from finetune import pycode
-from finetune.retrieval_data import Corpus, ExampleMaker, MixArgs, find_packages, is_held_out
+from finetune.passkey import QUESTION, TASK
+from finetune.retrieval_data import ASK_PASSKEY, Corpus, ExampleMaker, MixArgs, find_packages, is_held_out
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECALL = FIXTURES / "recall-tiny"
@@ -228,6 +229,71 @@ def test_passkey_examples_keep_the_key_out_of_the_local_window(maker, tokenizer)
         assert key not in tokenizer.decode(ex.ids[: answer_at + 1])
         assert _flagged_text(tokenizer, ex) == f" {key}."
         assert sum(key in tokenizer.decode(c) for c in ex.memory) == 1
+
+
+def test_passkey_questions_come_in_every_prompt_style(roots, tokenizer):
+    """The key must be read under ask's chat prompt, a bare question and code, not only after filler."""
+    from longllama_lsp.engine import ask_prompt_ids
+
+    args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=240, own_chunks=3,  # ask's prompt: 174 ids here
+                   passkey_prompts={"reference": 1, "ask": 1, "bare": 1, "code": 1})
+    maker = ExampleMaker(Corpus(find_packages([roots]), tokenizer), args)
+    rng, seen = random.Random(11), set()
+    for _ in range(24):
+        ex = maker.passkey(rng)
+        _check_shapes(ex, args)
+        key, style = ex.meta["key"], ex.meta["prompt"]
+        seen.add(style)
+        first = ex.flags.index(True)
+        assert key not in tokenizer.decode(ex.ids[: first + 1])  # only the answer says it
+        assert key in _flagged_text(tokenizer, ex) and sum(ex.flags) == sum(w > 0 for w in ex.weights)
+        assert sum(key in tokenizer.decode(c) for c in ex.memory) == 1
+        if style == "ask":  # exactly the prompt `longllama ask` sends
+            assert any(ex.ids[:first + 1] == ask_prompt_ids(tokenizer, q) for q in ASK_PASSKEY)
+            assert _flagged_text(tokenizer, ex).strip() == f"The pass key is {key}."
+        if style == "bare":
+            assert tokenizer.decode(ex.ids[: first + 1]) == QUESTION
+        if style != "reference":
+            assert not any(TASK in tokenizer.decode(c) for c in ex.memory)
+    assert seen == {"reference", "ask", "bare", "code"}
+    with pytest.raises(ValueError, match="passkey_prompts"):
+        MixArgs(roots=[str(roots)], passkey_prompts={"chat": 1})
+
+
+def test_prompt_styles_off_keep_the_data_stream(roots, tokenizer, maker):
+    """Without passkey_prompts / synthetic_ask, examples are the ones earlier recipes made: the digest
+    was taken before the prompt styles existed (run 9's data, so its recipe still reproduces)."""
+    import hashlib
+
+    rng = random.Random(4)
+    ex = [maker.passkey(rng) for _ in range(3)] + [maker.synthetic(rng) for _ in range(3)]
+    digest = hashlib.sha256(repr([(e.ids, e.memory, e.weights, e.flags) for e in ex]).encode()).hexdigest()
+    assert digest[:16] == "d701d0b3acb10b9f"
+    assert all(e.meta["prompt"] == "reference" for e in ex[:3]) and QUESTION in tokenizer.decode(ex[0].ids[-40:])
+
+
+def test_synthetic_constants_are_also_asked_through_ask(roots, tokenizer):
+    from longllama_lsp.engine import ask_prompt_ids
+
+    args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=240, own_chunks=3, synthetic_ask=1.0)
+    maker = ExampleMaker(Corpus(find_packages([roots]), tokenizer), args)
+    rng, asked = random.Random(2), 0
+    for _ in range(24):
+        ex = maker.synthetic(rng)
+        _check_shapes(ex, args)
+        if ex.meta["kind"] not in ("const", "dict"):
+            assert ex.meta["prompt"] == "code"
+            continue
+        asked += 1
+        first = ex.flags.index(True)
+        prompt = tokenizer.decode(ex.ids[: first + 1])
+        assert ex.meta["prompt"] == "ask" and prompt.startswith(tokenizer.decode(ask_prompt_ids(tokenizer, "x")[:5]))
+        said = _flagged_text(tokenizer, ex).strip()
+        assert said.endswith(f" is {ex.meta['answer']}.") and said.split(" is ")[0].split("[")[0] in ex.meta["definition"]
+        assert ex.meta["answer"] not in prompt
+    assert asked >= 3
+    with pytest.raises(ValueError, match="synthetic_ask"):
+        MixArgs(roots=[str(roots)], synthetic_ask=2)
 
 
 def test_every_kind_fills_a_target_window_longer_than_a_memory_chunk(roots, tokenizer):
@@ -639,6 +705,27 @@ def test_passkey_trials_name_the_key_sentences_memory_slots(tokenizer):
     assert in_memory  # some trials' key sentence lies in memory, at those slots
 
 
+def test_passkey_trials_in_the_users_prompt_styles(tokenizer):
+    """--passkey-prompt ask|bare: memory = the filler and key alone (no task sentence, no question), the
+    local window = ask's chat prompt or the question line (the two ways a user asks, which failed)."""
+    from finetune.evaluate import MemoryCache
+    from finetune.passkey import QUESTION, TASK
+    from finetune.skill_eval import SkillArgs, passkey_trials
+    from longllama_lsp.engine import ask_prompt_ids
+
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cache = MemoryCache(model, 64, progress=False)
+    args = SkillArgs(passkey_trials=3, chunk_len=64)
+    for style, local in (("ask", ask_prompt_ids(tokenizer, "What is the pass key?")),
+                         ("bare", tokenizer(QUESTION)["input_ids"])):
+        for t in passkey_trials(model, tokenizer, cache, 1024, args, local=64, style=style):
+            assert t.window[0].tolist() == local and t.split == t.prompt_tokens == t.memory.num_tokens
+            text = tokenizer.decode(t.ids)
+            assert TASK not in text and "What is" not in text and t.key_end <= t.split
+            assert tokenizer.decode(t.ids[t.key_at:t.key_end]).strip().startswith(f"The pass key is {t.key}.")
+
+
 def test_key_digits_scores_near_misses():
     from finetune.skill_eval import PasskeyScore, key_digits
 
@@ -659,6 +746,9 @@ def test_eval_cli_task_passkey_and_missing_repo(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "passkey (local 32 tokens" in out and "memory attention: dense" in out
+    rc = main(["eval", "--task", "passkey", "--model", str(RECALL), "--passkey-lengths", "128", "--passkey-prompt",
+               "ask", "--passkey-trials", "1", "--chunk-len", "32", "--no-progress", "--json", "-"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["passkey"]["prompt"] == "ask"
     assert main(["eval", "--task", "crossfile-ids", "--model", str(RECALL)]) == 2
     assert "needs --repo" in capsys.readouterr().err
     assert main(["eval", "--model", str(RECALL)]) == 2
