@@ -20,7 +20,9 @@ passkey        finetune/passkey.py's prompt at several lengths, key at a uniform
                0, so identical chunks (the filler repeats) are encoded once and reused across
                trials and lengths: 64k tokens cost a few distinct chunks. Greedy answer; a trial
                passes when the key is in it. Reported per length: accuracy, and accuracy over the
-               trials whose key sat in memory (not in the local window).
+               trials whose key sat in memory (not in the local window). `--passkey-prompt ask|bare`
+               asks the way users do: memory = the filler and key alone, local = `longllama ask`'s
+               chat prompt or the bare question line (every trial's key is then in memory).
 guard          finetune.evaluate's held-out perplexity without memory (the "no harm" check).
 """
 
