@@ -153,3 +153,12 @@ def test_committed_holes_match_the_sources():
             assert x["name"] in r["expected"] and x["name"] not in own
             assert x["defined_in"] and r["path"] not in x["defined_in"]
             assert all(x["name"] in H.definitions(tree(root / g)) for g in x["defined_in"])
+
+
+def test_report_paths_outside_the_repository_stay_absolute(tmp_path):
+    """A --holes file outside the repository crashed the summary after a 20-minute run."""
+    import run as R
+
+    assert R._shown(tmp_path / "holes.jsonl") == str(tmp_path / "holes.jsonl")
+    assert R._shown(R.REPO / "bench" / "crossfile" / "holes.jsonl") == "bench/crossfile/holes.jsonl"
+    assert R._shown(Path("holes.jsonl")) == "holes.jsonl"

@@ -323,6 +323,12 @@ def examples(records: list[dict], holes: dict, mem: str, base: str, better: bool
     return [e for _, e in out[:k]]
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it (a --holes file
+    elsewhere crashed the summary after the whole run)."""
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Cross-file completion benchmark through the LSP server.")
     p.add_argument("--holes", type=Path, default=HERE / "holes.jsonl")
@@ -417,10 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                 ex[f"{mem_sys}_beats_{base}"] = examples(records, hole_map, mem_sys, base, True)
                 ex[f"{mem_sys}_loses_to_{base}"] = examples(records, hole_map, mem_sys, base, False)
     out = {"issue": 8, "started": started, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name] + [str(Path(sys.argv[0]).relative_to(REPO))
-                                                            if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:]),
+           "command": " ".join([Path(sys.executable).name, _shown(Path(sys.argv[0]))] + sys.argv[1:]),
            "machine": facts, "systems": {s: SYSTEMS[s] for s in systems},
-           "config": {"holes": str(args.holes.relative_to(REPO)) if args.holes.is_absolute() else str(args.holes),
+           "config": {"holes": _shown(args.holes),
                       "n_holes": len(holes), "context_tokens": args.context_tokens or "engine default",
                       "scorer": args.scorer, "snippet_share": args.snippet_share,
                       "retrieval_window_lines": WINDOW, "select_tokens": args.select_tokens or "server default",
