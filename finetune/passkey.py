@@ -21,7 +21,8 @@ import torch
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+ASK_QUESTION = "What is the pass key?"  # as a user types it to `longllama ask`
+QUESTION = f"{ASK_QUESTION} The pass key is"
 
 
 def passkey_prompt(n_filler_chars: int, rng: random.Random) -> tuple[str, str]:

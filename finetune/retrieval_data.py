@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data import document_ends
-from finetune.passkey import FILLER, QUESTION, TASK
+from finetune.passkey import ASK_QUESTION, FILLER, QUESTION, TASK
 from finetune.pycode import (
     PyFacts,
     analyse,
@@ -57,7 +57,7 @@ from finetune.pycode import (
 HELD_OUT = ("requests", "flask", "click")  # evaluation repositories (finetune/skill_eval.py)
 KINDS = ("repo", "synthetic", "passkey")
 PASSKEY_PROMPTS = ("reference", "ask", "bare", "code")
-ASK_PASSKEY = ("What is the pass key?", "What's the pass key?", "Which pass key is mentioned?",
+ASK_PASSKEY = (ASK_QUESTION, "What's the pass key?", "Which pass key is mentioned?",
                "Tell me the pass key.", "what is the pass key")
 SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
 

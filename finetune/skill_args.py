@@ -2,6 +2,7 @@
 never imports torch (`longllama status` and a no-op `index` stay fast)."""
 
 TASKS = ("crossfile-ids", "passkey", "guard")
+PROMPT_STYLES = ("reference", "ask", "bare")  # --passkey-prompt (finetune/skill_eval.passkey_trials)
 
 
 def add_arguments(p) -> None:
@@ -19,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--spans-per-file", type=int, default=2)
     p.add_argument("--passkey-lengths", default="4096,16384,65536")
     p.add_argument("--passkey-trials", type=int, default=8)
-    p.add_argument("--passkey-prompt", default="reference", choices=("reference", "ask", "bare"),
+    p.add_argument("--passkey-prompt", default="reference", choices=PROMPT_STYLES,
                    help="passkey: what the model reads before answering. reference (default): the reference "
                         "prompt's last --local-len tokens; ask: `longllama ask \"What is the pass key?\"`'s chat "
                         "prompt, with the filler and key alone in memory (a folder of text files as a user indexes "

@@ -60,7 +60,7 @@ class SkillArgs:
     batch_size: int = 4
     passkey_lengths: tuple[int, ...] = (4096, 16384, 65536)
     passkey_trials: int = 8
-    passkey_prompt: str = "reference"  # PROMPT_STYLES: what precedes the answer in the local window
+    passkey_prompt: str = "reference"  # skill_args.PROMPT_STYLES: what precedes the answer in the local window
     local_len: int | None = None  # passkey local window; None = the model's last_context_length
     seed: int = 0
 
@@ -350,9 +350,6 @@ class PasskeyTrial:
         return len(self.ids)
 
 
-PROMPT_STYLES = ("reference", "ask", "bare")  # --passkey-prompt
-
-
 def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int, style: str = "reference"):
     """The eval's `args.passkey_trials` trials at about n tokens (seeded: the same prompts every run).
 
@@ -361,7 +358,7 @@ def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int,
                      it); local = `longllama ask "What is the pass key?"`'s chat prompt (engine.ask_prompt_ids).
           bare:      the same memory; local = the question line alone, as typed at the top of a new file.
     """
-    from finetune.passkey import QUESTION, filler_chars_for, passkey_prompt
+    from finetune.passkey import filler_chars_for, passkey_prompt
 
     rng = random.Random(f"passkey-{n}-{args.seed}")
     n_chars = filler_chars_for(tokenizer, n)
@@ -377,17 +374,20 @@ def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int,
         split = max(0, len(ids) - local) if style == "reference" else len(ids)
         chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
         cache.ensure({c: list(c) for c in chunks})
-        local_ids = ids[split:] if style == "reference" else _question_ids(tokenizer, style, QUESTION)
+        local_ids = ids[split:] if style == "reference" else _question_ids(tokenizer, style)
         window = torch.tensor([local_ids], device=model.device)
         yield PasskeyTrial(key, ids, window, cache.memory(chunks), key_at, key_end, split)
 
 
-def _question_ids(tokenizer, style: str, question: str) -> list[int]:
+def _question_ids(tokenizer, style: str) -> list[int]:
+    """The local window of a user-style trial: ask's chat prompt, or the question line alone."""
+    from finetune.passkey import ASK_QUESTION, QUESTION
+
     if style == "ask":
         from longllama_lsp.engine import ask_prompt_ids
 
-        return ask_prompt_ids(tokenizer, question.split("?")[0] + "?")
-    return tokenizer(question, add_special_tokens=True)["input_ids"]
+        return ask_prompt_ids(tokenizer, ASK_QUESTION)
+    return tokenizer(QUESTION, add_special_tokens=True)["input_ids"]
 
 
 def answer_passkey(model, tokenizer, trial: PasskeyTrial, max_new_tokens: int = 8) -> str:
