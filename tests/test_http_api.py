@@ -373,8 +373,12 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(local):
 def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
     """`user` keys requests: the older one, still queued, is answered empty (200), not an error."""
     engine = local.engine
-    blocker = engine.submit_answer("Keep the worker busy.", max_tokens=400, key="blocker")
-    wait_until(lambda: engine.status()["running"] == blocker.id, every=0.02)  # act while the blocker runs
+    # The blocker holds the worker until released: a long answer could finish before the first request's
+    # reply arrives on a loaded machine (red once in a fresh-clone CI), and then nothing proved the first
+    # was superseded while still queued.
+    running, release = threading.Event(), threading.Event()
+    blocker = engine.submit(lambda _req: running.set() or release.wait(60))
+    assert running.wait(30)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{local.server_address[1]}/v1", api_key="t0ken", max_retries=0)
     replies: dict[str, object] = {}
 
@@ -386,8 +390,8 @@ def test_a_newer_request_of_the_same_user_supersedes_a_queued_one(local):
     wait_until(lambda: engine.pending >= 1, every=0.02)
     second.start()  # queued behind the blocker too: it supersedes the first at once
     first.join(60)
-    assert "first" in replies and blocker.future.running()
-    blocker.cancel()
+    assert "first" in replies and blocker.future.running()  # answered while still queued
+    release.set()
     second.join(60)
     assert replies["first"].choices[0].message.content == "" and replies["first"].choices[0].finish_reason == "stop"
     assert replies["second"].usage.completion_tokens >= 1
