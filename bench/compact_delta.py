@@ -7,7 +7,7 @@ A LoRA run that starts from the bundled default (model.path unset) merges the de
 load, so its output holds every adapted weight as a full replacement (~425 MB on SmolLM2). Its change
 to each weight is still low-rank (the LoRA it trained): for each weight with a pair in OLD_ADAPTER,
 W_new - (W_base + up @ down) is factored by SVD and its top `rank` components are stacked beside the
-old pair (ranks concatenated, scales folded into lora_up); replacements of the merged file are kept
+old pair (`loading.stack_weight_deltas`: ranks concatenated, scales folded into lora_up); replacements of the merged file are kept
 as replacements. Refuses (exit 1) when any rebuilt weight differs from NEW_ADAPTER's by more than
 --tolerance: the change was not of that rank. How the shipped stage 4 was made (CPU run 11).
 """
@@ -21,26 +21,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-DOWN, UP = ".lora_down", ".lora_up"
+from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, split_weight_delta, stack_weight_deltas
 
 
-def compact(base: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
-            rank: int) -> tuple[dict[str, torch.Tensor], float]:
-    """(the compact delta, the largest |rebuilt - merged| over all weights)."""
-    out: dict[str, torch.Tensor] = {}
-    worst = 0.0
+def run_change(base: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
+               rank: int) -> dict[str, torch.Tensor]:
+    """The run's own change as a delta to apply after `previous`: a rank-`rank` pair (the top of the SVD)
+    for each weight `previous` holds a pair of, the merged weight as a replacement for the rest."""
+    _, pairs = split_weight_delta(previous)
+    change: dict[str, torch.Tensor] = {}
     for name, w_new in merged.items():
-        if name + DOWN not in previous:
-            out[name] = w_new.contiguous()
+        if len(pairs.get(name, {})) != 2:
+            change[name] = w_new.contiguous()
             continue
-        up0, down0 = previous[name + UP].float(), previous[name + DOWN].float()  # (out, r0), (r0, in)
-        before = base[name].float() + up0 @ down0  # (out, in)
+        before = base[name].float() + pairs[name][LOW_RANK_UP].float() @ pairs[name][LOW_RANK_DOWN].float()  # (out, in)
         u, s, vh = torch.linalg.svd((w_new.float() - before).double(), full_matrices=False)
-        up = torch.cat([up0, (u[:, :rank] * s[:rank]).float()], 1).contiguous()  # (out, r0 + rank)
-        down = torch.cat([down0, vh[:rank].float()], 0).contiguous()  # (r0 + rank, in)
-        worst = max(worst, float((base[name].float() + up @ down - w_new.float()).abs().max()))
-        out[name + UP], out[name + DOWN] = up, down
-    return out, worst
+        change[name + LOW_RANK_UP] = (u[:, :rank] * s[:rank]).float().contiguous()  # (out, rank)
+        change[name + LOW_RANK_DOWN] = vh[:rank].float().contiguous()  # (rank, in)
+    return change
+
+
+def largest_error(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> float:
+    """max |base + up @ down - merged| over the weights `delta` holds as pairs (its replacements are exact)."""
+    _, pairs = split_weight_delta(delta)
+    return max((float((base[n].float() + p[LOW_RANK_UP] @ p[LOW_RANK_DOWN] - merged[n].float()).abs().max())
+                for n, p in pairs.items()), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    out, worst = compact(load_file(a.base / "model.safetensors"), load_file(a.previous), load_file(a.merged), a.rank)
+    previous = load_file(a.previous)
+    base, merged = load_file(a.base / "model.safetensors"), load_file(a.merged)
+    out = {name: t.contiguous() for name, t in stack_weight_deltas(previous, run_change(base, previous, merged, a.rank)).items()}
+    worst = largest_error(base, out, merged)
     print(f"{len(out)} tensors; largest difference from the merged weights {worst:.2e}")
     if worst > a.tolerance:
         print(f"compact_delta: over --tolerance {a.tolerance}: the change is not of rank {a.rank}", file=sys.stderr)
