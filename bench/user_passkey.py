@@ -23,8 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+from finetune.passkey import ASK_QUESTION, FILLER, QUESTION
 
 
 def make_folder(root: Path, key: str, note: int, rng: random.Random, notes: int = 12) -> None:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             key, note = str(rng.randint(1, 50000)), rng.randrange(12)
             root = Path(tmp) / f"notes-{f}"
             make_folder(root, key, note, rng)
-            ask = cli(["ask", "--repo", str(root), "What is the pass key?"], root, args.model)
+            ask = cli(["ask", "--repo", str(root), ASK_QUESTION], root, args.model)
             complete = cli(["complete", "--repo", str(root), f"question.md:1:{len(QUESTION) + 1}"], root, args.model)
             results.append({"key": key, "note": f"notes_{note:02d}.md", "ask": ask, "complete": complete,
                             "ask_ok": key in ask, "complete_ok": key in complete})
