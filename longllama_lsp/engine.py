@@ -536,7 +536,7 @@ class Engine:
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer) if use_memory else NOTHING
         t1 = time.perf_counter()
-        stream = _Stream(self._tokenizer, on_token)
+        stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),
                                      sources=asm.memory is not None, repetition=self.options.answer_repetition)
         text = stream.flush(gen.tokens)
@@ -615,14 +615,21 @@ class _Stop:
 
 
 class _Stream:
-    """Streams an answer's text as tokens arrive (whole characters only), then the rest at the end."""
+    """Streams an answer's text as tokens arrive (whole characters only), then the rest at the end.
 
-    def __init__(self, tokenizer: Any, on_token: Callable[[str], None] | None):
-        self._tokenizer, self._on_token, self.shown = tokenizer, on_token, 0
+    With a repetition guard, tokens that repeat earlier ones are held until the repeat breaks: when it
+    grows into a loop, the guard cuts it and the reader never saw its second copy.
+    """
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[str], None] | None, guard: RepetitionGuard | None = None):
+        self._tokenizer, self._on_token, self._guard, self.shown = tokenizer, on_token, guard, 0
 
     def __call__(self, _tok: int, new: list[int]) -> None:
-        delta, self.shown = incremental_text(self._tokenizer, new, self.shown)
-        if delta and self._on_token is not None:
+        if self._on_token is None:
+            return
+        ready = len(new) - (self._guard.held(new) if self._guard is not None else 0)
+        delta, self.shown = incremental_text(self._tokenizer, new[:ready], self.shown)
+        if delta:
             self._on_token(delta)
 
     def flush(self, tokens: list[int]) -> str:

@@ -13,6 +13,8 @@ pure checks, meant to run after every generated token:
 
 - `loop_in_tail(ids)`: the last tokens are one block (a period of 1..max_period tokens) repeated
   at least `min_repeats` times, over at least `min_span` tokens. Cut after the first copy.
+- `repeating_tail(ids)`: how many trailing tokens repeat earlier ones; a stream holds them back, so a
+  loop's second copy is never shown before `loop_in_tail` cuts it (`longllama ask` streamed the loop).
 - `repeated_line_end(text)`: the same non-trivial line `min_repeats` times in a row (blank lines
   between them ignored). Cut after the first copy. Short lines (`}`, `return`, `pass`) never count,
   and neither do repeats that are not consecutive: code repeats lines legitimately.
@@ -44,6 +46,20 @@ def loop_in_tail(ids: Sequence[int], *, min_repeats: int = 3, max_period: int = 
         if span >= min_span and span >= min_repeats * p:
             keep = n - run  # everything before the loop, plus its first copy
             best = keep if best is None else min(best, keep)
+    return best
+
+
+def repeating_tail(ids: Sequence[int], *, max_period: int = 64) -> int:
+    """How many of the last `ids` repeat the ids some period p <= max_period before them (the longest
+    such run over p; 0 when none). A stream that shows only ids[:len(ids) - repeating_tail(ids)] never
+    shows a loop's second copy: loop_in_tail keeps at most that many ids (its keep is n - run for one p).
+    """
+    n, best = len(ids), 0
+    for p in range(1, min(max_period, n - 1) + 1):
+        run = 0
+        while run < n - p and ids[n - 1 - run] == ids[n - 1 - run - p]:
+            run += 1
+        best = max(best, run)
     return best
 
 
@@ -83,6 +99,11 @@ class RepetitionGuard:
         """How many ids to keep when their tail is a loop, else None."""
         return loop_in_tail(ids, min_repeats=self.min_repeats, max_period=self.max_period,
                             min_span=self.min_span)
+
+    def held(self, ids: Sequence[int]) -> int:
+        """How many trailing ids a stream should hold back: they may be a loop's second copy. Ordinary
+        text holds a token or two (a token that also stood p tokens back) and shows it a step later."""
+        return repeating_tail(ids, max_period=self.max_period)
 
     def cut_text(self, text: str) -> str | None:
         """`text` cut after the first copy of a repeated line, or None when it has none."""

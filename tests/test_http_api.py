@@ -338,7 +338,10 @@ def local(model_dir):
     from longllama_lsp.http_api import Api, ApiServer
     from longllama_lsp.workspace import Workspace
 
-    engine = Engine.load(str(model_dir), "cpu", "float32", options=EngineOptions(answer_max_tokens=400))
+    # No repetition guard: the seeded random model loops at once, and a stream holds a loop back (its
+    # tests need text to arrive while the answer runs).
+    engine = Engine.load(str(model_dir), "cpu", "float32",
+                         options=EngineOptions(answer_max_tokens=400, answer_repetition=None))
     workspace = Workspace(engine, None)
     engine.wait_ready()
     server = ApiServer(("127.0.0.1", 0), Api(workspace, "t0ken", "tiny"))

@@ -90,7 +90,7 @@ def test_an_answer_that_repeats_a_line_ends_after_its_first_copy(smol_tokenizer)
         answer = engine.answer("Why?", on_token=streamed.append)
     finally:
         engine.close()
-    assert "".join(streamed).startswith(line * 2)  # what the model said before the loop was spotted
+    assert "".join(streamed) == line  # the copies before the loop was spotted were held back, never shown
     assert answer.stop_reason == "repetition" and answer.text == line.strip()
     assert answer.generated_tokens == len(cycle)
 
@@ -123,3 +123,48 @@ def test_an_answer_that_repeats_a_paragraph_ends_after_its_first_copy(smol_token
         engine.close()
     assert answer.stop_reason == "repetition" and answer.generated_tokens == len(words)
     assert answer.text == smol_tokenizer.decode(words).strip()
+
+
+def _stream(tok, ids, guard):
+    """Decode.py's order per token (stream it, then check for a loop) through the answer stream:
+    (text the reader saw, final answer text)."""
+    from longllama_lsp.engine import _Stream
+
+    seen: list[str] = []
+    stream, generated = _Stream(tok, seen.append, guard), []
+    for t in ids:
+        generated.append(t)
+        stream(t, generated)
+        keep = None if guard is None else guard.check(generated)
+        if keep is not None:
+            del generated[keep:]
+            break
+    return "".join(seen), stream.flush(generated)
+
+
+def test_a_streamed_answer_never_shows_the_loop_it_is_cut_at(smol_tokenizer_dir):  # noqa: F811
+    from longllama_lsp.engine import EngineOptions
+    from longllama_lsp.model.loading import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    guard = EngineOptions().answer_repetition
+    ids = tok.encode("The answer: " + SENTENCE * 6, add_special_tokens=False)
+    seen, answer = _stream(tok, ids, guard)
+    assert answer.count(SENTENCE.strip()) == 1
+    assert seen == answer  # `longllama ask` used to print the loop's copies before the cut
+    unguarded, _ = _stream(tok, ids, None)
+    assert unguarded.count(SENTENCE.strip()) == 6
+
+
+@pytest.mark.parametrize("name", ["json/__init__.py", "argparse.py"])
+def test_ordinary_text_streams_whole_and_barely_late(name, smol_tokenizer_dir):  # noqa: F811
+    from longllama_lsp.model.loading import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    guard = RepetitionGuard(min_repeats=2, max_period=160, min_span=64)
+    text = (STDLIB / name).read_text()[:6000]
+    ids = tok.encode(text, add_special_tokens=False)
+    seen, answer = _stream(tok, ids, guard)
+    assert seen == answer == tok.decode(ids)
+    lags = [guard.held(ids[:n]) for n in range(1, len(ids))]
+    assert sum(lags) / len(lags) < 2 and max(lags) <= 24  # tokens held back: shown a step or a line late
