@@ -7,7 +7,8 @@ bag), and the target window is scored with that memory. Three kinds:
     repo       a real file of a local package; memory = chunks of the files it imports (the
                definitions it uses, chunks holding the names the window uses first), filled with
                other files of its package. Loss on every target token; cross-file identifier
-               tokens (finetune.pycode) are flagged and weighted `xid_weight`.
+               tokens (finetune.pycode) are flagged and weighted `xid_weight`; tokens only memory
+               can supply by copying (`copy_weights`) are weighted `copy_weight`.
     synthetic  a made-up constant, function signature, dict entry or class defined in one memory
                chunk among look-alike decoys (inserted into real code); the local context ends
                with a use whose continuation needs the definition. Loss on the answer only (plus
@@ -217,6 +218,11 @@ class MixArgs:
     passkey_prompts: dict[str, float] = field(default_factory=lambda: {"reference": 1.0})
     synthetic_ask: float = 0.0  # share of synthetic constants / dict entries asked through ask's prompt
     xid_weight: float = 3.0  # loss weight of cross-file identifier tokens in repo examples
+    # Loss weight of repo target tokens that end a `copy_ngram`-token run found in the example's memory
+    # chunks and not earlier in its window: what a completion can only copy from another file (a line
+    # BM25 snippets paste verbatim). 1.0: off (the data stream is unchanged).
+    copy_weight: float = 1.0
+    copy_ngram: int = 4
     context_weight: float = 0.1  # loss weight of the real code before a synthetic answer
     # The guard term: the memory layers' q/k/v/o also serve local attention, so each step also scores
     # `lm_rows` plain windows of `lm_len` tokens of training code WITHOUT memory and adds their mean
@@ -240,6 +246,8 @@ class MixArgs:
                              f"got {self.passkey_prompts}")
         if not 0 <= self.synthetic_ask <= 1:
             raise ValueError(f"retrieval.synthetic_ask is a share in [0, 1], got {self.synthetic_ask}")
+        if self.copy_weight < 0 or self.copy_ngram < 2:
+            raise ValueError("retrieval: copy_weight >= 0 and copy_ngram >= 2 required")
         if self.lm_rows < 0 or self.lm_len < 2 or self.lm_weight < 0:
             raise ValueError("retrieval: lm_rows >= 0, lm_len >= 2 and lm_weight >= 0 required")
 
@@ -250,6 +258,21 @@ class MixArgs:
 
 def _chunks(ids: list[int], n: int) -> list[list[int]]:
     return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+
+def copy_weights(ids: list[int], memory: list[list[int]], weights: list[float], n: int, weight: float
+                 ) -> list[float]:
+    """`weights` (one per target ids[1:]) with target j raised to `weight` where the n ids ending at it,
+    ids[j+2-n : j+2], occur in a memory chunk and nowhere earlier in ids: a token memory alone can supply."""
+    in_memory = {tuple(c[i:i + n]) for c in memory for i in range(len(c) - n + 1)}
+    seen: set[tuple[int, ...]] = set()
+    out = list(weights)
+    for j in range(n - 2, len(ids) - 1):
+        gram = tuple(ids[j + 2 - n:j + 2])
+        if gram in in_memory and gram not in seen:
+            out[j] = max(out[j], weight)
+        seen.add(gram)
+    return out
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -330,6 +353,8 @@ class ExampleMaker:
             window_names = {n for s, e, n in info.facts.identifiers if n in names and lo <= s < hi}
             memory = self._repo_memory(pkg, path, info, window_names, rng)
             w = [a.xid_weight if f else 1.0 for f in tflags]
+            if a.copy_weight != 1.0:
+                w = copy_weights(ids, memory, w, a.copy_ngram, a.copy_weight)
             return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"})
         return None
 

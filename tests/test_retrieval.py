@@ -809,3 +809,29 @@ def test_the_retrieval_probe_takes_out_exactly_the_chunk_that_holds_the_answer(m
         alone = variant(ex, "alone", tokenizer).memory
         assert alone[slot] == ex.memory[slot] and sum(c != [] for c in alone) == 1
         assert all(c == [] for c in variant(ex, "none", tokenizer).memory) and variant(ex, "memory", tokenizer) is ex
+
+
+def test_copy_weights_raise_what_only_memory_holds():
+    from finetune.retrieval_data import copy_weights
+
+    memory = [[7, 8, 10, 11, 12, 13]]
+    ids = [0, 10, 11, 12, 13, 5, 10, 11, 12, 13]  # the run 10..13 twice: memory, then the window itself
+    w = copy_weights(ids, memory, [1.0] * 9, 3, 4.0)
+    assert w == [1.0, 1.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # targets 12 and 13 the first time only
+    assert copy_weights(ids, memory, [3.0] * 9, 3, 2.0) == [3.0] * 9  # never lowers a weight
+
+
+def test_repo_examples_weight_copies_from_memory_and_keep_the_stream(roots, tokenizer):
+    corpus = Corpus(find_packages([roots]), tokenizer)
+
+    def example(copy_weight: float):
+        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3, copy_weight=copy_weight)
+        return ExampleMaker(corpus, args).repo(random.Random(1))
+
+    off, on = example(1.0), example(5.0)
+    assert (on.ids, on.memory, on.flags) == (off.ids, off.memory, off.flags)
+    raised = [j for j, (a, b) in enumerate(zip(off.weights, on.weights, strict=True)) if a != b]
+    assert raised and all(on.weights[j] == 5.0 for j in raised)
+    grams = {tuple(c[i:i + 4]) for c in on.memory for i in range(len(c) - 3)}
+    assert all(tuple(on.ids[j - 2:j + 2]) in grams for j in raised)
+    assert all(w in (1.0, MixArgs().xid_weight) for w in off.weights)
