@@ -86,15 +86,17 @@ def _split_lora_key(k: str) -> tuple[str, str, str]:
 
 def lora_delta(state: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
                base_path: Path) -> dict[str, torch.Tensor]:
-    """A LoRA run's weight delta (from `lora_parts`) on its base checkpoint: low-rank pairs for the
-    adapters on weights the checkpoint holds as they were; merged replacements for weights a start
-    delta had changed (the shipped memory delta, say), so the delta alone rebuilds the trained model."""
-    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, read_state_dict
+    """A LoRA run's weight delta (from `lora_parts`) on its base checkpoint as `load_model` builds it
+    (with the base's own adapter, e.g. the shipped memory delta, applied first, as every delta is
+    applied after it): low-rank pairs for the adapters on weights that the loaded base holds as they
+    were; merged replacements for weights changed otherwise (a start delta merged into them), so the
+    delta alone rebuilds the trained model on that base."""
+    from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP
 
-    saved = read_state_dict(base_path)  # on the CPU: compare and write there, whatever device trained
+    loaded = LoadedBase(base_path)
     state = {n: v.detach().cpu() for n, v in state.items()}
     lora = {module: (down.cpu(), up.cpu()) for module, (down, up) in lora.items()}
-    changed = {n for n, v in state.items() if n in saved and not torch.equal(v, saved[n].to(v.dtype))}
+    changed = {n for n, v in state.items() if n in loaded and not torch.equal(v, loaded.tensor(n, v.dtype))}
     out = {n: state[n] for n in changed}
     for module, (down, up) in lora.items():
         name = f"{module}.weight"
@@ -103,6 +105,28 @@ def lora_delta(state: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tenso
         else:
             out[name + LOW_RANK_DOWN], out[name + LOW_RANK_UP] = down, up
     return out
+
+
+class LoadedBase:
+    """A base checkpoint's tensors as `load_model` builds them: read, cast to the model's dtype, then the
+    folder's own adapter applied (replacements, then low-rank pairs). On the CPU, one name at a time."""
+
+    def __init__(self, base_path: Path):
+        from longllama_lsp.model.loading import find_adapter, read_state_dict, read_weight_delta, split_weight_delta
+
+        self.saved = read_state_dict(base_path)
+        adapter = find_adapter(base_path)
+        self.replace, self.low_rank = split_weight_delta(read_weight_delta(adapter)) if adapter else ({}, {})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.saved or name in self.replace
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        from longllama_lsp.model.loading import add_low_rank
+
+        weight = self.replace.get(name, self.saved.get(name)).to(dtype)
+        pair = self.low_rank.get(name)
+        return weight if pair is None else add_low_rank(weight, pair)
 
 
 def delta_names(model, margs: ModelArgs) -> list[str]:

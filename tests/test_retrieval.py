@@ -503,8 +503,10 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
     """model.train = 'lora' (adapters on every layer): the forward passes reach the adapters inside
     the PEFT-wrapped model, a resumed run equals an uninterrupted one, and the delta it writes loads
     on the base and changes layers beyond the memory layers. Retrieval training refused LoRA before.
-    The base carries an adapter (as the bundled model carries the shipped memory delta): the weight
-    it changed is written merged, the others as low-rank pairs, and the delta rebuilds the model."""
+    The base carries an adapter (as the bundled model carries the shipped memory delta): the delta is
+    relative to the base as loaded, adapter applied (as every delta is applied after it), so the weight
+    that adapter changed gets low-rank pairs like the others, not a merged copy (~425 MB from the bundled
+    default on SmolLM2), and the delta rebuilds the model."""
     from safetensors.torch import load_file, save_file
 
     from finetune.config import ModelArgs
@@ -512,8 +514,11 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
     from finetune.retrieval_train import RetrievalConfig, RetrievalTrainArgs, train_retrieval
 
     base = _saved_tiny(tmp_path / "base", tokenizer)
-    shipped = "model.layers.0.self_attn.q_proj.weight"
-    save_file({shipped: torch.randn_like(load_file(str(base / "model.safetensors"))[shipped])},
+    shipped, paired = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    weights = load_file(str(base / "model.safetensors"))
+    out_f, in_f = weights[paired].shape
+    save_file({shipped: torch.randn_like(weights[shipped]),
+               paired + ".lora_down": torch.randn(2, in_f) * 0.1, paired + ".lora_up": torch.randn(out_f, 2) * 0.1},
               str(base / "adapter.safetensors"))
 
     def cfg(out, steps, resume=None):
@@ -526,7 +531,8 @@ def test_training_lora_on_every_layer_resumes_and_writes_a_delta(tmp_path, token
     model, run, state = train_retrieval(cfg(tmp_path / "full", 2), maker=maker, progress=False)
     assert state["step"] == 2
     delta = load_file(str(run / "adapter.safetensors"))
-    assert shipped in delta and shipped + ".lora_down" not in delta
+    assert {shipped, paired}.isdisjoint(delta) and {shipped + ".lora_down", paired + ".lora_down"} <= delta.keys()
+    assert delta[paired + ".lora_down"].shape[0] == 4  # the run's own pair (r = 4); the base's stays in the base
     assert "model.layers.1.self_attn.q_proj.weight.lora_down" in delta
     assert "model.layers.1.self_attn.q_proj.weight" not in delta
     train_retrieval(cfg(tmp_path / "part", 1), maker=maker, progress=False)

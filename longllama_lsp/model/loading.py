@@ -371,10 +371,14 @@ def apply_delta_tensors(model: nn.Module, delta: dict[str, torch.Tensor], source
             targets[name].copy_(tensor.to(dtype=targets[name].dtype, device=targets[name].device))
         added = {name: pair for name, pair in low_rank.items() if name not in keep_pairs}
         for name, pair in added.items():
-            step = pair[LOW_RANK_UP].float() @ pair[LOW_RANK_DOWN].float()  # (out, in)
-            target = targets[name]
-            target.copy_((target.float() + step.to(target.device)).to(target.dtype))
+            targets[name].copy_(add_low_rank(targets[name], pair))
     return sorted(replace.keys() | added.keys())
+
+
+def add_low_rank(weight: torch.Tensor, pair: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """weight + up @ down, summed in float32 and cast back to weight's dtype (how every delta adds a pair)."""
+    step = pair[LOW_RANK_UP].float() @ pair[LOW_RANK_DOWN].float()  # (out, in)
+    return (weight.float() + step.to(weight.device)).to(weight.dtype)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
