@@ -112,7 +112,12 @@ class LoadedBase:
     folder's own adapter applied (replacements, then low-rank pairs). On the CPU, one name at a time."""
 
     def __init__(self, base_path: Path):
-        from longllama_lsp.model.loading import find_adapter, read_state_dict, read_weight_delta, split_weight_delta
+        from longllama_lsp.model.loading import (
+            find_adapter,
+            read_state_dict,
+            read_weight_delta,
+            split_weight_delta,
+        )
 
         self.saved = read_state_dict(base_path)
         adapter = find_adapter(base_path)
