@@ -39,9 +39,7 @@ def loop_in_tail(ids: Sequence[int], *, min_repeats: int = 3, max_period: int = 
     n = len(ids)
     best: int | None = None
     for p in range(1, min(max_period, n // min_repeats) + 1):
-        run = 0
-        while run < n - p and ids[n - 1 - run] == ids[n - 1 - run - p]:
-            run += 1
+        run = _tail_run(ids, p)
         span = run + p
         if span >= min_span and span >= min_repeats * p:
             keep = n - run  # everything before the loop, plus its first copy
@@ -54,13 +52,15 @@ def repeating_tail(ids: Sequence[int], *, max_period: int = 64) -> int:
     such run over p; 0 when none). A stream that shows only ids[:len(ids) - repeating_tail(ids)] never
     shows a loop's second copy: loop_in_tail keeps at most that many ids (its keep is n - run for one p).
     """
-    n, best = len(ids), 0
-    for p in range(1, min(max_period, n - 1) + 1):
-        run = 0
-        while run < n - p and ids[n - 1 - run] == ids[n - 1 - run - p]:
-            run += 1
-        best = max(best, run)
-    return best
+    return max((_tail_run(ids, p) for p in range(1, min(max_period, len(ids) - 1) + 1)), default=0)
+
+
+def _tail_run(ids: Sequence[int], p: int) -> int:
+    """How many trailing ids equal the id p positions before them."""
+    n, run = len(ids), 0
+    while run < n - p and ids[n - 1 - run] == ids[n - 1 - run - p]:
+        run += 1
+    return run
 
 
 def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12) -> int | None:
