@@ -156,10 +156,11 @@ class EngineOptions(DecodeOptions):
     fim_suffix_tokens: int = 64
     # Generations caught in a loop end after its first copy (repetition.py; None: off). Code repeats
     # itself legitimately, so completions need 3 copies; an answer's prose loop is often a whole
-    # paragraph (an 81-token one in `longllama ask` with SmolLM2), so 2 copies of 64+ tokens end it.
+    # paragraph (an 81-token one in `longllama ask` with SmolLM2), so 2 copies of 64+ tokens end it, and
+    # so do 3 long lines that differ only in their numbers (a numbered list repeating one item).
     repetition: RepetitionGuard | None = field(default_factory=RepetitionGuard)
     answer_repetition: RepetitionGuard | None = field(
-        default_factory=lambda: RepetitionGuard(min_repeats=2, max_period=160, min_span=64))
+        default_factory=lambda: RepetitionGuard(min_repeats=2, max_period=160, min_span=64, numbered_repeats=3))
 
 
 class Engine:

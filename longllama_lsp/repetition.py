@@ -16,7 +16,8 @@ pure checks, meant to run after every generated token:
 - `repeating_tail(ids)`: how many trailing tokens repeat earlier ones; a stream holds them back, so a
   loop's second copy is never shown before `loop_in_tail` cuts it (`longllama ask` streamed the loop).
 - `repeated_line_end(text)`: the same non-trivial line `min_repeats` times in a row (blank lines
-  between them ignored). Cut after the first copy. Short lines (`}`, `return`, `pass`) never count,
+  between them ignored; for answers, also long lines that differ only in their numbers). Cut after
+  the first copy. Short lines (`}`, `return`, `pass`) never count,
   and neither do repeats that are not consecutive: code repeats lines legitimately.
 
 Thresholds are about loops, not style: data tables such as `0, 0, 0, ...` are periodic too, so the
@@ -25,6 +26,7 @@ span must be long (48 tokens by default) before a token loop counts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,17 +65,23 @@ def _tail_run(ids: Sequence[int], p: int) -> int:
     return run
 
 
-def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12) -> int | None:
+_NUMBER = re.compile(r"\d+")
+
+
+def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12, numbers: bool = False
+                      ) -> int | None:
     """Offset in `text` just after the first of `min_repeats` identical consecutive lines, else None.
 
     Only complete lines count (a line still being generated may yet differ). Lines are compared
-    without surrounding whitespace; blank lines between the copies are ignored.
+    without surrounding whitespace; blank lines between the copies are ignored. With `numbers`, lines
+    that differ only in their numbers count as copies ("4. **X**: ...", "5. **X**: ...": a numbered
+    list caught in a loop).
     """
     previous, count, first_end, offset = None, 0, 0, 0
     lines = text.split("\n")[:-1]  # the last piece has no newline yet: not complete
     for line in lines:
         end = offset + len(line) + 1
-        key = line.strip()
+        key = _NUMBER.sub("0", line.strip()) if numbers else line.strip()
         offset = end
         if not key:
             continue
@@ -94,6 +102,11 @@ class RepetitionGuard:
     max_period: int = 64  # tokens: a sentence or a line of code
     min_span: int = 48  # tokens a loop must cover before it counts
     min_line_chars: int = 12
+    # A loop whose lines differ only in their numbers (a numbered list repeating one item) ends after
+    # this many copies of a line of at least numbered_line_chars characters (None: off). Answers only:
+    # code repeats such lines legitimately (`x[0] = a`, `x[1] = a`), and long ones rarely.
+    numbered_repeats: int | None = None
+    numbered_line_chars: int = 40
 
     def check(self, ids: Sequence[int]) -> int | None:
         """How many ids to keep when their tail is a loop, else None."""
@@ -107,5 +120,9 @@ class RepetitionGuard:
 
     def cut_text(self, text: str) -> str | None:
         """`text` cut after the first copy of a repeated line, or None when it has none."""
-        end = repeated_line_end(text, min_repeats=self.min_repeats, min_chars=self.min_line_chars)
-        return None if end is None else text[:end]
+        ends = [repeated_line_end(text, min_repeats=self.min_repeats, min_chars=self.min_line_chars)]
+        if self.numbered_repeats is not None:
+            ends.append(repeated_line_end(text, min_repeats=self.numbered_repeats,
+                                          min_chars=self.numbered_line_chars, numbers=True))
+        found = [e for e in ends if e is not None]
+        return text[:min(found)] if found else None

@@ -168,3 +168,38 @@ def test_ordinary_text_streams_whole_and_barely_late(name, smol_tokenizer_dir): 
     assert seen == answer == tok.decode(ids)
     lags = [guard.held(ids[:n]) for n in range(1, len(ids))]
     assert sum(lags) / len(lags) < 2 and max(lags) <= 24  # tokens held back: shown a step or a line late
+
+
+NUMBERED_LOOP = """The repository contains a variety of settings. Here are the settings in detail:
+
+1. **Appearance**: This is the default setting. It is used to display the user's profile picture.
+
+2. **Banners**: This is the setting that is used to display the user's profile picture. It is also used to display the user's name.
+
+3. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
+
+4. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
+
+5. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
+
+6. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
+"""  # `longllama ask` on the shipped default (2026-12-05), up to its 300-token limit; item 9 was cut mid-line
+
+
+def test_an_answer_in_a_numbered_loop_ends_after_its_first_copy():
+    from longllama_lsp.engine import EngineOptions
+
+    guard = EngineOptions().answer_repetition
+    cut = guard.cut_text(NUMBERED_LOOP)
+    assert cut is not None and cut.rstrip().endswith("name.") and "3. **Browsers**" in cut and "4." not in cut
+    assert RepetitionGuard(min_repeats=2).cut_text(NUMBERED_LOOP) is None  # exact copies only: missed
+
+
+def test_numbered_lines_of_an_ordinary_answer_are_not_a_loop():
+    from longllama_lsp.engine import EngineOptions
+
+    guard = EngineOptions().answer_repetition
+    steps = "1. Install the package with pip.\n2. Run the tests with pytest.\n3. Build the docs with make.\n"
+    table = "\n".join(f"    assert add({i}, {i + 1}) == {2 * i + 1}" for i in range(5)) + "\n"
+    code = "\n".join(f"    x[{i}] = a" for i in range(5)) + "\n"
+    assert [guard.cut_text(t) for t in (steps, table, code)] == [None, None, None]
