@@ -56,8 +56,8 @@ from .prompt import (
     SyntaxBlock,
     build_prompt,
     finish,
-    incremental_text,
     rest_of_line,
+    streamable_text,
 )
 from .repetition import RepetitionGuard
 from .repository import MemorySource
@@ -618,8 +618,9 @@ class _Stop:
 class _Stream:
     """Streams an answer's text as tokens arrive (whole characters only), then the rest at the end.
 
-    With a repetition guard, tokens that repeat earlier ones are held until the repeat breaks: when it
-    grows into a loop, the guard cuts it and the reader never saw its second copy.
+    With a repetition guard, tokens that repeat earlier ones, and lines that copy the line before them,
+    are held until the repeat breaks: when it grows into a loop, the guard cuts it and the reader never
+    saw its second copy.
     """
 
     def __init__(self, tokenizer: Any, on_token: Callable[[str], None] | None, guard: RepetitionGuard | None = None):
@@ -629,9 +630,14 @@ class _Stream:
         if self._on_token is None:
             return
         ready = len(new) - (self._guard.held(new) if self._guard is not None else 0)
-        delta, self.shown = incremental_text(self._tokenizer, new[:ready], self.shown)
-        if delta:
-            self._on_token(delta)
+        text = streamable_text(self._tokenizer, new[:ready])
+        if text is None:
+            return
+        end = len(text) - (self._guard.held_text(text) if self._guard is not None else 0)
+        end = len(text[:end].rstrip())  # line breaks wait for the next text: a cut loop leaves none
+        if end > self.shown:
+            self._on_token(text[self.shown:end])
+            self.shown = end
 
     def flush(self, tokens: list[int]) -> str:
         text = self._tokenizer.decode(tokens, skip_special_tokens=True)

@@ -361,9 +361,7 @@ def finish(text: str, suffix: str) -> str:
     return trim_overlap(text, suffix).rstrip()
 
 
-def incremental_text(tokenizer: Any, ids: Sequence[int], shown: int) -> tuple[str, int]:
-    """(new text to stream, new shown length) for ids decoded so far, holding back a partial UTF-8 char."""
+def streamable_text(tokenizer: Any, ids: Sequence[int]) -> str | None:
+    """The text of ids decoded so far, or None while it ends in a partial UTF-8 character."""
     text = tokenizer.decode(list(ids), skip_special_tokens=True)
-    if text.endswith("\ufffd"):
-        return "", shown
-    return text[shown:], len(text)
+    return None if text.endswith("\ufffd") else text

@@ -94,6 +94,37 @@ def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12, n
     return None
 
 
+def copied_lines_start(text: str, *, min_chars: int = 12, numbered_chars: int | None = None) -> int:
+    """Where the trailing run of lines that copy the line before them starts in `text` (len(text) when
+    none): a stream holds them back, so a line loop's copies are not shown before `repeated_line_end`
+    cuts it. A line copies its predecessor (the previous non-blank line, of at least min_chars) when
+    equal to it, or with `numbered_chars`, equal but for numbers and that long; the last line, still
+    being generated, when it begins the same way."""
+    pieces, offset = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            pieces.append((offset, line.strip()))
+        offset += len(line) + 1
+    complete = text.endswith("\n")
+    start = len(text)
+    for i in range(len(pieces) - 1, 0, -1):
+        (begin, line), (_, before) = pieces[i], pieces[i - 1]
+        last = i == len(pieces) - 1 and not complete
+        if not (_copies(line, before, last, min_chars, False)
+                or (numbered_chars is not None and _copies(line, before, last, numbered_chars, True))):
+            break
+        start = begin
+    return start
+
+
+def _copies(line: str, before: str, partial: bool, min_chars: int, numbers: bool) -> bool:
+    if len(before) < min_chars:
+        return False
+    if numbers:
+        line, before = _NUMBER.sub("0", line), _NUMBER.sub("0", before)
+    return before.startswith(line) if partial else line == before
+
+
 @dataclass
 class RepetitionGuard:
     """Both checks with one set of thresholds; `check` is cheap enough to call per token."""
@@ -117,6 +148,13 @@ class RepetitionGuard:
         """How many trailing ids a stream should hold back: they may be a loop's second copy. Ordinary
         text holds a token or two (a token that also stood p tokens back) and shows it a step later."""
         return repeating_tail(ids, max_period=self.max_period)
+
+    def held_text(self, text: str) -> int:
+        """How many trailing characters of a streamed answer to hold back: lines that copy the line
+        before them (`copied_lines_start`), shown once the copying stops, never when it is a loop."""
+        return len(text) - copied_lines_start(text, min_chars=self.min_line_chars,
+                                              numbered_chars=self.numbered_line_chars
+                                              if self.numbered_repeats is not None else None)
 
     def cut_text(self, text: str) -> str | None:
         """`text` cut after the first copy of a repeated line, or None when it has none."""

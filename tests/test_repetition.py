@@ -126,7 +126,8 @@ def test_an_answer_that_repeats_a_paragraph_ends_after_its_first_copy(smol_token
 
 
 def _stream(tok, ids, guard):
-    """Decode.py's order per token (stream it, then check for a loop) through the answer stream:
+    """Decode.py's order per token (stream it, then check for a loop: the token check, and the line
+    check when the token holds a line break; Decoder._loop_end) through the answer stream:
     (text the reader saw, final answer text)."""
     from longllama_lsp.engine import _Stream
 
@@ -136,10 +137,15 @@ def _stream(tok, ids, guard):
         generated.append(t)
         stream(t, generated)
         keep = None if guard is None else guard.check(generated)
+        if keep is None and guard is not None and "\n" in tok.decode([t]):
+            cut = guard.cut_text(tok.decode(generated))
+            keep = None if cut is None else next(k for k in range(1, len(generated) + 1)
+                                                 if len(tok.decode(generated[:k])) >= len(cut))
         if keep is not None:
             del generated[keep:]
             break
-    return "".join(seen), stream.flush(generated)
+    answer = stream.flush(generated)
+    return "".join(seen), answer
 
 
 def test_a_streamed_answer_never_shows_the_loop_it_is_cut_at(smol_tokenizer_dir):  # noqa: F811
@@ -193,6 +199,17 @@ def test_an_answer_in_a_numbered_loop_ends_after_its_first_copy():
     cut = guard.cut_text(NUMBERED_LOOP)
     assert cut is not None and cut.rstrip().endswith("name.") and "3. **Browsers**" in cut and "4." not in cut
     assert RepetitionGuard(min_repeats=2).cut_text(NUMBERED_LOOP) is None  # exact copies only: missed
+
+
+def test_a_streamed_numbered_loop_is_never_shown(smol_tokenizer_dir):  # noqa: F811
+    from longllama_lsp.engine import EngineOptions
+    from longllama_lsp.model.loading import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    seen, answer = _stream(tok, tok.encode(NUMBERED_LOOP, add_special_tokens=False), EngineOptions().answer_repetition)
+    assert answer.rstrip().endswith("3. **Browsers**: This is the setting that is used to display the user's browser. "
+                                    "It is also used to display the user's name.")
+    assert seen == answer  # neither "4. ..." nor the "5" of the next copy was shown, nor blank lines
 
 
 def test_numbered_lines_of_an_ordinary_answer_are_not_a_loop():
