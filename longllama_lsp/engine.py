@@ -640,7 +640,9 @@ class _Stream:
             self.shown = end
 
     def flush(self, tokens: list[int]) -> str:
+        """The rest of the answer's text, without trailing whitespace (as Answer.text); returns all of it."""
         text = self._tokenizer.decode(tokens, skip_special_tokens=True)
-        if self._on_token is not None and len(text) > self.shown:
-            self._on_token(text[self.shown:])
+        end = len(text.rstrip())
+        if self._on_token is not None and end > self.shown:
+            self._on_token(text[self.shown:end])
         return text

@@ -90,7 +90,7 @@ def test_an_answer_that_repeats_a_line_ends_after_its_first_copy(smol_tokenizer)
         answer = engine.answer("Why?", on_token=streamed.append)
     finally:
         engine.close()
-    assert "".join(streamed) == line  # the copies before the loop was spotted were held back, never shown
+    assert "".join(streamed) == line.strip()  # the copies before the loop was spotted were held back, never shown
     assert answer.stop_reason == "repetition" and answer.text == line.strip()
     assert answer.generated_tokens == len(cycle)
 
@@ -157,7 +157,7 @@ def test_a_streamed_answer_never_shows_the_loop_it_is_cut_at(smol_tokenizer_dir)
     ids = tok.encode("The answer: " + SENTENCE * 6, add_special_tokens=False)
     seen, answer = _stream(tok, ids, guard)
     assert answer.count(SENTENCE.strip()) == 1
-    assert seen == answer  # `longllama ask` used to print the loop's copies before the cut
+    assert seen == answer.rstrip()  # `longllama ask` used to print the loop's copies before the cut
     unguarded, _ = _stream(tok, ids, None)
     assert unguarded.count(SENTENCE.strip()) == 6
 
@@ -171,7 +171,7 @@ def test_ordinary_text_streams_whole_and_barely_late(name, smol_tokenizer_dir): 
     text = (STDLIB / name).read_text()[:6000]
     ids = tok.encode(text, add_special_tokens=False)
     seen, answer = _stream(tok, ids, guard)
-    assert seen == answer == tok.decode(ids)
+    assert seen == answer.rstrip() == tok.decode(ids).rstrip()
     lags = [guard.held(ids[:n]) for n in range(1, len(ids))]
     assert sum(lags) / len(lags) < 2 and max(lags) <= 24  # tokens held back: shown a step or a line late
 
@@ -209,7 +209,7 @@ def test_a_streamed_numbered_loop_is_never_shown(smol_tokenizer_dir):  # noqa: F
     seen, answer = _stream(tok, tok.encode(NUMBERED_LOOP, add_special_tokens=False), EngineOptions().answer_repetition)
     assert answer.rstrip().endswith("3. **Browsers**: This is the setting that is used to display the user's browser. "
                                     "It is also used to display the user's name.")
-    assert seen == answer  # neither "4. ..." nor the "5" of the next copy was shown, nor blank lines
+    assert seen == answer.rstrip()  # neither "4. ..." nor the "5" of the next copy was shown, nor blank lines
 
 
 def test_numbered_lines_of_an_ordinary_answer_are_not_a_loop():
