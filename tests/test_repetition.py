@@ -189,7 +189,7 @@ NUMBERED_LOOP = """The repository contains a variety of settings. Here are the s
 5. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
 
 6. **Browsers**: This is the setting that is used to display the user's browser. It is also used to display the user's name.
-"""  # `longllama ask` on the shipped default (2026-12-05), up to its 300-token limit; item 9 was cut mid-line
+"""  # the first six of nine items `longllama ask` gave on the shipped default (2026-12-05, 300-token limit)
 
 
 def test_an_answer_in_a_numbered_loop_ends_after_its_first_copy():
