@@ -483,10 +483,24 @@ def check_consistent(db: Path) -> None:
         assert orphans == (0,)
 
 
+def _edit_run_seconds(worker, db: Path) -> float:
+    """Wall time of one run that edits half the files of an index (on a scratch index beside `db`)."""
+    scratch = db.with_name("calibrate.db")
+    for version in (0, 1):
+        worker.send(f"run {scratch} {version} 100")
+        worker.expect("pid ")
+        t0 = time.monotonic()
+        assert worker.expect("exit ") == "0"
+    return time.monotonic() - t0
+
+
 def test_kill_9_leaves_a_consistent_resumable_index(worker, db):
     seed = int(time.time())
     rng = random.Random(seed)
-    delays = [0.005, 0.05] + [rng.uniform(0.02, 0.3) for _ in range(4)]  # the first ones hit migrations
+    # Kill times as shares of this machine's run time: fixed ones (0.02-0.3 s) missed an idle fast
+    # machine's ~0.15 s runs (3 of 6 landed in a fresh-clone CI).
+    run_s = _edit_run_seconds(worker, db)
+    delays = [0.005, 0.05] + [rng.uniform(0.1, 0.7) * run_s for _ in range(4)]  # the first ones hit migrations
     scale, landed = 1.0, 0
     for version, delay in enumerate(delays):  # each version edits half the files; the file count varies
         worker.send(f"run {db} {version} {100 + 20 * (version % 2)}")  # ~0.3 s to completion here
@@ -501,7 +515,8 @@ def test_kill_9_leaves_a_consistent_resumable_index(worker, db):
         if db.exists():
             check_consistent(db)
     # A test that passes with no kill at all proves nothing (it did, before this count).
-    assert landed >= len(delays) - 2, f"only {landed} of {len(delays)} kills landed mid-run (seed {seed})"
+    assert landed >= len(delays) - 2, \
+        f"only {landed} of {len(delays)} kills landed mid-run (seed {seed}, runs of {run_s:.3f} s)"
     # Resume the last run to completion: it encodes exactly the missing contents, nothing twice.
     with Store.open(db, FP) as store:
         had = {r[0] for r in store.db.execute("SELECT content_hash FROM memories")}
