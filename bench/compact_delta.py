@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from longllama_lsp.model.loading import LOW_RANK_DOWN, LOW_RANK_UP, split_weight_delta, stack_weight_deltas
+from longllama_lsp.model.loading import (
+    LOW_RANK_DOWN,
+    LOW_RANK_UP,
+    add_low_rank,
+    split_weight_delta,
+    stack_weight_deltas,
+)
 
 
 def run_change(base: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
@@ -34,7 +40,7 @@ def run_change(base: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
         if len(pairs.get(name, {})) != 2:
             change[name] = w_new.contiguous()
             continue
-        before = base[name].float() + pairs[name][LOW_RANK_UP].float() @ pairs[name][LOW_RANK_DOWN].float()  # (out, in)
+        before = add_low_rank(base[name].float(), pairs[name])  # (out, in)
         u, s, vh = torch.linalg.svd((w_new.float() - before).double(), full_matrices=False)
         change[name + LOW_RANK_UP] = (u[:, :rank] * s[:rank]).float().contiguous()  # (out, rank)
         change[name + LOW_RANK_DOWN] = vh[:rank].float().contiguous()  # (rank, in)
@@ -44,8 +50,8 @@ def run_change(base: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
 def largest_error(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> float:
     """max |base + up @ down - merged| over the weights `delta` holds as pairs (its replacements are exact)."""
     _, pairs = split_weight_delta(delta)
-    return max((float((base[n].float() + p[LOW_RANK_UP] @ p[LOW_RANK_DOWN] - merged[n].float()).abs().max())
-                for n, p in pairs.items()), default=0.0)
+    return max((float((add_low_rank(base[n].float(), p) - merged[n].float()).abs().max()) for n, p in pairs.items()),
+               default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
