@@ -36,6 +36,10 @@ class Window:
     start: int  # 0-based first line
     lines: tuple[str, ...]
 
+    def raw(self) -> str:
+        """The window as code under a `# Path:` line (for memory, where no prompt format applies)."""
+        return f"# Path: {self.path}\n" + "".join(ln.rstrip() + "\n" for ln in self.lines)
+
     def render(self) -> str:
         body = "".join(f"# {ln}".rstrip() + "\n" for ln in self.lines)
         return f"# Path: {self.path}\n{body}"
@@ -76,15 +80,16 @@ class SnippetIndex:
                            for t, qn in qc.items() if t in tf))
         return out
 
-    def top(self, query: str, exclude_path: str, scorer: str = "bm25", limit: int = 20) -> list[tuple[float, Window]]:
-        """Best windows from other files: at most MAX_PER_FILE per file, no overlap within a file."""
+    def top(self, query: str, exclude_path: str, scorer: str = "bm25", limit: int = 20,
+            per_file_limit: int = MAX_PER_FILE) -> list[tuple[float, Window]]:
+        """Best windows from other files: at most `per_file_limit` per file, no overlap within a file."""
         ranked = sorted(((s, i) for i, s in enumerate(self.scores(query, scorer)) if s > 0),
                         key=lambda x: (-x[0], x[1]))
         out: list[tuple[float, Window]] = []
         per_file: Counter = Counter()
         for s, i in ranked:
             w = self.windows[i]
-            if w.path == exclude_path or per_file[w.path] >= MAX_PER_FILE:
+            if w.path == exclude_path or per_file[w.path] >= per_file_limit:
                 continue
             if any(o.path == w.path and abs(o.start - w.start) < WINDOW for _, o in out):
                 continue

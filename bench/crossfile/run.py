@@ -20,6 +20,14 @@ for the default model, and (b) gets exactly as many prompt tokens as (a)):
   d  (c) with `--model PATH` (a FoT-fine-tuned checkpoint).
   x  (c) with dense memory attention (memory.selectTokens 0: every memory token, as before issue 15);
      (c) against (x) is sparse against dense on the same index.
+  h  (c) given (b)'s document: repository memory and the BM25 snippets in the prompt (with --model, that
+     checkpoint). Whether memory adds to snippets. The snippet header is an edit of the indexed file, so
+     the server also encodes its chunk as an edited chunk of the buffer's memory.
+  r  memory filled by lexical retrieval (TurboRAG-like): no index; the document opened is the best BM25
+     windows (raw code, `--memory-snippet-tokens`, best last) followed by (a)'s local window, cut so that
+     the engine's window is exactly (a)'s; the windows go to memory as buffer blocks before the window,
+     the rest of the file as blocks after it. Whether memory of retrieved code beats the same retrieval
+     pasted in the prompt (b), which costs half of the prompt.
 
 Each hole: textDocument/didOpen of the file's text up to the hole column + the rest of the file after
 the hole line (the hole line's remainder removed), textDocument/inlineCompletion (Invoked, line
@@ -61,6 +69,8 @@ SYSTEMS = {
     "c": "repository memory (memory on, indexed)",
     "d": "(c) + FoT adapter (--model)",
     "x": "(c) with dense memory attention (selectTokens 0)",
+    "h": "(c) + (b)'s BM25 snippets in the prompt",
+    "r": "memory of BM25 windows (no index): (a)'s prompt, the best windows in memory",
 }
 
 
@@ -198,6 +208,43 @@ class Prompter:
                 if hole["xfile"] else None}
         return header, prefix, info
 
+    def memory_document(self, repo: str, root: Path, files: list[str], hole: dict, before: str, budget: int
+                        ) -> tuple[str, dict]:
+        """(the text before the cursor, info) for system (r): BM25 windows of `budget` tokens, then (a)'s
+        window. The windows' token count is cut to a multiple of the engine's stride so that the engine's
+        window starts exactly where (a)'s does (checked: info["window_matches"])."""
+        if repo not in self.indexes:
+            self.indexes[repo] = SnippetIndex(root, files)
+        stride = max(1, self.ctx // 4)
+        enc = self.tok(before, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        k = window_start(n, self.ctx, stride)
+        window = before[enc["offset_mapping"][k][0]:] if k else before
+        query = "\n".join(before.split("\n")[-WINDOW:])
+        hits = self.indexes[repo].top(query, hole["path"], self.scorer, limit=64, per_file_limit=64)
+        chosen, used = [], 0
+        for _, w in hits:
+            t = self.count(w.raw())
+            if used + t <= budget:
+                chosen.append(w)
+                used += t
+        chosen.reverse()  # best nearest the code
+        text = "".join(w.raw() for w in chosen)
+        mem, start, doc = "", 0, window
+        for pad in range(stride + 2):  # pad lines ("#" 2 tokens, "#." 3) until the engine's window is (a)'s
+            mem = text + "#\n" * (pad // 2) + "#.\n" * (pad % 2)
+            doc = mem + window
+            denc = self.tok(doc, add_special_tokens=False, return_offsets_mapping=True)
+            dk = window_start(len(denc["input_ids"]), self.ctx, stride)
+            start = denc["offset_mapping"][dk][0] if 0 < dk < len(denc["input_ids"]) else 0
+            if doc[start:] == window:
+                break
+        info = {"memory_snippet_tokens": self.count(mem) if mem else 0, "window_matches": doc[start:] == window,
+                "snippets": [f"{w.path}:{w.start + 1}-{w.start + len(w.lines)}" for w in chosen],
+                "snippet_has_xfile_def": any(any(x["name"] in "\n".join(w.lines) for x in hole["xfile"])
+                                             for w in chosen) if hole["xfile"] else None}
+        return doc, info
+
 
 # -- the run -----------------------------------------------------------------------------------------
 
@@ -232,9 +279,9 @@ def summarize(records: list[dict], systems: list[str]) -> dict:
 
 
 def run_system(system: str, holes: list[dict], args, prompter_factory, done: dict, sink, index_sink) -> None:
-    memory = system in ("m", "c", "d", "x")
-    index = system in ("c", "d", "x")
-    model = args.model if (system == "d" or args.model_all) else None
+    memory = system in ("m", "c", "d", "x", "h", "r")
+    index = system in ("c", "d", "x", "h")
+    model = args.model if (system in ("d", "h", "r") or args.model_all) else None
     by_repo: dict[str, list[dict]] = {}
     for h in holes:
         by_repo.setdefault(h["repo"], []).append(h)
@@ -265,9 +312,11 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                 src = (root / h["path"]).read_text(encoding="utf-8")
                 before, after = split_at_hole(src, h)
                 info: dict = {}
-                if system == "b":
+                if system in ("b", "h"):
                     header, prefix, info = prompter.retrieval(repo, root, files, h, before)
                     before = header + prefix
+                elif system == "r":
+                    before, info = prompter.memory_document(repo, root, files, h, before, args.memory_snippet_tokens)
                 line = before.count("\n")
                 char16 = utf16_len(before[before.rfind("\n") + 1:])
                 uri = (root / h["path"]).as_uri() + f"?hole={h['id']}&system={system}"
@@ -335,13 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/work/data/eval"), help="pristine repositories (copied to --work)")
     p.add_argument("--work", type=Path, default=Path("/tmp/longllama-crossfile"),
                    help="scratch: repository copies (the server writes its index into <repo>/.longllama), logs")
-    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d,x (d needs --model)")
+    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d,x,h (d needs --model)")
     p.add_argument("--model", help="checkpoint for (d) (and for every system with --model-all)")
     p.add_argument("--model-all", action="store_true", help="use --model for every system, not only (d)")
     p.add_argument("--repos", help="comma list: only these repositories")
     p.add_argument("--per-repo", type=int, help="only N evenly spaced holes of each repository (smoke runs, CPU budget)")
     p.add_argument("--scorer", choices=("bm25", "jaccard"), default="bm25", help="retrieval scorer for (b)")
     p.add_argument("--snippet-share", type=float, default=0.5, help="most of (b)'s prompt tokens given to snippets")
+    p.add_argument("--memory-snippet-tokens", type=int, default=2048, help="(r): tokens of BM25 windows in memory")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="completion.contextTokens for every system: the prompt budget (default 512; 0 = the "
