@@ -507,16 +507,27 @@ class Indexer:
                 self._texts.pop(h, None)
             run.encoded(summary, len(batch), seconds)
 
+    def chunk_text(self, meta: ChunkRow) -> str | None:
+        """A resident chunk's text (repository.MemorySource), from any thread: read back from its file as
+        UTF-8 without the store (one connection, the indexer's thread), None unless it hashes as indexed
+        (a file decoded as Latin-1 never does: its chunks are not retrieved)."""
+        text = self._texts.get(meta.content_hash)
+        return text if text is not None else self._read_chunk(meta, "utf-8+replace")
+
     def _text_of(self, row: ChunkRow) -> str | None:
         """The chunk's text: from this run's chunking, else re-read (a run that was killed)."""
-        if row.content_hash in self._texts:
-            return self._texts[row.content_hash]
+        text = self._texts.get(row.content_hash)
+        if text is not None:
+            return text
         file = self.store.file(row.path)
+        return self._read_chunk(row, file.decode if file else "utf-8")
+
+    def _read_chunk(self, row: ChunkRow, decode: str) -> str | None:
         try:
             data, _ = read_regular(self.root / row.path, self.rules.max_bytes + 1)
         except (OSError, UnsafeFile):
             return None
-        text = decode_bytes(data[row.start_byte:row.end_byte], file.decode if file else "utf-8")
+        text = decode_bytes(data[row.start_byte:row.end_byte], decode)
         if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != row.content_hash:
             return None  # the file changed since it was chunked; the next scan re-chunks it
         return text

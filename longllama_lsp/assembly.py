@@ -16,6 +16,10 @@ views, summaries included: at 1M tokens a copy would move 2.4 GB per change of t
 repository's lock is then held until the request ends (`request()`), so the indexer cannot move
 slots under it; several segments are joined block-aligned in the storage dtype, summaries kept.
 
+Retrieval (`retrieve_tokens`, setting memory.retrieveTokens): a completion's banks hold only the chunks of
+other files that best match the code before the cursor (lexical.py), up to that many tokens; the rest
+are masked out as the open file's stale chunks are. The open file's own chunks are always there.
+
 Only the engine's worker thread uses an Assembler.
 """
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .lexical import Candidate, ChunkRetriever, query_terms
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
 
@@ -100,8 +105,11 @@ class Assembler:
     def __init__(self, encode: Callable[[list[int]], Memory], device: torch.device | str,
                  repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
                  dtype: torch.dtype | None = None, select_tokens: Callable[[], int | None] = lambda: None,
-                 tokenize: Callable[[str], list[int]] | None = None, edited_tokens: int = 8192):
+                 tokenize: Callable[[str], list[int]] | None = None, edited_tokens: int = 8192,
+                 retrieve_tokens: Callable[[], int] = lambda: 0):
         self.encode, self.device, self.repositories = encode, device, repositories
+        self.retrieve_tokens = retrieve_tokens  # other files' tokens a completion's memory holds (0: all)
+        self._retriever = ChunkRetriever()
         # The dense copy is made in the compute dtype: attention then skips a cast of all of memory
         # per decode step (bf16 -> fp32 on CPU: 270 -> 197 ms/step at 42k memory tokens, SmolLM2).
         self.dtype = dtype
@@ -165,6 +173,8 @@ class Assembler:
                 hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks, defer_edits)) \
                     if home and repo is home[0] else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
+            if buffer is not None and buffer.cursor is not None and self.retrieve_tokens() > 0:
+                banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, buffer)
             if home is not None:
                 blocks = ()
             key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)
@@ -179,6 +189,24 @@ class Assembler:
             elif out.views:
                 raise RuntimeError("bank views outside Assembler.request()")
         return out
+
+    def _retrieve(self, placed: Sequence[tuple[MemorySource, str | None]], banks: list, buffer: Buffer) -> list:
+        """`banks` with every chunk of other files left out but the best `retrieve_tokens` for the code before
+        the cursor (one BM25 ranking over all banks). Runs under the repositories' locks."""
+        candidates = []  # ids (bank index, chunk id): two stores may number their chunks alike
+        for i, ((repo, rel), (bank, _, (paths, chunks))) in enumerate(zip(placed, banks, strict=True)):
+            hidden = set(chunks)
+            for cid, meta in bank.resident().items():
+                if meta.path != rel and meta.path not in paths and cid not in hidden:
+                    candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
+                                                _reader(repo, meta)))
+        chosen = self._retriever.top(candidates, query_terms(buffer.text[:buffer.cursor]), self.retrieve_tokens())
+        left_out: list[list[Hashable]] = [[] for _ in banks]
+        for c in candidates:
+            if c.chunk_id not in chosen:
+                left_out[c.chunk_id[0]].append(c.chunk_id[1])
+        return [(bank, root, (paths, tuple(chunks) + tuple(sorted(more, key=repr))))
+                for (bank, root, (paths, chunks)), more in zip(banks, left_out, strict=True)]
 
     def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk],
                         defer_edits: bool = False) -> tuple:
@@ -330,6 +358,13 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     file = str(seg.root / meta.path) if seg.root is not None else None
     return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(
         meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), w, file)
+
+
+def _reader(repo: MemorySource, meta: Any) -> Callable[[], str | None]:
+    """How to read a resident chunk's text: an edited buffer chunk holds it, an indexed one is read back."""
+    if isinstance(meta, BufferChunk):
+        return lambda: meta.text
+    return lambda: repo.chunk_text(meta)
 
 
 def _home(path: str | None, placed: Sequence[tuple[MemorySource, Path, str | None]]

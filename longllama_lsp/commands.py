@@ -214,6 +214,9 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
+    p.add_argument("--retrieve-tokens", type=int_at_least(0), default=EngineOptions.retrieve_tokens, metavar="N",
+                   help="memory holds only the chunks of other files that best match the code before the cursor, "
+                        f"N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     _common(p)
 
 
@@ -250,7 +253,7 @@ def run_complete(args: argparse.Namespace) -> int:
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
-    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode)
+    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode, retrieve_tokens=args.retrieve_tokens)
     try:
         done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)
     finally:

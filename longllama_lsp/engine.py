@@ -141,6 +141,9 @@ class EngineOptions(DecodeOptions):
     # Memory tokens each query attends to (the model's config.mem_budget): the top memory blocks by
     # their key summaries; None or 0: all of memory (dense). Setting memory.selectTokens.
     select_tokens: int | None = 2048
+    # A completion's memory of other files: only the chunks that best match the code before the cursor,
+    # up to this many tokens (lexical.py; 0: every resident chunk). Setting memory.retrieveTokens.
+    retrieve_tokens: int = 0
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too
     # made each decode step 1.8x slower (792 vs 440 ms/token, 4k memory tokens, busy 2-core CPU).
@@ -251,7 +254,8 @@ class Engine:
             self._assembler = Assembler(self._encode, self._model.device, lambda: self.repositories(),
                                         self.options.block_cache_tokens, dtype=self._model.dtype,
                                         select_tokens=lambda: self._model.config.mem_budget, tokenize=self._chunk_ids,
-                                        edited_tokens=2 * self.options.buffer_memory_tokens)
+                                        edited_tokens=2 * self.options.buffer_memory_tokens,
+                                        retrieve_tokens=lambda: self.options.retrieve_tokens)
             self._fim = detect_fim(self._tokenizer, getattr(self._tokenizer, "bos_token_id", None))
             self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options,
                                     stop_ids=self._fim.stop_ids if self._fim else ())

@@ -54,6 +54,8 @@ class Bank(Protocol):
 
     def chunks_of(self, path: str) -> dict[Hashable, Any]: ...  # resident chunk id -> meta (with content_hash)
 
+    def resident(self) -> dict[Hashable, Any]: ...  # every resident chunk id -> meta (path, content_hash)
+
     def slot_owner(self, slot: int) -> Any | None: ...  # the chunk row (path, start_line, ...) of a slot
 
     def chunk_slots(self, chunk_id: Hashable) -> range | None: ...
@@ -72,6 +74,10 @@ class MemorySource(Protocol):
     def bank(self) -> Bank: ...  # never None: an indexer that keeps no memory (one-shot index) is no MemorySource
 
     def chunk(self, path: str, text: str) -> Sequence[BufferChunk]: ...  # path relative to root
+
+    # The text of an indexed chunk (a resident chunk's meta), read back from its file; None when it cannot be
+    # read or the file changed since it was chunked (the watcher re-indexes it).
+    def chunk_text(self, meta: Any) -> str | None: ...
 
 
 class Progress(Protocol):

@@ -35,7 +35,8 @@ def engine_options(s: Settings) -> EngineOptions:
     after a second without completion requests: longer than the gaps between keys of someone typing."""
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
                          context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
-                         select_tokens=s.memory.select_tokens, defer_edits=True, defer_idle_ms=DEFER_IDLE_MS)
+                         select_tokens=s.memory.select_tokens, retrieve_tokens=s.memory.retrieve_tokens,
+                         defer_edits=True, defer_idle_ms=DEFER_IDLE_MS)
 
 
 def default_engine_factory(model: ModelSettings, options: EngineOptions) -> Engine:

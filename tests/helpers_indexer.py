@@ -81,6 +81,11 @@ class FakeIndexer:
         return [BufferChunk(path, 0, len(text), 1, text.count("\n") + 1, Path(path).stem, text, _hash(text),
                             len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]))]
 
+    def chunk_text(self, meta: Any) -> str | None:
+        """One chunk per file: the file's text."""
+        path = self.root / meta.path
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
     def start_watching(self) -> None:
         self.state = "watching"
 

@@ -101,7 +101,8 @@ class Server:
     """One `python -m longllama_lsp.server` process over stdio, driven by tests/helpers_lsp.SyncClient."""
 
     def __init__(self, root: Path, memory: bool, index: bool, model: str | None, log: Path, threads: int,
-                 context_tokens: int | None = None, index_timeout: float = 7200, select_tokens: int | None = None):
+                 context_tokens: int | None = None, index_timeout: float = 7200, select_tokens: int | None = None,
+                 retrieve_tokens: int | None = None):
         cmd = [sys.executable, "-m", "longllama_lsp.server", "--log-file", str(log)]
         if model:
             cmd += ["--model", model]
@@ -114,7 +115,8 @@ class Server:
         completion = {"debounceMs": 0, "mode": "line", **({"contextTokens": context_tokens} if context_tokens else {})}
         self.client.initialize(root, {"completion": completion,
                                       "memory": {"enabled": memory,
-                                                 **({"selectTokens": select_tokens} if select_tokens is not None else {})},
+                                                 **({"selectTokens": select_tokens} if select_tokens is not None else {}),
+                                                 **({"retrieveTokens": retrieve_tokens} if retrieve_tokens else {})},
                                       "indexing": {"enabled": index},
                                       "logLevel": "info"}, timeout=600)
         self.index_seconds = None
@@ -298,7 +300,8 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                 log = args.work / f"server-{system}-{repo if index else 'all'}.log"
                 print(f"[{system}] starting server ({'indexing ' + repo if index else 'no index'})", flush=True)
                 server = Server(root, memory, index, model, log, args.threads, args.context_tokens,
-                                select_tokens=0 if system == "x" else args.select_tokens)
+                                select_tokens=0 if system == "x" else args.select_tokens,
+                                retrieve_tokens=args.retrieve_tokens)
                 if index:
                     index_sink.write(json.dumps({"system": system, "repo": repo, "seconds_to_ready": server.index_seconds,
                                                  "files": server.status["files"], "chunks": server.status["chunks"],
@@ -398,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                         "engine's default, last_context_length = 1024 for the default model)")
     p.add_argument("--select-tokens", type=int, default=None, metavar="N",
                    help="memory.selectTokens of (c)/(d)/(m): the sparse budget (default: the server's, 2,048)")
+    p.add_argument("--retrieve-tokens", type=int, default=None, metavar="N",
+                   help="memory.retrieveTokens of the memory systems: only the N tokens of other files' chunks "
+                        "that best match the code before the cursor (default: the server's)")
     p.add_argument("--resume", action="store_true", help="keep the per-hole results already in --work")
     p.add_argument("--summarize-only", action="store_true",
                    help="run nothing: summarize the per-hole results in --work over the holes every listed system "
@@ -479,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                       "n_holes": len(holes), "context_tokens": args.context_tokens or "engine default",
                       "scorer": args.scorer, "snippet_share": args.snippet_share,
                       "retrieval_window_lines": WINDOW, "select_tokens": args.select_tokens or "server default",
+                      "retrieve_tokens": args.retrieve_tokens if args.retrieve_tokens is not None else "server default",
                       "model": args.model or "default (bundled SmolLM2-135M LongLLaMA)"},
            "index": index_info, "summary": summary, "examples": ex, "records": records}
     # Systems that also ran on holes outside this selection (e.g. a/b on all holes, c on --per-repo):

@@ -1,0 +1,121 @@
+"""Lexical retrieval over memory chunks: which chunks of other files a completion's memory holds.
+
+With `memory.retrieveTokens` set, a completion's repository memory is not every resident chunk but the
+chunks of other files that best match the code before the cursor, by Okapi BM25 over identifiers (the
+scoring peers' snippet retrieval uses: Tabby's code search, Continue's FTS5), up to that many tokens. The
+memory layers then read retrieved code through their own attention (and the block selection within it),
+where snippets pasted in the prompt would cost half of the local window. Why: the memory layers were
+trained on memories of a few relevant chunks among look-alikes (finetune/retrieval_data.py), not on
+57k tokens of a whole repository; BENCHMARKS.md "Stop 32" has the measurements.
+
+Chunk terms are kept by content hash (a chunk's text never changes under its hash), in one inverted index
+across requests (ChunkRetriever).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+QUERY_LINES = 20  # the query: identifiers of the last 20 lines before the cursor (RepoCoder's window)
+
+
+def identifiers(text: str) -> list[str]:
+    return _IDENT.findall(text)
+
+
+def query_terms(text_before_cursor: str, lines: int = QUERY_LINES) -> Counter:
+    """What a completion retrieves with: identifiers of the last `lines` lines before the cursor."""
+    return Counter(identifiers("\n".join(text_before_cursor.split("\n")[-lines:])))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A chunk that may be retrieved: its id, its content hash (its terms' key), its memory tokens, and how
+    to read its text when its terms are not cached (None: unreadable now)."""
+
+    chunk_id: Hashable
+    content_hash: str
+    tokens: int
+    read: Callable[[], str | None]
+
+
+class ChunkRetriever:
+    """BM25 over candidate chunks' identifiers. The inverted index is kept by content hash across requests
+    (at most `cache_chunks` contents, least recently used out), so a request only looks its candidates up:
+    rebuilding it per request took ~1 s at 1M tokens (8,000 chunks), and every edit of the open file changes
+    the candidate set. Document frequencies count the contents indexed so far (those of chunks evicted or
+    edited away too, until they age out): a small bias, nothing a ranking of 20-line queries notices."""
+
+    def __init__(self, cache_chunks: int = 1 << 16, k1: float = 1.5, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.cache_chunks = cache_chunks
+        self._lengths: OrderedDict[str, int] = OrderedDict()  # content hash -> identifiers in it
+        self._terms: dict[str, Counter] = {}  # content hash -> identifier counts
+        self._postings: dict[str, dict[str, int]] = {}  # identifier -> {content hash: count}
+        self._total = 0  # identifiers in every indexed content (for the average length)
+
+    def top(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int) -> set[Hashable]:
+        """Ids of the best-scoring candidates (score > 0) whose tokens fit `budget_tokens` together, best
+        first (one that does not fit is skipped, smaller ones after it may still fit)."""
+        if budget_tokens <= 0 or not query:
+            return set()
+        by_hash: dict[str, list[Candidate]] = {}
+        for c in candidates:
+            if self._indexed(c):
+                by_hash.setdefault(c.content_hash, []).append(c)
+        scores = self._scores(query, by_hash)
+        chosen: set[Hashable] = set()
+        used = 0
+        for h in sorted(scores, key=lambda h: (-scores[h], h)):
+            for c in by_hash[h]:
+                if used + c.tokens <= budget_tokens:
+                    chosen.add(c.chunk_id)
+                    used += c.tokens
+        return chosen
+
+    def _scores(self, query: Counter, wanted: Iterable[str]) -> dict[str, float]:
+        wanted = set(wanted)
+        n_docs = len(self._lengths)
+        avg = self._total / max(1, n_docs)
+        out: dict[str, float] = {}
+        for t, qn in query.items():
+            posting = self._postings.get(t)
+            if not posting:
+                continue
+            idf = math.log((n_docs - len(posting) + 0.5) / (len(posting) + 0.5) + 1.0)
+            for h, n in posting.items():
+                if h in wanted:
+                    norm = self.k1 * (1 - self.b + self.b * self._lengths[h] / max(avg, 1e-9))
+                    out[h] = out.get(h, 0.0) + idf * n * (self.k1 + 1) / (n + norm) * qn
+        return out
+
+    def _indexed(self, c: Candidate) -> bool:
+        """Whether `c`'s content is in the index (read and added now if need be)."""
+        if c.content_hash in self._lengths:
+            self._lengths.move_to_end(c.content_hash)
+            return True
+        text = c.read()
+        if text is None:  # unreadable now (a file mid-write) may be readable on the next request
+            return False
+        terms = Counter(identifiers(text))
+        self._terms[c.content_hash] = terms
+        self._lengths[c.content_hash] = n = sum(terms.values())
+        self._total += n
+        for t, k in terms.items():
+            self._postings.setdefault(t, {})[c.content_hash] = k
+        while len(self._lengths) > self.cache_chunks:
+            self._forget(next(iter(self._lengths)))
+        return True
+
+    def _forget(self, content_hash: str) -> None:
+        self._total -= self._lengths.pop(content_hash)
+        for t in self._terms.pop(content_hash):
+            posting = self._postings[t]
+            del posting[content_hash]
+            if not posting:
+                del self._postings[t]

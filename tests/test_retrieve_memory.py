@@ -1,0 +1,106 @@
+"""memory.retrieveTokens: a completion's memory holds only the chunks of other files that best match the
+code before the cursor (BM25 over identifiers, longllama_lsp/lexical.py), the open file's own chunks always.
+
+Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) loaded by the engine's
+worker; a repository of five small Python files written to tmp_path and indexed by the real
+indexer.pipeline (SQLite store, tree-sitter chunks, MemoryBank): `limits.py` defines RETRY_LIMIT and
+BACKOFF_SECONDS, three others define unrelated names, `upload.py` (the open file) uses RETRY_LIMIT.
+What memory a request read is the assembled memory's mask (the slots it could attend to).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
+
+from longllama_lsp.engine import Engine, EngineOptions
+from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms
+from longllama_lsp.model.memory import MASK_MIN
+from longllama_lsp.settings import Settings
+from longllama_lsp.shared import engine_options
+from longllama_lsp.workspace import Workspace
+
+FILES = {
+    "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
+                 "    return RETRY_LIMIT - attempt\n",
+    "colors.py": "def blend(red, green, blue):\n    return (red + green + blue) / 3\n",
+    "shapes.py": "class Square:\n    def __init__(self, side):\n        self.side = side\n\n"
+                 "    def area(self):\n        return self.side * self.side\n",
+    "words.py": "def shout(text):\n    return text.upper() + '!'\n",
+}
+OPEN = "from limits import RETRY_LIMIT\n\n\ndef upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+
+
+@pytest.fixture
+def repo_engine(tiny_model_dir, tmp_path):  # noqa: F811
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "upload.py").write_text(OPEN + "send(data)\n")
+    engine = Engine.load(tiny_model_dir, "cpu", decode_dtype="float32",
+                         options=EngineOptions(max_tokens=2, context_tokens=100))
+    engine.wait_ready()
+    ws = Workspace(engine)
+    repo = ws.open(tmp_path, user="test")
+    ws.index(repo)
+    yield engine, repo, tmp_path
+    ws.close()
+
+
+def visible_paths(engine, repo) -> set[str]:
+    """Files with a chunk the last request's memory could attend to."""
+    memory = engine._assembler._last[1].memory
+    mask = memory[next(iter(memory))].mask[0, 0, :, 0]
+    seen = set()
+    for cid, meta in repo.bank.resident().items():
+        slots = repo.bank.chunk_slots(cid)
+        if bool((mask[slots.start:slots.stop] > MASK_MIN / 2).all()):
+            seen.add(meta.path)
+    return seen
+
+
+def limits_tokens(repo) -> int:
+    return sum(len(repo.bank.chunk_slots(c)) for c in repo.bank.chunks_of("limits.py"))
+
+
+def test_retrieval_keeps_the_defining_file_and_leaves_the_others_out(repo_engine):
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = limits_tokens(repo)  # room for the defining file only
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert visible_paths(engine, repo) == {"limits.py"}
+
+
+def test_zero_keeps_every_file(repo_engine):
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = 0
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert visible_paths(engine, repo) == set(FILES)
+
+
+def test_a_chunk_changed_on_disk_since_indexing_is_not_retrieved(repo_engine):
+    """Its text no longer hashes as indexed: nothing of it is read back, so it matches nothing."""
+    engine, repo, root = repo_engine
+    (root / "limits.py").write_text(FILES["limits.py"].replace("7", "9").replace("attempt", "tries"))  # each chunk
+    engine.options.retrieve_tokens = 10_000
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert "limits.py" not in visible_paths(engine, repo)
+
+
+def test_the_setting_reaches_the_engine():
+    s = Settings()
+    assert engine_options(s).retrieve_tokens == s.memory.retrieve_tokens
+    s.memory.retrieve_tokens = 1234
+    assert engine_options(s).retrieve_tokens == 1234
+
+
+def test_bm25_ranks_by_rare_shared_identifiers_within_the_budget():
+    texts = {"a": "RETRY_LIMIT = 7\nx = 1", "b": "x = x + 1\ny = x", "c": "def send(x):\n    return x", "d": None}
+    cands = [Candidate(k, k, 10, lambda t=t: t) for k, t in texts.items()]
+    retriever = ChunkRetriever()
+    query = query_terms("import os\n" * 30 + "pass\n" * 18 + "for attempt in range(RETRY_LIMIT):\n    send(x)")
+    assert "os" not in query  # only the last 20 lines
+    assert retriever.top(cands, query, 10) == {"a"}  # the rare shared name wins; one chunk fits
+    assert retriever.top(cands, query, 20) == {"a", "c"}
+    assert retriever.top(cands, query, 1000) == {"a", "b", "c"}  # "d" is unreadable: never retrieved
+    assert retriever.top(cands, Counter(), 1000) == set()
