@@ -15,14 +15,13 @@ import threading
 import time
 
 import pytest
+from helpers_memory import indexed_engine, visible_chunks
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp import prompt
-from longllama_lsp.engine import Engine, EngineOptions
-from longllama_lsp.model.memory import MASK_MIN
+from longllama_lsp.engine import EngineOptions
 from longllama_lsp.settings import Settings
 from longllama_lsp.shared import engine_options
-from longllama_lsp.workspace import Workspace
 
 FUNCTIONS = [f"def step_{i}(value):\n    total = value * {i} + {i * 7}\n    return total - {i}\n\n\n"
              for i in range(12)]
@@ -32,24 +31,18 @@ SOURCE = "".join(FUNCTIONS)
 @pytest.fixture
 def indexed(tiny_model_dir, tmp_path):  # noqa: F811
     (tmp_path / "steps.py").write_text(SOURCE)
-    engine = Engine.load(tiny_model_dir, "cpu", decode_dtype="float32",
-                         options=EngineOptions(max_tokens=2, context_tokens=100))
-    engine.wait_ready()
-    ws = Workspace(engine)
-    repo = ws.open(tmp_path, user="test")
-    ws.index(repo)
-    model = engine.model
-    calls: list[int] = []  # tokens per encoder call
-    encode = model.encode_memory
+    with indexed_engine(tiny_model_dir, tmp_path) as (engine, repo):
+        model = engine.model
+        calls: list[int] = []  # tokens per encoder call
+        encode = model.encode_memory
 
-    def counting(input_ids, *args, **kwargs):
-        calls.append(input_ids.shape[-1])
-        return encode(input_ids, *args, **kwargs)
+        def counting(input_ids, *args, **kwargs):
+            calls.append(input_ids.shape[-1])
+            return encode(input_ids, *args, **kwargs)
 
-    model.encode_memory = counting
-    yield engine, repo, str(tmp_path / "steps.py"), calls
-    del model.encode_memory
-    ws.close()
+        model.encode_memory = counting
+        yield engine, repo, str(tmp_path / "steps.py"), calls
+        del model.encode_memory
 
 
 def at(text: str, function: int) -> int:
@@ -57,16 +50,9 @@ def at(text: str, function: int) -> int:
     return text.index(f"return total - {function}\n") + len(f"return total - {function}")
 
 
-def visible_chunks(engine, repo) -> set[int]:
+def visible_functions(engine, repo) -> set[int]:
     """Indexes into FUNCTIONS (by start line) of steps.py's chunks the last request attended to."""
-    memory = engine._assembler._last[1].memory
-    mask = memory[next(iter(memory))].mask[0, 0, :, 0]
-    seen = set()
-    for cid, meta in repo.bank.chunks_of("steps.py").items():
-        slots = repo.bank.chunk_slots(cid)
-        if bool((mask[slots.start:slots.stop] > MASK_MIN / 2).all()):
-            seen.add((meta.start_line - 1) // 5)
-    return seen
+    return {(meta.start_line - 1) // 5 for meta in visible_chunks(engine, repo.bank) if meta.path == "steps.py"}
 
 
 def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_none_either(indexed):
@@ -74,12 +60,12 @@ def test_an_unchanged_open_file_costs_no_encoder_calls_and_the_cursor_moving_non
     assert len(repo.bank.chunks_of("steps.py")) == 12  # one chunk per function
     engine.complete(SOURCE, at(SOURCE, 8), path=path)
     assert calls == []
-    seen = visible_chunks(engine, repo)
+    seen = visible_functions(engine, repo)
     # The rest of the file (the cursor's chunk too: its text after the cursor), not what the window holds.
     assert seen == set(range(12)) - {6, 7}
     engine.complete(SOURCE, at(SOURCE, 3), path=path)  # the cursor moves
     assert calls == []
-    assert 9 in visible_chunks(engine, repo)
+    assert 9 in visible_functions(engine, repo)
 
 
 def test_a_file_in_the_repository_is_not_cut_into_buffer_blocks(indexed, tmp_path_factory, monkeypatch):
@@ -129,7 +115,7 @@ def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  #
     new_chunk = FUNCTIONS[1].replace("* 1 +", "* 100 +")
     expected = len(smol_tokenizer(new_chunk.rstrip("\n") + "\n", add_special_tokens=False)["input_ids"])
     assert len(calls) == 1 and abs(calls[0] - expected) <= 3  # step_1 alone (its chunk may keep blank lines)
-    assert 1 in visible_chunks(engine, repo)  # the edited text, not the indexed one
+    assert 1 in visible_functions(engine, repo)  # the edited text, not the indexed one
     engine.complete(edited, at(edited, 5), path=path)  # the cursor moves: nothing new
     typed = edited[:at(edited, 5)] + " + 1" + edited[at(edited, 5):]
     engine.complete(typed, at(edited, 5) + 4, path=path)  # typing in a chunk: it is the local window's
@@ -185,14 +171,14 @@ def test_a_deferred_edit_costs_its_completion_no_encoder_calls_and_the_next_one_
         .replace("total = value * 3 + 21", "total = value * 3 + 2100")
     first = engine.complete(edited, at(edited, 9), path=path)
     assert first.request_id not in [r for r, _ in by]  # step_1 and step_3 (outside the window): left out
-    assert not {1, 3} & visible_chunks(engine, repo)  # neither the edited nor the stale indexed text
+    assert not {1, 3} & visible_functions(engine, repo)  # neither the edited nor the stale indexed text
     settle(engine)
     assert len(calls) == 2 and len({r for r, _ in by}) == 2  # one background job per chunk
     assert "2100" in by[0][1] and "* 100 +" in by[1][1]  # the nearest the cursor first
     second = engine.complete(edited, at(edited, 8), path=path)
     assert len(calls) == 2 and second.request_id not in [r for r, _ in by]  # found in the cache
     assert buffer_id(repo, edited, "* 100 +") in repo.bank and buffer_id(repo, edited, "+ 2100") in repo.bank
-    assert {1, 3} <= visible_chunks(engine, repo)
+    assert {1, 3} <= visible_functions(engine, repo)
 
 
 def test_a_burst_of_edits_leaves_only_the_latest_state_to_encode(indexed):
@@ -211,7 +197,7 @@ def test_a_burst_of_edits_leaves_only_the_latest_state_to_encode(indexed):
     assert len(calls) == 1  # step_1 as the last keystroke left it
     engine.complete(states[-1], at(states[-1], 8), path=path)
     assert len(calls) == 1 and buffer_id(repo, states[-1], "* 1000 +") in repo.bank
-    assert 1 in visible_chunks(engine, repo)
+    assert 1 in visible_functions(engine, repo)
 
 
 def test_deferred_edits_wait_for_a_pause_in_completions(indexed):

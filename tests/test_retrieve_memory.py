@@ -13,14 +13,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from helpers_memory import indexed_engine, visible_chunks
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
-from longllama_lsp.engine import Engine, EngineOptions
 from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms
-from longllama_lsp.model.memory import MASK_MIN
 from longllama_lsp.settings import Settings
 from longllama_lsp.shared import engine_options
-from longllama_lsp.workspace import Workspace
 
 FILES = {
     "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
@@ -38,26 +36,13 @@ def repo_engine(tiny_model_dir, tmp_path):  # noqa: F811
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "upload.py").write_text(OPEN + "send(data)\n")
-    engine = Engine.load(tiny_model_dir, "cpu", decode_dtype="float32",
-                         options=EngineOptions(max_tokens=2, context_tokens=100))
-    engine.wait_ready()
-    ws = Workspace(engine)
-    repo = ws.open(tmp_path, user="test")
-    ws.index(repo)
-    yield engine, repo, tmp_path
-    ws.close()
+    with indexed_engine(tiny_model_dir, tmp_path) as (engine, repo):
+        yield engine, repo, tmp_path
 
 
 def visible_paths(engine, repo) -> set[str]:
     """Files with a chunk the last request's memory could attend to."""
-    memory = engine._assembler._last[1].memory
-    mask = memory[next(iter(memory))].mask[0, 0, :, 0]
-    seen = set()
-    for cid, meta in repo.bank.resident().items():
-        slots = repo.bank.chunk_slots(cid)
-        if bool((mask[slots.start:slots.stop] > MASK_MIN / 2).all()):
-            seen.add(meta.path)
-    return seen
+    return {meta.path for meta in visible_chunks(engine, repo.bank)}
 
 
 def limits_tokens(repo) -> int:

@@ -1,0 +1,43 @@
+"""An engine with a folder indexed by the real indexer, and what memory the last request could read.
+
+Used by the tests of the open file's memory (test_open_file.py) and of retrieval (test_retrieve_memory.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from longllama_lsp.engine import Engine, EngineOptions
+from longllama_lsp.model.memory import MASK_MIN
+from longllama_lsp.workspace import Workspace
+
+
+@contextlib.contextmanager
+def indexed_engine(model_dir: Path, root: Path) -> Iterator[tuple[Engine, Any]]:
+    """(engine, repository): the tiny model with 2-token completions and a 100-token window, `root`
+    indexed (indexer.pipeline: SQLite store, tree-sitter chunks, MemoryBank)."""
+    engine = Engine.load(model_dir, "cpu", decode_dtype="float32",
+                         options=EngineOptions(max_tokens=2, context_tokens=100))
+    engine.wait_ready()
+    ws = Workspace(engine)
+    try:
+        repo = ws.open(root, user="test")
+        ws.index(repo)
+        yield engine, repo
+    finally:
+        ws.close()
+
+
+def visible_chunks(engine: Engine, bank: Any) -> list[Any]:
+    """Metas of the resident chunks whose every slot the last request's memory could attend to."""
+    memory = engine._assembler._last[1].memory
+    mask = memory[next(iter(memory))].mask[0, 0, :, 0]
+    seen = []
+    for cid, meta in bank.resident().items():
+        slots = bank.chunk_slots(cid)
+        if bool((mask[slots.start:slots.stop] > MASK_MIN / 2).all()):
+            seen.append(meta)
+    return seen
