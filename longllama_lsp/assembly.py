@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .lexical import Candidate, ChunkRetriever, query_terms
+from .lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
 
@@ -200,7 +200,8 @@ class Assembler:
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
                                                 _reader(repo, meta)))
-        chosen = self._retriever.top(candidates, query_terms(buffer.text[:buffer.cursor]), self.retrieve_tokens())
+        before = buffer.text[:buffer.cursor]
+        chosen = self._retriever.top(candidates, query_terms(before), self.retrieve_tokens(), typed_prefix(before))
         left_out: list[list[Hashable]] = [[] for _ in banks]
         for c in candidates:
             if c.chunk_id not in chosen:

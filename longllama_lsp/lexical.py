@@ -22,6 +22,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TYPED = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*\Z")
+MIN_PREFIX = 2  # a typed prefix this long stands for every indexed identifier it starts
 QUERY_LINES = 20  # the query: identifiers of the last 20 lines before the cursor (RepoCoder's window)
 
 
@@ -32,6 +34,12 @@ def identifiers(text: str) -> list[str]:
 def query_terms(text_before_cursor: str, lines: int = QUERY_LINES) -> Counter:
     """What a completion retrieves with: identifiers of the last `lines` lines before the cursor."""
     return Counter(identifiers("\n".join(text_before_cursor.split("\n")[-lines:])))
+
+
+def typed_prefix(text_before_cursor: str) -> str:
+    """The identifier the cursor is in the middle of typing ("" if none): `Gre` in `g = Gre|`."""
+    m = _TYPED.search(text_before_cursor)
+    return m.group(0) if m else ""
 
 
 @dataclass(frozen=True)
@@ -60,16 +68,18 @@ class ChunkRetriever:
         self._postings: dict[str, dict[str, int]] = {}  # identifier -> {content hash: count}
         self._total = 0  # identifiers in every indexed content (for the average length)
 
-    def top(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int) -> set[Hashable]:
+    def top(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int,
+            prefix: str = "") -> set[Hashable]:
         """Ids of the best-scoring candidates (score > 0) whose tokens fit `budget_tokens` together, best
-        first (one that does not fit is skipped, smaller ones after it may still fit)."""
+        first (one that does not fit is skipped, smaller ones after it may still fit). `prefix`: the name
+        being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`)."""
         if budget_tokens <= 0 or not query:
             return set()
         by_hash: dict[str, list[Candidate]] = {}
         for c in candidates:
             if self._indexed(c):
                 by_hash.setdefault(c.content_hash, []).append(c)
-        scores = self._scores(query, by_hash)
+        scores = self._scores(self._expanded(query, prefix), by_hash)
         chosen: set[Hashable] = set()
         used = 0
         for h in sorted(scores, key=lambda h: (-scores[h], h)):
@@ -78,6 +88,15 @@ class ChunkRetriever:
                     chosen.add(c.chunk_id)
                     used += c.tokens
         return chosen
+
+    def _expanded(self, query: Counter, prefix: str) -> Counter:
+        if len(prefix) < MIN_PREFIX:
+            return query
+        names = [t for t in self._postings if t.startswith(prefix) and t != prefix]
+        out = Counter(query)
+        for t in names:
+            out[t] += 1 / len(names)
+        return out
 
     def _scores(self, query: Counter, wanted: Iterable[str]) -> dict[str, float]:
         wanted = set(wanted)

@@ -294,9 +294,11 @@ def repo(tmp_path, engine, smol_tokenizer):  # noqa: F811
     for rel, text in files.items():
         (tmp_path / rel).write_text(text)
         ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"][:100]
-        bank.add(rel, engine.model.encode_memory(torch.tensor([ids])), ChunkMeta(rel, rel, 1, 9, rel[0]))
+        bank.add(rel, engine.model.encode_memory(torch.tensor([ids])), ChunkMeta(rel, rel, 1, 9, rel[0],
+                                                                                      content_hash=rel))
     # a repository.MemorySource; nothing of a buffer is indexed (chunk), so the current file is left out
-    return SimpleNamespace(bank=bank, root=tmp_path, lock=threading.RLock(), chunk=lambda path, text: [])
+    return SimpleNamespace(bank=bank, root=tmp_path, lock=threading.RLock(), chunk=lambda path, text: [],
+                           chunk_text=lambda meta: files[meta.path])
 
 
 def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):

@@ -16,7 +16,7 @@ import pytest
 from helpers_memory import indexed_engine, visible_chunks
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
-from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms
+from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
 from longllama_lsp.settings import Settings
 from longllama_lsp.shared import engine_options
 
@@ -89,3 +89,13 @@ def test_bm25_ranks_by_rare_shared_identifiers_within_the_budget():
     assert retriever.top(cands, query, 20) == {"a", "c"}
     assert retriever.top(cands, query, 1000) == {"a", "b", "c"}  # "d" is unreadable: never retrieved
     assert retriever.top(cands, Counter(), 1000) == set()
+
+
+def test_the_name_being_typed_finds_the_identifiers_it_starts():
+    texts = {"greeter": "class Greeter:\n    pass", "other": "value = unrelated(1)"}
+    cands = [Candidate(k, k, 10, lambda t=t: t) for k, t in texts.items()]
+    before = "def main():\n    g = Gre"
+    assert typed_prefix(before) == "Gre" and typed_prefix(before + " ") == "" and typed_prefix("x.a") == "a"
+    retriever = ChunkRetriever()
+    assert retriever.top(cands, query_terms(before), 100) == set()  # no whole name in common
+    assert retriever.top(cands, query_terms(before), 100, typed_prefix(before)) == {"greeter"}
