@@ -143,7 +143,7 @@ class EngineOptions(DecodeOptions):
     select_tokens: int | None = 2048
     # A completion's memory of other files: only the chunks that best match the code before the cursor,
     # up to this many tokens (lexical.py; 0: every resident chunk). Setting memory.retrieveTokens.
-    retrieve_tokens: int = 0
+    retrieve_tokens: int = 4096
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too
     # made each decode step 1.8x slower (792 vs 440 ms/token, 4k memory tokens, busy 2-core CPU).
