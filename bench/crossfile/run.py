@@ -17,6 +17,8 @@ for the default model, and (b) gets exactly as many prompt tokens as (a)):
      memory): separates what the repository memory adds from what the file's own memory adds.
   c  our repository memory: memory on, the repository indexed by the server itself (its own
      watcher/indexer, the current file's indexed chunks excluded by the engine), plus buffer memory.
+     Since stop 32 the server retrieves (memory.retrieveTokens 4,096 by default): results of (c), (d)
+     and (x) before it read every chunk; `--retrieve-tokens 0` compares with them.
   d  (c) with `--model PATH` (a FoT-fine-tuned checkpoint).
   x  (c) with dense memory attention (memory.selectTokens 0: every memory token, as before issue 15);
      (c) against (x) is sparse against dense on the same index.
