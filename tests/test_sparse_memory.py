@@ -355,9 +355,10 @@ def sparse_engine(tiny_model_dir, smol_tokenizer, tmp_path):  # noqa: F811
     for i in range(12):
         ids = torch.randint(100, 5000, (1, CHUNK), generator=g)
         bank.add(f"c{i}", model.encode_memory(ids), ChunkMeta(f"c{i}", f"c{i}.py", 1, 3, f"f{i}"))
-    engine = Engine(model, smol_tokenizer, options=EngineOptions(max_tokens=6, select_tokens=None))
+    # Every chunk in memory (retrieve_tokens 0): these tests are about the block selection over all of it.
+    engine = Engine(model, smol_tokenizer, options=EngineOptions(max_tokens=6, select_tokens=None, retrieve_tokens=0))
     engine.repositories = lambda: (SimpleNamespace(bank=bank, root=tmp_path, lock=threading.RLock(),
-                                                   chunk=lambda path, text: []),)
+                                                   chunk=lambda path, text: [], chunk_text=lambda meta: None),)
     yield engine, bank
     engine.close()
 
