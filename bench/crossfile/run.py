@@ -118,7 +118,7 @@ class Server:
         self.client.initialize(root, {"completion": completion,
                                       "memory": {"enabled": memory,
                                                  **({"selectTokens": select_tokens} if select_tokens is not None else {}),
-                                                 **({"retrieveTokens": retrieve_tokens} if retrieve_tokens else {})},
+                                                 **({"retrieveTokens": retrieve_tokens} if retrieve_tokens is not None else {})},
                                       "indexing": {"enabled": index},
                                       "logLevel": "info"}, timeout=600)
         self.index_seconds = None
@@ -215,8 +215,8 @@ class Prompter:
     def memory_document(self, repo: str, root: Path, files: list[str], hole: dict, before: str, budget: int
                         ) -> tuple[str, dict]:
         """(the text before the cursor, info) for system (r): BM25 windows of `budget` tokens, then (a)'s
-        window. The windows' token count is cut to a multiple of the engine's stride so that the engine's
-        window starts exactly where (a)'s does (checked: info["window_matches"])."""
+        window. Pad lines after the windows move the engine's window start to exactly where (a)'s is,
+        when some padding can (checked: info["window_matches"])."""
         if repo not in self.indexes:
             self.indexes[repo] = SnippetIndex(root, files)
         stride = max(1, self.ctx // 4)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/work/data/eval"), help="pristine repositories (copied to --work)")
     p.add_argument("--work", type=Path, default=Path("/tmp/longllama-crossfile"),
                    help="scratch: repository copies (the server writes its index into <repo>/.longllama), logs")
-    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d,x,h (d needs --model)")
+    p.add_argument("--systems", default="a,b,c", help="comma list of a,b,m,c,d,x,h,r (d needs --model)")
     p.add_argument("--model", help="checkpoint for (d) (and for every system with --model-all)")
     p.add_argument("--model-all", action="store_true", help="use --model for every system, not only (d)")
     p.add_argument("--repos", help="comma list: only these repositories")
