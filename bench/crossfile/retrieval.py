@@ -16,18 +16,14 @@ What this reproduces (see /work/shared/reference/assistants.md):
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from longllama_lsp.lexical import identifiers  # the product's retrieval tokenizes names the same way
+
 WINDOW, STRIDE = 20, 10
 MAX_PER_FILE = 2
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def identifiers(text: str) -> list[str]:
-    return _IDENT.findall(text)
 
 
 @dataclass(frozen=True)

@@ -198,34 +198,35 @@ class Prompter:
 
     def retrieval(self, repo: str, root: Path, files: list[str], hole: dict, before: str) -> tuple[str, str, dict]:
         """(header, fitted prefix, info) for system (b)."""
-        if repo not in self.indexes:
-            self.indexes[repo] = SnippetIndex(root, files)
         total = self.window_tokens(before)
         query = "\n".join(before.split("\n")[-WINDOW:])
-        hits = self.indexes[repo].top(query, hole["path"], self.scorer)
+        hits = self.index(repo, root, files).top(query, hole["path"], self.scorer)
         header, used = build_header(self.count, hits, int(total * self.share))
         prefix = fit_prefix(self.count, header, before, total)
         info = {"prompt_tokens_a": total, "header_tokens": self.count(header) if header else 0,
                 "prompt_tokens_b": self.count(header + prefix),
                 "snippets": [f"{w.path}:{w.start + 1}-{w.start + len(w.lines)}" for w in used],
-                "snippet_has_xfile_def": any(any(x["name"] in "\n".join(w.lines) for x in hole["xfile"]) for w in used)
-                if hole["xfile"] else None}
+                "snippet_has_xfile_def": holds_definition(hole, used)}
         return header, prefix, info
+
+    def index(self, repo: str, root: Path, files: list[str]) -> SnippetIndex:
+        """The repository's BM25 windows, built on first use."""
+        if repo not in self.indexes:
+            self.indexes[repo] = SnippetIndex(root, files)
+        return self.indexes[repo]
 
     def memory_document(self, repo: str, root: Path, files: list[str], hole: dict, before: str, budget: int
                         ) -> tuple[str, dict]:
         """(the text before the cursor, info) for system (r): BM25 windows of `budget` tokens, then (a)'s
         window. Pad lines after the windows move the engine's window start to exactly where (a)'s is,
         when some padding can (checked: info["window_matches"])."""
-        if repo not in self.indexes:
-            self.indexes[repo] = SnippetIndex(root, files)
         stride = max(1, self.ctx // 4)
         enc = self.tok(before, add_special_tokens=False, return_offsets_mapping=True)
         n = len(enc["input_ids"])
         k = window_start(n, self.ctx, stride)
         window = before[enc["offset_mapping"][k][0]:] if k else before
         query = "\n".join(before.split("\n")[-WINDOW:])
-        hits = self.indexes[repo].top(query, hole["path"], self.scorer, limit=64, per_file_limit=64)
+        hits = self.index(repo, root, files).top(query, hole["path"], self.scorer, limit=64, per_file_limit=64)
         chosen, used = [], 0
         for _, w in hits:
             t = self.count(w.raw())
@@ -245,9 +246,15 @@ class Prompter:
                 break
         info = {"memory_snippet_tokens": self.count(mem) if mem else 0, "window_matches": doc[start:] == window,
                 "snippets": [f"{w.path}:{w.start + 1}-{w.start + len(w.lines)}" for w in chosen],
-                "snippet_has_xfile_def": any(any(x["name"] in "\n".join(w.lines) for x in hole["xfile"])
-                                             for w in chosen) if hole["xfile"] else None}
+                "snippet_has_xfile_def": holds_definition(hole, chosen)}
         return doc, info
+
+
+def holds_definition(hole: dict, windows: list) -> bool | None:
+    """Whether any of `windows` names one of the hole's cross-file identifiers (None: an ordinary hole)."""
+    if not hole["xfile"]:
+        return None
+    return any(any(x["name"] in "\n".join(w.lines) for x in hole["xfile"]) for w in windows)
 
 
 # -- the run -----------------------------------------------------------------------------------------
