@@ -68,6 +68,12 @@ def _tail_run(ids: Sequence[int], p: int) -> int:
 _NUMBER = re.compile(r"\d+")
 
 
+def _line_key(line: str, numbers: bool) -> str:
+    """What two lines are compared by: their text without surrounding whitespace, numbers as 0 with `numbers`."""
+    key = line.strip()
+    return _NUMBER.sub("0", key) if numbers else key
+
+
 def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12, numbers: bool = False
                       ) -> int | None:
     """Offset in `text` just after the first of `min_repeats` identical consecutive lines, else None.
@@ -81,7 +87,7 @@ def repeated_line_end(text: str, *, min_repeats: int = 3, min_chars: int = 12, n
     lines = text.split("\n")[:-1]  # the last piece has no newline yet: not complete
     for line in lines:
         end = offset + len(line) + 1
-        key = _NUMBER.sub("0", line.strip()) if numbers else line.strip()
+        key = _line_key(line, numbers)
         offset = end
         if not key:
             continue
@@ -120,8 +126,7 @@ def copied_lines_start(text: str, *, min_chars: int = 12, numbered_chars: int | 
 def _copies(line: str, before: str, partial: bool, min_chars: int, numbers: bool) -> bool:
     if len(before) < min_chars:
         return False
-    if numbers:
-        line, before = _NUMBER.sub("0", line), _NUMBER.sub("0", before)
+    line, before = _line_key(line, numbers), _line_key(before, numbers)
     return before.startswith(line) if partial else line == before
 
 
