@@ -19,6 +19,9 @@ slots under it; several segments are joined block-aligned in the storage dtype, 
 Retrieval (`retrieve_tokens`, setting memory.retrieveTokens): a completion's banks hold only the chunks of
 other files that best match the code before the cursor (lexical.py), up to that many tokens; the rest
 are masked out as the open file's stale chunks are. The open file's own chunks are always there.
+Ranking needs the chunks' texts: after each indexing pass the engine reads them in the background
+(`warm`), so the first completion does not (flask, 616 chunks: its memory assembly took 111-114 ms
+without, 34-68 ms with; at 1M tokens the first ranking read ~1.4 s of texts).
 
 Only the engine's worker thread uses an Assembler.
 """
@@ -37,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from .lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
+
+WARM_CHUNKS = 256  # chunk texts read per warm-up job: ~50 ms, what a keystroke may wait behind it
 
 if TYPE_CHECKING:  # torch loads with the model, not with this module (see engine.py)
     import torch
@@ -110,6 +115,7 @@ class Assembler:
         self.encode, self.device, self.repositories = encode, device, repositories
         self.retrieve_tokens = retrieve_tokens  # other files' tokens a completion's memory holds (0: all)
         self._retriever = ChunkRetriever()
+        self._unreadable: set[str] = set()  # content hashes a warm-up could not read (`warm`)
         # The dense copy is made in the compute dtype: attention then skips a cast of all of memory
         # per decode step (bf16 -> fp32 on CPU: 270 -> 197 ms/step at 42k memory tokens, SmolLM2).
         self.dtype = dtype
@@ -208,6 +214,32 @@ class Assembler:
                 left_out[c.chunk_id[0]].append(c.chunk_id[1])
         return [(bank, root, (paths, tuple(chunks) + tuple(sorted(more, key=repr))))
                 for (bank, root, (paths, chunks)), more in zip(banks, left_out, strict=True)]
+
+    def warm(self, limit: int = WARM_CHUNKS, restart: bool = False) -> bool:
+        """Read the texts of up to `limit` resident chunks retrieval has not indexed yet (their terms, for
+        `_retrieve`); returns whether more remain. Without it the first completion after a repository is
+        indexed reads every chunk's text itself: 1-2 s at 1M tokens, under the repository's lock. A chunk
+        unreadable now is skipped until the next warm-up (`restart`; a completion tries it again)."""
+        if restart:
+            self._unreadable.clear()
+        if self.retrieve_tokens() <= 0:
+            return False
+        pending: list[Candidate] = []
+        for repo in self.repositories():
+            with repo.lock:  # the resident map changes under the indexer; reading the files needs no lock
+                for cid, meta in repo.bank.resident().items():
+                    if not self._retriever.known(meta.content_hash) and meta.content_hash not in self._unreadable:
+                        pending.append(Candidate(cid, meta.content_hash, 0, _reader(repo, meta)))
+                    if len(pending) > limit:
+                        break
+            if len(pending) > limit:
+                break
+        for c in pending[:limit]:
+            if self._retriever.full():
+                return False  # warming more would only push out contents read a moment ago
+            if not self._retriever.index(c):
+                self._unreadable.add(c.content_hash)
+        return len(pending) > limit
 
     def _buffer_in_bank(self, repo: MemorySource, rel: str, buffer: Buffer, chunks: Sequence[BufferChunk],
                         defer_edits: bool = False) -> tuple:

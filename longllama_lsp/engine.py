@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFERRED = ("deferred edits",)  # the worker key of the background encodes of Assembler.deferred
+WARMING = ("retrieval warm-up",)  # the worker key of the background jobs of Assembler.warm
 
 ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is in your memory. "
               "Answer the question about it concisely, naming files and functions.")
@@ -495,6 +496,22 @@ class Engine:
         """One chunk, unless a keystroke came while this job was queued (then: wait for the next pause)."""
         if self._typing.busy() or self._assembler.encode_deferred():
             self._encode_deferred_later()
+
+    def warm_retrieval(self) -> None:
+        """Read the chunk texts retrieval ranks (memory.retrieveTokens) in the background, one job of
+        Assembler.warm at a time behind any request, so that the first completion after indexing does not."""
+        if self.options.memory and self.options.retrieve_tokens > 0:
+            self._queue_warm(restart=True)
+
+    def _queue_warm(self, restart: bool = False) -> None:
+        try:
+            self.submit(lambda _req: self._warm(restart), key=WARMING, priority=BACKGROUND)
+        except Closed:
+            logger.debug("engine closed: retrieval not warmed")
+
+    def _warm(self, restart: bool) -> None:
+        if self._assembler.warm(restart=restart):
+            self._queue_warm()
 
     def _completion_prompt(self, text: str, offset: int, context: int, blocks: bool
                            ) -> tuple[Prompt, list[int], str, bool]:

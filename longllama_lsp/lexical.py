@@ -78,7 +78,7 @@ class ChunkRetriever:
             return set()
         by_hash: dict[str, list[Candidate]] = {}
         for c in candidates:
-            if self._indexed(c):
+            if self.index(c):
                 by_hash.setdefault(c.content_hash, []).append(c)
         scores = self._scores(self._expanded(query, prefix), by_hash)
         chosen: set[Hashable] = set()
@@ -115,7 +115,14 @@ class ChunkRetriever:
                     out[h] = out.get(h, 0.0) + idf * n * (self.k1 + 1) / (n + norm) * qn
         return out
 
-    def _indexed(self, c: Candidate) -> bool:
+    def known(self, content_hash: str) -> bool:
+        """Whether a content's terms are indexed (nothing is read)."""
+        return content_hash in self._lengths
+
+    def full(self) -> bool:
+        return len(self._lengths) >= self.cache_chunks
+
+    def index(self, c: Candidate) -> bool:
         """Whether `c`'s content is in the index (read and added now if need be)."""
         if c.content_hash in self._lengths:
             self._lengths.move_to_end(c.content_hash)

@@ -115,6 +115,7 @@ class Workspace:
         an editor) and their neighbourhood first; returns its summary."""
         summary = repo.index(progress=progress, priority_paths=priority_paths)
         logger.info("indexed %s: %s", repo.root, summary_line(repo))
+        self.engine.warm_retrieval()  # completions' retrieval then finds the chunks' terms read
         return summary
 
     def watch(self, repo: Repository) -> None:

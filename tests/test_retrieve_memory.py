@@ -64,9 +64,13 @@ def test_zero_keeps_every_file(repo_engine):
 
 
 def test_a_chunk_changed_on_disk_since_indexing_is_not_retrieved(repo_engine):
-    """Its text no longer hashes as indexed: nothing of it is read back, so it matches nothing."""
+    """Its text no longer hashes as indexed: nothing of it is read back, so it matches nothing (had the
+    warm-up read it before the change, its terms would be the indexed text's, as its memory is)."""
     engine, repo, root = repo_engine
+    engine.on_worker(lambda: None)  # after the warm-up indexing queued
+    engine._assembler._retriever = ChunkRetriever()  # as before any warm-up
     (root / "limits.py").write_text(FILES["limits.py"].replace("7", "9").replace("attempt", "tries"))  # each chunk
+    assert [repo.chunk_text(meta) for meta in repo.bank.chunks_of("limits.py").values()] == [None, None]
     engine.options.retrieve_tokens = 10_000
     engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
     assert "limits.py" not in visible_paths(engine, repo)
@@ -99,3 +103,34 @@ def test_the_name_being_typed_finds_the_identifiers_it_starts():
     retriever = ChunkRetriever()
     assert retriever.top(cands, query_terms(before), 100) == set()  # no whole name in common
     assert retriever.top(cands, query_terms(before), 100, typed_prefix(before)) == {"greeter"}
+
+
+def test_indexing_warms_retrieval_so_the_first_completion_reads_no_chunk_text(repo_engine, monkeypatch):
+    """Workspace.index queues Assembler.warm on the worker: the chunk texts are read there, in the
+    background, not by the first completion (at 1M tokens that read took 1-2 s under the repository lock)."""
+    engine, repo, root = repo_engine
+    engine.on_worker(lambda: None)  # queued behind the warm-up job indexing queued
+    reads = []
+    read = repo.chunk_text
+    monkeypatch.setattr(repo, "chunk_text", lambda meta: reads.append(meta.path) or read(meta))
+    engine.options.retrieve_tokens = limits_tokens(repo)
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert reads == []
+    assert visible_paths(engine, repo) == {"limits.py"}  # ranked on the terms the warm-up read
+
+
+def test_warming_goes_in_jobs_of_a_few_chunks_and_skips_unreadable_ones(repo_engine, monkeypatch):
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = 0
+    asm = engine._assembler
+    assert engine.on_worker(lambda: asm.warm(restart=True)) is False  # retrieval off: nothing
+    engine.options.retrieve_tokens = 4096
+    asm._retriever = type(asm._retriever)()  # nothing read yet
+    read = repo.chunk_text
+    unreadable = {"words.py", "colors.py"}
+    monkeypatch.setattr(repo, "chunk_text", lambda meta: None if meta.path in unreadable else read(meta))
+    jobs = [engine.on_worker(lambda: asm.warm(limit=1)) for _ in range(20)]
+    chunks = repo.bank.resident().values()
+    # one chunk a job, each unreadable one tried once: the chain ends (it would go on forever otherwise)
+    assert jobs.index(False) == len(chunks) - 1 and not any(jobs[len(chunks):])
+    assert all(asm._retriever.known(m.content_hash) == (m.path not in unreadable) for m in chunks)
