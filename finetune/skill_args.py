@@ -9,13 +9,17 @@ def add_arguments(p) -> None:
     """`longllama eval --task` options (the perplexity mode's --repo, --model, --json are shared)."""
     p.add_argument("--task", default="perplexity", choices=("perplexity", "skill", *TASKS),
                    help="perplexity (default): memory conditions as above; crossfile-ids: NLL/top-1 of "
-                        "cross-file identifier tokens with repository memory, none and BM25 snippets; "
+                        "cross-file identifier tokens with repository memory, retrieved memory, none and BM25 snippets; "
                         "passkey: the probe with a memory bag; guard: perplexity without memory; "
                         "skill: all three (finetune/skill_eval.py)")
     p.add_argument("--budget", type=int, default=512, help="crossfile-ids: prompt tokens per span (default: 512)")
     p.add_argument("--span-len", type=int, default=128, help="crossfile-ids: scored tokens per span")
     p.add_argument("--chunk-len", type=int, default=256, help="memory chunk tokens (default: 256)")
-    p.add_argument("--memory-tokens", type=int, default=8192, help="crossfile-ids: memory per file")
+    p.add_argument("--memory-tokens", type=int, default=8192,
+                   help="crossfile-ids: memory per file of the 'memory' system (imported files first)")
+    p.add_argument("--retrieve-tokens", type=int, default=4096,
+                   help="crossfile-ids: memory of the 'retrieved' system, the chunks completions retrieve "
+                        "(the server's memory.retrieveTokens; default: 4096)")
     p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
     p.add_argument("--spans-per-file", type=int, default=2)
     p.add_argument("--passkey-lengths", default="4096,16384,65536")

@@ -9,6 +9,10 @@ crossfile-ids  On held-out repositories, spans of `span_len` tokens of a file F 
                          (`chunk_len` tokens, each encoded on its own, as the indexer does), the
                          files F imports first, then files defining the names F uses, then the
                          rest, up to `memory_tokens`
+                 retrieved  the same prompt + the memory completions read (memory.retrieveTokens): the
+                         other files' chunks that best match the 20 lines before the span (BM25 over
+                         identifiers, longllama_lsp.lexical, as Assembler._retrieve ranks them), up
+                         to `retrieve_tokens`; one memory per span
                  bm25    BM25 snippets of the other files (bench/crossfile/retrieval.py: 20-line
                          windows, query = the 20 lines before the span, at most half the prompt)
                          pasted as comments before the in-file prefix, cut to the same budget
@@ -45,7 +49,7 @@ from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
 
-SYSTEMS = ("none", "memory", "bm25")
+SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
 
 
@@ -55,6 +59,7 @@ class SkillArgs:
     span_len: int = 128  # scored tokens per span
     chunk_len: int = 256  # memory chunk (the indexer's chunk budget)
     memory_tokens: int = 8192  # repository memory per file (files it imports first)
+    retrieve_tokens: int = 4096  # memory of the "retrieved" system (the server's memory.retrieveTokens)
     files_per_repo: int | None = 6  # files scored per repository (seeded sample of those with spans)
     spans_per_file: int = 2
     batch_size: int = 4
@@ -169,6 +174,32 @@ def memory_files(repo: Repo, path: str, budget: int, seed: int) -> list[str]:
     return out
 
 
+def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, retriever: Any) -> list[tuple]:
+    """Keys (repo, path, start) of the other files' `chunk_len`-token chunks that completions would retrieve
+    for the code before `span` (longllama_lsp.lexical: BM25 by the last 20 lines, the typed name's prefix),
+    within `retrieve_tokens`; in file order. `retriever` (a ChunkRetriever per repository) keeps the terms."""
+    from longllama_lsp.lexical import Candidate, query_terms, typed_prefix
+
+    f = repo.files[span.path]
+    before = tokenizer.decode(f.ids[1:span.start])
+    candidates = []
+    for q in sorted(repo.files):
+        if q == span.path:
+            continue
+        ids = repo.files[q].ids
+        for i in range(0, len(ids), args.chunk_len):
+            piece = ids[i:i + args.chunk_len]
+            candidates.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(piece),
+                                        lambda piece=piece: tokenizer.decode(piece, skip_special_tokens=True)))
+    chosen = retriever.top(candidates, query_terms(before), args.retrieve_tokens, typed_prefix(before))
+    return sorted(chosen)
+
+
+def chunk_ids(repo: Repo, key: tuple, chunk_len: int) -> list[int]:
+    _, path, start = key
+    return repo.files[path].ids[start:start + chunk_len]
+
+
 # ---------------------------------------------------------------------------------------------
 # BM25 prompts (the benchmark's system (b))
 
@@ -251,6 +282,7 @@ def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: lis
 def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
                    progress: bool = True) -> dict[str, Any]:
     from finetune.evaluate import MemoryCache
+    from longllama_lsp.lexical import ChunkRetriever
 
     model.eval()
     if args.span_len >= args.budget:
@@ -260,10 +292,11 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
     cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False)
     scores = {s: SystemScore() for s in systems}
     per_repo: dict[str, dict[str, SystemScore]] = {}
-    n_spans, mem_sizes = 0, []
+    n_spans, mem_sizes, retrieved_sizes = 0, [], []
     t0 = time.perf_counter()
     for repo in repos:
         spans = pick_spans(repo, args)
+        retriever = ChunkRetriever()
         index = retrieval.SnippetIndex(repo.root, sorted(repo.files)) if retrieval else None
         rs = per_repo.setdefault(repo.name, {s: SystemScore() for s in systems})
         by_file: dict[str, list[Span]] = {}
@@ -275,6 +308,15 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
             tflags = [f.flags[s.start:s.end] for s in group]
             plain = [f.ids[max(0, s.start - ctx):s.start] for s in group]
             for system in systems:
+                if system == "retrieved":  # one memory per span: each retrieves for its own code
+                    for s, target, fl, prompt in zip(group, targets, tflags, plain, strict=True):
+                        keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
+                        cache.ensure({k: chunk_ids(repo, k, args.chunk_len) for k in keys})
+                        memory = cache.memory(keys)
+                        retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
+                        for sc in (scores[system], rs[system]):
+                            _score(model, [prompt], [target], [fl], memory, sc)
+                    continue
                 memory = None
                 if system == "memory":
                     files = memory_files(repo, path, args.memory_tokens, args.seed)
@@ -294,11 +336,15 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
     out = {"systems": {s: sc.summary() for s, sc in scores.items()},
            "per_repo": {r: {s: sc.summary() for s, sc in d.items()} for r, d in per_repo.items()},
            "spans": n_spans, "memory_tokens_mean": sum(mem_sizes) / len(mem_sizes) if mem_sizes else 0,
+           "retrieved_tokens_mean": sum(retrieved_sizes) / len(retrieved_sizes) if retrieved_sizes else 0,
            "encoded_tokens": cache.encoded_tokens, "seconds": round(time.perf_counter() - t0, 1),
            "args": {k: v for k, v in asdict(args).items() if not k.startswith("passkey")}}
     base, mem = out["systems"].get("none", {}).get("xid_nll"), out["systems"].get("memory", {}).get("xid_nll")
     if base and mem:
         out["memory_vs_none"] = mem / base - 1
+    got = out["systems"].get("retrieved", {}).get("xid_nll")
+    if base and got:
+        out["retrieved_vs_none"] = got / base - 1
     return out
 
 
@@ -463,10 +509,11 @@ def table(result: dict[str, Any]) -> str:
     cf = result.get("crossfile-ids")
     if cf:
         lines.append(f"cross-file identifier tokens ({cf['spans']} spans, {cf['systems'][next(iter(cf['systems']))]['xid_tokens']} "
-                     f"tokens; memory {cf['memory_tokens_mean']:.0f} tokens on average)")
-        lines.append(f"{'system':8} {'xid NLL':>8} {'xid top-1':>10} {'span NLL':>9}")
+                     f"tokens; memory {cf['memory_tokens_mean']:.0f} tokens on average, retrieved "
+                     f"{cf.get('retrieved_tokens_mean', 0):.0f})")
+        lines.append(f"{'system':9} {'xid NLL':>8} {'xid top-1':>10} {'span NLL':>9}")
         for s, v in cf["systems"].items():
-            lines.append(f"{s:8} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
+            lines.append(f"{s:9} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
     pk = result.get("passkey")
     if pk:
         local = f"local {pk['local_len']} tokens" if pk.get("local_len") else f"{pk.get('prompt')} prompt"
@@ -499,7 +546,8 @@ def run(args) -> int:
     if args.select_tokens > 0:  # block-sparse memory attention, as the engine sets it
         model.config.select_memory_tokens(args.select_tokens)
     sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
-                   memory_tokens=args.memory_tokens, files_per_repo=args.files_per_repo,
+                   memory_tokens=args.memory_tokens, retrieve_tokens=args.retrieve_tokens,
+                   files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,
                    passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
                    passkey_trials=args.passkey_trials, passkey_prompt=args.passkey_prompt,

@@ -626,9 +626,28 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     out = eval_crossfile(model, tokenizer, [repo], args, progress=False)
     n = {s: v["xid_tokens"] for s, v in out["systems"].items()}
-    assert n["none"] == n["memory"] == n["bm25"] == sum(sum(repo.files[s.path].flags[s.start:s.end]) for s in spans)
+    assert n["none"] == n["memory"] == n["retrieved"] == n["bm25"] == \
+        sum(sum(repo.files[s.path].flags[s.start:s.end]) for s in spans)
     assert out["systems"]["memory"]["xid_nll"] != out["systems"]["none"]["xid_nll"]  # memory is used
-    assert out["memory_tokens_mean"] > 0
+    assert out["systems"]["retrieved"]["xid_nll"] != out["systems"]["none"]["xid_nll"]
+    assert out["memory_tokens_mean"] > 0 and 0 < out["retrieved_tokens_mean"] <= args.retrieve_tokens
+
+
+def test_retrieved_memory_is_the_other_files_chunks_that_match_the_code_before_the_span(eval_repo, tokenizer):
+    from finetune.skill_eval import SkillArgs, Span, chunk_ids, load_repo, retrieved_chunks
+    from longllama_lsp.lexical import ChunkRetriever
+
+    repo = load_repo(eval_repo, tokenizer)
+    f = repo.files["draw.py"]
+    span = Span("geom", "draw.py", len(f.ids) - 10, len(f.ids) - 5)
+    args = SkillArgs(chunk_len=32, retrieve_tokens=32)
+    keys = retrieved_chunks(repo, span, args, tokenizer, ChunkRetriever())
+    assert len(keys) == 1 and keys[0][1] != "draw.py"  # one chunk fits; never the file itself
+    text = tokenizer.decode(chunk_ids(repo, keys[0], 32))
+    assert {"Polygon", "make_square", "RED_TONE"} & set(text.replace("(", " ").replace(":", " ").split())
+    args.retrieve_tokens = 10_000
+    keys = retrieved_chunks(repo, span, args, tokenizer, ChunkRetriever())
+    assert {k[1] for k in keys} == {"shapes.py", "colors.py"}  # __init__.py (empty) shares no name
 
 
 def test_bm25_prompt_pastes_other_files_within_the_budget(eval_repo, tokenizer):
