@@ -32,9 +32,9 @@ class Window:
     start: int  # 0-based first line
     lines: tuple[str, ...]
 
-    def raw(self) -> str:
-        """The window as code under a `# Path:` line (for memory, where no prompt format applies)."""
-        return f"# Path: {self.path}\n" + "".join(ln.rstrip() + "\n" for ln in self.lines)
+    def raw(self, path: bool = True) -> str:
+        """The window as code (for memory, where no prompt format applies), under a `# Path:` line."""
+        return (f"# Path: {self.path}\n" if path else "") + "".join(ln.rstrip() + "\n" for ln in self.lines)
 
     def render(self) -> str:
         body = "".join(f"# {ln}".rstrip() + "\n" for ln in self.lines)

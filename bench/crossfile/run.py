@@ -215,8 +215,8 @@ class Prompter:
             self.indexes[repo] = SnippetIndex(root, files)
         return self.indexes[repo]
 
-    def memory_document(self, repo: str, root: Path, files: list[str], hole: dict, before: str, budget: int
-                        ) -> tuple[str, dict]:
+    def memory_document(self, repo: str, root: Path, files: list[str], hole: dict, before: str, budget: int,
+                        paths: bool = True) -> tuple[str, dict]:
         """(the text before the cursor, info) for system (r): BM25 windows of `budget` tokens, then (a)'s
         window. Pad lines after the windows move the engine's window start to exactly where (a)'s is,
         when some padding can (checked: info["window_matches"])."""
@@ -229,12 +229,12 @@ class Prompter:
         hits = self.index(repo, root, files).top(query, hole["path"], self.scorer, limit=64, per_file_limit=64)
         chosen, used = [], 0
         for _, w in hits:
-            t = self.count(w.raw())
+            t = self.count(w.raw(paths))
             if used + t <= budget:
                 chosen.append(w)
                 used += t
         chosen.reverse()  # best nearest the code
-        text = "".join(w.raw() for w in chosen)
+        text = "".join(w.raw(paths) for w in chosen)
         mem, start, doc = "", 0, window
         for pad in range(stride + 2):  # pad lines ("#" 2 tokens, "#." 3) until the engine's window is (a)'s
             mem = text + "#\n" * (pad // 2) + "#.\n" * (pad % 2)
@@ -328,7 +328,8 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                     header, prefix, info = prompter.retrieval(repo, root, files, h, before)
                     before = header + prefix
                 elif system == "r":
-                    before, info = prompter.memory_document(repo, root, files, h, before, args.memory_snippet_tokens)
+                    before, info = prompter.memory_document(repo, root, files, h, before, args.memory_snippet_tokens,
+                                                                   args.memory_snippet_paths)
                 line = before.count("\n")
                 char16 = utf16_len(before[before.rfind("\n") + 1:])
                 uri = (root / h["path"]).as_uri() + f"?hole={h['id']}&system={system}"
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer", choices=("bm25", "jaccard"), default="bm25", help="retrieval scorer for (b)")
     p.add_argument("--snippet-share", type=float, default=0.5, help="most of (b)'s prompt tokens given to snippets")
     p.add_argument("--memory-snippet-tokens", type=int, default=2048, help="(r): tokens of BM25 windows in memory")
+    p.add_argument("--no-memory-snippet-paths", dest="memory_snippet_paths", action="store_false",
+                   help="(r): the windows without their `# Path:` line")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="completion.contextTokens for every system: the prompt budget (default 512; 0 = the "
