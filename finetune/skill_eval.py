@@ -48,6 +48,7 @@ import torch
 from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
+from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
 
 SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
@@ -174,12 +175,11 @@ def memory_files(repo: Repo, path: str, budget: int, seed: int) -> list[str]:
     return out
 
 
-def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, retriever: Any) -> list[tuple]:
+def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, retriever: ChunkRetriever
+                     ) -> list[tuple]:
     """Keys (repo, path, start) of the other files' `chunk_len`-token chunks that completions would retrieve
     for the code before `span` (longllama_lsp.lexical: BM25 by the last 20 lines, the typed name's prefix),
     within `retrieve_tokens`; in file order. `retriever` (a ChunkRetriever per repository) keeps the terms."""
-    from longllama_lsp.lexical import Candidate, query_terms, typed_prefix
-
     f = repo.files[span.path]
     before = tokenizer.decode(f.ids[1:span.start])
     candidates = []
@@ -282,7 +282,6 @@ def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: lis
 def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
                    progress: bool = True) -> dict[str, Any]:
     from finetune.evaluate import MemoryCache
-    from longllama_lsp.lexical import ChunkRetriever
 
     model.eval()
     if args.span_len >= args.budget:

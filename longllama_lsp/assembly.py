@@ -20,8 +20,8 @@ Retrieval (`retrieve_tokens`, setting memory.retrieveTokens): a completion's ban
 other files that best match the code before the cursor (lexical.py), up to that many tokens; the rest
 are masked out as the open file's stale chunks are. The open file's own chunks are always there.
 Ranking needs the chunks' texts: after each indexing pass the engine reads them in the background
-(`warm`), so the first completion does not (flask, 616 chunks: its memory assembly took 111-114 ms
-without, 34-68 ms with; at 1M tokens the first ranking read ~1.4 s of texts).
+(`warm`), so the first completion does not (a read of ~1.4 s at 1M tokens, tens of ms at flask's 616
+chunks).
 
 Only the engine's worker thread uses an Assembler.
 """
