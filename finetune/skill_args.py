@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk-len", type=int, default=256, help="memory chunk tokens (default: 256)")
     p.add_argument("--memory-tokens", type=int, default=8192,
                    help="crossfile-ids: memory per file of the 'memory' system (imported files first)")
-    p.add_argument("--retrieve-tokens", type=int, default=4096,
+    p.add_argument("--retrieve-tokens", type=int, default=4096, metavar="N",
                    help="crossfile-ids: memory of the 'retrieved' system, the chunks completions retrieve "
                         "(the server's memory.retrieveTokens; default: 4096)")
     p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
