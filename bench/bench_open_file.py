@@ -43,6 +43,7 @@ class Padding:
     end_line: int = 1
     symbol: str | None = None
     content_hash: str = ""
+    memory_key: str = ""
 
 
 def pad_bank(repo, tokens: int) -> int:

@@ -166,8 +166,8 @@ class MemoryBank:
         """Make a chunk's memory resident (replacing `chunk_id` if present); False if the budget dropped it.
 
         `meta` is what `slot_owner` returns (e.g. a ChunkRow); it needs `.path`, `.ordinal` is optional.
-        `content` names what the chunk holds (its content hash): chunks of equal content must have equal
-        memory (the store keeps one per hash); sparse attention then reads one copy (BlockIds).
+        `content` names what the chunk's memory is (its memory key): chunks of equal content must have equal
+        memory (the store keeps one per key); sparse attention then reads one copy (BlockIds).
         """
         self._validate(memory)
         self.remove(chunk_id)
@@ -517,14 +517,14 @@ class MemoryBank:
         rows = [r for r in rows if r.id not in missing and r.id not in self._entries]
         if self.budget_tokens is not None:
             rows = self._plan(rows)
-        by_hash: dict[str, list[ChunkRow]] = defaultdict(list)
+        by_key: dict[str, list[ChunkRow]] = defaultdict(list)
         for r in rows:
-            by_hash[r.content_hash].append(r)
+            by_key[r.memory_key].append(r)
         self.reserve(sum(self._span(r.token_count) for r in rows) - self._free_tokens)
         added = 0
-        for content_hash, memory in store.iter_memories(list(by_hash), batch=batch):
-            for r in by_hash[content_hash]:
-                added += self.add(r.id, memory, r, content_hash)
+        for memory_key, memory in store.iter_memories(list(by_key), batch=batch):
+            for r in by_key[memory_key]:
+                added += self.add(r.id, memory, r, memory_key)
         return added
 
     def _plan(self, rows: list[ChunkRow]) -> list[ChunkRow]:

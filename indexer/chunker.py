@@ -48,6 +48,7 @@ class Chunk:
     text: str
     token_count: int
     content_hash: str  # sha256 hex of text.encode("utf-8")
+    memory_key: str | None = None  # set by the indexer (indexer.encoder.keyed); None: encoded alone
 
 
 @dataclass

@@ -88,6 +88,7 @@ class ProgressLines:
 
     def __init__(self, every_s: float = 10.0, clock=time.monotonic):
         self.every_s, self.clock, self.last, self.phase = every_s, clock, None, None
+        self.finished: tuple | None = None  # (phase, total) whose last line is printed
 
     def __call__(self, p) -> None:
         now = self.clock()
@@ -96,8 +97,11 @@ class ProgressLines:
             return
         due = self.last is None or now - self.last >= self.every_s or p.phase != self.phase
         self.phase = p.phase
+        if p.done >= p.total and self.finished == (p.phase, p.total):
+            return  # a batch's end reports the phase's end again: one last line is enough
         if due or p.done >= p.total:
             self._print(progress_line(p), now)
+            self.finished = (p.phase, p.total) if p.done >= p.total else None
 
     def _print(self, line: str, now: float) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -256,8 +260,8 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 
 index = Command(_add_index_only, run_index,
                 "Walk the repository (honouring .gitignore and .longllamaignore, never secrets), cut files into\n"
-                "tree-sitter chunks, and encode each new chunk into the model's memory. The cache lives in\n"
-                "REPO/.longllama/ and is keyed by content hash and model: re-runs, renames and branch switches\n"
-                "cost no model time. Safe to interrupt: the next run resumes.")
+                "tree-sitter chunks, and encode each new chunk into the model's memory, after the text before it\n"
+                "in its file. The cache lives in REPO/.longllama/ and is keyed by that text and model: re-runs,\n"
+                "renames and branch switches cost no model time. Safe to interrupt: the next run resumes.")
 watch = Command(_add_watch, run_watch, "Index, then keep the index current as files are created, edited, moved or deleted.")
 status = Command(_add_status, run_status, "Show what is indexed (files, chunks, tokens, disk use, model) and what was skipped and why.")

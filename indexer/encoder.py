@@ -1,15 +1,21 @@
 """Chunk texts -> memory: the model run up to its last memory layer, batched by length.
 
-Each chunk is encoded independently (no earlier memory), so its cached memory is valid anywhere:
-after a rename, in another file, on another branch. The reference instead encodes the windows of one
-input one after another, so the later memory layers' keys of a window depend on the memory before
-it (spec §2.5). `bench/bench_encoding.py` measures what independent encoding costs against that
-sequential encoding, in perplexity of held-out code.
+Each chunk is encoded after the end of the text before it in its file (its context: at most
+CONTEXT_CHARS, from a line start; no earlier memory), and only the chunk's own slots are kept. Its
+memory is then valid wherever the same text follows the same context (after a rename, in another
+file, on another branch): the memory key hashes both (`memory_key`). Encoded alone, a chunk's keys
+miss what the code above defines or imports: on the skill eval's cross-file identifier tokens,
+retrieved chunks encoded after their file's preceding 256 tokens gave NLL -19.5% / -14.9% against no
+memory, alone -14.6% / -11.7% (bench/xid_encoding.py, BENCHMARKS stop 33). The reference encodes the
+windows of one input one after another, so the later memory layers' keys of a window depend on the
+memory before it (spec §2.5); `bench/bench_encoding.py` measures independent encoding against that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +24,47 @@ from typing import Any
 import torch
 
 from longllama_lsp.model.memory import MemCache, Memory
+
+# Characters of the file before a chunk that its memory is encoded after: ~300 tokens of code, the
+# 256 tokens measured in bench/xid_encoding.py. Part of the index fingerprint (schema.Fingerprint).
+CONTEXT_CHARS = 1024
+
+
+def contexts(texts: Sequence[str], chars: int) -> list[str]:
+    """The context of each of a file's chunks (`texts`, consecutive, covering the file in order): the
+    end of the text before it, at most `chars` characters, starting at a line start when the cut
+    falls inside a line (a line's tail would tokenize unlike the line)."""
+    out, before = [], ""
+    for text in texts:
+        out.append(_tail(before, chars))
+        before = (before + text)[-(chars + 1):]  # one more: is the cut at a line start?
+    return out
+
+
+def _tail(text: str, chars: int) -> str:
+    if len(text) <= chars or chars <= 0:
+        return text if chars > 0 else ""
+    cut = text[-chars:]
+    if text[-chars - 1] == "\n":
+        return cut
+    newline = cut.find("\n")
+    return cut[newline + 1:] if newline >= 0 else cut
+
+
+def memory_key(content_hash: str, context: str) -> str:
+    """What a chunk's memory is encoded from: its text (by content hash) after `context`. No context:
+    the content hash itself, so memories encoded alone (every index before contexts) keep their keys."""
+    if not context:
+        return content_hash
+    digest = hashlib.sha256(b"context\0" + context.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(content_hash.encode())
+    return digest.hexdigest()
+
+
+def keyed(chunks: Sequence[Any], chars: int) -> list[tuple[Any, str]]:
+    """A file's chunks (chunker.Chunk, in order) with their memory keys set, each with its context."""
+    return [(dataclasses.replace(c, memory_key=memory_key(c.content_hash, ctx)), ctx)
+            for c, ctx in zip(chunks, contexts([c.text for c in chunks], chars), strict=True)]
 
 
 @dataclass
@@ -59,16 +106,28 @@ class Encoder:
     def count_tokens(self, text: str) -> int:
         return count_tokens(self.tokenizer, text)
 
-    def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[Memory]:
-        """One Memory (B=1, M = the chunk's token count) per text, in the order given."""
+    def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None,
+               contexts: Sequence[str] | None = None) -> list[Memory]:
+        """One Memory (B=1, M = the chunk's token count) per text, in the order given. With `contexts`
+        (one per text), each text is encoded after its context, whose slots are then dropped."""
         ids = [self.token_ids(t) for t in texts]
+        lead = [self.context_ids(c, len(i)) for c, i in zip(contexts, ids, strict=True)] if contexts \
+            else [[] for _ in ids]
+        rows = [(ctx + i) if i else [] for ctx, i in zip(lead, ids, strict=True)]  # an empty text: no context
         out: list[Memory | None] = [None] * len(ids)
-        for batch in self._batches(ids):
-            for i, memory in zip(batch, self._encode_batch([ids[i] for i in batch]), strict=True):
+        for batch in self._batches(rows):
+            kept = [len(rows[i]) - len(ids[i]) for i in batch]  # where each chunk's own slots start
+            for i, memory in zip(batch, self._encode_batch([rows[i] for i in batch], kept), strict=True):
                 out[i] = memory
             if progress is not None:
                 progress(len(batch), sum(len(ids[i]) for i in batch))
         return out  # type: ignore[return-value]
+
+    def context_ids(self, context: str, chunk_tokens: int) -> list[int]:
+        """The context's last tokens that fit the window beside a chunk of `chunk_tokens`."""
+        room = self.max_chunk_tokens - chunk_tokens
+        ids = self.tokenizer.encode(context, add_special_tokens=False) if context and room > 0 else []
+        return ids[len(ids) - room:] if len(ids) > room else ids
 
     def _batches(self, ids: list[list[int]]) -> list[list[int]]:
         """Indices grouped by equal length (longest first), each group's size <= batch_tokens and rows."""
@@ -86,7 +145,8 @@ class Encoder:
         return batches
 
     @torch.inference_mode()
-    def _encode_batch(self, rows: list[list[int]]) -> list[Memory]:
+    def _encode_batch(self, rows: list[list[int]], kept: list[int]) -> list[Memory]:
+        """Memories of the rows' slots from kept[b] on (a row's context tokens come before)."""
         t0 = time.perf_counter()
         lengths = [max(len(r), 1) for r in rows]
         width = max(lengths)
@@ -100,12 +160,12 @@ class Encoder:
         # Rows have equal length (see _batches); only an empty text is padded, to one pad token.
         memory = self.run_model(lambda: self.model.encode_memory(input_ids.to(self.device),
                                                                  attention_mask=mask.to(self.device)))
-        out = [Memory({i: MemCache(c.keys[b:b + 1, :, :n].clone(), c.values[b:b + 1, :, :n].clone(),
-                                   torch.zeros(1, 1, n, 1, dtype=torch.float32, device=c.keys.device))
+        out = [Memory({i: MemCache(c.keys[b:b + 1, :, k:n].clone(), c.values[b:b + 1, :, k:n].clone(),
+                                   torch.zeros(1, 1, n - k, 1, dtype=torch.float32, device=c.keys.device))
                        for i, c in memory.items()})
-               for b, n in enumerate(lengths)]
+               for b, (k, n) in enumerate(zip(kept, lengths, strict=True))]  # keys (1, Hkv, n - k, D)
         self.stats.chunks += len(rows)
-        self.stats.tokens += sum(lengths)
+        self.stats.tokens += sum(lengths)  # context tokens too: the rate is the model's
         self.stats.seconds += time.perf_counter() - t0
         return out
 
@@ -153,7 +213,8 @@ class LazyEncoder:
     def count_tokens(self, text: str) -> int:
         return count_tokens(self.tokenizer, text)
 
-    def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> list[Memory]:
+    def encode(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None,
+               contexts: Sequence[str] | None = None) -> list[Memory]:
         if self._encoder is None:
             self._encoder = Encoder(self._load_model(), self.tokenizer, self.batch_tokens, self.max_chunk_tokens)
-        return self._encoder.encode(texts, progress)
+        return self._encoder.encode(texts, progress, contexts)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from indexer.bank import MemoryBank
 from indexer.chunker import chunk_file, decode_bytes
-from indexer.encoder import Encoder
+from indexer.encoder import CONTEXT_CHARS, Encoder, contexts, keyed, memory_key
 from indexer.priority import Tiers, recently_changed, tiers
 from indexer.schema import ChunkRow, FileRow, Fingerprint
 from indexer.secrets import DETECTOR_VERSION
@@ -92,20 +92,21 @@ class IndexSummary:
 ProgressFn = Callable[[Progress], None]
 
 
-def fingerprint_for(model, model_dir: Path) -> Fingerprint:
+def fingerprint_for(model, model_dir: Path, context_chars: int = CONTEXT_CHARS) -> Fingerprint:
     from longllama_lsp.model.loading import fingerprint_details
 
     cfg = model.config
-    return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim)
+    return Fingerprint.from_details(fingerprint_details(model_dir), cfg.num_key_value_heads, cfg.head_dim,
+                                    context_chars)
 
 
-def checkpoint_fingerprint(model_dir: Path) -> Fingerprint:
+def checkpoint_fingerprint(model_dir: Path, context_chars: int = CONTEXT_CHARS) -> Fingerprint:
     """The index fingerprint from the checkpoint's files alone (config, and file hashes the loader's
     sidecar caches by size and mtime): equal to `fingerprint_for(loaded model, model_dir)`."""
     from longllama_lsp.model.loading import fingerprint_details
 
     kv_heads, head_dim = _kv_shape(model_dir)
-    return Fingerprint.from_details(fingerprint_details(model_dir), kv_heads, head_dim)
+    return Fingerprint.from_details(fingerprint_details(model_dir), kv_heads, head_dim, context_chars)
 
 
 def _kv_shape(model_dir: Path) -> tuple[int, int]:
@@ -236,6 +237,7 @@ class Indexer:
         self.state = "read-only" if store.readonly else "idle"  # idle | indexing | watching | read-only
         self._watcher = None
         self._texts: dict[str, str] = {}  # content hash -> chunk text, for chunks not yet encoded
+        self._contexts: dict[str, str] = {}  # memory key -> the context it is encoded after, likewise
         self._trust_mtime = False  # a file's stored size/mtime spares reading it (same content rules)
         self._followed: dict[str, tuple[str | None, int]] = {}  # read-only: the writer's files as banked
 
@@ -246,6 +248,11 @@ class Indexer:
             raise RuntimeError("this indexer keeps no memory on a device (opened with device=None): "
                                "it is no MemorySource")
         return self._bank
+
+    @property
+    def context_chars(self) -> int:
+        """How much text before a chunk its memory is encoded after: the store's fingerprint says."""
+        return self.store.fingerprint.context_chars
 
     @functools.cached_property
     def chunk_tokens(self) -> int:
@@ -259,11 +266,12 @@ class Indexer:
              device=None, budget_tokens: int | None = None, rules: WalkRules = WalkRules(),  # noqa: B008
              chunk_tokens: int = 256, batch_tokens: int = 4096,
              run_model: Callable[[Callable[[], Memory]], Memory] | None = None, rebuild: bool = False,
-             readonly: bool = False) -> Indexer:
+             readonly: bool = False, context_chars: int = CONTEXT_CHARS) -> Indexer:
         """run_model: runs each encode on the model's owner thread (the engine's worker); None: here.
         readonly: read the index as another process writes it (no writer lock): `index` only loads what
-        is stored into the bank; the engine still encodes an open buffer's edits, in memory."""
-        fp = fingerprint_for(model, Path(model_dir))
+        is stored into the bank; the engine still encodes an open buffer's edits, in memory.
+        context_chars: how much of the text before a chunk its memory is encoded after (indexer.encoder)."""
+        fp = fingerprint_for(model, Path(model_dir), context_chars)
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild, readonly=readonly)
         device = device or next(model.parameters()).device
         # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
@@ -275,11 +283,12 @@ class Indexer:
     def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device: str | None = "cpu",
                         db_path: Path | None = None, budget_tokens: int | None = None,
                         rules: WalkRules = WalkRules(),  # noqa: B008
-                        chunk_tokens: int = 256, rebuild: bool = False) -> Indexer:
+                        chunk_tokens: int = 256, rebuild: bool = False,
+                        context_chars: int = CONTEXT_CHARS) -> Indexer:
         """Like `open`, without a loaded model: `encoder` (an indexer.encoder.LazyEncoder) loads it
         when a chunk needs encoding, so a pass with nothing new never does. device: the bank's; None:
         no bank (the one-shot `longllama index`, whose product is the database)."""
-        fp = checkpoint_fingerprint(Path(model_dir))
+        fp = checkpoint_fingerprint(Path(model_dir), context_chars)
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
         store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
         # The default block size (no transformers import here: `longllama index` with nothing new must
@@ -459,11 +468,13 @@ class Indexer:
         status = "skipped" if chunked.skip_reason else "indexed"
         row = FileRow(rel, digest, st.st_size, st.st_mtime_ns, chunked.language, chunked.decode_policy,
                       status, chunked.skip_reason)
-        self.store.replace_file(row, chunked.chunks)
+        chunks = keyed(chunked.chunks, self.context_chars)
+        self.store.replace_file(row, [c for c, _ in chunks])
         if chunked.skip_reason:
             summary.skip(rel, chunked.skip_reason)
-        for c in chunked.chunks:
+        for c, context in chunks:
             self._texts[c.content_hash] = c.text
+            self._contexts[c.memory_key] = context
         return True
 
     def _skip(self, rel: str, old: FileRow | None, row: FileRow | None, reason: str, summary: IndexSummary) -> bool:
@@ -485,27 +496,50 @@ class Indexer:
 
     def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None,
                         paths: set[str] | None = None, run: _Run | None = None) -> None:
-        """Encode the chunks (of `paths`, or all) whose content has no memory yet."""
+        """Encode the chunks (of `paths`, or all) whose memory key has no memory yet."""
         rows = self.store.chunks_missing_memory(paths)
-        todo = {r.content_hash: r for r in rows}  # identical content anywhere is encoded once
-        hashes = list(todo)
+        todo = {r.memory_key: r for r in rows}  # the same text after the same context is encoded once
+        keys = list(todo)
         run = run or _Run(time.perf_counter(), 0, progress)
-        run.tokens_total += sum(todo[h].token_count for h in hashes)
-        run.chunks_total += len(hashes)
-        for start in range(0, len(hashes), ENCODE_BATCH_CHUNKS):
-            batch = hashes[start:start + ENCODE_BATCH_CHUNKS]
-            texts = {h: self._text_of(todo[h]) for h in batch}
-            texts = {h: t for h, t in texts.items() if t is not None}
+        run.tokens_total += sum(todo[k].token_count for k in keys)
+        run.chunks_total += len(keys)
+        for start in range(0, len(keys), ENCODE_BATCH_CHUNKS):
+            batch = keys[start:start + ENCODE_BATCH_CHUNKS]
+            inputs = {k: (self._context_of(todo[k]), self._text_of(todo[k])) for k in batch}
+            inputs = {k: (context, text) for k, (context, text) in inputs.items()
+                      if context is not None and text is not None}  # else the file changed: the next scan
             t0 = time.perf_counter()
-            memories = dict(zip(texts, self.encoder.encode(list(texts.values()), run.encoding(summary)),
-                                strict=True))
+            encoded = self.encoder.encode([text for _, text in inputs.values()], run.encoding(summary),
+                                          [context for context, _ in inputs.values()])
+            memories = dict(zip(inputs, encoded, strict=True))
             seconds = time.perf_counter() - t0
             self.store.put_memories(memories)
             summary.tokens_encoded += sum(m.num_tokens for m in memories.values())
             summary.chunks_encoded += len(memories)
-            for h in batch:
-                self._texts.pop(h, None)
+            for k in batch:
+                self._texts.pop(todo[k].content_hash, None)
+                self._contexts.pop(k, None)
             run.encoded(summary, len(batch), seconds)
+
+    def _context_of(self, row: ChunkRow) -> str | None:
+        """The text `row`'s memory is encoded after: from this run's chunking, else from the file's earlier
+        chunks read back (a run that was killed); None when they no longer give `row`'s memory key."""
+        if row.memory_key == row.content_hash:
+            return ""  # encoded alone (the first chunk of a file, or an index without contexts)
+        context = self._contexts.get(row.memory_key)
+        if context is not None:
+            return context
+        before, chars = [], 0
+        for earlier in reversed([r for r in self.store.chunks(row.path) if r.ordinal < row.ordinal]):
+            if chars > self.context_chars:
+                break
+            text = self._text_of(earlier)
+            if text is None:
+                return None
+            before.insert(0, text)
+            chars += len(text)
+        context = contexts([*before, ""], self.context_chars)[-1]
+        return context if memory_key(row.content_hash, context) == row.memory_key else None
 
     def chunk_text(self, meta: ChunkRow) -> str | None:
         """A resident chunk's text (repository.MemorySource), from any thread: read back from its file as
@@ -577,14 +611,14 @@ class Indexer:
         return summary
 
     def chunk(self, path: str, text: str) -> list[BufferChunk]:
-        """An open buffer of `path` (relative) cut as `_scan_file` cuts the file: an unchanged chunk has
-        its indexed chunk's content hash (repository.MemorySource)."""
+        """An open buffer of `path` (relative) cut and keyed as `_scan_file` cuts the file: an unchanged chunk
+        after unchanged text has its indexed chunk's memory key (repository.MemorySource)."""
         chunked = chunk_file(path, text.encode("utf-8", "surrogatepass"), self._buffer_token_counts,
                              self.chunk_tokens)
         out, at = [], 0
-        for c in chunked.chunks:  # they cover the text in order: offsets accumulate
+        for c, context in keyed(chunked.chunks, self.context_chars):  # they cover the text in order
             out.append(BufferChunk(path, at, at + len(c.text), c.start_line, c.end_line, c.symbol, c.text,
-                                   c.content_hash, c.token_count))
+                                   c.content_hash, c.token_count, memory_key=c.memory_key, context=context))
             at += len(c.text)
         return out
 

@@ -7,14 +7,18 @@ One SQLite file per (repository, model). Tables:
     files     path PK; whole-file content hash, size, mtime_ns, language, decode policy,
               status ('indexed' | 'skipped') and skip_reason, indexed_at
     chunks    id PK; path -> files(path) ON DELETE CASCADE; ordinal (unique per path); byte and
-              1-based inclusive line ranges; symbol, kind, token_count, content_hash (sha256 of the text)
-    memories  content_hash PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data, mac
+              1-based inclusive line ranges; symbol, kind, token_count, content_hash (sha256 of the text),
+              memory_key (what its memory is encoded from: the text and the text before it, see below)
+    memories  memory_key PK; fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data, mac
               (mac: keyed BLAKE2b of the row under this user's key, indexer.signing), encoding
               ('raw' | 'int8-rows', see below)
 
-Memories are keyed by content hash alone (the whole file belongs to one model fingerprint, and each
-row repeats it), so identical chunk text anywhere in the repository, or on another branch, is
-encoded once. A chunk row may exist before its memory: the pipeline encodes what is missing.
+Memories are keyed by memory key (the whole file belongs to one model fingerprint, and each row
+repeats it): a chunk's memory is encoded after the end of the text before it in its file (at most
+`Fingerprint.context_chars`, indexer.encoder.memory_key), so the key hashes that context and the
+chunk's content hash; a chunk with no context (the first of a file, or context_chars 0) has its content
+hash as key. Identical text after identical context, anywhere in the repository or on another branch,
+is encoded once. A chunk row may exist before its memory: the pipeline encodes what is missing.
 
 Memory blob layout (`data`), native little-endian, no header, by `encoding`:
 
@@ -104,6 +108,16 @@ def m003_memory_encoding(db: Database) -> None:
     db.execute("ALTER TABLE memories ADD COLUMN encoding TEXT NOT NULL DEFAULT 'raw'")
 
 
+@migrations()
+def m004_memory_key(db: Database) -> None:
+    """Memories keyed by what they were encoded from (text and the context before it), not the text
+    alone. Rows written before were encoded without context: their key is their content hash."""
+    db.execute("ALTER TABLE chunks ADD COLUMN memory_key TEXT")
+    db.execute("UPDATE chunks SET memory_key = content_hash")
+    db.execute("CREATE INDEX chunks_memory_key ON chunks (memory_key)")
+    db.execute("ALTER TABLE memories RENAME COLUMN content_hash TO memory_key")
+
+
 ENCODINGS = ("raw", "int8-rows")
 STORE_ENCODING = "int8-rows"  # what new memories are written as
 
@@ -123,6 +137,9 @@ class Fingerprint:
     head_dim: int
     # Memory keys are raw k_proj outputs, i.e. rotated as if at position 0 (spec §2.2.6).
     key_layout: str = "unrotated"
+    # Characters of the file before a chunk that its memory is encoded after (indexer.encoder); 0:
+    # each chunk alone, as every index before this field (left out of the digest then, so those stay valid).
+    context_chars: int = 0
 
     def __post_init__(self):
         if self.mem_dtype not in MEM_DTYPES:
@@ -130,7 +147,8 @@ class Fingerprint:
         object.__setattr__(self, "mem_layers", tuple(sorted(int(i) for i in self.mem_layers)))
 
     @classmethod
-    def from_details(cls, details: dict[str, Any], kv_heads: int, head_dim: int) -> Fingerprint:
+    def from_details(cls, details: dict[str, Any], kv_heads: int, head_dim: int, context_chars: int = 0
+                     ) -> Fingerprint:
         """From `longllama_lsp.model.loading.fingerprint_details(path)` plus the model's KV shape."""
         if not details.get("mem_layers") or details.get("mem_dtype") not in MEM_DTYPES:
             raise ValueError(f"model has no memory layers to index (mem_layers={details.get('mem_layers')}, "
@@ -139,7 +157,8 @@ class Fingerprint:
                    weights_hash=_json_sha256({"weights": details["weights"],
                                               "adapter": details.get("adapter")}),
                    tokenizer_hash=_json_sha256(details["tokenizer"]), mem_dtype=details["mem_dtype"],
-                   mem_layers=tuple(details["mem_layers"]), kv_heads=kv_heads, head_dim=head_dim)
+                   mem_layers=tuple(details["mem_layers"]), kv_heads=kv_heads, head_dim=head_dim,
+                   context_chars=context_chars)
 
     @property
     def digest(self) -> str:
@@ -152,7 +171,10 @@ class Fingerprint:
         return getattr(torch, self.mem_dtype)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if not self.context_chars:
+            del fields["context_chars"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:
@@ -192,11 +214,12 @@ class ChunkRow:
     symbol: str | None
     kind: str | None
     token_count: int
-    content_hash: str
+    content_hash: str  # sha256 hex of the chunk's text
+    memory_key: str  # what its memory was encoded from: the text and the context before it (encoder.memory_key)
 
 
 CHUNK_INPUT_FIELDS = ("start_byte", "end_byte", "start_line", "end_line", "symbol", "kind",
-                      "token_count", "content_hash")
+                      "token_count", "content_hash", "memory_key")
 
 
 def encode_memory(memory: Memory, fp: Fingerprint, encoding: str = STORE_ENCODING

@@ -1,7 +1,7 @@
 """Which index rows this user wrote: a per-user secret key signs every stored memory.
 
 A repository can ship its own `.longllama/` (committed, or in a tarball): memories in it would steer
-the model (a poisoned cache), and they are keyed by content hash, so they would be reused silently.
+the model (a poisoned cache), and they are keyed by content (memory key), so they would be reused silently.
 Every memory row therefore carries a keyed BLAKE2b MAC of its bytes; the key is 32 random bytes made
 once per user, mode 0600, in `$XDG_CONFIG_HOME/longllama/index.key` (default ~/.config), and never
 leaves the machine. A row without a valid MAC is never used: the writer drops it and the pipeline

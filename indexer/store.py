@@ -2,7 +2,7 @@
 
     with Store.open(index_path(root, fp), fp) as store:          # the one writer (lock file)
         rows = store.replace_file(file_row, chunks)              # one transaction per file
-        todo = store.missing_memories(r.content_hash for r in rows)
+        todo = store.missing_memories(r.memory_key for r in rows)
         store.put_memories({h: encode(h) for h in todo})         # batched transactions
     with Store.open(path, fp, readonly=True) as reader: ...      # never blocked (WAL snapshot)
 
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MEMORY_COLUMNS = "content_hash, dtype, shape, layers, mask, data, mac, encoding"
+MEMORY_COLUMNS = "memory_key, dtype, shape, layers, mask, data, mac, encoding"
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite opens these by name, beside the database
 REBUILD_HINT = "run `longllama index --rebuild` to delete and rebuild it"
 CHUNK_COLUMNS = ", ".join(ChunkRow.__dataclass_fields__)
@@ -388,7 +388,7 @@ class Store:
             self.db.execute(f"INSERT OR REPLACE INTO files ({FILE_COLUMNS}) VALUES "
                             f"({', '.join('?' * len(row))})", list(row.values()))
             self.db.conn.executemany(
-                f"INSERT INTO chunks ({CHUNK_COLUMNS}) VALUES (NULL, {', '.join('?' * 10)})", values)
+                f"INSERT INTO chunks ({CHUNK_COLUMNS}) VALUES (NULL, {', '.join('?' * 11)})", values)
         return self.chunks(file.path)
 
     def delete_file(self, path: str) -> bool:
@@ -415,37 +415,37 @@ class Store:
 
     @_reads
     def chunks_missing_memory(self, paths: Iterable[str] | None = None) -> list[ChunkRow]:
-        """Chunks (of `paths`, or all) whose content has no memory yet (what a resumed run must encode).
+        """Chunks (of `paths`, or all) whose memory key has no memory yet (what a resumed run must encode).
 
         `paths` filter in SQL, through the (path, ordinal) index: a pass asks once per priority tier."""
         cols = ", ".join(f"c.{c}" for c in ChunkRow.__dataclass_fields__)
         where, args = ("AND c.path IN (SELECT value FROM json_each(?))", [json.dumps(list(paths))]) \
             if paths is not None else ("", [])
-        sql = (f"SELECT {cols} FROM chunks c LEFT JOIN memories m ON m.content_hash = c.content_hash "
-               f"WHERE m.content_hash IS NULL {where} ORDER BY c.path, c.ordinal")
+        sql = (f"SELECT {cols} FROM chunks c LEFT JOIN memories m ON m.memory_key = c.memory_key "
+               f"WHERE m.memory_key IS NULL {where} ORDER BY c.path, c.ordinal")
         return [ChunkRow(*r) for r in self.db.execute(sql, args)]
 
     # -- memories -------------------------------------------------------------------------------
 
     @_reads
-    def missing_memories(self, hashes: Iterable[str]) -> set[str]:
-        """The subset of `hashes` with no stored memory (what still needs the model)."""
+    def missing_memories(self, keys: Iterable[str]) -> set[str]:
+        """The subset of memory `keys` with no stored memory (what still needs the model)."""
         sql = ("SELECT DISTINCT value FROM json_each(?) "
-               "WHERE value NOT IN (SELECT content_hash FROM memories)")
-        return {r[0] for r in self.db.execute(sql, [json.dumps(list(hashes))])}
+               "WHERE value NOT IN (SELECT memory_key FROM memories)")
+        return {r[0] for r in self.db.execute(sql, [json.dumps(list(keys))])}
 
     def put_memories(self, memories: Mapping[str, Memory], *, batch_bytes: int = 64 << 20,
                      encoding: str = STORE_ENCODING) -> int:
-        """Store memories by content hash (already stored ones are kept); returns how many were new.
+        """Store memories by memory key (already stored ones are kept); returns how many were new.
 
         `encoding` (schema.ENCODINGS): int8 rows by default; 'raw' stores the bank dtype's bits as they are.
         Commits every ~batch_bytes, so a kill loses at most one batch of encoding work.
         """
         added, pending, size = 0, [], 0
-        for content_hash, memory in memories.items():
+        for memory_key, memory in memories.items():
             row, mask, data = encode_memory(memory, self.fingerprint, encoding)
-            mac = self._mac(content_hash, row["dtype"], row["shape"], row["layers"], mask, data, row["encoding"])
-            pending.append([content_hash, self.fingerprint.digest, row["n_tokens"], row["dtype"],
+            mac = self._mac(memory_key, row["dtype"], row["shape"], row["layers"], mask, data, row["encoding"])
+            pending.append([memory_key, self.fingerprint.digest, row["n_tokens"], row["dtype"],
                             row["shape"], row["layers"], row["nbytes"], time.time(), mask, data, mac,
                             row["encoding"]])
             size += row["nbytes"]
@@ -459,26 +459,26 @@ class Store:
         with self.transaction():
             before = self.db.conn.total_changes
             self.db.conn.executemany(
-                "INSERT OR IGNORE INTO memories (content_hash, fingerprint, n_tokens, dtype, shape, layers, "
+                "INSERT OR IGNORE INTO memories (memory_key, fingerprint, n_tokens, dtype, shape, layers, "
                 "nbytes, created_at, mask, data, mac, encoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             return self.db.conn.total_changes - before
 
-    def get_memory(self, content_hash: str) -> Memory | None:
-        return next((m for _, m in self.iter_memories([content_hash])), None)
+    def get_memory(self, memory_key: str) -> Memory | None:
+        return next((m for _, m in self.iter_memories([memory_key])), None)
 
-    def iter_memories(self, hashes: Iterable[str] | None = None, *, batch: int = 8
+    def iter_memories(self, keys: Iterable[str] | None = None, *, batch: int = 8
                       ) -> Iterator[tuple[str, Memory]]:
-        """Stream (content_hash, Memory) in storage order; hashes with no memory are skipped.
+        """Stream (memory key, Memory) in storage order; keys with no memory are skipped.
 
         `batch` rows are fetched at a time (larger batches only hold more blobs in RAM). Decoding is
         one bytearray copy per blob: ~400 MiB/s against ~550 MiB/s for bare SQLite reads (warm cache).
         A row whose MAC does not verify is skipped (and, by the writer, deleted: encoded again).
         """
         with _sqlite_errors(self.path, "read"):
-            yield from self._iter_memories(hashes, batch)
+            yield from self._iter_memories(keys, batch)
 
-    def _iter_memories(self, hashes: Iterable[str] | None, batch: int) -> Iterator[tuple[str, Memory]]:
-        if hashes is None:
+    def _iter_memories(self, keys: Iterable[str] | None, batch: int) -> Iterator[tuple[str, Memory]]:
+        if keys is None:
             cur = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE fingerprint = ? "
                                   "ORDER BY rowid", [self.fingerprint.digest])
             yield from self._decode_rows(cur, batch)
@@ -486,9 +486,9 @@ class Store:
         # Look the rowids up in the primary-key index first: `ORDER BY rowid` on the joined query would
         # make SQLite sort whole rows, blobs included, before returning the first one.
         rowids = sorted(r[0] for r in self.db.execute(
-            "SELECT rowid FROM memories WHERE fingerprint = ? AND content_hash IN "
+            "SELECT rowid FROM memories WHERE fingerprint = ? AND memory_key IN "
             "(SELECT value FROM json_each(?))",
-            [self.fingerprint.digest, json.dumps(list(hashes))]))
+            [self.fingerprint.digest, json.dumps(list(keys))]))
         for i in range(0, len(rowids), 4096):
             cur = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE rowid IN "
                                   "(SELECT value FROM json_each(?))", [json.dumps(rowids[i:i + 4096])])
@@ -497,38 +497,38 @@ class Store:
     def _mac(self, *row: str | bytes | None) -> bytes:
         return sign(self._key, *self._signed(*row))
 
-    def _signed(self, content_hash: str, dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes,
+    def _signed(self, memory_key: str, dtype: str, shape: str, layers: str, mask: bytes | None, data: bytes,
                 encoding: str) -> tuple[str | bytes | None, ...]:
         # The encoding is signed too (relabelling int8 bytes as raw must not verify); a raw row signs
         # without it, so rows written before migration 3 keep their MACs.
         extra = () if encoding == "raw" else (encoding,)
-        return (self.fingerprint.digest, content_hash, dtype, shape, layers, mask, data, *extra)
+        return (self.fingerprint.digest, memory_key, dtype, shape, layers, mask, data, *extra)
 
     def _decode_rows(self, cur: sqlite3.Cursor, batch: int) -> Iterator[tuple[str, Memory]]:
         forged = []
         while rows := cur.fetchmany(batch):
-            for content_hash, dtype, shape, layers, mask, data, mac, encoding in rows:
-                if not verify(self._key, mac, *self._signed(content_hash, dtype, shape, layers, mask, data, encoding)):
-                    forged.append(content_hash)
+            for memory_key, dtype, shape, layers, mask, data, mac, encoding in rows:
+                if not verify(self._key, mac, *self._signed(memory_key, dtype, shape, layers, mask, data, encoding)):
+                    forged.append(memory_key)
                     continue
                 try:
                     memory = decode_memory(dtype, shape, layers, mask, data, encoding)
                 except ValueError as e:
-                    raise StoreError(f"index {self.path}: memory {content_hash} is corrupt ({e}); "
+                    raise StoreError(f"index {self.path}: memory {memory_key} is corrupt ({e}); "
                                      f"{REBUILD_HINT}") from e
-                yield content_hash, memory
+                yield memory_key, memory
         if forged:
             logger.warning("index %s: %d memories were not signed by this user; not used%s", self.path,
                            len(forged), "" if self.readonly else ", deleted to be encoded again")
             if not self.readonly:
                 with self.transaction():
-                    self.db.conn.executemany("DELETE FROM memories WHERE content_hash = ?", [[h] for h in forged])
+                    self.db.conn.executemany("DELETE FROM memories WHERE memory_key = ?", [[k] for k in forged])
 
     def gc(self) -> int:
         """Delete memories no chunk references; returns how many. Run after a full indexing pass."""
         with self.transaction():
             return self.db.execute(
-                "DELETE FROM memories WHERE content_hash NOT IN (SELECT content_hash FROM chunks)").rowcount
+                "DELETE FROM memories WHERE memory_key NOT IN (SELECT memory_key FROM chunks)").rowcount
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -554,8 +554,8 @@ class Store:
         when a writer re-indexes a file, and again when it stores the file's memories."""
         files = dict(self.db.execute("SELECT path, content_hash FROM files WHERE status = 'indexed'"))
         encoded = dict(self.db.execute(
-            "SELECT c.path, count(m.content_hash) FROM chunks c "
-            "LEFT JOIN memories m ON m.content_hash = c.content_hash GROUP BY c.path"))
+            "SELECT c.path, count(m.memory_key) FROM chunks c "
+            "LEFT JOIN memories m ON m.memory_key = c.memory_key GROUP BY c.path"))
         return {path: (digest, encoded.get(path, 0)) for path, digest in files.items()}
 
     @_reads
@@ -590,10 +590,12 @@ def _chunk_values(path: str, ordinal: int, chunk: Any) -> list:
     if chunk_path != path:
         raise ValueError(f"chunk {ordinal} belongs to {chunk_path!r}, not {path!r}")
     try:
-        values = [getattr(chunk, f) for f in CHUNK_INPUT_FIELDS]
+        values = [getattr(chunk, f) for f in CHUNK_INPUT_FIELDS[:-1]]
     except AttributeError as e:
         raise ValueError(f"{path} chunk {ordinal}: {e}") from e
-    h = values[-1]
-    if not (isinstance(h, str) and len(h) == 64):
-        raise ValueError(f"{path} chunk {ordinal}: content_hash must be 64 hex chars, got {h!r}")
+    # No memory key: a chunk encoded alone, whose key is its content hash (indexer.encoder.memory_key).
+    values.append(getattr(chunk, "memory_key", None) or values[-1])
+    for name, h in zip(CHUNK_INPUT_FIELDS[-2:], values[-2:], strict=True):
+        if not (isinstance(h, str) and len(h) == 64):
+            raise ValueError(f"{path} chunk {ordinal}: {name} must be 64 hex chars, got {h!r}")
     return [path, ordinal, *values]

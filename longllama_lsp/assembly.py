@@ -110,7 +110,7 @@ class Assembler:
     def __init__(self, encode: Callable[[list[int]], Memory], device: torch.device | str,
                  repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
                  dtype: torch.dtype | None = None, select_tokens: Callable[[], int | None] = lambda: None,
-                 tokenize: Callable[[str], list[int]] | None = None, edited_tokens: int = 8192,
+                 tokenize: Callable[[str, str], tuple[list[int], int]] | None = None, edited_tokens: int = 8192,
                  retrieve_tokens: Callable[[], int] = lambda: 0):
         self.encode, self.device, self.repositories = encode, device, repositories
         self.retrieve_tokens = retrieve_tokens  # other files' tokens a completion's memory holds (0: all)
@@ -120,10 +120,12 @@ class Assembler:
         # per decode step (bf16 -> fp32 on CPU: 270 -> 197 ms/step at 42k memory tokens, SmolLM2).
         self.dtype = dtype
         self.select_tokens = select_tokens  # the model's sparse budget now (None: dense)
-        self.tokenize = tokenize  # chunk text -> ids, as the indexer's encoder cuts them
+        # (chunk text, context) -> (ids: the context's tail then the text, where the text's begin), as the
+        # indexer's encoder builds a row (indexer.encoder.Encoder.encode)
+        self.tokenize = tokenize
         self.edited_tokens = edited_tokens  # most tokens of edited buffer chunks encoded, nearest the cursor first
         self.cache_tokens = cache_tokens
-        self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by content
+        self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by key
         self._block_tokens = 0
         self._chunked: OrderedDict[tuple, Sequence[BufferChunk]] = OrderedDict()  # (repo, path, text) -> chunks
         # Edited chunks the last deferring request left out, nearest its cursor first (`encode_deferred`).
@@ -246,23 +248,27 @@ class Assembler:
         """Make `repo`'s bank hold the open buffer of `rel`; returns the chunk ids to leave out (sorted).
 
         Cut as the indexer cuts the file (`chunks`, see `_chunks`), a buffer chunk with an indexed chunk's
-        content hash uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. An
-        edited chunk is encoded once (cached by content) and added to the bank beside the indexed ones
+        memory key uses that chunk's memory as it is: opening a file or moving the cursor encodes nothing. So
+        does one with an indexed chunk's text after edited text above it (its memory was encoded after the old
+        context: near enough, where re-encoding every chunk below an edit would cost an encode per key). An
+        edited chunk is encoded once (cached by memory key) and added to the bank beside the indexed ones
         (`_add_edited`; with `defer_edits`, by a later request), unless it holds the cursor (it changes with
         every key; the local window has its text). Chunks wholly inside the local window are left out (the
         prompt has them), and so are the file's indexed chunks the buffer no longer has. Runs under the
         repository's lock."""
         bank = repo.bank
         resident = bank.chunks_of(rel)
-        indexed: dict[str, Hashable] = {}
+        by_key: dict[str, Hashable] = {}
+        by_text: dict[str, Hashable] = {}
         for cid, meta in resident.items():
-            indexed.setdefault(meta.content_hash, cid)
+            by_key.setdefault(meta.memory_key, cid)
+            by_text.setdefault(meta.content_hash, cid)
         keep: set[Hashable] = set()
         edited = []
         for c in chunks:
             if buffer.cursor is not None and buffer.window_start <= c.start and c.end <= buffer.cursor:
                 continue  # wholly in the local window
-            cid = indexed.get(c.content_hash)
+            cid = by_key.get(c.memory_key, by_text.get(c.content_hash))
             if cid is not None:
                 keep.add(cid)
             elif buffer.cursor is None or not c.start <= buffer.cursor <= c.end:
@@ -270,10 +276,10 @@ class Assembler:
         if buffer.cursor is not None:  # the nearest edits first, within edited_tokens
             edited.sort(key=lambda c: min(abs(c.start - buffer.cursor), abs(c.end - buffer.cursor)))
         keep |= self._add_edited(bank, rel, edited, defer_edits)
-        current = {c.content_hash for c in chunks}
+        current = {c.memory_key for c in chunks}
         for cid, meta in resident.items():  # edits the buffer no longer has
             if cid not in keep and isinstance(cid, tuple) and cid[:1] == ("buffer",) \
-                    and meta.content_hash not in current:
+                    and meta.memory_key not in current:
                 bank.remove(cid)
         return tuple(sorted((cid for cid in bank.chunks_of(rel) if cid not in keep), key=repr))
 
@@ -291,12 +297,13 @@ class Assembler:
             spent += c.token_count
             if spent > self.edited_tokens:
                 break
-            cid = ("buffer", rel, c.content_hash)
+            cid = ("buffer", rel, c.memory_key)
             if cid in bank:
                 added.add(cid)
-            elif defer_edits and c.content_hash not in self._blocks:
+            elif defer_edits and c.memory_key not in self._blocks:
                 self.deferred.append(c)
-            elif bank.add(cid, self._cached(c.content_hash, c.text), dataclasses.replace(c, id=cid), c.content_hash):
+            elif bank.add(cid, self._cached(c.memory_key, c.text, c.context), dataclasses.replace(c, id=cid),
+                          c.memory_key):
                 added.add(cid)
         return added
 
@@ -305,8 +312,8 @@ class Assembler:
         repository's lock, or drops it if the buffer moved on); returns whether more remain."""
         while self.deferred:
             c = self.deferred.popleft()
-            if c.content_hash not in self._blocks:
-                self._cached(c.content_hash, c.text)
+            if c.memory_key not in self._blocks:
+                self._cached(c.memory_key, c.text, c.context)
                 break
         return bool(self.deferred)
 
@@ -344,13 +351,22 @@ class Assembler:
     def block_memory(self, block: Block) -> Memory:
         return self._cached(block.key, block.ids)
 
-    def _cached(self, key: str, content: str | Sequence[int]) -> Memory:
-        """The memory of a buffer block (ids) or an edited chunk (text), encoded once per content."""
+    def _cached(self, key: str, content: str | Sequence[int], context: str = "") -> Memory:
+        """The memory of a buffer block (ids) or an edited chunk (text, encoded after `context` as the indexer
+        encodes it), encoded once per key."""
         mem = self._blocks.get(key)
         if mem is not None:
             self._blocks.move_to_end(key)
             return mem
-        mem = self.encode(self.tokenize(content) if isinstance(content, str) else list(content))
+        if isinstance(content, str):
+            import torch
+
+            ids, start = self.tokenize(content, context)
+            mem = self.encode(ids)  # (1, Hkv, len(ids), D) per layer
+            if start:  # the context's slots go: the chunk's memory is its own tokens'
+                mem = mem.select(torch.arange(start, len(ids), device=next(iter(mem.values())).keys.device))
+        else:
+            mem = self.encode(list(content))
         self._blocks[key] = mem
         self._block_tokens += mem.num_tokens
         while self._block_tokens > self.cache_tokens and len(self._blocks) > 1:

@@ -567,10 +567,15 @@ class Engine:
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens), len(ids))
 
-    def _chunk_ids(self, text: str) -> list[int]:
-        """A chunk's ids as the indexer's encoder cuts them (indexer.encoder.Encoder.token_ids)."""
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[:self._model.config.max_position_embeddings]
+    def _chunk_ids(self, text: str, context: str) -> tuple[list[int], int]:
+        """A chunk's ids after its context's tail, and where the chunk's begin: the row the indexer's encoder
+        builds (indexer.encoder.Encoder.encode: token_ids and context_ids)."""
+        window = self._model.config.max_position_embeddings
+        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"][:window]
+        room = window - len(ids)
+        lead = self._tokenizer(context, add_special_tokens=False)["input_ids"] if context and ids and room > 0 else []
+        lead = lead[len(lead) - room:] if len(lead) > room else lead
+        return lead + ids, len(lead)
 
     def _encode(self, ids: list[int]) -> Memory:
         import torch

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class BufferChunk:
     """A chunk of an open buffer, cut as the repository's indexer cuts files: a chunk whose
-    `content_hash` equals an indexed chunk's has that chunk's memory. Offsets are code points into
-    the buffer; lines 1-based, inclusive. `id` is its key in the bank once its memory is there."""
+    `memory_key` equals an indexed chunk's has that chunk's memory (same text after the same context;
+    the same `content_hash` alone: same text). Offsets are code points into the buffer; lines 1-based,
+    inclusive. `id` is its key in the bank once its memory is there."""
 
     path: str  # relative to the repository root, as the bank names files
     start: int
@@ -32,8 +33,10 @@ class BufferChunk:
     end_line: int
     symbol: str | None
     text: str
-    content_hash: str
+    content_hash: str  # of the text
     token_count: int
+    memory_key: str  # what its memory is encoded from: the text after `context` (indexer.encoder.memory_key)
+    context: str = ""  # the end of the text before it, which its memory is encoded after
     id: Hashable | None = None
 
 

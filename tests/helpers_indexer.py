@@ -39,6 +39,7 @@ class ChunkMeta:
     symbol: str | None = None
     ordinal: int = 0
     content_hash: str = ""
+    memory_key: str = ""  # one chunk per file, encoded alone: its content hash
 
 
 class FakeIndexer:
@@ -68,7 +69,7 @@ class FakeIndexer:
                 memory = self.engine.on_worker(lambda ids=ids: self._encode(ids))
                 with self.lock:
                     self.bank.add(rel, memory, ChunkMeta(rel, rel, 1, text.count("\n") + 1, path.stem,
-                                                         content_hash=_hash(text)))
+                                                         content_hash=_hash(text), memory_key=_hash(text)))
             self.files = i
             if progress is not None:  # indexer.pipeline.Progress's fields
                 progress(SimpleNamespace(phase="encode", done=i, total=len(paths), tokens=0, tokens_per_s=0.0,
@@ -79,7 +80,8 @@ class FakeIndexer:
     def chunk(self, path: str, text: str) -> list[BufferChunk]:
         """One chunk per file, as `index` cuts them."""
         return [BufferChunk(path, 0, len(text), 1, text.count("\n") + 1, Path(path).stem, text, _hash(text),
-                            len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]))]
+                            len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                            memory_key=_hash(text))]
 
     def chunk_text(self, meta: Any) -> str | None:
         """One chunk per file: the file's text."""

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import torch
 from helpers_memory import indexed_engine, visible_chunks
 from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
@@ -113,8 +114,9 @@ def test_an_edit_encodes_only_the_edited_chunk_once(indexed, smol_tokenizer):  #
     edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
     engine.complete(edited, at(edited, 9), path=path)
     new_chunk = FUNCTIONS[1].replace("* 1 +", "* 100 +")
-    expected = len(smol_tokenizer(new_chunk.rstrip("\n") + "\n", add_special_tokens=False)["input_ids"])
-    assert len(calls) == 1 and abs(calls[0] - expected) <= 3  # step_1 alone (its chunk may keep blank lines)
+    # step_1 after its context (step_0, the text before it), one call; its chunk may keep blank lines
+    expected = len(smol_tokenizer(FUNCTIONS[0] + new_chunk.rstrip("\n") + "\n", add_special_tokens=False)["input_ids"])
+    assert len(calls) == 1 and abs(calls[0] - expected) <= 3
     assert 1 in visible_functions(engine, repo)  # the edited text, not the indexed one
     engine.complete(edited, at(edited, 5), path=path)  # the cursor moves: nothing new
     typed = edited[:at(edited, 5)] + " + 1" + edited[at(edited, 5):]
@@ -155,7 +157,39 @@ def settle(engine) -> None:
 def buffer_id(repo, text: str, marker: str) -> tuple:
     """The bank id an edited chunk of steps.py (the one containing `marker`) gets (Assembler._add_edited)."""
     chunk = next(c for c in repo.chunk("steps.py", text) if marker in c.text)
-    return ("buffer", "steps.py", chunk.content_hash)
+    return ("buffer", "steps.py", chunk.memory_key)
+
+
+def test_an_edited_chunk_is_encoded_after_its_context_as_the_indexer_encodes_it(indexed):
+    """The engine's encode of an edited buffer chunk (Engine._chunk_ids) builds the indexer's row: the same
+    memory as indexer.encoder.Encoder for that text after that context, which differs from the text alone."""
+    from indexer.encoder import Encoder
+
+    engine, repo, path, calls = indexed
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
+    engine.complete(edited, at(edited, 9), path=path)
+    chunk = next(c for c in repo.chunk("steps.py", edited) if "* 100 +" in c.text)
+    assert FUNCTIONS[0].strip() in chunk.context
+    ours = engine.on_worker(lambda: engine._assembler._blocks[chunk.memory_key])
+    encoder = Encoder(engine.model, engine.tokenizer)
+    theirs, alone = engine.on_worker(lambda: (encoder.encode([chunk.text], contexts=[chunk.context])[0],
+                                              encoder.encode([chunk.text])[0]))
+    for layer, cache in theirs.items():
+        assert torch.equal(ours[layer].keys, cache.keys) and torch.equal(ours[layer].values, cache.values)
+        assert not torch.equal(ours[layer].keys, alone[layer].keys)
+
+
+def test_a_chunk_below_an_edit_keeps_its_indexed_memory(indexed):
+    """Its text is unchanged, the text before it is not: its memory key differs from the indexed chunk's,
+    yet it uses the indexed memory (encoded after the old context) rather than an encode per keystroke."""
+    engine, repo, path, calls = indexed
+    edited = SOURCE.replace("total = value * 1 + 7", "total = value * 100 + 7")
+    below = next(c for c in repo.chunk("steps.py", edited) if "step_2(" in c.text)
+    indexed_keys = {meta.memory_key for meta in repo.bank.chunks_of("steps.py").values()}
+    assert below.memory_key not in indexed_keys  # its context holds the edit
+    engine.complete(edited, at(edited, 9), path=path)
+    assert len(calls) == 1  # step_1 only
+    assert 2 in visible_functions(engine, repo)
 
 
 def test_the_server_defers_edits_and_the_cli_does_not():

@@ -97,12 +97,12 @@ def tables(db: Path) -> dict[str, list]:
                                  "skip_reason FROM files ORDER BY path").fetchall(),
             "chunks": con.execute("SELECT path, ordinal, start_byte, end_byte, start_line, end_line, symbol, "
                                   "kind, token_count, content_hash FROM chunks ORDER BY path, ordinal").fetchall(),
-            "memories": con.execute("SELECT content_hash, fingerprint, n_tokens, dtype, shape, layers, nbytes, "
-                                    "mask, sha256(data) FROM memories ORDER BY content_hash").fetchall()
+            "memories": con.execute("SELECT memory_key, fingerprint, n_tokens, dtype, shape, layers, nbytes, "
+                                    "mask, sha256(data) FROM memories ORDER BY memory_key").fetchall()
             if _has_sha256(con) else
             [(*r[:-1], hashlib.sha256(r[-1]).hexdigest()) for r in con.execute(
-                "SELECT content_hash, fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data "
-                "FROM memories ORDER BY content_hash")],
+                "SELECT memory_key, fingerprint, n_tokens, dtype, shape, layers, nbytes, mask, data "
+                "FROM memories ORDER BY memory_key")],
         }
     finally:
         con.close()
@@ -122,8 +122,8 @@ def hashes(ix: Indexer, path: str | None = None) -> set[str]:
 
 def orphans(store: Store) -> int:
     """Memory rows no chunk refers to."""
-    return store.db.execute("SELECT count(*) FROM memories WHERE content_hash NOT IN "
-                            "(SELECT content_hash FROM chunks)").fetchone()[0]
+    return store.db.execute("SELECT count(*) FROM memories WHERE memory_key NOT IN "
+                            "(SELECT memory_key FROM chunks)").fetchone()[0]
 
 
 def edit_function(path: Path, name: str, line: str = "    _edited = True  # edited\n") -> None:
@@ -158,7 +158,7 @@ def test_a_pass_asks_the_store_for_missing_memories_once_per_step_not_per_empty_
     with open_ix(repo, tiny) as ix:
         summary = ix.index()  # no editor: one tier, the rest, in walk order
         files = {f.path for f in ix.store.files()}
-    assert 1 <= summary.chunks_encoded <= 3
+    assert 1 <= summary.chunks_encoded <= 8  # the function's chunks, those whose context holds the edit
     assert asked == [None, files, {"json/decoder.py"}]
 
 
@@ -167,13 +167,22 @@ def test_editing_one_function_reencodes_only_its_chunks(repo, tiny, via):
     with open_ix(repo, tiny) as ix:
         ix.index()
         before_all, before_file = hashes(ix), ix.store.chunks("json/decoder.py")
+        before_keys = {c.memory_key for c in ix.store.chunks()}
         edit_function(repo / "json/decoder.py", "JSONObject")
         summary = ix.index() if via == "index" else ix.update([repo / "json/decoder.py"])
         after_file = ix.store.chunks("json/decoder.py")
         new = {c.content_hash for c in after_file} - before_all
         assert 1 <= len(new) <= 3  # the function's chunk(s), nothing else
-        assert summary.chunks_encoded == len(new) == ix.encoder.stats.chunks
         assert all(c.symbol and "JSONObject" in c.symbol for c in after_file if c.content_hash in new)
+        # encoded: the new chunks and the chunks after them whose context (the text before them that their
+        # memory is encoded after) holds the edit; no other
+        rekeyed = [c for c in after_file if c.memory_key not in before_keys]
+        assert summary.chunks_encoded == len(rekeyed) == ix.encoder.stats.chunks > len(new)
+        edit_start = min(c.start_byte for c in after_file if c.content_hash in new)
+        edit_end = max(c.end_byte for c in after_file if c.content_hash in new)
+        assert all(edit_end <= c.start_byte < edit_end + ix.context_chars
+                   for c in rekeyed if c.content_hash not in new)
+        assert all(c.memory_key in before_keys for c in after_file if c.start_byte < edit_start)
         # the other chunks of the file keep their content hash, i.e. their memory
         unchanged = [c for c in after_file if c.content_hash not in new]
         assert len(unchanged) >= len(before_file) - 3
@@ -380,8 +389,8 @@ def test_chunks_never_outgrow_the_window(tiny, tmp_path):
     with Indexer.open(repo, model, tok, model_dir, chunk_tokens=4096) as ix:
         assert ix.chunk_tokens == model.window == 128
         ix.index()
-        n_tokens = {h: m.num_tokens for h, m in ix.store.iter_memories()}
-        assert all(n_tokens[c.content_hash] == c.token_count <= 128 for c in ix.store.chunks())
+        n_tokens = {k: m.num_tokens for k, m in ix.store.iter_memories()}
+        assert all(n_tokens[c.memory_key] == c.token_count <= 128 for c in ix.store.chunks())
 
 
 # -- kill -9 and resume --------------------------------------------------------------------------

@@ -436,7 +436,7 @@ def snapshot(db: Path, immutable: bool = False) -> dict:
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         files = con.execute("SELECT path, content_hash, status FROM files ORDER BY path").fetchall()
         chunks = con.execute("SELECT path, ordinal, content_hash FROM chunks ORDER BY path, ordinal").fetchall()
-        memories = con.execute("SELECT content_hash FROM memories ORDER BY content_hash").fetchall()
+        memories = con.execute("SELECT memory_key FROM memories ORDER BY memory_key").fetchall()
     finally:
         con.close()
     return {"files": files, "chunks": chunks, "memories": memories}

@@ -132,7 +132,7 @@ def test_int8_round_trip_equals_the_quant_reference_and_halves_the_bytes(tmp_pat
     with Store.open(index_path(tmp_path, fp), fp) as store:
         assert store.put_memories({"a" * 64: m, "b" * 64: masked}) == 2
         got = dict(store.iter_memories())
-        nbytes = {r[0]: r[1:] for r in store.db.execute("SELECT content_hash, nbytes, encoding FROM memories")}
+        nbytes = {r[0]: r[1:] for r in store.db.execute("SELECT memory_key, nbytes, encoding FROM memories")}
     assert_same_memory(got["a" * 64], as_stored(m))
     assert_same_memory(got["b" * 64], as_stored(masked))
     assert nbytes["a" * 64] == (2 * 3 * 3 * 7 * (64 + 2), "int8-rows")  # 2 (K, V) L Hkv T (D + float16 scale)
@@ -196,7 +196,7 @@ def test_migrations_are_idempotent(db):
             assert schema_of(store) == schema
             assert store.meta()["created_at"] == created
             names = [m.name for m in migrations.applied(store.db)]
-            assert names == ["m001_create_tables", "m002_memory_mac", "m003_memory_encoding"]
+            assert names == ["m001_create_tables", "m002_memory_mac", "m003_memory_encoding", "m004_memory_key"]
             assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -479,7 +479,7 @@ def check_consistent(db: Path) -> None:
             assert torch.equal(bits(m[1].values), bits(want.values))
         store.gc()
         orphans = store.db.execute("SELECT count(*) FROM memories "
-                                   "WHERE content_hash NOT IN (SELECT content_hash FROM chunks)").fetchone()
+                                   "WHERE memory_key NOT IN (SELECT memory_key FROM chunks)").fetchone()
         assert orphans == (0,)
 
 
@@ -519,7 +519,7 @@ def test_kill_9_leaves_a_consistent_resumable_index(worker, db):
         f"only {landed} of {len(delays)} kills landed mid-run (seed {seed}, runs of {run_s:.3f} s)"
     # Resume the last run to completion: it encodes exactly the missing contents, nothing twice.
     with Store.open(db, FP) as store:
-        had = {r[0] for r in store.db.execute("SELECT content_hash FROM memories")}
+        had = {r[0] for r in store.db.execute("SELECT memory_key FROM memories")}
     worker.send(f"run {db} {version} {100 + 20 * (version % 2)}")
     worker.expect("pid ")
     encoded = int(worker.expect("encoded "))
@@ -529,7 +529,7 @@ def test_kill_9_leaves_a_consistent_resumable_index(worker, db):
         final = {c.content_hash for c in store.chunks()}
         assert encoded == len(final - had), f"seed {seed}"
         assert store.chunks_missing_memory() == [] and len(store.files()) == 100 + 20 * (version % 2)
-        assert {r[0] for r in store.db.execute("SELECT content_hash FROM memories")} == final
+        assert {r[0] for r in store.db.execute("SELECT memory_key FROM memories")} == final
 
 
 # -- a hostile repository's .longllama/ (issue 18) -----------------------------------------------------
@@ -628,9 +628,9 @@ def test_a_row_with_a_bad_mac_is_not_used_and_is_encoded_again(db):
         put_file(store, "a.py", ["one", "two"])
         store.put_memories({sha("one"): memory(4, seed=1), sha("two"): memory(4, seed=2)})
         # Tampered after signing: one bit of one key, and a row whose MAC was removed.
-        store.db.execute("UPDATE memories SET data = CAST(? || substr(data, 2) AS BLOB) WHERE content_hash = ?",
+        store.db.execute("UPDATE memories SET data = CAST(? || substr(data, 2) AS BLOB) WHERE memory_key = ?",
                          [b"\x01", sha("one")])
-        store.db.execute("UPDATE memories SET mac = NULL WHERE content_hash = ?", [sha("two")])
+        store.db.execute("UPDATE memories SET mac = NULL WHERE memory_key = ?", [sha("two")])
         assert dict(store.iter_memories()) == {}
         assert store.missing_memories([sha("one"), sha("two")]) == {sha("one"), sha("two")}
 
