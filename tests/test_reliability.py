@@ -24,6 +24,7 @@ from helpers_models import smol_tokenizer_dir, write_tiny_model  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from indexer.pipeline import ENCODE_BATCH_CHUNKS
 from longllama_lsp.framing import frame
 
 SOURCE = 'import os\n\n\ndef greet(name):\n    """Say hello."""\n    print("hello", name)\n\n\ndef main():\n    gre'
@@ -472,7 +473,9 @@ def test_kill_9_during_indexing_then_resume_equals_a_clean_rebuild(model_dir, tm
     kill_at(model_dir, root, db, "scan", 2)  # 2 of 5 files chunked, nothing encoded
     after_scan = snapshot(db)
     assert 1 <= len({c[0] for c in after_scan["chunks"]}) < 5 and after_scan["memories"] == []
-    kill_at(model_dir, root, db, "encode", 1)  # every file chunked, the first batch of memories stored
+    # every file chunked, the first batch of memories stored: a batch reports each chunk, then its end (after
+    # its memories are stored); the next batch's first report comes after that
+    kill_at(model_dir, root, db, "encode", ENCODE_BATCH_CHUNKS + 2)
     after_encode = snapshot(db)
     chunk_hashes = {c[2] for c in after_encode["chunks"]}
     assert len(after_encode["files"]) == 5 and 0 < len(after_encode["memories"]) < len(chunk_hashes)
