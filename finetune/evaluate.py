@@ -100,10 +100,12 @@ def _slice(mem, start: int, end: int):
 
 
 class MemoryCache:
-    """Per-file memory for one model: chunks of <= window tokens, encoded independently in batches."""
+    """Per-file memory for one model: chunks of <= window tokens, encoded in batches, each alone or (with
+    `context` > 0) after the `context` tokens before it, as the index encodes chunks (indexer.encoder)."""
 
-    def __init__(self, model: Any, window: int, batch_size: int = 8, progress: bool = True):
+    def __init__(self, model: Any, window: int, batch_size: int = 8, progress: bool = True, context: int = 0):
         self.model, self.window, self.batch_size, self.progress = model, window, batch_size, progress
+        self.context = context
         self._files: dict[Any, Any] = {}
         self._next_content = 0  # each encoded key's content number (BlockIds)
         self.encoded_tokens = 0
@@ -117,14 +119,17 @@ class MemoryCache:
 
         return Memory.concat([self._files[k] for k in keys]) if keys else None
 
-    def ensure(self, items: dict[Any, list[int]]) -> None:
-        """Encode the files of `items` {key: tokens} not cached yet."""
+    def ensure(self, items: dict[Any, list[int]], before: dict[Any, list[int]] | None = None) -> None:
+        """Encode the files of `items` {key: tokens} not cached yet; `before` {key: the tokens before them}
+        gives the first chunk its context (none for a key it lacks)."""
         from tqdm.auto import tqdm
 
         from longllama_lsp.model import Memory
 
         todo = {k: v for k, v in items.items() if k not in self._files}
-        chunks = [(k, i, toks[i:i + self.window]) for k, toks in todo.items() for i in range(0, len(toks), self.window)]
+        # (key, start, the context's tokens then the chunk's); the chunk's own slots are the row's last ones
+        chunks = [(k, i, self._lead((before or {}).get(k, []) + toks[:i]) + toks[i:i + self.window])
+                  for k, toks in todo.items() for i in range(0, len(toks), self.window)]
         chunks.sort(key=lambda c: -len(c[2]))  # similar lengths share a batch: little padding
         parts: dict[Any, dict[int, Any]] = {k: {} for k in todo}
         bar = tqdm(total=sum(len(c[2]) for c in chunks), desc="encode memory", unit="tok", file=sys.stderr,
@@ -135,12 +140,17 @@ class MemoryCache:
             ids, mask = _pad([c[2] for c in group], device)
             mem = self.model.encode_memory(ids, attention_mask=mask)
             for row, (k, i, toks) in zip(mem.split_rows(), group, strict=True):
-                parts[k][i] = _slice(row, 0, len(toks))
+                n = len(todo[k][i:i + self.window])
+                parts[k][i] = _slice(row, len(toks) - n, len(toks))
             bar.update(sum(len(c[2]) for c in group))
             self.encoded_tokens += sum(len(c[2]) for c in group)
         bar.close()
         for k in todo:
             self._files[k] = self._with_block_ids(Memory.concat([parts[k][i] for i in sorted(parts[k])]))
+
+    def _lead(self, before: list[int]) -> list[int]:
+        """The context a chunk is encoded after: the last `context` tokens before it (none at 0)."""
+        return before[-self.context:] if self.context > 0 else []
 
     def _with_block_ids(self, memory):
         """`memory` with the block ids of its key's content (each key encoded once): where memories

@@ -20,6 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument("--retrieve-tokens", type=int, default=4096, metavar="N",
                    help="crossfile-ids: memory of the 'retrieved' system, the chunks completions retrieve "
                         "(the server's memory.retrieveTokens; default: 4096)")
+    p.add_argument("--memory-context", type=int, default=256, metavar="N",
+                   help="crossfile-ids: each memory chunk is encoded after the N tokens before it in its file, as "
+                        "the index encodes chunks after the 1,024 characters before them (default: 256; 0: each "
+                        "chunk alone, as indexes before stop 34)")
     p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
     p.add_argument("--spans-per-file", type=int, default=2)
     p.add_argument("--passkey-lengths", default="4096,16384,65536")

@@ -6,7 +6,8 @@ crossfile-ids  On held-out repositories, spans of `span_len` tokens of a file F 
                tokens of prompt, under three systems at the same prompt budget:
                  none    the in-file prefix only
                  memory  the same prompt + repository memory: the other files' chunks
-                         (`chunk_len` tokens, each encoded on its own, as the indexer does), the
+                         (`chunk_len` tokens, each encoded after the `memory_context` tokens before
+                         it in its file, as the indexer does; 0: each on its own), the
                          files F imports first, then files defining the names F uses, then the
                          rest, up to `memory_tokens`
                  retrieved  the same prompt + the memory completions read (memory.retrieveTokens): the
@@ -61,6 +62,9 @@ class SkillArgs:
     chunk_len: int = 256  # memory chunk (the indexer's chunk budget)
     memory_tokens: int = 8192  # repository memory per file (files it imports first)
     retrieve_tokens: int = 4096  # memory of the "retrieved" system (the server's memory.retrieveTokens)
+    # Tokens of its file before a memory chunk that it is encoded after: the index's 1,024 characters are
+    # ~256-300 tokens of code (indexer.encoder.CONTEXT_CHARS); 0: alone, as the index encoded before stop 34.
+    memory_context: int = 256
     files_per_repo: int | None = 6  # files scored per repository (seeded sample of those with spans)
     spans_per_file: int = 2
     batch_size: int = 4
@@ -288,7 +292,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
         raise ValueError(f"span_len {args.span_len} must be below the prompt budget {args.budget}")
     ctx = args.budget - args.span_len
     retrieval = _retrieval_module() if "bm25" in systems else None
-    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False)
+    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False, context=args.memory_context)
     scores = {s: SystemScore() for s in systems}
     per_repo: dict[str, dict[str, SystemScore]] = {}
     n_spans, mem_sizes, retrieved_sizes = 0, [], []
@@ -310,7 +314,8 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                 if system == "retrieved":  # one memory per span: each retrieves for its own code
                     for s, target, fl, prompt in zip(group, targets, tflags, plain, strict=True):
                         keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
-                        cache.ensure({k: chunk_ids(repo, k, args.chunk_len) for k in keys})
+                        cache.ensure({k: chunk_ids(repo, k, args.chunk_len) for k in keys},
+                                     {k: repo.files[k[1]].ids[:k[2]] for k in keys})
                         memory = cache.memory(keys)
                         retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
                         for sc in (scores[system], rs[system]):
@@ -546,7 +551,7 @@ def run(args) -> int:
         model.config.select_memory_tokens(args.select_tokens)
     sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
                    memory_tokens=args.memory_tokens, retrieve_tokens=args.retrieve_tokens,
-                   files_per_repo=args.files_per_repo,
+                   memory_context=args.memory_context, files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,
                    passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
                    passkey_trials=args.passkey_trials, passkey_prompt=args.passkey_prompt,

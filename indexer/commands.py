@@ -203,6 +203,7 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from indexer.schema import CONTEXT_CHARS
     from indexer.store import Store
 
     if bad := root_problem("status", args.repo):
@@ -219,6 +220,10 @@ def run_status(args: argparse.Namespace) -> int:
             continue
         print(f"index:    {shown(s.path)}")
         print(model_lines(s, meta))
+        if (s.model.get("context_chars") or 0) != CONTEXT_CHARS:  # an index this version no longer reads
+            print(f"  stale:  its chunks were encoded alone; this version encodes each after the text before "
+                  f"it and builds another index (`longllama index`); this one can be deleted "
+                  f"({s.bytes_on_disk / 2**20:.1f} MiB)")
         print(f"files:    {s.files}\nchunks:   {s.chunks} ({s.chunks_missing_memory} not encoded yet)\n"
               f"tokens:   {s.tokens}\non disk:  {s.bytes_on_disk / 2**20:.1f} MiB")
         if s.skipped:

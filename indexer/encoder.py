@@ -1,7 +1,7 @@
 """Chunk texts -> memory: the model run up to its last memory layer, batched by length.
 
 Each chunk is encoded after the end of the text before it in its file (its context: at most
-CONTEXT_CHARS, from a line start; no earlier memory), and only the chunk's own slots are kept. Its
+indexer.schema.CONTEXT_CHARS, from a line start; no earlier memory), and only the chunk's own slots are kept. Its
 memory is then valid wherever the same text follows the same context (after a rename, in another
 file, on another branch): the memory key hashes both (`memory_key`). Encoded alone, a chunk's keys
 miss what the code above defines or imports: on the skill eval's cross-file identifier tokens,
@@ -24,10 +24,6 @@ from typing import Any
 import torch
 
 from longllama_lsp.model.memory import MemCache, Memory
-
-# Characters of the file before a chunk that its memory is encoded after: ~300 tokens of code, the
-# 256 tokens measured in bench/xid_encoding.py. Part of the index fingerprint (schema.Fingerprint).
-CONTEXT_CHARS = 1024
 
 
 def contexts(texts: Sequence[str], chars: int) -> list[str]:

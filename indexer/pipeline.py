@@ -26,9 +26,9 @@ from pathlib import Path
 
 from indexer.bank import MemoryBank
 from indexer.chunker import chunk_file, decode_bytes
-from indexer.encoder import CONTEXT_CHARS, Encoder, contexts, keyed, memory_key
+from indexer.encoder import Encoder, contexts, keyed, memory_key
 from indexer.priority import Tiers, recently_changed, tiers
-from indexer.schema import ChunkRow, FileRow, Fingerprint
+from indexer.schema import CONTEXT_CHARS, ChunkRow, FileRow, Fingerprint
 from indexer.secrets import DETECTOR_VERSION
 from indexer.store import Store, index_path
 from indexer.walker import Decision, WalkRules, content_reason, explain, printable_path, walk_with_skips

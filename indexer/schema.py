@@ -123,6 +123,11 @@ STORE_ENCODING = "int8-rows"  # what new memories are written as
 
 SCHEMA_VERSION = len(migrations._migrations)
 
+# Characters of the file before a chunk that its memory is encoded after (indexer.encoder): ~300 tokens of
+# code, the 256 tokens measured in bench/xid_encoding.py. Here, not in the encoder, so that `longllama status`
+# knows the current value without importing torch.
+CONTEXT_CHARS = 1024
+
 
 @dataclass(frozen=True)
 class Fingerprint:

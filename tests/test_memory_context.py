@@ -15,8 +15,9 @@ import pytest
 import torch
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
-from indexer.encoder import CONTEXT_CHARS, Encoder, contexts, memory_key
+from indexer.encoder import Encoder, contexts, memory_key
 from indexer.pipeline import Indexer, checkpoint_fingerprint
+from indexer.schema import CONTEXT_CHARS
 
 STDLIB = Path(json.__file__).parent.parent
 

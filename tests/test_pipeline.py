@@ -520,9 +520,17 @@ def test_cli_index_and_status(tiny, capsys, tmp_path):
     assert f"files:    {stats.files}\n" in status and f"chunks:   {stats.chunks} (0 not encoded yet)" in status
     assert f"tokens:   {stats.tokens}\n" in status and "mem_layers [1]" in status
     assert "blob.bin: " in status  # skipped files are listed with their reason
+    assert "stale" not in status
     assert cli_main(["status", str(repo), "--json"]) == 0
     as_json = json.loads(capsys.readouterr().out)
     assert as_json["chunks"] == stats.chunks and as_json["chunks_missing_memory"] == 0
+    # an index whose chunks were encoded alone (built before memory contexts) is named stale
+    model, tok, model_dir = tiny
+    with Indexer.open(repo, model, tok, model_dir, chunk_tokens=CHUNK_TOKENS, context_chars=0) as ix:
+        ix.index()
+    assert cli_main(["status", str(repo)]) == 0
+    status = capsys.readouterr().out
+    assert status.count("index:    ") == 2 and status.count("  stale:  its chunks were encoded alone") == 1
 
 
 def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tmp_path, monkeypatch):

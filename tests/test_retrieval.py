@@ -633,6 +633,33 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
     assert out["memory_tokens_mean"] > 0 and 0 < out["retrieved_tokens_mean"] <= args.retrieve_tokens
 
 
+def test_the_eval_encodes_memory_chunks_after_their_context_as_the_index_does(tokenizer):
+    """MemoryCache(context=N): each chunk's memory is its own slots of the N tokens before it and the chunk
+    encoded together (the first chunk of an item after `before`); context 0 encodes each chunk alone."""
+    import torch
+
+    from finetune.evaluate import MemoryCache
+
+    model = _tiny(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).eval()
+    ids = tokenizer.encode(SHAPES, add_special_tokens=False)[:80]
+    after, alone = MemoryCache(model, 32, 4, progress=False, context=16), MemoryCache(model, 32, 4, progress=False)
+    after.ensure({"file": ids[20:], "chunk": ids[40:72]}, {"chunk": ids[:40]})
+    alone.ensure({"file": ids[20:]})
+    with torch.no_grad():
+        joint = model.encode_memory(torch.tensor([ids[20 + 32 - 16:20 + 64]]))  # the file's 2nd chunk, after 16
+        first = model.encode_memory(torch.tensor([ids[20:52]]))
+        chunk = model.encode_memory(torch.tensor([ids[40 - 16:72]]))
+    for layer in joint:
+        got = after.get("file")[layer].keys  # (1, Hkv, 60, D): chunks of 32 + 28
+        assert got.shape[2] == 60
+        assert torch.allclose(got[:, :, :32], first[layer].keys, atol=1e-5)  # the first chunk: no context
+        assert torch.allclose(got[:, :, 32:], joint[layer].keys[:, :, 16:], atol=1e-5)
+        assert torch.allclose(after.get("chunk")[layer].keys, chunk[layer].keys[:, :, 16:], atol=1e-5)
+    # layer 0's keys see only their token; layer 1's see the context through layer 0's attention
+    assert not torch.allclose(alone.get("file")[1].keys[:, :, 32:], after.get("file")[1].keys[:, :, 32:], atol=1e-3)
+
+
 def test_retrieved_memory_is_the_other_files_chunks_that_match_the_code_before_the_span(eval_repo, tokenizer):
     from finetune.skill_eval import SkillArgs, Span, chunk_ids, load_repo, retrieved_chunks
     from longllama_lsp.lexical import ChunkRetriever
