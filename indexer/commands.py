@@ -205,6 +205,7 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
 def run_status(args: argparse.Namespace) -> int:
     from indexer.schema import CONTEXT_CHARS
     from indexer.store import Store
+    from longllama_lsp.errors import StoreOutdated
 
     if bad := root_problem("status", args.repo):
         return bad
@@ -213,8 +214,12 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{Path(args.repo).resolve()}: not indexed yet (run `longllama index --repo {args.repo}`)")
         return 1
     for db in dbs:
-        with Store.open(db, None, readonly=True) as store:
-            s, meta = store.stats(), store.meta()
+        try:
+            with Store.open(db, None, readonly=True) as store:
+                s, meta = store.stats(), store.meta()
+        except StoreOutdated:  # an older version's index: this one builds its own beside it
+            _print_outdated(db, args.json)
+            continue
         if args.json:
             print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta)}, indent=2, default=str))
             continue
@@ -231,6 +236,16 @@ def run_status(args: argparse.Namespace) -> int:
             for path, reason in s.skipped[: args.show_skipped]:
                 print(f"  {shown(path)}: {shown(reason)}")
     return 0
+
+
+def _print_outdated(db: Path, as_json: bool) -> None:
+    size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
+    note = ("written by an older version of longllama; this version builds and reads its own index "
+            "(`longllama index`), so this one can be deleted")
+    if as_json:
+        print(json.dumps({"path": str(db), "stale": note, "bytes_on_disk": size}, indent=2))
+    else:
+        print(f"index:    {shown(str(db))}\n  stale:  {note} ({size / 2**20:.1f} MiB)")
 
 
 def _checkpoint(meta: dict[str, str]) -> dict:

@@ -58,7 +58,7 @@ from indexer.schema import (
     migrations,
 )
 from indexer.signing import sign, user_key, verify
-from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch
+from longllama_lsp.errors import IndexBusy, StoreError, StoreMismatch, StoreOutdated
 from longllama_lsp.safefile import UnsafeFile, open_regular
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ class Store:
         if self.readonly:
             pending = migrations.pending(self.db)
             if pending:
-                raise StoreError(f"index {self.path} has an older schema ({[m.name for m in pending]} "
+                raise StoreOutdated(f"index {self.path} has an older schema ({[m.name for m in pending]} "
                                  "pending); run `longllama index` once to upgrade it")
         else:
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]

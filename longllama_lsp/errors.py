@@ -23,6 +23,10 @@ class StoreMismatch(StoreError):
     """The index was built by a different model (fingerprint mismatch)."""
 
 
+class StoreOutdated(StoreError):
+    """The index was written by an older version (migrations pending) and is open read-only."""
+
+
 class IndexBusy(StoreError):
     """Another process (PID `holder`, as its lock file says) holds the writer lock of the index at `path`."""
 

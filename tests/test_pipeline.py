@@ -531,6 +531,15 @@ def test_cli_index_and_status(tiny, capsys, tmp_path):
     assert cli_main(["status", str(repo)]) == 0
     status = capsys.readouterr().out
     assert status.count("index:    ") == 2 and status.count("  stale:  its chunks were encoded alone") == 1
+    # an index an older version wrote (a migration pending) is named stale; the others are still shown
+    old = db.with_name("index-000000000000.db")
+    shutil.copy(db, old)
+    with sqlite3.connect(old) as con:
+        con.execute("DELETE FROM _sqlite_migrations WHERE name = 'm004_memory_key'")
+    assert cli_main(["status", str(repo)]) == 0
+    status = capsys.readouterr().out
+    assert status.count("index:    ") == 3 and "written by an older version of longllama" in status
+    assert f"files:    {stats.files}\n" in status
 
 
 def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tmp_path, monkeypatch):
