@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                    help="crossfile-ids: memory of the 'retrieved' system, the chunks completions retrieve "
                         "(the server's memory.retrieveTokens; default: 4096)")
     p.add_argument("--memory-context", type=int, default=256, metavar="N",
-                   help="crossfile-ids: each memory chunk is encoded after the N tokens before it in its file, as "
+                   help="crossfile-ids and passkey: each memory chunk is encoded after the N tokens before it, as "
                         "the index encodes chunks after the 1,024 characters before them (default: 256; 0: each "
                         "chunk alone, as indexes before stop 34)")
     p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")

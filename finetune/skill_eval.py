@@ -422,8 +422,10 @@ def passkey_trials(model, tokenizer, cache, n: int, args: SkillArgs, local: int,
         key_at = len(tokenizer(prompt[:at], add_special_tokens=False)["input_ids"])
         key_end = len(tokenizer(prompt[:prompt.index(tail, at) + len(tail)], add_special_tokens=False)["input_ids"])
         split = max(0, len(ids) - local) if style == "reference" else len(ids)
-        chunks = [tuple(ids[i:min(i + args.chunk_len, split)]) for i in range(0, split, args.chunk_len)]
-        cache.ensure({c: list(c) for c in chunks})
+        # (the context's tokens, the chunk's tokens): equal pairs share one memory, as the index shares them
+        chunks = [(tuple(ids[max(0, i - args.memory_context):i] if args.memory_context else ()),
+                   tuple(ids[i:min(i + args.chunk_len, split)])) for i in range(0, split, args.chunk_len)]
+        cache.ensure({c: list(c[1]) for c in chunks}, {c: list(c[0]) for c in chunks})
         local_ids = ids[split:] if style == "reference" else _question_ids(tokenizer, style)
         window = torch.tensor([local_ids], device=model.device)
         yield PasskeyTrial(key, ids, window, cache.memory(chunks), key_at, key_end, split)
@@ -453,8 +455,9 @@ def eval_passkey(model, tokenizer, args: SkillArgs, progress: bool = True) -> di
 
     model.eval()
     local = args.local_len or model.config.last_context_length
-    # Keyed by the chunk's tokens: a repeated chunk is encoded once (encoded_tokens counts distinct ones).
-    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False)
+    # Keyed by the chunk's tokens and its context's (the index encodes each chunk after the text before it):
+    # a repeated pair is encoded once (encoded_tokens counts distinct ones).
+    cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False, context=args.memory_context)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     for n in args.passkey_lengths:

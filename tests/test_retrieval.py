@@ -728,10 +728,14 @@ def test_passkey_bag_encodes_each_distinct_chunk_once(tokenizer):
     cache.ensure({c: list(c) for c in (a, b)})
     ids = cache.memory([a, b, a, b])[model.config.mem_layers[0]].block_ids.ids
     assert ids[0] == ids[3] and ids[1:3].tolist() == ids[4:6].tolist() and len(set(ids.tolist())) == 3
-    args = SkillArgs(passkey_lengths=(512, 2048), passkey_trials=3, chunk_len=32, local_len=48)
+    args = SkillArgs(passkey_lengths=(512, 2048), passkey_trials=3, chunk_len=32, local_len=48, memory_context=0)
     out = eval_passkey(model, tokenizer, args, progress=False)
     assert out["512"]["trials"] == out["2048"]["trials"] == 3
     assert out["encoded_tokens"] < (512 + 2048) * 3 / 2  # the filler repeats: few distinct chunks
+    # after their contexts (the index's encoding), chunks of repeated filler after repeated filler repeat too
+    args.memory_context = 32
+    with_context = eval_passkey(model, tokenizer, args, progress=False)["encoded_tokens"]
+    assert out["encoded_tokens"] < with_context < 2 * (512 + 2048) * 3 / 2
     # With a local window longer than the prompt, nothing is in memory.
     out = eval_passkey(model, tokenizer, SkillArgs(passkey_lengths=(64,), passkey_trials=2, local_len=120),
                        progress=False)
