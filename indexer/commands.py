@@ -220,15 +220,16 @@ def run_status(args: argparse.Namespace) -> int:
         except StoreOutdated:  # an older version's index: this one builds its own beside it
             _print_outdated(db, args.json)
             continue
+        stale = None if (s.model.get("context_chars") or 0) == CONTEXT_CHARS else (  # not read by this version
+            "its chunks were encoded alone; this version encodes each after the text before it and builds "
+            "another index (`longllama index`), so this one can be deleted")
         if args.json:
-            print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta)}, indent=2, default=str))
+            print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta), "stale": stale}, indent=2, default=str))
             continue
         print(f"index:    {shown(s.path)}")
         print(model_lines(s, meta))
-        if (s.model.get("context_chars") or 0) != CONTEXT_CHARS:  # an index this version no longer reads
-            print(f"  stale:  its chunks were encoded alone; this version encodes each after the text before "
-                  f"it and builds another index (`longllama index`); this one can be deleted "
-                  f"({s.bytes_on_disk / 2**20:.1f} MiB)")
+        if stale:
+            print(f"  stale:  {stale} ({s.bytes_on_disk / 2**20:.1f} MiB)")
         print(f"files:    {s.files}\nchunks:   {s.chunks} ({s.chunks_missing_memory} not encoded yet)\n"
               f"tokens:   {s.tokens}\non disk:  {s.bytes_on_disk / 2**20:.1f} MiB")
         if s.skipped:
@@ -243,9 +244,9 @@ def _print_outdated(db: Path, as_json: bool) -> None:
     note = ("written by an older version of longllama; this version builds and reads its own index "
             "(`longllama index`), so this one can be deleted")
     if as_json:
-        print(json.dumps({"path": str(db), "stale": note, "bytes_on_disk": size}, indent=2))
+        print(json.dumps({"path": str(db.resolve()), "stale": note, "bytes_on_disk": size}, indent=2))
     else:
-        print(f"index:    {shown(str(db))}\n  stale:  {note} ({size / 2**20:.1f} MiB)")
+        print(f"index:    {shown(str(db.resolve()))}\n  stale:  {note} ({size / 2**20:.1f} MiB)")
 
 
 def _checkpoint(meta: dict[str, str]) -> dict:
