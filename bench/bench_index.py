@@ -123,7 +123,8 @@ def index_once(root: Path, model, tok, model_dir) -> dict:
         "seconds_total": round(summary.seconds, 1),
         "seconds_scan": round((phases.scan_end or phases.t0) - phases.t0, 1),
         "seconds_encode_model": round(enc.seconds, 1),
-        "encode_tok_s": round(enc.tokens / enc.seconds, 1) if enc.seconds else None,
+        "encode_tok_s": round(enc.tokens / enc.seconds, 1) if enc.seconds else None,  # chunk tokens
+        "context_tokens_encoded": enc.context_tokens,  # encoded before each chunk and dropped
         "end_to_end_tok_s": round(summary.tokens_encoded / summary.seconds, 1),
         "bytes_on_disk": on_disk, "bytes_per_token": round(on_disk / stats.tokens, 1),
         "raw_memory_bytes_per_token": raw_per_token,

@@ -66,7 +66,8 @@ def keyed(chunks: Sequence[Any], chars: int) -> list[tuple[Any, str]]:
 @dataclass
 class EncodeStats:
     chunks: int = 0
-    tokens: int = 0
+    tokens: int = 0  # the chunks' own: what their memories hold
+    context_tokens: int = 0  # encoded before them and dropped (Encoder.encode's contexts)
     seconds: float = 0.0
 
 
@@ -161,7 +162,8 @@ class Encoder:
                        for i, c in memory.items()})
                for b, (k, n) in enumerate(zip(kept, lengths, strict=True))]  # keys (1, Hkv, n - k, D)
         self.stats.chunks += len(rows)
-        self.stats.tokens += sum(lengths)  # context tokens too: the rate is the model's
+        self.stats.tokens += sum(n - k for k, n in zip(kept, lengths, strict=True))  # what the memories hold
+        self.stats.context_tokens += sum(kept)
         self.stats.seconds += time.perf_counter() - t0
         return out
 
