@@ -38,8 +38,10 @@ def contexts(texts: Sequence[str], chars: int) -> list[str]:
 
 
 def _tail(text: str, chars: int) -> str:
-    if len(text) <= chars or chars <= 0:
-        return text if chars > 0 else ""
+    if chars <= 0:
+        return ""
+    if len(text) <= chars:
+        return text
     cut = text[-chars:]
     if text[-chars - 1] == "\n":
         return cut
