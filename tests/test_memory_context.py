@@ -114,5 +114,4 @@ def test_a_file_changed_after_chunking_is_not_encoded_with_a_stale_context(tiny,
     # the text before the last chunk changes, the chunk itself does not
     (root / "pkg" / "a.py").write_text(source.replace("return x * 38 + 266", "return x * 38 + 267"))
     with Indexer.open(root, model, tok, model_dir, chunk_tokens=48) as ix:
-        ix._trust_mtime = False
         assert ix._context_of(later) is None  # the read-back context no longer gives the row's key
