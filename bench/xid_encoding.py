@@ -5,10 +5,11 @@
 For every span of `longllama eval --task crossfile-ids` (same spans, same BM25 retrieval of 4,096 tokens
 of 256-token chunks as its `retrieved` system, finetune/skill_eval.py) the cross-file identifier NLL with
   none   no memory
-  alone  each retrieved chunk encoded on its own (what the index stores; = the eval's `retrieved`)
+  alone  each retrieved chunk encoded on its own (what the index stored before stop 34; = the eval's
+         `retrieved` with --memory-context 0)
   joint  the retrieved chunks concatenated in file order and encoded together, N tokens at a time
   prev   each retrieved chunk encoded after the N tokens before it in its file, the chunk's keys kept
-         (what an index could store at ~2x the encode cost, with no encode per request)
+         (what the index stores since stop 34; = the eval's `retrieved` with --memory-context N)
 Bundled default model, dense attention, held-out repositories under --eval-root (requests, flask, click).
 """
 
@@ -20,39 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from finetune.commands import load_eval_model
-from finetune.evaluate import MemoryCache, _slice
+from finetune.evaluate import MemoryCache
 from finetune.skill_eval import (
     SkillArgs,
     SystemScore,
     _score,
     chunk_ids,
+    chunks_memory,
     load_repo,
     pick_spans,
     retrieved_chunks,
 )
 from longllama_lsp.lexical import ChunkRetriever
-from longllama_lsp.model import Memory
-
-
-class PrevContext:
-    """Chunk memories encoded after `prev` tokens of their file (keys of the chunk's own slots kept)."""
-
-    def __init__(self, model, prev: int, chunk_len: int):
-        self.model, self.prev, self.chunk_len, self.cache = model, prev, chunk_len, {}
-
-    @torch.no_grad()
-    def memory(self, repo, keys) -> Memory | None:
-        for key in keys:
-            if key not in self.cache:
-                _, path, i = key
-                ids = repo.files[path].ids
-                lo = max(0, i - self.prev)
-                mem = self.model.encode_memory(torch.tensor([ids[lo:i + self.chunk_len]]))  # (1, T) in
-                self.cache[key] = _slice(mem, i - lo, i - lo + len(ids[i:i + self.chunk_len]))
-        return Memory.concat([self.cache[k] for k in keys]) if keys else None
 
 
 def main() -> None:
@@ -69,7 +50,7 @@ def main() -> None:
                      spans_per_file=3, seed=a.seed)
     alone = MemoryCache(model, args.chunk_len, 4, progress=False)
     together = MemoryCache(model, a.tokens, 1, progress=False)
-    prev = PrevContext(model, a.tokens, args.chunk_len)
+    prev = MemoryCache(model, args.chunk_len, 1, progress=False, context=a.tokens)  # one row a batch: no padding
     scores = {"none": SystemScore(), "alone": SystemScore(), a.mode: SystemScore()}
     ctx = args.budget - args.span_len
     t0 = time.time()
@@ -80,14 +61,13 @@ def main() -> None:
             f = repo.files[s.path]
             target, fl, prompt = f.ids[s.start:s.end], f.flags[s.start:s.end], f.ids[max(0, s.start - ctx):s.start]
             keys = retrieved_chunks(repo, s, args, tok, retriever)
-            alone.ensure({k: chunk_ids(repo, k, args.chunk_len) for k in keys})
             _score(model, [prompt], [target], [fl], None, scores["none"])
-            _score(model, [prompt], [target], [fl], alone.memory(keys), scores["alone"])
+            _score(model, [prompt], [target], [fl], chunks_memory(alone, repo, keys, args.chunk_len), scores["alone"])
             if a.mode == "joint":
                 together.ensure({tuple(keys): [i for k in keys for i in chunk_ids(repo, k, args.chunk_len)]})
                 memory = together.memory([tuple(keys)])
             else:
-                memory = prev.memory(repo, keys)
+                memory = chunks_memory(prev, repo, keys, args.chunk_len)
             _score(model, [prompt], [target], [fl], memory, scores[a.mode])
             print(f"{name} {s.path} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     out = {k: v.summary() for k, v in scores.items()}

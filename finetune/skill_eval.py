@@ -204,6 +204,13 @@ def chunk_ids(repo: Repo, key: tuple, chunk_len: int) -> list[int]:
     return repo.files[path].ids[start:start + chunk_len]
 
 
+def chunks_memory(cache, repo: Repo, keys: Sequence[tuple], chunk_len: int):
+    """The memory of chunks `keys` (from retrieved_chunks), each encoded after the tokens before it in its
+    file as far as the cache's context reaches (finetune.evaluate.MemoryCache); None for no keys."""
+    cache.ensure({k: chunk_ids(repo, k, chunk_len) for k in keys}, {k: repo.files[k[1]].ids[:k[2]] for k in keys})
+    return cache.memory(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # BM25 prompts (the benchmark's system (b))
 
@@ -314,9 +321,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                 if system == "retrieved":  # one memory per span: each retrieves for its own code
                     for s, target, fl, prompt in zip(group, targets, tflags, plain, strict=True):
                         keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
-                        cache.ensure({k: chunk_ids(repo, k, args.chunk_len) for k in keys},
-                                     {k: repo.files[k[1]].ids[:k[2]] for k in keys})
-                        memory = cache.memory(keys)
+                        memory = chunks_memory(cache, repo, keys, args.chunk_len)
                         retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
                         for sc in (scores[system], rs[system]):
                             _score(model, [prompt], [target], [fl], memory, sc)
