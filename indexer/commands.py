@@ -240,7 +240,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _print_outdated(db: Path, as_json: bool) -> None:
-    size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
+    from indexer.store import disk_bytes
+
+    size = disk_bytes(db)
     note = ("written by an older version of longllama; this version builds and reads its own index "
             "(`longllama index`), so this one can be deleted")
     if as_json:

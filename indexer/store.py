@@ -147,6 +147,12 @@ def _check_index_dir(directory: Path) -> None:
                          "run `chmod o-w` on it or delete it")
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes of an index database on disk: the file, its WAL and shared memory (regular files only)."""
+    sizes = (os.lstat(p) for p in (Path(path), Path(f"{path}-wal"), Path(f"{path}-shm")) if os.path.lexists(p))
+    return sum(st.st_size for st in sizes if stat.S_ISREG(st.st_mode))
+
+
 def _check_side_files(path: Path) -> None:
     """The files SQLite opens beside the database by name must not be symlinks (the database itself is
     opened with _open_regular first)."""
@@ -566,8 +572,7 @@ class Store:
         memories, mem_bytes = one("SELECT count(*), coalesce(sum(nbytes), 0) FROM memories")
         skipped = self.db.execute("SELECT path, skip_reason FROM files WHERE status = 'skipped' "
                                   "ORDER BY path").fetchall()
-        parts = (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
-        on_disk = sum(p.stat().st_size for p in parts if p.exists())
+        on_disk = disk_bytes(self.path)
         meta = self.meta()
         return StoreStats(path=str(self.path), fingerprint=meta["fingerprint"],
                           model=json.loads(meta["fingerprint_details"]),
