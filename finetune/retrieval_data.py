@@ -193,6 +193,9 @@ class Example:
     weights: list[float]  # target_len loss weights
     flags: list[bool]  # target_len: target is a cross-file identifier / the answer
     meta: dict[str, Any] = field(default_factory=dict)
+    # the ids before each memory chunk in its file (MixArgs.memory_context), encoded before it and
+    # dropped, as the index encodes a chunk after the text before it; none: each chunk alone
+    contexts: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +208,10 @@ class MixArgs:
     chunk_len: int = 256  # tokens per memory chunk
     target_len: int = 256  # tokens of the scored local window
     own_chunks: int = 4  # differentiable memory chunks per example
+    # Tokens of its file before each memory chunk that it is encoded after (the index encodes a chunk
+    # after up to indexer.schema.CONTEXT_CHARS characters before it; the eval's --memory-context is
+    # 256 tokens). 0: each chunk alone (the data stream of earlier recipes, byte for byte).
+    memory_context: int = 0
     # Look-alike distractors: repo examples also get this many chunks of the package's files that the
     # target does not import and that define none of its names. The server's selection fills memory with
     # the same repository's code; other packages' code and filler (the pool) are easier to ignore.
@@ -237,9 +244,10 @@ class MixArgs:
         bad = sorted(set(self.mix) - set(KINDS))
         if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
             raise ValueError(f"retrieval.mix needs non-negative weights of {KINDS}, got {self.mix}")
-        if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32:
-            raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16 and "
-                             "target_len >= 32 required")
+        if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32 \
+                or self.memory_context < 0:
+            raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16, "
+                             "target_len >= 32 and memory_context >= 0 required")
         bad = sorted(set(self.passkey_prompts) - set(PASSKEY_PROMPTS))
         if bad or min(self.passkey_prompts.values(), default=-1) < 0 or sum(self.passkey_prompts.values()) <= 0:
             raise ValueError(f"retrieval.passkey_prompts needs non-negative weights of {PASSKEY_PROMPTS}, "
@@ -351,19 +359,20 @@ class ExampleMaker:
             tflags = flags[start + 1:start + a.target_len + 1]
             lo, hi = info.offsets[start + 1][0], info.offsets[start + len(ids) - 1][1]
             window_names = {n for s, e, n in info.facts.identifiers if n in names and lo <= s < hi}
-            memory = self._repo_memory(pkg, path, info, window_names, rng)
+            memory, contexts = self._repo_memory(pkg, path, info, window_names, rng)
             w = [a.xid_weight if f else 1.0 for f in tflags]
             if a.copy_weight != 1.0:
                 w = copy_weights(ids, memory, w, a.copy_ngram, a.copy_weight)
-            return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"})
+            return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"}, contexts)
         return None
 
     def _repo_memory(self, pkg: Package, path: str, info: FileInfo, names: set[str], rng: random.Random
-                     ) -> list[list[int]]:
-        """own_chunks chunks of the imported files, those defining `names` first (then other files of the
-        package if the imports are short); then same_repo_chunks look-alikes from the package's other files."""
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+        """(chunks, their contexts): own_chunks chunks of the imported files, those defining `names` first
+        (then other files of the package if the imports are short); then same_repo_chunks look-alikes from
+        the package's other files. A chunk's context: the memory_context ids before it in its file."""
         a = self.args
-        ranked: list[tuple[int, float, list[int]]] = []
+        ranked: list[tuple[int, float, list[int], list[int]]] = []
         others = [f for f in pkg.files if f != path and f not in info.imports]
         for rank, files in ((0, info.imports), (1, rng.sample(others, min(len(others), 4)))):
             for f in files:
@@ -375,11 +384,12 @@ class ExampleMaker:
                     text = fi.text[lo:hi]
                     defines = sum(1 for n in names if f"def {n}" in text or f"class {n}" in text
                                   or f"\n{n} =" in text or f"\n    {n} =" in text)
-                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1]))
+                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1],
+                                   fi.ids[max(0, c[0] - a.memory_context):c[0]] if a.memory_context else []))
         ranked.sort(key=lambda r: (r[0], r[1]))
         # rank 1: a non-imported file's chunk that defines none of the names
-        look_alikes = [r[2] for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
-        return [r[2] for r in ranked[: a.own_chunks]] + look_alikes
+        chosen = ranked[: a.own_chunks] + [r for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
+        return [r[2] for r in chosen], [r[3] for r in chosen]
 
     # -- synthetic ----------------------------------------------------------------------------
 
@@ -427,7 +437,7 @@ class ExampleMaker:
         """One definition among decoys of the same kind in memory; the window ends with its use."""
         a = self.args
         kind = rng.choice(("const", "signature", "dict", "class"))
-        memory = []
+        memory, contexts = [], []
         target_src = None
         slot = rng.randrange(a.own_chunks)
         for i in range(a.own_chunks):
@@ -436,7 +446,9 @@ class ExampleMaker:
                 target_src, target_use, target_answer = src, use, answer
             if kind == "class":  # the module name is what the use names: say it in the chunk
                 src = f"# {use.split()[1].lstrip('.')}.py\n" + src
-            memory.append(self._insert(rng, _encode(self.tok, src), a.chunk_len))
+            context, chunk = self._insert(rng, _encode(self.tok, src), a.chunk_len)
+            memory.append(chunk)
+            contexts.append(context)
         assert target_src is not None
         meta = {"kind": kind, "answer": target_answer, "definition": target_src, "prompt": "code"}
         asked = _asked_name(kind, target_src, target_use)
@@ -444,25 +456,37 @@ class ExampleMaker:
             question = rng.choice(("What is {}?", "What is the value of {}?", "what's {} set to"))
             ids, weights, flags = self._at_start(self._ask_ids(question.format(asked)),
                                                  self._ask_answer(f"{asked} is {target_answer}."))
-            return Example("synthetic", memory, ids, weights, flags, {**meta, "prompt": "ask"})
+            return Example("synthetic", memory, ids, weights, flags, {**meta, "prompt": "ask"}, contexts)
         use_ids, ans_ids = _encode(self.tok, "\n" + target_use), _encode(self.tok, target_answer + "\n")
         code = self._code_ids(rng, a.target_len + 1 - len(use_ids) - len(ans_ids))
         ids, weights, flags = self._at_end(code, use_ids, ans_ids, a.context_weight)
-        return Example("synthetic", memory, ids, weights, flags, meta)
+        return Example("synthetic", memory, ids, weights, flags, meta, contexts)
 
-    def _insert(self, rng: random.Random, definition: list[int], n: int) -> list[int]:
-        """A chunk of n ids: real code with `definition` at a random line start (by newline ids)."""
-        host = self._code_ids(rng, n)
+    def _insert(self, rng: random.Random, definition: list[int], n: int) -> tuple[list[int], list[int]]:
+        """(context, chunk): a chunk of n ids of real code with `definition` at a random line start (by
+        newline ids), after the memory_context ids of code before it."""
+        context, host = self._code_run(rng, n)
         room = max(0, n - len(definition))
         host = host[:room]
         nl = [i for i, t in enumerate(host) if "\n" in self.tok.decode([t])]
         at = rng.choice(nl) + 1 if nl else 0
-        return (host[:at] + definition + host[at:])[:n]
+        return context, (host[:at] + definition + host[at:])[:n]
+
+    def _code_run(self, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
+        """(context, ids): n consecutive ids of a corpus file after the memory_context ids before them
+        (the context shrinks first when no file is that long)."""
+        run = self._code_ids(rng, n + self.args.memory_context)
+        cut = max(0, len(run) - n)
+        return run[:cut], run[cut:]
 
     # -- passkey ------------------------------------------------------------------------------
 
     def filler_chunk(self, rng: random.Random) -> list[int]:
         return self._filler(rng, self.args.chunk_len)
+
+    def _filler_context(self, rng: random.Random) -> list[int]:
+        """memory_context ids of filler (none, and no draw, when memory_context is 0)."""
+        return self._filler(rng, self.args.memory_context) if self.args.memory_context else []
 
     def _filler(self, rng: random.Random, n: int) -> list[int]:
         s = rng.randrange(len(self.filler_ids) - n)
@@ -483,6 +507,8 @@ class ExampleMaker:
         key_chunk = (head + self.filler_chunk(rng)[:before] + info + self.filler_chunk(rng))[: a.chunk_len]
         memory = [key_chunk] + [self.filler_chunk(rng) for _ in range(a.own_chunks - 1)]
         rng.shuffle(memory)
+        # filler before each chunk; the task sentence starts a file (nothing before it)
+        contexts = [[] if c[:len(head)] == head and head else self._filler_context(rng) for c in memory]
         if style == "ask":
             ids, weights, flags = self._at_start(self._ask_ids(rng.choice(ASK_PASSKEY)),
                                                  self._ask_answer(f"The pass key is {key}."))
@@ -493,7 +519,7 @@ class ExampleMaker:
                 self._code_ids(rng, a.target_len + 1)
             ids, weights, flags = self._at_end(before_ids, _encode(self.tok, "\n" + QUESTION),
                                                _encode(self.tok, f" {key}."), 0.0)
-        return Example("passkey", memory, ids, weights, flags, {"key": key, "prompt": style})
+        return Example("passkey", memory, ids, weights, flags, {"key": key, "prompt": style}, contexts)
 
     def _at_end(self, before: list[int], question: list[int], answer: list[int], before_weight: float
                 ) -> tuple[list[int], list[float], list[bool]]:
@@ -547,12 +573,13 @@ class ExampleMaker:
                 return ex
         raise RuntimeError("no example could be made in 10 tries (are there packages with imports?)")
 
-    def pool(self, rng: random.Random) -> tuple[list[list[int]], list[int]]:
-        """(distinct chunks, repeat count of each) for the shared distractor pool."""
+    def pool(self, rng: random.Random) -> tuple[list[list[int]], list[int], list[list[int]]]:
+        """(distinct chunks, repeat count of each, their contexts) for the shared distractor pool."""
         a = self.args
-        code = [self._code_ids(rng, a.chunk_len) for _ in range(a.pool_code_chunks)]
-        filler = [self.filler_chunk(rng) for _ in range(a.pool_filler_chunks)]
-        return [c for c in code if c] + filler, [1] * len([c for c in code if c]) + [a.pool_filler_repeat] * len(filler)
+        code = [run for run in (self._code_run(rng, a.chunk_len) for _ in range(a.pool_code_chunks)) if run[1]]
+        filler = [(self._filler_context(rng), self.filler_chunk(rng)) for _ in range(a.pool_filler_chunks)]
+        return ([c for _, c in code + filler], [1] * len(code) + [a.pool_filler_repeat] * len(filler),
+                [ctx for ctx, _ in code + filler])
 
 
 def build_maker(args: MixArgs, tokenizer: Any) -> ExampleMaker:

@@ -147,21 +147,34 @@ class EncodedChunks:
     valid: torch.Tensor
 
 
-def encode_inputs(model, chunks: list[list[int]], chunk_len: int, pad_id: int) -> EncodedChunks:
-    """Run `model.encode_memory` on right-padded chunks (N, chunk_len) and keep the k/v inputs."""
+def encode_inputs(model, chunks: list[list[int]], chunk_len: int, pad_id: int,
+                  contexts: list[list[int]] | None = None) -> EncodedChunks:
+    """Run `model.encode_memory` on right-padded chunks and keep the k/v inputs of their slots.
+
+    `contexts` (one per chunk, may be empty): each chunk is encoded after its context, as the indexer
+    encodes a chunk after the text before it in its file; only the chunk's own slots are kept.
+    """
     device = next(model.parameters()).device
     n = len(chunks)
-    ids = torch.full((n, chunk_len), pad_id, dtype=torch.long)
+    lead = [list(c) if chunks[i] else [] for i, c in enumerate(contexts)] if contexts else [[] for _ in chunks]
+    width = max([chunk_len] + [len(lead[i]) + len(c[:chunk_len]) for i, c in enumerate(chunks)])
+    ids = torch.full((n, width), pad_id, dtype=torch.long)  # (N, W): context + chunk, right-padded
+    seen = torch.zeros((n, width), dtype=torch.bool)  # (N, W): real tokens (what encode_memory may attend)
+    slot = torch.zeros((n, chunk_len), dtype=torch.long)  # (N, c): the chunk's j-th token's place in its row
     valid = torch.zeros((n, chunk_len), dtype=torch.bool)
     for i, c in enumerate(chunks):
-        ids[i, :len(c)] = torch.tensor(c[:chunk_len])
-        valid[i, :len(c)] = True
-    valid[:, 0] = True  # an empty chunk (padding of an example with fewer chunks) stays masked below
-    empty = torch.tensor([len(c) == 0 for c in chunks])
+        row = lead[i] + c[:chunk_len]
+        if row:
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            seen[i, :len(row)] = True
+        slot[i] = torch.arange(chunk_len) + len(lead[i])
+        valid[i, :len(c[:chunk_len])] = True
+    seen[:, 0] = True  # an empty chunk (padding of an example with fewer chunks): valid stays False
+    slot = slot.clamp_max(width - 1)  # padding slots past a row's end (masked by valid)
     with ProjectionInputs(model) as cap:
-        model.encode_memory(ids.to(device), attention_mask=valid.long().to(device))
-    x = {i: t.clone() for i, t in cap.seen.items()}  # inference tensors -> normal tensors
-    valid[empty] = False
+        model.encode_memory(ids.to(device), attention_mask=seen.long().to(device))
+    x = {i: t.gather(1, slot.to(device)[:, :, None].expand(-1, -1, t.shape[-1])).clone()  # (N, c, C)
+         for i, t in cap.seen.items()}  # gather + clone: inference tensors -> normal tensors
     return EncodedChunks(x, valid.to(device))
 
 
@@ -214,7 +227,8 @@ def batch_loss(model, examples: list[Example], pool: EncodedChunks | None, pool_
     b = len(examples)
     k = max(len(e.memory) for e in examples)
     chunks = [ex.memory[j] if j < len(ex.memory) else [] for ex in examples for j in range(k)]
-    own = memory_from_inputs(model, encode_inputs(model, chunks, chunk_len, pad_id), b)
+    contexts = [ex.contexts[j] if j < len(ex.contexts) else [] for ex in examples for j in range(k)]
+    own = memory_from_inputs(model, encode_inputs(model, chunks, chunk_len, pad_id, contexts), b)
     parts = [own]
     if pool is not None:
         parts.append(expand_rows(memory_from_inputs(model, pool, 1, pool_repeat), b))
@@ -375,9 +389,9 @@ def train_retrieval(cfg: RetrievalConfig, maker: ExampleMaker | None = None, pro
         step = state["step"]
         t0 = time.perf_counter()
         if pool is None or step % mix.pool_refresh == 0:
-            chunks, pool_repeat = maker.pool(random.Random(f"{t.seed}:pool:{step // mix.pool_refresh}"))
+            chunks, pool_repeat, contexts = maker.pool(random.Random(f"{t.seed}:pool:{step // mix.pool_refresh}"))
             with torch.no_grad():
-                pool = encode_inputs(net, chunks, mix.chunk_len, pad) if chunks else None
+                pool = encode_inputs(net, chunks, mix.chunk_len, pad, contexts) if chunks else None
         batch = batches.get(step)
         plain = plain_batch(maker, t.seed, step, mix.lm_rows)
         t_data = time.perf_counter() - t0

@@ -357,6 +357,67 @@ def test_memory_from_projection_inputs_equals_encode_memory():
                                                rtol=1e-5)
 
 
+def test_chunks_encoded_after_their_context_are_the_joint_encodings_slots():
+    """encode_inputs(contexts=...) then memory_from_inputs: each chunk's keys/values are its own slots of
+    its context and the chunk encoded together (what the index stores); no context: the chunk alone."""
+    from finetune.retrieval_train import encode_inputs, memory_from_inputs
+
+    model = _tiny()
+    chunks = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [], [20, 21, 22, 23, 24, 25]]
+    contexts = [[30, 31, 32, 33, 34], [], [40, 41], [50, 51]]  # the empty chunk's context is ignored
+    mem = memory_from_inputs(model, encode_inputs(model, chunks, 6, pad_id=0, contexts=contexts), rows=2)
+    pairs_all = list(zip(chunks, contexts, strict=True))
+    for row, pairs in enumerate((pairs_all[:2], pairs_all[2:])):
+        for layer, cache in mem.items():
+            mask = cache.mask[row, 0, :, 0]
+            for j, (c, ctx) in enumerate(pairs):
+                sl = slice(6 * j, 6 * j + 6)
+                visible = mask[sl] == 0
+                assert int(visible.sum()) == len(c)
+                if c:
+                    ref = model.encode_memory(torch.tensor([ctx + c]))[layer]
+                    torch.testing.assert_close(cache.keys[row][:, sl][:, visible], ref.keys[0][:, len(ctx):],
+                                               atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(cache.values[row][:, sl][:, visible], ref.values[0][:, len(ctx):],
+                                               atol=1e-5, rtol=1e-5)
+    alone = memory_from_inputs(model, encode_inputs(model, chunks, 6, pad_id=0), rows=2)
+    assert not torch.allclose(alone[1].keys[0, :, :6], mem[1].keys[0, :, :6], atol=1e-3)  # layer 1 sees it
+
+
+def test_memory_contexts_are_the_ids_before_each_chunk_in_its_file(roots, tokenizer):
+    """memory_context=N: a repo chunk's context is the N ids before it in its file, synthetic and pool
+    chunks come after the code before them, passkey chunks after filler; the chunks themselves (and the
+    rest of a repo example) are those of memory_context=0, whose examples carry no contexts."""
+    corpus = Corpus(find_packages([roots]), tokenizer)
+
+    def make(n):
+        return ExampleMaker(corpus, MixArgs(roots=[str(roots)], chunk_len=64, target_len=112, own_chunks=3,
+                                            same_repo_chunks=1, memory_context=n, pool_code_chunks=2,
+                                            pool_filler_chunks=2))
+
+    plain, after = make(0).repo(random.Random(1)), make(16).repo(random.Random(1))
+    assert plain.contexts == [] or all(c == [] for c in plain.contexts)
+    assert after.memory == plain.memory and after.ids == plain.ids and after.weights == plain.weights
+    files = [corpus.info(p, f).ids for p in corpus.packages for f in p.files if corpus.info(p, f) is not None]
+
+    def follows(ctx, chunk):  # ctx + chunk is a run of some file's ids, ctx all the ids before (<= 16)
+        run = ctx + chunk
+        return any(ids[i:i + len(run)] == run and (len(ctx) == 16 or i == 0)
+                   for ids in files for i in range(len(ids) - len(run) + 1))
+
+    assert len(after.contexts) == len(after.memory) and any(after.contexts)
+    assert all(follows(ctx, c) for ctx, c in zip(after.contexts, after.memory, strict=True))
+    rng = random.Random(3)
+    syn, key = make(16).synthetic(rng), make(16).passkey(rng)
+    assert [len(c) for c in syn.contexts] == [16] * 3 and len(key.contexts) == 3
+    assert all(len(c) == 16 for c in key.contexts)  # (a chunk that starts with the task sentence: none)
+    chunks, repeat, contexts = make(16).pool(random.Random(2))
+    assert len(chunks) == len(repeat) == len(contexts) == 4 and all(len(c) == 16 for c in contexts)
+    assert all(follows(ctx, c) for ctx, c in list(zip(contexts, chunks, strict=True))[:2])
+    with pytest.raises(ValueError, match="memory_context"):
+        MixArgs(roots=[str(roots)], memory_context=-1)
+
+
 def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
     from finetune.retrieval_train import batch_loss, encode_inputs
 
