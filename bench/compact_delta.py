@@ -10,6 +10,12 @@ W_new - (W_base + up @ down) is factored by SVD and its top `rank` components ar
 old pair (`loading.stack_weight_deltas`: ranks concatenated, scales folded into lora_up); replacements of the merged file are kept
 as replacements. Refuses (exit 1) when any rebuilt weight differs from NEW_ADAPTER's by more than
 --tolerance: the change was not of that rank. How the shipped stage 4 was made (CPU run 11).
+
+    python bench/compact_delta.py --previous OLD_ADAPTER --pairs NEW_ADAPTER --out OUT.safetensors
+
+A run whose delta is already low-rank pairs on top of OLD_ADAPTER (a LoRA checkpoint's delta/ written
+since finetune.outputs.lora_delta applies the base's own adapter first: stage 5, CPU run 12 of
+stop 35) needs no SVD: its pairs are stacked beside the old ones.
 """
 
 from __future__ import annotations
@@ -56,14 +62,23 @@ def largest_error(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", type=Path, required=True, help="the converted base model folder (model.safetensors)")
+    p.add_argument("--base", type=Path, help="the converted base model folder (model.safetensors; with --merged)")
     p.add_argument("--previous", type=Path, required=True, help="the delta the run started from (with pairs)")
-    p.add_argument("--merged", type=Path, required=True, help="the run's output delta (full replacements)")
+    new = p.add_mutually_exclusive_group(required=True)
+    new.add_argument("--merged", type=Path, help="the run's output delta (full replacements)")
+    new.add_argument("--pairs", type=Path, help="the run's delta as low-rank pairs applied after --previous")
     p.add_argument("--rank", type=int, default=16, help="the run's LoRA rank")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     previous = load_file(a.previous)
+    if a.pairs is not None:
+        out = {name: t.contiguous() for name, t in stack_weight_deltas(previous, load_file(a.pairs)).items()}
+        print(f"{len(out)} tensors: {a.previous}'s then {a.pairs}'s, pairs of one name stacked")
+        save_file(out, a.out)
+        return 0
+    if a.base is None:
+        p.error("--merged needs --base")
     base, merged = load_file(a.base / "model.safetensors"), load_file(a.merged)
     out = {name: t.contiguous() for name, t in stack_weight_deltas(previous, run_change(base, previous, merged, a.rank)).items()}
     worst = largest_error(base, out, merged)

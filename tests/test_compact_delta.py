@@ -42,3 +42,23 @@ def test_a_change_of_higher_rank_is_refused(tmp_path):
     assert C.main(["--base", str(base), "--previous", str(prev), "--merged", str(merged), "--rank", "2",
                    "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_a_runs_pairs_are_stacked_after_the_previous_delta(tmp_path):
+    """--pairs: the run's delta already holds pairs applied after --previous (a replacement of the
+    previous delta stays and gets the new pair on top; a pair of one name grows in rank)."""
+    g = torch.Generator().manual_seed(1)
+    prev = {"w.lora_up": torch.randn(24, 3, generator=g), "w.lora_down": torch.randn(3, 20, generator=g),
+            "r": torch.randn(4, 4, generator=g)}
+    run = {"w.lora_up": torch.randn(24, 2, generator=g), "w.lora_down": torch.randn(2, 20, generator=g),
+           "r.lora_up": torch.randn(4, 1, generator=g), "r.lora_down": torch.randn(1, 4, generator=g)}
+    save_file(prev, tmp_path / "prev.safetensors")
+    save_file(run, tmp_path / "run.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert C.main(["--previous", str(tmp_path / "prev.safetensors"), "--pairs", str(tmp_path / "run.safetensors"),
+                   "--out", str(out)]) == 0
+    got = load_file(out)
+    assert got["w.lora_up"].shape == (24, 5)
+    torch.testing.assert_close(got["w.lora_up"] @ got["w.lora_down"],
+                               prev["w.lora_up"] @ prev["w.lora_down"] + run["w.lora_up"] @ run["w.lora_down"])
+    assert torch.equal(got["r"], prev["r"]) and torch.equal(got["r.lora_up"], run["r.lora_up"])
