@@ -14,7 +14,7 @@ as replacements. Refuses (exit 1) when any rebuilt weight differs from NEW_ADAPT
     python bench/compact_delta.py --previous OLD_ADAPTER --pairs NEW_ADAPTER --out OUT.safetensors
 
 A run whose delta is already low-rank pairs on top of OLD_ADAPTER (a LoRA checkpoint's delta/ written
-since finetune.outputs.lora_delta applies the base's own adapter first: stage 5, CPU run 12 of
+since finetune.outputs.lora_delta applies the base's own adapter first: stage 5, CPU run 14 of
 stop 35) needs no SVD: its pairs are stacked beside the old ones.
 """
 
