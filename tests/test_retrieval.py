@@ -895,7 +895,8 @@ def test_shipped_recipes_load_and_dispatch(tmp_path):
     from longllama_lsp.model import LongLlamaConfig
 
     configs = Path(__file__).parents[1] / "finetune" / "configs"
-    for name in ("retrieval-cpu.toml", "retrieval-cpu-ask.toml", "retrieval-gpu.toml", "retrieval-gpu-short.toml"):
+    for name in ("retrieval-cpu.toml", "retrieval-cpu-ask.toml", "retrieval-cpu-context.toml", "retrieval-gpu.toml",
+                 "retrieval-gpu-short.toml"):
         assert is_retrieval_recipe(configs / name)
         cfg = RetrievalConfig.load(configs / name, ["train.steps=3"])
         assert cfg.train.steps == 3 and cfg.model.train in TRAIN_MODES
