@@ -204,11 +204,18 @@ class RunConfig:
 
 
 def read_toml(path: str | Path | None, overrides: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
-    """(tables, TOML text) of a recipe file ("" when None) with `section.key=value` overrides applied."""
+    """(tables, TOML text) of a recipe file ("" when None) with `section.key=value` overrides applied.
+
+    The text (kept in the run dir as train_config.toml) starts with the overrides as comments, so that
+    the copy does not read as the run's recipe when the command line changed it."""
     text = Path(path).read_text(encoding="utf-8") if path is not None else ""
     d = tomllib.loads(text)
+    overrides = list(overrides)
     for item in overrides:
         apply_override(d, item)
+    if overrides:
+        text = "".join(f"# overridden on the command line: -o '{item}'\n" for item in overrides) + \
+            "# (train_config.json holds the values the run used)\n" + text
     return d, text
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from finetune.config import RunConfig
@@ -277,6 +278,9 @@ def test_config_toml_overrides_and_errors(tmp_path):
                          ["train.lr=0.5", "data.sources=['x']", "model.train=memory", "train.out_dir=/tmp/r"])
     assert cfg.train.lr == 0.5 and cfg.data.sources == ["x"] and cfg.model.train == "memory"
     assert cfg.train.out_dir == "/tmp/r" and cfg.data.d_schedule == [(0, 1), (10, 3)]
+    # the run dir's copy of the recipe says what the command line changed (it used to read as the recipe)
+    assert cfg.source_toml.startswith("# overridden on the command line: -o 'train.lr=0.5'\n")
+    assert tomllib.loads(cfg.source_toml)["train"]["lr"] != 0.5 and "model.train=memory" in cfg.source_toml
     for bad in (["train.nope=1"], ["model.train=everything"], ["train.output=zip"]):
         with pytest.raises(ValueError):
             RunConfig.load(None, bad)
