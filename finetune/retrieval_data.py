@@ -323,8 +323,8 @@ class ExampleMaker:
 
     def __init__(self, corpus: Corpus, args: MixArgs):
         self.corpus, self.args, self.tok = corpus, args, corpus.tokenizer
-        # filler for memory chunks (chunk_len) and for the passkey's local window (target_len + 1)
-        longest = max(args.chunk_len, args.target_len + 1)
+        # filler for memory chunks (chunk_len), their contexts and the passkey's local window (target_len + 1)
+        longest = max(args.chunk_len, args.target_len + 1, args.memory_context)
         self.filler_ids = _encode(self.tok, " ".join([FILLER] * (8 * longest // 20 + 8)))
         self._targets: list[tuple[Package, str]] | None = None
 
@@ -508,7 +508,7 @@ class ExampleMaker:
         memory = [key_chunk] + [self.filler_chunk(rng) for _ in range(a.own_chunks - 1)]
         rng.shuffle(memory)
         # filler before each chunk; the task sentence starts a file (nothing before it)
-        contexts = [[] if c[:len(head)] == head and head else self._filler_context(rng) for c in memory]
+        contexts = [[] if head and c[:len(head)] == head else self._filler_context(rng) for c in memory]
         if style == "ask":
             ids, weights, flags = self._at_start(self._ask_ids(rng.choice(ASK_PASSKEY)),
                                                  self._ask_answer(f"The pass key is {key}."))
