@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.merged is not None and a.base is None:
+        p.error("--merged needs --base")
     previous = load_file(a.previous)
     if a.pairs is not None:
         out = {name: t.contiguous() for name, t in stack_weight_deltas(previous, load_file(a.pairs)).items()}
         print(f"{len(out)} tensors: {a.previous}'s then {a.pairs}'s, pairs of one name stacked")
         save_file(out, a.out)
         return 0
-    if a.base is None:
-        p.error("--merged needs --base")
     base, merged = load_file(a.base / "model.safetensors"), load_file(a.merged)
     out = {name: t.contiguous() for name, t in stack_weight_deltas(previous, run_change(base, previous, merged, a.rank)).items()}
     worst = largest_error(base, out, merged)
