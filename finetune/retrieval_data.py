@@ -385,7 +385,7 @@ class ExampleMaker:
                     defines = sum(1 for n in names if f"def {n}" in text or f"class {n}" in text
                                   or f"\n{n} =" in text or f"\n    {n} =" in text)
                     ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1],
-                                   fi.ids[max(0, c[0] - a.memory_context):c[0]] if a.memory_context else []))
+                                   fi.ids[max(0, c[0] - a.memory_context):c[0]]))  # [] at memory_context 0
         ranked.sort(key=lambda r: (r[0], r[1]))
         # rank 1: a non-imported file's chunk that defines none of the names
         chosen = ranked[: a.own_chunks] + [r for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
