@@ -54,6 +54,7 @@ from finetune.pycode import (
     resolve_imports,
     token_flags,
 )
+from indexer.encoder import context_before
 
 HELD_OUT = ("requests", "flask", "click")  # evaluation repositories (finetune/skill_eval.py)
 KINDS = ("repo", "synthetic", "passkey")
@@ -212,6 +213,10 @@ class MixArgs:
     # after up to indexer.schema.CONTEXT_CHARS characters before it; the eval's --memory-context is
     # 256 tokens). 0: each chunk alone (the data stream of earlier recipes, byte for byte).
     memory_context: int = 0
+    # Or characters, cut as the index cuts them (indexer.encoder.context_before: from a line start, the
+    # text tokenized alone), for repository chunks only: synthetic, passkey and pool chunks stay alone,
+    # as no index holds them (their data stream is memory_context=0's). One of the two may be set.
+    memory_context_chars: int = 0
     # Look-alike distractors: repo examples also get this many chunks of the package's files that the
     # target does not import and that define none of its names. The server's selection fills memory with
     # the same repository's code; other packages' code and filler (the pool) are easier to ignore.
@@ -245,9 +250,11 @@ class MixArgs:
         if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
             raise ValueError(f"retrieval.mix needs non-negative weights of {KINDS}, got {self.mix}")
         if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32 \
-                or self.memory_context < 0:
+                or min(self.memory_context, self.memory_context_chars) < 0:
             raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16, "
-                             "target_len >= 32 and memory_context >= 0 required")
+                             "target_len >= 32 and memory_context, memory_context_chars >= 0 required")
+        if self.memory_context and self.memory_context_chars:
+            raise ValueError("retrieval: set memory_context (tokens) or memory_context_chars, not both")
         bad = sorted(set(self.passkey_prompts) - set(PASSKEY_PROMPTS))
         if bad or min(self.passkey_prompts.values(), default=-1) < 0 or sum(self.passkey_prompts.values()) <= 0:
             raise ValueError(f"retrieval.passkey_prompts needs non-negative weights of {PASSKEY_PROMPTS}, "
@@ -370,9 +377,9 @@ class ExampleMaker:
                      ) -> tuple[list[list[int]], list[list[int]]]:
         """(chunks, their contexts): own_chunks chunks of the imported files, those defining `names` first
         (then other files of the package if the imports are short); then same_repo_chunks look-alikes from
-        the package's other files. A chunk's context: the memory_context ids before it in its file."""
+        the package's other files. A chunk's context: what comes before it in its file (_repo_context)."""
         a = self.args
-        ranked: list[tuple[int, float, list[int], list[int]]] = []
+        ranked: list[tuple[int, float, list[int], FileInfo, int]] = []
         others = [f for f in pkg.files if f != path and f not in info.imports]
         for rank, files in ((0, info.imports), (1, rng.sample(others, min(len(others), 4)))):
             for f in files:
@@ -384,12 +391,21 @@ class ExampleMaker:
                     text = fi.text[lo:hi]
                     defines = sum(1 for n in names if f"def {n}" in text or f"class {n}" in text
                                   or f"\n{n} =" in text or f"\n    {n} =" in text)
-                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1],
-                                   fi.ids[max(0, c[0] - a.memory_context):c[0]]))  # [] at memory_context 0
+                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1], fi, c[0]))
         ranked.sort(key=lambda r: (r[0], r[1]))
         # rank 1: a non-imported file's chunk that defines none of the names
         chosen = ranked[: a.own_chunks] + [r for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
-        return [r[2] for r in chosen], [r[3] for r in chosen]
+        return [r[2] for r in chosen], [self._repo_context(r[3], r[4]) for r in chosen]
+
+    def _repo_context(self, fi: FileInfo, start: int) -> list[int]:
+        """The context of the chunk at fi.ids[start:]: the memory_context ids before it, or (with
+        memory_context_chars) the text before it cut as the index cuts it and tokenized alone, as the
+        index tokenizes a context. [] when both are 0."""
+        a = self.args
+        if not a.memory_context_chars:
+            return fi.ids[max(0, start - a.memory_context):start]
+        context = context_before(fi.text[:fi.offsets[start][0]], a.memory_context_chars)
+        return _encode(self.tok, context) if context else []
 
     # -- synthetic ----------------------------------------------------------------------------
 

@@ -32,12 +32,14 @@ def contexts(texts: Sequence[str], chars: int) -> list[str]:
     falls inside a line (a line's tail would tokenize unlike the line)."""
     out, before = [], ""
     for text in texts:
-        out.append(_tail(before, chars))
+        out.append(context_before(before, chars))
         before = (before + text)[-(chars + 1):]  # one more: is the cut at a line start?
     return out
 
 
-def _tail(text: str, chars: int) -> str:
+def context_before(text: str, chars: int) -> str:
+    """The context of a chunk that follows `text` in its file: text's last `chars` characters at most,
+    from a line start when the cut falls inside a line (also finetune.retrieval_data's rule)."""
     if chars <= 0:
         return ""
     if len(text) <= chars:

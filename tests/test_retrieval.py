@@ -418,6 +418,41 @@ def test_memory_contexts_are_the_ids_before_each_chunk_in_its_file(roots, tokeni
         MixArgs(roots=[str(roots)], memory_context=-1)
 
 
+def test_memory_context_chars_cuts_repo_contexts_as_the_index_does(roots, tokenizer):
+    """memory_context_chars=N: a repo chunk's context is the text before it in its file, at most N
+    characters from a line start (indexer.encoder.contexts' rule), tokenized alone; synthetic, passkey
+    and pool examples are memory_context=0's (no context, the same draws)."""
+    corpus = Corpus(find_packages([roots]), tokenizer)
+
+    def make(**kw):
+        return ExampleMaker(corpus, MixArgs(roots=[str(roots)], chunk_len=64, target_len=112, own_chunks=3,
+                                            same_repo_chunks=1, pool_code_chunks=2, pool_filler_chunks=2, **kw))
+
+    cut = 120
+    plain, after = make().repo(random.Random(1)), make(memory_context_chars=cut).repo(random.Random(1))
+    assert after.memory == plain.memory and after.ids == plain.ids and after.weights == plain.weights
+    infos = [fi for fi in (corpus.info(p, f) for p in corpus.packages for f in p.files) if fi is not None]
+
+    def cut_before(text, fi, i):  # text is what the index would encode before the chunk at fi.ids[i:]
+        before = fi.text[:fi.offsets[i][0]]
+        longest_line = max(len(line) + 1 for line in before[-cut - 1:].split("\n"))
+        return (before.endswith(text) and len(text) <= cut
+                and (len(text) == len(before) or before[-len(text) - 1] == "\n")  # from a line start
+                and len(text) >= min(len(before), cut) - longest_line)  # the longest such tail
+
+    for ctx, chunk in zip(after.contexts, after.memory, strict=True):
+        text = tokenizer.decode(ctx)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ctx  # tokenized alone
+        assert any(cut_before(text, fi, i) for fi in infos for i in range(len(fi.ids))
+                   if fi.ids[i:i + len(chunk)] == chunk)  # (a chunk's ids may occur in several places)
+    assert any(after.contexts)
+    for draw in ("synthetic", "passkey", "pool"):
+        a, b = getattr(make(), draw)(random.Random(5)), getattr(make(memory_context_chars=cut), draw)(random.Random(5))
+        assert a == b, draw
+    with pytest.raises(ValueError, match="not both"):
+        MixArgs(roots=[str(roots)], memory_context=16, memory_context_chars=cut)
+
+
 def test_batch_loss_gradient_reaches_memory_key_value_projections(maker):
     from finetune.retrieval_train import batch_loss, encode_inputs
 
