@@ -273,6 +273,8 @@ class Indexer:
         context_chars: how much of the text before a chunk its memory is encoded after (indexer.encoder)."""
         fp = fingerprint_for(model, Path(model_dir), context_chars)
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild, readonly=readonly)
+        if not readonly:  # a server's index names its model in `longllama status` as `longllama index`'s does
+            store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
         device = device or next(model.parameters()).device
         # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
         bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,

@@ -689,6 +689,15 @@ def test_cli_status_names_the_model(tiny, capsys, tmp_path):
     assert f"  memory: {memory_training(tiny[2])}\n" in out  # how its memory layers were trained
 
 
+def test_cli_status_names_the_model_of_an_index_a_server_built(tiny, capsys, tmp_path):
+    """The language server indexes through Indexer.open (a loaded model), not `longllama index`."""
+    repo = small_repo(tmp_path / "repo")
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+    assert cli_main(["status", str(repo)]) == 0
+    assert f"model:    {tiny[2].name} (fingerprint " in capsys.readouterr().out
+
+
 HOSTILE = "\x1b]52;c;ZWNobyBwd25lZA==\x07\rok"  # an OSC 52 clipboard write, then a CR to hide it
 
 
