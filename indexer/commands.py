@@ -219,10 +219,14 @@ def run_status(args: argparse.Namespace) -> int:
                 s, meta = store.stats(), store.meta()
         except StoreOutdated:  # an older version's index: this one builds its own beside it
             _print_outdated(db, args.json)
+            if args.delete_stale:
+                _delete_stale(db)
             continue
         stale = None if (s.model.get("context_chars") or 0) == CONTEXT_CHARS else (  # not read by this version
             "its chunks were encoded alone; this version encodes each after the text before it and builds "
-            "another index (`longllama index`), so this one can be deleted")
+            "another index (`longllama index`), so this one can be deleted (`longllama status --delete-stale`)")
+        if stale and args.delete_stale:
+            _delete_stale(db)
         if args.json:
             print(json.dumps({**s.__dict__, "checkpoint": _checkpoint(meta), "stale": stale}, indent=2, default=str))
             continue
@@ -239,12 +243,25 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete_stale(db: Path) -> None:
+    """--delete-stale: said on stderr (stdout stays the listing, JSON or text)."""
+    from indexer.store import delete_index
+    from longllama_lsp.errors import StoreError
+
+    try:
+        freed = delete_index(db)
+    except StoreError as e:
+        print(f"kept {shown(str(db))}: {shown(str(e))}", file=sys.stderr)
+        return
+    print(f"deleted {shown(str(db))} ({freed / 2**20:.1f} MiB freed)", file=sys.stderr)
+
+
 def _print_outdated(db: Path, as_json: bool) -> None:
     from indexer.store import disk_bytes
 
     size = disk_bytes(db)
     note = ("written by an older version of longllama; this version builds and reads its own index "
-            "(`longllama index`), so this one can be deleted")
+            "(`longllama index`), so this one can be deleted (`longllama status --delete-stale`)")
     if as_json:
         print(json.dumps({"path": str(db.resolve()), "stale": note, "bytes_on_disk": size}, indent=2))
     else:
@@ -279,6 +296,9 @@ def _add_status(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "indexed repository", positional_alias=True)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list at most N skipped files")
+    p.add_argument("--delete-stale", action="store_true",
+                   help="delete the index databases this version no longer reads (those marked stale), "
+                        "freeing their disk space; an index another process is writing is kept")
 
 
 index = Command(_add_index_only, run_index,

@@ -153,6 +153,21 @@ def disk_bytes(path: Path) -> int:
     return sum(st.st_size for st in sizes if stat.S_ISREG(st.st_mode))
 
 
+def delete_index(path: Path) -> int:
+    """Delete an index database with its side files and lock file, under its writer lock (IndexBusy while
+    a process writes it); the bytes freed. Links in `.longllama/` are removed, never followed."""
+    _check_index_dir(path.parent)
+    freed = disk_bytes(path)
+    lock = _WriterLock(path)
+    try:
+        for p in (path, *(Path(f"{path}{suffix}") for suffix in SIDE_FILES), lock.path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()  # the lock file last: a writer that opens it now finds no database to keep
+    finally:
+        lock.release()
+    return freed
+
+
 def _check_side_files(path: Path) -> None:
     """The files SQLite opens beside the database by name must not be symlinks (the database itself is
     opened with _open_regular first)."""

@@ -540,6 +540,19 @@ def test_cli_index_and_status(tiny, capsys, tmp_path):
     status = capsys.readouterr().out
     assert status.count("index:    ") == 3 and "written by an older version of longllama" in status
     assert f"files:    {stats.files}\n" in status
+    # --delete-stale deletes both stale ones with their side and lock files, not the current one, and
+    # keeps a stale index while another process writes it
+    [alone] = set((repo / ".longllama").glob("index-*.db")) - {db, old}
+    with Indexer.open(repo, model, tok, model_dir, chunk_tokens=CHUNK_TOKENS, context_chars=0):
+        assert cli_main(["status", str(repo), "--delete-stale"]) == 0
+    err = capsys.readouterr().err
+    assert f"deleted {old}" in err and f"kept {alone}: " in err and "being written by another process" in err
+    assert not old.exists() and alone.exists()
+    assert cli_main(["status", str(repo), "--delete-stale", "--json"]) == 0
+    assert f"deleted {alone}" in capsys.readouterr().err
+    left = sorted(p.name for p in (repo / ".longllama").iterdir())
+    assert [n for n in left if n.startswith("index-")] == [n for n in left if n.startswith(db.name)]
+    assert cli_main(["status", str(repo)]) == 0 and "stale" not in capsys.readouterr().out
 
 
 def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tmp_path, monkeypatch):
