@@ -57,12 +57,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N", help="most tokens to generate")
-    p.add_argument("--select-tokens", type=int_at_least(0), default=EngineOptions.select_tokens, metavar="N",
+    p.add_argument("--select-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
                    help="memory tokens each query attends to: the memory blocks whose keys match it best "
                         f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
-                   "--dtype or --decode-dtype is given)")
+                   "--dtype, --decode-dtype, --select-tokens or --retrieve-tokens is given: the server "
+                   "keeps its own)")
     add_model_arguments(p, decoding=True)
 
 
@@ -73,8 +74,13 @@ def usage_error(command: str, message: str) -> int:
 
 
 def _running_server(args: argparse.Namespace) -> ServerRecord | None:
-    """This user's running server with --repo open, unless the user asked for a model of their own."""
+    """This user's running server with --repo open, unless the user asked for a model or memory options
+    of their own (a server's engine options are its editors' settings, shared by every session)."""
     if args.no_server or any((args.model, args.device, args.dtype, args.decode_dtype)):
+        return None
+    if args.select_tokens is not None or vars(args).get("retrieve_tokens") is not None:
+        logger.info("--select-tokens/--retrieve-tokens given: loading the model here (a running server keeps "
+                    "its own settings)")
         return None
     try:
         record = remote.find_server(Path(args.repo))
@@ -95,7 +101,8 @@ def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, A
 
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
     """The engine, loaded, with --repo indexed into its memory (unless --no-memory)."""
-    opts = EngineOptions(memory=not args.no_memory, select_tokens=args.select_tokens,
+    select = EngineOptions.select_tokens if args.select_tokens is None else args.select_tokens
+    opts = EngineOptions(memory=not args.no_memory, select_tokens=select,
                          **{k: v for k, v in options.items() if v is not None})
     engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
     workspace = Workspace(engine)  # open_indexer: read-only while another process writes
@@ -214,7 +221,7 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
-    p.add_argument("--retrieve-tokens", type=int_at_least(0), default=EngineOptions.retrieve_tokens, metavar="N",
+    p.add_argument("--retrieve-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
                    help="memory holds only the chunks of other files that best match the code before the cursor, "
                         f"N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     _common(p)

@@ -82,6 +82,18 @@ def test_complete_loads_the_model_for_a_repository_no_server_has_open(served, tm
     assert "server" not in json.loads(out.stdout) and "timings" in json.loads(out.stdout)
 
 
+@pytest.mark.parametrize("option", [["--retrieve-tokens", "0"], ["--select-tokens", "0"]])
+def test_complete_with_memory_options_of_its_own_loads_the_model_here(served, option):
+    """The server's engine options are its editors' settings: a completion asking for other ones is run
+    here (no "server" key) rather than answered by the server with options it did not ask for."""
+    env = {**served["env"], "LONGLLAMA_MODEL": str(served["model"])}  # no --model: the server is eligible
+    out = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "-v", "complete", "--repo", str(served["repo"]),
+                          "main.py:10:8", "--max-tokens", "4", "--json", *option], env=env, cwd=served["repo"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "server" not in json.loads(out.stdout) and "loading the model here" in out.stderr
+
+
 @pytest.mark.parametrize("header", [b"Content-Length: -1", b"Content-Length: 99999999999", b"X" * 10_000])
 def test_a_bad_frame_from_the_port_is_unreachable_not_a_crash(header):
     """The CLI reads frames from whatever listens on a record's port (framing.read_frame): a negative or
