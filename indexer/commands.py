@@ -205,7 +205,7 @@ def _add_watch(p: argparse.ArgumentParser) -> None:
 def run_status(args: argparse.Namespace) -> int:
     from indexer.schema import CONTEXT_CHARS
     from indexer.store import Store
-    from longllama_lsp.errors import StoreOutdated
+    from longllama_lsp.errors import StoreError, StoreOutdated
 
     if bad := root_problem("status", args.repo):
         return bad
@@ -213,6 +213,7 @@ def run_status(args: argparse.Namespace) -> int:
     if not dbs:
         print(f"{Path(args.repo).resolve()}: not indexed yet (run `longllama index --repo {args.repo}`)")
         return 1
+    unusable = 0
     for db in dbs:
         try:
             with Store.open(db, None, readonly=True) as store:
@@ -221,6 +222,10 @@ def run_status(args: argparse.Namespace) -> int:
             _print_outdated(db, args.json)
             if args.delete_stale:
                 _delete_stale(db)
+            continue
+        except StoreError as e:  # one bad file (a repository's symlink, a damaged database): say so, go on
+            _print_unusable(db, str(e), args.json)
+            unusable += 1
             continue
         stale = None if (s.model.get("context_chars") or 0) == CONTEXT_CHARS else (  # not read by this version
             "its chunks were encoded alone; this version encodes each after the text before it and builds "
@@ -240,7 +245,7 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"skipped:  {len(s.skipped)} files")
             for path, reason in s.skipped[: args.show_skipped]:
                 print(f"  {shown(path)}: {shown(reason)}")
-    return 0
+    return 1 if unusable else 0
 
 
 def _delete_stale(db: Path) -> None:
@@ -254,6 +259,13 @@ def _delete_stale(db: Path) -> None:
         print(f"kept {shown(str(db))}: {shown(str(e))}", file=sys.stderr)
         return
     print(f"deleted {shown(str(db))} ({freed / 2**20:.1f} MiB freed)", file=sys.stderr)
+
+
+def _print_unusable(db: Path, reason: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"path": str(db), "unusable": reason}, indent=2))
+    else:
+        print(f"index:    {shown(str(db))}\n  unusable: {shown(reason)}")
 
 
 def _print_outdated(db: Path, as_json: bool) -> None:

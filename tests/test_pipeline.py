@@ -711,6 +711,22 @@ def test_cli_status_names_the_model_of_an_index_a_server_built(tiny, capsys, tmp
     assert f"model:    {tiny[2].name} (fingerprint " in capsys.readouterr().out
 
 
+def test_cli_status_reports_a_bad_index_file_and_goes_on(tiny, capsys, tmp_path):
+    """A repository's own `.longllama/` may hold a symlink named like an index, or a damaged file: status
+    says why each is unusable, still shows the good index, and exits 1; the link's target is untouched."""
+    repo = small_repo(tmp_path / "repo")
+    assert cli_main(["index", str(repo), "--model", str(tiny[2]), "--chunk-tokens", str(CHUNK_TOKENS), "-q"]) == 0
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (repo / ".longllama" / "index-000000000000.db").symlink_to(victim)
+    (repo / ".longllama" / "index-ffffffffffff.db").write_bytes(b"not a database" * 100)
+    capsys.readouterr()
+    assert cli_main(["status", str(repo), "--delete-stale"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("  unusable: ") == 2 and "is a symlink" in out
+    assert f"model:    {tiny[2].name} (fingerprint " in out and victim.read_text() == "keep"
+
+
 HOSTILE = "\x1b]52;c;ZWNobyBwd25lZA==\x07\rok"  # an OSC 52 clipboard write, then a CR to hide it
 
 
