@@ -255,7 +255,7 @@ def _delete_stale(db: Path) -> None:
 
     try:
         freed = delete_index(db)
-    except StoreError as e:
+    except (StoreError, OSError) as e:  # busy, or a .longllama/ we may not write: kept, said why
         print(f"kept {shown(str(db))}: {shown(str(e))}", file=sys.stderr)
         return
     print(f"deleted {shown(str(db))} ({freed / 2**20:.1f} MiB freed)", file=sys.stderr)
