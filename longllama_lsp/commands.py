@@ -227,12 +227,15 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-def read_source(path: Path) -> str:
+def read_source(path: Path, repo: Path | None = None) -> str:
     """The text of the file to complete in; ValueError saying why it cannot be read."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        hint = ""
+        if repo is not None and not path.is_absolute() and (repo / path).is_file():
+            hint = f" in the current directory (FILE is relative to it, not to --repo: {repo / path}?)"
+        raise ValueError(f"{path}: no such file{hint}") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not a file") from None
     except UnicodeDecodeError as exc:
@@ -246,7 +249,7 @@ def run_complete(args: argparse.Namespace) -> int:
     try:
         if problem := repository_problem(args.repo):
             raise ValueError(problem)
-        text = read_source(path)
+        text = read_source(path, Path(args.repo))
         offset = offset_of(text, line, col)
     except ValueError as exc:
         return usage_error("complete", str(exc))

@@ -121,13 +121,15 @@ def source(tmp_path):
     (["complete", "{source}:1:1", "--repo", "{typo}"], "--repo {typo}: no such directory"),
     (["ask", "q", "--repo", "{source}"], "--repo {source}: not a directory"),
     (["complete", "{typo}/nosuch.py:1:1"], "{typo}/nosuch.py: no such file"),
+    (["complete", "m.py:1:1", "--repo", "{tmp}"],  # (the tests run in the checkout: no m.py there)
+     "m.py: no such file in the current directory (FILE is relative to it, not to --repo: {source}?)"),
     (["complete", "{dir}:1:1"], "{dir}: is a directory, not a file"),
     (["complete", "{binary}:1:1"], "{binary}: not UTF-8 text (byte 0)"),
     (["ask", "  "], "the question is empty"),
 ])
 def test_ask_and_complete_refuse_missing_paths_before_loading_creating_nothing(argv, message, tmp_path, source,
                                                                                tiny_model_dir, capsys):  # noqa: F811
-    paths = dict(typo=tmp_path / "typo", source=source, dir=tmp_path, binary=tmp_path / "b.py")
+    paths = dict(typo=tmp_path / "typo", source=source, dir=tmp_path, binary=tmp_path / "b.py", tmp=tmp_path)
     (tmp_path / "b.py").write_bytes(b"\xff\xfe\x00")
     before = sorted(tmp_path.rglob("*"))
     argv = [a.format(**paths) for a in argv] + ["--model", str(tiny_model_dir), "--max-tokens", "2"]
