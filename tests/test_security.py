@@ -351,9 +351,9 @@ def test_damaged_index_is_a_clear_error_and_rebuild_recovers(model_dir, tmp_path
         f.seek((page - 1) * size + 8)
         f.write(b"\xff" * 64)
     capsys.readouterr()
-    assert main(["status", "--repo", str(root)]) == 1
-    err = capsys.readouterr().err
-    assert "longllama: error: index" in err and "`longllama index --rebuild`" in err and "Traceback" not in err
+    assert main(["status", "--repo", str(root)]) == 1  # said in the listing, as any unusable index file is
+    out, err = capsys.readouterr()
+    assert "  unusable: index" in out and "`longllama index --rebuild`" in out and "Traceback" not in out + err
     assert index_cli(root, model_dir) == 1
     assert "--rebuild" in capsys.readouterr().err
     assert index_cli(root, model_dir, "--rebuild", "--json") == 0
