@@ -44,7 +44,7 @@ import heapq
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -470,6 +470,11 @@ class MemoryBank:
         e = self._entries.get(chunk_id)
         return range(e.start, e.start + e.n) if e else None
 
+    def content_of(self, chunk_id: Hashable) -> Hashable | None:
+        """What a resident chunk's memory is (the `content` it was added with), None if not resident."""
+        e = self._entries.get(chunk_id)
+        return self._content_refs[e.content][0] if e is not None and e.content >= 0 else None
+
     def __contains__(self, chunk_id: Hashable) -> bool:
         return chunk_id in self._entries
 
@@ -505,21 +510,27 @@ class MemoryBank:
 
     # -- bulk load ------------------------------------------------------------------------------
 
-    def load_from_store(self, store: Any, paths: Iterable[str] | None = None, batch: int = 8) -> int:
+    def load_from_store(self, store: Any, paths: Iterable[str] | None = None, batch: int = 8,
+                        stand_ins: Mapping[str, str] | None = None) -> int:
         """Load stored chunks (of `paths`, or all) that have memories; returns how many became resident.
 
-        Under a budget, chunks that could not stay are recorded as evicted without reading their blobs.
+        stand_ins: content hash -> memory key, for chunks whose own memory is not stored yet: such a chunk
+        gets that memory (its same text encoded after the text that was before it until an edit above it)
+        instead of none, until a later load brings its own. Under a budget, chunks that could not stay
+        are recorded as evicted without reading their blobs.
         """
         paths = None if paths is None else list(paths)
         missing = {c.id for c in store.chunks_missing_memory(paths)}
         rows: list[ChunkRow] = ([r for p in paths for r in store.chunks(p)] if paths is not None
                                 else store.chunks())
-        rows = [r for r in rows if r.id not in missing and r.id not in self._entries]
+        key_of = {r.id: (stand_ins or {}).get(r.content_hash) if r.id in missing else r.memory_key
+                  for r in rows if r.id not in self._entries}
+        rows = [r for r in rows if key_of.get(r.id) is not None]
         if self.budget_tokens is not None:
             rows = self._plan(rows)
         by_key: dict[str, list[ChunkRow]] = defaultdict(list)
         for r in rows:
-            by_key[r.memory_key].append(r)
+            by_key[key_of[r.id]].append(r)
         self.reserve(sum(self._span(r.token_count) for r in rows) - self._free_tokens)
         added = 0
         for memory_key, memory in store.iter_memories(list(by_key), batch=batch):

@@ -496,10 +496,10 @@ class Indexer:
 
     # -- encoding -------------------------------------------------------------------------------
 
-    def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None,
-                        paths: set[str] | None = None, run: _Run | None = None) -> None:
-        """Encode the chunks (of `paths`, or all) whose memory key has no memory yet."""
-        rows = self.store.chunks_missing_memory(paths)
+    def _encode_missing(self, summary: IndexSummary, progress: ProgressFn | None, paths: set[str] | None = None,
+                        run: _Run | None = None, select: Callable[[ChunkRow], bool] | None = None) -> None:
+        """Encode the chunks (of `paths`, or all; those `select` accepts) whose memory key has no memory yet."""
+        rows = [r for r in self.store.chunks_missing_memory(paths) if select is None or select(r)]
         todo = {r.memory_key: r for r in rows}  # the same text after the same context is encoded once
         keys = list(todo)
         run = run or _Run(time.perf_counter(), 0, progress)
@@ -569,13 +569,25 @@ class Indexer:
         return text
 
     def _refresh_bank(self, paths: Iterable[str]) -> None:
-        """Replace the bank's chunks of `paths` with their stored memories."""
+        """Replace the bank's chunks of `paths` with their stored memories. A chunk whose text is unchanged
+        but whose memory is not stored yet (an edit above it changed the text before it: encoded later in
+        this pass, or by the writer this index follows) keeps the memory its text has in the bank now: a
+        little stale for a moment, rather than missing from memory."""
         paths = list(paths)
         if self._bank is None or not paths:
             return
         with self.lock:
+            banked = {m.content_hash: self._bank.content_of(c)  # a stand-in's own key is not its memory's
+                      for p in paths for c, m in self._bank.chunks_of(p).items()}
             self._unbank(paths)
-            self._bank.load_from_store(self.store, paths=paths)
+            self._bank.load_from_store(self.store, paths=paths, stand_ins=banked)
+
+    def _banked_texts(self, paths: Iterable[str]) -> set[str]:
+        """Content hashes of the bank's chunks of `paths`: the texts whose memory it holds."""
+        if self._bank is None:
+            return set()
+        with self.lock:
+            return {m.content_hash for p in paths for m in self._bank.chunks_of(p).values()}
 
     def _unbank(self, paths: Iterable[str]) -> None:
         """Drop the bank's chunks of `paths`."""
@@ -607,10 +619,21 @@ class Indexer:
                     self._forget(path)
                     summary.files_deleted += 1
         summary.files_changed = len(changed)
-        self._encode_missing(summary, progress)
-        self._refresh_bank(changed)
+        self._encode_edits_first(summary, progress, changed)
         summary.seconds = time.perf_counter() - t0
         return summary
+
+    def _encode_edits_first(self, summary: IndexSummary, progress: ProgressFn | None, changed: list[str]) -> None:
+        """Encode the new text of `changed` and bank it before re-encoding the chunks after it (whose
+        text is unchanged, only the text before it): the edit reaches every completion after one or two
+        chunk encodes instead of all of them (the others keep their old memory meanwhile)."""
+        run = _Run(time.perf_counter(), 0, progress)
+        held = self._banked_texts(changed)
+        if held:
+            self._encode_missing(summary, progress, set(changed), run, select=lambda r: r.content_hash not in held)
+            self._refresh_bank(changed)
+        self._encode_missing(summary, progress, run=run)
+        self._refresh_bank(changed)
 
     def chunk(self, path: str, text: str) -> list[BufferChunk]:
         """An open buffer of `path` (relative) cut and keyed as `_scan_file` cuts the file: an unchanged chunk

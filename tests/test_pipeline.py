@@ -190,6 +190,68 @@ def test_editing_one_function_reencodes_only_its_chunks(repo, tiny, via):
             Counter((r.path, r.content_hash) for r in ix.store.chunks())
 
 
+def banked(ix: Indexer, path: str) -> dict[str, str]:
+    """The bank's chunks of `path`: content hash -> the memory key of the memory each holds."""
+    return {m.content_hash: ix.bank.content_of(c) for c, m in ix.bank.chunks_of(path).items()}
+
+
+def test_a_saved_edit_reaches_the_bank_before_the_chunks_after_it_are_reencoded(repo, tiny):
+    """update() encodes the edited text first and banks it; meanwhile the chunks below it, whose text is
+    unchanged but whose memory is re-encoded after the new text before them, keep their old memory."""
+    path = "json/decoder.py"
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        old = banked(ix, path)
+        edit_function(repo / path, "JSONObject")
+        seen, encode = [], ix.encoder.encode
+
+        def watching(texts, *args, **kwargs):
+            seen.append((len(texts), banked(ix, path)))
+            return encode(texts, *args, **kwargs)
+
+        ix.encoder.encode = watching
+        ix.update([repo / path])
+        rows = {c.content_hash: c.memory_key for c in ix.store.chunks(path)}
+        new_text = set(rows) - set(old)
+        rekeyed = {h for h in set(rows) & set(old) if rows[h] != old[h]}
+        assert new_text and rekeyed
+        assert [n for n, _ in seen] == [len(new_text), len(rekeyed)]  # two rounds: the edit, then below it
+        between = seen[1][1]  # the bank while the chunks below the edit are re-encoded
+        assert set(between) == set(rows)  # no chunk of the file is missing from memory meanwhile
+        assert {h: between[h] for h in new_text} == {h: rows[h] for h in new_text}  # the edit: its new memory
+        assert {h: between[h] for h in rekeyed} == {h: old[h] for h in rekeyed}  # below it: the old one
+        assert banked(ix, path) == rows  # and at the end, every chunk its own memory
+
+
+def test_a_reader_keeps_old_memory_of_unchanged_text_while_the_writer_reencodes_it(repo, tiny):
+    """An index read as another process writes it (a server beside `longllama watch`): the writer commits a
+    file's new chunk rows before their memories; the reader's bank keeps the chunks whose text did not
+    change (with their old memory) instead of dropping them until the writer has re-encoded them."""
+    path = "json/decoder.py"
+    model, tok, model_dir = tiny
+    with open_ix(repo, tiny) as writer, \
+            Indexer.open(repo, model, tok, model_dir, chunk_tokens=CHUNK_TOKENS, readonly=True) as reader:
+        writer.index()
+        reader.index()
+        old = banked(reader, path)
+        edit_function(repo / path, "JSONObject")
+        during, encode = [], writer.encoder.encode
+
+        def follow_first(texts, *args, **kwargs):  # the reader looks before the writer's first encode
+            if not during:
+                reader.follow_writer()
+                during.append(banked(reader, path))
+            return encode(texts, *args, **kwargs)
+
+        writer.encoder.encode = follow_first
+        writer.update([repo / path])
+        rows = {c.content_hash: c.memory_key for c in writer.store.chunks(path)}
+        unchanged = set(rows) & set(old)
+        assert during[0] == {h: old[h] for h in unchanged}  # every unchanged text, with its old memory
+        reader.follow_writer()
+        assert banked(reader, path) == rows
+
+
 def test_rename_reencodes_nothing(repo, tiny):
     with open_ix(repo, tiny) as ix:
         ix.index()
