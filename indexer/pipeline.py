@@ -342,8 +342,7 @@ class Indexer:
             self.store.set_meta(CONTENT_RULES, self._content_rules())  # every file was checked under them
         finally:
             self.state = "watching" if self._watcher else "idle"
-        summary.files_indexed = sum(f.status == "indexed" for f in self.store.files())
-        summary.chunks = len(self.store.chunks())
+        summary.files_indexed, summary.chunks = self.store.totals()
         summary.seconds = time.perf_counter() - t0
         return summary
 
@@ -620,6 +619,7 @@ class Indexer:
                     summary.files_deleted += 1
         summary.files_changed = len(changed)
         self._encode_edits_first(summary, progress, changed)
+        summary.files_indexed, summary.chunks = self.store.totals()  # the repository's, as a pass says them
         summary.seconds = time.perf_counter() - t0
         return summary
 

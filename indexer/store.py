@@ -580,6 +580,13 @@ class Store:
         return {path: (digest, encoded.get(path, 0)) for path, digest in files.items()}
 
     @_reads
+    def totals(self) -> tuple[int, int]:
+        """(indexed files, chunks): a pass's summary line, without reading the rows."""
+        files, = self.db.execute("SELECT count(*) FROM files WHERE status = 'indexed'").fetchone()
+        chunks, = self.db.execute("SELECT count(*) FROM chunks").fetchone()
+        return files, chunks
+
+    @_reads
     def stats(self) -> StoreStats:
         one = lambda sql: self.db.execute(sql).fetchone()  # noqa: E731
         files, = one("SELECT count(*) FROM files WHERE status = 'indexed'")
