@@ -12,6 +12,7 @@ memory is missing and encodes just those.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,17 @@ class _Run:
             self.progress(Progress("ready", self.files_done, self.files, summary.tokens_encoded, message=tier))
 
 
+@contextlib.contextmanager
+def _closed_on_error(store: Store) -> Iterator[None]:
+    """An Indexer being built: a failure before it owns `store` (a full disk under the first write)
+    closes the store, releasing its writer lock, which this process would otherwise hold until it exits."""
+    try:
+        yield
+    except BaseException:
+        store.close()
+        raise
+
+
 class _Follower:
     """A read-only index's watcher: polls SQLite's data_version (a counter of other connections'
     commits) and lets the indexer bank what its writer committed. Not filesystem events: they come
@@ -273,13 +285,15 @@ class Indexer:
         context_chars: how much of the text before a chunk its memory is encoded after (indexer.encoder)."""
         fp = fingerprint_for(model, Path(model_dir), context_chars)
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild, readonly=readonly)
-        if not readonly:  # a server's index names its model in `longllama status` as `longllama index`'s does
-            store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
-        device = device or next(model.parameters()).device
-        # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
-        bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,
-                                    block_size=model.config.mem_block_size)
-        return cls(root, store, bank, Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model), rules, chunk_tokens)
+        with _closed_on_error(store):
+            if not readonly:  # a server's index names its model in `longllama status` as `longllama index`'s does
+                store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
+            device = device or next(model.parameters()).device
+            # Blocks of the model's sparse memory attention: the bank's summaries are then the model's.
+            bank = MemoryBank.for_store(store, device, budget_tokens=budget_tokens,
+                                        block_size=model.config.mem_block_size)
+            encoder = Encoder(model, tokenizer, batch_tokens=batch_tokens, run_model=run_model)
+            return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     @classmethod
     def open_checkpoint(cls, root: Path, model_dir: Path, encoder, *, device: str | None = "cpu",
@@ -292,11 +306,12 @@ class Indexer:
         no bank (the one-shot `longllama index`, whose product is the database)."""
         fp = checkpoint_fingerprint(Path(model_dir), context_chars)
         store = Store.open(db_path or index_path(root, fp), fp, rebuild=rebuild)
-        store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
-        # The default block size (no transformers import here: `longllama index` with nothing new must
-        # stay fast); the engine's banks take the loaded model's (`open`).
-        bank = None if device is None else MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
-        return cls(root, store, bank, encoder, rules, chunk_tokens)
+        with _closed_on_error(store):
+            store.set_meta("checkpoint", json.dumps(checkpoint_meta(model_dir)))
+            # The default block size (no transformers import here: `longllama index` with nothing new must
+            # stay fast); the engine's banks take the loaded model's (`open`).
+            bank = None if device is None else MemoryBank.for_store(store, device, budget_tokens=budget_tokens)
+            return cls(root, store, bank, encoder, rules, chunk_tokens)
 
     def __enter__(self) -> Indexer:
         return self

@@ -888,6 +888,33 @@ def test_plain_progress_prints_one_line_per_period_and_every_phase_end(tiny, tmp
     assert done == total and int(total) > chunks * 0.9  # the last line: all encoded (same text once)
 
 
+@pytest.mark.parametrize("how", ["open", "open_checkpoint"])
+def test_an_indexer_that_fails_to_open_releases_the_index(repo, tiny, monkeypatch, how):
+    """A write that fails while the Indexer is built (a full disk) is the error it is, and the writer lock is
+    released: opening again in the same process (a server retrying) works instead of 'being written by
+    another process' (this process)."""
+    from indexer.encoder import LazyEncoder
+    from longllama_lsp.errors import StoreError
+
+    model, tok, model_dir = tiny
+
+    def opened():
+        if how == "open":
+            return open_ix(repo, tiny)
+        return Indexer.open_checkpoint(repo, model_dir, LazyEncoder(model_dir, lambda: model), device=None,
+                                       chunk_tokens=CHUNK_TOKENS)
+
+    def full(*args):
+        raise StoreError("database or disk is full")
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "set_meta", full)
+        with pytest.raises(StoreError, match="full"):
+            opened()
+    with opened() as ix:
+        assert not ix.store.readonly
+
+
 # -- model mismatch ------------------------------------------------------------------------------
 
 def test_index_of_another_model_refuses_to_open(tiny, smol_tokenizer_dir, tmp_path):  # noqa: F811

@@ -436,7 +436,8 @@ def snapshot(db: Path, immutable: bool = False) -> dict:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         files = con.execute("SELECT path, content_hash, status FROM files ORDER BY path").fetchall()
-        chunks = con.execute("SELECT path, ordinal, content_hash FROM chunks ORDER BY path, ordinal").fetchall()
+        chunks = con.execute("SELECT path, ordinal, content_hash, memory_key FROM chunks "
+                             "ORDER BY path, ordinal").fetchall()
         memories = con.execute("SELECT memory_key FROM memories ORDER BY memory_key").fetchall()
     finally:
         con.close()
@@ -477,8 +478,8 @@ def test_kill_9_during_indexing_then_resume_equals_a_clean_rebuild(model_dir, tm
     # its memories are stored); the next batch's first report comes after that
     kill_at(model_dir, root, db, "encode", ENCODE_BATCH_CHUNKS + 2)
     after_encode = snapshot(db)
-    chunk_hashes = {c[2] for c in after_encode["chunks"]}
-    assert len(after_encode["files"]) == 5 and 0 < len(after_encode["memories"]) < len(chunk_hashes)
+    memory_keys = {c[3] for c in after_encode["chunks"]}
+    assert len(after_encode["files"]) == 5 and 0 < len(after_encode["memories"]) < len(memory_keys)
     assert integrity(db) == [("ok",)]
     index_in_process(model_dir, root, db)  # resume
     clean = tmp_path / "clean.db"
@@ -518,7 +519,7 @@ def test_disk_full_during_indexing_is_a_clean_store_error_and_recovers(model_dir
     assert summary is not None
     after = snapshot(db)
     assert len(after["files"]) == 2 and after["memories"]
-    assert {c[2] for c in after["chunks"]} == {m[0] for m in after["memories"]}
+    assert {c[3] for c in after["chunks"]} == {m[0] for m in after["memories"]}  # every chunk's memory
 
 
 def test_read_only_database_file_is_a_clear_error(model_dir, tmp_path, tmpfs):
