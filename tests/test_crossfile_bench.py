@@ -162,3 +162,32 @@ def test_report_paths_outside_the_repository_stay_absolute(tmp_path):
     assert R._shown(tmp_path / "holes.jsonl") == str(tmp_path / "holes.jsonl")
     assert R._shown(R.REPO / "bench" / "crossfile" / "holes.jsonl") == "bench/crossfile/holes.jsonl"
     assert R._shown(Path("holes.jsonl")) == "holes.jsonl"
+
+
+def _report(path: Path, system: str, holes: list[tuple[str, str, float, int]]) -> str:
+    records = [{"system": system, "id": i, "expected": e, "metrics": {"es": es, "id_em": em, "xid_hit": em}}
+               for i, e, es, em in holes]
+    path.write_text(json.dumps({"records": records}))
+    return str(path)
+
+
+def test_paired_comparison_pairs_holes_pools_sets_and_refuses_different_holes(tmp_path, capsys):
+    import paired
+
+    base = _report(tmp_path / "a.json", "c", [("r-0", "x()", 0.5, 0), ("r-1", "y", 1.0, 1), ("r-2", "z", 0.2, 0)])
+    # the candidate's records in another order: compared hole by hole, not line by line
+    cand = _report(tmp_path / "b.json", "d", [("r-2", "z", 0.2, 0), ("r-0", "x()", 0.8, 1), ("r-1", "y", 0.9, 1)])
+    assert paired.main([f"{base}:{cand}", f"{base}:{base}", "--json", str(tmp_path / "out.json")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    first = out[f"{base}:{cand}"]
+    assert first["n"] == 3 and (first["better"], first["worse"]) == (1, 1)
+    assert first["mean"] == pytest.approx((0.3 - 0.1) / 3) and first["id_em"] == [1, 2]
+    diffs = [0.3, -0.1, 0.0]  # x(), y, z
+    var = sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2
+    assert first["se"] == pytest.approx((var / 3) ** 0.5)
+    pooled = out["pooled"]
+    assert pooled["n"] == 6 and pooled["mean"] == pytest.approx(0.2 / 6) and pooled["xid_hit"] == [2, 3]
+    # another hole set reuses the ids (r-0, r-1, ...): the expected text tells them apart
+    other = _report(tmp_path / "c.json", "d", [("r-0", "w", 0.8, 1), ("r-1", "y", 0.9, 1), ("r-2", "z", 0.2, 0)])
+    assert paired.main([f"{base}:{other}"]) == 2
+    assert "different holes" in capsys.readouterr().err
