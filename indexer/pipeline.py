@@ -591,17 +591,17 @@ class Indexer:
         if self._bank is None or not paths:
             return
         with self.lock:
-            banked = {m.content_hash: self._bank.content_of(c)  # a stand-in's own key is not its memory's
-                      for p in paths for c, m in self._bank.chunks_of(p).items()}
+            banked = self._banked(paths)
             self._unbank(paths)
             self._bank.load_from_store(self.store, paths=paths, stand_ins=banked)
 
-    def _banked_texts(self, paths: Iterable[str]) -> set[str]:
-        """Content hashes of the bank's chunks of `paths`: the texts whose memory it holds."""
+    def _banked(self, paths: Iterable[str]) -> dict[str, str]:
+        """The texts of `paths` whose memory the bank holds: content hash -> the memory key of that memory
+        (a stand-in's own row names the key it waits for, not the memory it holds)."""
         if self._bank is None:
-            return set()
+            return {}
         with self.lock:
-            return {m.content_hash for p in paths for m in self._bank.chunks_of(p).values()}
+            return {m.content_hash: self._bank.content_of(c) for p in paths for c, m in self._bank.chunks_of(p).items()}
 
     def _unbank(self, paths: Iterable[str]) -> None:
         """Drop the bank's chunks of `paths`."""
@@ -643,7 +643,7 @@ class Indexer:
         text is unchanged, only the text before it): the edit reaches every completion after one or two
         chunk encodes instead of all of them (the others keep their old memory meanwhile)."""
         run = _Run(time.perf_counter(), 0, progress)
-        held = self._banked_texts(changed)
+        held = self._banked(changed)
         if held:
             self._encode_missing(summary, progress, set(changed), run, select=lambda r: r.content_hash not in held)
             self._refresh_bank(changed)
