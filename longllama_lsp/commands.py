@@ -56,13 +56,15 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 def _common(p: argparse.ArgumentParser) -> None:
     add_repository_argument(p, "repository to index and use as memory")
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
-    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N", help="most tokens to generate")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
+                   help=f"most tokens to generate (default {EngineOptions.max_tokens} for complete, "
+                        f"{EngineOptions.answer_max_tokens} for ask)")
     p.add_argument("--select-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
                    help="memory tokens each query attends to: the memory blocks whose keys match it best "
                         f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
-                   "--dtype, --decode-dtype, --select-tokens or --retrieve-tokens is given: the server "
+                   "--dtype, --decode-dtype, --select-tokens or complete's --retrieve-tokens is given: the server "
                    "keeps its own)")
     add_model_arguments(p, decoding=True)
 
@@ -160,6 +162,7 @@ def run_ask(args: argparse.Namespace) -> int:
             result = remote.ask(record, Path(args.repo), args.question, _server_settings(args),
                                 memory=not args.no_memory)
             print(shown_text(result["answer"]))
+            say_if_cut(result.get("stopReason", ""), args.max_tokens)
             sources = [Source(s["path"], s["startLine"], s["endLine"], s.get("symbol"), s["weight"])
                        for s in result["sources"]]
             if sources:
@@ -186,12 +189,22 @@ def run_ask(args: argparse.Namespace) -> int:
         except Cancelled as exc:
             raise (exc.__cause__ or exc) from None  # cli.main ends a closed pipe quietly
         sys.stdout.write(shown_text(held[0]) + "\n")
+        sys.stdout.flush()
+        say_if_cut(answer.stop_reason, args.max_tokens or EngineOptions.answer_max_tokens)
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")
         logger.info("timings (ms): %s", answer.timings)
     finally:
         workspace.close()
     return 0
+
+
+def say_if_cut(stop_reason: str, max_tokens: int | None) -> None:
+    """An answer that ran into its token limit ends mid-sentence: say so on stderr, and how to get more
+    (`max_tokens` None: the running server's own limit, not known here)."""
+    if stop_reason == "max_tokens":
+        limit = f"its limit of {max_tokens} tokens" if max_tokens else "the server's token limit"
+        print(f"[the answer stopped at {limit}; --max-tokens N allows a longer one]", file=sys.stderr)
 
 
 # -- complete ---------------------------------------------------------------------------------------------

@@ -171,6 +171,22 @@ def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+def test_an_answer_cut_at_its_token_limit_says_so_and_how_to_get_more(tiny_model_dir, tmp_path):  # noqa: F811
+    """A 135M model's answer often runs to the limit and ends mid-word: stderr says it was cut (stdout keeps
+    the answer alone, for pipes)."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "ask", "What does main return?", "--model",
+                           str(tiny_model_dir), "--no-memory", "--max-tokens", "3"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[the answer stopped at its limit of 3 tokens; --max-tokens N allows a longer one]" in proc.stderr
+    assert "limit" not in proc.stdout
+    help_text = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "ask", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "default 48 for complete, 256 for ask" in " ".join(help_text.split())
+
+
 def test_progress_bars_follow_totals_that_grow_and_print_ready_lines(capsys):
     """A pass's encode total grows tier by tier: a bar that reached one tier's total moves on with the
     next (it closes only in close()); a 'ready' tier is a line, not a bar."""

@@ -71,6 +71,7 @@ def test_ask_runs_through_the_running_server(served):
     out = longllama(served, "-v", "ask", "--repo", str(served["repo"]), "what does helper do?", "--max-tokens", "4")
     assert out.returncode == 0, out.stderr
     assert "using the running server" in out.stderr and out.stdout.strip()
+    assert "[the answer stopped at its limit of 4 tokens" in out.stderr  # the server's stopReason, read
 
 
 def test_complete_loads_the_model_for_a_repository_no_server_has_open(served, tmp_path):
