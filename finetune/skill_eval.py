@@ -49,7 +49,14 @@ import torch
 from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
-from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
+from longllama_lsp.lexical import (
+    Candidate,
+    ChunkRetriever,
+    defined_in,
+    query_terms,
+    typed_prefix,
+    wanted_definitions,
+)
 
 SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
@@ -182,7 +189,8 @@ def memory_files(repo: Repo, path: str, budget: int, seed: int) -> list[str]:
 def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, retriever: ChunkRetriever
                      ) -> list[tuple]:
     """Keys (repo, path, start) of the other files' `chunk_len`-token chunks that completions would retrieve
-    for the code before `span` (longllama_lsp.lexical: BM25 by the last 20 lines, the typed name's prefix),
+    for the code before `span` (longllama_lsp.lexical: chunks defining names that code uses or imports first,
+    then BM25 by the last 20 lines and the typed name's prefix),
     within `retrieve_tokens`; in file order. `retriever` (a ChunkRetriever per repository) keeps the terms."""
     f = repo.files[span.path]
     before = tokenizer.decode(f.ids[1:span.start])
@@ -193,9 +201,11 @@ def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, re
         ids = repo.files[q].ids
         for i in range(0, len(ids), args.chunk_len):
             piece = ids[i:i + args.chunk_len]
+            text = tokenizer.decode(piece, skip_special_tokens=True)
             candidates.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(piece),
-                                        lambda piece=piece: tokenizer.decode(piece, skip_special_tokens=True)))
-    chosen = retriever.top(candidates, query_terms(before), args.retrieve_tokens, typed_prefix(before))
+                                        lambda text=text: text, defined_in(text)))
+    chosen = retriever.top(candidates, query_terms(before), args.retrieve_tokens, typed_prefix(before),
+                           wanted_definitions(before))
     return sorted(chosen)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
+from .lexical import Candidate, ChunkRetriever, defined_by, query_terms, typed_prefix, wanted_definitions
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
 
@@ -207,9 +207,10 @@ class Assembler:
             for cid, meta in bank.resident().items():
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
-                                                _reader(repo, meta)))
+                                                _reader(repo, meta), defined_by(meta.symbol)))
         before = buffer.text[:buffer.cursor]
-        chosen = self._retriever.top(candidates, query_terms(before), self.retrieve_tokens(), typed_prefix(before))
+        chosen = self._retriever.top(candidates, query_terms(before), self.retrieve_tokens(), typed_prefix(before),
+                                     wanted_definitions(before))
         left_out: list[list[Hashable]] = [[] for _ in banks]
         for c in candidates:
             if c.chunk_id not in chosen:

@@ -10,6 +10,10 @@ on 57k tokens of a whole repository. Measured (BENCHMARKS.md "Stop 32"): +0.013 
 similarity on 215 fresh holes at 2,048 tokens, +0.017 +- 0.009 at 4,096 (the default), every fresh set
 non-negative.
 
+Up to half of the budget goes first to chunks that define a name the code before the cursor uses or
+imports (`wanted_definitions`; a chunk's index symbol says what it defines): BM25 over the last 20 lines
+ranks chunks that use the same names above the one that defines the name about to be typed.
+
 Chunk terms are kept by content hash (a chunk's text never changes under its hash), in one inverted index
 across requests (ChunkRetriever).
 """
@@ -26,6 +30,17 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TYPED = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*\Z")
 MIN_PREFIX = 2  # a typed prefix this long stands for every indexed identifier it starts
 QUERY_LINES = 20  # the query: identifiers of the last 20 lines before the cursor (RepoCoder's window)
+# Up to this share of the retrieval budget goes first to chunks defining a name the code before the cursor
+# uses or imports (wanted_definitions): BM25 over a 20-line window brings chunks that *use* the names near
+# the cursor, and held the definition of a hole's cross-file name for 61 of 207 names on bench/crossfile's
+# holes; with the share, 118 (bench/crossfile/definition_recall.py; BENCHMARKS.md "Stop 38").
+DEFINITIONS_SHARE = 0.5
+_IMPORT_LINE = re.compile(  # an import statement: a line, or a parenthesized / braced list over several
+    r"^[ \t]*(?:from[ \t]+\S+[ \t]+import[ \t]*\([^)]*\)|import[ \t]*\{[^}]*\}|use[^;\n]*\{[^}]*\}"
+    r"|(?:from[ \t]+\S+[ \t]+import\b|import\b|use\b|#[ \t]*include\b).*$)", re.M)
+_IMPORT_WORDS = frozenset({"from", "import", "as", "use", "include", "crate", "super", "self"})
+_DEFINED_HERE = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class|function|func|fn|struct|interface|type)[ \t]+"
+                           r"([A-Za-z_][A-Za-z0-9_]*)", re.M)
 
 
 def identifiers(text: str) -> list[str]:
@@ -37,6 +52,22 @@ def query_terms(text_before_cursor: str, lines: int = QUERY_LINES) -> Counter:
     return Counter(identifiers("\n".join(text_before_cursor.split("\n")[-lines:])))
 
 
+def wanted_definitions(text_before_cursor: str, lines: int = QUERY_LINES) -> frozenset[str]:
+    """Names whose definitions a completion may want: those the last `lines` lines use and those the file's
+    import lines before the cursor name (`from .utils import get_auth_from_url`, `use crate::a::{B, c}`),
+    less those defined before the cursor in the file itself."""
+    names = set(query_terms(text_before_cursor, lines))
+    for m in _IMPORT_LINE.finditer(text_before_cursor):
+        names.update(identifiers(m.group(0)))
+    return frozenset(names - _IMPORT_WORDS - defined_in(text_before_cursor))
+
+
+def defined_in(text: str) -> frozenset[str]:
+    """Names that definition lines in `text` define (`def f`, `class C`, `fn f`, `func f` ...): for chunks
+    without an index symbol (the skill eval's token windows) and the open file's own names."""
+    return frozenset(_DEFINED_HERE.findall(text))
+
+
 def typed_prefix(text_before_cursor: str) -> str:
     """The identifier the cursor is in the middle of typing ("" if none): `Gre` in `g = Gre|`."""
     m = _TYPED.search(text_before_cursor)
@@ -45,13 +76,20 @@ def typed_prefix(text_before_cursor: str) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A chunk that may be retrieved: its id, its content hash (its terms' key), its memory tokens, and how
-    to read its text when its terms are not cached (None: unreadable now)."""
+    """A chunk that may be retrieved: its id, its content hash (its terms' key), its memory tokens, how to
+    read its text when its terms are not cached (None: unreadable now), and the names it defines (the
+    index's chunk symbol: `Session.request` defines `request`)."""
 
     chunk_id: Hashable
     content_hash: str
     tokens: int
     read: Callable[[], str | None]
+    defines: frozenset[str] = frozenset()
+
+
+def defined_by(symbol: str | None) -> frozenset[str]:
+    """What a chunk with this index symbol defines, for Candidate.defines: the symbol's last part."""
+    return frozenset({symbol.rsplit(".", 1)[-1]}) if symbol else frozenset()
 
 
 class ChunkRetriever:
@@ -70,12 +108,24 @@ class ChunkRetriever:
         self._total = 0  # identifiers in every indexed content (for the average length)
 
     def top(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int,
-            prefix: str = "") -> set[Hashable]:
+            prefix: str = "", wanted: frozenset[str] = frozenset()) -> set[Hashable]:
         """Ids of the best-scoring candidates (score > 0) whose tokens fit `budget_tokens` together, best
         first (one that does not fit is skipped, smaller ones after it may still fit). `prefix`: the name
-        being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`)."""
+        being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`).
+        `wanted` (wanted_definitions): candidates defining one of these names come first, within
+        DEFINITIONS_SHARE of the budget, ranked by the query and the wanted names."""
         if budget_tokens <= 0 or not query:
             return set()
+        defining = [c for c in candidates if c.defines & wanted]
+        if not defining:
+            return self._best(candidates, query, budget_tokens, prefix)
+        first = self._best(defining, query + Counter(wanted), int(budget_tokens * DEFINITIONS_SHARE), prefix)
+        used = sum(c.tokens for c in defining if c.chunk_id in first)
+        rest = [c for c in candidates if c.chunk_id not in first]
+        return first | self._best(rest, query, budget_tokens - used, prefix)
+
+    def _best(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int,
+              prefix: str) -> set[Hashable]:
         by_hash: dict[str, list[Candidate]] = {}
         for c in candidates:
             if self.index(c):

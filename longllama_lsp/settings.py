@@ -84,7 +84,8 @@ class MemorySettings:
     # 4096: BENCHMARKS.md "Stop 32" (+0.017 +- 0.009 ES against every chunk on 215 fresh holes).
     retrieve_tokens: int = field(default=4096, metadata=_doc(
         "completions: memory holds only the chunks of other files that best match the code before the "
-        "cursor (BM25 over identifiers), up to this many tokens (0: every chunk)", min=0))
+        "cursor (chunks defining the names it uses or imports first, then BM25 over identifiers), up to this "
+        "many tokens (0: every chunk)", min=0))
 
 
 @dataclass

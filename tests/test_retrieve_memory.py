@@ -16,7 +16,15 @@ import pytest
 from helpers_memory import indexed_engine, visible_chunks
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
-from longllama_lsp.lexical import Candidate, ChunkRetriever, query_terms, typed_prefix
+from longllama_lsp.lexical import (
+    DEFINITIONS_SHARE,
+    Candidate,
+    ChunkRetriever,
+    defined_by,
+    query_terms,
+    typed_prefix,
+    wanted_definitions,
+)
 from longllama_lsp.settings import Settings
 from longllama_lsp.shared import engine_options
 
@@ -103,6 +111,46 @@ def test_the_name_being_typed_finds_the_identifiers_it_starts():
     retriever = ChunkRetriever()
     assert retriever.top(cands, query_terms(before), 100) == set()  # no whole name in common
     assert retriever.top(cands, query_terms(before), 100, typed_prefix(before)) == {"greeter"}
+
+
+def test_the_code_before_the_cursor_wants_what_it_imports_and_uses_but_does_not_define():
+    before = ("from .utils import (\n    get_auth_from_url,\n    to_native_string,\n)\n"
+              "use crate::net::{Backoff, retry};\n" + "x = 1\n" * 30 +
+              "def send(self, request):\n    proxy = select_proxy(request.url)\n    ")
+    wanted = wanted_definitions(before)
+    assert {"get_auth_from_url", "to_native_string", "Backoff", "retry"} <= wanted  # imports above the window
+    assert {"select_proxy", "request"} <= wanted  # names the last lines use
+    assert "send" not in wanted and "utils" in wanted and "import" not in wanted and "crate" not in wanted
+    assert defined_by("HTTPAdapter.send") == {"send"} and defined_by(None) == frozenset()
+
+
+def test_chunks_defining_wanted_names_come_first_within_their_share():
+    """A definition that shares no identifier with the last lines is retrieved before chunks that use
+    them, within DEFINITIONS_SHARE of the budget; the rest of the budget is ranked as before."""
+    texts = {"use1": "proxy = select_proxy(url)\nurl = proxy", "use2": "select_proxy(url, proxies)",
+             "def": "def get_auth_from_url(u):\n    return unquote(u)", "def2": "def get_auth_from_url(v): pass"}
+    defines = {"def": frozenset({"get_auth_from_url"}), "def2": frozenset({"get_auth_from_url"})}
+    cands = [Candidate(k, k, 10, lambda t=t: t, defines.get(k, frozenset())) for k, t in texts.items()]
+    before = "from .utils import get_auth_from_url\n" + "y = 2\n" * 25 + "proxy = select_proxy(url)\n"
+    query, wanted = query_terms(before), wanted_definitions(before)
+    retriever = ChunkRetriever()
+    assert retriever.top(cands, query, 20) == {"use1", "use2"}  # without wanted names: BM25 alone
+    assert DEFINITIONS_SHARE == 0.5
+    got = retriever.top(cands, query, 20, wanted=wanted)
+    assert len(got & {"def", "def2"}) == 1 and len(got & {"use1", "use2"}) == 1  # half the budget each
+    assert len(retriever.top(cands, query, 40, wanted=wanted)) == 4
+
+
+def test_a_completion_retrieves_the_definition_of_a_name_its_file_imports(repo_engine):
+    """The import is far above the last 20 lines, which share no identifier with words.py: only its
+    chunk's symbol (the index's `shout`) brings it (the assembler passes symbols to the retriever)."""
+    engine, repo, root = repo_engine
+    before = "from words import shout\n" + "pass\n" * 30 + "def upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+    (root / "upload.py").write_text(before + "send(data)\n")
+    words = sum(len(repo.bank.chunk_slots(c)) for c in repo.bank.chunks_of("words.py"))
+    engine.options.retrieve_tokens = 2 * words
+    engine.complete(before, len(before), path=str(root / "upload.py"))
+    assert "words.py" in visible_paths(engine, repo)
 
 
 def test_indexing_warms_retrieval_so_the_first_completion_reads_no_chunk_text(repo_engine, monkeypatch):
