@@ -1,6 +1,6 @@
 """Block-sparse memory (issue 15): decode step cost against memory size, dense vs sparse, and quality.
 
-    python bench/bench_sparse.py [--memories 0,65536,1048576] [--budget 2048] [--block 32]
+    python bench/bench_sparse.py [--memories 0,65536,1048576] [--budget 2048] [--more-budgets 4096] [--block 32]
                                  [--steps 12] [--repeats 2] [--host-10m DIR] [--quality]
                                  [--two-level-quality]
                                  [--json bench/results/sparse.json]
@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -112,15 +113,18 @@ def configure(model, block: int, budget: int | None, flat: bool = False) -> None
 
 
 def speed(model, base: Memory, sizes: list[int], budget: int, block: int, steps: int, repeats: int,
-          dense_max: int) -> dict:
+          dense_max: int, more_budgets: Sequence[int] = ()) -> dict:
+    """Median ms per step for each size and mode; `more_budgets`: modes `sparse@N` at those budgets too."""
     memories = {m: tiled(base, m) if m else None for m in sizes}
     two_level = [m for m in sizes if m > block * DEFAULT_COARSE_FROM]  # where flat and two-level differ
     runs = [(m, mode) for m in sizes for mode in (("dense", "sparse") if m else ("none",))
             if mode != "dense" or m <= dense_max] + [(m, "sparse-flat") for m in two_level]
+    runs += [(m, f"sparse@{b}") for m in sizes if m for b in more_budgets]
     times: dict[str, list[float]] = {f"{m}/{mode}": [] for m, mode in runs}
     for r in range(repeats):
         for m, mode in runs:
-            configure(model, block, budget if mode.startswith("sparse") else None, flat=mode == "sparse-flat")
+            b = int(mode.split("@")[1]) if "@" in mode else budget
+            configure(model, block, b if mode.startswith("sparse") else None, flat=mode == "sparse-flat")
             ms = step_ms(model, memories[m], steps)
             times[f"{m}/{mode}"].append(ms)
             print(f"repeat {r + 1}: {m:>8} tokens {mode:>6}: {ms:8.1f} ms  (load {os.getloadavg()[0]:.1f})",
@@ -182,6 +186,8 @@ def main() -> None:
     ap.add_argument("--memories", default="0,65536,1048576", help="memory sizes in tokens (0 = none)")
     ap.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens for the speed runs")
     ap.add_argument("--block", type=int, default=32, help="block size for the speed runs")
+    ap.add_argument("--more-budgets", default="", metavar="N,...",
+                    help="speed runs also at these sparse budgets, alternating with the others (modes sparse@N)")
     ap.add_argument("--memory-tokens", type=int, default=16384, help="real memory encoded (quality; tiled for speed)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
@@ -205,7 +211,9 @@ def main() -> None:
         result["two_level_loss"] = two_level_quality(model, tokenizer, base, [512, 2048], [2, 4, 8, 16])
         print(json.dumps(result["two_level_loss"], indent=1), file=sys.stderr, flush=True)
     sizes = [int(x) for x in args.memories.split(",")]
-    result["step_ms"] = speed(model, base, sizes, args.budget, args.block, args.steps, args.repeats, args.dense_max)
+    more = [int(x) for x in args.more_budgets.split(",")] if args.more_budgets else []
+    result["step_ms"] = speed(model, base, sizes, args.budget, args.block, args.steps, args.repeats, args.dense_max,
+                              more)
     if args.host_10m is not None:
         args.host_10m.mkdir(parents=True, exist_ok=True)
         host = host_memory(base, 10 * 2**20, args.host_10m, args.block)
