@@ -10,7 +10,8 @@ code line with no such identifier (about a quarter of the set).
         --cross 15 --ordinary 5 --seed 8 --out bench/crossfile/holes.jsonl
     (the same with --seed 9 and --seed 14: holes-seed9.jsonl and holes-seed14.jsonl, two more sets of 60;
     run.py --holes reads them; holes-seed21.jsonl: --cross 30 --ordinary 10 --seed 21, less the 25 holes
-    that are in any earlier set: 95 holes no decision has seen)
+    that are in any earlier set: 95 holes no decision has seen; holes-seed28.jsonl: --cross 30 --ordinary 10
+    --seed 28, less every hole of the four earlier sets: 104 holes, stop 38's check of its decisions)
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
