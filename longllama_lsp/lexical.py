@@ -36,7 +36,7 @@ QUERY_LINES = 20  # the query: identifiers of the last 20 lines before the curso
 # holes; with the share, 118 (bench/crossfile/definition_recall.py; BENCHMARKS.md "Stop 38").
 DEFINITIONS_SHARE = 0.5
 _IMPORT_LINE = re.compile(  # an import statement: a line, or a parenthesized / braced list over several
-    r"^[ \t]*(?:from[ \t]+\S+[ \t]+import[ \t]*\([^)]*\)|import[ \t]*\{[^}]*\}|use[^;\n]*\{[^}]*\}"
+    r"^[ \t]*(?:from[ \t]+\S+[ \t]+import[ \t]*\([^)]*\)|import[ \t]*\{[^}]*\}|use\b[^;\n]*\{[^}]*\}"
     r"|(?:from[ \t]+\S+[ \t]+import\b|import\b|use\b|#[ \t]*include\b).*$)", re.M)
 _IMPORT_WORDS = frozenset({"from", "import", "as", "use", "include", "crate", "super", "self"})
 _DEFINED_HERE = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class|function|func|fn|struct|interface|type)[ \t]+"

@@ -115,12 +115,13 @@ def test_the_name_being_typed_finds_the_identifiers_it_starts():
 
 def test_the_code_before_the_cursor_wants_what_it_imports_and_uses_but_does_not_define():
     before = ("from .utils import (\n    get_auth_from_url,\n    to_native_string,\n)\n"
-              "use crate::net::{Backoff, retry};\n" + "x = 1\n" * 30 +
+              "use crate::net::{Backoff, retry};\nuser_map = {'a': 1}\n" + "x = 1\n" * 30 +
               "def send(self, request):\n    proxy = select_proxy(request.url)\n    ")
     wanted = wanted_definitions(before)
     assert {"get_auth_from_url", "to_native_string", "Backoff", "retry"} <= wanted  # imports above the window
     assert {"select_proxy", "request"} <= wanted  # names the last lines use
     assert "send" not in wanted and "utils" in wanted and "import" not in wanted and "crate" not in wanted
+    assert "user_map" not in wanted  # a line starting `user...` is no `use` declaration
     assert defined_by("HTTPAdapter.send") == {"send"} and defined_by(None) == frozenset()
 
 
