@@ -522,6 +522,17 @@ def fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def nothing_to_score(repo: Repo) -> str | None:
+    """Why a repository gives the cross-file identifier eval no span (None: it has some): a table of
+    dashes alone does not say whether the repository or the eval is at fault."""
+    if not repo.files:
+        return "no Python files: the cross-file identifier eval reads Python only"
+    if not any(any(f.flags) for f in repo.files.values()):
+        return (f"none of its {len(repo.files)} Python files uses a name that another of them defines: "
+                "no cross-file identifier to score")
+    return None
+
+
 def _attention_label(select_tokens: int | str) -> str:
     return "dense" if select_tokens == "dense" else f"top blocks within {select_tokens} tokens"
 
@@ -579,6 +590,9 @@ def run(args) -> int:
         t0 = time.perf_counter()
         if task == "crossfile-ids":
             repos = [load_repo(r, tokenizer) for r in args.repo]
+            for repo in repos:
+                if why := nothing_to_score(repo):
+                    print(f"longllama eval: {repo.root}: {why}", file=sys.stderr)
             result[task] = eval_crossfile(model, tokenizer, repos, sa, progress=args.progress)
         elif task == "passkey":
             result[task] = eval_passkey(model, tokenizer, sa, progress=args.progress)

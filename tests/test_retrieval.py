@@ -906,6 +906,22 @@ def test_eval_cli_task_passkey_and_missing_repo(capsys):
     assert main(["eval", "--model", str(RECALL)]) == 2
 
 
+def test_eval_says_why_a_repository_has_no_cross_file_identifier(capsys, tmp_path, eval_repo):
+    from longllama_lsp.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("no code here\n")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "a.py").write_text("from b import thing\n\nVALUE = 1\n")
+    argv = ["eval", "--task", "crossfile-ids", "--model", str(RECALL), "--budget", "96", "--span-len", "32",
+            "--chunk-len", "32", "--no-progress", "--repo"]
+    assert main([*argv, str(tmp_path / "notes"), "--repo", str(tmp_path / "alone")]) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'notes'}: no Python files" in err
+    assert f"{tmp_path / 'alone'}: none of its 1 Python files uses a name that another of them defines" in err
+    assert main([*argv, str(eval_repo)]) == 0 and "longllama eval:" not in capsys.readouterr().err
+
+
 def test_eval_select_tokens_runs_the_sparse_path(capsys, monkeypatch):
     """`--select-tokens N` attends to the top blocks within N memory tokens, as the server does."""
     from longllama_lsp.cli import main
