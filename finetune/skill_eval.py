@@ -527,6 +527,8 @@ def nothing_to_score(repo: Repo) -> str | None:
     dashes alone does not say whether the repository or the eval is at fault."""
     if not repo.files:
         return "no Python files: the cross-file identifier eval reads Python only"
+    if len(repo.files) == 1:
+        return "one Python file only: no other file's names to score"
     if not any(any(f.flags) for f in repo.files.values()):
         return (f"none of its {len(repo.files)} Python files uses a name that another of them defines: "
                 "no cross-file identifier to score")

@@ -918,7 +918,10 @@ def test_eval_says_why_a_repository_has_no_cross_file_identifier(capsys, tmp_pat
     assert main([*argv, str(tmp_path / "notes"), "--repo", str(tmp_path / "alone")]) == 0
     err = capsys.readouterr().err
     assert f"{tmp_path / 'notes'}: no Python files" in err
-    assert f"{tmp_path / 'alone'}: none of its 1 Python files uses a name that another of them defines" in err
+    assert f"{tmp_path / 'alone'}: one Python file only" in err
+    (tmp_path / "alone" / "c.py").write_text("import os\n")
+    assert main([*argv, str(tmp_path / "alone")]) == 0
+    assert "none of its 2 Python files uses a name that another of them defines" in capsys.readouterr().err
     assert main([*argv, str(eval_repo)]) == 0 and "longllama eval:" not in capsys.readouterr().err
 
 
