@@ -1,7 +1,7 @@
 """Does the model under-read its memory? A bias added to every memory score, measured on cross-file
 identifier tokens (the skill eval's spans and its `retrieved` memory).
 
-    python bench/memory_bias.py --biases -1,-0.5,0,0.5,1,2 [--seed S] [--files-per-repo F] --json OUT
+    python bench/memory_bias.py --biases=-1,-0.5,0,0.5,1,2 [--seed S] [--files-per-repo F] --json OUT
 
 Memory attention is one softmax over local and memory keys (spec §2.2); adding b to each memory score
 multiplies the memory's share of attention mass by e^b before normalising, at every memory layer. For
