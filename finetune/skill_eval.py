@@ -204,8 +204,9 @@ def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, re
             text = tokenizer.decode(piece, skip_special_tokens=True)
             candidates.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(piece),
                                         lambda text=text: text, defined_in(text)))
-    chosen = retriever.top(candidates, query_terms(before), args.retrieve_tokens, typed_prefix(before),
-                           wanted_definitions(before))
+    query = query_terms(before)
+    chosen = retriever.top(candidates, query, args.retrieve_tokens, typed_prefix(before),
+                           wanted_definitions(before, query))
     return sorted(chosen)
 
 

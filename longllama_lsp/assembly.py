@@ -209,8 +209,9 @@ class Assembler:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
                                                 _reader(repo, meta), defined_by(meta.symbol)))
         before = buffer.text[:buffer.cursor]
-        chosen = self._retriever.top(candidates, query_terms(before), self.retrieve_tokens(), typed_prefix(before),
-                                     wanted_definitions(before))
+        query = query_terms(before)
+        chosen = self._retriever.top(candidates, query, self.retrieve_tokens(), typed_prefix(before),
+                                     wanted_definitions(before, query))
         left_out: list[list[Hashable]] = [[] for _ in banks]
         for c in candidates:
             if c.chunk_id not in chosen:

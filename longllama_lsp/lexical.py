@@ -52,11 +52,11 @@ def query_terms(text_before_cursor: str, lines: int = QUERY_LINES) -> Counter:
     return Counter(identifiers("\n".join(text_before_cursor.split("\n")[-lines:])))
 
 
-def wanted_definitions(text_before_cursor: str, lines: int = QUERY_LINES) -> frozenset[str]:
-    """Names whose definitions a completion may want: those the last `lines` lines use and those the file's
-    import lines before the cursor name (`from .utils import get_auth_from_url`, `use crate::a::{B, c}`),
-    less those defined before the cursor in the file itself."""
-    names = set(query_terms(text_before_cursor, lines))
+def wanted_definitions(text_before_cursor: str, query: Counter) -> frozenset[str]:
+    """Names whose definitions a completion may want: those its `query` (query_terms of the same text: the
+    last lines) uses and those the file's import lines before the cursor name (`from .utils import
+    get_auth_from_url`, `use crate::a::{B, c}`), less those defined before the cursor in the file itself."""
+    names = set(query)
     for m in _IMPORT_LINE.finditer(text_before_cursor):
         names.update(identifiers(m.group(0)))
     return frozenset(names - _IMPORT_WORDS - defined_in(text_before_cursor))

@@ -117,7 +117,7 @@ def test_the_code_before_the_cursor_wants_what_it_imports_and_uses_but_does_not_
     before = ("from .utils import (\n    get_auth_from_url,\n    to_native_string,\n)\n"
               "use crate::net::{Backoff, retry};\nuser_map = {'a': 1}\n" + "x = 1\n" * 30 +
               "def send(self, request):\n    proxy = select_proxy(request.url)\n    ")
-    wanted = wanted_definitions(before)
+    wanted = wanted_definitions(before, query_terms(before))
     assert {"get_auth_from_url", "to_native_string", "Backoff", "retry"} <= wanted  # imports above the window
     assert {"select_proxy", "request"} <= wanted  # names the last lines use
     assert "send" not in wanted and "utils" in wanted and "import" not in wanted and "crate" not in wanted
@@ -133,7 +133,8 @@ def test_chunks_defining_wanted_names_come_first_within_their_share():
     defines = {"def": frozenset({"get_auth_from_url"}), "def2": frozenset({"get_auth_from_url"})}
     cands = [Candidate(k, k, 10, lambda t=t: t, defines.get(k, frozenset())) for k, t in texts.items()]
     before = "from .utils import get_auth_from_url\n" + "y = 2\n" * 25 + "proxy = select_proxy(url)\n"
-    query, wanted = query_terms(before), wanted_definitions(before)
+    query = query_terms(before)
+    wanted = wanted_definitions(before, query)
     retriever = ChunkRetriever()
     assert retriever.top(cands, query, 20) == {"use1", "use2"}  # without wanted names: BM25 alone
     assert DEFINITIONS_SHARE == 0.5
