@@ -66,13 +66,16 @@ def recall(holes: list[dict], data: Path, model_dir: Path, definitions_first: bo
     repos: dict[str, tuple[list[dict], ChunkRetriever]] = {}
     out = {"holes": 0, "names": 0, "present": 0, "defined": 0}
     for h in holes:
-        chunks, retriever = repos.setdefault(h["repo"], (index_chunks(data / h["repo"], model_dir), ChunkRetriever()))
+        if h["repo"] not in repos:  # setdefault would read the index and every file again for each hole
+            repos[h["repo"]] = (index_chunks(data / h["repo"], model_dir), ChunkRetriever())
+        chunks, retriever = repos[h["repo"]]
         lines = (data / h["repo"] / h["path"]).read_text().split("\n")
         before = "\n".join(lines[:h["line"]] + [lines[h["line"]][:h["col"]]])
         candidates = [Candidate(c["id"], c["hash"], c["tokens"], lambda c=c: c["text"], defined_by(c["symbol"]))
                       for c in chunks if c["path"] != h["path"]]
-        wanted = wanted_definitions(before) if definitions_first else frozenset()
-        chosen = retriever.top(candidates, query_terms(before), BUDGET, typed_prefix(before), wanted)
+        query = query_terms(before)
+        wanted = wanted_definitions(before, query) if definitions_first else frozenset()
+        chosen = retriever.top(candidates, query, BUDGET, typed_prefix(before), wanted)
         got = [c for c in chunks if c["id"] in chosen]
         out["holes"] += 1
         for x in h["xfile"]:
