@@ -190,7 +190,7 @@ def run_ask(args: argparse.Namespace) -> int:
             raise (exc.__cause__ or exc) from None  # cli.main ends a closed pipe quietly
         sys.stdout.write(shown_text(held[0]) + "\n")
         sys.stdout.flush()
-        say_if_cut(answer.stop_reason, args.max_tokens or EngineOptions.answer_max_tokens)
+        say_if_cut(answer.stop_reason, answer.generated_tokens)  # the limit as the engine clamped it
         if answer.sources:
             print(f"\nSources:\n{format_sources(answer.sources)}")
         logger.info("timings (ms): %s", answer.timings)

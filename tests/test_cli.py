@@ -240,7 +240,7 @@ class _SteeredWorkspace:
         def answer(question, on_token):
             for piece in HOSTILE_PIECES:
                 on_token(piece)
-            return types.SimpleNamespace(sources=[], timings={}, stop_reason="eos")
+            return types.SimpleNamespace(sources=[], timings={}, stop_reason="eos", generated_tokens=len(HOSTILE_PIECES))
 
         def complete(text, offset, path, mode):
             return types.SimpleNamespace(text="".join(HOSTILE_PIECES))
