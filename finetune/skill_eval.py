@@ -49,14 +49,7 @@ import torch
 from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
-from longllama_lsp.lexical import (
-    Candidate,
-    ChunkRetriever,
-    defined_in,
-    query_terms,
-    typed_prefix,
-    wanted_definitions,
-)
+from longllama_lsp.lexical import Candidate, ChunkRetriever, Query, defined_in
 
 SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
@@ -204,9 +197,7 @@ def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, re
             text = tokenizer.decode(piece, skip_special_tokens=True)
             candidates.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(piece),
                                         lambda text=text: text, defined_in(text)))
-    query = query_terms(before)
-    chosen = retriever.top(candidates, query, args.retrieve_tokens, typed_prefix(before),
-                           wanted_definitions(before, query))
+    chosen = retriever.top(candidates, Query.before_cursor(before), args.retrieve_tokens)
     return sorted(chosen)
 
 

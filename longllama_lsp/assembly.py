@@ -17,7 +17,8 @@ repository's lock is then held until the request ends (`request()`), so the inde
 slots under it; several segments are joined block-aligned in the storage dtype, summaries kept.
 
 Retrieval (`retrieve_tokens`, setting memory.retrieveTokens): a completion's banks hold only the chunks of
-other files that best match the code before the cursor (lexical.py), up to that many tokens; the rest
+other files that best match the code before the cursor (lexical.py), an answer's those that best match its
+question's names, up to that many tokens; the rest
 are masked out as the open file's stale chunks are. The open file's own chunks are always there.
 Ranking needs the chunks' texts: after each indexing pass the engine reads them in the background
 (`warm`), so the first completion does not (a read of ~1.4 s at 1M tokens, tens of ms at flask's 616
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .lexical import Candidate, ChunkRetriever, defined_by, query_terms, typed_prefix, wanted_definitions
+from .lexical import Candidate, ChunkRetriever, Query, defined_by
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
 
@@ -158,14 +159,15 @@ class Assembler:
         return out
 
     def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
-                 buffer: Buffer | None = None, defer_edits: bool = False) -> Assembled:
+                 buffer: Buffer | None = None, defer_edits: bool = False, retrieve: Query | None = None) -> Assembled:
         """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
         repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
         With `buffer` (the open text of `path`), the banks leave out `path`'s indexed chunks (the buffer
         is newer), and when `path` is inside a repository (`home`), that repository's bank stands for the
         buffer instead of `blocks` (see `_buffer_in_bank`). `defer_edits`: edited chunks not encoded yet
-        are left out and become `deferred` (a keystroke's completion must not wait for their encoding)."""
+        are left out and become `deferred` (a keystroke's completion must not wait for their encoding).
+        `retrieve`: with retrieve_tokens() > 0, other files' chunks are only the best for it (`_retrieve`)."""
         if defer_edits:  # the latest buffer replaces earlier keystrokes' (those states are gone)
             self.deferred = deque()
         placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
@@ -181,8 +183,8 @@ class Assembler:
                 hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks, defer_edits)) \
                     if home and repo is home[0] else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
-            if buffer is not None and buffer.cursor is not None and self.retrieve_tokens() > 0:
-                banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, buffer)
+            if retrieve is not None and self.retrieve_tokens() > 0:
+                banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, retrieve)
             if home is not None:
                 blocks = ()
             key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)
@@ -198,9 +200,10 @@ class Assembler:
                 raise RuntimeError("bank views outside Assembler.request()")
         return out
 
-    def _retrieve(self, placed: Sequence[tuple[MemorySource, str | None]], banks: list, buffer: Buffer) -> list:
-        """`banks` with every chunk of other files left out but the best `retrieve_tokens` for the code before
-        the cursor (one BM25 ranking over all banks). Runs under the repositories' locks."""
+    def _retrieve(self, placed: Sequence[tuple[MemorySource, str | None]], banks: list, query: Query) -> list:
+        """`banks` with every chunk of other files left out but the best `retrieve_tokens` for `query` (one
+        BM25 ranking over all banks; none matching and `query.whole_if_none`: `banks` as they are). Runs
+        under the repositories' locks."""
         candidates = []  # ids (bank index, chunk id): two stores may number their chunks alike
         for i, ((repo, rel), (bank, _, (paths, chunks))) in enumerate(zip(placed, banks, strict=True)):
             hidden = set(chunks)
@@ -208,10 +211,9 @@ class Assembler:
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
                                                 _reader(repo, meta), defined_by(meta.symbol)))
-        before = buffer.text[:buffer.cursor]
-        query = query_terms(before)
-        chosen = self._retriever.top(candidates, query, self.retrieve_tokens(), typed_prefix(before),
-                                     wanted_definitions(before, query))
+        chosen = self._retriever.top(candidates, query, self.retrieve_tokens())
+        if not chosen and query.whole_if_none:
+            return banks
         left_out: list[list[Hashable]] = [[] for _ in banks]
         for c in candidates:
             if c.chunk_id not in chosen:

@@ -62,10 +62,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
                    help="memory tokens each query attends to: the memory blocks whose keys match it best "
                         f"(default {EngineOptions.select_tokens}; 0: all of memory, slower as the repository grows)")
+    p.add_argument("--retrieve-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
+                   help="memory holds only the chunks of other files that best match the code before the cursor "
+                        "(complete) or the names in the question (ask; a question naming nothing in the code reads "
+                        f"all of memory), N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
-                   "--dtype, --decode-dtype, --select-tokens or complete's --retrieve-tokens is given: the server "
-                   "keeps its own)")
+                   "--dtype, --decode-dtype, --select-tokens or --retrieve-tokens is given: the server keeps its "
+                   "own)")
     add_model_arguments(p, decoding=True)
 
 
@@ -80,7 +84,7 @@ def _running_server(args: argparse.Namespace) -> ServerRecord | None:
     of their own (a server's engine options are its editors' settings, shared by every session)."""
     if args.no_server or any((args.model, args.device, args.dtype, args.decode_dtype)):
         return None
-    if args.select_tokens is not None or vars(args).get("retrieve_tokens") is not None:
+    if args.select_tokens is not None or args.retrieve_tokens is not None:
         logger.info("--select-tokens/--retrieve-tokens given: loading the model here (a running server keeps "
                     "its own settings)")
         return None
@@ -170,7 +174,7 @@ def run_ask(args: argparse.Namespace) -> int:
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
-    workspace = _workspace(args, answer_max_tokens=args.max_tokens)
+    workspace = _workspace(args, answer_max_tokens=args.max_tokens, retrieve_tokens=args.retrieve_tokens)
     try:
         held = [""]  # a CR that may start a CRLF split across two pieces
 
@@ -234,9 +238,6 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
-    p.add_argument("--retrieve-tokens", type=int_at_least(0), default=None, metavar="N",  # None: not given
-                   help="memory holds only the chunks of other files that best match the code before the cursor, "
-                        f"N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     _common(p)
 
 

@@ -46,6 +46,7 @@ from .decode import DecodeOptions, Decoder, Generation
 from .decode import ms as _ms
 from .errors import LongLlamaError, ModelError
 from .fim import FimBudget, FimTokens, detect_fim, fim_prompt
+from .lexical import Query
 
 # torch (and transformers) are imported on the worker thread when the model loads, not with this
 # module: the language server answers `initialize` without waiting ~10 s for them (issue 4).
@@ -143,7 +144,8 @@ class EngineOptions(DecodeOptions):
     # their key summaries; None or 0: all of memory (dense). Setting memory.selectTokens.
     select_tokens: int | None = 2048
     # A completion's memory of other files: only the chunks that best match the code before the cursor,
-    # up to this many tokens (lexical.py; 0: every resident chunk). Setting memory.retrieveTokens.
+    # up to this many tokens (lexical.py; 0: every resident chunk); an answer's, those its question names
+    # (lexical.Query.question). Setting memory.retrieveTokens.
     retrieve_tokens: int = 4096
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too
@@ -455,7 +457,8 @@ class Engine:
         t1 = time.perf_counter()
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
                                        buffer=Buffer(text, prompt.window_offset, offset),
-                                       defer_edits=self.options.defer_edits) if use_memory else NOTHING
+                                       defer_edits=self.options.defer_edits,
+                                       retrieve=Query.before_cursor(text[:offset])) if use_memory else NOTHING
         self._encode_deferred_later()  # scheduled now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
@@ -556,7 +559,8 @@ class Engine:
         blocks: list[Block] = []
         if buffer is not None and self._assembler.home(path, roots) is None:  # in blocks as in _complete
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
-        asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer) if use_memory else NOTHING
+        asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
+                                       retrieve=Query.question(question)) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),

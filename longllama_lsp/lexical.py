@@ -14,6 +14,9 @@ Up to half of the budget goes first to chunks that define a name the code before
 imports (`wanted_definitions`; a chunk's index symbol says what it defines): BM25 over the last 20 lines
 ranks chunks that use the same names above the one that defines the name about to be typed.
 
+`longllama ask` retrieves the same way for its question (`Query.question`): the chunks that define or use
+the names it asks about, instead of all of memory through the selection.
+
 Chunk terms are kept by content hash (a chunk's text never changes under its hash), in one inverted index
 across requests (ChunkRetriever).
 """
@@ -62,6 +65,41 @@ def wanted_definitions(text_before_cursor: str, query: Counter) -> frozenset[str
     return frozenset(names - _IMPORT_WORDS - defined_in(text_before_cursor))
 
 
+# Words of a question that name nothing in code: left out of what `ask` retrieves with, so that "What is
+# the ... ?" does not rank the chunks with the most comments and docstrings first.
+_QUESTION_WORDS = frozenset("""a an and are as at be by can could do does did for from has have how i if in into
+is it its me my of on or our should that the their them then there these this those to use used uses using
+was we what when where which who whom whose why will with would you your
+define defined defines file files function functions method methods value values return returns returned
+set take takes variable constant""".split())
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a request's memory is retrieved for (ChunkRetriever.top): identifier counts ranked by BM25, the
+    name being typed (its completions share one term's weight), the names whose definitions come first.
+    `whole_if_none`: when no chunk matches, memory stays whole instead of holding no other file (a
+    question in words no code holds still reads the repository)."""
+
+    terms: Counter
+    prefix: str = ""
+    definitions: frozenset[str] = frozenset()
+    whole_if_none: bool = False
+
+    @classmethod
+    def before_cursor(cls, text_before_cursor: str) -> Query:
+        """A completion's: the last QUERY_LINES lines, the name being typed, wanted_definitions."""
+        terms = query_terms(text_before_cursor)
+        return cls(terms, typed_prefix(text_before_cursor), wanted_definitions(text_before_cursor, terms))
+
+    @classmethod
+    def question(cls, question: str) -> Query:
+        """`ask`'s: the question's words but the question words (_QUESTION_WORDS, any case), each a name
+        whose definition comes first (`What does to_key_val_list return?` brings `def to_key_val_list`)."""
+        terms = Counter(w for w in identifiers(question) if w.lower() not in _QUESTION_WORDS)
+        return cls(terms, definitions=frozenset(terms), whole_if_none=True)
+
+
 def defined_in(text: str) -> frozenset[str]:
     """Names that definition lines in `text` define (`def f`, `class C`, `fn f`, `func f` ...): for chunks
     without an index symbol (the skill eval's token windows) and the open file's own names."""
@@ -107,22 +145,23 @@ class ChunkRetriever:
         self._postings: dict[str, dict[str, int]] = {}  # identifier -> {content hash: count}
         self._total = 0  # identifiers in every indexed content (for the average length)
 
-    def top(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int,
-            prefix: str = "", wanted: frozenset[str] = frozenset()) -> set[Hashable]:
+    def top(self, candidates: Sequence[Candidate], query: Query, budget_tokens: int) -> set[Hashable]:
         """Ids of the best-scoring candidates (score > 0) whose tokens fit `budget_tokens` together, best
-        first (one that does not fit is skipped, smaller ones after it may still fit). `prefix`: the name
-        being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`).
-        `wanted` (wanted_definitions): candidates defining one of these names come first, within
-        DEFINITIONS_SHARE of the budget, ranked by the query and the wanted names."""
-        if budget_tokens <= 0 or not query:
+        first (one that does not fit is skipped, smaller ones after it may still fit). `query.prefix`: the
+        name being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`).
+        Candidates defining one of `query.definitions` come first, within DEFINITIONS_SHARE of the budget,
+        ranked by the terms and those names."""
+        terms, prefix = query.terms, query.prefix
+        if budget_tokens <= 0 or not terms:
             return set()
-        defining = [c for c in candidates if c.defines & wanted]
+        defining = [c for c in candidates if c.defines & query.definitions]
         if not defining:
-            return self._best(candidates, query, budget_tokens, prefix)
-        first = self._best(defining, query + Counter(wanted), int(budget_tokens * DEFINITIONS_SHARE), prefix)
+            return self._best(candidates, terms, budget_tokens, prefix)
+        first = self._best(defining, terms + Counter(query.definitions), int(budget_tokens * DEFINITIONS_SHARE),
+                           prefix)
         used = sum(c.tokens for c in defining if c.chunk_id in first)
         rest = [c for c in candidates if c.chunk_id not in first]
-        return first | self._best(rest, query, budget_tokens - used, prefix)
+        return first | self._best(rest, terms, budget_tokens - used, prefix)
 
     def _best(self, candidates: Sequence[Candidate], query: Counter, budget_tokens: int,
               prefix: str) -> set[Hashable]:

@@ -83,8 +83,9 @@ class MemorySettings:
         "(0 or null: all of memory, dense; slower as the repository grows)", min=0))
     # 4096: BENCHMARKS.md "Stop 32" (+0.017 +- 0.009 ES against every chunk on 215 fresh holes).
     retrieve_tokens: int = field(default=4096, metadata=_doc(
-        "completions: memory holds only the chunks of other files that best match the code before the "
-        "cursor (chunks defining the names it uses or imports first, then BM25 over identifiers), up to this "
+        "memory holds only the chunks of other files that best match the code before the cursor "
+        "(completions: chunks defining the names it uses or imports first, then BM25 over identifiers) or the "
+        "names in the question (ask; a question naming nothing in the code reads all of memory), up to this "
         "many tokens (0: every chunk)", min=0))
 
 

@@ -152,6 +152,21 @@ def test_max_tokens_must_be_positive(capsys):
     assert (args.select_tokens, args.max_tokens) == (0, 1)
 
 
+@pytest.mark.parametrize("command", [["ask", "What does shout return?"], ["complete", "main.py:1:1"]])
+def test_retrieve_tokens_reaches_the_engine_of_ask_and_complete(command, tiny_model_dir, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    from longllama_lsp.engine import Engine
+
+    (tmp_path / "main.py").write_text("def shout(text):\n    return text.upper()\n")
+    monkeypatch.chdir(tmp_path)  # complete's FILE is relative to it
+    seen = []
+    load = Engine.load.__func__
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **kw: seen.append(kw["options"]) or load(cls, *a, **kw)))
+    assert main([*command, "--repo", str(tmp_path), "--model", str(tiny_model_dir), "--max-tokens", "1",
+                 "--retrieve-tokens", "0", "--no-server"]) == 0
+    assert [o.retrieve_tokens for o in seen] == [0]
+
+
 @pytest.mark.parametrize("command", [["complete", "{source}:2:5", "--json"], ["ask", "What does main return?"]])
 def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path):  # noqa: F811
     """`longllama complete --json | head`: the reader is gone before anything is written."""

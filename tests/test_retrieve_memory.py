@@ -20,6 +20,7 @@ from longllama_lsp.lexical import (
     DEFINITIONS_SHARE,
     Candidate,
     ChunkRetriever,
+    Query,
     defined_by,
     query_terms,
     typed_prefix,
@@ -95,12 +96,12 @@ def test_bm25_ranks_by_rare_shared_identifiers_within_the_budget():
     texts = {"a": "RETRY_LIMIT = 7\nx = 1", "b": "x = x + 1\ny = x", "c": "def send(x):\n    return x", "d": None}
     cands = [Candidate(k, k, 10, lambda t=t: t) for k, t in texts.items()]
     retriever = ChunkRetriever()
-    query = query_terms("import os\n" * 30 + "pass\n" * 18 + "for attempt in range(RETRY_LIMIT):\n    send(x)")
-    assert "os" not in query  # only the last 20 lines
+    query = Query(query_terms("import os\n" * 30 + "pass\n" * 18 + "for attempt in range(RETRY_LIMIT):\n    send(x)"))
+    assert "os" not in query.terms  # only the last 20 lines
     assert retriever.top(cands, query, 10) == {"a"}  # the rare shared name wins; one chunk fits
     assert retriever.top(cands, query, 20) == {"a", "c"}
     assert retriever.top(cands, query, 1000) == {"a", "b", "c"}  # "d" is unreadable: never retrieved
-    assert retriever.top(cands, Counter(), 1000) == set()
+    assert retriever.top(cands, Query(Counter()), 1000) == set()
 
 
 def test_the_name_being_typed_finds_the_identifiers_it_starts():
@@ -109,8 +110,8 @@ def test_the_name_being_typed_finds_the_identifiers_it_starts():
     before = "def main():\n    g = Gre"
     assert typed_prefix(before) == "Gre" and typed_prefix(before + " ") == "" and typed_prefix("x.a") == "a"
     retriever = ChunkRetriever()
-    assert retriever.top(cands, query_terms(before), 100) == set()  # no whole name in common
-    assert retriever.top(cands, query_terms(before), 100, typed_prefix(before)) == {"greeter"}
+    assert retriever.top(cands, Query(query_terms(before)), 100) == set()  # no whole name in common
+    assert retriever.top(cands, Query.before_cursor(before), 100) == {"greeter"}
 
 
 def test_the_code_before_the_cursor_wants_what_it_imports_and_uses_but_does_not_define():
@@ -133,14 +134,15 @@ def test_chunks_defining_wanted_names_come_first_within_their_share():
     defines = {"def": frozenset({"get_auth_from_url"}), "def2": frozenset({"get_auth_from_url"})}
     cands = [Candidate(k, k, 10, lambda t=t: t, defines.get(k, frozenset())) for k, t in texts.items()]
     before = "from .utils import get_auth_from_url\n" + "y = 2\n" * 25 + "proxy = select_proxy(url)\n"
-    query = query_terms(before)
-    wanted = wanted_definitions(before, query)
+    query = Query.before_cursor(before)
+    assert "get_auth_from_url" in query.definitions
     retriever = ChunkRetriever()
-    assert retriever.top(cands, query, 20) == {"use1", "use2"}  # without wanted names: BM25 alone
+    bm25_alone = Query(query.terms, query.prefix)
+    assert retriever.top(cands, bm25_alone, 20) == {"use1", "use2"}  # without wanted names: BM25 alone
     assert DEFINITIONS_SHARE == 0.5
-    got = retriever.top(cands, query, 20, wanted=wanted)
+    got = retriever.top(cands, query, 20)
     assert len(got & {"def", "def2"}) == 1 and len(got & {"use1", "use2"}) == 1  # half the budget each
-    assert len(retriever.top(cands, query, 40, wanted=wanted)) == 4
+    assert len(retriever.top(cands, query, 40)) == 4
 
 
 def test_a_completion_retrieves_the_definition_of_a_name_its_file_imports(repo_engine):
@@ -153,6 +155,31 @@ def test_a_completion_retrieves_the_definition_of_a_name_its_file_imports(repo_e
     engine.options.retrieve_tokens = 2 * words
     engine.complete(before, len(before), path=str(root / "upload.py"))
     assert "words.py" in visible_paths(engine, repo)
+
+
+def test_a_question_is_queried_by_its_names_not_its_question_words():
+    q = Query.question("What does retry_budget return, and where is RETRY_LIMIT set?")
+    assert set(q.terms) == {"retry_budget", "RETRY_LIMIT"}  # what/does/return/and/where/is/set left out
+    assert q.definitions == {"retry_budget", "RETRY_LIMIT"} and q.whole_if_none and not q.prefix
+
+
+def test_ask_retrieves_the_chunks_its_question_names(repo_engine):
+    """`longllama ask` reads the chunks the question's names are in (here the only one naming
+    retry_budget), not all of memory; 0 keeps every file."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = limits_tokens(repo)
+    engine.answer("What does retry_budget compute?", max_tokens=1)
+    assert visible_paths(engine, repo) == {"limits.py"}
+    engine.options.retrieve_tokens = 0
+    engine.answer("What does retry_budget compute?", max_tokens=1)
+    assert visible_paths(engine, repo) == set(FILES) | {"upload.py"}
+
+
+def test_a_question_naming_nothing_in_the_code_reads_all_of_memory(repo_engine):
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = limits_tokens(repo)
+    engine.answer("Summarize the purpose of everything here, please.", max_tokens=1)
+    assert visible_paths(engine, repo) == set(FILES) | {"upload.py"}
 
 
 def test_indexing_warms_retrieval_so_the_first_completion_reads_no_chunk_text(repo_engine, monkeypatch):

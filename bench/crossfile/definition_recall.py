@@ -14,6 +14,7 @@ index --repo ...` with --model, the bundled default by default) and the files; n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sqlite3
@@ -25,14 +26,7 @@ sys.path[:0] = [str(HERE.parents[1])]
 
 from indexer.pipeline import checkpoint_fingerprint  # noqa: E402
 from indexer.store import index_path  # noqa: E402
-from longllama_lsp.lexical import (  # noqa: E402
-    Candidate,
-    ChunkRetriever,
-    defined_by,
-    query_terms,
-    typed_prefix,
-    wanted_definitions,
-)
+from longllama_lsp.lexical import Candidate, ChunkRetriever, Query, defined_by  # noqa: E402
 from longllama_lsp.resolve import resolve_model  # noqa: E402
 
 SETS = ["holes-seed9.jsonl", "holes-seed14.jsonl", "holes-seed21.jsonl", "holes.jsonl"]
@@ -73,9 +67,10 @@ def recall(holes: list[dict], data: Path, model_dir: Path, definitions_first: bo
         before = "\n".join(lines[:h["line"]] + [lines[h["line"]][:h["col"]]])
         candidates = [Candidate(c["id"], c["hash"], c["tokens"], lambda c=c: c["text"], defined_by(c["symbol"]))
                       for c in chunks if c["path"] != h["path"]]
-        query = query_terms(before)
-        wanted = wanted_definitions(before, query) if definitions_first else frozenset()
-        chosen = retriever.top(candidates, query, BUDGET, typed_prefix(before), wanted)
+        query = Query.before_cursor(before)
+        if not definitions_first:
+            query = dataclasses.replace(query, definitions=frozenset())
+        chosen = retriever.top(candidates, query, BUDGET)
         got = [c for c in chunks if c["id"] in chosen]
         out["holes"] += 1
         for x in h["xfile"]:
