@@ -668,10 +668,11 @@ def serve_http(args: argparse.Namespace, repository_factory: RepositoryFactory |
     except AuthError as exc:
         print(f"longllama serve: error: {shown_lines(str(exc))}", file=sys.stderr)
         return 2
-    if problem := repository_problem(args.repo):
+    repo = args.repo or "."
+    if problem := repository_problem(repo):
         print(f"longllama serve: error: {shown_lines(problem)}", file=sys.stderr)
         return 2
-    root = Path(args.repo).resolve()
+    root = Path(repo).resolve()
     engine = Engine.load(args.model, args.device, args.dtype, options=EngineOptions(), decode_dtype=args.decode_dtype)
     workspace = Workspace(engine, repository_factory)
     record: ServerRecord | None = None

@@ -185,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-index", action="store_true", help="do not index the workspace (memory = open buffer only)")
     http = p.add_argument_group("--http", "The token comes from $LONGLLAMA_TOKEN, else --token-file, else it is "
                                 "made fresh and written to a private server record (its path is printed).")
-    add_repository_argument(http, "--http: the repository whose memory answers requests")
+    add_repository_argument(http, "--http: the repository whose memory answers requests", default=None)
     http.add_argument("--print-token", action="store_true", help="--http: print a generated token to stderr once")
     # Tests (tests/test_editors.py, test_server.py) swap in a fake indexer: MODULE:FUNC(root, engine, budget_tokens).
     p.add_argument("--indexer-factory", metavar="MODULE:FUNC", help=argparse.SUPPRESS)
@@ -209,7 +209,7 @@ def check_listen_address(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    refusal = check_listen_address(args) or token_refusal(args)
+    refusal = check_listen_address(args) or token_refusal(args) or http_only_refusal(args)
     if refusal:
         print(f"longllama-lsp: error: {shown_lines(refusal)}", file=sys.stderr)
         return 2
@@ -238,6 +238,18 @@ def token_refusal(args: argparse.Namespace) -> str | None:
                 f"${TOKEN_ENV} or in a file only you can read, given with --token-file")
     if args.token_file and not (args.tcp or args.http):
         return "--token-file is for --tcp and --http (stdio needs no token)"
+    return None
+
+
+def http_only_refusal(args: argparse.Namespace) -> str | None:
+    """Options of --http given to an LSP server would be ignored: say so instead."""
+    if args.http:
+        return None
+    if args.repo is not None:
+        return ("--repo is for --http: a language server indexes the folders its editors open (and "
+                "`longllama complete`/`ask` use a --tcp server once an editor has opened the folder)")
+    if args.print_token:
+        return "--print-token is for --http (`longllama servers` shows a --tcp server's token)"
     return None
 
 

@@ -329,6 +329,20 @@ def test_a_bad_token_file_or_repo_is_a_clear_error_before_the_model_loads(tmp_pa
     assert "\x1b" not in err and "gone\\x1b]0;owned\\x07: no such directory" in err
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv, refused", [(["--tcp", "--repo", "{repo}"], "--repo is for --http"),
+                                           (["--repo", "."], "--repo is for --http"),
+                                           (["--tcp", "--print-token"], "--print-token is for --http")])
+def test_http_options_given_to_a_language_server_are_refused_not_ignored(argv, refused, tmp_path, capsys):
+    """`longllama serve --tcp --repo DIR` used to start and never open DIR (a TCP server indexes what its
+    editors open): the user then waited on a server that `longllama ask` skipped."""
+    from longllama_lsp.server import main
+
+    assert main([a.format(repo=tmp_path) for a in argv] + ["--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert refused in err and "Traceback" not in err
+
+
 # -- in process: what the engine does with requests whose client left or moved on -------------------------
 
 @pytest.fixture(scope="module")
