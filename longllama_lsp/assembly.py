@@ -210,7 +210,7 @@ class Assembler:
             for cid, meta in bank.resident().items():
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
-                                                _reader(repo, meta), defined_by(meta.symbol)))
+                                                _reader(repo, meta), defined_by(meta.symbol), meta.path))
         chosen = self._retriever.top(candidates, query, self.retrieve_tokens())
         if not chosen and query.whole_if_none:
             return banks

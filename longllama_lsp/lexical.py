@@ -23,6 +23,7 @@ across requests (ChunkRetriever).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter, OrderedDict
@@ -74,16 +75,29 @@ define defined defines file files function functions method methods value values
 set take takes variable constant""".split())
 
 
+# A file a question names: a path or name with an extension of letters (`pricing.py`, `src/app.ts`); not a
+# version (`2.32.3`), an abbreviation (`e.g.`) or a sentence's end.
+_FILE_NAMED = re.compile(r"(?<![\w./-])[\w./-]*\w\w\.[A-Za-z][A-Za-z0-9]{0,7}(?![\w/-])")
+
+
+def names_file(path: str, files: frozenset[str]) -> bool:
+    """Whether `path` (a repository-relative file path) is one of `files` as a question names them: the
+    path itself or its last parts (`utils.py`, `requests/utils.py`)."""
+    return any(path == f.removeprefix("./") or path.endswith("/" + f.removeprefix("./")) for f in files)
+
+
 @dataclass(frozen=True)
 class Query:
     """What a request's memory is retrieved for (ChunkRetriever.top): identifier counts ranked by BM25, the
-    name being typed (its completions share one term's weight), the names whose definitions come first.
+    name being typed (its completions share one term's weight), the names whose definitions come first,
+    the files named (`pricing.py`, `src/app.ts`: their chunks before anything else).
     `whole_if_none`: when no chunk matches, memory stays whole instead of holding no other file (a
     question in words no code holds still reads the repository)."""
 
     terms: Counter
     prefix: str = ""
     definitions: frozenset[str] = frozenset()
+    files: frozenset[str] = frozenset()
     whole_if_none: bool = False
 
     @classmethod
@@ -95,9 +109,12 @@ class Query:
     @classmethod
     def question(cls, question: str) -> Query:
         """`ask`'s: the question's words but the question words (_QUESTION_WORDS, any case), each a name
-        whose definition comes first (`What does to_key_val_list return?` brings `def to_key_val_list`)."""
-        terms = Counter(w for w in identifiers(question) if w.lower() not in _QUESTION_WORDS)
-        return cls(terms, definitions=frozenset(terms), whole_if_none=True)
+        whose definition comes first (`What does to_key_val_list return?` brings `def to_key_val_list`),
+        and the files it names (`What does pricing.py do?` brings pricing.py; the extension is no term)."""
+        files = frozenset(m.group(0) for m in _FILE_NAMED.finditer(question))
+        words = _FILE_NAMED.sub(lambda m: m.group(0).rsplit(".", 1)[0], question)
+        terms = Counter(w for w in identifiers(words) if w.lower() not in _QUESTION_WORDS)
+        return cls(terms, definitions=frozenset(terms), files=files, whole_if_none=True)
 
 
 def defined_in(text: str) -> frozenset[str]:
@@ -115,14 +132,15 @@ def typed_prefix(text_before_cursor: str) -> str:
 @dataclass(frozen=True)
 class Candidate:
     """A chunk that may be retrieved: its id, its content hash (its terms' key), its memory tokens, how to
-    read its text when its terms are not cached (None: unreadable now), and the names it defines (the
-    index's chunk symbol: `Session.request` defines `request`)."""
+    read its text when its terms are not cached (None: unreadable now), the names it defines (the
+    index's chunk symbol: `Session.request` defines `request`), and its file (repository-relative)."""
 
     chunk_id: Hashable
     content_hash: str
     tokens: int
     read: Callable[[], str | None]
     defines: frozenset[str] = frozenset()
+    path: str = ""
 
 
 def defined_by(symbol: str | None) -> frozenset[str]:
@@ -150,8 +168,15 @@ class ChunkRetriever:
         first (one that does not fit is skipped, smaller ones after it may still fit). `query.prefix`: the
         name being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`).
         Candidates defining one of `query.definitions` come first, within DEFINITIONS_SHARE of the budget,
-        ranked by the terms and those names."""
+        ranked by the terms and those names. Before them, the chunks of the files `query.files` names,
+        within the same share, whether or not they share a term (best-matching first, then in order)."""
         terms, prefix = query.terms, query.prefix
+        named = [c for c in candidates if query.files and names_file(c.path, query.files)]
+        if named and budget_tokens > 0:
+            first = self._filled(named, terms, int(budget_tokens * DEFINITIONS_SHARE))
+            used = sum(c.tokens for c in named if c.chunk_id in first)
+            rest = [c for c in candidates if c.chunk_id not in first]
+            return first | self.top(rest, dataclasses.replace(query, files=frozenset()), budget_tokens - used)
         if budget_tokens <= 0 or not terms:
             return set()
         defining = [c for c in candidates if c.defines & query.definitions]
@@ -170,14 +195,13 @@ class ChunkRetriever:
             if self.index(c):
                 by_hash.setdefault(c.content_hash, []).append(c)
         scores = self._scores(self._expanded(query, prefix), by_hash)
-        chosen: set[Hashable] = set()
-        used = 0
-        for h in sorted(scores, key=lambda h: (-scores[h], h)):
-            for c in by_hash[h]:
-                if used + c.tokens <= budget_tokens:
-                    chosen.add(c.chunk_id)
-                    used += c.tokens
-        return chosen
+        return _fitting([c for h in sorted(scores, key=lambda h: (-scores[h], h)) for c in by_hash[h]], budget_tokens)
+
+    def _filled(self, candidates: Sequence[Candidate], terms: Counter, budget_tokens: int) -> set[Hashable]:
+        """Ids of `candidates` that fit `budget_tokens`, the best-scoring for `terms` first, then in order."""
+        scores = self._scores(terms, {c.content_hash for c in candidates if self.index(c)})
+        order = sorted(range(len(candidates)), key=lambda i: (-scores.get(candidates[i].content_hash, 0.0), i))
+        return _fitting([candidates[i] for i in order], budget_tokens)
 
     def _expanded(self, query: Counter, prefix: str) -> Counter:
         if len(prefix) < MIN_PREFIX:
@@ -236,3 +260,14 @@ class ChunkRetriever:
             del posting[content_hash]
             if not posting:
                 del self._postings[t]
+
+
+def _fitting(ordered: Iterable[Candidate], budget_tokens: int) -> set[Hashable]:
+    """Ids of the candidates taken in order while they fit `budget_tokens` (one that does not is skipped)."""
+    chosen: set[Hashable] = set()
+    used = 0
+    for c in ordered:
+        if used + c.tokens <= budget_tokens:
+            chosen.add(c.chunk_id)
+            used += c.tokens
+    return chosen

@@ -22,6 +22,7 @@ from longllama_lsp.lexical import (
     ChunkRetriever,
     Query,
     defined_by,
+    names_file,
     query_terms,
     typed_prefix,
     wanted_definitions,
@@ -173,6 +174,19 @@ def test_ask_retrieves_the_chunks_its_question_names(repo_engine):
     engine.options.retrieve_tokens = 0
     engine.answer("What does retry_budget compute?", max_tokens=1)
     assert visible_paths(engine, repo) == set(FILES) | {"upload.py"}
+
+
+def test_a_question_naming_a_file_reads_that_file(repo_engine):
+    """`What does words.py do?`: no chunk holds the word `words`; the file's chunks come first by its name."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = 4096
+    engine.answer("What does words.py do?", max_tokens=1)
+    assert visible_paths(engine, repo) == {"words.py"}
+    q = Query.question("Is requests/utils.py at 2.32.3, e.g. in ./web/use.ts?")
+    assert q.files == {"requests/utils.py", "./web/use.ts"}  # no version, no abbreviation
+    assert "py" not in q.terms and "utils" in q.terms
+    assert names_file("web/use.ts", q.files) and names_file("src/requests/utils.py", q.files)
+    assert not names_file("requests/myutils.py", q.files)
 
 
 def test_a_question_naming_nothing_in_the_code_reads_all_of_memory(repo_engine):
