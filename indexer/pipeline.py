@@ -634,6 +634,10 @@ class Indexer:
                     summary.files_deleted += 1
         summary.files_changed = len(changed)
         self._encode_edits_first(summary, progress, changed)
+        if changed or summary.files_deleted:
+            # the memories the edit replaced (a save re-encodes the chunks after the edit too): kept until the
+            # next full pass, a day of saves under `longllama watch` grew the index by gigabytes
+            self.store.gc()
         summary.files_indexed, summary.chunks = self.store.totals()  # the repository's, as a pass says them
         summary.seconds = time.perf_counter() - t0
         return summary
