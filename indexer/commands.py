@@ -137,6 +137,10 @@ def usable_line(summary, ix) -> str:
     if missing:
         return (f"usable now: memory of the encoded chunks; {missing} chunks still need encoding "
                 "(run `longllama index` again to finish)")
+    if not summary.files_indexed:
+        skipped = f" ({summary.files_skipped} skipped: `longllama status` says why)" if summary.files_skipped else ""
+        return (f"nothing to remember: no file here is one the indexer reads{skipped}; `longllama ask` and "
+                "`complete` answer from the model alone")
     ready = "" if summary.ready_seconds is None else \
         f" (the open files' neighbourhood, {summary.ready_files} files, after {summary.ready_seconds:.0f} s)"
     return (f"usable now: all {summary.files_indexed} files are in memory for `longllama ask`, `complete` "

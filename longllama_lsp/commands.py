@@ -33,7 +33,7 @@ from .cli import (
 )
 from .documents import Document
 from .engine import Cancelled, Engine, EngineOptions, Source
-from .workspace import Workspace, untrained_memory_warning
+from .workspace import Workspace, repository_status, untrained_memory_warning
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ def _index(workspace: Workspace, root: Path) -> None:
         workspace.index(repo, progress=bars)
     finally:
         bars.close()
+    if repository_status(repo).get("files") == 0:  # an empty or wrong --repo: the answer would come from nowhere
+        logger.warning("nothing in %s to remember (no file the indexer reads; `longllama status` lists what it "
+                       "skipped): the model answers alone", shown(str(root.resolve())))
 
 
 def format_sources(sources: list[Source]) -> str:

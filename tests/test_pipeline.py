@@ -655,6 +655,20 @@ def test_cli_noop_index_status_and_explain_never_load_the_model(tiny, capsys, tm
     assert cli_main(args) == 0 and len(loads) == 2  # new content: now it loads
 
 
+def test_a_folder_with_nothing_to_index_says_so(tiny, capsys, tmp_path, caplog):
+    """`longllama index` of an empty folder said "usable now: all 0 files are in memory", and `ask` there
+    answered (about "a Python-based open-source project") with nothing said about its empty memory."""
+    from longllama_lsp.cli import main as longllama
+
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    assert cli_main(["index", str(tmp_path), "--model", str(tiny[2]), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to remember" in out and "1 skipped" in out and "usable now" not in out
+    assert longllama(["ask", "What is this?", "--repo", str(tmp_path), "--model", str(tiny[2]), "--max-tokens", "1",
+                      "--no-server"]) == 0
+    assert f"nothing in {tmp_path.resolve()} to remember" in caplog.text
+
+
 def test_cli_index_loads_the_tokenizer_once(tiny, capsys, tmp_path, monkeypatch):
     """Chunking loads the tokenizer; the model, loaded later for encoding, is encoded with that one."""
     import longllama_lsp.model.loading as loading
