@@ -108,12 +108,14 @@ class Query:
 
     @classmethod
     def question(cls, question: str) -> Query:
-        """`ask`'s: the question's words but the question words (_QUESTION_WORDS, any case), each a name
-        whose definition comes first (`What does to_key_val_list return?` brings `def to_key_val_list`),
-        and the files it names (`What does pricing.py do?` brings pricing.py; the extension is no term)."""
+        """`ask`'s: the question's words but the question words (_QUESTION_WORDS, any case, unless in
+        backticks: "What does `set` do?"), each a name whose definition comes first (`What does
+        to_key_val_list return?` brings `def to_key_val_list`), and the files it names (`What does
+        pricing.py do?` brings pricing.py; the extension is no term)."""
         files = frozenset(m.group(0) for m in _FILE_NAMED.finditer(question))
         words = _FILE_NAMED.sub(lambda m: m.group(0).rsplit(".", 1)[0], question)
-        terms = Counter(w for w in identifiers(words) if w.lower() not in _QUESTION_WORDS)
+        quoted = {w for span in re.findall(r"`([^`]+)`", words) for w in identifiers(span)}
+        terms = Counter(w for w in identifiers(words) if w in quoted or w.lower() not in _QUESTION_WORDS)
         return cls(terms, definitions=frozenset(terms), files=files, whole_if_none=True)
 
 

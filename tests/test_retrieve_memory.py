@@ -162,6 +162,7 @@ def test_a_question_is_queried_by_its_names_not_its_question_words():
     q = Query.question("What does retry_budget return, and where is RETRY_LIMIT set?")
     assert set(q.terms) == {"retry_budget", "RETRY_LIMIT"}  # what/does/return/and/where/is/set left out
     assert q.definitions == {"retry_budget", "RETRY_LIMIT"} and q.whole_if_none and not q.prefix
+    assert set(Query.question("What does `set` do, and what is set?").terms) == {"set"}  # in backticks: a name
 
 
 def test_ask_retrieves_the_chunks_its_question_names(repo_engine):
