@@ -18,6 +18,7 @@ from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.lexical import (
     DEFINITIONS_SHARE,
+    SCAN_CHARS,
     Candidate,
     ChunkRetriever,
     Query,
@@ -125,6 +126,17 @@ def test_the_code_before_the_cursor_wants_what_it_imports_and_uses_but_does_not_
     assert "send" not in wanted and "utils" in wanted and "import" not in wanted and "crate" not in wanted
     assert "user_map" not in wanted  # a line starting `user...` is no `use` declaration
     assert defined_by("HTTPAdapter.send") == {"send"} and defined_by(None) == frozenset()
+
+
+def test_a_huge_file_is_read_for_its_imports_at_both_ends_only():
+    """A generated 1 MB file: the import lines and own definitions of its first and last SCAN_CHARS count (a
+    completion read all of it: ~100 ms a keystroke at 1 MB, 0.4 s at 4 MB, mostly typed_prefix's search)."""
+    filler = "x = 1\n" * (SCAN_CHARS // 3)
+    before = "from top import first_name\n" + filler + "from middle import lost_name\n" + filler + \
+        "from bottom import last_name\n" + "y = 2\n" * 25 + "z = Gre"
+    wanted = wanted_definitions(before, query_terms(before))
+    assert {"first_name", "last_name"} <= wanted and "lost_name" not in wanted
+    assert typed_prefix(before) == "Gre"
 
 
 def test_chunks_defining_wanted_names_come_first_within_their_share():
