@@ -85,12 +85,23 @@ _QUESTION_WORDS = frozenset("""a an and are as at be by can could do does did fo
 is it its me my of on or our should that the their them then there these this those to use used uses using
 was we what when where which who whom whose why will with would you your
 define defined defines file files function functions method methods value values return returns returned
-set take takes variable constant""".split())
+set take takes variable constant about explain describe summarize summarise tell show please work works
+happen happens here mean means""".split())
 
 
 # A file a question names: a path or name with an extension of letters (`pricing.py`, `src/app.ts`); not a
 # version (`2.32.3`), an abbreviation (`e.g.`) or a sentence's end.
 _FILE_NAMED = re.compile(r"(?<![\w./-])[\w./-]*\w\w\.[A-Za-z][A-Za-z0-9]{0,7}(?![\w/-])")
+
+
+_EXTENSIONS = frozenset("""py pyi js jsx ts tsx mjs cjs rs go java kt kts scala c h cc cpp cxx hpp hh cs rb php swift
+m mm lua el vim sh bash zsh md rst txt toml yaml yml json cfg ini sql html css scss vue svelte""".split())
+
+
+def _without_extension(name: str) -> str:
+    """`pricing.py` -> `pricing`; `Session.send` stays (a method, not a file's extension)."""
+    stem, _, ext = name.rpartition(".")
+    return stem if ext.lower() in _EXTENSIONS else name
 
 
 def names_file(path: str, files: frozenset[str]) -> bool:
@@ -124,9 +135,9 @@ class Query:
         """`ask`'s: the question's words but the question words (_QUESTION_WORDS, any case, unless in
         backticks: "What does `set` do?"), each a name whose definition comes first (`What does
         to_key_val_list return?` brings `def to_key_val_list`), and the files it names (`What does
-        pricing.py do?` brings pricing.py; the extension is no term)."""
+        pricing.py do?` brings pricing.py; a source file's extension is no term, `Session.send`'s `send` is)."""
         files = frozenset(m.group(0) for m in _FILE_NAMED.finditer(question))
-        words = _FILE_NAMED.sub(lambda m: m.group(0).rsplit(".", 1)[0], question)
+        words = _FILE_NAMED.sub(lambda m: _without_extension(m.group(0)), question)
         quoted = {w for span in re.findall(r"`([^`]+)`", words) for w in identifiers(span)}
         terms = Counter(w for w in identifiers(words) if w in quoted or w.lower() not in _QUESTION_WORDS)
         return cls(terms, definitions=frozenset(terms), files=files, whole_if_none=True)

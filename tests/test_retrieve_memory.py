@@ -198,6 +198,7 @@ def test_a_question_naming_a_file_reads_that_file(repo_engine):
     q = Query.question("Is requests/utils.py at 2.32.3, e.g. in ./web/use.ts?")
     assert q.files == {"requests/utils.py", "./web/use.ts"}  # no version, no abbreviation
     assert "py" not in q.terms and "utils" in q.terms
+    assert set(Query.question("Tell me about Session.send").terms) == {"Session", "send"}
     assert names_file("web/use.ts", q.files) and names_file("src/requests/utils.py", q.files)
     assert not names_file("requests/myutils.py", q.files)
 
