@@ -5,7 +5,9 @@ tokens in it. A new request crops that cache to the common token prefix (`cache.
 only the rest; positions continue from the crop point because RoPE positions are rebased inside
 the local window (spec §2.2.5). The memory part is swapped (`cache.memory = ...`) when it changed;
 local states above the first memory layer were computed with the old memory then (an approximation
-accepted for speed; with unchanged memory reuse is exact, see tests/test_engine.py).
+accepted for speed while typing; with unchanged memory reuse is exact, see tests/test_engine.py). An
+`exact` request (an answer: each question retrieves its own memory) reuses a cache only under the same
+memory.
 
 Threads: the worker is the only thread that runs the model (the indexer encodes through it too), so
 switching torch's process-wide thread count for few-token steps here touches no one else's work.
@@ -115,11 +117,12 @@ class Decoder:
                  stop: Callable[[list[int]], bool] | None = None,
                  on_token: Callable[[int, list[int]], None] | None = None, session: Hashable | None = None,
                  sources: bool = False, source_steps: int | None = None, forced_prefix: str = "",
-                 repetition: RepetitionGuard | None = None) -> Generation:
+                 repetition: RepetitionGuard | None = None, exact: bool = False) -> Generation:
         """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
         samples memory attention (see `_samples_sources`); the text of the first generated tokens is
         forced to start with `forced_prefix` (token healing); a loop that `repetition` spots ends
-        it after the loop's first copy (issue 19)."""
+        it after the loop's first copy (issue 19). `exact`: the session's cache is reused only under the
+        same memory (no swap: the answer does not depend on what was asked before)."""
         import torch
 
         window = self.model.window
@@ -129,7 +132,7 @@ class Decoder:
             raise ValueError(f"{len(ids)} prompt + {max_new} new tokens exceed the model window ({window}); "
                              "keep last_context_length + max_new_tokens <= window (spec §2.3)")
         t0 = time.perf_counter()
-        state = self._resume(session, ids, memory)
+        state = self._resume(session, ids, memory, exact)
         reused = len(state.fed)
         attention = _AttentionSum()
         threads = torch.get_num_threads()
@@ -281,13 +284,15 @@ class Decoder:
             return generated < steps
         return generated < opts.source_steps or (opts.source_every > 0 and generated % opts.source_every == 0)
 
-    def _resume(self, session: Hashable | None, ids: list[int], memory: Memory | None) -> _Session:
-        """The session's cache cropped to the common prefix with `ids` (at least one token left to feed)."""
+    def _resume(self, session: Hashable | None, ids: list[int], memory: Memory | None, exact: bool = False
+                ) -> _Session:
+        """The session's cache cropped to the common prefix with `ids` (at least one token left to feed);
+        `exact`: none when the memory changed."""
         fresh = _Session(None, [], memory)
         if session is None:
             return fresh
         old = self._sessions.pop(session, None)
-        if old is None or old.cache is None:
+        if old is None or old.cache is None or exact and old.memory is not memory:
             return fresh
         common = min(common_prefix(old.fed, ids), len(ids) - 1, old.cache.local_length)
         if common <= 0:

@@ -563,8 +563,11 @@ class Engine:
                                        retrieve=Query.question(question)) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
+        # exact: each question retrieves its own memory, and a prompt reused under another one's memory made
+        # the answer depend on the question before it (116 of 146 answers of bench/ask_facts.py changed)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),
-                                     sources=asm.memory is not None, repetition=self.options.answer_repetition)
+                                     sources=asm.memory is not None, repetition=self.options.answer_repetition,
+                                     exact=True)
         text = stream.flush(gen.tokens)
         timings = {"queue": _ms(req.submitted, req.started or t0), "memory": _ms(t0, t1), **gen.timings,
                    "total": _ms(t0, time.perf_counter())}

@@ -203,6 +203,20 @@ def test_a_question_naming_a_file_reads_that_file(repo_engine):
     assert not names_file("requests/myutils.py", q.files)
 
 
+def test_an_answer_reuses_no_prompt_computed_under_another_questions_memory(repo_engine, monkeypatch):
+    """Each question retrieves its own memory: the previous answer's cache, computed with the previous
+    memory above the first memory layer, would make an answer depend on the question asked before."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = limits_tokens(repo)
+    gens = []
+    generate = engine._decoder.generate
+    monkeypatch.setattr(engine._decoder, "generate", lambda *a, **k: gens.append(generate(*a, **k)) or gens[-1])
+    engine.answer("What does retry_budget compute?", max_tokens=1)
+    engine.answer("What does shout return?", max_tokens=1)  # words.py, not limits.py: no reuse
+    engine.answer("What does shout return?", max_tokens=1)  # the same memory: the prompt is reused
+    assert [g.reused_tokens > 0 for g in gens] == [False, False, True]
+
+
 def test_a_question_naming_nothing_in_the_code_reads_all_of_memory(repo_engine):
     engine, repo, root = repo_engine
     engine.options.retrieve_tokens = limits_tokens(repo)
