@@ -159,7 +159,8 @@ class Assembler:
         return out
 
     def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
-                 buffer: Buffer | None = None, defer_edits: bool = False, retrieve: Query | None = None) -> Assembled:
+                 buffer: Buffer | None = None, defer_edits: bool = False,
+                 retrieve: Callable[[], Query] | None = None) -> Assembled:
         """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
         repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
@@ -167,7 +168,8 @@ class Assembler:
         is newer), and when `path` is inside a repository (`home`), that repository's bank stands for the
         buffer instead of `blocks` (see `_buffer_in_bank`). `defer_edits`: edited chunks not encoded yet
         are left out and become `deferred` (a keystroke's completion must not wait for their encoding).
-        `retrieve`: with retrieve_tokens() > 0, other files' chunks are only the best for it (`_retrieve`)."""
+        `retrieve`: with retrieve_tokens() > 0, other files' chunks are only the best for the Query it builds
+        (`_retrieve`; built only then: a completion's reads the text before the cursor)."""
         if defer_edits:  # the latest buffer replaces earlier keystrokes' (those states are gone)
             self.deferred = deque()
         placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
@@ -184,7 +186,7 @@ class Assembler:
                     if home and repo is home[0] else ((rel,) if rel else (), ())
                 banks.append((repo.bank, root, hidden))
             if retrieve is not None and self.retrieve_tokens() > 0:
-                banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, retrieve)
+                banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, retrieve())
             if home is not None:
                 blocks = ()
             key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)

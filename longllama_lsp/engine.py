@@ -458,7 +458,7 @@ class Engine:
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
                                        buffer=Buffer(text, prompt.window_offset, offset),
                                        defer_edits=self.options.defer_edits,
-                                       retrieve=Query.before_cursor(text[:offset])) if use_memory else NOTHING
+                                       retrieve=lambda: Query.before_cursor(text[:offset])) if use_memory else NOTHING
         self._encode_deferred_later()  # scheduled now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
@@ -560,7 +560,7 @@ class Engine:
         if buffer is not None and self._assembler.home(path, roots) is None:  # in blocks as in _complete
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
-                                       retrieve=Query.question(question)) if use_memory else NOTHING
+                                       retrieve=lambda: Query.question(question)) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
         # exact: each question retrieves its own memory, and a prompt reused under another one's memory made

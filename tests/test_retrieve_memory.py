@@ -74,6 +74,16 @@ def test_zero_keeps_every_file(repo_engine):
     assert visible_paths(engine, repo) == set(FILES)
 
 
+def test_with_retrieval_off_a_completion_builds_no_query(repo_engine, monkeypatch):
+    """The query reads the text before the cursor (16 ms at 4 MB): not on every keystroke for nothing."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = 0
+    built = []
+    monkeypatch.setattr(Query, "before_cursor", classmethod(lambda cls, text: built.append(text)))
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert built == []
+
+
 def test_a_chunk_changed_on_disk_since_indexing_is_not_retrieved(repo_engine):
     """Its text no longer hashes as indexed: nothing of it is read back, so it matches nothing (had the
     warm-up read it before the change, its terms would be the indexed text's, as its memory is)."""
