@@ -271,8 +271,9 @@ class SystemScore:
 
 @torch.no_grad()
 def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]], memory,
-           score: SystemScore) -> None:
-    """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid)."""
+           *scores: SystemScore) -> None:
+    """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid) into each
+    of `scores` (a total and a repository's: one forward pass for both)."""
     from finetune.evaluate import _pad
 
     rows = [p + t for p, t in zip(prompts, targets, strict=True)]
@@ -285,11 +286,12 @@ def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: lis
         lp = logp[i, pos].gather(-1, tgt[:, None])[:, 0]
         top = logp[i, pos].argmax(-1) == tgt
         fl = torch.tensor(flags[i], device=logp.device)
-        score.all_nll += float(-lp.sum())
-        score.all_tokens += len(t)
-        score.xid_nll += float(-lp[fl].sum())
-        score.xid_hits += int(top[fl].sum())
-        score.xid_tokens += int(fl.sum())
+        for score in scores:
+            score.all_nll += float(-lp.sum())
+            score.all_tokens += len(t)
+            score.xid_nll += float(-lp[fl].sum())
+            score.xid_hits += int(top[fl].sum())
+            score.xid_tokens += int(fl.sum())
 
 
 def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
@@ -325,8 +327,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                         keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
                         memory = chunks_memory(cache, repo, keys, args.chunk_len)
                         retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
-                        for sc in (scores[system], rs[system]):
-                            _score(model, [prompt], [target], [fl], memory, sc)
+                        _score(model, [prompt], [target], [fl], memory, scores[system], rs[system])
                     continue
                 memory = None
                 if system == "memory":
@@ -338,8 +339,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                            if system == "bm25" else plain)
                 for b in range(0, len(group), args.batch_size):
                     sl = slice(b, b + args.batch_size)
-                    for sc in (scores[system], rs[system]):
-                        _score(model, prompts[sl], targets[sl], tflags[sl], memory, sc)
+                    _score(model, prompts[sl], targets[sl], tflags[sl], memory, scores[system], rs[system])
             n_spans += len(group)
             if progress:
                 print(f"crossfile-ids {repo.name}/{path}: {len(group)} spans "
