@@ -101,7 +101,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         print("longllama finetune: the repository needs at least 2 text files (one is held out)", file=sys.stderr)
         return 1
     print(f"repository {repo.name}: {len(repo.files)} files, {repo.tokens} tokens; "
-          f"held out {len(repo.heldout)} files: {', '.join(repo.heldout[:5])}{' ...' if len(repo.heldout) > 5 else ''}",
+          f"held out {len(repo.heldout)} file{'s' if len(repo.heldout) != 1 else ''}: {', '.join(repo.heldout[:5])}{' ...' if len(repo.heldout) > 5 else ''}",
           file=sys.stderr)
 
     before = evaluate(core, [repo], eargs, progress=args.progress)

@@ -181,22 +181,33 @@ def document_text(doc: Document, rng: random.Random, file_header: str = "") -> s
     return "".join(parts)
 
 
+def is_code(path: str) -> bool:
+    """A file in one of the indexer's grammar languages (not prose, config or data)."""
+    from indexer.languages import SPECS, language_for
+
+    return language_for(path) in SPECS
+
+
 def split_repo_files(root: str | Path, heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, held-out) relative paths of a repository, split per file by a seeded hash.
 
-    A file's side depends only on (seed, path), so adding files never moves others. If the hash puts
-    no file on the held-out side of a repo with >= 2 files, the lowest-hash file goes there.
+    A file's side depends only on (seed, path), so adding files never moves others. Only source code
+    is held out when the repository has >= 2 code files (a grammar's language): the held-out files
+    judge a model of code, and a LICENSE or changelog judged it badly. If the hash puts no file on the
+    held-out side, the lowest-hash candidate goes there.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     paths = sorted(PurePosixPath(*Path(f.path).parts).as_posix() for f in _walker().walk(Path(root)))
+    code = [p for p in paths if is_code(p)]
+    candidates = code if len(code) >= 2 else paths
 
     def u(p: str) -> float:
         return int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:16], 16) / 2**64
 
-    heldout = [p for p in paths if u(p) < heldout_fraction]
+    heldout = [p for p in candidates if u(p) < heldout_fraction]
     if not heldout and heldout_fraction > 0 and len(paths) >= 2:
-        heldout = [min(paths, key=u)]
+        heldout = [min(candidates, key=u)]
     held = set(heldout)
     return [p for p in paths if p not in held], heldout
 
