@@ -72,11 +72,12 @@ def main() -> None:
         for s in pick_spans(repo, args):
             f = repo.files[s.path]
             target, fl, prompt = f.ids[s.start:s.end], f.flags[s.start:s.end], f.ids[max(0, s.start - ctx):s.start]
+            st = f.starts[s.start:s.end]
             memory = chunks_memory(cache, repo, retrieved_chunks(repo, s, args, tok, retriever), args.chunk_len)
-            _score(model, [prompt], [target], [fl], None, scores["none"], rs["none"])
+            _score(model, [prompt], [target], [fl], [st], None, scores["none"], rs["none"])
             for b in biases:
                 with memory_bias(b):
-                    _score(model, [prompt], [target], [fl], memory, scores[f"bias {b:+g}"], rs[f"bias {b:+g}"])
+                    _score(model, [prompt], [target], [fl], [st], memory, scores[f"bias {b:+g}"], rs[f"bias {b:+g}"])
             print(f"{name} {s.path} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     out = {"systems": {k: v.summary() for k, v in scores.items()},
            "per_repo": {r: {k: v.summary()["xid_nll"] for k, v in d.items()} for r, d in per_repo.items()},

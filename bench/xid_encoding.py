@@ -60,15 +60,16 @@ def main() -> None:
         for s in pick_spans(repo, args):
             f = repo.files[s.path]
             target, fl, prompt = f.ids[s.start:s.end], f.flags[s.start:s.end], f.ids[max(0, s.start - ctx):s.start]
+            st = f.starts[s.start:s.end]
             keys = retrieved_chunks(repo, s, args, tok, retriever)
-            _score(model, [prompt], [target], [fl], None, scores["none"])
-            _score(model, [prompt], [target], [fl], chunks_memory(alone, repo, keys, args.chunk_len), scores["alone"])
+            _score(model, [prompt], [target], [fl], [st], None, scores["none"])
+            _score(model, [prompt], [target], [fl], [st], chunks_memory(alone, repo, keys, args.chunk_len), scores["alone"])
             if a.mode == "joint":
                 together.ensure({tuple(keys): [i for k in keys for i in chunk_ids(repo, k, args.chunk_len)]})
                 memory = together.memory([tuple(keys)])
             else:
                 memory = chunks_memory(prev, repo, keys, args.chunk_len)
-            _score(model, [prompt], [target], [fl], memory, scores[a.mode])
+            _score(model, [prompt], [target], [fl], [st], memory, scores[a.mode])
             print(f"{name} {s.path} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     out = {k: v.summary() for k, v in scores.items()}
     out.update(mode=a.mode, tokens=a.tokens, seed=a.seed, files_per_repo=a.files_per_repo,

@@ -88,6 +88,12 @@ class RepoFile:
     imports: list[str]
     names: set[str]  # its cross-file names
 
+    @property
+    def starts(self) -> list[bool]:
+        """Per id: the first token of a cross-file identifier (of a run of flagged tokens): what a completion
+        must choose unaided; the tokens after it continue a name already begun."""
+        return [fl and not (i and self.flags[i - 1]) for i, fl in enumerate(self.flags)]
+
 
 @dataclass
 class Repo:
@@ -258,6 +264,9 @@ class SystemScore:
     xid_nll: float = 0.0
     xid_hits: int = 0
     xid_tokens: int = 0
+    first_nll: float = 0.0  # the same over the first token of each cross-file identifier
+    first_hits: int = 0
+    first_tokens: int = 0
     all_nll: float = 0.0
     all_tokens: int = 0
 
@@ -265,15 +274,18 @@ class SystemScore:
         return {"xid_nll": self.xid_nll / self.xid_tokens if self.xid_tokens else None,
                 "xid_top1": self.xid_hits / self.xid_tokens if self.xid_tokens else None,
                 "xid_tokens": self.xid_tokens,
+                "xid_first_nll": self.first_nll / self.first_tokens if self.first_tokens else None,
+                "xid_first_top1": self.first_hits / self.first_tokens if self.first_tokens else None,
+                "xid_first_tokens": self.first_tokens,
                 "span_nll": self.all_nll / self.all_tokens if self.all_tokens else None,
                 "span_tokens": self.all_tokens}
 
 
 @torch.no_grad()
-def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]], memory,
-           *scores: SystemScore) -> None:
-    """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid) into each
-    of `scores` (a total and a repository's: one forward pass for both)."""
+def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]],
+           starts: list[list[bool]], memory, *scores: SystemScore) -> None:
+    """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid, `starts`
+    as a name's first token) into each of `scores` (a total and a repository's: one forward pass for both)."""
     from finetune.evaluate import _pad
 
     rows = [p + t for p, t in zip(prompts, targets, strict=True)]
@@ -286,12 +298,16 @@ def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: lis
         lp = logp[i, pos].gather(-1, tgt[:, None])[:, 0]
         top = logp[i, pos].argmax(-1) == tgt
         fl = torch.tensor(flags[i], device=logp.device)
+        first = torch.tensor(starts[i], device=logp.device)
         for score in scores:
             score.all_nll += float(-lp.sum())
             score.all_tokens += len(t)
             score.xid_nll += float(-lp[fl].sum())
             score.xid_hits += int(top[fl].sum())
             score.xid_tokens += int(fl.sum())
+            score.first_nll += float(-lp[first].sum())
+            score.first_hits += int(top[first].sum())
+            score.first_tokens += int(first.sum())
 
 
 def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, systems: Sequence[str] = SYSTEMS,
@@ -320,14 +336,16 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
             f = repo.files[path]
             targets = [f.ids[s.start:s.end] for s in group]
             tflags = [f.flags[s.start:s.end] for s in group]
+            starts = f.starts
+            tstarts = [starts[s.start:s.end] for s in group]
             plain = [f.ids[max(0, s.start - ctx):s.start] for s in group]
             for system in systems:
                 if system == "retrieved":  # one memory per span: each retrieves for its own code
-                    for s, target, fl, prompt in zip(group, targets, tflags, plain, strict=True):
+                    for s, target, fl, st, prompt in zip(group, targets, tflags, tstarts, plain, strict=True):
                         keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
                         memory = chunks_memory(cache, repo, keys, args.chunk_len)
                         retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
-                        _score(model, [prompt], [target], [fl], memory, scores[system], rs[system])
+                        _score(model, [prompt], [target], [fl], [st], memory, scores[system], rs[system])
                     continue
                 memory = None
                 if system == "memory":
@@ -339,7 +357,8 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
                            if system == "bm25" else plain)
                 for b in range(0, len(group), args.batch_size):
                     sl = slice(b, b + args.batch_size)
-                    _score(model, prompts[sl], targets[sl], tflags[sl], memory, scores[system], rs[system])
+                    _score(model, prompts[sl], targets[sl], tflags[sl], tstarts[sl], memory, scores[system],
+                           rs[system])
             n_spans += len(group)
             if progress:
                 print(f"crossfile-ids {repo.name}/{path}: {len(group)} spans "
@@ -538,9 +557,13 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"cross-file identifier tokens ({cf['spans']} spans, {cf['systems'][next(iter(cf['systems']))]['xid_tokens']} "
                      f"tokens; memory {cf['memory_tokens_mean']:.0f} tokens on average, retrieved "
                      f"{cf.get('retrieved_tokens_mean', 0):.0f})")
-        lines.append(f"{'system':9} {'xid NLL':>8} {'xid top-1':>10} {'span NLL':>9}")
+        lines.append(f"{'system':9} {'xid NLL':>8} {'xid top-1':>10} {'first NLL':>10} {'first top-1':>12} "
+                     f"{'span NLL':>9}")
         for s, v in cf["systems"].items():
-            lines.append(f"{s:9} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} {fmt(v['span_nll']):>9}")
+            lines.append(f"{s:9} {fmt(v['xid_nll']):>8} {fmt(v['xid_top1'], True):>10} "
+                         f"{fmt(v.get('xid_first_nll')):>10} {fmt(v.get('xid_first_top1'), True):>12} "
+                         f"{fmt(v['span_nll']):>9}")
+        lines.append("(first: the first token of each cross-file name, which a completion must pick unaided)")
     pk = result.get("passkey")
     if pk:
         local = f"local {pk['local_len']} tokens" if pk.get("local_len") else f"{pk.get('prompt')} prompt"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -724,6 +725,13 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
     n = {s: v["xid_tokens"] for s, v in out["systems"].items()}
     assert n["none"] == n["memory"] == n["retrieved"] == n["bm25"] == \
         sum(sum(repo.files[s.path].flags[s.start:s.end]) for s in spans)
+    draw = repo.files["draw.py"]  # a name's first token: one per use of a cross-file name (imports are not uses)
+    uses = [ln for ln in DRAW.splitlines() if not ln.startswith("from ")]
+    assert sum(draw.starts) == sum(len(re.findall(rf"\b{n}\b", ln)) for n in draw.names for ln in uses) == 12
+    firsts = {s: v["xid_first_tokens"] for s, v in out["systems"].items()}
+    assert set(firsts.values()) == {sum(sum(draw.starts[s.start:s.end]) for s in spans)}
+    assert 0 < firsts["none"] < n["none"]
+    assert out["systems"]["memory"]["xid_first_nll"] != out["systems"]["none"]["xid_first_nll"]
     assert out["systems"]["memory"]["xid_nll"] != out["systems"]["none"]["xid_nll"]  # memory is used
     assert out["systems"]["retrieved"]["xid_nll"] != out["systems"]["none"]["xid_nll"]
     assert out["memory_tokens_mean"] > 0 and 0 < out["retrieved_tokens_mean"] <= args.retrieve_tokens
