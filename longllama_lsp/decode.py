@@ -245,14 +245,17 @@ class Decoder:
                                                                                    skip_special_tokens=True)
 
     def _allowed_after(self, done: str, prefix: str) -> Any:
-        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask)."""
+        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask):
+        those that cover the rest, or a part of it that leaves only whitespace (a word is not split: " " then
+        "te" for " te" made a split the model never saw, as the prompt ending in " te" had)."""
         import torch
 
         if self._token_texts is None:
             n = len(self.tokenizer)
             self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
         need = prefix[len(done):]
-        ok = [bool(t) and (need.startswith(t) or t.startswith(need)) for t in self._token_texts]
+        ok = [bool(t) and (t.startswith(need) or need.startswith(t) and not need[len(t):].strip())
+              for t in self._token_texts]
         mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
         mask[: len(ok)] = torch.tensor(ok)
         return mask

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -602,20 +603,28 @@ class Engine:
         return [bos] if bos is not None else self._tokenizer("\n", add_special_tokens=False)["input_ids"]
 
     def _heal(self, ids: list[int], line_prefix: str) -> tuple[list[int], str]:
-        """Token healing for a cursor right after indentation: (prompt ids, whitespace to regenerate).
+        """Token healing: (prompt ids, text to regenerate) for a cursor after indentation or inside a word.
 
-        BPE tokenizers merge a line's start with its first word ("\n   " + " return"), so a prompt
-        that ends inside the indentation ("\n    ") ends on a split the model never saw in training:
-        it then tends to answer nothing or a mis-indented line. Drop the trailing whitespace tokens
-        (back to the line's newline at most) and let generation redo them, forced to start with
-        exactly that text.
+        BPE tokenizers merge a line's start with its first word ("\n   " + " return"), and a word with the
+        space before it (" term"), so a prompt that ends inside the indentation ("\n    ") or inside a word
+        the user is typing (" te") ends on a split the model never saw in training: it then answers
+        nothing, a mis-indented line, or a new word glued on (" te" + ".get(...)" where `term_len` was
+        due). Drop the trailing tokens of that indentation (back to the line's newline at most), or the
+        last token of that word when it lies within it (with the spaces before it), and let generation
+        redo them, forced to start with exactly that text (`Decoder._allowed_after`: the dropped word
+        token itself is always one way to).
         """
-        if not line_prefix or line_prefix.strip(" \t"):
+        if not line_prefix:
             return ids, ""
+        if not line_prefix.strip(" \t"):
+            region, most = "\n" + line_prefix, len(ids)
+        else:
+            word = re.search(r"[ \t]*\w+$", line_prefix)
+            region, most = (word.group(), 1) if word else ("", 0)
         cut, removed = len(ids), ""
-        while cut > 1:
+        while region and len(ids) - cut < most and cut > 1:
             piece = self._tokenizer.decode(ids[cut - 1:cut], skip_special_tokens=True)
-            if not piece or piece.strip() or not ("\n" + line_prefix).endswith(piece + removed):
+            if not piece or not region.endswith(piece + removed):
                 break
             cut, removed = cut - 1, piece + removed
             if "\n" in piece:

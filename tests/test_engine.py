@@ -223,6 +223,28 @@ def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):
     assert "\n" not in got.text  # line mode: the regenerated line break is not part of the answer
 
 
+def test_cursor_inside_a_word_heals_it(engine, smol_tokenizer):  # noqa: F811
+    """Mid-word (how editors ask while the user types), the prompt ended on " te", a split the model never
+    saw: it glued a new word on (" te" + ".get(...)", "Ba" + "ftaCommand"). The word's tokens are redone,
+    forced to start with what was typed."""
+    engine.options.typeahead = False
+    text = "from ._compat import term_len\n\n\ndef width(line):\n    return te"
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    healed_ids, healed = engine._heal(ids, "    return te")
+    assert healed == " te" and healed_ids == ids[:-1]
+    assert smol_tokenizer.decode(healed_ids).endswith("    return")
+    mask = engine.decoder._allowed_after("", " te")
+    allowed = {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
+    assert {" te", " term", " test"} <= allowed and not {" ", " t", " return", "te"} & allowed  # no split word
+    word = smol_tokenizer("x = self.parse_options", add_special_tokens=False)["input_ids"]
+    assert engine._heal(word, "x = self.parse_options") == (word[:-1], "options")  # its last token only
+    assert engine._heal(ids, "    return te(") == (ids, "")  # no word at the cursor: as is
+    engine.options.max_tokens = 4
+    got = engine.complete(text, len(text), path="/repo/w.py")
+    assert isinstance(got, Completion) and got.prompt_tokens == len(healed_ids)
+    assert not got.text.startswith("te")  # what was typed is not repeated
+
+
 def test_local_window_leaves_room_for_max_tokens(engine):
     assert engine.context_tokens(8) == 64  # min(last_context_length, window - max_tokens)
     assert engine.context_tokens(100) == 28
