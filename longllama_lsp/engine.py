@@ -10,7 +10,8 @@ levels (house style 4):
 
 Generation is decode.py's loop (prefill in chunks, greedy steps, per-document prefix reuse); this
 module decides what to feed it: the prompt (prompt.py; fill-in-the-middle with fim.py when the
-tokenizer has FIM tokens), the healed indentation, the stop rule, the memory and the sources.
+tokenizer has FIM tokens), the healed text (indentation or the word being typed), the stop rule, the
+memory and the sources.
 
 Fill-in-the-middle: the local context is `<prefix> window <suffix> start of the suffix <middle>`
 (fim.py's PSM order). The window is the stride-aligned local window of prompt.py, sized so the
@@ -519,7 +520,7 @@ class Engine:
 
     def _completion_prompt(self, text: str, offset: int, context: int, blocks: bool
                            ) -> tuple[Prompt, list[int], str, bool]:
-        """(the buffer split, with memory blocks if `blocks`; the prompt ids, the healed whitespace,
+        """(the buffer split, with memory blocks if `blocks`; the prompt ids, the healed text,
         whether the prompt is FIM) for a local context of `context` tokens (see the module docstring)."""
         fim = self._fim if self.options.fim else None
         memory_tokens = self.options.buffer_memory_tokens if blocks else 0
@@ -641,7 +642,7 @@ class _Stop:
         self.kept = ""
 
     def after_cursor(self, new: list[int]) -> str | None:
-        """The text after the cursor: the continuation less the healed indentation (already typed)."""
+        """The text after the cursor: the continuation less the healed text (already typed)."""
         text = self._continuation(self._ids, new)
         return text[len(self._healed):] if len(text) >= len(self._healed) else None
 
