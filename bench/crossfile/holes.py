@@ -16,7 +16,9 @@ code line with no such identifier (about a quarter of the set).
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
-"ordinary"), "xfile" ([{"name", "defined_in": [paths]}]), "anchor" ("indent" or "identifier")}.
+"ordinary"), "xfile" ([{"name", "defined_in": [paths]}]), "anchor" ("indent" or "identifier")}. With `--typed CHARS
+--from SETS`: their cross-file holes whose line starts with the name, the anchor "typed" and "typed": CHARS
+(the characters of "expected" already before the cursor).
 """
 
 from __future__ import annotations
@@ -242,6 +244,23 @@ def select(repo: str, root: Path, n_cross: int, n_ordinary: int, seed: int) -> l
     return picked
 
 
+def typed_holes(holes: list[dict], chars: int) -> list[dict]:
+    """The cross-file holes whose line starts with the cross-file name, with its first `chars` characters
+    typed (`"typed": chars`; run.py puts the cursor after them and scores them with the completion): how
+    an editor asks, mid-word, once the user has begun the name. A place that several sets hold is taken
+    once, and ids are numbered anew per repository (ids repeat across sets)."""
+    out, seen = [], set()
+    for h in holes:
+        names = [x["name"] for x in h["xfile"]]
+        place = (h["repo"], h["path"], h["line"], h["col"])
+        if h["kind"] == "crossfile" and place not in seen and any(
+                h["expected"].startswith(n) and len(n) > chars for n in names):
+            seen.add(place)
+            n = sum(o["repo"] == h["repo"] for o in out)
+            out.append({**h, "id": f"{h['repo']}-typed-{n:03d}", "anchor": "typed", "typed": chars})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("/work/data/eval"), help="folder holding one folder per repository")
@@ -250,7 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ordinary", type=int, default=5, help="ordinary holes per repository")
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("holes.jsonl"))
+    p.add_argument("--typed", type=int, metavar="CHARS",
+                   help="instead: of the --from sets' cross-file holes that start with the name, the same holes "
+                        "with its first CHARS characters typed")
+    p.add_argument("--from", dest="sources", nargs="+", type=Path, default=[], help="hole sets for --typed")
     a = p.parse_args(argv)
+    if a.typed is not None:
+        holes = [h for f in a.sources for h in map(json.loads, f.read_text(encoding="utf-8").splitlines())]
+        typed = typed_holes(holes, a.typed)
+        a.out.write_text("".join(json.dumps(h) + "\n" for h in typed), encoding="utf-8")
+        print(f"{len(typed)} typed holes of {len(holes)} -> {a.out}")
+        return 0
     holes = [h for r in a.repos for h in select(r, a.data / r, a.cross, a.ordinary, a.seed)]
     a.out.write_text("".join(json.dumps(asdict(h)) + "\n" for h in holes), encoding="utf-8")
     n_x = sum(h.kind == "crossfile" for h in holes)

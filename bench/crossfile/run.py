@@ -172,11 +172,12 @@ def utf16_len(s: str) -> int:
 
 
 def split_at_hole(src: str, hole: dict) -> tuple[str, str]:
-    """(text before the cursor, text after it): the hole line's remainder is removed."""
+    """(text before the cursor, text after it): the hole line's remainder is removed, but for the first
+    `typed` characters of it (holes.py --typed: the user has begun the name)."""
     lines = src.split("\n")
     line = lines[hole["line"]]
     assert line[hole["col"]:].rstrip() == hole["expected"], f"{hole['id']}: hole does not match the source"
-    before = "\n".join(lines[:hole["line"]] + [line[:hole["col"]]])
+    before = "\n".join(lines[:hole["line"]] + [line[:hole["col"] + hole.get("typed", 0)]])
     after = "\n" + "\n".join(lines[hole["line"] + 1:])
     return before, after
 
@@ -334,7 +335,7 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                 char16 = utf16_len(before[before.rfind("\n") + 1:])
                 uri = (root / h["path"]).as_uri() + f"?hole={h['id']}&system={system}"
                 text, ms, timings = server.complete(uri, before + after, line, char16)
-                pred = text.split("\n")[0]
+                pred = h["expected"][:h.get("typed", 0)] + text.split("\n")[0]  # scored as the whole line
                 rec = {"system": system, "id": h["id"], "repo": repo, "kind": h["kind"], "anchor": h["anchor"],
                        "expected": h["expected"], "completion": text, "prediction_line": pred,
                        "metrics": score(pred, h["expected"], [x["name"] for x in h["xfile"]]),
