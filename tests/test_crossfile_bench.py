@@ -96,6 +96,23 @@ def test_crossfile_holes_reference_names_defined_only_in_another_file(repo: Path
         assert src[h.col:].rstrip() == h.expected and src[:h.col].strip() in ("", src[:h.col].strip())
 
 
+def test_typed_holes_put_the_cursor_inside_the_name(repo: Path):
+    """holes.py --typed: the cross-file holes that start with the name, its first characters typed; run.py's
+    buffer ends after them and the line is scored whole (typed characters + completion)."""
+    import run as R
+
+    cross, ordinary = H.repo_holes("pkg", repo)
+    holes = [vars(h) for h in cross + ordinary] * 2  # a place two sets hold is taken once
+    typed = H.typed_holes(holes, 2)
+    assert typed and len({(h["path"], h["line"], h["col"]) for h in typed}) == len(typed)
+    assert {h["expected"] for h in typed} == {h.expected for h in cross if h.anchor == "identifier"}
+    assert all(h["anchor"] == "typed" and h["typed"] == 2 for h in typed)
+    assert len({h["id"] for h in typed}) == len(typed)
+    total = next(h for h in typed if h["expected"] == "compute_total(values)")
+    before, after = R.split_at_hole((repo / total["path"]).read_text(), total)
+    assert before.endswith("total = co") and not after.split("\n")[0]
+
+
 def test_selection_is_deterministic_and_bounded(repo: Path):
     one = H.select("pkg", repo, 3, 2, seed=8)
     two = H.select("pkg", repo, 3, 2, seed=8)
