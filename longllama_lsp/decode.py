@@ -103,7 +103,7 @@ class Decoder:
         self.model, self.tokenizer, self._options = model, tokenizer, options
         self._extra_stop_ids = {int(t) for t in stop_ids}
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
-        self._token_texts: list[str] | None = None  # each token id decoded alone (forced prefixes)
+        self._token_texts: list[str] | None = None  # each token id's text after a word (forced prefixes)
 
     @property
     def options(self) -> DecodeOptions:
@@ -251,14 +251,24 @@ class Decoder:
         import torch
 
         if self._token_texts is None:
-            n = len(self.tokenizer)
-            self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
+            self._token_texts = self._texts_after_a_word()
         need = prefix[len(done):]
         ok = [bool(t) and (t.startswith(need) or need.startswith(t) and not need[len(t):].strip())
               for t in self._token_texts]
         mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
         mask[: len(ok)] = torch.tensor(ok)
         return mask
+
+    def _texts_after_a_word(self) -> list[str]:
+        """Each token id's text as it continues a word ("a"), as `continuation` reads generated text: decoded
+        alone, SentencePiece drops a leading space ("▁term" -> "term"), and " te" then matched nothing."""
+        anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+        head = self.tokenizer.decode(anchor, skip_special_tokens=False)
+        out = []
+        for i in range(len(self.tokenizer)):
+            text = self.tokenizer.decode(anchor + [i], skip_special_tokens=False)
+            out.append(text[len(head):] if text.startswith(head) else self.tokenizer.decode([i]))
+        return out
 
     def _stop_ids(self) -> set[int]:
         ids = set(getattr(self.tokenizer, "all_special_ids", []) or []) | self._extra_stop_ids

@@ -624,10 +624,12 @@ class Engine:
             region, most = (word.group(), 1) if word else ("", 0)
         cut, removed = len(ids), ""
         while region and len(ids) - cut < most and cut > 1:
-            piece = self._tokenizer.decode(ids[cut - 1:cut], skip_special_tokens=True)
-            if not piece or not region.endswith(piece + removed):
+            # read as the tokens continue the prompt, as generation reads them (SentencePiece keeps " te")
+            text = self.decoder.continuation(ids[:cut - 1], ids[cut - 1:])
+            piece = text[:len(text) - len(removed)]  # the token added at the left
+            if not piece or not region.endswith(text):
                 break
-            cut, removed = cut - 1, piece + removed
+            cut, removed = cut - 1, text
             if "\n" in piece:
                 break
         return (ids[:cut], removed) if removed else (ids, "")

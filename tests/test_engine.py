@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers_indexer import ChunkMeta
-from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers_models import looping_model, smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.engine import Cancelled, Completion, Engine, EngineOptions
 from longllama_lsp.prompt import (
@@ -243,6 +243,34 @@ def test_cursor_inside_a_word_heals_it(engine, smol_tokenizer):  # noqa: F811
     got = engine.complete(text, len(text), path="/repo/w.py")
     assert isinstance(got, Completion) and got.prompt_tokens == len(healed_ids)
     assert not got.text.startswith("te")  # what was typed is not repeated
+
+
+def _sentencepiece_tokenizer():
+    """A Metaspace BPE, as LLaMA's: a token decoded alone loses its leading space ("▁te" -> "te")."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(["orig_len = term_len(line)", "x = te", "te term test text"] * 50, vocab_size=120,
+                           min_frequency=2, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def test_word_healing_keeps_sentencepiece_spaces():
+    """The healed text and the forced tokens are read as they continue the prompt: decoded alone,
+    SentencePiece's "▁te" is "te", and the completion after the cursor lost or kept a character."""
+    tok = _sentencepiece_tokenizer()
+    term = tok.convert_tokens_to_ids("▁term_len(line)")
+    assert tok.decode([term]) == "term_len(line)"  # the space is gone when decoded alone
+    eng = Engine(looping_model(tok, [term, tok.eos_token_id]), tok, options=EngineOptions(max_tokens=4))
+    try:
+        text = "x = te"
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert eng._heal(ids, text) == (ids[:-1], " te")
+        assert eng.complete(text, len(text)).text == "rm_len(line)"
+    finally:
+        eng.close()
 
 
 def test_local_window_leaves_room_for_max_tokens(engine):
