@@ -20,7 +20,8 @@ points), "expected" (the line's text from col, trailing whitespace dropped), "ki
 --from SETS`: their cross-file holes whose line starts with the name, the anchor "typed" and "typed": CHARS
 (the characters of "expected" already before the cursor). holes-typed2.jsonl: `--typed 2 --from` the seed 9, 14,
 21 and 28 sets (117 holes); holes-typed2-first.jsonl from holes.jsonl (21), holes-typed2-seed35.jsonl from
-holes-seed35.jsonl (30): stop 40's measure of completions as editors ask, mid-word.
+holes-seed35.jsonl (30): stop 40's measure of completions as editors ask, mid-word. holes-typed-name.jsonl:
+holes-typed2.jsonl with the whole name typed ("typed" = its length; made by a few lines in stop 40's run folder).
 """
 
 from __future__ import annotations
