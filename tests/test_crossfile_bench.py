@@ -111,6 +111,9 @@ def test_typed_holes_put_the_cursor_inside_the_name(repo: Path):
     total = next(h for h in typed if h["expected"] == "compute_total(values)")
     before, after = R.split_at_hole((repo / total["path"]).read_text(), total)
     assert before.endswith("total = co") and not after.split("\n")[0]
+    whole = next(h for h in H.typed_holes(holes, None) if h["expected"] == "compute_total(values)")
+    assert whole["typed"] == len("compute_total")
+    assert R.split_at_hole((repo / whole["path"]).read_text(), whole)[0].endswith("total = compute_total")
 
 
 def test_selection_is_deterministic_and_bounded(repo: Path):

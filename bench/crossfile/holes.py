@@ -21,7 +21,7 @@ points), "expected" (the line's text from col, trailing whitespace dropped), "ki
 (the characters of "expected" already before the cursor). holes-typed2.jsonl: `--typed 2 --from` the seed 9, 14,
 21 and 28 sets (117 holes); holes-typed2-first.jsonl from holes.jsonl (21), holes-typed2-seed35.jsonl from
 holes-seed35.jsonl (30): stop 40's measure of completions as editors ask, mid-word. holes-typed-name.jsonl:
-holes-typed2.jsonl with the whole name typed ("typed" = its length; made by a few lines in stop 40's run folder).
+`--typed name --from` the same four sets: the same 117 holes with the whole name typed.
 """
 
 from __future__ import annotations
@@ -247,20 +247,21 @@ def select(repo: str, root: Path, n_cross: int, n_ordinary: int, seed: int) -> l
     return picked
 
 
-def typed_holes(holes: list[dict], chars: int) -> list[dict]:
+def typed_holes(holes: list[dict], chars: int | None) -> list[dict]:
     """The cross-file holes whose line starts with the cross-file name, with its first `chars` characters
-    typed (`"typed": chars`; run.py puts the cursor after them and scores them with the completion): how
-    an editor asks, mid-word, once the user has begun the name. A place that several sets hold is taken
-    once, and ids are numbered anew per repository (ids repeat across sets)."""
+    typed (None: all of it; `"typed"`: how many; run.py puts the cursor after them and scores them with
+    the completion): how an editor asks, mid-word, once the user has begun the name. A place that several
+    sets hold is taken once, and ids are numbered anew per repository (ids repeat across sets)."""
     out, seen = [], set()
     for h in holes:
-        names = [x["name"] for x in h["xfile"]]
+        name = next((x["name"] for x in h["xfile"] if h["expected"].startswith(x["name"])
+                     and (chars is None or len(x["name"]) > chars)), None)
         place = (h["repo"], h["path"], h["line"], h["col"])
-        if h["kind"] == "crossfile" and place not in seen and any(
-                h["expected"].startswith(n) and len(n) > chars for n in names):
+        if h["kind"] == "crossfile" and place not in seen and name is not None:
             seen.add(place)
             n = sum(o["repo"] == h["repo"] for o in out)
-            out.append({**h, "id": f"{h['repo']}-typed-{n:03d}", "anchor": "typed", "typed": chars})
+            out.append({**h, "id": f"{h['repo']}-typed-{n:03d}", "anchor": "typed",
+                        "typed": len(name) if chars is None else chars})
     return out
 
 
@@ -272,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ordinary", type=int, default=5, help="ordinary holes per repository")
     p.add_argument("--seed", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("holes.jsonl"))
-    p.add_argument("--typed", type=int, metavar="CHARS",
+    p.add_argument("--typed", metavar="CHARS|name",
                    help="instead: of the --from sets' cross-file holes that start with the name, the same holes "
-                        "with its first CHARS characters typed")
+                        "with its first CHARS characters typed ('name': all of it)")
     p.add_argument("--from", dest="sources", nargs="+", type=Path, default=[], help="hole sets for --typed")
     a = p.parse_args(argv)
     if a.typed is not None:
         holes = [h for f in a.sources for h in map(json.loads, f.read_text(encoding="utf-8").splitlines())]
-        typed = typed_holes(holes, a.typed)
+        typed = typed_holes(holes, None if a.typed == "name" else int(a.typed))
         a.out.write_text("".join(json.dumps(h) + "\n" for h in typed), encoding="utf-8")
         print(f"{len(typed)} typed holes of {len(holes)} -> {a.out}")
         return 0
