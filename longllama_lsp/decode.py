@@ -267,7 +267,8 @@ class Decoder:
         out = []
         for i in range(len(self.tokenizer)):
             text = self.tokenizer.decode(anchor + [i], skip_special_tokens=False)
-            out.append(text[len(head):] if text.startswith(head) else self.tokenizer.decode([i]))
+            out.append(text[len(head):] if text.startswith(head)
+                       else self.tokenizer.decode([i], skip_special_tokens=False))
         return out
 
     def _stop_ids(self) -> set[int]:

@@ -624,7 +624,8 @@ class Engine:
             region, most = (word.group(), 1) if word else ("", 0)
         cut, removed = len(ids), ""
         while region and len(ids) - cut < most and cut > 1:
-            # read as the tokens continue the prompt, as generation reads them (SentencePiece keeps " te")
+            # read as the tokens continue the prompt, as generation reads them (SentencePiece's "▁te" is then
+            # " te"; decoded alone, "te")
             text = self.decoder.continuation(ids[:cut - 1], ids[cut - 1:])
             piece = text[:len(text) - len(removed)]  # the token added at the left
             if not piece or not region.endswith(text):
