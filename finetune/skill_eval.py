@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -88,7 +89,7 @@ class RepoFile:
     imports: list[str]
     names: set[str]  # its cross-file names
 
-    @property
+    @cached_property  # the benches slice it per span: once per file, not once per span
     def starts(self) -> list[bool]:
         """Per id: the first token of a cross-file identifier (of a run of flagged tokens): what a completion
         must choose unaided; the tokens after it continue a name already begun."""
@@ -336,8 +337,7 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
             f = repo.files[path]
             targets = [f.ids[s.start:s.end] for s in group]
             tflags = [f.flags[s.start:s.end] for s in group]
-            starts = f.starts
-            tstarts = [starts[s.start:s.end] for s in group]
+            tstarts = [f.starts[s.start:s.end] for s in group]
             plain = [f.ids[max(0, s.start - ctx):s.start] for s in group]
             for system in systems:
                 if system == "retrieved":  # one memory per span: each retrieves for its own code
