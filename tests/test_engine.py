@@ -261,9 +261,14 @@ def test_word_healing_keeps_sentencepiece_spaces():
     """The healed text and the forced tokens are read as they continue the prompt: decoded alone,
     SentencePiece's "▁te" is "te", and the completion after the cursor lost or kept a character."""
     tok = _sentencepiece_tokenizer()
-    term = tok.convert_tokens_to_ids("▁term_len(line)")
+    term, x = tok.convert_tokens_to_ids("▁term_len(line)"), tok.convert_tokens_to_ids("▁x")
     assert tok.decode([term]) == "term_len(line)"  # the space is gone when decoded alone
-    eng = Engine(looping_model(tok, [term, tok.eos_token_id]), tok, options=EngineOptions(max_tokens=4))
+    # unforced, the model writes " x" after the prompt; among the tokens that start with " te" it prefers
+    # " term_len(line)" (looping_model's direction of every token outside the cycle is len(cycle))
+    model = looping_model(tok, [x, term, tok.eos_token_id])
+    with torch.no_grad():
+        model.lm_head.weight[term, 3] = 0.5
+    eng = Engine(model, tok, options=EngineOptions(max_tokens=4))
     try:
         text = "x = te"
         ids = tok(text, add_special_tokens=False)["input_ids"]
