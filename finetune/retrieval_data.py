@@ -40,6 +40,7 @@ import sys
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,11 @@ class MixArgs:
     passkey_prompts: dict[str, float] = field(default_factory=lambda: {"reference": 1.0})
     synthetic_ask: float = 0.0  # share of synthetic constants / dict entries asked through ask's prompt
     xid_weight: float = 3.0  # loss weight of cross-file identifier tokens in repo examples
+    # Loss weight of each cross-file identifier's first token (a flagged token after an unflagged one):
+    # the token a completion at the start of a name must choose, and the one memory barely helps with
+    # (skill eval: first token -2.5%, the rest -47%). 0: xid_weight, as every earlier recipe (the data
+    # stream is the same either way; only the weights differ).
+    xid_first_weight: float = 0.0
     # Loss weight of repo target tokens that end a `copy_ngram`-token run found in the example's memory
     # chunks and not earlier in its window: what a completion can only copy from another file (a line
     # BM25 snippets paste verbatim). 1.0: off (the data stream is unchanged).
@@ -250,9 +256,9 @@ class MixArgs:
         if bad or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
             raise ValueError(f"retrieval.mix needs non-negative weights of {KINDS}, got {self.mix}")
         if self.own_chunks < 1 or self.same_repo_chunks < 0 or self.chunk_len < 16 or self.target_len < 32 \
-                or min(self.memory_context, self.memory_context_chars) < 0:
-            raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16, "
-                             "target_len >= 32 and memory_context, memory_context_chars >= 0 required")
+                or min(self.memory_context, self.memory_context_chars, self.xid_first_weight) < 0:
+            raise ValueError("retrieval: own_chunks >= 1, same_repo_chunks >= 0, chunk_len >= 16, target_len "
+                             ">= 32 and memory_context, memory_context_chars, xid_first_weight >= 0 required")
         if self.memory_context and self.memory_context_chars:
             raise ValueError("retrieval: set memory_context (tokens) or memory_context_chars, not both")
         bad = sorted(set(self.passkey_prompts) - set(PASSKEY_PROMPTS))
@@ -273,6 +279,13 @@ class MixArgs:
 
 def _chunks(ids: list[int], n: int) -> list[list[int]]:
     return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+
+def xid_weights(flags: list[bool], weight: float, first_weight: float) -> list[float]:
+    """Loss weights of the targets flags[1:] (flags[0]: the token before the first target): `weight` on
+    cross-file identifier tokens, `first_weight` (when set) on a name's first token, 1.0 elsewhere."""
+    first = first_weight or weight
+    return [(first if not prev else weight) if f else 1.0 for prev, f in pairwise(flags)]
 
 
 def copy_weights(ids: list[int], memory: list[list[int]], weights: list[float], n: int, weight: float
@@ -367,7 +380,7 @@ class ExampleMaker:
             lo, hi = info.offsets[start + 1][0], info.offsets[start + len(ids) - 1][1]
             window_names = {n for s, e, n in info.facts.identifiers if n in names and lo <= s < hi}
             memory, contexts = self._repo_memory(pkg, path, info, window_names, rng)
-            w = [a.xid_weight if f else 1.0 for f in tflags]
+            w = xid_weights(flags[start:start + a.target_len + 1], a.xid_weight, a.xid_first_weight)
             if a.copy_weight != 1.0:
                 w = copy_weights(ids, memory, w, a.copy_ngram, a.copy_weight)
             return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"}, contexts)

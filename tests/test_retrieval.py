@@ -1001,6 +1001,32 @@ def test_copy_weights_raise_what_only_memory_holds():
     assert copy_weights(ids, memory, [3.0] * 9, 3, 2.0) == [3.0] * 9  # never lowers a weight
 
 
+def test_xid_weights_single_out_each_names_first_token():
+    from finetune.retrieval_data import xid_weights
+
+    flags = [True, True, False, True, True, True, False, False, True]  # flags[0]: the token before the targets
+    assert xid_weights(flags, 3.0, 0.0) == [3.0, 1.0, 3.0, 3.0, 3.0, 1.0, 1.0, 3.0]
+    # a name running on from before the window has no first token in it
+    assert xid_weights(flags, 3.0, 8.0) == [3.0, 1.0, 8.0, 3.0, 3.0, 1.0, 1.0, 8.0]
+
+
+def test_repo_examples_weight_first_tokens_and_keep_the_stream(roots, tokenizer):
+    corpus = Corpus(find_packages([roots]), tokenizer)
+
+    def example(first: float):
+        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3, xid_first_weight=first)
+        return ExampleMaker(corpus, args).repo(random.Random(1))
+
+    off, on = example(0.0), example(9.0)
+    assert (on.ids, on.memory, on.flags) == (off.ids, off.memory, off.flags)
+    raised = [j for j, (a, b) in enumerate(zip(off.weights, on.weights, strict=True)) if a != b]
+    starts = [j for j, f in enumerate(on.flags) if f and (j == 0 or not on.flags[j - 1])]
+    assert raised and set(raised) <= set(starts) and all(on.weights[j] == 9.0 for j in raised)
+    assert all(on.weights[j] == MixArgs().xid_weight for j, f in enumerate(on.flags) if f and j not in raised)
+    with pytest.raises(ValueError, match="xid_first_weight"):
+        MixArgs(xid_first_weight=-1.0)
+
+
 def test_repo_examples_weight_copies_from_memory_and_keep_the_stream(roots, tokenizer):
     corpus = Corpus(find_packages([roots]), tokenizer)
 
