@@ -12,7 +12,8 @@ code line with no such identifier (about a quarter of the set).
     run.py --holes reads them; holes-seed21.jsonl: --cross 30 --ordinary 10 --seed 21, less the 25 holes
     that are in any earlier set: 95 holes no decision has seen; holes-seed28.jsonl: --cross 30 --ordinary 10
     --seed 28, less every hole of the four earlier sets: 104 holes, stop 38's check of its decisions;
-    holes-seed35.jsonl: the same with --seed 35, less every hole of the five earlier sets: 95 holes, stop 39's)
+    holes-seed35.jsonl: the same with --seed 35, less every hole of the five earlier sets: 95 holes, stop 39's;
+    holes-seed42.jsonl: --seed 42, less every hole of the six earlier sets: 95 holes, kept back at stop 41)
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
