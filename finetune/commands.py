@@ -47,8 +47,10 @@ def load_eval_model(path: str | None, device: str, dtype: str | None):
 FINETUNE_HELP = """\
 FoT-train the memory layers on your repository, then compare held-out perplexity:
   (a) without memory, (b) with repository memory before training, (c) with it after training.
-The result is kept only if it helps, i.e. (c) < (b): repository memory predicts your held-out
-files better after training than before. It is written to --out as a weight delta
+The result is kept only if it helps: (c) at least --min-gain percent below (b) (repository memory
+predicts your held-out files better after training than before, by more than a rounding's worth), and
+(a) after training at most --max-forgetting percent above (a) before (the memory layers also attend
+locally: what they learn must not cost completions without memory). It is written to --out as a weight delta
 (adapter.safetensors + adapter.json, applied on the base model) or with --full as a checkpoint.
 Whether memory beats no memory at all ((c) vs (a)) is reported too. Use the result anywhere a model
 goes: `longllama serve --model OUT` (complete, ask, index too), LONGLLAMA_MODEL=OUT, or the editors'
@@ -76,6 +78,10 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="files held out (default: 0.1)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluation windows per held-out file")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--min-gain", type=float, default=1.0, metavar="PCT",
+                   help="keep the result only if perplexity with memory drops by at least PCT percent (default: 1)")
+    p.add_argument("--max-forgetting", type=float, default=1.0, metavar="PCT",
+                   help="... and perplexity without memory rises by at most PCT percent (default: 1)")
     p.add_argument("--keep-always", action="store_true", help="write the model even when it does not help")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -120,7 +126,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     trained = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
     after = evaluate(trained, [repo], eargs, progress=args.progress)
 
-    summary = _finetune_summary(before, after, result)
+    summary = _finetune_summary(before, after, result, args.min_gain, args.max_forgetting)
     keep = summary["helps"] or args.keep_always
     if keep:
         kind = "full" if args.full or mode == "all" else "delta"
@@ -132,18 +138,30 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_summary(before, after, result) -> dict[str, Any]:
+def _finetune_summary(before, after, result, min_gain: float, max_forgetting: float) -> dict[str, Any]:
     s = {"no_memory_before": before.ppl("none"), "memory_before": before.ppl("repo"),
          "no_memory_after": after.ppl("none"), "memory_after": after.ppl("repo"),
          "heldout_files": [f.path for f in before.files], "heldout_tokens": sum(f.tokens for f in before.files),
          "repo_memory_tokens": max((f.memory_tokens.get("repo", 0) for f in before.files), default=0),
          "steps": result.step, "stopped": result.stopped, "train_tokens": result.tokens,
          "train_seconds": round(result.elapsed_s, 1), "final_loss": result.losses.get(result.step)}
-    s["helps"] = bool(s["memory_after"] is not None and s["memory_before"] is not None
-                      and s["memory_after"] < s["memory_before"])
+    s["memory_gain_pct"] = _drop_pct(s["memory_before"], s["memory_after"])
+    s["forgetting_pct"] = -_drop_pct(s["no_memory_before"], s["no_memory_after"])
+    s["min_gain_pct"], s["max_forgetting_pct"] = min_gain, max_forgetting
+    # A gain of a few thousandths is one held-out file's noise, not something worth serving.
+    s["gains"] = bool(s["memory_gain_pct"] >= min_gain)
+    s["forgets"] = bool(s["forgetting_pct"] > max_forgetting)
+    s["helps"] = s["gains"] and not s["forgets"]
     s["memory_beats_none"] = bool(s["memory_after"] is not None and s["no_memory_after"] is not None
                                   and s["memory_after"] < s["no_memory_after"])
     return s
+
+
+def _drop_pct(before: float | None, after: float | None) -> float:
+    """How much lower `after` is than `before`, in percent (-inf when either is missing or not finite)."""
+    if before is None or after is None or not math.isfinite(before) or not math.isfinite(after):
+        return -math.inf
+    return 100.0 * (before - after) / before
 
 
 def _finetune_table(s: dict[str, Any], out: Path, keep: bool) -> str:
@@ -160,10 +178,16 @@ def _finetune_table(s: dict[str, Any], out: Path, keep: bool) -> str:
         f"(b)/(c) repository memory     {f(s['memory_before']):>15}   {f(s['memory_after']):>14}",
         "",
     ]
-    if s["helps"]:
-        lines.append(f"helps: with memory {f(s['memory_after'])} after < {f(s['memory_before'])} before")
+    gain = (f"with memory {f(s['memory_after'])} after, {f(s['memory_before'])} before "
+            f"({-s['memory_gain_pct']:+.1f}%)")
+    if not s["gains"]:
+        lines.append(f"does not help: {gain}, not the --min-gain of {s['min_gain_pct']:g}% lower")
+    elif s["forgets"]:
+        lines.append(f"does not help: {gain}, but without memory {f(s['no_memory_after'])} after, "
+                     f"{f(s['no_memory_before'])} before ({s['forgetting_pct']:+.1f}%, more than the "
+                     f"--max-forgetting of {s['max_forgetting_pct']:g}%)")
     else:
-        lines.append(f"does not help: with memory {f(s['memory_after'])} after >= {f(s['memory_before'])} before")
+        lines.append(f"helps: {gain}")
     lines.append(f"{'kept' if keep else 'discarded'}: " + (f"{s.get('saved')} written to {out}" if keep else
                  f"nothing written but the report ({out / 'finetune_report.json'})"))
     if keep:
