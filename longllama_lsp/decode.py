@@ -15,6 +15,7 @@ switching torch's process-wide thread count for few-token steps here touches no 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -82,6 +83,31 @@ class _AttentionSum:
         self.queries += tokens * heads * len(weights)
 
 
+class _TokenTexts:
+    """Token texts (index = id) for the forced-prefix mask: which ids may come next while `need` is
+    still to be produced. A scan of the vocabulary per forced step cost 13.5 ms at 49k tokens; here the
+    ids that cover `need` are a range of the sorted texts and the ids inside it one lookup per prefix."""
+
+    def __init__(self, texts: list[str]):
+        order = sorted((t, i) for i, t in enumerate(texts) if t)
+        self._sorted = [t for t, _ in order]
+        self._ids = [i for _, i in order]
+        self._by_text: dict[str, list[int]] = {}
+        for t, i in order:
+            self._by_text.setdefault(t, []).append(i)
+
+    def allowed(self, need: str) -> list[int]:
+        """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
+        (a word is not split: " " then "te" for " te" is a split the model never saw)."""
+        lo = bisect.bisect_left(self._sorted, need)
+        hi = bisect.bisect_left(self._sorted, need + "\U0010ffff")  # texts starting with need sort here
+        out = self._ids[lo:hi]
+        for k in range(1, len(need)):
+            if not need[k:].strip():
+                out = out + self._by_text.get(need[:k], [])
+        return out
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -103,7 +129,7 @@ class Decoder:
         self.model, self.tokenizer, self._options = model, tokenizer, options
         self._extra_stop_ids = {int(t) for t in stop_ids}
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
-        self._token_texts: list[str] | None = None  # each token id's text after a word (forced prefixes)
+        self._token_texts: _TokenTexts | None = None  # each token id's text after a word (forced prefixes)
 
     @property
     def options(self) -> DecodeOptions:
@@ -245,18 +271,14 @@ class Decoder:
                                                                                    skip_special_tokens=True)
 
     def _allowed_after(self, done: str, prefix: str) -> Any:
-        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask):
-        those that cover the rest, or a part of it that leaves only whitespace (a word is not split: " " then
-        "te" for " te" made a split the model never saw, as the prompt ending in " te" had)."""
+        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask
+        over the vocabulary; _TokenTexts.allowed says which)."""
         import torch
 
         if self._token_texts is None:
-            self._token_texts = self._texts_after_a_word()
-        need = prefix[len(done):]
-        ok = [bool(t) and (t.startswith(need) or need.startswith(t) and not need[len(t):].strip())
-              for t in self._token_texts]
+            self._token_texts = _TokenTexts(self._texts_after_a_word())
         mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-        mask[: len(ok)] = torch.tensor(ok)
+        mask[self._token_texts.allowed(prefix[len(done):])] = True
         return mask
 
     def _texts_after_a_word(self) -> list[str]:

@@ -6,6 +6,7 @@ MemoryBank filled from two small files written to tmp_path.
 
 from __future__ import annotations
 
+import random
 import threading
 from types import SimpleNamespace
 
@@ -255,6 +256,21 @@ def _sentencepiece_tokenizer():
                            min_frequency=2, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+def test_forced_prefix_tokens_cover_the_rest_or_stop_at_whitespace():
+    from longllama_lsp.decode import _TokenTexts
+
+    texts = ["", " ", "  ", " t", " te", " term", " ter", "te", "term", "t", "x", " tea", " te ", "\n", "e"]
+    texts = texts + ["".join(random.Random(i).choices(" te\nrx", k=random.Random(-i).randint(1, 4))) for i in range(300)]
+    texts = texts + [t.replace("r", "é") for t in texts[-100:]]  # beyond ASCII
+    tt = _TokenTexts(texts)
+    for need in (" te", "te", " ", "  te", " te  ", "\n te", "e", "rx t", "x", "x ", "e\n", " é", "éx"):
+        brute = {i for i, t in enumerate(texts)
+                 if t and (t.startswith(need) or need.startswith(t) and not need[len(t):].strip())}
+        assert set(tt.allowed(need)) == brute, need
+    assert {texts[i] for i in tt.allowed(" te")} >= {" te", " term", " ter", " tea", " te "}
+    assert not {"t", " t", " "} & {texts[i] for i in tt.allowed(" te")}  # never a split inside the word
 
 
 def test_word_healing_keeps_sentencepiece_spaces():
