@@ -46,7 +46,8 @@ def load_eval_model(path: str | None, device: str, dtype: str | None):
 
 FINETUNE_HELP = """\
 FoT-train the memory layers on your repository, then compare held-out perplexity:
-  (a) without memory, (b) with repository memory before training, (c) with it after training.
+  (a) without memory, (b) with repository memory before training, (c) with it after training;
+memory as completions read it: the chunks retrieved for the code before each window (4,096 tokens).
 The result is kept only if it helps: (c) at least --min-gain percent below (b) (repository memory
 predicts your held-out files better after training than before, by more than a rounding's worth), and
 (a) after training at most --max-forgetting percent above (a) before (the memory layers also attend
@@ -55,6 +56,9 @@ locally: what they learn must not cost completions without memory). It is writte
 Whether memory beats no memory at all ((c) vs (a)) is reported too. Use the result anywhere a model
 goes: `longllama serve --model OUT` (complete, ask, index too), LONGLLAMA_MODEL=OUT, or the editors'
 model.path setting; `longllama finetune --model OUT` trains it further."""
+
+
+MEMORY = "retrieved"  # the evaluate condition `finetune` judges memory by
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +105,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     window = min(args.window, core.window)
     train_paths, held = split_repo_files(args.repo, args.heldout_fraction, args.seed)
-    eargs = EvalArgs(window=window, conditions=("none", "repo"), seed=args.seed, max_windows=args.max_windows)
+    # Memory judged as completions read it: the chunks retrieved for the code before each window (not all of
+    # the repository in dense attention: that cost 13 minutes per judgement on requests and is not what
+    # the server reads).
+    eargs = EvalArgs(window=window, conditions=("none", MEMORY), seed=args.seed, max_windows=args.max_windows)
     repo = load_repo(args.repo, tokenizer, eargs, heldout=held)
     if not repo.heldout:
         print("longllama finetune: the repository needs at least 2 text files (one is held out)", file=sys.stderr)
@@ -110,7 +117,7 @@ def run_finetune(args: argparse.Namespace) -> int:
           f"held out {len(repo.heldout)} file{'s' if len(repo.heldout) != 1 else ''}: {', '.join(repo.heldout[:5])}{' ...' if len(repo.heldout) > 5 else ''}",
           file=sys.stderr)
 
-    before = evaluate(core, [repo], eargs, progress=args.progress)
+    before = evaluate(core, [repo], eargs, progress=args.progress, tokenizer=tokenizer)
     seq_len = min(args.seq_len, core.window)
     data = DataArgs(sources=[str(args.repo)], seq_len=seq_len, batch_size=args.batch_size, pack=4,
                     cross_batch_range=args.cross_batch_range, min_doc_tokens=0, seed=args.seed)
@@ -124,7 +131,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     core.train()
     result = train_loop(model, lambda: fot_batches(data, tokenizer, only=only), cfg)
     trained = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
-    after = evaluate(trained, [repo], eargs, progress=args.progress)
+    after = evaluate(trained, [repo], eargs, progress=args.progress, tokenizer=tokenizer)
 
     summary = _finetune_summary(before, after, result, args.min_gain, args.max_forgetting)
     keep = summary["helps"] or args.keep_always
@@ -139,10 +146,10 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _finetune_summary(before, after, result, min_gain: float, max_forgetting: float) -> dict[str, Any]:
-    s = {"no_memory_before": before.ppl("none"), "memory_before": before.ppl("repo"),
-         "no_memory_after": after.ppl("none"), "memory_after": after.ppl("repo"),
+    s = {"no_memory_before": before.ppl("none"), "memory_before": before.ppl(MEMORY),
+         "no_memory_after": after.ppl("none"), "memory_after": after.ppl(MEMORY), "memory": MEMORY,
          "heldout_files": [f.path for f in before.files], "heldout_tokens": sum(f.tokens for f in before.files),
-         "repo_memory_tokens": max((f.memory_tokens.get("repo", 0) for f in before.files), default=0),
+         "repo_memory_tokens": max((f.memory_tokens.get(MEMORY, 0) for f in before.files), default=0),
          "steps": result.step, "stopped": result.stopped, "train_tokens": result.tokens,
          "train_seconds": round(result.elapsed_s, 1), "final_loss": result.losses.get(result.step)}
     s["memory_gain_pct"] = _drop_pct(s["memory_before"], s["memory_after"])
@@ -170,7 +177,8 @@ def _finetune_table(s: dict[str, Any], out: Path, keep: bool) -> str:
 
     lines = [
         f"held-out perplexity: {len(s['heldout_files'])} files, {s['heldout_tokens']} tokens; "
-        f"repository memory {s['repo_memory_tokens']} tokens; trained {s['steps']} steps "
+        f"repository memory: up to {s['repo_memory_tokens']} tokens retrieved per window, as completions read "
+        f"it; trained {s['steps']} steps "
         f"({s['train_seconds']} s, {s['train_tokens']} tokens, stopped by {s['stopped']})",
         "",
         "                              before training   after training",
@@ -264,7 +272,9 @@ train = Command(_train_args, run_train, TRAIN_HELP)
 EVAL_HELP = """\
 Perplexity of held-out files in windows (local context = the window) with: no memory; the file's
 own earlier windows; the other files of its repository; the latter plus N x as many tokens of
-unrelated repositories (distractors: the other --repo's, or --distractors-from).
+unrelated repositories (distractors: the other --repo's, or --distractors-from); with
+--conditions ...,retrieved also the memory completions read (the chunks retrieved for the code
+before each window).
 --task crossfile-ids|passkey|guard|skill measures retrieval instead (finetune/skill_eval.py)."""
 
 
@@ -280,7 +290,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distractors-from", action="append", default=[], metavar="DIR",
                    help="unrelated repositories used only as distractor memory (repeatable)")
     p.add_argument("--distractor-ratio", type=float, default=2.0, help="distractor tokens per repository token")
-    p.add_argument("--conditions", default="none,own,repo,distract", help="comma-separated subset")
+    p.add_argument("--conditions", default="none,own,repo,distract",
+                   help="comma-separated subset of none,own,repo,distract,retrieved (retrieved: the chunks "
+                        "completions would read for the code before each window, up to 4,096 tokens)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-files", type=int, default=None, help="held-out files per repository")
@@ -312,7 +324,7 @@ def run_eval(args: argparse.Namespace) -> int:
     repos = [load_repo(r, tokenizer, eargs, heldout=args.heldout) for r in args.repo]
     extra = [load_repo(r, tokenizer, eargs, heldout=[]) for r in args.distractors_from]
     _unique_names(repos + extra)
-    report = evaluate(model, repos, eargs, extra, progress=args.progress)
+    report = evaluate(model, repos, eargs, extra, progress=args.progress, tokenizer=tokenizer)
     report.meta["model"] = str(model_dir)
     if args.json_out == "-":
         print(json.dumps(report.to_dict(), indent=2))

@@ -7,6 +7,11 @@ itself (the protocol of /work/shared/reference/measurements.md), under these mem
     own       the file's own earlier windows
     repo      the other files of its repository
     distract  repo + `distractor_ratio` x as many tokens of unrelated repositories
+    retrieved what completions read: the other files' chunks that the server's retrieval
+              (longllama_lsp.lexical) picks for the code before the window, up to `retrieve_tokens`,
+              each `chunk_len` tokens encoded after the `memory_context` tokens before it, as the
+              index encodes chunks; one memory per window (the first window of a file has no code
+              before it: no memory)
 
 Memory is what `model.encode_memory` leaves for chunks of <= window tokens, each chunk encoded
 independently (no earlier memory), in padded batches. A file's chunks are exactly its evaluation
@@ -35,13 +40,13 @@ from finetune.data import collect_files, encode_document, split_repo_files
 
 logger = logging.getLogger(__name__)
 
-CONDITIONS = ("none", "own", "repo", "distract")
+CONDITIONS = ("none", "own", "repo", "distract", "retrieved")
 
 
 @dataclass
 class EvalArgs:
     window: int = 512  # tokens per evaluation window and per memory chunk (measurements.md: 512)
-    conditions: tuple[str, ...] = CONDITIONS
+    conditions: tuple[str, ...] = ("none", "own", "repo", "distract")  # "retrieved" needs the tokenizer
     distractor_ratio: float = 2.0  # distractor tokens per repository-memory token
     batch_size: int = 4  # windows (or memory chunks) per forward; logits are (B, window, vocab)
     heldout_fraction: float = 0.1  # split_repo_files, when held-out files are not given
@@ -50,6 +55,9 @@ class EvalArgs:
     max_windows: int | None = None  # windows scored per file (the first ones)
     languages: list[str] | None = None  # file suffixes; None = every text file the walker keeps
     max_file_bytes: int = 1_000_000
+    retrieve_tokens: int = 4096  # "retrieved": memory per window (the server's memory.retrieveTokens)
+    chunk_len: int = 256  # "retrieved": tokens per chunk (the skill eval's, the indexer's chunk budget)
+    memory_context: int = 256  # "retrieved": tokens before a chunk that it is encoded after (0: alone)
 
     def __post_init__(self):
         self.conditions = tuple(self.conditions)
@@ -58,6 +66,8 @@ class EvalArgs:
             raise ValueError(f"unknown conditions {bad}; expected some of {CONDITIONS}")
         if self.window < 2:
             raise ValueError(f"window must be >= 2 tokens, got {self.window}")
+        if self.chunk_len < 1 or self.retrieve_tokens < 0 or self.memory_context < 0:
+            raise ValueError("chunk_len >= 1, retrieve_tokens >= 0 and memory_context >= 0 required")
 
 
 @dataclass
@@ -286,8 +296,9 @@ def _format(rows: list[list[str]]) -> str:
 
 
 def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_repos: Iterable[EvalRepo] = (),
-             cache: MemoryCache | None = None, progress: bool = True) -> EvalReport:
-    """Score every held-out file of `repos` under `args.conditions` (see the module docstring)."""
+             cache: MemoryCache | None = None, progress: bool = True, tokenizer: Any = None) -> EvalReport:
+    """Score every held-out file of `repos` under `args.conditions` (see the module docstring); the
+    "retrieved" condition reads code as text and needs `tokenizer`."""
     from tqdm.auto import tqdm
 
     from longllama_lsp.model import Memory
@@ -300,6 +311,9 @@ def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_r
     needs_memory = any(c != "none" for c in args.conditions)
     if needs_memory and not model.config.mem_layers:
         raise ValueError("the model has no memory layers: only the 'none' condition applies")
+    if "retrieved" in args.conditions and tokenizer is None:
+        raise ValueError("the 'retrieved' condition needs the tokenizer (it retrieves by the code's text)")
+    retrieved = RetrievedMemory(model, tokenizer, args) if "retrieved" in args.conditions else None
     distractors = list(distractor_repos)
     scores: list[FileScore] = []
     jobs = [(r, p) for r in repos for p in r.heldout]
@@ -319,7 +333,17 @@ def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_r
             mem = _condition_memory(cond, repo, path, cache, distract_mem)
             if cond == "distract" and distract_mem.get(repo.name) is None:
                 continue  # no unrelated repository to draw distractors from
-            if cond == "own":
+            if cond == "retrieved":
+                sizes: list[int] = []
+
+                def window_memory(idx: list[int], repo=repo, path=path, sizes=sizes):  # batch 1: one window
+                    mem = retrieved.memory(repo, path, idx[0] * w)
+                    sizes.append(mem.num_tokens if mem is not None else 0)
+                    return mem
+
+                nll, n = score_windows(model, windows, window_memory, 1)
+                fs.memory_tokens[cond] = max(sizes, default=0)
+            elif cond == "own":
                 file_mem = cache.get((repo.name, path))
                 nll, n = score_windows(model, windows, lambda idx, fm=file_mem: _prefix_memory(fm, [i * w for i in idx]),
                                        args.batch_size)
@@ -329,15 +353,55 @@ def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_r
                 fs.memory_tokens[cond] = mem.num_tokens if isinstance(mem, Memory) else 0
             fs.nll[cond], fs.tokens = nll, n
         scores.append(fs)
-    meta = {"encoded_tokens": cache.encoded_tokens, "repos": [r.name for r in repos],
+    meta = {"encoded_tokens": cache.encoded_tokens + (retrieved.cache.encoded_tokens if retrieved else 0),
+            "repos": [r.name for r in repos],
             "distractor_ratio": args.distractor_ratio}
     return EvalReport(w, list(args.conditions), scores, meta)
+
+
+class RetrievedMemory:
+    """The "retrieved" condition's memories: per repository its files' chunks as retrieval candidates (with
+    one ChunkRetriever, as the server keeps one), and the chunks retrieved so far, each encoded once."""
+
+    def __init__(self, model: Any, tokenizer: Any, args: EvalArgs):
+        self.tokenizer, self.args = tokenizer, args
+        self.cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False, context=args.memory_context)
+        self._candidates: dict[str, list[Any]] = {}  # repository name -> every file's chunks (Candidate)
+        self._retrievers: dict[str, Any] = {}
+
+    def memory(self, repo: EvalRepo, path: str, start: int):
+        """What completions would read for the code of `path` before its token `start` (None: nothing)."""
+        keys, n = self.keys(repo, path, start), self.args.chunk_len
+        self.cache.ensure({k: repo.files[k[1]][k[2]:k[2] + n] for k in keys}, {k: repo.files[k[1]][:k[2]] for k in keys})
+        return self.cache.memory(keys)
+
+    def keys(self, repo: EvalRepo, path: str, start: int) -> list[tuple[str, str, int]]:
+        """(repository, file, first token) of the chunks retrieved for that code, in file order."""
+        from longllama_lsp.lexical import ChunkRetriever, Query
+
+        before = self.tokenizer.decode(repo.files[path][:start], skip_special_tokens=True)
+        others = [c for c in self._chunks(repo) if c.path != path]
+        retriever = self._retrievers.setdefault(repo.name, ChunkRetriever())
+        return sorted(retriever.top(others, Query.before_cursor(before), self.args.retrieve_tokens))
+
+    def _chunks(self, repo: EvalRepo) -> list[Any]:
+        from longllama_lsp.lexical import Candidate, defined_in
+
+        if repo.name not in self._candidates:
+            n, out = self.args.chunk_len, []
+            for q, ids in sorted(repo.files.items()):
+                for i in range(0, len(ids), n):
+                    text = self.tokenizer.decode(ids[i:i + n], skip_special_tokens=True)
+                    out.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(ids[i:i + n]),
+                                         lambda text=text: text, defined_in(text), q))
+            self._candidates[repo.name] = out
+        return self._candidates[repo.name]
 
 
 def _condition_memory(cond: str, repo: EvalRepo, path: str, cache: MemoryCache, distract_mem: dict):
     from longllama_lsp.model import Memory
 
-    if cond in ("none", "own"):
+    if cond in ("none", "own", "retrieved"):  # no shared memory: none, or one per window
         return None
     parts = [cache.get((repo.name, p)) for p in sorted(repo.files) if p != path]
     if cond == "distract" and distract_mem.get(repo.name) is not None:

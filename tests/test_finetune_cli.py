@@ -79,13 +79,13 @@ def test_finetune_discards_a_result_that_does_not_help(repos, base_dir, tmp_path
 def test_finetune_keeps_only_a_gain_beyond_noise_that_forgets_nothing(tmp_path):
     """The keep rule: memory perplexity at least --min-gain percent lower, perplexity without memory at
     most --max-forgetting percent higher (a delta that "helped" by 0.001 perplexity used to be kept)."""
-    from finetune.commands import _finetune_summary, _finetune_table
+    from finetune.commands import MEMORY, _finetune_summary, _finetune_table
     from finetune.evaluate import EvalReport, FileScore
     from finetune.train import TrainResult
 
     def report(none: float, repo: float) -> EvalReport:  # perplexities of one held-out file of 100 tokens
-        nll = {"none": 100 * math.log(none), "repo": 100 * math.log(repo)}
-        return EvalReport(512, ["none", "repo"], [FileScore("r", "a.py", 100, nll, {"none": 0, "repo": 900})])
+        nll = {"none": 100 * math.log(none), MEMORY: 100 * math.log(repo)}
+        return EvalReport(512, ["none", MEMORY], [FileScore("r", "a.py", 100, nll, {"none": 0, MEMORY: 900})])
 
     result = TrainResult(tmp_path, 3, {3: 2.0}, [], "steps", 1000, 1.0)
     before = report(8.0, 7.0)
@@ -136,6 +136,39 @@ def test_batched_padded_memory_encoding_equals_one_by_one(tiny, repos):
         for layer in a:
             torch.testing.assert_close(a[layer].keys, b[layer].keys, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a[layer].values, b[layer].values, rtol=1e-5, atol=1e-6)
+
+
+def test_retrieved_condition_reads_the_chunks_retrieved_for_the_code_before_each_window(tiny, tmp_path):
+    """"retrieved" (what `finetune` judges memory by): window k of a held-out file reads the other files'
+    chunks that the server's retrieval picks for the file's code before the window, encoded after the
+    tokens before them; the first window has no code before it and reads nothing."""
+    from finetune.evaluate import EvalArgs, RetrievedMemory, evaluate, load_repo, score_windows
+
+    model, tok = tiny
+    (tmp_path / "pricing.py").write_text("".join(f"def rate_{i}(x):\n    return x * {i}\n\n" for i in range(40))
+                                          + "def compute_total(items):\n    return sum(items)\n")
+    (tmp_path / "noise.py").write_text("".join(f"def other_{i}(y):\n    return y - {i}\n\n" for i in range(40)))
+    (tmp_path / "shop.py").write_text("import pricing\n\n" + "".join(
+        f"def order_{i}(items):\n    return pricing.compute_total(items) + {i}\n\n" for i in range(30)))
+    args = EvalArgs(window=32, conditions=("none", "retrieved"), batch_size=2, chunk_len=32, retrieve_tokens=96,
+                    memory_context=8)
+    repo = load_repo(tmp_path, tok, args, heldout=["shop.py"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        evaluate(model, [repo], args, progress=False)
+    report = evaluate(model, [repo], args, progress=False, tokenizer=tok)
+    (shop,) = report.files
+    assert 0 < shop.memory_tokens["retrieved"] <= 96 and shop.nll["retrieved"] != shop.nll["none"]
+
+    reader = RetrievedMemory(model, tok, args)
+    assert reader.memory(repo, "shop.py", 0) is None  # nothing typed before the file's first window
+    texts = [tok.decode(repo.files[q][i:i + 32]) for _, q, i in reader.keys(repo, "shop.py", 64)]
+    assert any("def compute_total" in t for t in texts), texts  # the definition the code before uses
+    toks = repo.files["shop.py"]
+    windows = [toks[i:i + 32] for i in range(0, len(toks), 32)]
+    fresh = RetrievedMemory(model, tok, args)
+    want = sum(score_windows(model, [w], lambda _, k=k: fresh.memory(repo, "shop.py", 32 * k))[0]
+               for k, w in enumerate(windows) if len(w) >= 2)
+    assert shop.nll["retrieved"] == pytest.approx(want, abs=1e-3)  # memory moves a tiny model ~0.1
 
 
 def test_conditions_follow_their_definitions(tiny, repos):
