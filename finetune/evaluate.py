@@ -210,14 +210,16 @@ def _prefix_memory(mem, prefixes: list[int]):
 
 @torch.no_grad()
 def score_windows(model: Any, windows: Sequence[Sequence[int]], memory_for: Callable[[list[int]], Any],
-                  batch_size: int = 4) -> tuple[float, int]:
+                  batch_size: int = 4, done: Callable[[int], Any] | None = None) -> tuple[float, int]:
     """(summed NLL, scored tokens) of `windows`, each alone in the local context.
 
     memory_for(indices) -> the Memory for that batch of windows (batch 1 = shared, or one row per
-    window) or None.
+    window) or None. done(n): called with the number of windows each batch finished (progress).
     """
     total, count = 0.0, 0
     order = [i for i, w in enumerate(windows) if len(w) >= 2]
+    if done is not None and len(order) < len(windows):
+        done(len(windows) - len(order))  # a one-token window scores nothing
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         ids, mask = _pad([windows[i] for i in idx], model.device)
@@ -229,6 +231,8 @@ def score_windows(model: Any, windows: Sequence[Sequence[int]], memory_for: Call
         keep = mask[:, 1:].bool()
         total += float(nll[keep].sum())
         count += int(keep.sum())
+        if done is not None:
+            done(len(idx))
     return total, count
 
 
@@ -301,8 +305,6 @@ def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_r
     "retrieved" condition reads code as text and needs `tokenizer`."""
     from tqdm.auto import tqdm
 
-    from longllama_lsp.model import Memory
-
     if args.window > model.window:
         raise ValueError(f"eval window {args.window} exceeds the model window {model.window}")
     model.eval()
@@ -325,34 +327,23 @@ def evaluate(model: Any, repos: Sequence[EvalRepo], args: EvalArgs, distractor_r
             wanted.update({(repo.name, p): t for p, t in repo.files.items()})
         cache.ensure(wanted)
     distract_mem = _distractor_memories(repos, distractors, args, cache) if "distract" in args.conditions else {}
-    for repo, path in tqdm(jobs, desc="score", unit="file", file=sys.stderr, disable=not progress):
-        toks = repo.files[path]
-        windows = [toks[i:i + w] for i in range(0, len(toks), w)][: args.max_windows]
+    windows_of = {(r.name, p): _windows(r.files[p], w, args.max_windows) for r, p in jobs}
+    bar = tqdm(total=len(args.conditions) * sum(len(v) for v in windows_of.values()), desc="score",
+               unit="window", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for repo, path in jobs:
+        windows = windows_of[(repo.name, path)]
         fs = FileScore(repo.name, path, 0)
         for cond in args.conditions:
-            mem = _condition_memory(cond, repo, path, cache, distract_mem)
             if cond == "distract" and distract_mem.get(repo.name) is None:
+                bar.update(len(windows))
                 continue  # no unrelated repository to draw distractors from
-            if cond == "retrieved":
-                sizes: list[int] = []
-
-                def window_memory(idx: list[int], repo=repo, path=path, sizes=sizes):  # batch 1: one window
-                    mem = retrieved.memory(repo, path, idx[0] * w)
-                    sizes.append(mem.num_tokens if mem is not None else 0)
-                    return mem
-
-                nll, n = score_windows(model, windows, window_memory, 1)
-                fs.memory_tokens[cond] = max(sizes, default=0)
-            elif cond == "own":
-                file_mem = cache.get((repo.name, path))
-                nll, n = score_windows(model, windows, lambda idx, fm=file_mem: _prefix_memory(fm, [i * w for i in idx]),
-                                       args.batch_size)
-                fs.memory_tokens[cond] = (len(windows) - 1) * w
-            else:
-                nll, n = score_windows(model, windows, lambda idx, m=mem: m, args.batch_size)
-                fs.memory_tokens[cond] = mem.num_tokens if isinstance(mem, Memory) else 0
+            memory_for, batch, sizes = _condition_memory(cond, repo, path, len(windows), cache, distract_mem,
+                                                         retrieved, w)
+            nll, n = score_windows(model, windows, memory_for, batch if batch else args.batch_size, bar.update)
+            fs.memory_tokens[cond] = max(sizes, default=0)
             fs.nll[cond], fs.tokens = nll, n
         scores.append(fs)
+    bar.close()
     meta = {"encoded_tokens": cache.encoded_tokens + (retrieved.cache.encoded_tokens if retrieved else 0),
             "repos": [r.name for r in repos],
             "distractor_ratio": args.distractor_ratio}
@@ -398,16 +389,38 @@ class RetrievedMemory:
         return self._candidates[repo.name]
 
 
-def _condition_memory(cond: str, repo: EvalRepo, path: str, cache: MemoryCache, distract_mem: dict):
+def _windows(toks: list[int], w: int, max_windows: int | None) -> list[list[int]]:
+    return [toks[i:i + w] for i in range(0, len(toks), w)][:max_windows]
+
+
+def _condition_memory(cond: str, repo: EvalRepo, path: str, n_windows: int, cache: MemoryCache, distract_mem: dict,
+                      retrieved: RetrievedMemory | None, w: int) -> tuple[Callable[[list[int]], Any], int, list[int]]:
+    """(memory_for(window indices) for score_windows, batch size (0: any), memory sizes seen, filled as
+    it scores) of `cond` for the `n_windows` windows of held-out file `path`."""
     from longllama_lsp.model import Memory
 
-    if cond in ("none", "own", "retrieved"):  # no shared memory: none, or one per window
-        return None
+    sizes: list[int] = []
+    if cond == "none":
+        return (lambda idx: None), 0, sizes
+    if cond == "own":  # each window reads the file's windows before it
+        file_mem = cache.get((repo.name, path))
+        sizes.append((n_windows - 1) * w)
+        return (lambda idx: _prefix_memory(file_mem, [i * w for i in idx])), 0, sizes
+    if cond == "retrieved":  # one memory per window: batches of one
+
+        def window_memory(idx: list[int]):
+            mem = retrieved.memory(repo, path, idx[0] * w)
+            sizes.append(mem.num_tokens if mem is not None else 0)
+            return mem
+
+        return window_memory, 1, sizes
     parts = [cache.get((repo.name, p)) for p in sorted(repo.files) if p != path]
-    if cond == "distract" and distract_mem.get(repo.name) is not None:
+    if cond == "distract":
         parts.append(distract_mem[repo.name])
     mem = Memory.concat(parts)
-    return mem if len(mem) else None
+    mem = mem if len(mem) else None
+    sizes.append(mem.num_tokens if mem is not None else 0)
+    return (lambda idx: mem), 0, sizes
 
 
 def _distractor_memories(repos: Sequence[EvalRepo], extra: Sequence[EvalRepo], args: EvalArgs,
