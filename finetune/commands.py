@@ -69,7 +69,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    "(kept as low-rank pairs in the delta) instead of the memory layers' q/k/v/o weights")
     p.add_argument("--all", dest="train_all", action="store_true", help="train every parameter (implies --full)")
     p.add_argument("--full", action="store_true", help="write a full checkpoint instead of a weight delta")
-    p.add_argument("--minutes", type=float, default=10.0, help="training time budget (default: 10)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget (default: 10); the held-out "
+                   "evaluations before and after training add to it")
     p.add_argument("--steps", type=int, default=1000, help="maximum optimizer steps (default: 1000)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5, LoRA 2e-4)")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then constant LR (default: 10)")
@@ -117,6 +118,7 @@ def run_finetune(args: argparse.Namespace) -> int:
           f"held out {len(repo.heldout)} file{'s' if len(repo.heldout) != 1 else ''}: {', '.join(repo.heldout[:5])}{' ...' if len(repo.heldout) > 5 else ''}",
           file=sys.stderr)
 
+    print("held-out perplexity before training ...", file=sys.stderr)
     before = evaluate(core, [repo], eargs, progress=args.progress, tokenizer=tokenizer)
     seq_len = min(args.seq_len, core.window)
     data = DataArgs(sources=[str(args.repo)], seq_len=seq_len, batch_size=args.batch_size, pack=4,
@@ -131,6 +133,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     core.train()
     result = train_loop(model, lambda: fot_batches(data, tokenizer, only=only), cfg)
     trained = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
+    print("held-out perplexity after training ...", file=sys.stderr)
     after = evaluate(trained, [repo], eargs, progress=args.progress, tokenizer=tokenizer)
 
     summary = _finetune_summary(before, after, result, args.min_gain, args.max_forgetting)
