@@ -37,6 +37,7 @@ import torch
 
 from finetune.config import DataArgs
 from finetune.data import collect_files, encode_document, split_repo_files
+from longllama_lsp.lexical import Candidate, ChunkRetriever, Query, defined_in
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +358,8 @@ class RetrievedMemory:
     def __init__(self, model: Any, tokenizer: Any, args: EvalArgs):
         self.tokenizer, self.args = tokenizer, args
         self.cache = MemoryCache(model, args.chunk_len, args.batch_size, progress=False, context=args.memory_context)
-        self._candidates: dict[str, list[Any]] = {}  # repository name -> every file's chunks (Candidate)
-        self._retrievers: dict[str, Any] = {}
+        self._candidates: dict[str, list[Candidate]] = {}  # repository name -> every file's chunks
+        self._retrievers: dict[str, ChunkRetriever] = {}
 
     def memory(self, repo: EvalRepo, path: str, start: int):
         """What completions would read for the code of `path` before its token `start` (None: nothing)."""
@@ -368,16 +369,12 @@ class RetrievedMemory:
 
     def keys(self, repo: EvalRepo, path: str, start: int) -> list[tuple[str, str, int]]:
         """(repository, file, first token) of the chunks retrieved for that code, in file order."""
-        from longllama_lsp.lexical import ChunkRetriever, Query
-
         before = self.tokenizer.decode(repo.files[path][:start], skip_special_tokens=True)
         others = [c for c in self._chunks(repo) if c.path != path]
         retriever = self._retrievers.setdefault(repo.name, ChunkRetriever())
         return sorted(retriever.top(others, Query.before_cursor(before), self.args.retrieve_tokens))
 
-    def _chunks(self, repo: EvalRepo) -> list[Any]:
-        from longllama_lsp.lexical import Candidate, defined_in
-
+    def _chunks(self, repo: EvalRepo) -> list[Candidate]:
         if repo.name not in self._candidates:
             n, out = self.args.chunk_len, []
             for q, ids in sorted(repo.files.items()):
