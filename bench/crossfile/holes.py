@@ -13,7 +13,8 @@ code line with no such identifier (about a quarter of the set).
     that are in any earlier set: 95 holes no decision has seen; holes-seed28.jsonl: --cross 30 --ordinary 10
     --seed 28, less every hole of the four earlier sets: 104 holes, stop 38's check of its decisions;
     holes-seed35.jsonl: the same with --seed 35, less every hole of the five earlier sets: 95 holes, stop 39's;
-    holes-seed42.jsonl: --seed 42, less every hole of the six earlier sets: 95 holes, kept back at stop 41)
+    holes-seed42.jsonl: --seed 42, less every hole of the six earlier sets: 95 holes, kept back at stop 41;
+    typed holes: holes-typed2*.jsonl (--typed 2), holes-typed1.jsonl (--typed 1), holes-typed-name.jsonl)
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
