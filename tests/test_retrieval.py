@@ -1010,16 +1010,23 @@ def test_xid_weights_single_out_each_names_first_token():
     assert xid_weights(flags, 3.0, 8.0) == [3.0, 1.0, 8.0, 3.0, 3.0, 1.0, 1.0, 8.0]
 
 
-def test_repo_examples_weight_first_tokens_and_keep_the_stream(roots, tokenizer):
+def _reweighted_repo_example(roots, tokenizer, **weights):
+    """The same repo example without and with `weights` (MixArgs fields: off, on values) and the target
+    positions whose weight changed; the stream (ids, memory, flags) must not change."""
     corpus = Corpus(find_packages([roots]), tokenizer)
 
-    def example(first: float):
-        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3, xid_first_weight=first)
+    def example(which: int):
+        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3,
+                       **{k: v[which] for k, v in weights.items()})
         return ExampleMaker(corpus, args).repo(random.Random(1))
 
-    off, on = example(0.0), example(9.0)
+    off, on = example(0), example(1)
     assert (on.ids, on.memory, on.flags) == (off.ids, off.memory, off.flags)
-    raised = [j for j, (a, b) in enumerate(zip(off.weights, on.weights, strict=True)) if a != b]
+    return off, on, [j for j, (a, b) in enumerate(zip(off.weights, on.weights, strict=True)) if a != b]
+
+
+def test_repo_examples_weight_first_tokens_and_keep_the_stream(roots, tokenizer):
+    off, on, raised = _reweighted_repo_example(roots, tokenizer, xid_first_weight=(0.0, 9.0))
     starts = [j for j, f in enumerate(on.flags) if f and (j == 0 or not on.flags[j - 1])]
     assert raised and set(raised) <= set(starts) and all(on.weights[j] == 9.0 for j in raised)
     assert all(on.weights[j] == MixArgs().xid_weight for j, f in enumerate(on.flags) if f and j not in raised)
@@ -1028,15 +1035,7 @@ def test_repo_examples_weight_first_tokens_and_keep_the_stream(roots, tokenizer)
 
 
 def test_repo_examples_weight_copies_from_memory_and_keep_the_stream(roots, tokenizer):
-    corpus = Corpus(find_packages([roots]), tokenizer)
-
-    def example(copy_weight: float):
-        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=3, copy_weight=copy_weight)
-        return ExampleMaker(corpus, args).repo(random.Random(1))
-
-    off, on = example(1.0), example(5.0)
-    assert (on.ids, on.memory, on.flags) == (off.ids, off.memory, off.flags)
-    raised = [j for j, (a, b) in enumerate(zip(off.weights, on.weights, strict=True)) if a != b]
+    off, on, raised = _reweighted_repo_example(roots, tokenizer, copy_weight=(1.0, 5.0))
     assert raised and all(on.weights[j] == 5.0 for j in raised)
     grams = {tuple(c[i:i + 4]) for c in on.memory for i in range(len(c) - 3)}
     assert all(tuple(on.ids[j - 2:j + 2]) in grams for j in raised)
