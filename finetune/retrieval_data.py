@@ -236,6 +236,9 @@ class MixArgs:
     # (skill eval: first token -2.5%, the rest -47%). 0: xid_weight, as every earlier recipe (the data
     # stream is the same either way; only the weights differ).
     xid_first_weight: float = 0.0
+    # xid_first_weight only on names a memory chunk of the example defines (the others' first tokens keep
+    # xid_weight): what memory can supply, not what only the prior can learn (CPU run 17 taught the prior).
+    xid_first_held_only: bool = False
     # Loss weight of repo target tokens that end a `copy_ngram`-token run found in the example's memory
     # chunks and not earlier in its window: what a completion can only copy from another file (a line
     # BM25 snippets paste verbatim). 1.0: off (the data stream is unchanged).
@@ -281,11 +284,15 @@ def _chunks(ids: list[int], n: int) -> list[list[int]]:
     return [ids[i:i + n] for i in range(0, len(ids), n)]
 
 
-def xid_weights(flags: list[bool], weight: float, first_weight: float) -> list[float]:
+def xid_weights(flags: list[bool], weight: float, first_weight: float, first_ok: list[bool] | None = None
+                ) -> list[float]:
     """Loss weights of the targets flags[1:] (flags[0]: the token before the first target): `weight` on
-    cross-file identifier tokens, `first_weight` (when set) on a name's first token, 1.0 elsewhere."""
+    cross-file identifier tokens, `first_weight` (when set) on a name's first token (only where `first_ok`,
+    aligned with flags, says so, when given), 1.0 elsewhere."""
     first = first_weight or weight
-    return [(first if not prev else weight) if f else 1.0 for prev, f in pairwise(flags)]
+    ok = first_ok[1:] if first_ok is not None else [True] * (len(flags) - 1)
+    return [(first if not prev and k else weight) if f else 1.0
+            for (prev, f), k in zip(pairwise(flags), ok, strict=True)]
 
 
 def copy_weights(ids: list[int], memory: list[list[int]], weights: list[float], n: int, weight: float
@@ -379,20 +386,25 @@ class ExampleMaker:
             tflags = flags[start + 1:start + a.target_len + 1]
             lo, hi = info.offsets[start + 1][0], info.offsets[start + len(ids) - 1][1]
             window_names = {n for s, e, n in info.facts.identifiers if n in names and lo <= s < hi}
-            memory, contexts = self._repo_memory(pkg, path, info, window_names, rng)
-            w = xid_weights(flags[start:start + a.target_len + 1], a.xid_weight, a.xid_first_weight)
+            memory, contexts, held = self._repo_memory(pkg, path, info, window_names, rng)
+            first_ok = None  # which names' first tokens get xid_first_weight (None: every name's)
+            if a.xid_first_held_only:
+                first_ok = token_flags(info.text, info.offsets, [(s, e) for s, e, n in info.facts.identifiers
+                                                                 if n in held])[start:start + a.target_len + 1]
+            w = xid_weights(flags[start:start + a.target_len + 1], a.xid_weight, a.xid_first_weight, first_ok)
             if a.copy_weight != 1.0:
                 w = copy_weights(ids, memory, w, a.copy_ngram, a.copy_weight)
             return Example("repo", memory, ids, w, tflags, {"path": f"{pkg.name}:{path}"}, contexts)
         return None
 
     def _repo_memory(self, pkg: Package, path: str, info: FileInfo, names: set[str], rng: random.Random
-                     ) -> tuple[list[list[int]], list[list[int]]]:
-        """(chunks, their contexts): own_chunks chunks of the imported files, those defining `names` first
-        (then other files of the package if the imports are short); then same_repo_chunks look-alikes from
-        the package's other files. A chunk's context: what comes before it in its file (_repo_context)."""
+                     ) -> tuple[list[list[int]], list[list[int]], set[str]]:
+        """(chunks, their contexts, the `names` they define): own_chunks chunks of the imported files, those
+        defining `names` first (then other files of the package if the imports are short); then
+        same_repo_chunks look-alikes from the package's other files. A chunk's context: what comes before it
+        in its file (_repo_context)."""
         a = self.args
-        ranked: list[tuple[int, float, list[int], FileInfo, int]] = []
+        ranked: list[tuple[int, float, list[int], FileInfo, int, set[str]]] = []
         others = [f for f in pkg.files if f != path and f not in info.imports]
         for rank, files in ((0, info.imports), (1, rng.sample(others, min(len(others), 4)))):
             for f in files:
@@ -402,13 +414,15 @@ class ExampleMaker:
                 for c in _chunks(list(range(len(fi.ids))), a.chunk_len):
                     lo, hi = fi.offsets[c[0]][0], max(fi.offsets[c[-1]][1], fi.offsets[c[0]][0])
                     text = fi.text[lo:hi]
-                    defines = sum(1 for n in names if f"def {n}" in text or f"class {n}" in text
-                                  or f"\n{n} =" in text or f"\n    {n} =" in text)
-                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1], fi, c[0]))
+                    defines = {n for n in names if f"def {n}" in text or f"class {n}" in text
+                               or f"\n{n} =" in text or f"\n    {n} =" in text}
+                    ranked.append((rank - (2 if defines else 0), rng.random(), fi.ids[c[0]:c[-1] + 1], fi, c[0],
+                                   defines))
         ranked.sort(key=lambda r: (r[0], r[1]))
         # rank 1: a non-imported file's chunk that defines none of the names
         chosen = ranked[: a.own_chunks] + [r for r in ranked[a.own_chunks:] if r[0] == 1][: a.same_repo_chunks]
-        return [r[2] for r in chosen], [self._repo_context(r[3], r[4]) for r in chosen]
+        return ([r[2] for r in chosen], [self._repo_context(r[3], r[4]) for r in chosen],
+                set().union(*(r[5] for r in chosen)))
 
     def _repo_context(self, fi: FileInfo, start: int) -> list[int]:
         """The context of the chunk at fi.ids[start:]: the memory_context ids before it, or (with

@@ -1008,6 +1008,8 @@ def test_xid_weights_single_out_each_names_first_token():
     assert xid_weights(flags, 3.0, 0.0) == [3.0, 1.0, 3.0, 3.0, 3.0, 1.0, 1.0, 3.0]
     # a name running on from before the window has no first token in it
     assert xid_weights(flags, 3.0, 8.0) == [3.0, 1.0, 8.0, 3.0, 3.0, 1.0, 1.0, 8.0]
+    held = [False, False, False, False, False, False, False, False, True]  # only the last name is in memory
+    assert xid_weights(flags, 3.0, 8.0, held) == [3.0, 1.0, 3.0, 3.0, 3.0, 1.0, 1.0, 8.0]
 
 
 def _reweighted_repo_example(roots, tokenizer, **weights):
@@ -1032,6 +1034,21 @@ def test_repo_examples_weight_first_tokens_and_keep_the_stream(roots, tokenizer)
     assert all(on.weights[j] == MixArgs().xid_weight for j, f in enumerate(on.flags) if f and j not in raised)
     with pytest.raises(ValueError, match="xid_first_weight"):
         MixArgs(xid_first_weight=-1.0)
+    # held only: the first tokens of names a memory chunk defines (a name defined in no chunk keeps xid_weight)
+    corpus = Corpus(find_packages([roots]), tokenizer)
+    kept = left = 0
+    for seed in range(12):
+        args = MixArgs(roots=[str(roots)], chunk_len=128, target_len=112, own_chunks=1, xid_first_weight=9.0,
+                       xid_first_held_only=True)
+        ex = ExampleMaker(corpus, args).repo(random.Random(seed))
+        text = "\n".join(tokenizer.decode(c) for c in ex.memory)
+        for j, f in enumerate(ex.flags):
+            if f and (j == 0 or not ex.flags[j - 1]):
+                name = tokenizer.decode(ex.ids[j + 1:j + 8]).strip().split("(")[0].split(".")[0].split()[0]
+                defined = any(f"{k} {name}" in text for k in ("def", "class")) or f"{name} =" in text
+                assert ex.weights[j] == (9.0 if defined else MixArgs().xid_weight) or not name.isidentifier()
+                kept, left = kept + (ex.weights[j] == 9.0), left + (ex.weights[j] != 9.0)
+    assert kept and left  # both kinds occur
 
 
 def test_repo_examples_weight_copies_from_memory_and_keep_the_stream(roots, tokenizer):
