@@ -193,6 +193,8 @@ def _finetune_table(s: dict[str, Any], out: Path, keep: bool) -> str:
             f"({-s['memory_gain_pct']:+.1f}%)")
     if not s["gains"]:
         lines.append(f"does not help: {gain}, not the --min-gain of {s['min_gain_pct']:g}% lower")
+        if s["memory_gain_pct"] > 0:
+            lines.append("  train longer (--minutes), or keep a smaller gain with --min-gain / --keep-always")
     elif s["forgets"]:
         lines.append(f"does not help: {gain}, but without memory {f(s['no_memory_after'])} after, "
                      f"{f(s['no_memory_before'])} before ({s['forgetting_pct']:+.1f}%, more than the "

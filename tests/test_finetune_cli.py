@@ -90,6 +90,7 @@ def test_finetune_keeps_only_a_gain_beyond_noise_that_forgets_nothing(tmp_path):
     result = TrainResult(tmp_path, 3, {3: 2.0}, [], "steps", 1000, 1.0)
     before = report(8.0, 7.0)
     cases = {(8.0, 6.999): (False, "not the --min-gain of 1% lower"),  # the old rule kept this one
+             (8.0, 6.95): (False, "train longer (--minutes)"),
              (8.0, 6.9): (True, "helps: with memory 6.900 after, 7.000 before (-1.4%)"),
              (8.2, 6.5): (False, "more than the --max-forgetting of 1%"),  # +2.5% without memory
              (8.05, 6.5): (True, "helps:")}
