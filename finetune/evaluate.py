@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -376,14 +376,21 @@ class RetrievedMemory:
 
     def _chunks(self, repo: EvalRepo) -> list[Candidate]:
         if repo.name not in self._candidates:
-            n, out = self.args.chunk_len, []
-            for q, ids in sorted(repo.files.items()):
-                for i in range(0, len(ids), n):
-                    text = self.tokenizer.decode(ids[i:i + n], skip_special_tokens=True)
-                    out.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(ids[i:i + n]),
-                                         lambda text=text: text, defined_in(text), q))
-            self._candidates[repo.name] = out
+            self._candidates[repo.name] = chunk_candidates(repo.name, repo.files, self.args.chunk_len, self.tokenizer)
         return self._candidates[repo.name]
+
+
+def chunk_candidates(repo: str, files: Mapping[str, Sequence[int]], chunk_len: int, tokenizer: Any) -> list[Candidate]:
+    """Every file's `chunk_len`-token chunks as retrieval candidates, keyed (repo, path, first token), in path
+    order; their text decoded, the names they define read from it (`defined_in`: token windows have no index
+    symbol)."""
+    out = []
+    for path, ids in sorted(files.items()):
+        for i in range(0, len(ids), chunk_len):
+            text = tokenizer.decode(ids[i:i + chunk_len], skip_special_tokens=True)
+            out.append(Candidate((repo, path, i), f"{repo}:{path}:{i}", len(ids[i:i + chunk_len]),
+                                 lambda text=text: text, defined_in(text), path))
+    return out
 
 
 def _windows(toks: list[int], w: int, max_windows: int | None) -> list[list[int]]:

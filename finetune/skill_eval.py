@@ -49,8 +49,9 @@ import torch
 
 from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
+from finetune.evaluate import chunk_candidates
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
-from longllama_lsp.lexical import Candidate, ChunkRetriever, Query, defined_in
+from longllama_lsp.lexical import ChunkRetriever, Query
 
 SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
@@ -192,18 +193,9 @@ def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, re
     for the code before `span` (longllama_lsp.lexical: chunks defining names that code uses or imports first,
     then BM25 by the last 20 lines and the typed name's prefix),
     within `retrieve_tokens`; in file order. `retriever` (a ChunkRetriever per repository) keeps the terms."""
-    f = repo.files[span.path]
-    before = tokenizer.decode(f.ids[1:span.start])
-    candidates = []
-    for q in sorted(repo.files):
-        if q == span.path:
-            continue
-        ids = repo.files[q].ids
-        for i in range(0, len(ids), args.chunk_len):
-            piece = ids[i:i + args.chunk_len]
-            text = tokenizer.decode(piece, skip_special_tokens=True)
-            candidates.append(Candidate((repo.name, q, i), f"{repo.name}:{q}:{i}", len(piece),
-                                        lambda text=text: text, defined_in(text)))
+    before = tokenizer.decode(repo.files[span.path].ids[1:span.start])
+    others = {q: f.ids for q, f in repo.files.items() if q != span.path}
+    candidates = chunk_candidates(repo.name, others, args.chunk_len, tokenizer)
     chosen = retriever.top(candidates, Query.before_cursor(before), args.retrieve_tokens)
     return sorted(chosen)
 
