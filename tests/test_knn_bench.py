@@ -26,6 +26,13 @@ def test_the_completed_files_own_states_are_never_neighbours():
     assert ds.next_ids[rows].tolist() == [[6, 7]]  # b.py's, nearest first
 
 
+def test_a_chunks_rows_are_the_states_at_its_tokens():
+    ds = _store()
+    rows = ds.chunks([("r", "b.py", 1)], 4)  # b.py's tokens from its second on: one row left
+    assert ds.next_ids[rows].tolist() == [7]
+    assert ds.next_ids[ds.chunks([("r", "a.py", 0), ("r", "b.py", 0)], 1)].tolist() == [3, 6]
+
+
 def test_the_mixture_is_a_distribution_that_moves_toward_the_neighbours_tokens():
     logp = torch.log_softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(0)), -1)
     dist = torch.tensor([[1.0, 4.0], [2.0, 2.0]])

@@ -19,6 +19,7 @@ The state is the last layer's FFN input (its post_attention_layernorm output), a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -87,6 +88,18 @@ class Datastore:
         """(N,) bool: rows not of `path`."""
         return self.owner != (self.paths.index(path) if path in self.paths else -1)
 
+    def chunks(self, keys: list[tuple], chunk_len: int) -> torch.Tensor:
+        """(N,) bool: the rows of chunks `keys` ((repo, path, start) in a file's ids, skill_eval's): the states
+        at the chunk's tokens, each predicting the token after it."""
+        starts = torch.tensor([0, *torch.cumsum(torch.bincount(self.owner, minlength=len(self.paths)), 0)[:-1]])
+        out = torch.zeros_like(self.owner, dtype=torch.bool)
+        for _, path, start in keys:
+            i = self.paths.index(path)
+            n = int((self.owner == i).sum())
+            lo, hi = min(start, n), min(start + chunk_len, n)
+            out[starts[i] + lo:starts[i] + hi] = True
+        return out
+
     def nearest(self, queries: torch.Tensor, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances, rows), each (Q, k), of the k nearest allowed rows to queries (Q, H)."""
         d = self.norms[None] - 2 * queries @ self.keys.T + (queries * queries).sum(-1, keepdim=True)
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lams", default="0.1,0.2,0.3,0.5")
     p.add_argument("--temps", default="0.25,0.5,1")
     p.add_argument("--ks", default="16,64,256")
+    p.add_argument("--datastore-tokens", type=int, default=0,
+                   help="only the other files' chunks that lexical retrieval picks for the code before the span, up "
+                        "to N tokens (what a bounded lookup would search); 0: every other file's states")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     p.add_argument("--time-lookup", default="", help="only time one decode step's lookup (one query) against N "
@@ -153,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         repo = load_repo(root, tokenizer)
         store = Datastore(build_store(model, probe, repo, args.stores / f"store-{repo.name}.pt"))
         print(f"{repo.name}: {len(store.next_ids)} states ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies)
+        score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies, args.datastore_tokens)
     out = {name: t.summary() for name, t in tallies.items()}
     ranked = sorted(out.items(), key=lambda kv: kv[1]["first"]["nll"])
-    for name, s in ranked[:10] + [("retrieved", out["retrieved"])]:
+    shown = [kv for kv in ranked[:10] if kv[0] != "retrieved"] + [("retrieved", out["retrieved"])]
+    for name, s in shown:
         print(f"{name:28s} " + "  ".join(f"{m} {v['nll']:.3f} / {v['top1']:.1%}" for m, v in s.items()))
     if args.json:
-        args.json.write_text(json.dumps({"systems": out, "seconds": round(time.perf_counter() - t0, 1),
+        args.json.write_text(json.dumps({"systems": out, "datastore_tokens": args.datastore_tokens or "all", "seconds": round(time.perf_counter() - t0, 1),
                                          "load": Path("/proc/loadavg").read_text().split()[:3]}, indent=1) + "\n")
     return 0
 
@@ -180,7 +197,7 @@ def time_lookup(n: int, hidden: int = 576, k: int = 64, repeats: int = 20) -> fl
 
 
 @torch.no_grad()
-def score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies) -> None:
+def score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies, datastore_tokens: int = 0) -> None:
     """Each span scored with retrieved memory (the skill eval's `retrieved`), then with kNN on top."""
     retriever = ChunkRetriever()
     for s in pick_spans(repo, sa):
@@ -195,9 +212,14 @@ def score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies) 
         flags = torch.tensor(f.flags[s.start:s.end])
         masks = {"all": torch.ones_like(flags), "xid": flags, "first": torch.tensor(f.starts[s.start:s.end])}
         tallies["retrieved"].add(logp, target, masks)
-        dist, rows = store.nearest(probe.states[0, pos], store.others(s.path), max(k for _, _, k in grid))
+        allowed = store.others(s.path)
+        if datastore_tokens:
+            wide = dataclasses.replace(sa, retrieve_tokens=datastore_tokens)
+            allowed &= store.chunks(retrieved_chunks(repo, s, wide, tokenizer, retriever), sa.chunk_len)
+        k_max = min(max(k for _, _, k in grid), int(allowed.sum()))
+        dist, rows = store.nearest(probe.states[0, pos], allowed, k_max)
         for lam, t, k in grid:
-            mixed = knn_logprobs(logp, dist[:, :k], store.next_ids[rows[:, :k]], lam, t)
+            mixed = knn_logprobs(logp, dist[:, :k], store.next_ids[rows[:, :k]], lam, t) if k_max else logp
             tallies[f"knn lam={lam} T={t} K={k}"].add(mixed, target, masks)
 
 
