@@ -51,7 +51,7 @@ def test_file_states_are_each_positions_state_with_context_before_it(tiny_model)
     ids = torch.randint(1, 99, (700,), generator=torch.Generator().manual_seed(1)).tolist()
     got = S.file_states(tiny_model, probe, ids)
     assert got.shape == (699, tiny_model.config.hidden_size)
-    with torch.no_grad():  # position 600 (second window: ids[256:768]) as a forward over that window gives it
+    with torch.no_grad():  # position 600 (second window: ids[256:700]) as a forward over that window gives it
         tiny_model(torch.tensor([ids[256:700]]), use_cache=False, last_context_length=444)
     assert torch.allclose(got[600], probe.states[0, 600 - 256], atol=1e-5)
     with torch.no_grad():

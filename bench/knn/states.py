@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in shown:
         print(f"{name:28s} " + "  ".join(f"{m} {v['nll']:.3f} / {v['top1']:.1%}" for m, v in s.items()))
     if args.json:
-        args.json.write_text(json.dumps({"systems": out, "datastore_tokens": args.datastore_tokens or "all", "seconds": round(time.perf_counter() - t0, 1),
-                                         "load": Path("/proc/loadavg").read_text().split()[:3]}, indent=1) + "\n")
+        facts = {"datastore_tokens": args.datastore_tokens or "all", "seconds": round(time.perf_counter() - t0, 1),
+                 "load": Path("/proc/loadavg").read_text().split()[:3]}
+        args.json.write_text(json.dumps({"systems": out, **facts}, indent=1) + "\n")
     return 0
 
 
