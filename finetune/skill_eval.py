@@ -51,7 +51,7 @@ from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.evaluate import chunk_candidates
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
-from longllama_lsp.lexical import ChunkRetriever, Query
+from longllama_lsp.lexical import Candidate, ChunkRetriever, Query
 
 SYSTEMS = ("none", "memory", "retrieved", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
@@ -103,6 +103,15 @@ class Repo:
     root: Path
     files: dict[str, RepoFile]
     exports: dict[str, set[str]]
+    _candidates: dict[int, list[Candidate]] = field(default_factory=dict, repr=False, compare=False)
+
+    def chunk_candidates(self, chunk_len: int, tokenizer: Any) -> list[Candidate]:
+        """Every file's `chunk_len`-token chunks as retrieval candidates (finetune.evaluate.chunk_candidates),
+        decoded once per repository: each span retrieves among the other files' (Candidate.path)."""
+        if chunk_len not in self._candidates:
+            files = {p: f.ids for p, f in self.files.items()}
+            self._candidates[chunk_len] = chunk_candidates(self.name, files, chunk_len, tokenizer)
+        return self._candidates[chunk_len]
 
 
 def python_files(root: Path) -> list[SourceFile]:
@@ -194,9 +203,8 @@ def retrieved_chunks(repo: Repo, span: Span, args: SkillArgs, tokenizer: Any, re
     then BM25 by the last 20 lines and the typed name's prefix),
     within `retrieve_tokens`; in file order. `retriever` (a ChunkRetriever per repository) keeps the terms."""
     before = tokenizer.decode(repo.files[span.path].ids[1:span.start])
-    others = {q: f.ids for q, f in repo.files.items() if q != span.path}
-    candidates = chunk_candidates(repo.name, others, args.chunk_len, tokenizer)
-    chosen = retriever.top(candidates, Query.before_cursor(before), args.retrieve_tokens)
+    others = [c for c in repo.chunk_candidates(args.chunk_len, tokenizer) if c.path != span.path]
+    chosen = retriever.top(others, Query.before_cursor(before), args.retrieve_tokens)
     return sorted(chosen)
 
 
