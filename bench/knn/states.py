@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -82,22 +83,25 @@ class Datastore:
         self.keys = torch.cat([store[p][0].float() for p in self.paths])  # (N, H)
         self.norms = (self.keys * self.keys).sum(-1)  # (N,)
         self.next_ids = torch.cat([store[p][1] for p in self.paths])  # (N,)
-        self.owner = torch.cat([torch.full((len(store[p][1]),), i) for i, p in enumerate(self.paths)])
+        sizes = [len(store[p][1]) for p in self.paths]
+        self.rows = dict(zip(self.paths, zip(accumulate([0, *sizes[:-1]]), sizes, strict=True), strict=True))
+        # path -> (its first row, its rows)
 
     def others(self, path: str) -> torch.Tensor:
         """(N,) bool: rows not of `path`."""
-        return self.owner != (self.paths.index(path) if path in self.paths else -1)
+        out = torch.ones(len(self.next_ids), dtype=torch.bool)
+        if path in self.rows:
+            first, n = self.rows[path]
+            out[first:first + n] = False
+        return out
 
     def chunks(self, keys: list[tuple], chunk_len: int) -> torch.Tensor:
         """(N,) bool: the rows of chunks `keys` ((repo, path, start) in a file's ids, skill_eval's): the states
         at the chunk's tokens, each predicting the token after it."""
-        starts = torch.tensor([0, *torch.cumsum(torch.bincount(self.owner, minlength=len(self.paths)), 0)[:-1]])
-        out = torch.zeros_like(self.owner, dtype=torch.bool)
+        out = torch.zeros(len(self.next_ids), dtype=torch.bool)
         for _, path, start in keys:
-            i = self.paths.index(path)
-            n = int((self.owner == i).sum())
-            lo, hi = min(start, n), min(start + chunk_len, n)
-            out[starts[i] + lo:starts[i] + hi] = True
+            first, n = self.rows[path]
+            out[first + min(start, n):first + min(start + chunk_len, n)] = True
         return out
 
     def nearest(self, queries: torch.Tensor, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
