@@ -40,14 +40,29 @@ WINDOW, CONTEXT = 512, 256
 
 
 class StateProbe:
-    """The last layer's FFN input of the model's latest forward, (B, T, H), caught by a hook."""
+    """The state of the model's latest forward, (B, T, H), caught by hooks: `ffn` the last layer's FFN input;
+    `kv:L` / `k:L` / `v:L` memory layer L's unrotated key and/or value projections (what the index keeps)."""
 
-    def __init__(self, model):
+    def __init__(self, model, kind: str = "ffn"):
+        self.kind = kind
         self.states: torch.Tensor | None = None
-        model.model.layers[-1].post_attention_layernorm.register_forward_hook(self._catch)
+        self._parts: dict[str, torch.Tensor] = {}
+        if kind == "ffn":
+            model.model.layers[-1].post_attention_layernorm.register_forward_hook(self._catch)
+            return
+        which, layer = kind.split(":")
+        attn = model.model.layers[int(layer)].self_attn
+        self._order = [n for n in "kv" if n in which]
+        for n in self._order:
+            getattr(attn, f"{n}_proj").register_forward_hook(lambda m, i, o, n=n: self._catch_part(n, o))
 
     def _catch(self, module, inputs, output) -> None:
         self.states = output.detach().float()
+
+    def _catch_part(self, name: str, output: torch.Tensor) -> None:
+        self._parts[name] = output.detach().float()
+        if len(self._parts) == len(self._order):
+            self.states = torch.cat([self._parts.pop(n) for n in self._order], -1)  # (B, T, Hkv * D * parts)
 
 
 @torch.no_grad()
@@ -148,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datastore-tokens", type=int, default=0,
                    help="only the other files' chunks that lexical retrieval picks for the code before the span, up "
                         "to N tokens (what a bounded lookup would search); 0: every other file's states")
+    p.add_argument("--state", default="ffn", help="ffn (the last layer's FFN input) or kv:L, k:L, v:L (memory layer "
+                   "L's key/value projections, which the index already keeps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     p.add_argument("--time-lookup", default="", help="only time one decode step's lookup (one query) against N "
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.stores.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _ = load_eval_model(None, "cpu", None)
-    probe = StateProbe(model)
+    probe = StateProbe(model, args.state)
     sa = SkillArgs(budget=512, span_len=128, chunk_len=256, memory_tokens=2048, retrieve_tokens=4096,
                    memory_context=256, files_per_repo=3, spans_per_file=3, batch_size=4, seed=0)
     grid = [(float(lam), float(t), int(k)) for lam in args.lams.split(",") for t in args.temps.split(",")
@@ -171,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for root in args.repo:
         repo = load_repo(root, tokenizer)
-        store = Datastore(build_store(model, probe, repo, args.stores / f"store-{repo.name}.pt"))
+        suffix = "" if args.state == "ffn" else "-" + args.state.replace(":", "")
+        store = Datastore(build_store(model, probe, repo, args.stores / f"store-{repo.name}{suffix}.pt"))
         print(f"{repo.name}: {len(store.next_ids)} states ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies, args.datastore_tokens)
     out = {name: t.summary() for name, t in tallies.items()}
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in shown:
         print(f"{name:28s} " + "  ".join(f"{m} {v['nll']:.3f} / {v['top1']:.1%}" for m, v in s.items()))
     if args.json:
-        facts = {"datastore_tokens": args.datastore_tokens or "all", "seconds": round(time.perf_counter() - t0, 1),
+        facts = {"state": args.state, "datastore_tokens": args.datastore_tokens or "all", "seconds": round(time.perf_counter() - t0, 1),
                  "load": Path("/proc/loadavg").read_text().split()[:3]}
         args.json.write_text(json.dumps({"systems": out, **facts}, indent=1) + "\n")
     return 0
