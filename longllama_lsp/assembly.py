@@ -74,6 +74,7 @@ class Segment:
     length: int
     bank: Bank | None = None
     root: Path | None = None
+    repo: MemorySource | None = None  # the bank's repository (its chunk texts)
     block: Block | None = None
     # The buffer's own path: blocks exist only for a file no repository (of the request) holds, so it is
     # not shown relative to one.
@@ -85,6 +86,8 @@ class Assembled:
     memory: Memory | None
     segments: list[Segment]
     views: bool = False  # memory aliases a bank: valid only while its lock is held (Assembler.request)
+    # (M,) int64: the token after each memory slot's, -1 where unknown or hidden (`assemble(next_tokens=True)`)
+    next_ids: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -112,7 +115,7 @@ class Assembler:
                  repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
                  dtype: torch.dtype | None = None, select_tokens: Callable[[], int | None] = lambda: None,
                  tokenize: Callable[[str, str], tuple[list[int], int]] | None = None, edited_tokens: int = 8192,
-                 retrieve_tokens: Callable[[], int] = lambda: 0):
+                 retrieve_tokens: Callable[[], int] = lambda: 0, token_cache: int = 1 << 18):
         self.encode, self.device, self.repositories = encode, device, repositories
         self.retrieve_tokens = retrieve_tokens  # other files' tokens a completion's memory holds (0: all)
         self._retriever = ChunkRetriever()
@@ -126,6 +129,8 @@ class Assembler:
         self.tokenize = tokenize
         self.edited_tokens = edited_tokens  # most tokens of edited buffer chunks encoded, nearest the cursor first
         self.cache_tokens = cache_tokens
+        self._token_ids: OrderedDict[str, list[int]] = OrderedDict()  # content hash -> a chunk's ids (next_ids)
+        self._token_ids_total, self.token_cache = 0, token_cache
         self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by key
         self._block_tokens = 0
         self._chunked: OrderedDict[tuple, Sequence[BufferChunk]] = OrderedDict()  # (repo, path, text) -> chunks
@@ -160,7 +165,7 @@ class Assembler:
 
     def assemble(self, path: str | None, blocks: Sequence[Block], roots: Collection[Path] | None = None,
                  buffer: Buffer | None = None, defer_edits: bool = False,
-                 retrieve: Callable[[], Query] | None = None) -> Assembled:
+                 retrieve: Callable[[], Query] | None = None, next_tokens: bool = False) -> Assembled:
         """Every bank + `blocks`, with the slot map. `roots` (resolved paths): only the banks of those
         repositories (a TCP session reads its own roots, never another editor's); None: every bank.
 
@@ -169,7 +174,8 @@ class Assembler:
         buffer instead of `blocks` (see `_buffer_in_bank`). `defer_edits`: edited chunks not encoded yet
         are left out and become `deferred` (a keystroke's completion must not wait for their encoding).
         `retrieve`: with retrieve_tokens() > 0, other files' chunks are only the best for the Query it builds
-        (`_retrieve`; built only then: a completion's reads the text before the cursor)."""
+        (`_retrieve`; built only then: a completion's reads the text before the cursor). `next_tokens`: the
+        result's `next_ids` are set (the token after each visible slot; for knn.py)."""
         if defer_edits:  # the latest buffer replaces earlier keystrokes' (those states are gone)
             self.deferred = deque()
         placed = self._placed(path if buffer is not None else None, roots)  # without a buffer nothing is left out
@@ -180,22 +186,24 @@ class Assembler:
         with contextlib.ExitStack() as locks:  # views alias the banks: read them while the indexer waits
             for repo, _, _ in used:
                 locks.enter_context(repo.lock)
-            banks = []  # (bank, root, what is left out of it: (paths, chunk ids))
+            banks = []  # (bank, root, what is left out of it: (paths, chunk ids), its repository)
             for repo, root, rel in used:
                 hidden = ((), self._buffer_in_bank(repo, rel, buffer, chunks, defer_edits)) \
                     if home and repo is home[0] else ((rel,) if rel else (), ())
-                banks.append((repo.bank, root, hidden))
+                banks.append((repo.bank, root, hidden, repo))
             if retrieve is not None and self.retrieve_tokens() > 0:
                 banks = self._retrieve([(repo, rel) for repo, _, rel in used], banks, retrieve())
             if home is not None:
                 blocks = ()
-            key = tuple((id(bank), bank.version, hidden) for bank, _, hidden in banks) + tuple(b.key for b in blocks)
+            key = tuple((id(bank), bank.version, hidden) for bank, _, hidden, _ in banks) + tuple(b.key for b in blocks)
             key += (self.select_tokens(),)
             if self._last is not None and self._last[0] == key:
                 out = self._last[1]
             else:
                 out = self._build(path, blocks, banks)
                 self._last = (key, out)
+            if next_tokens and out.next_ids is None and out.memory is not None:
+                out.next_ids = self._next_ids(out)  # under the locks: the slots' chunks are as built
             if out.views and self._held is not None:
                 self._held.enter_context(locks.pop_all())  # released when the request ends
             elif out.views:
@@ -207,7 +215,7 @@ class Assembler:
         BM25 ranking over all banks; none matching and `query.whole_if_none`: `banks` as they are). Runs
         under the repositories' locks."""
         candidates = []  # ids (bank index, chunk id): two stores may number their chunks alike
-        for i, ((repo, rel), (bank, _, (paths, chunks))) in enumerate(zip(placed, banks, strict=True)):
+        for i, ((repo, rel), (bank, _, (paths, chunks), _)) in enumerate(zip(placed, banks, strict=True)):
             hidden = set(chunks)
             for cid, meta in bank.resident().items():
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
@@ -220,8 +228,8 @@ class Assembler:
         for c in candidates:
             if c.chunk_id not in chosen:
                 left_out[c.chunk_id[0]].append(c.chunk_id[1])
-        return [(bank, root, (paths, tuple(chunks) + tuple(sorted(more, key=repr))))
-                for (bank, root, (paths, chunks)), more in zip(banks, left_out, strict=True)]
+        return [(bank, root, (paths, tuple(chunks) + tuple(sorted(more, key=repr))), repo)
+                for (bank, root, (paths, chunks), repo), more in zip(banks, left_out, strict=True)]
 
     def warm(self, limit: int = WARM_CHUNKS, restart: bool = False) -> bool:
         """Read the texts of up to `limit` resident chunks retrieval has not indexed yet (their terms, for
@@ -237,7 +245,7 @@ class Assembler:
             with repo.lock:  # the resident map changes under the indexer; reading the files needs no lock
                 for cid, meta in repo.bank.resident().items():
                     if not self._retriever.known(meta.content_hash) and meta.content_hash not in self._unreadable:
-                        pending.append(Candidate(cid, meta.content_hash, 0, _reader(repo, meta)))
+                        pending.append(Candidate(cid, meta.content_hash, 0, self._keeping_ids(meta, _reader(repo, meta))))
                     if len(pending) > limit:
                         break
             if len(pending) > limit:
@@ -334,10 +342,10 @@ class Assembler:
 
     def _build(self, path: str | None, blocks: Sequence[Block], banks: list) -> Assembled:
         parts = []
-        for bank, root, (paths, chunks) in banks:
+        for bank, root, (paths, chunks), repo in banks:
             mem = bank.memory(exclude_paths=paths, exclude_chunks=chunks)
             if mem.num_tokens:
-                parts.append((mem, Segment(0, 0, bank=bank, root=root)))
+                parts.append((mem, Segment(0, 0, bank=bank, root=root, repo=repo)))
         parts += [(self.block_memory(b), Segment(0, 0, block=b, file=path)) for b in blocks]
         if not parts:
             return NOTHING
@@ -353,6 +361,59 @@ class Assembler:
         for mem, seg in parts:
             seg.start, seg.length, offset = offset, mem.num_tokens, offset + mem.num_tokens
         return Assembled(memory, [seg for _, seg in parts], views)
+
+    def _next_ids(self, asm: Assembled) -> torch.Tensor:
+        """(M,) int64: the token after each visible slot's (-1: hidden, a chunk's last slot, or a chunk whose text
+        no longer tokenizes to its slots). A chunk's slots hold its text's tokens alone (its context is encoded
+        before it and dropped: indexer.encoder), so its text says them."""
+        import torch
+
+        from .model.memory import MASK_MIN
+
+        out = torch.full((asm.memory.num_tokens,), -1, dtype=torch.int64)
+        visible = next(iter(asm.memory.values())).mask[0, 0, :, 0].cpu() > MASK_MIN / 2  # (M,)
+        for seg in asm.segments:
+            if seg.block is not None:
+                ids = list(seg.block.ids)
+                out[seg.start:seg.start + len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.int64)
+                continue
+            for cid, meta in seg.bank.resident().items():
+                slots = seg.bank.chunk_slots(cid)
+                first = seg.start + slots.start
+                if not len(slots) or not visible[first]:
+                    continue
+                ids = self._chunk_token_ids(meta, seg.repo)
+                if ids is not None and len(ids) == len(slots):
+                    out[first:first + len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.int64)
+        return out
+
+    def _chunk_token_ids(self, meta: Any, repo: MemorySource | None) -> list[int] | None:
+        """A resident chunk's token ids (its memory slots'), cached by content hash; None if unreadable."""
+        ids = self._token_ids.get(meta.content_hash)
+        if ids is not None:
+            self._token_ids.move_to_end(meta.content_hash)
+            return ids
+        text = _reader(repo, meta)() if repo is not None or isinstance(meta, BufferChunk) else None
+        if text is None or self.tokenize is None:
+            return None
+        ids, _ = self.tokenize(text, "")
+        self._token_ids[meta.content_hash] = ids
+        self._token_ids_total += len(ids)
+        while self._token_ids_total > self.token_cache and len(self._token_ids) > 1:
+            self._token_ids_total -= len(self._token_ids.popitem(last=False)[1])
+        return ids
+
+    def _keeping_ids(self, meta: Any, read: Callable[[], str | None]) -> Callable[[], str | None]:
+        """`read`, also keeping the text's token ids while the cache has room (a warm-up reads the chunk texts
+        once: the first completion then reads none for its `next_ids` either)."""
+        def read_and_keep() -> str | None:
+            text = read()
+            if text is not None and self.tokenize is not None and self._token_ids_total < self.token_cache:
+                ids, _ = self.tokenize(text, "")
+                self._token_ids[meta.content_hash] = ids
+                self._token_ids_total += len(ids)
+            return text
+        return read_and_keep
 
     def block_memory(self, block: Block) -> Memory:
         return self._cached(block.key, block.ids)

@@ -30,6 +30,7 @@ from .worker import Cancelled, Request
 if TYPE_CHECKING:
     import torch
 
+    from .knn import Knn
     from .model.memory import Memory
 
 logger = logging.getLogger(__name__)
@@ -143,12 +144,13 @@ class Decoder:
                  stop: Callable[[list[int]], bool] | None = None,
                  on_token: Callable[[int, list[int]], None] | None = None, session: Hashable | None = None,
                  sources: bool = False, source_steps: int | None = None, forced_prefix: str = "",
-                 repetition: RepetitionGuard | None = None, exact: bool = False) -> Generation:
+                 repetition: RepetitionGuard | None = None, exact: bool = False, knn: Knn | None = None) -> Generation:
         """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
         samples memory attention (see `_samples_sources`); the text of the first generated tokens is
         forced to start with `forced_prefix` (token healing); a loop that `repetition` spots ends
         it after the loop's first copy (issue 19). `exact`: the session's cache is reused only under the
-        same memory (no swap: the answer does not depend on what was asked before)."""
+        same memory (no swap: the answer does not depend on what was asked before). `knn`: each step's
+        next token is chosen from the model's distribution mixed with the kNN lookup's (knn.py)."""
         import torch
 
         window = self.model.window
@@ -166,7 +168,7 @@ class Decoder:
             out = self._prefill(req, state, ids[reused:], memory, attention, sources, threads)
             t1 = time.perf_counter()
             generated, reason = self._decode(req, state, out, ids, memory, max_new, stop, on_token, attention,
-                                             sources, source_steps, forced_prefix, repetition)
+                                             sources, source_steps, forced_prefix, repetition, knn)
             t2 = time.perf_counter()
         except BaseException as exc:
             if isinstance(exc, Cancelled):
@@ -217,13 +219,13 @@ class Decoder:
                 max_new: int, stop: Callable[[list[int]], bool] | None,
                 on_token: Callable[[int, list[int]], None] | None, attention: _AttentionSum, sources: bool,
                 source_steps: int | None, forced_prefix: str,
-                repetition: RepetitionGuard | None) -> tuple[list[int], str]:
+                repetition: RepetitionGuard | None, knn: Knn | None = None) -> tuple[list[int], str]:
         """Greedy steps after the prefill: (generated ids, stop reason)."""
         generated: list[int] = []
         stop_ids = self._stop_ids()
         forcing = bool(forced_prefix)  # until the generated text covers forced_prefix
         while len(generated) < max_new:
-            logits = out.logits[0, -1]
+            logits = out.logits[0, -1] if knn is None else knn(out.logits[0, -1])  # (V,)
             if forcing:
                 done = self.continuation(ids, generated)
                 forcing = len(done) < len(forced_prefix) and forced_prefix.startswith(done)

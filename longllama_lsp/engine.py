@@ -37,13 +37,14 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .assembly import NOTHING, Assembler, Buffer, Source
+from .assembly import NOTHING, Assembled, Assembler, Buffer, Source
 from .decode import DecodeOptions, Decoder, Generation
 from .decode import ms as _ms
 from .errors import LongLlamaError, ModelError
@@ -67,6 +68,7 @@ from .repository import MemorySource
 from .worker import BACKGROUND, FOREGROUND, AfterIdle, Cancelled, Closed, Request, Worker
 
 if TYPE_CHECKING:
+    from .knn import Datastore, Knn, QueryProbe
     from .model.memory import Memory
 
 __all__ = ["Answer", "Cancelled", "Completion", "Engine", "EngineOptions", "Generation", "Request", "Source"]
@@ -149,6 +151,9 @@ class EngineOptions(DecodeOptions):
     # up to this many tokens (lexical.py; 0: every resident chunk); an answer's, those its question names
     # (lexical.Query.question). Setting memory.retrieveTokens.
     retrieve_tokens: int = 4096
+    # Each completion step mixes in the kNN lookup over its memory with this weight (knn.py; 0: off).
+    # Setting memory.knnWeight; BENCHMARKS.md "Stop 43".
+    knn_weight: float = 0.3
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too
     # made each decode step 1.8x slower (792 vs 440 ms/token, 4k memory tokens, busy 2-core CPU).
@@ -193,6 +198,8 @@ class Engine:
         self._assembler: Assembler | None = None
         self._decoder: Decoder | None = None
         self._fim: FimTokens | None = None  # the tokenizer's FIM markers, if it has them
+        self._knn_probe: QueryProbe | None = None  # hooks on the model, made with the first lookup
+        self._knn_last: tuple[weakref.ref[Assembled], Datastore | None] | None = None  # the last memory's datastore
         self.last_timings: dict[str, float] = {}
         self._worker = Worker(self._setup, self._run_request)
         self._worker.start()
@@ -460,28 +467,46 @@ class Engine:
         asm = self._assembler.assemble(path, prompt.before + prompt.after, roots=roots,
                                        buffer=Buffer(text, prompt.window_offset, offset),
                                        defer_edits=self.options.defer_edits,
-                                       retrieve=lambda: Query.before_cursor(text[:offset])) if use_memory else NOTHING
+                                       retrieve=lambda: Query.before_cursor(text[:offset]),
+                                       next_tokens=self.options.knn_weight > 0) if use_memory else NOTHING
         self._encode_deferred_later()  # scheduled now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
             else None
         stop = _Stop(StopRule(mode, prompt.line_prefix, prompt.suffix, syntax, fim=fim), self._decoder.continuation,
                      ids, healed)
+        knn = self._knn(asm)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, stop=stop, session=key,
                                      sources=sources and asm.memory is not None,
                                      source_steps=self.options.completion_source_steps, forced_prefix=healed,
-                                     repetition=self.options.repetition)
+                                     repetition=self.options.repetition, knn=knn)
         if gen.stop_reason != "stop":
             stop.final(gen.tokens)
         out = finish(stop.kept, prompt.suffix)
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         timings = {"queue": _ms(req.submitted, req.started or t0), "prompt": _ms(t0, t1), "memory": _ms(t1, t2),
                    **gen.timings, "total": _ms(t0, time.perf_counter()), "memoryTokens": asm.tokens,
-                   "generatedTokens": len(gen.tokens)}
+                   "knnTokens": len(knn.datastore) if knn else 0, "generatedTokens": len(gen.tokens)}
         self.last_timings = timings
         self._remember(key, text, offset, out)
         return Completion(out, req.id, found, timings, gen.stop_reason, stop.rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
+
+    def _knn(self, asm: Assembled) -> Knn | None:
+        """The kNN lookup over `asm`'s memory (knn.py); None when off or no memory slot has a next token. The
+        datastore is kept while the request memory is (typing on reuses it)."""
+        weight = self.options.knn_weight
+        if weight <= 0 or asm.memory is None or asm.next_ids is None:
+            return None
+        from .knn import Datastore, Knn, QueryProbe
+
+        layer = max(self._model.config.mem_layers)
+        if self._knn_last is None or self._knn_last[0]() is not asm:
+            self._knn_last = (weakref.ref(asm), Datastore.of(asm.memory, asm.next_ids, layer))
+        if self._knn_probe is None:
+            self._knn_probe = QueryProbe(self._model, layer)
+        store = self._knn_last[1]
+        return Knn(store, self._knn_probe, weight) if store is not None else None
 
     def _encode_deferred_later(self) -> None:
         """Encode the edited chunks the last completion left out once completions pause (`defer_idle_ms`),

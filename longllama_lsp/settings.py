@@ -10,7 +10,8 @@ reported by its dotted camelCase key and replaced by that key's default; the res
      "completion": {"mode": "line", "maxTokens": 48, "debounceMs": 75, "boundaryDebounceMs": 0,
                     "contextTokens": null},
      "ask": {"maxTokens": 256},
-     "memory": {"enabled": true, "budgetTokens": 1048576, "selectTokens": 2048, "retrieveTokens": 4096},
+     "memory": {"enabled": true, "budgetTokens": 1048576, "selectTokens": 2048, "retrieveTokens": 4096,
+                "knnWeight": 0.3},
      "indexing": {"enabled": true},
      "logLevel": "info"}
 """
@@ -87,6 +88,10 @@ class MemorySettings:
         "(completions: chunks defining the names it uses or imports first, then BM25 over identifiers) or the "
         "names in the question (ask; a question naming nothing in the code reads all of memory), up to this "
         "many tokens (0: every chunk)", min=0))
+    # 0.3: BENCHMARKS.md "Stop 43" (bench/crossfile, the eighth hole set).
+    knn_weight: float = field(default=0.3, metadata=_doc(
+        "completions mix the model's next-token distribution with the tokens that followed the memory "
+        "positions most like the current one, with this weight (kNN-LM over memory; 0: off)", min=0, max=0.9))
 
 
 @dataclass

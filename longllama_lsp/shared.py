@@ -36,6 +36,7 @@ def engine_options(s: Settings) -> EngineOptions:
     return EngineOptions(mode=s.completion.mode, max_tokens=s.completion.max_tokens, answer_max_tokens=s.ask.max_tokens,
                          context_tokens=s.completion.context_tokens, memory=s.memory.enabled,
                          select_tokens=s.memory.select_tokens, retrieve_tokens=s.memory.retrieve_tokens,
+                         knn_weight=s.memory.knn_weight,
                          defer_edits=True, defer_idle_ms=DEFER_IDLE_MS)
 
 

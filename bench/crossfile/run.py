@@ -104,7 +104,7 @@ class Server:
 
     def __init__(self, root: Path, memory: bool, index: bool, model: str | None, log: Path, threads: int,
                  context_tokens: int | None = None, index_timeout: float = 7200, select_tokens: int | None = None,
-                 retrieve_tokens: int | None = None):
+                 retrieve_tokens: int | None = None, knn_weight: float | None = None):
         cmd = [sys.executable, "-m", "longllama_lsp.server", "--log-file", str(log)]
         if model:
             cmd += ["--model", model]
@@ -118,7 +118,8 @@ class Server:
         self.client.initialize(root, {"completion": completion,
                                       "memory": {"enabled": memory,
                                                  **({"selectTokens": select_tokens} if select_tokens is not None else {}),
-                                                 **({"retrieveTokens": retrieve_tokens} if retrieve_tokens is not None else {})},
+                                                 **({"retrieveTokens": retrieve_tokens} if retrieve_tokens is not None else {}),
+                                                 **({"knnWeight": knn_weight} if knn_weight is not None else {})},
                                       "indexing": {"enabled": index},
                                       "logLevel": "info"}, timeout=600)
         self.index_seconds = None
@@ -311,7 +312,7 @@ def run_system(system: str, holes: list[dict], args, prompter_factory, done: dic
                 print(f"[{system}] starting server ({'indexing ' + repo if index else 'no index'})", flush=True)
                 server = Server(root, memory, index, model, log, args.threads, args.context_tokens,
                                 select_tokens=0 if system == "x" else args.select_tokens,
-                                retrieve_tokens=args.retrieve_tokens)
+                                retrieve_tokens=args.retrieve_tokens, knn_weight=args.knn_weight)
                 if index:
                     index_sink.write(json.dumps({"system": system, "repo": repo, "seconds_to_ready": server.index_seconds,
                                                  "files": server.status["files"], "chunks": server.status["chunks"],
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieve-tokens", type=int, default=None, metavar="N",
                    help="memory.retrieveTokens of the memory systems: only the N tokens of other files' chunks "
                         "that best match the code before the cursor (default: the server's)")
+    p.add_argument("--knn-weight", type=float, default=None, metavar="W",
+                   help="memory.knnWeight of the memory systems: the kNN lookup's share of each step's distribution "
+                        "(0: off; default: the server's)")
     p.add_argument("--resume", action="store_true", help="keep the per-hole results already in --work")
     p.add_argument("--summarize-only", action="store_true",
                    help="run nothing: summarize the per-hole results in --work over the holes every listed system "
@@ -499,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                       "scorer": args.scorer, "snippet_share": args.snippet_share,
                       "retrieval_window_lines": WINDOW, "select_tokens": args.select_tokens or "server default",
                       "retrieve_tokens": args.retrieve_tokens if args.retrieve_tokens is not None else "server default",
+                      "knn_weight": args.knn_weight if args.knn_weight is not None else "server default",
                       "model": args.model or "default (bundled SmolLM2-135M LongLLaMA)"},
            "index": index_info, "summary": summary, "examples": ex, "records": records}
     # Systems that also ran on holes outside this selection (e.g. a/b on all holes, c on --per-repo):

@@ -1,0 +1,83 @@
+"""memory.knnWeight: kNN-LM over a completion's memory (longllama_lsp/knn.py).
+
+Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) loaded by the engine's
+worker; a repository written to tmp_path and indexed by the real indexer.pipeline (SQLite store,
+tree-sitter chunks, MemoryBank): `limits.py` defines RETRY_LIMIT, `colors.py` an unrelated function,
+`chorus.py` one comment of a single repeated word, `upload.py` (the open file) uses RETRY_LIMIT.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_memory import indexed_engine
+from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
+
+from longllama_lsp.knn import Datastore
+
+FILES = {
+    "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
+                 "    return RETRY_LIMIT - attempt\n",
+    "colors.py": "def blend(red, green, blue):\n    return (red + green + blue) / 3\n",
+    "chorus.py": "# la" + " la" * 60 + "\n",
+}
+OPEN = "from limits import RETRY_LIMIT\n\n\ndef upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+CHORUS = "from chorus import la\n\n# la"
+
+
+@pytest.fixture
+def repo_engine(tiny_model_dir, tmp_path):  # noqa: F811
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "upload.py").write_text(OPEN + "send(data)\n")
+    with indexed_engine(tiny_model_dir, tmp_path) as (engine, repo):
+        yield engine, repo, tmp_path
+
+
+def test_mix_is_a_distribution_moved_toward_the_nearest_slots_next_tokens():
+    states = torch.randn(50, 8)
+    next_ids = torch.arange(50) % 10  # (N,) over a vocabulary of 12
+    store = Datastore(states, next_ids)
+    logits = torch.zeros(12)
+    mixed = store.mix(logits, states[3], 0.3)
+    assert torch.logsumexp(mixed, 0).item() == pytest.approx(0.0, abs=1e-5)
+    assert mixed.argmax().item() == 3  # the query is row 3's state: its next token gets the most votes
+    assert mixed[10:].exp().tolist() == pytest.approx([0.7 / 12] * 2, rel=1e-4)  # no slot votes for 10, 11
+    assert torch.allclose(store.mix(logits, states[3], 0.0), torch.log_softmax(logits, 0))
+
+
+def test_next_ids_are_each_visible_slots_following_token(repo_engine):
+    """A retrieved chunk's slots say the token after each of theirs (its last: unknown); a chunk retrieval left
+    out says none."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = sum(len(repo.bank.chunk_slots(c)) for c in repo.bank.chunks_of("limits.py"))
+    engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    asm = engine._assembler._last[1]
+    checked = set()
+    for cid, meta in repo.bank.resident().items():
+        slots = repo.bank.chunk_slots(cid)
+        got = asm.next_ids[slots.start:slots.stop].tolist()
+        if meta.path == "limits.py":
+            ids = engine.tokenizer(repo.chunk_text(meta), add_special_tokens=False)["input_ids"]
+            assert got == ids[1:] + [-1]
+        elif meta.path != "upload.py":
+            assert set(got) == {-1}
+        checked.add(meta.path)
+    assert checked == set(FILES) | {"upload.py"}
+
+
+def test_the_lookup_steers_each_step_to_the_tokens_memory_had_next(repo_engine):
+    """Every slot of chorus.py's one chunk but its first and last is followed by " la": at weight 0.9 the kNN
+    vote outweighs the tiny random model at every step, so the completion repeats " la" (the first generated
+    token completes the typed "la": token healing, so 4 tokens add 3 words)."""
+    engine, repo, root = repo_engine
+    engine.options.retrieve_tokens = sum(len(repo.bank.chunk_slots(c)) for c in repo.bank.chunks_of("chorus.py"))
+    path = str(root / "song.py")
+    engine.options.max_tokens = 4
+    engine.options.knn_weight = 0.0
+    plain = engine.complete(CHORUS, len(CHORUS), path=path).text
+    engine.options.knn_weight = 0.9
+    steered = engine.complete(CHORUS, len(CHORUS), path=path)
+    assert steered.text == " la la la"
+    assert plain != steered.text
+    assert steered.timings["knnTokens"] > 50
