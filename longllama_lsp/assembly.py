@@ -364,14 +364,18 @@ class Assembler:
 
     def _next_ids(self, asm: Assembled) -> torch.Tensor:
         """(M,) int64: the token after each visible slot's (-1: hidden, a chunk's last slot, or a chunk whose text
-        no longer tokenizes to its slots). A chunk's slots hold its text's tokens alone (its context is encoded
+        no longer tokenizes to its slots; all -1 when more than knn.MAX_TOKENS slots are visible). A chunk's slots hold its text's tokens alone (its context is encoded
         before it and dropped: indexer.encoder), so its text says them."""
         import torch
 
         from .model.memory import MASK_MIN
 
+        from .knn import MAX_TOKENS
+
         out = torch.full((asm.memory.num_tokens,), -1, dtype=torch.int64)
         visible = next(iter(asm.memory.values())).mask[0, 0, :, 0].cpu() > MASK_MIN / 2  # (M,)
+        if int(visible.sum()) > MAX_TOKENS:
+            return out  # too many for a lookup (knn.MAX_TOKENS): no chunk text is read
         for seg in asm.segments:
             if seg.block is not None:
                 ids = list(seg.block.ids)

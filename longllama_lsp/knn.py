@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 # K and T of bench/knn's grid (setting B of BENCHMARKS "Stop 42"): many neighbours, a sharp temperature.
 NEIGHBOURS = 256
 TEMPERATURE = 0.25
+# A memory with more visible slots gets no lookup: memory.retrieveTokens 0 over a large repository would make
+# the datastore a float32 copy of every slot (1.5 GB at 1M tokens) and read every chunk's text for next_ids.
+# Retrieval's memory (4,096 tokens of other files plus the open file's chunks) holds ~4-10k.
+MAX_TOKENS = 1 << 16
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Datastore:
         dist, rows = dist.topk(min(NEIGHBOURS, len(dist)), largest=False)  # (K,)
         vote = torch.softmax(-dist / (TEMPERATURE * dist[0].clamp_min(1e-6)), -1)
         logp = torch.log_softmax(logits.float(), -1)
-        p_knn = torch.zeros_like(logp).index_add_(0, self.next_ids[rows], vote)  # (V,)
+        p_knn = torch.zeros_like(logp).index_add_(0, self.next_ids[rows].to(logp.device), vote.to(logp.device))
         return torch.logaddexp(logp + torch.log1p(torch.tensor(-weight)), torch.log(weight * p_knn + 1e-30))
 
 

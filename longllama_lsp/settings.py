@@ -91,7 +91,8 @@ class MemorySettings:
     # 0.3: BENCHMARKS.md "Stop 43" (bench/crossfile, the eighth hole set).
     knn_weight: float = field(default=0.3, metadata=_doc(
         "completions mix the model's next-token distribution with the tokens that followed the memory "
-        "positions most like the current one, with this weight (kNN-LM over memory; 0: off)", min=0, max=0.9))
+        "positions most like the current one, with this weight (kNN-LM over a memory of at most 65536 tokens, "
+        "as retrieveTokens keeps it; 0: off)", min=0, max=0.9))
 
 
 @dataclass

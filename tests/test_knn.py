@@ -81,3 +81,19 @@ def test_the_lookup_steers_each_step_to_the_tokens_memory_had_next(repo_engine):
     assert steered.text == " la la la"
     assert plain != steered.text
     assert steered.timings["knnTokens"] > 50
+
+
+def test_a_memory_too_large_for_a_lookup_reads_no_chunk_text(repo_engine, monkeypatch):
+    """Over knn.MAX_TOKENS visible slots (retrieval off on a large repository) there is no lookup, and no chunk
+    text is read for one."""
+    engine, repo, root = repo_engine
+    engine.on_worker(lambda: None)  # behind the warm-up job indexing queued
+    monkeypatch.setattr("longllama_lsp.knn.MAX_TOKENS", 10)
+    engine.options.retrieve_tokens = 0
+    reads = []
+    read = repo.chunk_text
+    monkeypatch.setattr(repo, "chunk_text", lambda meta: reads.append(meta.path) or read(meta))
+    engine._assembler._token_ids.clear()
+    done = engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
+    assert done.timings["knnTokens"] == 0 and done.memory_tokens > 10
+    assert reads == []
