@@ -363,19 +363,19 @@ class Assembler:
         return Assembled(memory, [seg for _, seg in parts], views)
 
     def _next_ids(self, asm: Assembled) -> torch.Tensor:
-        """(M,) int64: the token after each visible slot's (-1: hidden, a chunk's last slot, or a chunk whose text
-        no longer tokenizes to its slots; all -1 when more than knn.MAX_TOKENS slots are visible). A chunk's slots hold its text's tokens alone (its context is encoded
-        before it and dropped: indexer.encoder), so its text says them."""
+        """(M,) int64: the token after each visible slot's; -1 where hidden, at a chunk's last slot, for a chunk
+        whose text no longer tokenizes to its slots, and everywhere when over knn.MAX_TOKENS slots are visible.
+        A chunk's slots hold its text's tokens alone (its context is encoded before it and dropped:
+        indexer.encoder), so its text says them."""
         import torch
 
-        from .model.memory import MASK_MIN
-
         from .knn import MAX_TOKENS
+        from .model.memory import MASK_MIN
 
         out = torch.full((asm.memory.num_tokens,), -1, dtype=torch.int64)
         visible = next(iter(asm.memory.values())).mask[0, 0, :, 0].cpu() > MASK_MIN / 2  # (M,)
         if int(visible.sum()) > MAX_TOKENS:
-            return out  # too many for a lookup (knn.MAX_TOKENS): no chunk text is read
+            return out  # no lookup (knn.MAX_TOKENS): no chunk text is read
         for seg in asm.segments:
             if seg.block is not None:
                 ids = list(seg.block.ids)
@@ -400,11 +400,15 @@ class Assembler:
         text = _reader(repo, meta)() if repo is not None or isinstance(meta, BufferChunk) else None
         if text is None or self.tokenize is None:
             return None
-        ids, _ = self.tokenize(text, "")
-        self._token_ids[meta.content_hash] = ids
-        self._token_ids_total += len(ids)
+        ids = self._keep_ids(meta.content_hash, text)
         while self._token_ids_total > self.token_cache and len(self._token_ids) > 1:
             self._token_ids_total -= len(self._token_ids.popitem(last=False)[1])
+        return ids
+
+    def _keep_ids(self, content_hash: str, text: str) -> list[int]:
+        ids, _ = self.tokenize(text, "")  # a chunk's own tokens: as the encoder cuts them, no context
+        self._token_ids[content_hash] = ids
+        self._token_ids_total += len(ids)
         return ids
 
     def _keeping_ids(self, meta: Any, read: Callable[[], str | None]) -> Callable[[], str | None]:
@@ -413,9 +417,7 @@ class Assembler:
         def read_and_keep() -> str | None:
             text = read()
             if text is not None and self.tokenize is not None and self._token_ids_total < self.token_cache:
-                ids, _ = self.tokenize(text, "")
-                self._token_ids[meta.content_hash] = ids
-                self._token_ids_total += len(ids)
+                self._keep_ids(meta.content_hash, text)
             return text
         return read_and_keep
 

@@ -496,7 +496,7 @@ class Engine:
         """The kNN lookup over `asm`'s memory (knn.py); None when off or no memory slot has a next token. The
         datastore is kept while the request memory is (typing on reuses it)."""
         weight = self.options.knn_weight
-        if weight <= 0 or asm.memory is None or asm.next_ids is None:
+        if weight <= 0 or asm.memory is None or asm.next_ids is None or not self._model.config.mem_layers:
             return None
         from .knn import Datastore, Knn, QueryProbe
 
