@@ -38,6 +38,17 @@ from .workspace import Workspace, repository_status, untrained_memory_warning
 logger = logging.getLogger(__name__)
 
 
+def weight(value: str) -> float:
+    """An argparse type: a mixture weight, 0 to 0.9 (memory.knnWeight's bounds)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 0.9:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 0.9, got {value!r}")
+    return number
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer of at least `minimum`."""
     wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
@@ -68,7 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"all of memory), N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
-                   "--dtype, --decode-dtype, --select-tokens or --retrieve-tokens is given: the server keeps its "
+                   "--dtype, --decode-dtype, --select-tokens, --retrieve-tokens or --knn-weight is given: the server keeps its "
                    "own)")
     add_model_arguments(p, decoding=True)
 
@@ -84,9 +95,9 @@ def _running_server(args: argparse.Namespace) -> ServerRecord | None:
     of their own (a server's engine options are its editors' settings, shared by every session)."""
     if args.no_server or any((args.model, args.device, args.dtype, args.decode_dtype)):
         return None
-    if args.select_tokens is not None or args.retrieve_tokens is not None:
-        logger.info("--select-tokens/--retrieve-tokens given: loading the model here (a running server keeps "
-                    "its own settings)")
+    if args.select_tokens is not None or args.retrieve_tokens is not None or args.knn_weight is not None:
+        logger.info("--select-tokens/--retrieve-tokens/--knn-weight given: loading the model here (a running "
+                    "server keeps its own settings)")
         return None
     try:
         record = remote.find_server(Path(args.repo))
@@ -157,6 +168,7 @@ def format_sources(sources: list[Source]) -> str:
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question, in quotes")
     _common(p)
+    p.set_defaults(knn_weight=None)  # completions only
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -241,6 +253,10 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
+    p.add_argument("--knn-weight", type=weight, default=None, metavar="W",  # None: not given
+                   help="each step mixes the model's next-token distribution with the tokens that followed the "
+                        "memory positions most like the current one, with weight W (kNN-LM over memory; default "
+                        f"{EngineOptions.knn_weight}; 0: off)")
     _common(p)
 
 
@@ -280,7 +296,8 @@ def run_complete(args: argparse.Namespace) -> int:
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
-    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode, retrieve_tokens=args.retrieve_tokens)
+    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode, retrieve_tokens=args.retrieve_tokens,
+                           knn_weight=args.knn_weight)
     try:
         done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)
     finally:
