@@ -6,7 +6,9 @@
 PYTHONPATH (run.py passes PYTHONPATH on to the server). Every completion of a file under run.py's
 `<work>/repos/<repo>/` mixes the kNN distribution into each decode step's logits, the datastore being that
 repository's states less the completed file's own (its stored text holds the hole's answer). A measurement of
-what the lookup does to completions, not the product: the product would keep the states in the index.
+what the lookup on the last layer's FFN input does to completions; the product's lookup (longllama_lsp/knn.py,
+memory.knnWeight, stop 43) uses the memory's own keys and values instead, which the index already keeps. Run
+this hook with `--knn-weight 0` on run.py so that the two do not stack.
 """
 import os
 
