@@ -1,6 +1,7 @@
 """An engine with a folder indexed by the real indexer, and what memory the last request could read.
 
-Used by the tests of the open file's memory (test_open_file.py) and of retrieval (test_retrieve_memory.py).
+Used by the tests of the open file's memory (test_open_file.py), of retrieval (test_retrieve_memory.py) and of
+the kNN lookup (test_knn.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,26 @@ from typing import Any
 from longllama_lsp.engine import Engine, EngineOptions
 from longllama_lsp.model.memory import MASK_MIN
 from longllama_lsp.workspace import Workspace
+
+# A repository of small Python files: limits.py defines RETRY_LIMIT, the others unrelated names; the open
+# file, upload.py, uses RETRY_LIMIT (RETRY_OPEN is its text up to the cursor).
+RETRY_FILES = {
+    "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
+                 "    return RETRY_LIMIT - attempt\n",
+    "colors.py": "def blend(red, green, blue):\n    return (red + green + blue) / 3\n",
+    "shapes.py": "class Square:\n    def __init__(self, side):\n        self.side = side\n\n"
+                 "    def area(self):\n        return self.side * self.side\n",
+    "words.py": "def shout(text):\n    return text.upper() + '!'\n",
+}
+RETRY_OPEN = "from limits import RETRY_LIMIT\n\n\ndef upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+
+
+def write_repository(root: Path, files: dict[str, str], open_text: str) -> Path:
+    """`files` written under `root`, and upload.py: `open_text` then a last line. Returns root."""
+    for name, text in files.items():
+        (root / name).write_text(text)
+    (root / "upload.py").write_text(open_text + "send(data)\n")
+    return root
 
 
 @contextlib.contextmanager

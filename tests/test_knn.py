@@ -1,36 +1,28 @@
 """memory.knnWeight: kNN-LM over a completion's memory (longllama_lsp/knn.py).
 
 Test Data: a seeded tiny LongLLaMA + SmolLM2 tokenizer (tests/helpers_models.py) loaded by the engine's
-worker; a repository written to tmp_path and indexed by the real indexer.pipeline (SQLite store,
-tree-sitter chunks, MemoryBank): `limits.py` defines RETRY_LIMIT, `colors.py` an unrelated function,
-`chorus.py` one comment of a single repeated word, `upload.py` (the open file) uses RETRY_LIMIT.
+worker; helpers_memory's repository (`limits.py` defines RETRY_LIMIT, the open file `upload.py` uses it, three
+others define unrelated names) plus `chorus.py`, one comment of a single repeated word, written to tmp_path
+and indexed by the real indexer.pipeline (SQLite store, tree-sitter chunks, MemoryBank).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers_memory import indexed_engine
+from helpers_memory import RETRY_FILES, RETRY_OPEN, indexed_engine, write_repository
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.knn import Datastore
 
-FILES = {
-    "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
-                 "    return RETRY_LIMIT - attempt\n",
-    "colors.py": "def blend(red, green, blue):\n    return (red + green + blue) / 3\n",
-    "chorus.py": "# la" + " la" * 60 + "\n",
-}
-OPEN = "from limits import RETRY_LIMIT\n\n\ndef upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+FILES = {**RETRY_FILES, "chorus.py": "# la" + " la" * 60 + "\n"}
+OPEN = RETRY_OPEN
 CHORUS = "from chorus import la\n\n# la"
 
 
 @pytest.fixture
 def repo_engine(tiny_model_dir, tmp_path):  # noqa: F811
-    for name, text in FILES.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / "upload.py").write_text(OPEN + "send(data)\n")
-    with indexed_engine(tiny_model_dir, tmp_path) as (engine, repo):
+    with indexed_engine(tiny_model_dir, write_repository(tmp_path, FILES, OPEN)) as (engine, repo):
         yield engine, repo, tmp_path
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from helpers_memory import indexed_engine, visible_chunks
+from helpers_memory import RETRY_FILES, RETRY_OPEN, indexed_engine, visible_chunks, write_repository
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.lexical import (
@@ -31,23 +31,12 @@ from longllama_lsp.lexical import (
 from longllama_lsp.settings import Settings
 from longllama_lsp.shared import engine_options
 
-FILES = {
-    "limits.py": "RETRY_LIMIT = 7\nBACKOFF_SECONDS = 2.5\n\n\ndef retry_budget(attempt):\n"
-                 "    return RETRY_LIMIT - attempt\n",
-    "colors.py": "def blend(red, green, blue):\n    return (red + green + blue) / 3\n",
-    "shapes.py": "class Square:\n    def __init__(self, side):\n        self.side = side\n\n"
-                 "    def area(self):\n        return self.side * self.side\n",
-    "words.py": "def shout(text):\n    return text.upper() + '!'\n",
-}
-OPEN = "from limits import RETRY_LIMIT\n\n\ndef upload(data):\n    for attempt in range(RETRY_LIMIT):\n        "
+FILES, OPEN = RETRY_FILES, RETRY_OPEN
 
 
 @pytest.fixture
 def repo_engine(tiny_model_dir, tmp_path):  # noqa: F811
-    for name, text in FILES.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / "upload.py").write_text(OPEN + "send(data)\n")
-    with indexed_engine(tiny_model_dir, tmp_path) as (engine, repo):
+    with indexed_engine(tiny_model_dir, write_repository(tmp_path, FILES, OPEN)) as (engine, repo):
         yield engine, repo, tmp_path
 
 
