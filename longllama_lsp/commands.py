@@ -38,7 +38,7 @@ from .workspace import Workspace, repository_status, untrained_memory_warning
 logger = logging.getLogger(__name__)
 
 
-def weight(value: str) -> float:
+def mixture_weight(value: str) -> float:
     """An argparse type: a mixture weight, 0 to 0.9 (memory.knnWeight's bounds)."""
     try:
         number = float(value)
@@ -79,8 +79,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"all of memory), N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
-                   "--dtype, --decode-dtype, --select-tokens, --retrieve-tokens or --knn-weight is given: the server keeps its "
-                   "own)")
+                   "--dtype, --decode-dtype, --select-tokens, --retrieve-tokens or --knn-weight is given: the "
+                   "server keeps its own)")
     add_model_arguments(p, decoding=True)
 
 
@@ -253,7 +253,7 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
-    p.add_argument("--knn-weight", type=weight, default=None, metavar="W",  # None: not given
+    p.add_argument("--knn-weight", type=mixture_weight, default=None, metavar="W",  # None: not given
                    help="each step mixes the model's next-token distribution with the tokens that followed the "
                         "memory positions most like the current one, with weight W (kNN-LM over memory; default "
                         f"{EngineOptions.knn_weight}; 0: off)")
