@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .model.memory import MASK_MIN
-
 if TYPE_CHECKING:
     from .model.memory import Memory
 
@@ -47,11 +45,11 @@ class Datastore:
 
     @classmethod
     def of(cls, memory: Memory, next_ids: torch.Tensor, layer: int) -> Datastore | None:
-        """The visible slots of `memory` at `layer` with a next token (next_ids (M,), -1: unknown); None if none."""
+        """The slots of `memory` at `layer` with a next token (next_ids (M,): -1 where unknown or hidden, as
+        Assembler sets them for the visible slots only); None if none."""
         cache = memory[layer]
         next_ids = next_ids.to(cache.keys.device)
-        known = (cache.mask[0, 0, :, 0] > MASK_MIN / 2) & (next_ids >= 0)  # (M,)
-        rows = known.nonzero()[:, 0]  # (N,)
+        rows = (next_ids >= 0).nonzero()[:, 0]  # (N,)
         if not len(rows):
             return None
         keys = cache.keys[0][:, rows].transpose(0, 1).flatten(1)  # (N, Hkv * D)
@@ -66,10 +64,18 @@ class Datastore:
         query = query.to(self.states.device, torch.float32)
         dist = self.norms - 2 * (self.states @ query) + (query * query).sum()  # (N,)
         dist, rows = dist.topk(min(NEIGHBOURS, len(dist)), largest=False)  # (K,)
-        vote = torch.softmax(-dist / (TEMPERATURE * dist[0].clamp_min(1e-6)), -1)
         logp = torch.log_softmax(logits.float(), -1)
-        p_knn = torch.zeros_like(logp).index_add_(0, self.next_ids[rows].to(logp.device), vote.to(logp.device))
-        return torch.logaddexp(logp + torch.log1p(torch.tensor(-weight)), torch.log(weight * p_knn + 1e-30))
+        return mixture(logp[None], dist[None].to(logp.device), self.next_ids[rows][None].to(logp.device), weight,
+                       TEMPERATURE)[0]
+
+
+def mixture(logp: torch.Tensor, dist: torch.Tensor, next_ids: torch.Tensor, weight: float,
+            temperature: float) -> torch.Tensor:
+    """log((1 - weight) p_model + weight p_knn) (Q, V), for model log-probs (Q, V) and each query's nearest
+    slots, nearest first: their distances and next ids (Q, K)."""
+    vote = torch.softmax(-dist / (temperature * dist[:, :1].clamp_min(1e-6)), -1)  # (Q, K)
+    p_knn = torch.zeros_like(logp).scatter_add_(1, next_ids, vote)  # (Q, V)
+    return torch.logaddexp(logp + torch.log1p(torch.tensor(-weight)), torch.log(weight * p_knn + 1e-30))
 
 
 class QueryProbe:

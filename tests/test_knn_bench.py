@@ -10,6 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "knn"))
 import states as S  # noqa: E402
 
+from longllama_lsp.knn import mixture  # noqa: E402
+
 
 def _store() -> S.Datastore:
     keys = {"a.py": torch.tensor([[0.0, 0.0], [5.0, 5.0]]), "b.py": torch.tensor([[1.0, 0.0], [9.0, 9.0]])}
@@ -37,12 +39,12 @@ def test_the_mixture_is_a_distribution_that_moves_toward_the_neighbours_tokens()
     logp = torch.log_softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(0)), -1)
     dist = torch.tensor([[1.0, 4.0], [2.0, 2.0]])
     nxt = torch.tensor([[3, 5], [7, 7]])
-    assert torch.allclose(S.knn_logprobs(logp, dist, nxt, 0.0, 0.5), logp, atol=1e-6)
-    mixed = S.knn_logprobs(logp, dist, nxt, 0.3, 0.5)
+    assert torch.allclose(mixture(logp, dist, nxt, 0.0, 0.5), logp, atol=1e-6)
+    mixed = mixture(logp, dist, nxt, 0.3, 0.5)
     assert torch.allclose(mixed.exp().sum(-1), torch.ones(2), atol=1e-5)
     assert mixed[0, 3] > logp[0, 3] and mixed[0, 3] - logp[0, 3] > mixed[0, 5] - logp[0, 5]  # nearer votes more
     assert mixed[1, 7] > logp[1, 7] and mixed[1, 0] < logp[1, 0]
-    only = S.knn_logprobs(logp, dist[1:], nxt[1:], 1.0, 0.5)
+    only = mixture(logp, dist[1:], nxt[1:], 1.0, 0.5)
     assert only[0].argmax() == 7 and float(only[0, 7].exp()) > 0.999
 
 

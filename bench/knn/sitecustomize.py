@@ -19,9 +19,10 @@ if os.environ.get("LONGLLAMA_KNN"):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from states import Datastore, StateProbe, knn_logprobs  # noqa: E402
+    from states import Datastore, StateProbe  # noqa: E402
 
     from longllama_lsp import decode, engine  # noqa: E402
+    from longllama_lsp.knn import mixture  # noqa: E402
 
     LAM, TEMP, K = (float(x) for x in os.environ["LONGLLAMA_KNN"].split(":"))
     STORES = Path(os.environ["LONGLLAMA_KNN_STORES"])
@@ -55,7 +56,7 @@ if os.environ.get("LONGLLAMA_KNN"):
             query = _now["probe"].states[0, -1:]  # (1, H): the newest position's state
             dist, rows = store.nearest(query, _now["allowed"], int(K))
             logp = torch.log_softmax(out.logits[0, -1:].float(), -1)
-            out.logits[0, -1] = knn_logprobs(logp, dist, store.next_ids[rows], LAM, TEMP)[0].to(out.logits.dtype)
+            out.logits[0, -1] = mixture(logp, dist, store.next_ids[rows], LAM, TEMP)[0].to(out.logits.dtype)
         return out
 
     engine.Engine._complete = complete_with_knn

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from finetune.commands import load_eval_model  # noqa: E402
 from finetune.evaluate import MemoryCache  # noqa: E402
 from finetune.skill_eval import Repo, SkillArgs, chunks_memory, load_repo, pick_spans, retrieved_chunks  # noqa: E402
+from longllama_lsp.knn import mixture  # noqa: E402
 from longllama_lsp.lexical import ChunkRetriever  # noqa: E402
 
 WINDOW, CONTEXT = 512, 256
@@ -126,13 +127,6 @@ class Datastore:
         d = self.norms[None] - 2 * queries @ self.keys.T + (queries * queries).sum(-1, keepdim=True)
         d = d.masked_fill(~allowed[None], float("inf"))
         return d.topk(k, largest=False)
-
-
-def knn_logprobs(logp: torch.Tensor, dist: torch.Tensor, next_ids: torch.Tensor, lam: float, t: float) -> torch.Tensor:
-    """log((1 - lam) p_model + lam p_knn) for model log-probs (Q, V), the nearest rows' distances and next ids (Q, k)."""
-    w = torch.softmax(-dist / (t * dist[:, :1].clamp_min(1e-6)), -1)
-    p_knn = torch.zeros_like(logp).scatter_add_(1, next_ids, w)
-    return torch.logaddexp(logp + torch.log1p(torch.tensor(-lam)), torch.log(lam * p_knn + 1e-30))
 
 
 class Tally:
@@ -244,7 +238,7 @@ def score_spans(model, tokenizer, probe, repo, store, sa, cache, grid, tallies, 
         k_max = min(max(k for _, _, k in grid), int(allowed.sum()))
         dist, rows = store.nearest(probe.states[0, pos], allowed, k_max)
         for lam, t, k in grid:
-            mixed = knn_logprobs(logp, dist[:, :k], store.next_ids[rows[:, :k]], lam, t) if k_max else logp
+            mixed = mixture(logp, dist[:, :k], store.next_ids[rows[:, :k]], lam, t) if k_max else logp
             tallies[f"knn lam={lam} T={t} K={k}"].add(mixed, target, masks)
 
 
