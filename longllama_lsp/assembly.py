@@ -115,7 +115,8 @@ class Assembler:
                  repositories: Callable[[], Sequence[MemorySource]], cache_tokens: int = 1 << 17,
                  dtype: torch.dtype | None = None, select_tokens: Callable[[], int | None] = lambda: None,
                  tokenize: Callable[[str, str], tuple[list[int], int]] | None = None, edited_tokens: int = 8192,
-                 retrieve_tokens: Callable[[], int] = lambda: 0, token_cache: int = 1 << 18):
+                 retrieve_tokens: Callable[[], int] = lambda: 0, token_cache: int = 1 << 18,
+                 keep_next_ids: Callable[[], bool] = lambda: True):
         self.encode, self.device, self.repositories = encode, device, repositories
         self.retrieve_tokens = retrieve_tokens  # other files' tokens a completion's memory holds (0: all)
         self._retriever = ChunkRetriever()
@@ -131,6 +132,7 @@ class Assembler:
         self.cache_tokens = cache_tokens
         self._token_ids: OrderedDict[str, list[int]] = OrderedDict()  # content hash -> a chunk's ids (next_ids)
         self._token_ids_total, self.token_cache = 0, token_cache
+        self.keep_next_ids = keep_next_ids  # whether a warm-up keeps the ids it reads (the kNN lookup is on)
         self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by key
         self._block_tokens = 0
         self._chunked: OrderedDict[tuple, Sequence[BufferChunk]] = OrderedDict()  # (repo, path, text) -> chunks
@@ -412,8 +414,11 @@ class Assembler:
         return ids
 
     def _keeping_ids(self, meta: Any, read: Callable[[], str | None]) -> Callable[[], str | None]:
-        """`read`, also keeping the text's token ids while the cache has room (a warm-up reads the chunk texts
-        once: the first completion then reads none for its `next_ids` either)."""
+        """`read`, also keeping the text's token ids while the cache has room and completions want them (a
+        warm-up reads the chunk texts once: the first completion then reads none for its `next_ids` either)."""
+        if not self.keep_next_ids():
+            return read
+
         def read_and_keep() -> str | None:
             text = read()
             if text is not None and self.tokenize is not None and self._token_ids_total < self.token_cache:

@@ -267,7 +267,8 @@ class Engine:
                                         self.options.block_cache_tokens, dtype=self._model.dtype,
                                         select_tokens=lambda: self._model.config.mem_budget, tokenize=self._chunk_ids,
                                         edited_tokens=2 * self.options.buffer_memory_tokens,
-                                        retrieve_tokens=lambda: self.options.retrieve_tokens)
+                                        retrieve_tokens=lambda: self.options.retrieve_tokens,
+                                        keep_next_ids=lambda: self.options.knn_weight > 0)
             self._fim = detect_fim(self._tokenizer, getattr(self._tokenizer, "bos_token_id", None))
             self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options,
                                     stop_ids=self._fim.stop_ids if self._fim else ())

@@ -37,11 +37,11 @@ def write_repository(root: Path, files: dict[str, str], open_text: str) -> Path:
 
 
 @contextlib.contextmanager
-def indexed_engine(model_dir: Path, root: Path) -> Iterator[tuple[Engine, Any]]:
-    """(engine, repository): the tiny model with 2-token completions and a 100-token window, `root`
-    indexed (indexer.pipeline: SQLite store, tree-sitter chunks, MemoryBank)."""
+def indexed_engine(model_dir: Path, root: Path, **options: Any) -> Iterator[tuple[Engine, Any]]:
+    """(engine, repository): the tiny model with 2-token completions and a 100-token window (and `options`,
+    EngineOptions fields), `root` indexed (indexer.pipeline: SQLite store, tree-sitter chunks, MemoryBank)."""
     engine = Engine.load(model_dir, "cpu", decode_dtype="float32",
-                         options=EngineOptions(max_tokens=2, context_tokens=100))
+                         options=EngineOptions(**{"max_tokens": 2, "context_tokens": 100, **options}))
     engine.wait_ready()
     ws = Workspace(engine)
     try:

@@ -89,3 +89,12 @@ def test_a_memory_too_large_for_a_lookup_reads_no_chunk_text(repo_engine, monkey
     done = engine.complete(OPEN, len(OPEN), path=str(root / "upload.py"))
     assert done.timings["knnTokens"] == 0 and done.memory_tokens > 10
     assert reads == []
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_warm_up_keeps_chunk_ids_only_for_the_lookup(tiny_model_dir, tmp_path, weight):  # noqa: F811
+    """Indexing's warm-up reads every chunk's text for retrieval; it keeps their token ids for the lookup's
+    next_ids only while the lookup is on."""
+    with indexed_engine(tiny_model_dir, write_repository(tmp_path, FILES, OPEN), knn_weight=weight) as (engine, _):
+        engine.on_worker(lambda: None)  # behind the warm-up job indexing queued
+        assert bool(engine._assembler._token_ids) == (weight > 0)
