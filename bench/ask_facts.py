@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--model", help="checkpoint or delta (default: the bundled default model)")
     p.add_argument("--out", type=Path, default=Path("ask-facts.jsonl"))
+    p.add_argument("--knn-weight", type=float, help="memory.knnWeight (default: the engine's)")
     args = p.parse_args(argv)
     systems = args.systems.split(",")
     if unknown := set(systems) - set(SYSTEMS):
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine.load(args.model, options=EngineOptions(answer_max_tokens=args.max_tokens))
     retrieve = engine.options.retrieve_tokens
+    if args.knn_weight is not None:
+        engine.options.knn_weight = args.knn_weight
     workspace = Workspace(engine)
     try:
         engine.wait_ready()
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         a = engine.answer(q["question"], memory=system != "none")
                         rec = {**q, "repo": name, "system": system, "text": a.text, "right": right(q, a.text),
                                "sources": [s.path for s in a.sources], "memory_tokens": a.memory_tokens,
+                               "knn_tokens": a.timings.get("knnTokens", 0),
                                "seconds": round(time.perf_counter() - t0, 2), "load": os.getloadavg()[0]}
                         sink.write(json.dumps(rec) + "\n")
                         sink.flush()

@@ -588,17 +588,19 @@ class Engine:
         if buffer is not None and self._assembler.home(path, roots) is None:  # in blocks as in _complete
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
-                                       retrieve=lambda: Query.question(question)) if use_memory else NOTHING
+                                       retrieve=lambda: Query.question(question),
+                                       next_tokens=self.options.knn_weight > 0) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
+        knn = self._knn(asm)
         # exact: each question retrieves its own memory, and a prompt reused under another one's memory made
         # the answer depend on the question before it (116 of 146 answers of bench/ask_facts.py changed)
         gen = self._decoder.generate(req, ids, asm.memory, max_new, on_token=stream, session=("ask",),
                                      sources=asm.memory is not None, repetition=self.options.answer_repetition,
-                                     exact=True)
+                                     exact=True, knn=knn)
         text = stream.flush(gen.tokens)
         timings = {"queue": _ms(req.submitted, req.started or t0), "memory": _ms(t0, t1), **gen.timings,
-                   "total": _ms(t0, time.perf_counter())}
+                   "total": _ms(t0, time.perf_counter()), "knnTokens": len(knn.datastore) if knn else 0}
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens), len(ids))
 

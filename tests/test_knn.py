@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_memory import RETRY_FILES, RETRY_OPEN, indexed_engine, write_repository
+from helpers_memory import RETRY_FILES, RETRY_OPEN, indexed_engine, visible_chunks, write_repository
 from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
 
 from longllama_lsp.knn import Datastore
@@ -98,3 +98,19 @@ def test_the_warm_up_keeps_chunk_ids_only_for_the_lookup(tiny_model_dir, tmp_pat
     with indexed_engine(tiny_model_dir, write_repository(tmp_path, FILES, OPEN), knn_weight=weight) as (engine, _):
         engine.on_worker(lambda: None)  # behind the warm-up job indexing queued
         assert bool(engine._assembler._token_ids) == (weight > 0)
+
+
+def test_answers_read_the_lookup_too(repo_engine):
+    """`longllama ask` mixes in the same lookup over the memory its question retrieves (here chorus.py alone,
+    the file it names: a named file gets half of retrieveTokens)."""
+    engine, repo, _ = repo_engine
+    chorus = sum(len(repo.bank.chunk_slots(c)) for c in repo.bank.chunks_of("chorus.py"))
+    engine.options.retrieve_tokens = 2 * chorus
+    engine.options.answer_max_tokens = 3
+    engine.options.knn_weight = 0.0
+    plain = engine.answer("What does chorus.py say?", memory=True)
+    engine.options.knn_weight = 0.9
+    steered = engine.answer("What does chorus.py say?", memory=True)
+    assert {m.path for m in visible_chunks(engine, repo.bank)} == {"chorus.py"}
+    assert steered.timings["knnTokens"] == chorus - 1  # its last slot's next token is unknown
+    assert steered.text == "la la la" != plain.text
