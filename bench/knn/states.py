@@ -15,8 +15,9 @@ The state is the last layer's FFN input (its post_attention_layernorm output), a
    system's NLL and top-1 over all span tokens, cross-file identifier tokens and their first tokens, alone
    and with kNN over the other files' states for a grid of lam, T, K.
 `bench/knn/sitecustomize.py` puts the same lookup into the language server for bench/crossfile/run.py.
-`--state kv:21` looks up the last memory layer's key and value projections instead (what the product's
-lookup uses, longllama_lsp/knn.py; stores `store-<repo>-kv21.pt`).
+`--state kv:L` looks up layer L's key and value projections instead (stores `store-<repo>-kvL.pt`). The
+product's lookup (longllama_lsp/knn.py) uses the last memory layer's, 23 for the shipped model (memory at 17,
+18, 23): `kv:23`. Stop 43's NLL rows used `kv:21`, the layer two below it, which keeps no memory.
 """
 from __future__ import annotations
 
