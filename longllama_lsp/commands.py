@@ -77,6 +77,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="memory holds only the chunks of other files that best match the code before the cursor "
                         "(complete) or the names in the question (ask; a question naming nothing in the code reads "
                         f"all of memory), N tokens of them (default {EngineOptions.retrieve_tokens}; 0: every chunk)")
+    p.add_argument("--knn-weight", type=mixture_weight, default=None, metavar="W",  # None: not given
+                   help="each step mixes the model's next-token distribution with the tokens that followed the "
+                        "memory positions most like the current one, with weight W (kNN-LM over memory; default "
+                        f"{EngineOptions.knn_weight}; 0: off)")
     p.add_argument("--no-server", action="store_true", help="load the model here even when a running "
                    "`longllama serve --tcp` has the repository open (used by default unless --model, --device, "
                    "--dtype, --decode-dtype, --select-tokens, --retrieve-tokens or --knn-weight is given: the "
@@ -117,10 +121,11 @@ def _server_settings(args: argparse.Namespace, **completion: Any) -> dict[str, A
 
 
 def _workspace(args: argparse.Namespace, **options: Any) -> Workspace:
-    """The engine, loaded, with --repo indexed into its memory (unless --no-memory)."""
-    select = EngineOptions.select_tokens if args.select_tokens is None else args.select_tokens
-    opts = EngineOptions(memory=not args.no_memory, select_tokens=select,
-                         **{k: v for k, v in options.items() if v is not None})
+    """The engine, loaded, with --repo indexed into its memory (unless --no-memory), the memory options given
+    (_common's) and `options` (EngineOptions fields; None: the default)."""
+    given = {"select_tokens": args.select_tokens, "retrieve_tokens": args.retrieve_tokens,
+             "knn_weight": args.knn_weight, **options}
+    opts = EngineOptions(memory=not args.no_memory, **{k: v for k, v in given.items() if v is not None})
     engine = Engine.load(args.model, args.device, args.dtype, options=opts, decode_dtype=args.decode_dtype)
     workspace = Workspace(engine)  # open_indexer: read-only while another process writes
     try:
@@ -168,7 +173,6 @@ def format_sources(sources: list[Source]) -> str:
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question, in quotes")
     _common(p)
-    p.set_defaults(knn_weight=None)  # completions only
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -189,7 +193,7 @@ def run_ask(args: argparse.Namespace) -> int:
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
-    workspace = _workspace(args, answer_max_tokens=args.max_tokens, retrieve_tokens=args.retrieve_tokens)
+    workspace = _workspace(args, answer_max_tokens=args.max_tokens)
     try:
         held = [""]  # a CR that may start a CRLF split across two pieces
 
@@ -253,10 +257,6 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
-    p.add_argument("--knn-weight", type=mixture_weight, default=None, metavar="W",  # None: not given
-                   help="each step mixes the model's next-token distribution with the tokens that followed the "
-                        "memory positions most like the current one, with weight W (kNN-LM over memory; default "
-                        f"{EngineOptions.knn_weight}; 0: off)")
     _common(p)
 
 
@@ -296,8 +296,7 @@ def run_complete(args: argparse.Namespace) -> int:
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
-    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode, retrieve_tokens=args.retrieve_tokens,
-                           knn_weight=args.knn_weight)
+    workspace = _workspace(args, max_tokens=args.max_tokens, mode=args.mode)
     try:
         done = workspace.engine.complete(text, offset, path=str(path.resolve()), mode=args.mode)
     finally:

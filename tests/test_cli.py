@@ -167,7 +167,8 @@ def test_retrieve_tokens_reaches_the_engine_of_ask_and_complete(command, tiny_mo
     assert [o.retrieve_tokens for o in seen] == [0]
 
 
-def test_knn_weight_reaches_the_engine_of_complete(tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.parametrize("command", [["complete", "main.py:1:1"], ["ask", "What does shout return?"]])
+def test_knn_weight_reaches_the_engine(command, tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     from longllama_lsp.engine import Engine
 
     (tmp_path / "main.py").write_text("def shout(text):\n    return text.upper()\n")
@@ -175,12 +176,12 @@ def test_knn_weight_reaches_the_engine_of_complete(tiny_model_dir, tmp_path, mon
     seen = []
     load = Engine.load.__func__
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **kw: seen.append(kw["options"]) or load(cls, *a, **kw)))
-    assert main(["complete", "main.py:1:1", "--repo", str(tmp_path), "--model", str(tiny_model_dir), "--max-tokens",
+    assert main([*command, "--repo", str(tmp_path), "--model", str(tiny_model_dir), "--max-tokens",
                  "1", "--knn-weight", "0"]) == 0  # given: the model loads here, not in a running server
     assert [o.knn_weight for o in seen] == [0.0]
     for bad in ("1", "-0.1", "lots"):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["complete", "main.py:1:1", "--knn-weight", bad])
+            build_parser().parse_args([*command, "--knn-weight", bad])
         assert f"argument --knn-weight: expected a number from 0 to 0.9, got '{bad}'" in capsys.readouterr().err
 
 
