@@ -36,8 +36,9 @@ def make_folder(root: Path, key: str, note: int, rng: random.Random, notes: int 
     (root / "question.md").write_text(QUESTION)
 
 
-def cli(args: list[str], cwd: Path, model: str | None) -> str:
-    cmd = [sys.executable, "-m", "longllama_lsp.cli", *args, "--no-server"] + (["--model", model] if model else [])
+def cli(args: list[str], cwd: Path, model: str | None, knn_weight: float | None = None) -> str:
+    cmd = [sys.executable, "-m", "longllama_lsp.cli", *args, "--no-server"] + (["--model", model] if model else []) \
+        + (["--knn-weight", str(knn_weight)] if knn_weight is not None else [])
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:1])} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folders", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
+    p.add_argument("--knn-weight", type=float, help="memory.knnWeight for both commands (default: theirs)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     results = []
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             key, note = str(rng.randint(1, 50000)), rng.randrange(12)
             root = Path(tmp) / f"notes-{f}"
             make_folder(root, key, note, rng)
-            ask = cli(["ask", "--repo", str(root), ASK_QUESTION], root, args.model)
-            complete = cli(["complete", "--repo", str(root), f"question.md:1:{len(QUESTION) + 1}"], root, args.model)
+            ask = cli(["ask", "--repo", str(root), ASK_QUESTION], root, args.model, args.knn_weight)
+            complete = cli(["complete", "--repo", str(root), f"question.md:1:{len(QUESTION) + 1}"], root, args.model,
+                           args.knn_weight)
             results.append({"key": key, "note": f"notes_{note:02d}.md", "ask": ask, "complete": complete,
                             "ask_ok": key in ask, "complete_ok": key in complete})
             print(f"key {key} in notes_{note:02d}.md | ask: {ask[:100]!r} | complete: {complete[:60]!r}", flush=True)
