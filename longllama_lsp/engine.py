@@ -151,8 +151,8 @@ class EngineOptions(DecodeOptions):
     # up to this many tokens (lexical.py; 0: every resident chunk); an answer's, those its question names
     # (lexical.Query.question). Setting memory.retrieveTokens.
     retrieve_tokens: int = 4096
-    # Each completion step mixes in the kNN lookup over its memory with this weight (knn.py; 0: off).
-    # Setting memory.knnWeight; BENCHMARKS.md "Stop 43".
+    # Each completion and answer step mixes in the kNN lookup over its memory with this weight (knn.py; 0:
+    # off). Setting memory.knnWeight; BENCHMARKS.md "Stop 43" (completions) and "Stop 44" (answers).
     knn_weight: float = 0.3
     top_sources: int = 5
     # Completions take their sources from the last prompt token only: sampling generated tokens too

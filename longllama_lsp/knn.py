@@ -1,5 +1,5 @@
-"""kNN-LM over a completion's memory (Khandelwal et al. 2020): the tokens that followed the memory slots most
-like the newest position vote beside the model at every decode step.
+"""kNN-LM over a completion's or an answer's memory (Khandelwal et al. 2020): the tokens that followed the
+memory slots most like the newest position vote beside the model at every decode step.
 
     p = (1 - weight) p_model + weight p_knn,   p_knn(v) = sum over the K nearest slots s whose next token is v
         of softmax_s(-d_s / (T d_1)),   d = squared L2 distance between states, d_1 the nearest's

@@ -88,9 +88,9 @@ class MemorySettings:
         "(completions: chunks defining the names it uses or imports first, then BM25 over identifiers) or the "
         "names in the question (ask; a question naming nothing in the code reads all of memory), up to this "
         "many tokens (0: every chunk)", min=0))
-    # 0.3: BENCHMARKS.md "Stop 43" (bench/crossfile, the eighth hole set).
+    # 0.3: BENCHMARKS.md "Stop 43" (bench/crossfile, the eighth hole set); answers: "Stop 44" (bench/ask_facts).
     knn_weight: float = field(default=0.3, metadata=_doc(
-        "completions mix the model's next-token distribution with the tokens that followed the memory "
+        "completions and answers mix the model's next-token distribution with the tokens that followed the memory "
         "positions most like the current one, with this weight (kNN-LM over a memory of at most 65536 tokens, "
         "as retrieveTokens keeps it; 0: off)", min=0, max=0.9))
 
