@@ -501,11 +501,11 @@ class Engine:
             return None
         from .knn import Datastore, Knn, QueryProbe
 
-        layers = self._model.config.mem_layers
+        layer = max(self._model.config.mem_layers)
         if self._knn_last is None or self._knn_last[0]() is not asm:
-            self._knn_last = (weakref.ref(asm), Datastore.of(asm.memory, asm.next_ids, layers))
+            self._knn_last = (weakref.ref(asm), Datastore.of(asm.memory, asm.next_ids, layer))
         if self._knn_probe is None:
-            self._knn_probe = QueryProbe(self._model, layers)
+            self._knn_probe = QueryProbe(self._model, layer)
         store = self._knn_last[1]
         return Knn(store, self._knn_probe, weight) if store is not None else None
 

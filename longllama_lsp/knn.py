@@ -4,10 +4,9 @@ memory slots most like the newest position vote beside the model at every decode
     p = (1 - weight) p_model + weight p_knn,   p_knn(v) = sum over the K nearest slots s whose next token is v
         of softmax_s(-d_s / (T d_1)),   d = squared L2 distance between states, d_1 the nearest's
 
-A slot's state is what the index already keeps for it: its key and value at every memory layer (their k_proj
-and v_proj outputs, unrotated), concatenated (17, 18 and 23 for the shipped model: 3 x 384 numbers). The
-newest position's state comes from the same projections while decoding (`QueryProbe`), so the lookup costs no
-storage and no encoding beyond the memory's own. The
+A slot's state is what the index already keeps for it: the last memory layer's key and value (its k_proj and
+v_proj outputs, unrotated), concatenated. The newest position's state comes from the same projections while
+decoding (`QueryProbe`), so the lookup costs no storage and no encoding beyond the memory's own. The
 datastore is the memory the completion attends to (its visible slots whose next token is known:
 `Assembled.next_ids`), so it is what retrieval picked for the code before the cursor plus the open file.
 
@@ -17,7 +16,6 @@ same name was used elsewhere say what came next there. BENCHMARKS.md "Stop 43" h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +28,14 @@ if TYPE_CHECKING:
 NEIGHBOURS = 256
 TEMPERATURE = 0.25
 # A memory with more visible slots gets no lookup: memory.retrieveTokens 0 over a large repository would make
-# the datastore a float32 copy of every slot (4.6 KB a slot with three memory layers: 4.6 GB at 1M tokens, 300
-# MB at this cap) and read every chunk's text for next_ids. Retrieval's memory (4,096 tokens of other files
-# plus the open file's chunks) holds ~4-10k.
+# the datastore a float32 copy of every slot (1.5 GB at 1M tokens) and read every chunk's text for next_ids.
+# Retrieval's memory (4,096 tokens of other files plus the open file's chunks) holds ~4-10k.
 MAX_TOKENS = 1 << 16
 
 
 @dataclass
 class Datastore:
-    """Memory slots whose next token is known: states (N, S) float32 (S = layers x 2 Hkv D), next ids (N,)
-    int64."""
+    """Memory slots whose next token is known: states (N, S) float32 (S = 2 Hkv D), next ids (N,) int64."""
 
     states: torch.Tensor
     next_ids: torch.Tensor
@@ -48,19 +44,17 @@ class Datastore:
         self.norms = (self.states * self.states).sum(-1)  # (N,)
 
     @classmethod
-    def of(cls, memory: Memory, next_ids: torch.Tensor, layers: Sequence[int]) -> Datastore | None:
-        """The slots of `memory` with a next token (next_ids (M,): -1 where unknown or hidden, as Assembler sets
-        them for the visible slots only), their keys and values at `layers`; None if none."""
-        next_ids = next_ids.to(memory[layers[0]].keys.device)
+    def of(cls, memory: Memory, next_ids: torch.Tensor, layer: int) -> Datastore | None:
+        """The slots of `memory` at `layer` with a next token (next_ids (M,): -1 where unknown or hidden, as
+        Assembler sets them for the visible slots only); None if none."""
+        cache = memory[layer]
+        next_ids = next_ids.to(cache.keys.device)
         rows = (next_ids >= 0).nonzero()[:, 0]  # (N,)
         if not len(rows):
             return None
-        parts = []
-        for layer in layers:
-            cache = memory[layer]
-            parts.append(cache.keys[0][:, rows].transpose(0, 1).flatten(1).float())  # (N, Hkv * D)
-            parts.append(cache.values[0][:, rows].transpose(0, 1).flatten(1).float())  # (N, Hkv * D)
-        return cls(torch.cat(parts, -1), next_ids[rows])
+        keys = cache.keys[0][:, rows].transpose(0, 1).flatten(1)  # (N, Hkv * D)
+        values = cache.values[0][:, rows].transpose(0, 1).flatten(1)  # (N, Hkv * D)
+        return cls(torch.cat([keys, values], -1).float(), next_ids[rows])
 
     def __len__(self) -> int:
         return len(self.next_ids)
@@ -85,22 +79,21 @@ def mixture(logp: torch.Tensor, dist: torch.Tensor, next_ids: torch.Tensor, weig
 
 
 class QueryProbe:
-    """The newest position's state at memory layers `layers` in the model's latest forward (`state()`): their
+    """The newest position's state at memory layer `layer` in the model's latest forward (`state()`): its
     k_proj and v_proj outputs, caught by forward hooks registered once for the model's lifetime. Every
     forward of the model passes them (memory encoding too); the decoder reads them right after its step,
     on the worker thread that owns the model."""
 
-    def __init__(self, model: Any, layers: Sequence[int]):
-        self._order = [(layer, name) for layer in layers for name in ("k", "v")]  # Datastore's column order
-        self._parts: dict[tuple[int, str], torch.Tensor] = {}
-        for layer, name in self._order:
-            getattr(model.model.layers[layer].self_attn, f"{name}_proj").register_forward_hook(
-                lambda _module, _inputs, out, part=(layer, name): self._parts.__setitem__(part, out))
+    def __init__(self, model: Any, layer: int):
+        attention = model.model.layers[layer].self_attn
+        self._parts: dict[str, torch.Tensor] = {}
+        for name in ("k", "v"):
+            getattr(attention, f"{name}_proj").register_forward_hook(
+                lambda _module, _inputs, out, name=name: self._parts.__setitem__(name, out))
 
     def state(self) -> torch.Tensor:
-        """(S,) = (layers x 2 Hkv D,): the last position's key then value projection at each layer, as
-        Datastore's rows."""
-        return torch.cat([self._parts[part][0, -1] for part in self._order]).detach()
+        """(S,) = (2 Hkv D,): the last position's key then value projection, as Datastore's rows."""
+        return torch.cat([self._parts["k"][0, -1], self._parts["v"][0, -1]]).detach()
 
 
 @dataclass
