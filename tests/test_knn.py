@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers_memory import RETRY_FILES, RETRY_OPEN, indexed_engine, visible_chunks, write_repository
-from helpers_models import smol_tokenizer_dir, tiny_model_dir  # noqa: F401
+from helpers_models import smol_tokenizer, smol_tokenizer_dir, tiny_model_dir, tiny_model_for  # noqa: F401
 
-from longllama_lsp.knn import Datastore
+from longllama_lsp.knn import Datastore, QueryProbe
 
 FILES = {**RETRY_FILES, "chorus.py": "# la" + " la" * 60 + "\n"}
 OPEN = RETRY_OPEN
@@ -36,6 +36,20 @@ def test_mix_is_a_distribution_moved_toward_the_nearest_slots_next_tokens():
     assert mixed.argmax().item() == 3  # the query is row 3's state: its next token gets the most votes
     assert mixed[10:].exp().tolist() == pytest.approx([0.7 / 12] * 2, rel=1e-4)  # no slot votes for 10, 11
     assert torch.allclose(store.mix(logits, states[3], 0.0), torch.log_softmax(logits, 0))
+
+
+@torch.no_grad()
+def test_the_query_and_a_slot_are_the_same_numbers_in_the_same_order(smol_tokenizer):  # noqa: F811
+    """A position decoded as a memory slot was encoded is its own nearest slot, at distance 0: the probe's
+    query (key then value projection at the last memory layer) is laid out as the datastore's rows."""
+    model = tiny_model_for(smol_tokenizer, mem_layers=[0, 1]).eval()
+    ids = torch.tensor([smol_tokenizer("def shout(text):\n    return text.upper()")["input_ids"]])  # (1, T)
+    store = Datastore.of(model.encode_memory(ids), torch.arange(ids.shape[1]), 1)
+    probe = QueryProbe(model, 1)
+    model(ids[:, :6])  # no memory: the same computation up to the memory layers as the encode's
+    assert store.states.shape == (ids.shape[1], 2 * model.config.num_key_value_heads * model.config.head_dim)
+    assert torch.allclose(probe.state(), store.states[5], atol=1e-5)
+    assert not torch.allclose(store.states[4], store.states[5], atol=1e-3)
 
 
 def test_next_ids_are_each_visible_slots_following_token(repo_engine):
