@@ -268,7 +268,7 @@ class Engine:
                                         select_tokens=lambda: self._model.config.mem_budget, tokenize=self._chunk_ids,
                                         edited_tokens=2 * self.options.buffer_memory_tokens,
                                         retrieve_tokens=lambda: self.options.retrieve_tokens,
-                                        keep_next_ids=lambda: self.options.knn_weight > 0)
+                                        keep_next_ids=self._knn_on)
             self._fim = detect_fim(self._tokenizer, getattr(self._tokenizer, "bos_token_id", None))
             self._decoder = Decoder(self._model, self._tokenizer, lambda: self.options,
                                     stop_ids=self._fim.stop_ids if self._fim else ())
@@ -469,7 +469,7 @@ class Engine:
                                        buffer=Buffer(text, prompt.window_offset, offset),
                                        defer_edits=self.options.defer_edits,
                                        retrieve=lambda: Query.before_cursor(text[:offset]),
-                                       next_tokens=self.options.knn_weight > 0) if use_memory else NOTHING
+                                       next_tokens=self._knn_on()) if use_memory else NOTHING
         self._encode_deferred_later()  # scheduled now: encoded even if typing cancels this completion
         t2 = time.perf_counter()
         syntax = SyntaxBlock.at(path, text, offset) if mode == "block" and not rest_of_line(prompt.suffix).strip() \
@@ -493,11 +493,15 @@ class Engine:
         return Completion(out, req.id, found, timings, gen.stop_reason, stop.rule.mode, len(ids), gen.reused_tokens,
                           asm.tokens, len(gen.tokens))
 
+    def _knn_on(self) -> bool:
+        """Whether completions and answers mix in the kNN lookup (memory.knnWeight > 0, a model with memory
+        layers): then requests need their memory's next_ids and the warm-up keeps chunk ids."""
+        return self.options.knn_weight > 0 and bool(self._model.config.mem_layers)
+
     def _knn(self, asm: Assembled) -> Knn | None:
         """The kNN lookup over `asm`'s memory (knn.py); None when off or no memory slot has a next token. The
         datastore is kept while the request memory is (typing on reuses it)."""
-        weight = self.options.knn_weight
-        if weight <= 0 or asm.memory is None or asm.next_ids is None or not self._model.config.mem_layers:
+        if not self._knn_on() or asm.memory is None or asm.next_ids is None:
             return None
         from .knn import Datastore, Knn, QueryProbe
 
@@ -507,7 +511,7 @@ class Engine:
         if self._knn_probe is None:
             self._knn_probe = QueryProbe(self._model, layer)
         store = self._knn_last[1]
-        return Knn(store, self._knn_probe, weight) if store is not None else None
+        return Knn(store, self._knn_probe, self.options.knn_weight) if store is not None else None
 
     def _encode_deferred_later(self) -> None:
         """Encode the edited chunks the last completion left out once completions pause (`defer_idle_ms`),
@@ -589,7 +593,7 @@ class Engine:
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
                                        retrieve=lambda: Query.question(question),
-                                       next_tokens=self.options.knn_weight > 0) if use_memory else NOTHING
+                                       next_tokens=self._knn_on()) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
         knn = self._knn(asm)
