@@ -107,6 +107,39 @@ class Buffer:
     cursor: int | None = None
 
 
+class TokenIds:
+    """Chunk token ids by content hash (the kNN lookup's next_ids), at most `limit` tokens in all: the least
+    recently read go first. A warm-up adds only while there is room (`has_room`): it must not push out what a
+    completion read a moment ago."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._total = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._ids)
+
+    def get(self, content_hash: str) -> list[int] | None:
+        ids = self._ids.get(content_hash)
+        if ids is not None:
+            self._ids.move_to_end(content_hash)
+        return ids
+
+    def has_room(self) -> bool:
+        return self._total < self.limit
+
+    def put(self, content_hash: str, ids: list[int]) -> None:
+        self._total += len(ids) - len(self._ids.pop(content_hash, ()))
+        self._ids[content_hash] = ids
+        while self._total > self.limit and len(self._ids) > 1:
+            self._total -= len(self._ids.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self._total = 0
+
+
 class Assembler:
     """Builds request memories from repositories (repository.MemorySource, read through the
     `repositories` provider per request) and blocks."""
@@ -130,8 +163,7 @@ class Assembler:
         self.tokenize = tokenize
         self.edited_tokens = edited_tokens  # most tokens of edited buffer chunks encoded, nearest the cursor first
         self.cache_tokens = cache_tokens
-        self._token_ids: OrderedDict[str, list[int]] = OrderedDict()  # content hash -> a chunk's ids (next_ids)
-        self._token_ids_total, self.token_cache = 0, token_cache
+        self._token_ids = TokenIds(token_cache)  # content hash -> a chunk's ids (next_ids)
         self.keep_next_ids = keep_next_ids  # whether a warm-up keeps the ids it reads (the kNN lookup is on)
         self._blocks: OrderedDict[str, Memory] = OrderedDict()  # encoded blocks and edited chunks by key
         self._block_tokens = 0
@@ -397,20 +429,12 @@ class Assembler:
         """A resident chunk's token ids (its memory slots'), cached by content hash; None if unreadable."""
         ids = self._token_ids.get(meta.content_hash)
         if ids is not None:
-            self._token_ids.move_to_end(meta.content_hash)
             return ids
         text = _reader(repo, meta)() if repo is not None or isinstance(meta, BufferChunk) else None
         if text is None or self.tokenize is None:
             return None
-        ids = self._keep_ids(meta.content_hash, text)
-        while self._token_ids_total > self.token_cache and len(self._token_ids) > 1:
-            self._token_ids_total -= len(self._token_ids.popitem(last=False)[1])
-        return ids
-
-    def _keep_ids(self, content_hash: str, text: str) -> list[int]:
         ids, _ = self.tokenize(text, "")  # a chunk's own tokens: as the encoder cuts them, no context
-        self._token_ids[content_hash] = ids
-        self._token_ids_total += len(ids)
+        self._token_ids.put(meta.content_hash, ids)
         return ids
 
     def _keeping_ids(self, meta: Any, read: Callable[[], str | None]) -> Callable[[], str | None]:
@@ -421,8 +445,8 @@ class Assembler:
 
         def read_and_keep() -> str | None:
             text = read()
-            if text is not None and self.tokenize is not None and self._token_ids_total < self.token_cache:
-                self._keep_ids(meta.content_hash, text)
+            if text is not None and self.tokenize is not None and self._token_ids.has_room():
+                self._token_ids.put(meta.content_hash, self.tokenize(text, "")[0])
             return text
         return read_and_keep
 

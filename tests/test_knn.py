@@ -128,3 +128,21 @@ def test_answers_read_the_lookup_too(repo_engine):
     assert {m.path for m in visible_chunks(engine, repo.bank)} == {"chorus.py"}
     assert steered.timings["knnTokens"] == chorus - 1  # its last slot's next token is unknown
     assert steered.text == "la la la" != plain.text
+
+
+def test_token_ids_keep_the_recently_read_within_their_bound():
+    """The chunk-id cache evicts the least recently read first and never holds more than its bound after a
+    put; a warm-up asks has_room first, so it stops adding at the bound instead of evicting."""
+    from longllama_lsp.assembly import TokenIds
+
+    cache = TokenIds(limit=10)
+    cache.put("a", [1, 2, 3, 4])
+    cache.put("b", [5, 6, 7, 8])
+    assert cache.has_room()
+    assert cache.get("a") == [1, 2, 3, 4]  # read: now the most recent
+    cache.put("c", [9, 10, 11, 12])  # 12 > 10: the least recently read (b) goes
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    cache.put("d", [13, 14])  # 10 tokens: at the bound, kept
+    assert cache.get("d") is not None and not cache.has_room()
+    cache.put("c", [1])  # replacing counts the old ids out
+    assert cache.has_room()
