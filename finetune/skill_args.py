@@ -9,7 +9,8 @@ def add_arguments(p) -> None:
     """`longllama eval --task` options (the perplexity mode's --repo, --model, --json are shared)."""
     p.add_argument("--task", default="perplexity", choices=("perplexity", "skill", *TASKS),
                    help="perplexity (default): memory conditions as above; crossfile-ids: NLL/top-1 of "
-                        "cross-file identifier tokens with repository memory, retrieved memory, none and BM25 snippets; "
+                        "cross-file identifier tokens with repository memory, retrieved memory (with and without the kNN "
+                        "lookup), none and BM25 snippets; "
                         "passkey: the probe with a memory bag; guard: perplexity without memory; "
                         "skill: all three (finetune/skill_eval.py)")
     p.add_argument("--budget", type=int, default=512, help="crossfile-ids: prompt tokens per span (default: 512)")
@@ -24,6 +25,13 @@ def add_arguments(p) -> None:
                    help="crossfile-ids and passkey: each memory chunk is encoded after the N tokens before it, as "
                         "the index encodes chunks after the 1,024 characters before them (default: 256; 0: each "
                         "chunk alone, as indexes before stop 34)")
+    from longllama_lsp.commands import mixture_weight
+    from longllama_lsp.engine import EngineOptions
+
+    p.add_argument("--knn-weight", type=mixture_weight, default=EngineOptions.knn_weight, metavar="W",
+                   help="crossfile-ids: the 'knn' system's share of each token's distribution from the kNN lookup "
+                        f"over the retrieved memory (the server's memory.knnWeight; default: {EngineOptions.knn_weight}; "
+                        "0: as retrieved)")
     p.add_argument("--files-per-repo", type=int, default=6, help="crossfile-ids: files scored per repository")
     p.add_argument("--spans-per-file", type=int, default=2)
     p.add_argument("--passkey-lengths", default="4096,16384,65536")

@@ -14,6 +14,9 @@ crossfile-ids  On held-out repositories, spans of `span_len` tokens of a file F 
                          other files' chunks that best match the 20 lines before the span (BM25 over
                          identifiers, longllama_lsp.lexical, as Assembler._retrieve ranks them), up
                          to `retrieve_tokens`; one memory per span
+                 knn     retrieved + the kNN lookup over that memory (longllama_lsp/knn.py, weight
+                         `knn_weight` = memory.knnWeight): what completions read; scored from the
+                         retrieved system's own forward pass (no extra model time)
                  bm25    BM25 snippets of the other files (bench/crossfile/retrieval.py: 20-line
                          windows, query = the 20 lines before the span, at most half the prompt)
                          pasted as comments before the in-file prefix, cut to the same budget
@@ -51,9 +54,10 @@ from finetune.config import DataArgs
 from finetune.data import SourceFile, collect_files, document_ends
 from finetune.evaluate import chunk_candidates
 from finetune.pycode import analyse, crossfile_names, exports, module_name, resolve_imports, token_flags
+from longllama_lsp.engine import EngineOptions
 from longllama_lsp.lexical import Candidate, ChunkRetriever, Query
 
-SYSTEMS = ("none", "memory", "retrieved", "bm25")
+SYSTEMS = ("none", "memory", "retrieved", "knn", "bm25")
 from finetune.skill_args import TASKS  # noqa: E402  (argparse side kept torch-free)
 
 
@@ -67,6 +71,7 @@ class SkillArgs:
     # Tokens of its file before a memory chunk that it is encoded after: the index's 1,024 characters are
     # ~256-300 tokens of code (indexer.encoder.CONTEXT_CHARS); 0: alone, as the index encoded before stop 34.
     memory_context: int = 256
+    knn_weight: float = EngineOptions.knn_weight  # the "knn" system's mixture weight (memory.knnWeight)
     files_per_repo: int | None = 6  # files scored per repository (seeded sample of those with spans)
     spans_per_file: int = 2
     batch_size: int = 4
@@ -284,15 +289,23 @@ class SystemScore:
 
 @torch.no_grad()
 def _score(model, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]],
-           starts: list[list[bool]], memory, *scores: SystemScore) -> None:
+           starts: list[list[bool]], memory, *scores: SystemScore) -> torch.Tensor:
     """prompts[i] + targets[i] in one right-padded batch; scores the targets (flagged ones as xid, `starts`
-    as a name's first token) into each of `scores` (a total and a repository's: one forward pass for both)."""
+    as a name's first token) into each of `scores` (a total and a repository's: one forward pass for both).
+    Returns the log-probabilities (B, T, V)."""
     from finetune.evaluate import _pad
 
     rows = [p + t for p, t in zip(prompts, targets, strict=True)]
     ids, mask = _pad(rows, model.device)
     out = model(ids, attention_mask=mask, memory=memory, use_cache=True, last_context_length=ids.shape[1])
-    logp = torch.log_softmax(out.logits.float(), -1)
+    logp = torch.log_softmax(out.logits.float(), -1)  # (B, T, V)
+    _tally(logp, prompts, targets, flags, starts, *scores)
+    return logp
+
+
+def _tally(logp: torch.Tensor, prompts: list[list[int]], targets: list[list[int]], flags: list[list[bool]],
+           starts: list[list[bool]], *scores: SystemScore) -> None:
+    """Adds the targets' NLL and top-1 under `logp` (B, T, V) to each of `scores`."""
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logp.device)
         tgt = torch.tensor(t, device=logp.device)
@@ -324,6 +337,9 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
     scores = {s: SystemScore() for s in systems}
     per_repo: dict[str, dict[str, SystemScore]] = {}
     n_spans, mem_sizes, retrieved_sizes = 0, [], []
+    if "knn" in systems and "retrieved" not in systems:
+        raise ValueError("the knn system is scored from the retrieved system's forward pass: list both")
+    lookup = EvalLookup(model, args.knn_weight) if "knn" in systems else None
     t0 = time.perf_counter()
     for repo in repos:
         spans = pick_spans(repo, args)
@@ -340,12 +356,17 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
             tstarts = [f.starts[s.start:s.end] for s in group]
             plain = [f.ids[max(0, s.start - ctx):s.start] for s in group]
             for system in systems:
+                if system == "knn":
+                    continue  # scored with "retrieved", from its forward pass
                 if system == "retrieved":  # one memory per span: each retrieves for its own code
                     for s, target, fl, st, prompt in zip(group, targets, tflags, tstarts, plain, strict=True):
                         keys = retrieved_chunks(repo, s, args, tokenizer, retriever)
                         memory = chunks_memory(cache, repo, keys, args.chunk_len)
                         retrieved_sizes.append(memory.num_tokens if memory is not None else 0)
-                        _score(model, [prompt], [target], [fl], [st], memory, scores[system], rs[system])
+                        logp = _score(model, [prompt], [target], [fl], [st], memory, scores[system], rs[system])
+                        if lookup is not None:
+                            mixed = lookup.mix(logp, memory, [chunk_ids(repo, k, args.chunk_len) for k in keys])
+                            _tally(mixed, [prompt], [target], [fl], [st], scores["knn"], rs["knn"])
                     continue
                 memory = None
                 if system == "memory":
@@ -372,10 +393,40 @@ def eval_crossfile(model, tokenizer, repos: Sequence[Repo], args: SkillArgs, sys
     base, mem = out["systems"].get("none", {}).get("xid_nll"), out["systems"].get("memory", {}).get("xid_nll")
     if base and mem:
         out["memory_vs_none"] = mem / base - 1
-    got = out["systems"].get("retrieved", {}).get("xid_nll")
-    if base and got:
-        out["retrieved_vs_none"] = got / base - 1
+    for system in ("retrieved", "knn"):
+        got = out["systems"].get(system, {}).get("xid_nll")
+        if base and got:
+            out[f"{system}_vs_none"] = got / base - 1
     return out
+
+
+class EvalLookup:
+    """The engine's kNN lookup (longllama_lsp/knn.py) on scored spans: the datastore is the span's retrieved
+    memory at the last memory layer, each slot with the token after it in its chunk; the queries are every
+    position's state in the same forward pass (a QueryProbe on the model)."""
+
+    def __init__(self, model, weight: float):
+        from longllama_lsp.knn import QueryProbe
+
+        self.weight = weight
+        self.layer = max(model.config.mem_layers) if model.config.mem_layers else None
+        self.probe = QueryProbe(model, self.layer) if self.layer is not None else None
+
+    def mix(self, logp: torch.Tensor, memory, chunks: list[list[int]]) -> torch.Tensor:
+        """logp (1, T, V) of the latest forward with `memory`, whose slots hold `chunks`' ids in order ->
+        log((1 - w) p + w p_knn) (1, T, V); `logp` itself without memory or memory layers."""
+        from longllama_lsp.knn import TEMPERATURE, Datastore, mixture
+
+        if memory is None or self.probe is None or self.weight <= 0:
+            return logp
+        next_ids = torch.tensor([t for ids in chunks for t in [*ids[1:], -1]], dtype=torch.int64)  # (M,)
+        if len(next_ids) != memory.num_tokens:
+            raise ValueError(f"memory holds {memory.num_tokens} slots, its chunks {len(next_ids)} tokens")
+        store = Datastore.of(memory, next_ids, self.layer)
+        if store is None:
+            return logp
+        dist, ids = store.nearest(self.probe.states())  # (T, K)
+        return mixture(logp[0], dist.to(logp.device), ids.to(logp.device), self.weight, TEMPERATURE)[None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +648,8 @@ def run(args) -> int:
         model.config.select_memory_tokens(args.select_tokens)
     sa = SkillArgs(budget=args.budget, span_len=args.span_len, chunk_len=args.chunk_len,
                    memory_tokens=args.memory_tokens, retrieve_tokens=args.retrieve_tokens,
-                   memory_context=args.memory_context, files_per_repo=args.files_per_repo,
+                   memory_context=args.memory_context, knn_weight=args.knn_weight,
+                   files_per_repo=args.files_per_repo,
                    spans_per_file=args.spans_per_file, batch_size=args.batch_size,
                    passkey_lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
                    passkey_trials=args.passkey_trials, passkey_prompt=args.passkey_prompt,

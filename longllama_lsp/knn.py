@@ -59,14 +59,19 @@ class Datastore:
     def __len__(self) -> int:
         return len(self.next_ids)
 
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For states (Q, S): the squared distances (Q, K) of the K nearest slots, nearest first, and their next
+        ids (Q, K)."""
+        queries = queries.to(self.states.device, torch.float32)
+        dist = self.norms - 2 * (queries @ self.states.T) + (queries * queries).sum(-1, keepdim=True)  # (Q, N)
+        dist, rows = dist.topk(min(NEIGHBOURS, len(self)), largest=False)  # (Q, K)
+        return dist, self.next_ids[rows]
+
     def mix(self, logits: torch.Tensor, query: torch.Tensor, weight: float) -> torch.Tensor:
         """log((1 - weight) p_model + weight p_knn) (V,) for the model's logits (V,) and the newest state (S,)."""
-        query = query.to(self.states.device, torch.float32)
-        dist = self.norms - 2 * (self.states @ query) + (query * query).sum()  # (N,)
-        dist, rows = dist.topk(min(NEIGHBOURS, len(dist)), largest=False)  # (K,)
         logp = torch.log_softmax(logits.float(), -1)
-        return mixture(logp[None], dist[None].to(logp.device), self.next_ids[rows][None].to(logp.device), weight,
-                       TEMPERATURE)[0]
+        dist, next_ids = self.nearest(query[None])
+        return mixture(logp[None], dist.to(logp.device), next_ids.to(logp.device), weight, TEMPERATURE)[0]
 
 
 def mixture(logp: torch.Tensor, dist: torch.Tensor, next_ids: torch.Tensor, weight: float,
@@ -93,7 +98,11 @@ class QueryProbe:
 
     def state(self) -> torch.Tensor:
         """(S,) = (2 Hkv D,): the last position's key then value projection, as Datastore's rows."""
-        return torch.cat([self._parts["k"][0, -1], self._parts["v"][0, -1]]).detach()
+        return self.states()[-1]
+
+    def states(self) -> torch.Tensor:
+        """(T, S): every position's of the latest forward's first row (what `longllama eval` scores)."""
+        return torch.cat([self._parts["k"][0], self._parts["v"][0]], -1).detach()
 
 
 @dataclass

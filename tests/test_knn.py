@@ -146,3 +146,24 @@ def test_token_ids_keep_the_recently_read_within_their_bound():
     assert cache.get("d") is not None and not cache.has_room()
     cache.put("c", [1])  # replacing counts the old ids out
     assert cache.has_room()
+
+
+@torch.no_grad()
+def test_the_skill_eval_scores_the_lookup_on_the_slots_next_tokens(smol_tokenizer):  # noqa: F811
+    """`longllama eval`'s knn system: a span that repeats a memory chunk finds each of its positions as the
+    chunk's slot and votes for the token after it there (weight 0.9: at least 0.9 of the probability), so the
+    datastore's next ids are the chunk's ids shifted by one, as the engine's; weight 0 leaves the model's."""
+    from finetune.skill_eval import EvalLookup
+
+    model = tiny_model_for(smol_tokenizer, mem_layers=[1]).eval()  # layer 1's input: the same with memory or not
+    ids = smol_tokenizer("def shout(text):\n    return text.upper()")["input_ids"]
+    memory = model.encode_memory(torch.tensor([ids]))
+    lookup, off = EvalLookup(model, 0.9), EvalLookup(model, 0.0)  # probes on the model before its forward
+    logp = torch.log_softmax(model(torch.tensor([ids]), memory=memory).logits.float(), -1)  # (1, T, V)
+    mixed = lookup.mix(logp, memory, [ids])
+    following = torch.tensor(ids[1:])
+    assert (mixed[0, :-1].gather(-1, following[:, None]) > torch.log(torch.tensor(0.9))).all()
+    assert (logp[0, :-1].gather(-1, following[:, None]) < torch.log(torch.tensor(0.5))).all()  # not the model's
+    assert torch.equal(off.mix(logp, memory, [ids]), logp)
+    with pytest.raises(ValueError, match="slots"):
+        lookup.mix(logp, memory, [ids[:-1]])

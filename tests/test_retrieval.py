@@ -723,7 +723,7 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     out = eval_crossfile(model, tokenizer, [repo], args, progress=False)
     n = {s: v["xid_tokens"] for s, v in out["systems"].items()}
-    assert n["none"] == n["memory"] == n["retrieved"] == n["bm25"] == \
+    assert n["none"] == n["memory"] == n["retrieved"] == n["knn"] == n["bm25"] == \
         sum(sum(repo.files[s.path].flags[s.start:s.end]) for s in spans)
     draw = repo.files["draw.py"]  # a name's first token: one per use of a cross-file name (imports are not uses)
     uses = [ln for ln in DRAW.splitlines() if not ln.startswith("from ")]
@@ -734,6 +734,7 @@ def test_crossfile_eval_scores_the_same_tokens_under_every_system(eval_repo, tok
     assert out["systems"]["memory"]["xid_first_nll"] != out["systems"]["none"]["xid_first_nll"]
     assert out["systems"]["memory"]["xid_nll"] != out["systems"]["none"]["xid_nll"]  # memory is used
     assert out["systems"]["retrieved"]["xid_nll"] != out["systems"]["none"]["xid_nll"]
+    assert out["systems"]["knn"]["xid_nll"] != out["systems"]["retrieved"]["xid_nll"]  # the lookup is mixed in
     assert out["memory_tokens_mean"] > 0 and 0 < out["retrieved_tokens_mean"] <= args.retrieve_tokens
 
 
