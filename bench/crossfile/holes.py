@@ -15,6 +15,12 @@ code line with no such identifier (about a quarter of the set).
     holes-seed35.jsonl: the same with --seed 35, less every hole of the five earlier sets: 95 holes, stop 39's;
     holes-seed42.jsonl: --seed 42, less every hole of the six earlier sets: 95 holes, kept back at stop 41;
     typed holes: holes-typed2*.jsonl (--typed 2), holes-typed1.jsonl (--typed 1), holes-typed-name.jsonl)
+    Four more repositories (stop 45; the wheels of starlette 0.41.3, marshmallow 3.23.1, itsdangerous 2.2.0 and
+    werkzeug 3.1.3, unpacked in /work/data/eval beside the others; training reads installed packages, and the
+    project installs none of these):
+    holes-new-seed200.jsonl: --repos starlette marshmallow itsdangerous werkzeug --cross 30 --ordinary 10
+    --seed 200 (140 holes; ids tagged n200); holes-new-seed300.jsonl: the same with --seed 300, less the seed
+    200 set's holes (122, tagged n300, held back at stop 45); holes-typed2-new-seed{200,300}.jsonl: --typed 2.
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
