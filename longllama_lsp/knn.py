@@ -97,12 +97,13 @@ class QueryProbe:
                 lambda _module, _inputs, out, name=name: self._parts.__setitem__(name, out))
 
     def state(self) -> torch.Tensor:
-        """(S,) = (2 Hkv D,): the last position's key then value projection, as Datastore's rows."""
-        return self.states()[-1]
+        """(S,) = (2 Hkv D,): the last position's key then value projection, as Datastore's rows. Sliced before
+        the concatenation: a decode step reads one position, not the prefill step's every one."""
+        return self.states(slice(-1, None))[0]
 
-    def states(self) -> torch.Tensor:
-        """(T, S): every position's of the latest forward's first row (what `longllama eval` scores)."""
-        return torch.cat([self._parts["k"][0], self._parts["v"][0]], -1).detach()
+    def states(self, positions: slice = slice(None)) -> torch.Tensor:
+        """(T, S): `positions` (all by default: what `longllama eval` scores) of the latest forward's first row."""
+        return torch.cat([self._parts["k"][0, positions], self._parts["v"][0, positions]], -1).detach()
 
 
 @dataclass
