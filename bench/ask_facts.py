@@ -11,7 +11,10 @@ Questions, from each repository's Python files by `ast` (no model; a name define
 - file: a public top-level function or class (not in an `__init__.py`): "Which file defines NAME?"; right
   when the file's name is in the answer, with or without `.py`, as a whole word;
 - params: a public top-level function of 2-4 named parameters: "What parameters does NAME take?"; right
-  when every parameter's name is in the answer as a word.
+  when every parameter's name is in the answer as a word;
+- methods: a public top-level class with 2-8 public methods of its own (a `def` in its body, no leading
+  `_`): "Which methods does the NAME class have?"; right when at least half of them, and at least two, are
+  in the answer as words.
 The repositories are issue 16's held-out ones (never trained on); the model may still know famous ones from
 pretraining: the system `none` says how far. One engine, one repository open at a time (its index as
 `longllama index` built it), the systems in turn on each question; one JSON line per answer in --out, as
@@ -30,6 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -37,14 +41,18 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from facts import cpu_model  # noqa: E402
 
 SYSTEMS = ("none", "whole", "retrieved")
-KINDS = ("value", "file", "params")
+KINDS = ("value", "file", "params", "methods")
 
 
-def definitions(root: Path) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[tuple[str, list[str]]]]]:
-    """(constant name -> [(file, literal text)], function/class name -> [(file, parameter names)]) over
-    `root`'s Python files (a class's parameters: none)."""
-    values: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    defs: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
+Found = dict[str, list[tuple[str, Any]]]  # name -> [(file, what the question asks of it)], one per definition
+
+
+def definitions(root: Path) -> tuple[Found, Found, dict[str, list[str]]]:
+    """(constant name -> [(file, literal text)], function/class name -> [(file, parameter names)], class
+    name -> its public methods) over `root`'s Python files (a class's parameters: none)."""
+    values: Found = defaultdict(list)
+    defs: Found = defaultdict(list)
+    methods: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if any(part.startswith(".") for part in Path(rel).parts):
@@ -60,11 +68,13 @@ def definitions(root: Path) -> tuple[dict[str, list[tuple[str, str]]], dict[str,
                 defs[node.name].append((rel, [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]))
             elif isinstance(node, ast.ClassDef):
                 defs[node.name].append((rel, []))
+                methods[node.name] = [f.name for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                      and not f.name.startswith("_")]
             elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 text = literal_text(src, node.value)
                 if text is not None:
                     values[node.targets[0].id].append((rel, text))
-    return values, defs
+    return values, defs, methods
 
 
 def literal_text(src: str, value: ast.expr) -> str | None:
@@ -76,7 +86,7 @@ def literal_text(src: str, value: ast.expr) -> str | None:
 
 
 def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
-    values, defs = definitions(root)
+    values, defs, methods = definitions(root)
     once = [(n, v[0]) for n, v in sorted(values.items()) if len(v) == 1 and n not in defs]
     public = [(n, d[0]) for n, d in sorted(defs.items()) if len(d) == 1 and n not in values and not n.startswith("_")]
     where = [(n, f) for n, (f, _) in public if not f.endswith("__init__.py")]
@@ -87,12 +97,18 @@ def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
             for n, f in rng.sample(where, min(per_kind, len(where)))]
     out += [{"kind": "params", "name": n, "file": f, "answer": ps, "question": f"What parameters does {n} take?"}
             for n, f, ps in rng.sample(takes, min(per_kind, len(takes)))]
+    has = [(n, f, methods[n]) for n, (f, _) in public if 2 <= len(methods.get(n, ())) <= 8]
+    out += [{"kind": "methods", "name": n, "file": f, "answer": ms,
+             "question": f"Which methods does the {n} class have?"} for n, f, ms in rng.sample(has, min(per_kind, len(has)))]
     return out
 
 
 def right(q: dict, answer: str) -> bool:
     if q["kind"] == "params":
         return all(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", answer) for p in q["answer"])
+    if q["kind"] == "methods":
+        named = sum(re.search(rf"(?<!\w){re.escape(m)}(?!\w)", answer) is not None for m in q["answer"])
+        return named >= max(2, (len(q["answer"]) + 1) // 2)
     if q["kind"] == "file":
         stem = re.escape(Path(q["answer"]).stem)
         return re.search(rf"(?<![\w.]){stem}(\.py)?(?!\w)", answer) is not None
@@ -110,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--kinds", default=",".join(KINDS), help="question kinds to ask (default: all)")
     p.add_argument("--model", help="checkpoint or delta (default: the bundled default model)")
     p.add_argument("--out", type=Path, default=Path("ask-facts.jsonl"))
     p.add_argument("--knn-weight", type=float, help="memory.knnWeight (default: the engine's)")
     args = p.parse_args(argv)
-    systems = args.systems.split(",")
+    systems, kinds = args.systems.split(","), args.kinds.split(",")
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown systems: {sorted(unknown)}")
+    if unknown := set(kinds) - set(KINDS):
+        p.error(f"unknown kinds: {sorted(unknown)}")
     done = {(r["repo"], r["kind"], r["name"], r["system"]) for r in map(json.loads, args.out.open())} \
         if args.out.exists() else set()
 
@@ -133,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         with args.out.open("a") as sink:
             for name in args.repos.split(","):
                 root = args.data / name
-                qs = questions(root, args.per_kind, random.Random(f"{args.seed}:{name}"))
+                qs = [q for q in questions(root, args.per_kind, random.Random(f"{args.seed}:{name}"))
+                      if q["kind"] in kinds]
                 repo = workspace.open(root, user=name)
                 workspace.index(repo)
                 for q in qs:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .lexical import Candidate, ChunkRetriever, Query, defined_by
+from .lexical import Candidate, ChunkRetriever, Query, defined_by, nested_in
 from .prompt import Block
 from .repository import Bank, BufferChunk, MemorySource
 
@@ -254,7 +254,8 @@ class Assembler:
             for cid, meta in bank.resident().items():
                 if meta.path != rel and meta.path not in paths and cid not in hidden:
                     candidates.append(Candidate((i, cid), meta.content_hash, len(bank.chunk_slots(cid)),
-                                                _reader(repo, meta), defined_by(meta.symbol), meta.path))
+                                                _reader(repo, meta), defined_by(meta.symbol), meta.path,
+                                                nested_in(meta.symbol)))
         chosen = self._retriever.top(candidates, query, self.retrieve_tokens())
         if not chosen and query.whole_if_none:
             return banks

@@ -16,7 +16,8 @@ import ask_facts as A  # noqa: E402
 FILES = {
     "pkg/__init__.py": "VERSION = '1.2.3'\n",
     "pkg/net.py": "POOL_SIZE = 10\nTIMEOUT = 2.5\nFLAG = True\nLIMIT = 1\n\n\ndef fetch(url, retries=3):\n    pass\n\n\n"
-                  "class Client:\n    pass\n",
+                  "class Client:\n    def get(self):\n        pass\n\n    def _retry(self):\n        pass\n\n"
+                  "    async def close(self):\n        pass\n\n\nclass Empty:\n    pass\n",
     "pkg/util.py": "LIMIT = 2\n\n\ndef _hidden(a, b):\n    pass\n\n\ndef join_all(parts, sep, *, strict):\n    pass\n",
 }
 
@@ -28,10 +29,17 @@ def test_questions_name_what_one_file_defines(tmp_path):
     qs = {(q["kind"], q["name"]): q for q in A.questions(tmp_path, 10, random.Random(0))}
     assert {n for k, n in qs if k == "value"} == {"VERSION", "POOL_SIZE", "TIMEOUT"}  # not a bool, 1 char, twice
     assert qs[("value", "TIMEOUT")]["answer"] == "2.5" and qs[("value", "VERSION")]["answer"] == "1.2.3"
-    assert {n for k, n in qs if k == "file"} == {"fetch", "Client", "join_all"}  # not private
+    assert {n for k, n in qs if k == "file"} == {"fetch", "Client", "Empty", "join_all"}  # not private
     assert qs[("file", "join_all")]["answer"] == "util.py"
     assert {n: q["answer"] for (k, n), q in qs.items() if k == "params"} == {"fetch": ["url", "retries"],
                                                                            "join_all": ["parts", "sep", "strict"]}
+    assert {n: q["answer"] for (k, n), q in qs.items() if k == "methods"} == {"Client": ["get", "close"]}  # public
+
+
+def test_a_methods_answer_is_right_with_half_of_them_and_at_least_two():
+    two, five = {"kind": "methods", "answer": ["get", "close"]}, {"kind": "methods", "answer": list("abcde")}
+    assert A.right(two, "`get()` and `close()`") and not A.right(two, "get_all and close")
+    assert A.right(five, "a, b and c") and not A.right(five, "a and b")
 
 
 def test_an_answer_is_right_only_with_the_whole_value_name_or_parameters():

@@ -24,6 +24,7 @@ from longllama_lsp.lexical import (
     Query,
     defined_by,
     names_file,
+    nested_in,
     query_terms,
     typed_prefix,
     wanted_definitions,
@@ -155,6 +156,30 @@ def test_chunks_defining_wanted_names_come_first_within_their_share():
     got = retriever.top(cands, query, 20)
     assert len(got & {"def", "def2"}) == 1 and len(got & {"use1", "use2"}) == 1  # half the budget each
     assert len(retriever.top(cands, query, 40)) == 4
+
+
+def test_a_question_about_a_class_reads_its_methods_and_a_completion_does_not():
+    """The chunker gives a class header (`class Router:`) and each method a chunk of its own; the methods
+    name no `Router` and every class chunk holds the keyword `class`. A question about the class gets its
+    methods (Candidate.within) before the chunks that merely use the name; a completion that uses `Router`
+    wants the definition of what it types next, not every method (definition recall fell on bench/crossfile)."""
+    texts = {"head": "class Router:", "init": "def __init__(self, routes):\n    self.routes = list(routes)",
+             "mount": "def mount(self, path, endpoint):\n    self.routes.append(Mount(path, endpoint))",
+             "other": "class Other:\n    pass",
+             "uses": "router = Router(routes)\nrouter.mount('/static', files)"}
+    symbols = {"head": "Router", "init": "Router.__init__", "mount": "Router.mount", "other": "Other"}
+    cands = [Candidate(k, k, 10, lambda t=t: t, defined_by(symbols.get(k)), "routing.py", nested_in(symbols.get(k)))
+             for k, t in texts.items()]
+    question = Query.question("What does the Router class do?")
+    assert set(question.terms) == {"Router"} and question.members  # `class` is a question word
+    retriever = ChunkRetriever()
+    assert retriever.top(cands, question, 60) == {"head", "init", "mount", "uses"}  # half of 60: the class
+    before = "from routing import Router\n" + "y = 2\n" * 25 + "app = Router(handlers)\napp."
+    completion = Query.before_cursor(before)
+    assert "Router" in completion.definitions and not completion.members
+    assert retriever.top(cands, completion, 60) == {"head", "uses"}
+    assert nested_in("Router.mount") == {"Router"} and nested_in("Outer.Inner.f") == {"Outer", "Inner"}
+    assert nested_in(None) == frozenset()
 
 
 def test_a_completion_retrieves_the_definition_of_a_name_its_file_imports(repo_engine):
