@@ -68,3 +68,18 @@ def test_settings_table_lists_every_setting_with_type_default_and_description():
             node = node.setdefault(part, {})
         node[leaf] = row["default"]
     assert parse_settings(options) == (Settings(), []) and options == to_camel_dict(Settings())
+
+
+def test_the_default_settings_are_the_engines_own_defaults():
+    """Two tables hold each default (the settings tree for editors and docs, EngineOptions for the CLI and
+    the bench): a default changed in one only would make `longllama complete` and the editor disagree."""
+    import dataclasses
+
+    from longllama_lsp.engine import EngineOptions
+    from longllama_lsp.shared import engine_options
+
+    server, engine = engine_options(Settings()), EngineOptions()
+    server_only = {"defer_edits", "defer_idle_ms"}  # a language server's next keystroke picks up the edits
+    differ = {f.name for f in dataclasses.fields(EngineOptions)
+              if f.name not in server_only and getattr(server, f.name) != getattr(engine, f.name)}
+    assert differ == set()
