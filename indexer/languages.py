@@ -211,9 +211,21 @@ _TEXT_SUFFIXES = {
     ".el": "elisp",
     ".vim": "vim",
     ".dockerfile": "dockerfile",
+    ".kts": "kotlin",
+    ".scala": "scala",
+    ".vue": "vue",
+    ".svelte": "svelte",
+    ".m": "objc",
+    ".mm": "objc",
 }
 _TEXT_NAMES = {"Dockerfile": "dockerfile", "Makefile": "make", "CMakeLists.txt": "cmake", "justfile": "make"}
 _CPP_MARKERS = (b"class ", b"namespace ", b"template<", b"template <", b"std::", b"public:")
+
+
+def named_suffixes() -> frozenset[str]:
+    """Every file suffix with a language or format name (`.py`, `.md`, ...): what a question naming a file
+    ends in (longllama_lsp.lexical), beside what the indexer calls each file."""
+    return frozenset(_BY_SUFFIX) | frozenset(_TEXT_SUFFIXES)
 
 
 def language_for(path: str | PurePath, head: bytes = b"") -> str:

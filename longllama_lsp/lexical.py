@@ -30,6 +30,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
+from indexer.languages import named_suffixes
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TYPED = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*\Z")
 MIN_PREFIX = 2  # a typed prefix this long stands for every indexed identifier it starts
@@ -95,8 +97,7 @@ arguments""".split())
 _FILE_NAMED = re.compile(r"(?<![\w./-])[\w./-]*\w\w\.[A-Za-z][A-Za-z0-9]{0,7}(?![\w/-])")
 
 
-_EXTENSIONS = frozenset("""py pyi js jsx ts tsx mjs cjs rs go java kt kts scala c h cc cpp cxx hpp hh cs rb php swift
-m mm lua el vim sh bash zsh md rst txt toml yaml yml json cfg ini sql html css scss vue svelte""".split())
+_EXTENSIONS = frozenset(suffix[1:] for suffix in named_suffixes())  # the indexer's: one table of file kinds
 
 
 def _without_extension(name: str) -> str:

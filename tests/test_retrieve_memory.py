@@ -223,6 +223,8 @@ def test_a_question_naming_a_file_reads_that_file(repo_engine):
     assert q.files == {"requests/utils.py", "./web/use.ts"}  # no version, no abbreviation
     assert "py" not in q.terms and "utils" in q.terms
     assert set(Query.question("Tell me about Session.send").terms) == {"Session", "send"}
+    # any suffix the indexer names a kind of file for is no term (one table: indexer.languages.named_suffixes)
+    assert set(Query.question("What is in tools.pyw and lib/api.mts?").terms) == {"tools", "lib", "api"}
     assert names_file("web/use.ts", q.files) and names_file("src/requests/utils.py", q.files)
     assert not names_file("requests/myutils.py", q.files)
 
