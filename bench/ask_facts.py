@@ -14,7 +14,10 @@ Questions, from each repository's Python files by `ast` (no model; a name define
   when every parameter's name is in the answer as a word;
 - methods: a public top-level class with 2-8 public methods of its own (a `def` in its body, no leading
   `_`): "Which methods does the NAME class have?"; right when at least half of them, and at least two, are
-  in the answer as words.
+  in the answer as words;
+- module: a Python file (not `__init__.py`) whose name no other file has, defining 2+ public top-level
+  functions or classes: "What does the STEM module define?"; right when two of those names are in the
+  answer as words.
 The repositories are issue 16's held-out ones (never trained on); the model may still know famous ones from
 pretraining: the system `none` says how far. One engine, one repository open at a time (its index as
 `longllama index` built it), the systems in turn on each question; one JSON line per answer in --out, as
@@ -31,7 +34,7 @@ import random
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from facts import cpu_model  # noqa: E402
 
 SYSTEMS = ("none", "whole", "retrieved")
-KINDS = ("value", "file", "params", "methods")
+KINDS = ("value", "file", "params", "methods", "module")
 
 
 Found = dict[str, list[tuple[str, Any]]]  # name -> [(file, what the question asks of it)], one per definition
@@ -98,17 +101,28 @@ def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
     out += [{"kind": "params", "name": n, "file": f, "answer": ps, "question": f"What parameters does {n} take?"}
             for n, f, ps in rng.sample(takes, min(per_kind, len(takes)))]
     has = [(n, f, methods[n]) for n, (f, _) in public if 2 <= len(methods.get(n, ())) <= 8]
+    stems = Counter(Path(f).stem for f in files_of(root))
+    modules = sorted({f: [n for n, (g, _) in public if g == f] for f in files_of(root)}.items())
     out += [{"kind": "methods", "name": n, "file": f, "answer": ms,
              "question": f"Which methods does the {n} class have?"} for n, f, ms in rng.sample(has, min(per_kind, len(has)))]
+    named = [(f, ns) for f, ns in modules if len(ns) >= 2 and stems[Path(f).stem] == 1 and Path(f).stem != "__init__"]
+    out += [{"kind": "module", "name": Path(f).stem, "file": f, "answer": ns,
+             "question": f"What does the {Path(f).stem} module define?"} for f, ns in rng.sample(named, min(per_kind, len(named)))]
     return out
+
+
+def files_of(root: Path) -> list[str]:
+    """`root`'s Python files as definitions() reads them (repository-relative, none under a dot folder)."""
+    rels = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*.py")))
+    return [r for r in rels if not any(part.startswith(".") for part in Path(r).parts)]
 
 
 def right(q: dict, answer: str) -> bool:
     if q["kind"] == "params":
         return all(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", answer) for p in q["answer"])
-    if q["kind"] == "methods":
-        named = sum(re.search(rf"(?<!\w){re.escape(m)}(?!\w)", answer) is not None for m in q["answer"])
-        return named >= max(2, (len(q["answer"]) + 1) // 2)
+    if q["kind"] in ("methods", "module"):
+        named = sum(re.search(rf"(?<!\w){re.escape(m)}(?!\w)", answer) is not None for m in set(q["answer"]))
+        return named >= (2 if q["kind"] == "module" else max(2, (len(q["answer"]) + 1) // 2))
     if q["kind"] == "file":
         stem = re.escape(Path(q["answer"]).stem)
         return re.search(rf"(?<![\w.]){stem}(\.py)?(?!\w)", answer) is not None

@@ -34,12 +34,17 @@ def test_questions_name_what_one_file_defines(tmp_path):
     assert {n: q["answer"] for (k, n), q in qs.items() if k == "params"} == {"fetch": ["url", "retries"],
                                                                            "join_all": ["parts", "sep", "strict"]}
     assert {n: q["answer"] for (k, n), q in qs.items() if k == "methods"} == {"Client": ["get", "close"]}  # public
+    modules = {n: q for (k, n), q in qs.items() if k == "module"}  # util.py: one public name; __init__: none
+    assert list(modules) == ["net"] and sorted(modules["net"]["answer"]) == ["Client", "Empty", "fetch"]
+    assert modules["net"]["question"] == "What does the net module define?"
 
 
 def test_a_methods_answer_is_right_with_half_of_them_and_at_least_two():
     two, five = {"kind": "methods", "answer": ["get", "close"]}, {"kind": "methods", "answer": list("abcde")}
     assert A.right(two, "`get()` and `close()`") and not A.right(two, "get_all and close")
     assert A.right(five, "a, b and c") and not A.right(five, "a and b")
+    module = {"kind": "module", "answer": ["fetch", "Client", "Empty"]}
+    assert A.right(module, "It defines `fetch` and the Client class.") and not A.right(module, "fetch, fetch")
 
 
 def test_an_answer_is_right_only_with_the_whole_value_name_or_parameters():
