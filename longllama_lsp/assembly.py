@@ -478,7 +478,10 @@ class Assembler:
         return mem
 
     def sources(self, attention: torch.Tensor | None, norm: float, asm: Assembled, top: int = 5) -> list[Source]:
-        """Top chunks by attention share; attention: (M,) mass per slot, norm: queries * heads * layers."""
+        """Top chunks by attention share; attention: (M,) mass per slot, norm: queries * heads * layers.
+        A chunk's share leaves its first slot out: the first token of a file's first chunk, encoded with
+        nothing before it, is an attention sink (a fifth of all memory attention in one slot, on `longllama
+        ask` over starlette), and made whichever file's import block was in memory the top source."""
         if attention is None or not norm or not asm.segments:
             return []
         import torch
@@ -498,7 +501,7 @@ class Assembler:
 def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Source | None]:
     """The chunk holding `slot` and its share: a whole buffer block, or a bank chunk (all its slots)."""
     if seg.block is not None:
-        w = float(share[seg.start:seg.start + seg.length].sum())
+        w = float(share[seg.start + 1:seg.start + seg.length].sum())  # less its first slot (Assembler.sources)
         return ("buf", seg.start), Source(seg.file or "<buffer>", seg.block.start_line, seg.block.end_line,
                                           None, w, seg.file)
     meta = seg.bank.slot_owner(slot - seg.start)
@@ -506,7 +509,7 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
         return None, None
     chunk_id = getattr(meta, "id", None)
     slots = seg.bank.chunk_slots(chunk_id) if chunk_id is not None else None
-    w = float(share[seg.start + slots.start:seg.start + slots.stop].sum()) if slots else float(share[slot])
+    w = float(share[seg.start + slots.start + 1:seg.start + slots.stop].sum()) if slots else float(share[slot])
     file = str(seg.root / meta.path) if seg.root is not None else None
     return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(
         meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), w, file)

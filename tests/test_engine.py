@@ -385,6 +385,22 @@ def test_sources_come_from_the_bank_minus_the_current_file(engine, repo):
     assert unnamed.sources == [] and unnamed.text == done.text and unnamed.memory_tokens == done.memory_tokens
 
 
+def test_a_chunks_first_slot_is_left_out_of_its_source_share(engine, repo):
+    """An attention sink (the first token of a file's first chunk) must not make its chunk the top source:
+    b.py's first slot holds most of the mass here, a.py's other slots more than b.py's other slots."""
+    engine.repositories = lambda: (repo,)
+    asm = engine._assembler.assemble(None, [])
+    a, b = (repo.bank.chunk_slots(next(iter(repo.bank.chunks_of(p)))) for p in ("a.py", "b.py"))
+    start = asm.segments[0].start
+    attention = torch.zeros(asm.tokens)  # (M,) as Decoder sums it
+    attention[start + b.start] = 0.6
+    attention[start + b.start + 1:start + b.stop] = 0.1 / (len(b) - 1)
+    attention[start + a.start:start + a.stop] = 0.3 / len(a)
+    found = engine._assembler.sources(attention, 1.0, asm)
+    assert [s.path for s in found] == ["a.py", "b.py"]
+    assert abs(found[1].weight - 0.1) < 1e-6
+
+
 def test_answer_streams_tokens_and_names_sources(engine, repo):
     engine.repositories = lambda: (repo,)
     pieces: list[str] = []
