@@ -246,6 +246,24 @@ def test_cursor_inside_a_word_heals_it(engine, smol_tokenizer):  # noqa: F811
     assert not got.text.startswith("te")  # what was typed is not repeated
 
 
+def test_cursor_after_a_space_heals_it(engine, smol_tokenizer):  # noqa: F811
+    """After `raise ` the prompt ended on a bare space token, which in BPE comes before digits (a word brings
+    its own: " request"): completions read `raise 404`, or began with a second space, which editors insert
+    after the one typed. The space is redone, forced, and is not part of the completion."""
+    engine.options.typeahead = False
+    text = "def fail(request):\n    raise "
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    healed_ids, healed = engine._heal(ids, "    raise ")
+    assert healed == " " and healed_ids == ids[:-1]
+    assert smol_tokenizer.decode(healed_ids).endswith("    raise")
+    assert engine._heal(ids, "    raise (") == (ids, "")  # no space at the cursor: as is
+    allowed = {smol_tokenizer.decode([i]) for i in engine.decoder._allowed_after("", " ").nonzero().flatten().tolist()}
+    assert {" ", " request", " ValueError"} <= allowed and not {"4", "request", "\n"} & allowed
+    engine.options.max_tokens = 4
+    got = engine.complete(text, len(text), path="/repo/f.py")
+    assert got.prompt_tokens == len(healed_ids) and not got.text.startswith(" ")
+
+
 def _sentencepiece_tokenizer():
     """A Metaspace BPE, as LLaMA's: a token decoded alone loses its leading space ("▁te" -> "te")."""
     from tokenizers import SentencePieceBPETokenizer
