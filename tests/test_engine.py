@@ -264,6 +264,22 @@ def test_cursor_after_a_space_heals_it(engine, smol_tokenizer):  # noqa: F811
     assert got.prompt_tokens == len(healed_ids) and not got.text.startswith(" ")
 
 
+def test_after_a_typed_space_a_completion_does_not_start_with_one_more():
+    """Healing redid "\n    " as one 4-space token and the model went on with " def" (BPE's word token):
+    the editor would indent the line a column too far. One space before a word goes; deeper indentation and
+    text after no typed space stay."""
+    from longllama_lsp.engine import _Stop
+
+    def pieces(_ids, new):  # a continuation whose "token ids" are their texts
+        return "".join(new)
+
+    stop = _Stop(StopRule("line", "    ", ""), pieces, [], "\n    ", after_space=True)
+    assert stop.after_cursor(["\n    ", " def f():"]) == "def f():"
+    assert stop.after_cursor(["\n    ", "    deeper()"]) == "    deeper()"
+    assert stop.after_cursor(["\n  "]) is None  # the healed text is not covered yet
+    assert _Stop(StopRule("line", "x", ""), pieces, [], "").after_cursor([" = 1"]) == " = 1"
+
+
 def _sentencepiece_tokenizer():
     """A Metaspace BPE, as LLaMA's: a token decoded alone loses its leading space ("▁te" -> "te")."""
     from tokenizers import SentencePieceBPETokenizer
