@@ -311,7 +311,7 @@ def run_complete(args: argparse.Namespace) -> int:
 ask = Command(add_ask_arguments, run_ask, description=(
     "Answer a question about the repository from the model's memory of it: the code that defines or uses "
     "the names and files the question mentions, a class's methods with it (all of the repository when it "
-    "mentions none). The answer "
-    "streams as it is generated, then the most-attended chunks are listed as sources."))
+    "mentions none). The answer streams as it is generated, then the most-attended chunks are listed as "
+    "sources."))
 complete = Command(add_complete_arguments, run_complete, description=(
     "Complete the code at FILE:LINE:COL once, with the repository and the rest of the file as memory."))

@@ -208,8 +208,9 @@ class ChunkRetriever:
         name being typed; the identifiers it starts share one query term's weight (`Gre` finds `Greeter`).
         Candidates defining one of `query.definitions` come first, within DEFINITIONS_SHARE of the budget,
         ranked by the terms and those names (with `query.members`, also those within one, best first and
-        then in order: a method need not repeat its class's name). Before them, the chunks of the files `query.files` names,
-        within the same share, whether or not they share a term (best-matching first, then in order)."""
+        then in order: a method need not repeat its class's name). Before them, the chunks of the files
+        `query.files` names, within the same share, whether or not they share a term (best-matching first,
+        then in order)."""
         terms, prefix = query.terms, query.prefix
         named = [c for c in candidates if query.files and names_file(c.path, query.files)]
         if named and budget_tokens > 0:
