@@ -53,8 +53,9 @@ def test_a_mid_line_completion_sends_the_suffix_in_order(fim_engine, fim_tok):
     fim = detect_fim(fim_tok)
     sent = prompts_sent(fim_engine)
     done = fim_engine.complete(TEXT, CURSOR, path="/repo/area.py", mode="block")
-    assert sent == [[fim.prefix_id, *encode(fim_tok, TEXT[:CURSOR]), fim.suffix_id, *encode(fim_tok, TEXT[CURSOR:]),
-                     fim.middle_id]]
+    before = encode(fim_tok, TEXT[:CURSOR])
+    assert fim_tok.decode(before[-1:]) == " "  # `* |r`: the space is healed (redone, forced), not sent
+    assert sent == [[fim.prefix_id, *before[:-1], fim.suffix_id, *encode(fim_tok, TEXT[CURSOR:]), fim.middle_id]]
     assert done.mode == "block"  # the model sees the rest of the line: mid-line is no longer forced to one line
     assert fim_engine.status()["fim"] == "starcoder"
     assert set(fim.stop_ids) <= fim_engine.decoder._stop_ids()  # <|endoftext|>, <fim_pad>... end the middle
@@ -80,7 +81,8 @@ def test_fim_prompt_keeps_prefix_and_suffix_budgets_and_memory(fim_tok):
     prefix, suffix = ids[1:cut], ids[cut + 1:-1]
     assert len(suffix) == int((context - 3) * 0.25)  # Continue's share of the budget
     assert encode(fim_tok, long_text[cursor:])[:len(suffix)] == suffix  # the suffix's first tokens, in order
-    assert encode(fim_tok, long_text[:cursor])[-len(prefix):] == prefix  # the window ends at the cursor
+    # the window ends at the cursor, less the space after `=` (healed: redone by generation, forced)
+    assert encode(fim_tok, long_text[:cursor])[:-1][-len(prefix):] == prefix
     assert done.memory_tokens > 0  # the text before the window and after the cursor stay in memory
 
 
@@ -98,6 +100,9 @@ def test_the_text_after_the_cursor_is_tokenized_once(fim_tok):
 
         def __getattr__(self, name):
             return getattr(self.tokenizer, name)
+
+        def __len__(self):  # healing's forced tokens read the vocabulary's size (dunders skip __getattr__)
+            return len(self.tokenizer)
 
     long_text = "".join(f"value_{i} = compute({i})\n" for i in range(40))
     cursor = long_text.index("compute(20)")
@@ -136,6 +141,8 @@ def test_without_fim_tokens_the_prompt_is_the_local_window_as_before(tiny_model,
         status = eng.status()
     finally:
         eng.close()
-    assert sent == [build_prompt(smol_tokenizer, TEXT, CURSOR, 64).ids, build_prompt(smol_tokenizer, TEXT, len(TEXT) - 1, 64).ids]
-    assert sent[0] == smol_tokenizer(TEXT[:CURSOR], add_special_tokens=False)["input_ids"]
+    # mid-line after `* ` the space is healed (redone by generation, forced): the window less its last token
+    assert sent == [build_prompt(smol_tokenizer, TEXT, CURSOR, 64).ids[:-1],
+                    build_prompt(smol_tokenizer, TEXT, len(TEXT) - 1, 64).ids]
+    assert sent[0] == smol_tokenizer(TEXT[:CURSOR - 1], add_special_tokens=False)["input_ids"]
     assert mid.mode == "line" and end.mode == "block" and status["fim"] is None
