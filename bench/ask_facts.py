@@ -56,12 +56,9 @@ def definitions(root: Path) -> tuple[Found, Found, dict[str, list[str]]]:
     values: Found = defaultdict(list)
     defs: Found = defaultdict(list)
     methods: dict[str, list[str]] = {}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts):
-            continue
+    for rel in files_of(root):
         try:
-            src = path.read_text(encoding="utf-8")
+            src = (root / rel).read_text(encoding="utf-8")
             tree = ast.parse(src)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
@@ -101,8 +98,9 @@ def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
     out += [{"kind": "params", "name": n, "file": f, "answer": ps, "question": f"What parameters does {n} take?"}
             for n, f, ps in rng.sample(takes, min(per_kind, len(takes)))]
     has = [(n, f, methods[n]) for n, (f, _) in public if 2 <= len(methods.get(n, ())) <= 8]
-    stems = Counter(Path(f).stem for f in files_of(root))
-    modules = sorted({f: [n for n, (g, _) in public if g == f] for f in files_of(root)}.items())
+    files = files_of(root)
+    stems = Counter(Path(f).stem for f in files)
+    modules = sorted({f: [n for n, (g, _) in public if g == f] for f in files}.items())
     out += [{"kind": "methods", "name": n, "file": f, "answer": ms,
              "question": f"Which methods does the {n} class have?"} for n, f, ms in rng.sample(has, min(per_kind, len(has)))]
     named = [(f, ns) for f, ns in modules if len(ns) >= 2 and stems[Path(f).stem] == 1 and Path(f).stem != "__init__"]
@@ -112,7 +110,7 @@ def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
 
 
 def files_of(root: Path) -> list[str]:
-    """`root`'s Python files as definitions() reads them (repository-relative, none under a dot folder)."""
+    """`root`'s Python files, sorted (repository-relative, none under a dot folder)."""
     rels = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*.py")))
     return [r for r in rels if not any(part.startswith(".") for part in Path(r).parts)]
 
