@@ -415,11 +415,11 @@ class EvalLookup:
     def mix(self, logp: torch.Tensor, memory, chunks: list[list[int]]) -> torch.Tensor:
         """logp (1, T, V) of the latest forward with `memory`, whose slots hold `chunks`' ids in order ->
         log((1 - w) p + w p_knn) (1, T, V); `logp` itself without memory or memory layers."""
-        from longllama_lsp.knn import TEMPERATURE, Datastore, mixture
+        from longllama_lsp.knn import TEMPERATURE, Datastore, following, mixture
 
         if memory is None or self.probe is None or self.weight <= 0:
             return logp
-        next_ids = torch.tensor([t for ids in chunks for t in [*ids[1:], -1]], dtype=torch.int64)  # (M,)
+        next_ids = torch.cat([following(ids) for ids in chunks])  # (M,)
         if len(next_ids) != memory.num_tokens:
             raise ValueError(f"memory holds {memory.num_tokens} slots, its chunks {len(next_ids)} tokens")
         store = Datastore.of(memory, next_ids, self.layer)

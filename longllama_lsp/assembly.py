@@ -404,7 +404,7 @@ class Assembler:
         indexer.encoder), so its text says them."""
         import torch
 
-        from .knn import MAX_TOKENS
+        from .knn import MAX_TOKENS, following
         from .model.memory import MASK_MIN
 
         out = torch.full((asm.memory.num_tokens,), -1, dtype=torch.int64)
@@ -414,7 +414,7 @@ class Assembler:
         for seg in asm.segments:
             if seg.block is not None:
                 ids = list(seg.block.ids)
-                out[seg.start:seg.start + len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.int64)
+                out[seg.start:seg.start + len(ids)] = following(ids)
                 continue
             for cid, meta in seg.bank.resident().items():
                 slots = seg.bank.chunk_slots(cid)
@@ -423,7 +423,7 @@ class Assembler:
                     continue
                 ids = self._chunk_token_ids(meta, seg.repo)
                 if ids is not None and len(ids) == len(slots):
-                    out[first:first + len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.int64)
+                    out[first:first + len(ids)] = following(ids)
         return out
 
     def _chunk_token_ids(self, meta: Any, repo: MemorySource | None) -> list[int] | None:

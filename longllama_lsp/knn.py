@@ -16,6 +16,7 @@ same name was used elsewhere say what came next there. BENCHMARKS.md "Stop 43" h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,11 @@ TEMPERATURE = 0.25
 # the datastore a float32 copy of every slot (1.5 GB at 1M tokens) and read every chunk's text for next_ids.
 # Retrieval's memory (4,096 tokens of other files plus the open file's chunks) holds ~4-10k.
 MAX_TOKENS = 1 << 16
+
+
+def following(ids: Sequence[int]) -> torch.Tensor:
+    """(len(ids),) int64: the token after each slot of a chunk holding `ids`, -1 at its last (next_ids' rows)."""
+    return torch.tensor([*ids[1:], -1], dtype=torch.int64)
 
 
 @dataclass
