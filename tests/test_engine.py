@@ -204,6 +204,11 @@ def test_keys_typed_along_the_suggestion_are_answered_from_it(engine):
     assert engine.status()["requests"]["typeahead"] == 1
 
 
+def _forced_texts(engine, tokenizer, healed: str) -> set[str]:
+    """The texts of the tokens generation may start with when it must redo `healed`."""
+    return {tokenizer.decode([i]) for i in engine.decoder._allowed_after("", healed).nonzero().flatten().tolist()}
+
+
 def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):  # noqa: F811
     """After indentation the prompt ends before the whitespace tokens and generation must redo them."""
     engine.options.typeahead = False
@@ -214,8 +219,7 @@ def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):
     assert healed == "\n    " and healed_ids == ids[: len(healed_ids)] and len(healed_ids) < len(ids)
     assert smol_tokenizer.decode(healed_ids).endswith("3.14")  # "\n    " is one token: redone whole
     assert engine._heal(ids, "    x") == (ids, "")  # not only whitespace before the cursor: as is
-    mask = engine.decoder._allowed_after("", "\n    ")
-    allowed = {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
+    allowed = _forced_texts(engine, smol_tokenizer, "\n    ")
     assert {"\n", "\n   ", "\n    "} <= allowed and "\n\n" not in allowed and " return" not in allowed
     assert all("\n    ".startswith(t) or t.startswith("\n    ") for t in allowed)
     engine.options.max_tokens = 4
@@ -234,8 +238,7 @@ def test_cursor_inside_a_word_heals_it(engine, smol_tokenizer):  # noqa: F811
     healed_ids, healed = engine._heal(ids, "    return te")
     assert healed == " te" and healed_ids == ids[:-1]
     assert smol_tokenizer.decode(healed_ids).endswith("    return")
-    mask = engine.decoder._allowed_after("", " te")
-    allowed = {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
+    allowed = _forced_texts(engine, smol_tokenizer, " te")
     assert {" te", " term", " test"} <= allowed and not {" ", " t", " return", "te"} & allowed  # no split word
     word = smol_tokenizer("x = self.parse_options", add_special_tokens=False)["input_ids"]
     assert engine._heal(word, "x = self.parse_options") == (word[:-1], "options")  # its last token only
@@ -257,7 +260,7 @@ def test_cursor_after_a_space_heals_it(engine, smol_tokenizer):  # noqa: F811
     assert healed == " " and healed_ids == ids[:-1]
     assert smol_tokenizer.decode(healed_ids).endswith("    raise")
     assert engine._heal(ids, "    raise (") == (ids, "")  # no space at the cursor: as is
-    allowed = {smol_tokenizer.decode([i]) for i in engine.decoder._allowed_after("", " ").nonzero().flatten().tolist()}
+    allowed = _forced_texts(engine, smol_tokenizer, " ")
     assert {" ", " request", " ValueError"} <= allowed and not {"4", "request", "\n"} & allowed
     engine.options.max_tokens = 4
     got = engine.complete(text, len(text), path="/repo/f.py")
