@@ -636,26 +636,28 @@ class Engine:
         return [bos] if bos is not None else self._tokenizer("\n", add_special_tokens=False)["input_ids"]
 
     def _heal(self, ids: list[int], line_prefix: str) -> tuple[list[int], str]:
-        """Token healing: (prompt ids, text to regenerate) for a cursor after indentation, inside a word, or
-        after the spaces that follow one.
+        """Token healing: (prompt ids, text to regenerate) for a cursor after indentation, inside a word,
+        after punctuation, or after the spaces that follow either.
 
         BPE tokenizers merge a line's start with its first word ("\n   " + " return"), and a word with the
         space before it (" term"), so a prompt that ends inside the indentation ("\n    "), inside a word
         the user is typing (" te") or on the space after one ("raise ") ends on a split the model never
         saw in training: it then answers nothing, a mis-indented line, a new word glued on (" te" +
         ".get(...)" where `term_len` was due), or after a bare space a number (digits follow one in BPE:
-        `raise 404`) or a word with a second space. Drop the trailing tokens of that indentation (back to
-        the line's newline at most), or the last token of that word or those spaces when it lies within
-        them (with the spaces before the word), and let generation redo them, forced to start with exactly
-        that text (`Decoder._allowed_after`: the dropped token itself is always one way to).
+        `raise 404`) or a word with a second space. Punctuation merges too (`("`, `()`, `["`, `(*`, `.__`):
+        after `open(` the model had only ever seen `(` before a word, so `open("` and `f()` were out of
+        reach. Drop the trailing tokens of that indentation (back to the line's newline at most), or the
+        last token of that word, punctuation or those spaces when it lies within them (with the spaces
+        before them), and let generation redo them, forced to start with exactly that text
+        (`Decoder._allowed_after`: the dropped token itself is always one way to).
         """
         if not line_prefix:
             return ids, ""
         if not line_prefix.strip(" \t"):
             region, most = "\n" + line_prefix, len(ids)
         else:
-            word = re.search(r"[ \t]*\w+$", line_prefix) or re.search(r"[ \t]+$", line_prefix)
-            region, most = (word.group(), 1) if word else ("", 0)
+            # the line's last run of text (its last token must lie within it) and the spaces before it
+            region, most = re.search(r"[ \t]*\S+$|[ \t]+$", line_prefix).group(), 1
         cut, removed = len(ids), ""
         while region and len(ids) - cut < most and cut > 1:
             # read as the tokens continue the prompt, as generation reads them (SentencePiece's "▁te" is then

@@ -242,7 +242,7 @@ def test_cursor_inside_a_word_heals_it(engine, smol_tokenizer):  # noqa: F811
     assert {" te", " term", " test"} <= allowed and not {" ", " t", " return", "te"} & allowed  # no split word
     word = smol_tokenizer("x = self.parse_options", add_special_tokens=False)["input_ids"]
     assert engine._heal(word, "x = self.parse_options") == (word[:-1], "options")  # its last token only
-    assert engine._heal(ids, "    return te(") == (ids, "")  # no word at the cursor: as is
+    assert engine._heal(ids, "    return te(") == (ids, "")  # the last token is not the text at the cursor: as is
     engine.options.max_tokens = 4
     got = engine.complete(text, len(text), path="/repo/w.py")
     assert isinstance(got, Completion) and got.prompt_tokens == len(healed_ids)
@@ -259,12 +259,32 @@ def test_cursor_after_a_space_heals_it(engine, smol_tokenizer):  # noqa: F811
     healed_ids, healed = engine._heal(ids, "    raise ")
     assert healed == " " and healed_ids == ids[:-1]
     assert smol_tokenizer.decode(healed_ids).endswith("    raise")
-    assert engine._heal(ids, "    raise (") == (ids, "")  # no space at the cursor: as is
+    assert engine._heal(ids, "    raise (") == (ids, "")  # the last token is not the text at the cursor: as is
     allowed = _forced_texts(engine, smol_tokenizer, " ")
     assert {" ", " request", " ValueError"} <= allowed and not {"4", "request", "\n"} & allowed
     engine.options.max_tokens = 4
     got = engine.complete(text, len(text), path="/repo/f.py")
     assert got.prompt_tokens == len(healed_ids) and not got.text.startswith(" ")
+
+
+def test_cursor_after_punctuation_heals_it(engine, smol_tokenizer):  # noqa: F811
+    """BPE merges punctuation (`("`, `()`, `["`, `.__`): a prompt ending at `open(` ended on a `(` the model had
+    only seen before a word, so `open("` and `f()` were out of reach. The punctuation's token is redone,
+    forced; a word after it is a token of its own and stays reachable."""
+    engine.options.typeahead = False
+    text = "def read(path):\n    return open("
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    healed_ids, healed = engine._heal(ids, "    return open(")
+    assert healed == "(" and healed_ids == ids[:-1]
+    assert smol_tokenizer.decode(healed_ids).endswith("return open")
+    allowed = _forced_texts(engine, smol_tokenizer, "(")
+    assert {"(", '("', "()", "(*", "('"} <= allowed and not {"self", " (", ")"} & allowed
+    dunder = smol_tokenizer("x.__", add_special_tokens=False)["input_ids"]
+    assert engine._heal(dunder, "x.__") == (dunder[:-1], ".__")  # `_` is a word character, yet merges with `.`
+    spaced = smol_tokenizer("x = (", add_special_tokens=False)["input_ids"]
+    assert engine._heal(spaced, "x = (") == (spaced[:-1], " (")  # with the space its token holds
+    engine.options.max_tokens = 4
+    assert engine.complete(text, len(text), path="/repo/r.py").prompt_tokens == len(healed_ids)
 
 
 def test_after_a_typed_space_a_completion_does_not_start_with_one_more():

@@ -118,15 +118,16 @@ def test_the_text_after_the_cursor_is_tokenized_once(fim_tok):
 
 def test_typing_mid_line_reuses_the_prefix_and_prefills_the_suffix_again(fim_engine, fim_tok):
     first = fim_engine.complete(TEXT, CURSOR, path="/repo/area.py")
-    typed = TEXT[:CURSOR] + "(" + TEXT[CURSOR:]
-    second = fim_engine.complete(typed, CURSOR + 1, path="/repo/area.py")
+    # two tokens typed: healing redoes the last one (`r`), so the prefix sent grows by ` (`
+    typed = TEXT[:CURSOR] + "(r" + TEXT[CURSOR:]
+    second = fim_engine.complete(typed, CURSOR + 2, path="/repo/area.py")
     common = 0
-    old, new = encode(fim_tok, TEXT[:CURSOR]), encode(fim_tok, typed[:CURSOR + 1])
+    old, new = encode(fim_tok, TEXT[:CURSOR]), encode(fim_tok, typed[:CURSOR + 2])
     while common < min(len(old), len(new)) and old[common] == new[common]:
         common += 1
     assert first.reused_tokens == 0 and second.reused_tokens == 1 + common  # the prefix marker + the kept prefix
     assert second.timings["prefillTokens"] == second.prompt_tokens - second.reused_tokens
-    fresh = fim_engine.complete(typed, CURSOR + 1, path="/repo/area.py", key="another document")
+    fresh = fim_engine.complete(typed, CURSOR + 2, path="/repo/area.py", key="another document")
     assert fresh.reused_tokens == 0 and fresh.text == second.text and fresh.generated_tokens == second.generated_tokens
 
 
@@ -141,8 +142,9 @@ def test_without_fim_tokens_the_prompt_is_the_local_window_as_before(tiny_model,
         status = eng.status()
     finally:
         eng.close()
-    # mid-line after `* ` the space is healed (redone by generation, forced): the window less its last token
+    # mid-line after `* ` the space is healed (redone by generation, forced), and at the end `))`: each
+    # window less its last token
     assert sent == [build_prompt(smol_tokenizer, TEXT, CURSOR, 64).ids[:-1],
-                    build_prompt(smol_tokenizer, TEXT, len(TEXT) - 1, 64).ids]
+                    build_prompt(smol_tokenizer, TEXT, len(TEXT) - 1, 64).ids[:-1]]
     assert sent[0] == smol_tokenizer(TEXT[:CURSOR - 1], add_special_tokens=False)["input_ids"]
     assert mid.mode == "line" and end.mode == "block" and status["fim"] is None

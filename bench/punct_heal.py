@@ -1,0 +1,108 @@
+"""Token healing after punctuation: complete the rest of code lines from a cursor right after an opening
+bracket or a dot (`open(|"r")`, `d[|"key"]`, `f(|)`, `self.|__dict__`, `x.|get(...)`), with and without
+redoing the punctuation's token, in one process (default model, no memory, line mode).
+
+Positions are sampled from held-out repositories (never training data). Each falls in one of two groups:
+"merge", where SmolLM2's BPE writes the punctuation and what follows it as one token (`("`, `()`, `.__`): the
+prompt then ends on a split the model never saw; and "boundary" (`(` then `self`), where healing should change
+nothing. Reports exact rest-of-line and edit similarity per group and mode, and writes one JSON line per
+completion.
+
+    python bench/punct_heal.py --repos requests,flask,click --n 160 --out punct.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import re
+import sys
+import time
+import tokenize
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "crossfile"))
+from metrics import edit_similarity  # noqa: E402
+
+from longllama_lsp.engine import Engine, EngineOptions  # noqa: E402
+
+OPENERS = ("(", "[", "{", ".")
+
+
+def positions(path: Path) -> list[tuple[int, int]]:
+    """(0-based line, column) right after each opening bracket or dot outside strings and comments, with
+    code after it on the same line."""
+    src = path.read_text(encoding="utf-8")
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.OP and tok.string in OPENERS:
+                line, col = tok.end[0] - 1, tok.end[1]
+                if tok.line[col:].strip():
+                    out.append((line, col))
+    except (tokenize.TokenError, SyntaxError):
+        return []
+    return out
+
+
+def merges(tokenizer, line: str, col: int) -> bool:
+    """Whether BPE writes the character before `col` and the one after it in one token."""
+    ids = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return not any(start == col for start, _ in ids)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("/work/data/eval"))
+    p.add_argument("--repos", default="requests,flask,click")
+    p.add_argument("--n", type=int, default=160, help="positions per group (merge, boundary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    eng = Engine.load(None, options=EngineOptions(max_tokens=32, memory=False, typeahead=False))
+    eng.wait_ready()
+    tok = eng.tokenizer
+    groups: dict[str, list[tuple[Path, int, int]]] = {"merge": [], "boundary": []}
+    for repo in args.repos.split(","):
+        for f in sorted((args.data / repo).rglob("*.py")):
+            lines = f.read_text(encoding="utf-8").split("\n")
+            for ln, col in positions(f):
+                groups["merge" if merges(tok, lines[ln], col) else "boundary"].append((f, ln, col))
+    rng = random.Random(args.seed)
+    picks = [(g, *x) for g, xs in groups.items() for x in rng.sample(xs, min(args.n, len(xs)))]
+    healing = eng._heal
+    # the healing before this change: a cursor after punctuation kept the prompt as it was
+    before = lambda ids, prefix: (ids, "") if re.search(r"[^\w\s]$", prefix) else healing(ids, prefix)  # noqa: E731
+    stats: dict[tuple[str, str], list[float]] = {}
+    with args.out.open("w") as sink:
+        for i, (group, f, ln, col) in enumerate(picks):
+            lines = f.read_text(encoding="utf-8").split("\n")
+            expected = lines[ln][col:].rstrip()
+            text = "\n".join(lines[:ln] + [lines[ln][:col]] + lines[ln + 1:])
+            offset = len("\n".join(lines[:ln])) + (1 if ln else 0) + col
+            row = {"group": group, "path": str(f.relative_to(args.data)), "line": ln + 1, "col": col,
+                   "expected": expected}
+            for mode, heal in (("healed", healing), ("plain", before)):
+                eng._heal = heal
+                t0 = time.perf_counter()
+                got = eng.complete(text, offset, path=str(f), memory=False, key=(mode, i)).text
+                row[mode] = got
+                st = stats.setdefault((group, mode), [0, 0.0, 0, 0.0])
+                st[0] += got.strip() == expected.strip()
+                st[1] += edit_similarity(got.strip(), expected.strip())
+                st[2] += 1
+                st[3] += time.perf_counter() - t0
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            if (i + 1) % 20 == 0:
+                print(f"{i + 1}/{len(picks)}", flush=True)
+    eng.close()
+    for (group, mode), (exact, es, n, secs) in sorted(stats.items()):
+        print(f"{group:9s} {mode:7s} n={n:4d} exact {exact:4d} ({exact / n:.3f})  ES {es / n:.3f}  "
+              f"{secs / n:.2f} s/completion")
+
+
+if __name__ == "__main__":
+    main()
