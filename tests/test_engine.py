@@ -13,7 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers_indexer import ChunkMeta
-from helpers_models import looping_model, smol_tokenizer, smol_tokenizer_dir, tiny_model, tiny_model_dir  # noqa: F401
+from helpers_models import (  # noqa: F401
+    looping_model,
+    smol_tokenizer,
+    smol_tokenizer_dir,
+    tiny_model,
+    tiny_model_dir,
+)
 
 from longllama_lsp.engine import Cancelled, Completion, Engine, EngineOptions
 from longllama_lsp.prompt import (
@@ -285,6 +291,32 @@ def test_cursor_after_punctuation_heals_it(engine, smol_tokenizer):  # noqa: F81
     assert engine._heal(spaced, "x = (") == (spaced[:-1], " (")  # with the space its token holds
     engine.options.max_tokens = 4
     assert engine.complete(text, len(text), path="/repo/r.py").prompt_tokens == len(healed_ids)
+
+
+def test_cursor_on_a_blank_line_heals_the_blank_lines(engine, smol_tokenizer):  # noqa: F811
+    """BPE writes blank lines with what follows them ("()" + "\n\n           " + " with"; "\n\n" + "\n" + "def"),
+    and at a prompt's end in one token ("\n\n\n"; "\n" + "\n            "): on a line after a blank one the
+    prompt ended on a split the model never saw, and it wrote one more blank line, which line mode cuts to
+    nothing. The whitespace back to the last line with text is redone, forced."""
+    for text in ("        x()\n\n            ", "    return x\n\n\n", "x = 1\n"):
+        ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+        healed_ids, healed = engine._heal(ids, text.rsplit("\n", 1)[1])
+        head = text.rstrip(" \n")
+        assert healed == text[len(head):] and smol_tokenizer.decode(healed_ids) == head, text
+    assert {"\n\n", "\n\n           "} <= _forced_texts(engine, smol_tokenizer, "\n\n            ")
+
+
+def test_the_bundled_model_writes_on_a_blank_line(smollm2):
+    """Where a user starts a new statement after a blank line (a function after two, a block's next step
+    after one) line-mode completions were empty: on all 39 crossfile holes at column 0 after a blank line."""
+    eng = Engine.load(smollm2.path, options=EngineOptions(max_tokens=12, memory=False, typeahead=False))
+    try:
+        text = "import os\n\n\ndef home():\n    return os.environ['HOME']\n\n\n"
+        nested = "def total(items):\n    count = 0\n    for item in items:\n        count += item\n\n    "
+        assert eng.complete(text, len(text), path="/repo/paths.py").text.strip()
+        assert eng.complete(nested, len(nested), path="/repo/sums.py").text.strip()
+    finally:
+        eng.close()
 
 
 def test_after_a_typed_space_a_completion_does_not_start_with_one_more():
