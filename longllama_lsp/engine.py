@@ -660,8 +660,9 @@ class Engine:
             # included (BPE writes them with the indentation after them: "()" + "\n\n           " + " with")
             within, most = (lambda text: not text.strip()), len(ids)
         else:
-            # the line's last run of text (its last token must lie within it) and the spaces before it
-            within, most = re.search(r"[ \t]*\S+$|[ \t]+$", line_prefix).group().endswith, 1
+            # the line's last run of text (its last token must lie within it) and the spaces before it; or the
+            # whitespace it ends with, any kind (a form feed, a no-break space: the search always matches)
+            within, most = re.search(r"[ \t]*\S+$|\s+$", line_prefix).group().endswith, 1
         cut, removed = len(ids), ""
         while len(ids) - cut < most and cut > 1:
             # read as the tokens continue the prompt, as generation reads them (SentencePiece's "▁te" is then

@@ -268,17 +268,20 @@ def test_the_token_at_the_cursor_is_healed(engine, smol_tokenizer, case):  # noq
 
 
 def test_healing_redoes_one_token_within_the_text_at_the_cursor(engine, smol_tokenizer):  # noqa: F811
-    def heal(text: str, line_prefix: str | None = None) -> tuple[list[int], str]:
+    def heal(text: str, line_prefix: str | None = None) -> str:
         ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
         healed_ids, healed = engine._heal(ids, text if line_prefix is None else line_prefix)
         assert healed_ids == ids[:len(healed_ids)]
-        return healed_ids, healed
+        return healed
 
-    assert heal("x = self.parse_options")[1] == "options"  # a word's last token only
-    assert heal("x.__")[1] == ".__"  # `_` is a word character, yet merges with `.`
-    assert heal("x = (")[1] == " (" and heal("x = ")[1] == " "  # with the space its token holds
+    assert heal("x = self.parse_options") == "options"  # a word's last token only
+    assert heal("x.__") == ".__"  # `_` is a word character, yet merges with `.`
+    assert heal("x = (") == " (" and heal("x = ") == " "  # with the space its token holds
     # the last token is not the text at the cursor (ids of another text): as is
-    assert heal("    return te", "    return te(")[1] == heal("    raise ", "    raise (")[1] == ""
+    assert heal("    return te", "    return te(") == heal("    raise ", "    raise (") == ""
+    engine.options.typeahead, engine.options.max_tokens = False, 2
+    for text in ("x = 1\u00a0", "x = 1\f", "x\r"):  # other whitespace ends a line: a completion, no error
+        assert isinstance(engine.complete(text, len(text), path="/repo/ws.py"), Completion)
 
 
 def test_cursor_on_a_blank_line_heals_the_blank_lines(engine, smol_tokenizer):  # noqa: F811
