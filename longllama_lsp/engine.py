@@ -77,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Whitespace tokens token healing redoes on a blank line: code's blank lines and indentation take 1-2
+# ("\n\n\n"; "\n" + "\n            ").
+HEALED_WHITESPACE_TOKENS = 4
 DEFERRED = ("deferred edits",)  # the worker key of the background encodes of Assembler.deferred
 WARMING = ("retrieval warm-up",)  # the worker key of the background jobs of Assembler.warm
 
@@ -657,8 +660,10 @@ class Engine:
         within: Callable[[str], bool]
         if not line_prefix.strip(" \t"):
             # a blank line before the cursor: the whitespace back to the last line with text, blank lines
-            # included (BPE writes them with the indentation after them: "()" + "\n\n           " + " with")
-            within, most = (lambda text: not text.strip()), len(ids)
+            # included (BPE writes them with the indentation after them: "()" + "\n\n           " + " with"), in
+            # HEALED_WHITESPACE_TOKENS at most (a file of blank lines left a one-token prompt and a forced text
+            # longer than the completion)
+            within, most = (lambda text: not text.strip()), HEALED_WHITESPACE_TOKENS
         else:
             # the line's last run of text (its last token must lie within it) and the spaces before it; or the
             # whitespace it ends with, any kind (a form feed, a no-break space: the search always matches)

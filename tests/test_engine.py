@@ -21,7 +21,7 @@ from helpers_models import (  # noqa: F401
     tiny_model_dir,
 )
 
-from longllama_lsp.engine import Cancelled, Completion, Engine, EngineOptions
+from longllama_lsp.engine import HEALED_WHITESPACE_TOKENS, Cancelled, Completion, Engine, EngineOptions
 from longllama_lsp.prompt import (
     StopRule,
     SyntaxBlock,
@@ -295,6 +295,10 @@ def test_cursor_on_a_blank_line_heals_the_blank_lines(engine, smol_tokenizer):  
         head = text.rstrip(" \n")
         assert healed == text[len(head):] and smol_tokenizer.decode(healed_ids) == head, text
     assert {"\n\n", "\n\n           "} <= _forced_texts(engine, smol_tokenizer, "\n\n            ")
+    lines = "x = 1\n" + " \n" * 300  # a file of blank lines: the prompt keeps its text, a few tokens are redone
+    ids = smol_tokenizer(lines, add_special_tokens=False)["input_ids"]
+    healed_ids, healed = engine._heal(ids, "")
+    assert len(ids) - len(healed_ids) == HEALED_WHITESPACE_TOKENS and lines.endswith(healed) and not healed.strip()
 
 
 def test_the_bundled_model_writes_on_a_blank_line(smollm2):
