@@ -50,13 +50,13 @@ KINDS = ("value", "file", "params", "methods", "module")
 Found = dict[str, list[tuple[str, Any]]]  # name -> [(file, what the question asks of it)], one per definition
 
 
-def definitions(root: Path) -> tuple[Found, Found, dict[str, list[str]]]:
+def definitions(root: Path, files: list[str]) -> tuple[Found, Found, dict[str, list[str]]]:
     """(constant name -> [(file, literal text)], function/class name -> [(file, parameter names)], class
-    name -> its public methods) over `root`'s Python files (a class's parameters: none)."""
+    name -> its public methods) over `files` (`files_of(root)`; a class's parameters: none)."""
     values: Found = defaultdict(list)
     defs: Found = defaultdict(list)
     methods: dict[str, list[str]] = {}
-    for rel in files_of(root):
+    for rel in files:
         try:
             src = (root / rel).read_text(encoding="utf-8")
             tree = ast.parse(src)
@@ -86,7 +86,8 @@ def literal_text(src: str, value: ast.expr) -> str | None:
 
 
 def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
-    values, defs, methods = definitions(root)
+    files = files_of(root)
+    values, defs, methods = definitions(root, files)
     once = [(n, v[0]) for n, v in sorted(values.items()) if len(v) == 1 and n not in defs]
     public = [(n, d[0]) for n, d in sorted(defs.items()) if len(d) == 1 and n not in values and not n.startswith("_")]
     where = [(n, f) for n, (f, _) in public if not f.endswith("__init__.py")]
@@ -98,7 +99,6 @@ def questions(root: Path, per_kind: int, rng: random.Random) -> list[dict]:
     out += [{"kind": "params", "name": n, "file": f, "answer": ps, "question": f"What parameters does {n} take?"}
             for n, f, ps in rng.sample(takes, min(per_kind, len(takes)))]
     has = [(n, f, methods[n]) for n, (f, _) in public if 2 <= len(methods.get(n, ())) <= 8]
-    files = files_of(root)
     stems = Counter(Path(f).stem for f in files)
     modules = sorted({f: [n for n, (g, _) in public if g == f] for f in files}.items())
     out += [{"kind": "methods", "name": n, "file": f, "answer": ms,
