@@ -485,7 +485,7 @@ class Engine:
                                      source_steps=self.options.completion_source_steps, forced_prefix=healed,
                                      repetition=self.options.repetition, knn=knn)
         if gen.stop_reason != "stop":
-            stop.final(gen.tokens)
+            stop.final(gen.tokens, out_of_tokens=gen.stop_reason == "max_tokens")
         out = finish(stop.kept, prompt.suffix)
         found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
         timings = {"queue": _ms(req.submitted, req.started or t0), "prompt": _ms(t0, t1), "memory": _ms(t1, t2),
@@ -708,9 +708,11 @@ class _Stop:
         self.kept, done = self.rule(text)
         return done
 
-    def final(self, new: list[int]) -> None:
-        """Generation ended for another reason (eos, max tokens): what the rule keeps of all of it."""
-        self.kept, _ = self.rule(self.after_cursor(new) or "")
+    def final(self, new: list[int], out_of_tokens: bool) -> None:
+        """Generation ended for another reason (eos, a loop, the token budget): what the rule keeps of all of
+        it, less a line the budget cut."""
+        text = self.after_cursor(new) or ""
+        self.kept = self.rule.out_of_tokens(text) if out_of_tokens else self.rule(text)[0]
 
 
 class _Stream:

@@ -293,6 +293,15 @@ class StopRule:
         """(the part of `text` to keep, whether the completion is finished)."""
         return self._line(text) if self.mode == "line" else self._block(text)
 
+    def out_of_tokens(self, text: str) -> str:
+        """What to keep of `text` when the token budget ended generation before the rule did. Block mode drops
+        the line the budget cut (`foo(a, ` or half a comment: accepted, it leaves code that does not parse)
+        when lines the model finished come before it; a lone line stays, as in line mode: it is the start of
+        what was asked for."""
+        kept, _ = self(text)
+        head, newline, _cut = kept.rpartition("\n")
+        return head.rstrip() if self.mode == "block" and newline and head.strip() else kept
+
     def _line(self, text: str) -> tuple[str, bool]:
         start = 0
         if self.next_line_ok:

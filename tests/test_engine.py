@@ -102,6 +102,28 @@ def test_stop_rule(mode, prefix, suffix, generated, expected, done):
     assert StopRule(mode, prefix, suffix)(generated) == (expected, done)
 
 
+@pytest.mark.parametrize("mode, prefix, generated, expected", [
+    ("block", "def f(x):", "\n    y = g(x)\n    return h(y,", "\n    y = g(x)"),  # the cut line goes
+    ("block", "    y = ", "x\n    # the rest of the comm", "x"),
+    ("block", "    y = ", "x\n    return y\n", "x\n    return y"),  # cut at a line's end: nothing lost
+    ("block", "def f(x):", "\n    return h(y,", "\n    return h(y,"),  # no finished line: the cut one stays
+    ("block", "    y = ", "foo(a, b", "foo(a, b"),
+    ("line", "x = ", "foo(1,", "foo(1,"),  # line mode keeps its one line
+])
+def test_a_block_cut_by_the_token_budget_drops_its_unfinished_line(mode, prefix, generated, expected):
+    """A block completion ended by max tokens ended mid-line (`return h(y,`, half a comment): accepted, the
+    editor got code that does not parse. It ends at the last line the model finished."""
+    from longllama_lsp.engine import _Stop
+
+    rule = StopRule(mode, prefix, "\n")
+    assert rule.out_of_tokens(generated) == expected
+    stop = _Stop(rule, lambda _ids, new: "".join(new), [], "")
+    stop.final(list(generated), out_of_tokens=True)
+    assert stop.kept == expected
+    stop.final(list(generated), out_of_tokens=False)  # ended by eos: the last line is the model's own end
+    assert stop.kept == rule(generated)[0]
+
+
 def _syntax_stop(path: str, marked: str, generated: str) -> tuple[str, int]:
     """Feed `generated` token by token (here: char by char) as the engine does: (kept, chars fed)."""
     offset = marked.index("|")
