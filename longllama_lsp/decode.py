@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -84,6 +85,10 @@ class _AttentionSum:
         self.queries += tokens * heads * len(weights)
 
 
+# A text that starts a blank line: spaces or tabs at most, then a line break.
+BLANK_START = re.compile(r"[ \t]*\r?\n")
+
+
 class _TokenTexts:
     """Token texts (index = id) for the forced-prefix mask: which ids may come next while `need` is
     still to be produced. A scan of the vocabulary per forced step cost 8-14 ms at 49k tokens; here the
@@ -95,10 +100,12 @@ class _TokenTexts:
         self._sorted = [t for t, _ in order]
         self._ids = [i for _, i in order]
 
-    def allowed(self, need: str) -> list[int]:
+    def allowed(self, need: str, blank_after: bool = True) -> list[int]:
         """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
-        (a word is not split: " " then "te" for " te" is a split the model never saw)."""
-        out = self._between(need, need + "\U0010ffff")  # texts starting with need sort here
+        (a word is not split: " " then "te" for " te" is a split the model never saw). Without `blank_after`,
+        none that goes on past `need` with a line break before any text (`text_first`)."""
+        lo, hi = (bisect.bisect_left(self._sorted, x) for x in (need, need + "\U0010ffff"))  # texts starting with need
+        out = [self._ids[j] for j in range(lo, hi) if blank_after or not BLANK_START.match(self._sorted[j], len(need))]
         for k in range(1, len(need)):
             if not need[k:].strip():
                 out += self._between(need[:k], need[:k] + "\0")  # the texts equal to need[:k]
@@ -131,6 +138,7 @@ class Decoder:
         self._extra_stop_ids = {int(t) for t in stop_ids}
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._token_texts: _TokenTexts | None = None  # each token id's text after a word (forced prefixes)
+        self._blank_starts: Any = None  # (V,) bool: the ids whose text starts a blank line (text_first)
 
     @property
     def options(self) -> DecodeOptions:
@@ -144,10 +152,13 @@ class Decoder:
                  stop: Callable[[list[int]], bool] | None = None,
                  on_token: Callable[[int, list[int]], None] | None = None, session: Hashable | None = None,
                  sources: bool = False, source_steps: int | None = None, forced_prefix: str = "",
-                 repetition: RepetitionGuard | None = None, exact: bool = False, knn: Knn | None = None) -> Generation:
+                 text_first: bool = False, repetition: RepetitionGuard | None = None, exact: bool = False,
+                 knn: Knn | None = None) -> Generation:
         """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
         samples memory attention (see `_samples_sources`); the text of the first generated tokens is
-        forced to start with `forced_prefix` (token healing); a loop that `repetition` spots ends
+        forced to start with `forced_prefix` (token healing), and with `text_first` to put text on the line after
+        it before any line break (the cursor's line is blank: a completion that began with a blank line was
+        empty in line mode); a loop that `repetition` spots ends
         it after the loop's first copy (issue 19). `exact`: the session's cache is reused only under the
         same memory (no swap: the answer does not depend on what was asked before). `knn`: each step's
         next token is chosen from the model's distribution mixed with the kNN lookup's (knn.py)."""
@@ -168,7 +179,7 @@ class Decoder:
             out = self._prefill(req, state, ids[reused:], memory, attention, sources, threads)
             t1 = time.perf_counter()
             generated, reason = self._decode(req, state, out, ids, memory, max_new, stop, on_token, attention,
-                                             sources, source_steps, forced_prefix, repetition, knn)
+                                             sources, source_steps, forced_prefix, text_first, repetition, knn)
             t2 = time.perf_counter()
         except BaseException as exc:
             if isinstance(exc, Cancelled):
@@ -218,20 +229,18 @@ class Decoder:
     def _decode(self, req: Request, state: _Session, out: Any, ids: list[int], memory: Memory | None,
                 max_new: int, stop: Callable[[list[int]], bool] | None,
                 on_token: Callable[[int, list[int]], None] | None, attention: _AttentionSum, sources: bool,
-                source_steps: int | None, forced_prefix: str,
+                source_steps: int | None, forced_prefix: str, text_first: bool,
                 repetition: RepetitionGuard | None, knn: Knn | None = None) -> tuple[list[int], str]:
         """Greedy steps after the prefill: (generated ids, stop reason)."""
         generated: list[int] = []
         stop_ids = self._stop_ids()
-        forcing = bool(forced_prefix)  # until the generated text covers forced_prefix
+        opening = bool(forced_prefix) or text_first  # until the text is past what `_opening` constrains
         while len(generated) < max_new:
             logits = out.logits[0, -1] if knn is None else knn(out.logits[0, -1])  # (V,)
-            if forcing:
-                done = self.continuation(ids, generated)
-                forcing = len(done) < len(forced_prefix) and forced_prefix.startswith(done)
-                allowed = self._allowed_after(done, forced_prefix).to(logits.device) if forcing else None
+            if opening:
+                allowed, opening = self._opening(self.continuation(ids, generated), forced_prefix, text_first)
                 if allowed is not None and bool(allowed.any()):
-                    logits = logits.masked_fill(~allowed, float("-inf"))
+                    logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
             nxt = int(logits.argmax())
             if nxt in stop_ids:
                 return generated, "eos"
@@ -272,16 +281,29 @@ class Decoder:
         return full[len(head):] if full.startswith(head) else self.tokenizer.decode(list(new),
                                                                                    skip_special_tokens=True)
 
-    def _allowed_after(self, done: str, prefix: str) -> Any:
-        """Token ids whose text continues `done` (a part of `prefix`) without leaving `prefix` (a bool mask
-        over the vocabulary; _TokenTexts.allowed says which)."""
+    def _opening(self, done: str, forced: str, text_first: bool) -> tuple[Any, bool]:
+        """(the token ids allowed next as a bool mask over the vocabulary, or None: any; whether a later step
+        may still need one), for the text `done` generated so far. While `done` is a part of `forced`: the ids
+        that continue it within `forced` (_TokenTexts.allowed). With `text_first`, while the text after
+        `forced` is whitespace: no id that ends that line there (a blank line)."""
         import torch
 
+        if len(done) < len(forced):
+            if not forced.startswith(done):
+                return None, False
+            mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+            mask[self._texts().allowed(forced[len(done):], blank_after=not text_first)] = True
+            return mask, True
+        if not text_first or not done.startswith(forced) or done[len(forced):].strip():
+            return None, False
+        if self._blank_starts is None:
+            self._blank_starts = torch.tensor([bool(BLANK_START.match(t)) for t in self._texts_after_a_word()])
+        return ~self._blank_starts, True
+
+    def _texts(self) -> _TokenTexts:
         if self._token_texts is None:
             self._token_texts = _TokenTexts(self._texts_after_a_word())
-        mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-        mask[self._token_texts.allowed(prefix[len(done):])] = True
-        return mask
+        return self._token_texts
 
     def _texts_after_a_word(self) -> list[str]:
         """Each token id's text as it continues a word ("a"), as `continuation` reads generated text: decoded

@@ -483,7 +483,7 @@ class Engine:
         gen = self._decoder.generate(req, ids, asm.memory, max_new, stop=stop, session=key,
                                      sources=sources and asm.memory is not None,
                                      source_steps=self.options.completion_source_steps, forced_prefix=healed,
-                                     repetition=self.options.repetition, knn=knn)
+                                     text_first=stop.rule.text_first, repetition=self.options.repetition, knn=knn)
         if gen.stop_reason != "stop":
             stop.final(gen.tokens, out_of_tokens=gen.stop_reason == "max_tokens")
         out = finish(stop.kept, prompt.suffix)
@@ -655,7 +655,7 @@ class Engine:
         column 0 after a blank line). Drop the trailing tokens of that whitespace (back to the last line
         with text), or the last token of that word, punctuation or those spaces when it lies within them
         (with the spaces before them), and let generation redo them, forced to start with exactly that text
-        (`Decoder._allowed_after`: the dropped token itself is always one way to).
+        (`Decoder._opening`: the dropped token itself is always one way to).
         """
         within: Callable[[str], bool]
         if not line_prefix.strip(" \t"):

@@ -234,7 +234,8 @@ def test_keys_typed_along_the_suggestion_are_answered_from_it(engine):
 
 def _forced_texts(engine, tokenizer, healed: str) -> set[str]:
     """The texts of the tokens generation may start with when it must redo `healed`."""
-    return {tokenizer.decode([i]) for i in engine.decoder._allowed_after("", healed).nonzero().flatten().tolist()}
+    allowed, _ = engine.decoder._opening("", healed, text_first=False)
+    return {tokenizer.decode([i]) for i in allowed.nonzero().flatten().tolist()}
 
 
 def test_cursor_after_indentation_heals_the_split_token(engine, smol_tokenizer):  # noqa: F811
@@ -332,8 +333,33 @@ def test_the_bundled_model_writes_on_a_blank_line(smollm2):
         nested = "def total(items):\n    count = 0\n    for item in items:\n        count += item\n\n    "
         assert eng.complete(text, len(text), path="/repo/paths.py").text.strip()
         assert eng.complete(nested, len(nested), path="/repo/sums.py").text.strip()
+        # a new line after code, at the end of the file as when writing new code: the model's blank line first
+        # left these empty (Decoder's text_first)
+        for after_code in ("import os\nimport sys\n", "x = 1\ny = 2\n"):
+            assert eng.complete(after_code, len(after_code), path="/repo/new.py").text.strip(), after_code
     finally:
         eng.close()
+
+
+def test_on_a_blank_line_generation_puts_text_before_a_line_break(engine, smol_tokenizer):  # noqa: F811
+    """text_first: while healing redoes "\n", no token that adds a blank line ("\n\n"); after it, while the line
+    holds only whitespace, none that ends it; once it holds text, nothing is banned."""
+    def texts(mask):
+        return {smol_tokenizer.decode([i]) for i in mask.nonzero().flatten().tolist()}
+
+    healing, more = engine.decoder._opening("", "\n", text_first=True)
+    assert more and "\n" in texts(healing) and "\n\n" not in texts(healing) and "\n\n" in _forced_texts(
+        engine, smol_tokenizer, "\n")
+    after, more = engine.decoder._opening("\n", "\n", text_first=True)
+    banned = texts(~after)
+    assert more and {"\n", "\n\n", "  \n"} & banned == {"\n", "\n\n", "  \n"}
+    assert not {"x", "    ", " def", "import"} & banned
+    assert engine.decoder._opening("\n    ", "\n", text_first=True)[0] is not None  # indentation: still blank
+    assert engine.decoder._opening("\nx", "\n", text_first=True) == (None, False)
+    assert engine.decoder._opening("\n", "\n", text_first=False) == (None, False)
+    line = StopRule("line", "    ", "\n")
+    assert line.text_first and not StopRule("line", "x = ", "\n").text_first
+    assert not StopRule("block", "    ", "\n").text_first and not StopRule("line", "    ", "y)\n").text_first
 
 
 def test_after_a_typed_space_a_completion_does_not_start_with_one_more():
