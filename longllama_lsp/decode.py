@@ -96,6 +96,7 @@ class _TokenTexts:
     it one (short) range per prefix."""
 
     def __init__(self, texts: list[str]):
+        self.texts = texts
         order = sorted((t, i) for i, t in enumerate(texts) if t)
         self._sorted = [t for t, _ in order]
         self._ids = [i for _, i in order]
@@ -296,12 +297,13 @@ class Decoder:
             return mask, True
         if not text_first or not done.startswith(forced) or done[len(forced):].strip():
             return None, False
-        if self._blank_starts is None:
-            self._blank_starts = torch.tensor([bool(BLANK_START.match(t)) for t in self._texts_after_a_word()])
+        if self._blank_starts is None:  # the model's vocabulary may be longer than the tokenizer's
+            self._blank_starts = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+            self._blank_starts[[i for i, t in enumerate(self._texts().texts) if BLANK_START.match(t)]] = True
         return ~self._blank_starts, True
 
     def _texts(self) -> _TokenTexts:
-        if self._token_texts is None:
+        if self._token_texts is None:  # a decode of every token: once per decoder
             self._token_texts = _TokenTexts(self._texts_after_a_word())
         return self._token_texts
 
