@@ -12,18 +12,14 @@ completions, exact lines and edit similarity per group and mode, and writes one 
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "crossfile"))
-from metrics import edit_similarity  # noqa: E402
+from probe import Place, probe_arguments, probe_engine, run_probe  # noqa: E402
 
 from longllama_lsp import prompt  # noqa: E402
-from longllama_lsp.engine import Engine, EngineOptions  # noqa: E402
 
 
 def positions(path: Path) -> dict[str, list[int]]:
@@ -53,16 +49,9 @@ class _Switch:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("/work/data/eval"))
-    p.add_argument("--repos", default="requests,flask,click")
-    p.add_argument("--n", type=int, default=50, help="positions per group")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+    args = probe_arguments(__doc__, 50, "positions per group")
     _Switch.install()
-    eng = Engine.load(None, options=EngineOptions(max_tokens=32, memory=False, typeahead=False))
-    eng.wait_ready()
+    eng = probe_engine()
     groups: dict[str, list[tuple[Path, int]]] = {"after code": [], "after blank": []}
     for repo in args.repos.split(","):
         for f in sorted((args.data / repo).rglob("*.py")):
@@ -70,33 +59,17 @@ def main() -> None:
                 groups[group] += [(f, ln) for ln in lns]
     rng = random.Random(args.seed)
     picks = [(g, *x) for g, xs in groups.items() for x in rng.sample(xs, min(args.n, len(xs)))]
-    stats: dict[tuple[str, str], list[float]] = {}
-    with args.out.open("w") as sink:
-        for i, (group, f, ln) in enumerate(picks):
-            lines = f.read_text(encoding="utf-8").split("\n")
-            expected = lines[ln].strip()
-            indent = lines[ln][: len(lines[ln]) - len(lines[ln].lstrip())]
-            text = "\n".join(lines[:ln]) + "\n" + indent
-            row = {"group": group, "path": str(f.relative_to(args.data)), "line": ln + 1, "expected": expected}
-            for mode in ("text_first", "before"):
-                _Switch.off = mode == "before"
-                t0 = time.perf_counter()
-                got = eng.complete(text, len(text), path=str(f), memory=False, key=(mode, i)).text.strip()
-                row[mode] = got
-                st = stats.setdefault((group, mode), [0, 0, 0.0, 0, 0.0])
-                st[0] += not got
-                st[1] += got == expected
-                st[2] += edit_similarity(got, expected)
-                st[3] += 1
-                st[4] += time.perf_counter() - t0
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            if (i + 1) % 20 == 0:
-                print(f"{i + 1}/{len(picks)}", flush=True)
-    eng.close()
-    for (group, mode), (empty, exact, es, n, secs) in sorted(stats.items()):
-        print(f"{group:11s} {mode:10s} n={n:4d} empty {empty:4d}  exact {exact:4d}  ES {es / n:.3f}  "
-              f"{secs / n:.2f} s/completion")
+    def place(pick: tuple[str, Path, int]) -> Place:
+        group, f, ln = pick
+        lines = f.read_text(encoding="utf-8").split("\n")
+        indent = lines[ln][: len(lines[ln]) - len(lines[ln].lstrip())]
+        text = "\n".join(lines[:ln]) + "\n" + indent
+        row = {"group": group, "path": str(f.relative_to(args.data)), "line": ln + 1, "expected": lines[ln].strip()}
+        return Place(f, text, len(text), row)
+
+    modes = {"text_first": lambda: setattr(_Switch, "off", False), "before": lambda: setattr(_Switch, "off", True)}
+    tally = run_probe(eng, picks, args.out, place, modes)
+    print(tally.report())
 
 
 if __name__ == "__main__":

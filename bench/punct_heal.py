@@ -13,20 +13,15 @@ completion.
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import random
 import re
 import sys
-import time
 import tokenize
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "crossfile"))
-from metrics import edit_similarity  # noqa: E402
-
-from longllama_lsp.engine import Engine, EngineOptions  # noqa: E402
+from probe import Place, probe_arguments, probe_engine, run_probe  # noqa: E402
 
 OPENERS = ("(", "[", "{", ".")
 
@@ -54,15 +49,8 @@ def merges(tokenizer, line: str, col: int) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("/work/data/eval"))
-    p.add_argument("--repos", default="requests,flask,click")
-    p.add_argument("--n", type=int, default=160, help="positions per group (merge, boundary)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
-    eng = Engine.load(None, options=EngineOptions(max_tokens=32, memory=False, typeahead=False))
-    eng.wait_ready()
+    args = probe_arguments(__doc__, 160, "positions per group (merge, boundary)")
+    eng = probe_engine()
     tok = eng.tokenizer
     groups: dict[str, list[tuple[Path, int, int]]] = {"merge": [], "boundary": []}
     for repo in args.repos.split(","):
@@ -75,33 +63,18 @@ def main() -> None:
     healing = eng._heal
     # the healing before this change: a cursor after punctuation kept the prompt as it was
     before = lambda ids, prefix: (ids, "") if re.search(r"[^\w\s]$", prefix) else healing(ids, prefix)  # noqa: E731
-    stats: dict[tuple[str, str], list[float]] = {}
-    with args.out.open("w") as sink:
-        for i, (group, f, ln, col) in enumerate(picks):
-            lines = f.read_text(encoding="utf-8").split("\n")
-            expected = lines[ln][col:].rstrip()
-            text = "\n".join(lines[:ln] + [lines[ln][:col]] + lines[ln + 1:])
-            offset = len("\n".join(lines[:ln])) + (1 if ln else 0) + col
-            row = {"group": group, "path": str(f.relative_to(args.data)), "line": ln + 1, "col": col,
-                   "expected": expected}
-            for mode, heal in (("healed", healing), ("plain", before)):
-                eng._heal = heal
-                t0 = time.perf_counter()
-                got = eng.complete(text, offset, path=str(f), memory=False, key=(mode, i)).text
-                row[mode] = got
-                st = stats.setdefault((group, mode), [0, 0.0, 0, 0.0])
-                st[0] += got.strip() == expected.strip()
-                st[1] += edit_similarity(got.strip(), expected.strip())
-                st[2] += 1
-                st[3] += time.perf_counter() - t0
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            if (i + 1) % 20 == 0:
-                print(f"{i + 1}/{len(picks)}", flush=True)
-    eng.close()
-    for (group, mode), (exact, es, n, secs) in sorted(stats.items()):
-        print(f"{group:9s} {mode:7s} n={n:4d} exact {exact:4d} ({exact / n:.3f})  ES {es / n:.3f}  "
-              f"{secs / n:.2f} s/completion")
+    def place(pick: tuple[str, Path, int, int]) -> Place:
+        group, f, ln, col = pick
+        lines = f.read_text(encoding="utf-8").split("\n")
+        text = "\n".join(lines[:ln] + [lines[ln][:col]] + lines[ln + 1:])
+        offset = len("\n".join(lines[:ln])) + (1 if ln else 0) + col
+        row = {"group": group, "path": str(f.relative_to(args.data)), "line": ln + 1, "col": col,
+               "expected": lines[ln][col:].rstrip()}
+        return Place(f, text, offset, row)
+
+    modes = {"healed": lambda: setattr(eng, "_heal", healing), "plain": lambda: setattr(eng, "_heal", before)}
+    tally = run_probe(eng, picks, args.out, place, modes)
+    print(tally.report())
 
 
 if __name__ == "__main__":
