@@ -1,9 +1,11 @@
 """Where the kNN lookup changes the model's greedy choice, and whether the model's own confidence says when to trust it.
 
-    python bench/knn_gate.py --repo /work/data/eval/h11 --repo ... [longllama eval's crossfile-ids options] \
-        --out bench/results/knn-gate.json
+    python bench/knn_gate.py --repo /work/data/eval/itsdangerous --repo .../marshmallow --repo .../starlette \
+        --budget 512 --span-len 128 --chunk-len 256 --retrieve-tokens 4096 --files-per-repo 4 \
+        --spans-per-file 3 --select-tokens 2048 --out bench/results/knn-gate-s48.json
 
-    python bench/knn_gate.py --weights bench/results/knn-gate-s48.pt   (other weights, offline)
+    python bench/knn_gate.py --weights bench/results/knn-gate-s48.pt   (other weights, offline, from the
+        positions the run saved beside --out: 5 MB, not committed)
 
 Runs `longllama eval --task crossfile-ids` with the systems `retrieved` and `knn` only and, at every scored
 token, compares the argmax of the retrieved forward pass (p_model) with the argmax of the lookup's mixture
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, metavar="PT", help="run nothing: the WEIGHTS table from a run's saved positions")
     args = p.parse_args(["--task", "crossfile-ids", *(argv if argv is not None else sys.argv[1:])])
     if args.weights:
-        print(weights_table(torch.load(args.weights)))
+        print(weights_table(torch.load(args.weights, weights_only=True)))
         return 0
     if args.out is None:
         p.error("give --out (or --weights)")
