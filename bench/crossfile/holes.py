@@ -22,7 +22,10 @@ code line with no such identifier (about a quarter of the set).
     --seed 200 (140 holes; ids tagged n200); holes-new-seed300.jsonl: the same with --seed 300, less the seed
     200 set's holes (122, tagged n300, held back at stop 45); holes-typed2-new-seed{200,300}.jsonl: --typed 2.
     holes-new2-seed400.jsonl (stop 48): --repos h11 attrs packaging httpx --cross 30 --ordinary 10 --seed 400
-    (160 holes, ids tagged n400; the wheels of h11 0.14.0, attrs 24.2.0, packaging 24.2, httpx 0.27.2, unpacked as above).
+    (160 holes, ids tagged n400; the wheels of h11 0.14.0, attrs 24.2.0, packaging 24.2, httpx 0.27.2, unpacked as above;
+    of these only httpx is outside the venv whose site-packages training read). holes-new3-seed500.jsonl (stop 48,
+    held back): --repos markdown sqlparse structlog wtforms --cross 30 --ordinary 10 --seed 500 (160, tagged n500;
+    Markdown 3.7, sqlparse 0.5.2, structlog 24.4.0, WTForms 3.2.1, none installed here); typed: holes-typed2-new3-seed500.jsonl.
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
