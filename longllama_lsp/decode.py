@@ -106,7 +106,8 @@ class _TokenTexts:
         (a word is not split: " " then "te" for " te" is a split the model never saw). Without `blank_after`,
         none that goes on past `need` with a line break before any text (`text_first`)."""
         lo, hi = (bisect.bisect_left(self._sorted, x) for x in (need, need + "\U0010ffff"))  # texts starting with need
-        out = [self._ids[j] for j in range(lo, hi) if blank_after or not BLANK_START.match(self._sorted[j], len(need))]
+        out = self._ids[lo:hi] if blank_after else \
+            [self._ids[j] for j in range(lo, hi) if not BLANK_START.match(self._sorted[j], len(need))]
         for k in range(1, len(need)):
             if not need[k:].strip():
                 out += self._between(need[:k], need[:k] + "\0")  # the texts equal to need[:k]
