@@ -140,7 +140,7 @@ class Decoder:
         self._extra_stop_ids = {int(t) for t in stop_ids}
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._token_texts: _TokenTexts | None = None  # each token id's text after a word (forced prefixes)
-        self._blank_starts: Any = None  # (V,) bool: the ids whose text starts a blank line (text_first)
+        self._no_text: Any = None  # (V,) bool: the ids that put no text on a line: spaces, a line break (text_first)
 
     @property
     def options(self) -> DecodeOptions:
@@ -158,9 +158,9 @@ class Decoder:
                  knn: Knn | None = None) -> Generation:
         """Greedy tokens after `ids` (B=1) with `memory`. stop(new_ids) -> True ends it; `sources`
         samples memory attention (see `_samples_sources`); the text of the first generated tokens is
-        forced to start with `forced_prefix` (token healing), and with `text_first` to put text on the line after
-        it before any line break (the cursor's line is blank: a completion that began with a blank line was
-        empty in line mode); a loop that `repetition` spots ends
+        forced to start with `forced_prefix` (token healing), and with `text_first` to put text on the line right
+        after it (the cursor's line is blank: a completion that began with a blank line was empty in line mode,
+        one that began with more spaces was indented past the cursor); a loop that `repetition` spots ends
         it after the loop's first copy (issue 19). `exact`: the session's cache is reused only under the
         same memory (no swap: the answer does not depend on what was asked before). `knn`: each step's
         next token is chosen from the model's distribution mixed with the kNN lookup's (knn.py)."""
@@ -286,8 +286,10 @@ class Decoder:
     def _opening(self, done: str, forced: str, text_first: bool) -> tuple[Any, bool]:
         """(the token ids allowed next as a bool mask over the vocabulary, or None: any; whether a later step
         may still need one), for the text `done` generated so far. While `done` is a part of `forced`: the ids
-        that continue it within `forced` (_TokenTexts.allowed). With `text_first`, while the text after
-        `forced` is whitespace: no id that ends that line there (a blank line)."""
+        that continue it within `forced` (_TokenTexts.allowed), none that adds a blank line with `text_first`.
+        With `text_first`, once `forced` is covered and nothing follows it yet: only ids that put text on the line.
+        A line break there left the line empty; more spaces indented it past the cursor (where the editor put
+        it), or ran on: the bundled model once wrote 38 single spaces in a row, banned its line break each time."""
         import torch
 
         if len(done) < len(forced):
@@ -298,10 +300,10 @@ class Decoder:
             return mask, True
         if not text_first or not done.startswith(forced) or done[len(forced):].strip():
             return None, False
-        if self._blank_starts is None:  # the model's vocabulary may be longer than the tokenizer's
-            self._blank_starts = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-            self._blank_starts[[i for i, t in enumerate(self._texts().texts) if BLANK_START.match(t)]] = True
-        return ~self._blank_starts, True
+        if self._no_text is None:  # the model's vocabulary may be longer than the tokenizer's
+            self._no_text = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+            self._no_text[[i for i, t in enumerate(self._texts().texts) if BLANK_START.match(t) or not t.strip()]] = True
+        return ~self._no_text, True
 
     def _texts(self) -> _TokenTexts:
         if self._token_texts is None:  # a decode of every token: once per decoder
