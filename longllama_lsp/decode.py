@@ -87,6 +87,8 @@ class _AttentionSum:
 
 # A text that starts a blank line: spaces or tabs at most, then a line break.
 BLANK_START = re.compile(r"[ \t]*\r?\n")
+# A text that starts with whitespace (more indentation, or a line break).
+SPACE_START = re.compile(r"\s")
 
 
 class _TokenTexts:
@@ -101,13 +103,13 @@ class _TokenTexts:
         self._sorted = [t for t, _ in order]
         self._ids = [i for _, i in order]
 
-    def allowed(self, need: str, blank_after: bool = True) -> list[int]:
+    def allowed(self, need: str, then_not: re.Pattern[str] | None = None) -> list[int]:
         """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
-        (a word is not split: " " then "te" for " te" is a split the model never saw). Without `blank_after`,
-        none that goes on past `need` with a line break before any text (`text_first`)."""
+        (a word is not split: " " then "te" for " te" is a split the model never saw). With `then_not`, none
+        whose text goes on past `need` with what it matches (`text_first`: a blank line, more indentation)."""
         lo, hi = (bisect.bisect_left(self._sorted, x) for x in (need, need + "\U0010ffff"))  # texts starting with need
-        out = self._ids[lo:hi] if blank_after else \
-            [self._ids[j] for j in range(lo, hi) if not BLANK_START.match(self._sorted[j], len(need))]
+        out = self._ids[lo:hi] if then_not is None else \
+            [self._ids[j] for j in range(lo, hi) if not then_not.match(self._sorted[j], len(need))]
         for k in range(1, len(need)):
             if not need[k:].strip():
                 out += self._between(need[:k], need[:k] + "\0")  # the texts equal to need[:k]
@@ -286,7 +288,8 @@ class Decoder:
     def _opening(self, done: str, forced: str, text_first: bool) -> tuple[Any, bool]:
         """(the token ids allowed next as a bool mask over the vocabulary, or None: any; whether a later step
         may still need one), for the text `done` generated so far. While `done` is a part of `forced`: the ids
-        that continue it within `forced` (_TokenTexts.allowed), none that adds a blank line with `text_first`.
+        that continue it within `forced` (_TokenTexts.allowed), with `text_first` none that adds a blank line or
+        (`_after_forced`) indents past the cursor.
         With `text_first`, once `forced` is covered and nothing follows it yet: only ids that put text on the line.
         A line break there left the line empty; more spaces indented it past the cursor (where the editor put
         it), or ran on: the bundled model once wrote 38 single spaces in a row, banned its line break each time."""
@@ -296,7 +299,7 @@ class Decoder:
             if not forced.startswith(done):
                 return None, False
             mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-            mask[self._texts().allowed(forced[len(done):], blank_after=not text_first)] = True
+            mask[self._texts().allowed(forced[len(done):], then_not=self._after_forced(forced, text_first))] = True
             return mask, True
         if not text_first or not done.startswith(forced) or done[len(forced):].strip():
             return None, False
@@ -304,6 +307,16 @@ class Decoder:
             self._no_text = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
             self._no_text[[i for i, t in enumerate(self._texts().texts) if BLANK_START.match(t) or not t.strip()]] = True
         return ~self._no_text, True
+
+    @staticmethod
+    def _after_forced(forced: str, text_first: bool) -> re.Pattern[str] | None:
+        """What a token that covers `forced` may not go on with: with `text_first`, a blank line; and more
+        indentation when the cursor's line already holds some (`forced` ends in it: the editor indented it, so
+        the model's deeper line, `   # ...` three columns in, was misplaced). At column 0 a deeper line stays
+        (`"\n    "` after `def f():` where no editor indented)."""
+        if not text_first:
+            return None
+        return SPACE_START if forced.rsplit("\n", 1)[-1] else BLANK_START
 
     def _texts(self) -> _TokenTexts:
         if self._token_texts is None:  # a decode of every token: once per decoder

@@ -350,6 +350,10 @@ def test_on_a_blank_line_generation_puts_text_before_a_line_break(engine, smol_t
 
     healing, more = engine.decoder._opening("", "\n", text_first=True)
     assert more and {"\n", "\n    "} <= texts(healing) and "\n\n" not in texts(healing)
+    # an indented cursor line (the editor's indentation): no token that indents past it
+    indented, _ = engine.decoder._opening("", "\n    ", text_first=True)
+    assert "\n    " in texts(indented) and not {"\n        ", "\n     ", "\n\n"} & texts(indented)
+    assert "\n        " in _forced_texts(engine, smol_tokenizer, "\n    ")
     assert "\n\n" in _forced_texts(engine, smol_tokenizer, "\n")
     after, more = engine.decoder._opening("\n", "\n", text_first=True)
     banned = texts(~after)
