@@ -107,17 +107,18 @@ class _TokenTexts:
         """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
         (a word is not split: " " then "te" for " te" is a split the model never saw). With `then_not`, none
         whose text goes on past `need` with what it matches (`text_first`: a blank line, more indentation)."""
-        lo, hi = (bisect.bisect_left(self._sorted, x) for x in (need, need + "\U0010ffff"))  # texts starting with need
-        out = self._ids[lo:hi] if then_not is None else \
-            [self._ids[j] for j in range(lo, hi) if not then_not.match(self._sorted[j], len(need))]
+        covering = self._between(need, need + "\U0010ffff")  # texts starting with need sort here
+        out = self._ids[covering] if then_not is None else \
+            [i for i, t in zip(self._ids[covering], self._sorted[covering], strict=True)
+             if not then_not.match(t, len(need))]
         for k in range(1, len(need)):
             if not need[k:].strip():
-                out += self._between(need[:k], need[:k] + "\0")  # the texts equal to need[:k]
+                out += self._ids[self._between(need[:k], need[:k] + "\0")]  # the texts equal to need[:k]
         return out
 
-    def _between(self, lo: str, hi: str) -> list[int]:
-        """Ids of the texts t with lo <= t < hi."""
-        return self._ids[bisect.bisect_left(self._sorted, lo):bisect.bisect_left(self._sorted, hi)]
+    def _between(self, lo: str, hi: str) -> slice:
+        """Where the texts t with lo <= t < hi lie in the sorted texts (and their ids)."""
+        return slice(bisect.bisect_left(self._sorted, lo), bisect.bisect_left(self._sorted, hi))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

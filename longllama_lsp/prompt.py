@@ -283,8 +283,9 @@ class StopRule:
         after_cursor = rest_of_line(suffix)
         self.mode = "line" if after_cursor.strip() and not fim else mode
         self.next_line_ok = bool(line_prefix.strip()) and not after_cursor.strip()
-        # Line mode on a blank line ends at the first line break, so a completion must put text before one
-        # (Decoder's `text_first`): the model's blank line first left the cursor's line empty.
+        # Line mode on a blank line ends at the first line break, so a completion must put text on the line, at
+        # the cursor's indentation (Decoder's `text_first`): the model's blank line first left the line empty,
+        # and its extra spaces indented it past where the editor put the cursor.
         self.text_first = self.mode == "line" and not line_prefix.strip() and not after_cursor.strip()
         self.base = _indent(line_prefix)
         self.opens = line_prefix.rstrip().endswith(self.OPENERS)
