@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 pos = torch.arange(len(pr) - 1, len(pr) - 1 + len(t))
                 masks = {"all": torch.ones(len(t), dtype=torch.bool), "xid": torch.tensor(flags[i]),
                          "first": torch.tensor(starts[i])}
-                flips.add(pending["logp"][i, pos], logp[i, pos], torch.tensor(t), masks)
-                saved.append(_positions(pending["logp"][i, pos], logp[i, pos], torch.tensor(t), masks))
+                scored = (pending["logp"][i, pos], logp[i, pos], torch.tensor(t), masks)
+                flips.add(*scored)
+                saved.append(_positions(*scored))
             pending.clear()
         return tally(logp, prompts, targets, flags, starts, *scores)
 

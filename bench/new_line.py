@@ -12,12 +12,11 @@ completions, exact lines and edit similarity per group and mode, and writes one 
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "crossfile"))
-from probe import Place, probe_arguments, probe_engine, run_probe  # noqa: E402
+from probe import Place, probe_arguments, probe_engine, run_probe, sample  # noqa: E402
 
 from longllama_lsp import prompt  # noqa: E402
 
@@ -57,8 +56,8 @@ def main() -> None:
         for f in sorted((args.data / repo).rglob("*.py")):
             for group, lns in positions(f).items():
                 groups[group] += [(f, ln) for ln in lns]
-    rng = random.Random(args.seed)
-    picks = [(g, *x) for g, xs in groups.items() for x in rng.sample(xs, min(args.n, len(xs)))]
+    picks = sample(groups, args.n, args.seed)
+
     def place(pick: tuple[str, Path, int]) -> Place:
         group, f, ln = pick
         lines = f.read_text(encoding="utf-8").split("\n")

@@ -1,9 +1,11 @@
-"""What the one-process completion probes (punct_heal.py, new_line.py) share: their options and their engine."""
+"""What the one-process completion probes (punct_heal.py, new_line.py) share: their options, engine, sample of
+positions, loop and tally."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,12 @@ def probe_arguments(doc: str, n: int, n_help: str) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
+
+
+def sample(groups: dict[str, list[tuple]], n: int, seed: int) -> list[tuple]:
+    """Up to `n` positions of each group, drawn with `seed`, each as (group, *position)."""
+    rng = random.Random(seed)
+    return [(g, *x) for g, xs in groups.items() for x in rng.sample(xs, min(n, len(xs)))]
 
 
 @dataclass

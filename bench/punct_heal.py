@@ -14,14 +14,13 @@ completion.
 from __future__ import annotations
 
 import io
-import random
 import re
 import sys
 import tokenize
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "crossfile"))
-from probe import Place, probe_arguments, probe_engine, run_probe  # noqa: E402
+from probe import Place, probe_arguments, probe_engine, run_probe, sample  # noqa: E402
 
 OPENERS = ("(", "[", "{", ".")
 
@@ -58,8 +57,7 @@ def main() -> None:
             lines = f.read_text(encoding="utf-8").split("\n")
             for ln, col in positions(f):
                 groups["merge" if merges(tok, lines[ln], col) else "boundary"].append((f, ln, col))
-    rng = random.Random(args.seed)
-    picks = [(g, *x) for g, xs in groups.items() for x in rng.sample(xs, min(args.n, len(xs)))]
+    picks = sample(groups, args.n, args.seed)
     healing = eng._heal
     # the healing before this change: a cursor after punctuation kept the prompt as it was
     before = lambda ids, prefix: (ids, "") if re.search(r"[^\w\s]$", prefix) else healing(ids, prefix)  # noqa: E731
