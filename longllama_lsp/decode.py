@@ -21,7 +21,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -103,16 +103,19 @@ class _TokenTexts:
         self._sorted = [t for t, _ in order]
         self._ids = [i for _, i in order]
 
-    def allowed(self, need: str, then_not: re.Pattern[str] | None = None) -> list[int]:
+    def allowed(self, need: str, then_not: re.Pattern[str] | None = None,
+                starts: Collection[str] | None = None) -> list[int]:
         """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
-        (a word is not split: " " then "te" for " te" is a split the model never saw). With `then_not`, none
-        whose text goes on past `need` with what it matches (`text_first`: a blank line, more indentation)."""
+        (a word is not split: " " then "te" for " te" is a split the model never saw) and, given `starts`,
+        is one of them (the tokenizer's own first token of `need`: whitespace split anywhere else was never
+        seen either). With `then_not`, none whose text goes on past `need` with what it matches
+        (`text_first`: a blank line, more indentation)."""
         covering = self._between(need, need + "\U0010ffff")  # texts starting with need sort here
         out = self._ids[covering] if then_not is None else \
             [i for i, t in zip(self._ids[covering], self._sorted[covering], strict=True)
              if not then_not.match(t, len(need))]
         for k in range(1, len(need)):
-            if not need[k:].strip():
+            if not need[k:].strip() and (starts is None or need[:k] in starts):
                 out += self._ids[self._between(need[:k], need[:k] + "\0")]  # the texts equal to need[:k]
         return out
 
@@ -299,8 +302,10 @@ class Decoder:
         if len(done) < len(forced):
             if not forced.startswith(done):
                 return None, False
+            need = forced[len(done):]
             mask = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-            mask[self._texts().allowed(forced[len(done):], then_not=self._after_forced(forced, text_first))] = True
+            mask[self._texts().allowed(need, then_not=self._after_forced(forced, text_first),
+                                       starts=self._own_starts(need))] = True
             return mask, True
         if not text_first or not done.startswith(forced) or done[len(forced):].strip():
             return None, False
@@ -308,6 +313,23 @@ class Decoder:
             self._no_text = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
             self._no_text[[i for i, t in enumerate(self._texts().texts) if BLANK_START.match(t) or not t.strip()]] = True
         return ~self._no_text, True
+
+    def _own_starts(self, need: str) -> set[str] | None:
+        """The tokenizer's own first token of `need` when text follows it (a word, a digit, punctuation), read
+        as it continues a word: "\n\n       " for "\n\n        " (the eighth space goes with the word). Any
+        other split of healed whitespace is one the model never saw: at attr/setters.py:68:9 it took "\n",
+        "\n" and eight single spaces, then wrote `17.1.0`. None (any split) where the anchor word and `need`
+        merge, or `need` ends in no whitespace (no part of it is allowed then)."""
+        if not need[-1:].isspace():
+            return None
+        anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        starts = set()
+        for after in ("x", "1", "#"):
+            ids = self.tokenizer("a" + need + after, add_special_tokens=False)["input_ids"]
+            if ids[:len(anchor)] != anchor or len(ids) == len(anchor):
+                return None
+            starts.add(self.continuation(anchor, ids[len(anchor):len(anchor) + 1]))
+        return starts
 
     @staticmethod
     def _after_forced(forced: str, text_first: bool) -> re.Pattern[str] | None:
