@@ -106,11 +106,14 @@ class _TokenTexts:
     def allowed(self, need: str, then_not: re.Pattern[str] | None = None,
                 starts: Collection[str] | None = None) -> list[int]:
         """Ids whose text covers `need` (starts with it), or is a part of it that leaves only whitespace
-        (a word is not split: " " then "te" for " te" is a split the model never saw) and, given `starts`,
-        is one of them (the tokenizer's own first token of `need`: whitespace split anywhere else was never
-        seen either). With `then_not`, none whose text goes on past `need` with what it matches
-        (`text_first`: a blank line, more indentation)."""
+        (a word is not split: " " then "te" for " te" is a split the model never saw). Given `starts` (the
+        tokenizer's own first tokens of `need` before text), a part must be one of them, and so must the
+        token that is exactly `need`: whitespace split anywhere else was never seen either ("\n    " then
+        "def", where BPE writes "\n   " + " def"). With `then_not`, none whose text goes on past `need` with
+        what it matches (`text_first`: a blank line, more indentation)."""
         covering = self._between(need, need + "\U0010ffff")  # texts starting with need sort here
+        if starts is not None and need not in starts:
+            covering = slice(self._between(need, need + "\0").stop, covering.stop)  # not the text equal to need
         out = self._ids[covering] if then_not is None else \
             [i for i, t in zip(self._ids[covering], self._sorted[covering], strict=True)
              if not then_not.match(t, len(need))]
