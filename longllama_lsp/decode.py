@@ -322,16 +322,18 @@ class Decoder:
         as it continues a word: "\n\n       " for "\n\n        " (the eighth space goes with the word). Any
         other split of healed whitespace is one the model never saw: at attr/setters.py:68:9 it took "\n",
         "\n" and eight single spaces, then wrote `17.1.0`. None (any split) where the anchor word and `need`
-        merge, or `need` ends in no whitespace (no part of it is allowed then)."""
+        merge or the split cannot be read back (an unknown token), or `need` ends in no whitespace (no part of
+        it is allowed then)."""
         if not need[-1:].isspace():
             return None
         anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
         starts = set()
         for after in ("x", "1", "#"):
             ids = self.tokenizer("a" + need + after, add_special_tokens=False)["input_ids"]
-            if ids[:len(anchor)] != anchor or len(ids) == len(anchor):
+            start = self.continuation(anchor, ids[len(anchor):len(anchor) + 1])
+            if ids[:len(anchor)] != anchor or not start or not (need + after).startswith(start):
                 return None
-            starts.add(self.continuation(anchor, ids[len(anchor):len(anchor) + 1]))
+            starts.add(start)
         return starts
 
     @staticmethod

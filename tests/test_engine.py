@@ -439,6 +439,8 @@ def test_word_healing_keeps_sentencepiece_spaces():
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert eng._heal(ids, text) == (ids[:-1], " te")
         assert eng.complete(text, len(text)).text == "rm_len(line)"
+        # the tokenizer's own split of healed whitespace, where it reads back; "\n" is unknown to this one: any
+        assert eng.decoder._own_starts("  ") == {" "} and eng.decoder._own_starts("\n    ") is None
     finally:
         eng.close()
 
