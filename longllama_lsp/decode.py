@@ -295,8 +295,8 @@ class Decoder:
     def _opening(self, done: str, forced: str, text_first: bool) -> tuple[Any, bool]:
         """(the token ids allowed next as a bool mask over the vocabulary, or None: any; whether a later step
         may still need one), for the text `done` generated so far. While `done` is a part of `forced`: the ids
-        that continue it within `forced` (_TokenTexts.allowed), with `text_first` none that adds a blank line or
-        (`_after_forced`) indents past the cursor.
+        that continue it within `forced` (_TokenTexts.allowed; whitespace only as the tokenizer splits it,
+        `_own_starts`), with `text_first` none that adds a blank line or (`_after_forced`) indents past the cursor.
         With `text_first`, once `forced` is covered and nothing follows it yet: only ids that put text on the line.
         A line break there left the line empty; more spaces indented it past the cursor (where the editor put
         it), or ran on: the bundled model once wrote 38 single spaces in a row, banned its line break each time."""

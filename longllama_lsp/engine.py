@@ -655,7 +655,8 @@ class Engine:
         column 0 after a blank line). Drop the trailing tokens of that whitespace (back to the last line
         with text), or the last token of that word, punctuation or those spaces when it lies within them
         (with the spaces before them), and let generation redo them, forced to start with exactly that text
-        (`Decoder._opening`: the dropped token itself is always one way to).
+        (`Decoder._opening`: healed whitespace only as the tokenizer splits it before text, or by a token that
+        goes on past it; "\n    " itself ends a prompt, never a line's indentation before code).
         """
         within: Callable[[str], bool]
         if not line_prefix.strip(" \t"):
