@@ -26,6 +26,9 @@ code line with no such identifier (about a quarter of the set).
     of these only httpx is outside the venv whose site-packages training read). holes-new3-seed500.jsonl (stop 48,
     held back): --repos markdown sqlparse structlog wtforms --cross 30 --ordinary 10 --seed 500 (160, tagged n500;
     Markdown 3.7, sqlparse 0.5.2, structlog 24.4.0, WTForms 3.2.1, none installed here); typed: holes-typed2-new3-seed500.jsonl.
+    holes-new4-seed600.jsonl (stop 49, held back): --repos tenacity mistune jmespath h2 --cross 30 --ordinary 10
+    --seed 600 (155; ids tagged n600 by hand after the run; tenacity 9.2.1, mistune 3.4.0, jmespath 1.1.0, h2
+    4.4.1, none installed here); typed: holes-typed2-new4-seed600.jsonl (52, tagged n600-typed).
 
 Each output line: {"id", "repo", "path" (relative to the repo root), "line" (0-based), "col" (code
 points), "expected" (the line's text from col, trailing whitespace dropped), "kind" ("crossfile" or
