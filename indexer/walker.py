@@ -83,6 +83,9 @@ LOCK_FILES = frozenset(
 _GENERATED_NAME = re.compile(r"_pb2(_grpc)?\.pyi?$|\.pb\.(go|cc|h)$|\.g\.dart$|\.generated\.|\.designer\.cs$")
 _MINIFIED_NAME = re.compile(r"\.min\.(js|mjs|css)$|\.(js|css)\.map$")
 _GENERATED_HEADER = re.compile(rb"@generated|DO NOT EDIT|(?i:auto-?generated|automatically generated)")
+# Translation catalogs: the same messages once per language (WTForms ships 32 `.po` files: two thirds of its
+# memory tokens and of its index time), data that translators edit, not code a completion or an answer reads.
+_CATALOG_SUFFIXES = frozenset({".po", ".pot", ".xlf", ".xliff"})
 _PROSE_SUFFIXES = frozenset({".md", ".markdown", ".rst", ".txt", ".adoc", ".org", ".tex"})
 BINARY_SNIFF = 8192  # bytes checked for a NUL, as git's own binary heuristic does
 
@@ -326,6 +329,8 @@ class _Walker:
             return ignored
         if name in LOCK_FILES:
             return "lock file"
+        if PurePosixPath(name).suffix.lower() in _CATALOG_SUFFIXES:
+            return "translation catalog"
         if _GENERATED_NAME.search(name):
             return "generated file (by its name)"
         if _MINIFIED_NAME.search(name):
