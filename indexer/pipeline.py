@@ -354,6 +354,7 @@ class Indexer:
                 if name in READY_TIERS:
                     run.ready(name, summary)
             self.store.gc()
+            self.store.compact()
             self.store.set_meta(CONTENT_RULES, self._content_rules())  # every file was checked under them
         finally:
             self.state = "watching" if self._watcher else "idle"

@@ -24,7 +24,7 @@ from helpers_models import smol_tokenizer_dir, tiny_model_dir, write_tiny_model 
 from helpers_store import start_writer
 
 from indexer.pipeline import Indexer
-from indexer.store import Store
+from indexer.store import Store, disk_bytes
 from longllama_lsp.cli import main as cli_main
 from longllama_lsp.errors import StoreMismatch
 
@@ -303,6 +303,22 @@ def test_delete_removes_memory_from_bank_and_store(repo, tiny, via):
             ix.store.gc()
         assert not any(ix.store.get_memory(h) for h in only_there)
         assert orphans(ix.store) == 0
+
+
+def test_a_full_pass_gives_the_space_of_deleted_files_back(repo, tiny, monkeypatch):
+    """SQLite never shrinks a file: an index whose files went (WTForms' translation catalogs) kept its size."""
+    import indexer.store
+
+    monkeypatch.setattr(indexer.store, "COMPACT_MIN_FREE_BYTES", 0)  # the tiny model's index is small
+    with open_ix(repo, tiny) as ix:
+        ix.index()
+        before = disk_bytes(ix.store.path)
+        for path in repo.glob("json/*.py"):
+            if path.name != "tool.py":
+                path.unlink()
+        ix.index()
+        assert disk_bytes(ix.store.path) < before / 2 and orphans(ix.store) == 0
+        assert {f.path for f in ix.store.files()} == {"json/tool.py"}
 
 
 AWS_LINE = 'KEY = "AKIAQWERTYUIOPASDFGH"\n'  # detect-secrets' AWSKeyDetector matches it
