@@ -554,9 +554,10 @@ class Store:
 
     def compact(self, min_free_bytes: int | None = None) -> int:
         """Give the file's free pages back to the disk when they are most of it and at least `min_free_bytes`
-        (None: COMPACT_MIN_FREE_BYTES; SQLite reuses free pages but never shrinks: WTForms' index kept 98 of its
-        142 MB free after its translation catalogs went); the bytes freed, 0 when not worth it or when a reader's snapshot holds the WAL.
-        Rewrites the live rows (about a second per 100 MB here), so only after a full pass, never per edit."""
+        (None: COMPACT_MIN_FREE_BYTES). SQLite reuses free pages but never shrinks the file: WTForms' index kept
+        98 of its 142 MB free after its translation catalogs went. The bytes freed; 0 when not worth it or when
+        SQLite refuses (logged). It rewrites the live rows (WTForms' 43 MB: the whole `longllama index` took
+        3.1 s), so it runs after a full pass, never per edit."""
         if self.readonly:
             return 0
         min_free_bytes = COMPACT_MIN_FREE_BYTES if min_free_bytes is None else min_free_bytes
