@@ -85,6 +85,9 @@ class _AttentionSum:
         self.queries += tokens * heads * len(weights)
 
 
+# The word token texts are read after (`_texts_after_a_word`) and healed whitespace is split after
+# (`_own_starts`): SentencePiece drops a token's leading space when it is decoded alone.
+WORD = "a"
 # A text that starts a blank line: spaces or tabs at most, then a line break.
 BLANK_START = re.compile(r"[ \t]*\r?\n")
 # A text that starts with whitespace (more indentation, or a line break).
@@ -326,10 +329,10 @@ class Decoder:
         it is allowed then)."""
         if not need[-1:].isspace():
             return None
-        anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        anchor = self.tokenizer(WORD, add_special_tokens=False)["input_ids"]
         starts = set()
         for after in ("x", "1", "#"):
-            ids = self.tokenizer("a" + need + after, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(WORD + need + after, add_special_tokens=False)["input_ids"]
             start = self.continuation(anchor, ids[len(anchor):len(anchor) + 1])
             if ids[:len(anchor)] != anchor or not start or not (need + after).startswith(start):
                 return None
@@ -352,9 +355,9 @@ class Decoder:
         return self._token_texts
 
     def _texts_after_a_word(self) -> list[str]:
-        """Each token id's text as it continues a word ("a"), as `continuation` reads generated text: decoded
+        """Each token id's text as it continues a word (WORD), as `continuation` reads generated text: decoded
         alone, SentencePiece drops a leading space ("▁term" -> "term"), and " te" then matched nothing."""
-        anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+        anchor = self.tokenizer(WORD, add_special_tokens=False)["input_ids"][-1:]
         head = self.tokenizer.decode(anchor, skip_special_tokens=False)
         out = []
         for i in range(len(self.tokenizer)):
