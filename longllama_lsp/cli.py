@@ -89,16 +89,17 @@ def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -
 
 
 def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bool = False,
-                            positional_alias: bool = False, required: bool = True, default: str | None = ".") -> None:
+                            positional_alias: bool = False, required: bool = True, default: str | None = ".",
+                            default_help: str = ".") -> None:
     """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required
     unless `required=False`: then the command checks; else `default`, None when the command must know
-    whether it was given). Old spellings stay as hidden aliases: `--root DIR` (ask, complete), a
+    whether it was given; `default_help` says what that means). Old spellings stay as hidden aliases: `--root DIR` (ask, complete), a
     positional (index, watch, status)."""
     if repeat:
         p.add_argument("--repo", action="append", required=required, default=None if required else [],
                        metavar="DIR", help=help + " (repeatable)")
         return
-    p.add_argument("--repo", default=default, metavar="DIR", help=help + " (default: .)")
+    p.add_argument("--repo", default=default, metavar="DIR", help=help + f" (default: {default_help})")
     p.add_argument("--root", dest="repo", help=argparse.SUPPRESS)
     if positional_alias:
         p.add_argument("repo", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    add_repository_argument(p, "repository to index and use as memory")
+def _common(p: argparse.ArgumentParser, **repo_default: str | None) -> None:
+    add_repository_argument(p, "repository to index and use as memory", **repo_default)
     p.add_argument("--no-memory", action="store_true", help="no repository or file memory: local context only")
     p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
                    help=f"most tokens to generate (default {EngineOptions.max_tokens} for complete, "
@@ -257,7 +258,40 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to complete: 1-based line and column (characters)")
     p.add_argument("--mode", choices=["line", "block"], default="line", help="stop at the end of the line or block")
     p.add_argument("--json", action="store_true", help="print the Completion (text, sources, timings) as JSON")
-    _common(p)
+    _common(p, default=None, default_help="the nearest folder above FILE with a .git or your index "
+                                          "(.longllama), else . when FILE is in it, else FILE's folder")
+
+
+def repository_of(file: Path) -> Path:
+    """The repository `complete` remembers when --repo is not given: the nearest folder above FILE with a
+    `.git` (as git finds it) or an index of this user's (`.longllama/`), else the current directory when FILE
+    is in it, else FILE's folder. The current directory it was before: a FILE of another project made
+    `complete` index wherever the shell stood (a home folder: all of it) as that file's memory."""
+    full, here = file.resolve(), Path.cwd()
+    for folder in full.parents:
+        if (folder / ".git").exists() or _own_index(folder / ".longllama"):
+            return folder
+    return here if full.is_relative_to(here) else full.parent
+
+
+def _own_index(folder: Path) -> bool:
+    """An index folder this user made: one another user left in a shared parent (/tmp) names no repository."""
+    try:
+        return folder.is_dir() and folder.stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def _repository_for(args: argparse.Namespace, file: Path) -> None:
+    """Fill in --repo for `complete` (repository_of) and say where it comes from; a FILE outside a --repo
+    given is completed with that repository as memory, as asked, with a warning."""
+    if args.repo is None:
+        args.repo = str(repository_of(file))
+        logger.info("repository: %s (the one that holds %s; --repo DIR to name another)", shown(args.repo),
+                    shown(str(file)))
+    elif not file.resolve().is_relative_to(Path(args.repo).resolve()):
+        logger.warning("%s is not in --repo %s: memory holds that repository's code, not its own", shown(str(file)),
+                       shown(args.repo))
 
 
 def read_source(path: Path, repo: Path | None = None) -> str:
@@ -280,9 +314,10 @@ def read_source(path: Path, repo: Path | None = None) -> str:
 def run_complete(args: argparse.Namespace) -> int:
     path, line, col = args.location
     try:
+        text = read_source(path, None if args.repo is None else Path(args.repo))
+        _repository_for(args, path)
         if problem := repository_problem(args.repo):
             raise ValueError(problem)
-        text = read_source(path, Path(args.repo))
         offset = offset_of(text, line, col)
     except ValueError as exc:
         return usage_error("complete", str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -139,6 +140,46 @@ def test_ask_and_complete_refuse_missing_paths_before_loading_creating_nothing(a
     assert sorted(tmp_path.rglob("*")) == before  # no directory, no .longllama/
 
 
+def test_complete_remembers_the_repository_that_holds_the_file(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`longllama complete ~/proj/x.py:1:1` run from elsewhere indexed wherever the shell stood (a home folder:
+    all of it) as the file's memory. Without --repo it is the repository that holds FILE."""
+    project, elsewhere = tmp_path / "proj", tmp_path / "home"
+    (project / ".git").mkdir(parents=True)
+    (project / "pkg").mkdir()
+    (project / "pkg" / "main.py").write_text("def shout(text):\n    return text.upper()\n")
+    elsewhere.mkdir()
+    (elsewhere / "notes.py").write_text("SECRET_PLAN = 1\n")
+    monkeypatch.chdir(elsewhere)
+    assert main(["complete", f"{project / 'pkg' / 'main.py'}:2:5", "--model", str(tiny_model_dir), "--max-tokens",
+                 "1", "--no-server"]) == 0
+    assert (project / ".longllama").is_dir() and not (elsewhere / ".longllama").exists()
+
+
+def test_repository_of_a_file(tmp_path, monkeypatch):
+    from longllama_lsp.commands import repository_of
+
+    (tmp_path / "git" / ".git").mkdir(parents=True)  # a folder, or a file in a worktree: both name a repository
+    (tmp_path / "indexed" / ".longllama").mkdir(parents=True)
+    for folder in ("git/a/b", "indexed/a", "plain/a", "cwd/a"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert repository_of(tmp_path / "git" / "a" / "b" / "m.py") == tmp_path / "git"
+    assert repository_of(tmp_path / "indexed" / "a" / "m.py") == tmp_path / "indexed"
+    assert repository_of(Path("a") / "m.py") == tmp_path / "cwd"  # no repository above it: the current directory
+    assert repository_of(tmp_path / "plain" / "a" / "m.py") == tmp_path / "plain" / "a"  # nor in it: its folder
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
+def test_another_users_index_names_no_repository(tmp_path):
+    """A `.longllama/` another user left in a shared parent (/tmp) would have made `complete` index all of it."""
+    from longllama_lsp.commands import repository_of
+
+    (tmp_path / ".longllama").mkdir()
+    os.chown(tmp_path / ".longllama", 1, 1)
+    (tmp_path / "a").mkdir()
+    assert repository_of(tmp_path / "a" / "m.py") == tmp_path / "a"
+
+
 def test_max_tokens_must_be_positive(capsys):
     with pytest.raises(SystemExit) as done:
         main(["complete", "m.py:1:1", "--max-tokens", "0"])
@@ -188,7 +229,6 @@ def test_knn_weight_reaches_the_engine(command, tiny_model_dir, tmp_path, monkey
 @pytest.mark.parametrize("command", [["complete", "{source}:2:5", "--json"], ["ask", "What does main return?"]])
 def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path):  # noqa: F811
     """`longllama complete --json | head`: the reader is gone before anything is written."""
-    import os
 
     read, write = os.pipe()
     os.close(read)  # every write to stdout now fails with EPIPE
@@ -207,7 +247,6 @@ def test_a_closed_stdout_ends_quietly(command, source, tiny_model_dir, tmp_path)
 def test_an_answer_cut_at_its_token_limit_says_so_and_how_to_get_more(tiny_model_dir, tmp_path):  # noqa: F811
     """A 135M model's answer often runs to the limit and ends mid-word: stderr says it was cut (stdout keeps
     the answer alone, for pipes)."""
-    import os
 
     proc = subprocess.run([sys.executable, "-m", "longllama_lsp.cli", "ask", "What does main return?", "--model",
                            str(tiny_model_dir), "--no-memory", "--max-tokens", "3"], capture_output=True, text=True,
