@@ -713,7 +713,7 @@ class _Stop:
         """Generation ended for another reason (eos, a loop, the token budget): what the rule keeps of all of
         it, less a line the budget cut."""
         text = self.after_cursor(new) or ""
-        self.kept = self.rule.out_of_tokens(text) if out_of_tokens else self.rule(text)[0]
+        self.kept = self.rule.ended(text, out_of_tokens)
 
 
 class _Stream:

@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,63 @@ def _indent(line: str) -> int:
 def rest_of_line(suffix: str) -> str:
     m = _EOL.search(suffix)
     return suffix[: m.start()] if m else suffix
+
+
+def _opens_a_bracket(line: str) -> bool:
+    """Whether a completion's line ends by opening a bracket it leaves open: `foo(`, `x = [`, `d = {`. A
+    brace only after `=`, `:`, `(`, `[` or `,` (a literal); `if (a) {` opens a block, which is block mode's."""
+    code = line.rstrip()
+    if not code.endswith(("(", "[", "{")):
+        return False
+    return code[-1] != "{" or code[:-1].rstrip().endswith(("=", ":", "(", "[", ","))
+
+
+def _code(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of `text` outside strings ('', "", triple quotes) and `# ` comments; line breaks
+    always. An unclosed one-line string ends with its line."""
+    i, n, quote = 0, len(text), ""
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if text.startswith(quote, i):
+                i, quote = i + len(quote), ""
+                continue
+            if ch != "\n" or len(quote) == 3:
+                i += 1
+                continue
+            quote = ""
+        if ch in "\"'":
+            quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            i += len(quote)
+            continue
+        if ch == "#" and text[i + 1:i + 2] in ("", " ", "\t", "\n"):
+            eol = text.find("\n", i)
+            i = n if eol < 0 else eol
+            continue
+        yield i, ch
+        i += 1
+
+
+def bracket_close(text: str) -> int | None:
+    """Where a completion that leaves brackets open on its first line closes them: the index of the line
+    break that ends the line where none is open any more; -1 when a blank line comes first (the model left
+    the call unfinished); None while they are still open."""
+    depth, line_start = 0, -1  # -1: still on the first line
+    for i, ch in _code(text):
+        if ch == "\n":
+            if line_start >= 0 and depth <= 0:
+                return i
+            if line_start >= 0 and not text[line_start:i].strip():
+                return -1
+            line_start = i + 1
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return None
 
 
 MAX_SYNTAX_BYTES = 1 << 20  # larger buffers skip the tree-sitter stop (a parse per check would cost too much)
@@ -283,6 +340,9 @@ class StopRule:
         after_cursor = rest_of_line(suffix)
         self.mode = "line" if after_cursor.strip() and not fim else mode
         self.next_line_ok = bool(line_prefix.strip()) and not after_cursor.strip()
+        self.line_prefix = line_prefix
+        # With text after the cursor (`)` the editor closed) the line stays one line: its end is there.
+        self.spans_lines = self.mode == "line" and not after_cursor.strip()
         # Line mode on a blank line ends at the first line break, so a completion must put text on the line, at
         # the cursor's indentation (Decoder's `text_first`): the model's blank line first left the line empty,
         # and its extra spaces indented it past where the editor put the cursor.
@@ -297,22 +357,41 @@ class StopRule:
         """(the part of `text` to keep, whether the completion is finished)."""
         return self._line(text) if self.mode == "line" else self._block(text)
 
-    def out_of_tokens(self, text: str) -> str:
-        """What to keep of `text` when the token budget ended generation before the rule did. Block mode drops
-        the line the budget cut (`foo(a, ` or half a comment: accepted, it leaves code that does not parse)
-        when lines the model finished come before it; a lone line stays, as in line mode: it is the start of
-        what was asked for."""
+    def ended(self, text: str, out_of_tokens: bool) -> str:
+        """What to keep of `text` when generation ended before the rule did (the model's end token, a loop,
+        the token budget). Line mode keeps its first line: a call the model broke over lines and did not
+        close stays `foo(`, as before line mode could span lines. Block mode, cut by the budget, drops the
+        line the budget cut (`foo(a, ` or half a comment: accepted, it leaves code that does not parse)
+        when lines the model finished come before it; a lone line stays, as in line mode: it is the start
+        of what was asked for."""
+        if self.mode == "line":
+            return self._first_line(text)[0]
         kept, _ = self(text)
+        if not out_of_tokens:
+            return kept
         head, newline, _cut = kept.rpartition("\n")
-        return head.rstrip() if self.mode == "block" and newline and head.strip() else kept
+        return head.rstrip() if newline and head.strip() else kept
+
+    def _first_line(self, text: str) -> tuple[str, bool]:
+        nl = text.find("\n", self._line_start(text))
+        return (text, False) if nl < 0 else (text[:nl].rstrip("\r"), True)
+
+    def _line_start(self, text: str) -> int:
+        m = re.match(r"[ \t]*\r?\n", text) if self.next_line_ok else None
+        return m.end() if m else 0
 
     def _line(self, text: str) -> tuple[str, bool]:
-        start = 0
-        if self.next_line_ok:
-            m = re.match(r"[ \t]*\r?\n", text)
-            start = m.end() if m else 0
-        nl = text.find("\n", start)
-        return (text, False) if nl < 0 else (text[:nl].rstrip("\r"), True)
+        """The first line; when it ends opening a bracket (`foo(`) and the model breaks the line there, the
+        lines up to the one that closes it: `foo(` alone was all a user got of a call written black's way."""
+        first, done = self._first_line(text)
+        start = self._line_start(text)
+        line = (self.line_prefix if start == 0 else "") + first[start:]
+        if not done or not self.spans_lines or not first[start:].strip() or not _opens_a_bracket(line):
+            return first, done
+        end = bracket_close(text[start:])
+        if end is None:
+            return text, False
+        return (first, True) if end < 0 else (text[:start + end].rstrip("\r"), True)
 
     def _block(self, text: str) -> tuple[str, bool]:
         kept, done = self._indented_block(text)
