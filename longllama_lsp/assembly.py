@@ -477,25 +477,44 @@ class Assembler:
             self._block_tokens -= old.num_tokens
         return mem
 
-    def sources(self, attention: torch.Tensor | None, norm: float, asm: Assembled, top: int = 5) -> list[Source]:
+    def sources(self, attention: torch.Tensor | None, norm: float, asm: Assembled, top: int = 5,
+                named: frozenset[str] = frozenset()) -> list[Source]:
         """Top chunks by attention share; attention: (M,) mass per slot, norm: queries * heads * layers.
         A chunk's share leaves its first slot out: the first token of a file's first chunk, encoded with
         nothing before it, is an attention sink (a fifth of all memory attention in one slot, on `longllama
-        ask` over starlette), and made whichever file's import block was in memory the top source."""
+        ask` over starlette), and made whichever file's import block was in memory the top source.
+        Chunks that define a name in `named` (a question's names) and were read at all come first: asked
+        "Which file defines retry_if_exception_type?", tenacity's five top sources used it and its class was
+        sixth (2.7% of attention against 2.9%)."""
         if attention is None or not norm or not asm.segments:
             return []
         import torch
 
         share = attention / norm  # (M,)
-        found: dict[Any, Source] = {}
+        found = _defining(share, asm, named) if named else {}
         starts = [s.start for s in asm.segments]
         for slot in torch.topk(share, min(64, share.shape[0])).indices.tolist():
             seg = asm.segments[bisect.bisect_right(starts, slot) - 1]
             src_key, src = _source_of(seg, slot, share)
             if src is not None and src_key not in found:
                 found[src_key] = src
-        ranked = sorted(found.values(), key=lambda s: s.weight, reverse=True)
+        ranked = sorted(found.values(), key=lambda s: (bool(defined_by(s.symbol) & named), s.weight), reverse=True)
         return [s for s in ranked if s.weight > 0][:top]
+
+
+def _defining(share: torch.Tensor, asm: Assembled, named: frozenset[str]) -> dict[Any, Source]:
+    """The sources (as _source_of keys them) of the banks' chunks that define a name in `named`."""
+    found: dict[Any, Source] = {}
+    for seg in asm.segments:
+        if seg.bank is None:
+            continue
+        for chunk_id, meta in seg.bank.resident().items():
+            slots = seg.bank.chunk_slots(chunk_id)
+            if slots is not None and defined_by(meta.symbol) & named:
+                key, src = _source_of(seg, seg.start + slots.start, share)
+                if src is not None:
+                    found[key] = src
+    return found
 
 
 def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Source | None]:

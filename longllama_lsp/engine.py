@@ -590,12 +590,13 @@ class Engine:
         path, text = document or (None, "")
         ids = ask_prompt_ids(self._tokenizer, question, path, messages)[-budget:]
         memory_tokens = self.options.buffer_memory_tokens  # 0: no memory of the document
+        query = Query.question(question)
         buffer = Buffer(text) if use_memory and text.strip() and memory_tokens else None
         blocks: list[Block] = []
         if buffer is not None and self._assembler.home(path, roots) is None:  # in blocks as in _complete
             blocks = build_prompt(self._tokenizer, text, 0, 1, stride=256, memory_tokens=memory_tokens).after
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
-                                       retrieve=lambda: Query.question(question),
+                                       retrieve=lambda: query,
                                        next_tokens=self._knn_on()) if use_memory else NOTHING
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
@@ -608,7 +609,8 @@ class Engine:
         text = stream.flush(gen.tokens)
         timings = {"queue": _ms(req.submitted, req.started or t0), "memory": _ms(t0, t1), **gen.timings,
                    "total": _ms(t0, time.perf_counter()), "knnTokens": len(knn.datastore) if knn else 0}
-        found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources)
+        found = self._assembler.sources(gen.memory_attention, gen.attention_norm, asm, self.options.top_sources,
+                                        named=query.definitions)
         return Answer(text.strip(), req.id, found, timings, gen.stop_reason, asm.tokens, len(gen.tokens), len(ids))
 
     def _chunk_ids(self, text: str, context: str) -> tuple[list[int], int]:

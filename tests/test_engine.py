@@ -582,6 +582,24 @@ def test_a_chunks_first_slot_is_left_out_of_its_source_share(engine, repo):
     assert abs(found[1].weight - 0.1) < 1e-6
 
 
+def test_a_chunk_that_defines_a_name_the_question_names_is_the_first_source(engine, repo):
+    """Asked "Which file defines retry_if_exception_type?", tenacity's five top sources used the name and its
+    class came sixth. A chunk that defines a named name comes first when the answer read it at all, even
+    with too little attention to be among the 64 slots sources are read from."""
+    engine.repositories = lambda: (repo,)
+    asm = engine._assembler.assemble(None, [])
+    a, b = (repo.bank.chunk_slots(next(iter(repo.bank.chunks_of(p)))) for p in ("a.py", "b.py"))  # symbols a, b
+    start = asm.segments[0].start
+    attention = torch.zeros(asm.tokens)  # (M,)
+    attention[start + a.start:start + a.stop] = 0.9 / len(a)
+    attention[start + b.start:start + b.stop] = 0.1 / len(b)
+    assert len(a) > 64  # a's slots alone fill the 64 read
+    assert [s.path for s in engine._assembler.sources(attention, 1.0, asm, top=1)] == ["a.py"]
+    assert [s.path for s in engine._assembler.sources(attention, 1.0, asm, top=1, named=frozenset({"b"}))] == ["b.py"]
+    attention[start + b.start:start + b.stop] = 0  # not read (retrieval left it out): not a source
+    assert [s.path for s in engine._assembler.sources(attention, 1.0, asm, named=frozenset({"b"}))] == ["a.py"]
+
+
 def test_answer_streams_tokens_and_names_sources(engine, repo):
     engine.repositories = lambda: (repo,)
     pieces: list[str] = []
