@@ -130,11 +130,12 @@ def rest_of_line(suffix: str) -> str:
 
 def _opens_a_bracket(line: str) -> bool:
     """Whether a completion's line ends by opening a bracket it leaves open: `foo(`, `x = [`, `d = {`. A
-    brace only after `=`, `:`, `(`, `[` or `,` (a literal); `if (a) {` opens a block, which is block mode's."""
+    brace only after `=`, `:`, `(`, `[`, `,` or `return` (a literal); `if (a) {` opens a block, which is block
+    mode's."""
     code = line.rstrip()
     if not code.endswith(("(", "[", "{")):
         return False
-    return code[-1] != "{" or code[:-1].rstrip().endswith(("=", ":", "(", "[", ","))
+    return code[-1] != "{" or re.search(r"(?:[=:(\[,]|\breturn)$", code[:-1].rstrip()) is not None
 
 
 def _code(text: str) -> Iterator[tuple[int, str]]:

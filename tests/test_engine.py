@@ -114,6 +114,8 @@ CALL = "foo(\n        a,\n        b,\n    )"
     ("    x = ", "\n", "[\n        1,\n    ]\n", "[\n        1,\n    ]", True),
     ("    x = ", "\n", "{\n        1: 2,\n    }\n", "{\n        1: 2,\n    }", True),  # a literal
     ("    if (a) ", "\n", "{\n  b();\n}\n", "{", True),  # a brace block is block mode's
+    ("    ", "\n", "return {\n        1: 2,\n    }\n", "return {\n        1: 2,\n    }", True),
+    ("    x = lambda: ", "\n", "{\n  b\n}\n", "{\n  b\n}", True),
     ("    x = ", "\n", "foo(a)\n    y = (", "foo(a)", True),  # the first line closed what it opened
     ("    x = ", ")\n", "foo(\n        a,\n    )\n", "foo(", True),  # text after the cursor: its line ends it
     ("    x = foo(", "\n", "\n        a,\n", "\n        a,", True),  # nothing opened on it: as before
