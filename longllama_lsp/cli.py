@@ -93,8 +93,8 @@ def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bo
                             default_help: str = ".") -> None:
     """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required
     unless `required=False`: then the command checks; else `default`, None when the command must know
-    whether it was given; `default_help` says what that means). Old spellings stay as hidden aliases: `--root DIR` (ask, complete), a
-    positional (index, watch, status)."""
+    whether it was given; `default_help` says what that means). Old spellings stay as hidden aliases:
+    `--root DIR` (ask, complete), a positional (index, watch, status)."""
     if repeat:
         p.add_argument("--repo", action="append", required=required, default=None if required else [],
                        metavar="DIR", help=help + " (repeatable)")

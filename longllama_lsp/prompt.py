@@ -170,7 +170,8 @@ def _code(text: str) -> Iterator[tuple[int, str]]:
 def bracket_close(text: str) -> int | None:
     """Where a completion that leaves brackets open on its first line closes them: the index of the line
     break that ends the line where none is open any more; -1 when a blank line comes first (the model left
-    the call unfinished); None while they are still open."""
+    the call unfinished); None while they are still open. A closer of a bracket opened before the completion
+    (`b), foo(` after `bar(a, `) counts for nothing."""
     depth, line_start = 0, -1  # -1: still on the first line
     for i, ch in _code(text):
         if ch == "\n":
@@ -182,7 +183,7 @@ def bracket_close(text: str) -> int | None:
         elif ch in "([{":
             depth += 1
         elif ch in ")]}":
-            depth -= 1
+            depth = max(depth - 1, 0)
     return None
 
 

@@ -51,8 +51,9 @@ class ModelSettings:
 class CompletionSettings:
     mode: Literal["line", "block"] = field(default="line", metadata=_doc(
         "line: stop at the end of the line (on a blank line: text at the cursor's indentation, never an empty "
-        "suggestion; a line that opens a bracket the model breaks after goes on to the line that closes it); block: stop when the indentation drops below the cursor's block (or at the last whole line "
-        "when maxTokens runs out)"))
+        "suggestion; a line that opens a bracket the model breaks after goes on to the line that closes it); "
+        "block: stop when the indentation drops below the cursor's block (or at the last whole line when "
+        "maxTokens runs out)"))
     # 48 tokens ~ one long line or a short block; keeps CPU latency under a second on SmolLM2-135M.
     max_tokens: int = field(default=48, metadata=_doc("most tokens generated per completion", min=1, max=1024))
     # 75 ms: the low end of what peers use (75-350 ms); typing faster than this never reaches the model.

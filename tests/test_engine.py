@@ -119,6 +119,7 @@ CALL = "foo(\n        a,\n        b,\n    )"
     ("    x = ", "\n", "foo(a)\n    y = (", "foo(a)", True),  # the first line closed what it opened
     ("    x = ", ")\n", "foo(\n        a,\n    )\n", "foo(", True),  # text after the cursor: its line ends it
     ("    x = foo(", "\n", "\n        a,\n", "\n        a,", True),  # nothing opened on it: as before
+    ("    x = bar(a, ", "\n", "b), foo(\n        c,\n    )\n", "b), foo(\n        c,\n    )", True),
 ])
 def test_line_mode_goes_on_to_where_a_bracket_it_opened_closes(prefix, suffix, generated, expected, done):
     """Line mode ended a call the model broke over lines at its first line, `dict(`: all a user got of code
