@@ -502,6 +502,20 @@ class Assembler:
         return [s for s in ranked if s.weight > 0][:top]
 
 
+    @staticmethod
+    def defined(asm: Assembled, named: frozenset[str], most: int = 4) -> list[Source]:
+        """Where `asm`'s banks define a name in `named` (a question's names; weight 0: nothing read yet), in
+        file order, at most `most`: a question's prompt says it, since memory holds code and not the paths
+        of its files (asked "Which file defines retry_if_exception_type?", the model named a file that
+        does not exist)."""
+        if not named:
+            return []
+        import torch
+
+        found = _defining(torch.zeros(asm.tokens), asm, named).values()
+        return sorted(found, key=lambda s: (s.path, s.start_line))[:most]
+
+
 def _defining(share: torch.Tensor, asm: Assembled, named: frozenset[str]) -> dict[Any, Source]:
     """The sources (as _source_of keys them) of the banks' chunks that define a name in `named`."""
     found: dict[Any, Source] = {}

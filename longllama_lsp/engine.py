@@ -88,13 +88,19 @@ ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is 
 
 
 def ask_prompt_ids(tokenizer: Any, question: str, path: str | None = None,
-                   conversation: Sequence[Mapping[str, str]] | None = None) -> list[int]:
+                   conversation: Sequence[Mapping[str, str]] | None = None,
+                   defined: Sequence[Source] = ()) -> list[int]:
     """`ask`'s prompt: ASK_SYSTEM (+ the conversation's system turns), then the turns, ready for the
     assistant's answer. Training and `longllama eval --task passkey --passkey-prompt ask` build the
-    same ids, so the model learns to read memory under the prompt users send."""
+    same ids, so the model learns to read memory under the prompt users send. `defined`: where the names
+    the question names are defined (Assembler.defined), said after the last question: memory holds code,
+    not the paths of its files."""
     user = question if path is None else f"{question}\n\n(The question is about the file {path}.)"
     turns = [{"role": "user", "content": user}] if conversation is None else \
         [dict(m) for m in conversation if m["role"] != "system"]
+    if defined and turns and turns[-1]["role"] == "user":
+        where = "; ".join(f"{s.symbol} in {s.path}, line {s.start_line}" for s in defined)
+        turns[-1]["content"] += f"\n\n(Defined in this repository: {where}.)"
     system = "\n\n".join([ASK_SYSTEM] + [m["content"] for m in conversation or () if m["role"] == "system"])
     messages = [{"role": "system", "content": system}, *turns]
     if getattr(tokenizer, "chat_template", None):
@@ -588,7 +594,6 @@ class Engine:
         max_new = self._clamp(max_tokens or self.options.answer_max_tokens)
         budget = self._model.window - max_new
         path, text = document or (None, "")
-        ids = ask_prompt_ids(self._tokenizer, question, path, messages)[-budget:]
         memory_tokens = self.options.buffer_memory_tokens  # 0: no memory of the document
         query = Query.question(question)
         buffer = Buffer(text) if use_memory and text.strip() and memory_tokens else None
@@ -598,6 +603,8 @@ class Engine:
         asm = self._assembler.assemble(path, blocks, roots=roots, buffer=buffer,
                                        retrieve=lambda: query,
                                        next_tokens=self._knn_on()) if use_memory else NOTHING
+        defined = self._assembler.defined(asm, query.definitions)
+        ids = ask_prompt_ids(self._tokenizer, question, path, messages, defined)[-budget:]
         t1 = time.perf_counter()
         stream = _Stream(self._tokenizer, on_token, self.options.answer_repetition)
         knn = self._knn(asm)

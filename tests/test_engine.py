@@ -603,6 +603,25 @@ def test_a_chunk_that_defines_a_name_the_question_names_is_the_first_source(engi
     assert [s.path for s in engine._assembler.sources(attention, 1.0, asm, named=frozenset({"b"}))] == ["a.py"]
 
 
+def test_a_question_is_told_where_the_names_it_names_are_defined(engine, repo, smol_tokenizer, monkeypatch):
+    """Memory holds code, not the paths of its files: asked "Which file defines retry_if_exception_type?" the
+    model named a file that does not exist. The prompt says where the index has the named names' definitions."""
+    from longllama_lsp import engine as engine_module
+    from longllama_lsp.engine import ask_prompt_ids
+
+    engine.repositories = lambda: (repo,)
+    asm = engine._assembler.assemble(None, [])
+    assert [(s.path, s.symbol) for s in engine._assembler.defined(asm, frozenset({"b", "zz"}))] == [("b.py", "b")]
+    assert engine._assembler.defined(asm, frozenset()) == []
+    seen = []
+    monkeypatch.setattr(engine_module, "ask_prompt_ids", lambda *a: seen.append(a[-1]) or ask_prompt_ids(*a))
+    engine.answer("Which file defines b?", max_tokens=1)
+    assert [(s.path, s.symbol, s.start_line) for s in seen[0]] == [("b.py", "b", 1)]
+    text = smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines b?", defined=seen[0]))
+    assert "Which file defines b?\n\n(Defined in this repository: b in b.py, line 1.)" in text
+    assert "Defined in" not in smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines b?"))
+
+
 def test_answer_streams_tokens_and_names_sources(engine, repo):
     engine.repositories = lambda: (repo,)
     pieces: list[str] = []
