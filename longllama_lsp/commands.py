@@ -328,6 +328,7 @@ def run_complete(args: argparse.Namespace) -> int:
                                   Document("", text).line_text(line - 1), _server_settings(args, mode=args.mode),
                                   memory=not args.no_memory)
             print(json.dumps({"text": out, "server": f"{record.host}:{record.port}"}) if args.json else shown_text(out))
+            say_if_empty(out, args.json)
             return 0
         except remote.Unreachable as exc:
             logger.warning("the running server (pid %d) did not answer (%s): loading the model", record.pid, exc)
@@ -340,7 +341,15 @@ def run_complete(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(done), indent=2))
     else:
         print(shown_text(done.text))
+    say_if_empty(done.text, args.json)
     return 0
+
+
+def say_if_empty(text: str, as_json: bool) -> None:
+    """An empty completion printed a blank line and nothing else: say on stderr what it means."""
+    if not text and not as_json:
+        print("[no completion here: what the model wrote was already in the file after the cursor, or nothing]",
+              file=sys.stderr)
 
 
 ask = Command(add_ask_arguments, run_ask, description=(

@@ -155,6 +155,17 @@ def test_complete_remembers_the_repository_that_holds_the_file(tiny_model_dir, t
     assert (project / ".longllama").is_dir() and not (elsewhere / ".longllama").exists()
 
 
+def test_an_empty_completion_says_so_on_stderr(capsys):
+    """`longllama complete` where the model only wrote what already follows the cursor printed a blank line."""
+    from longllama_lsp.commands import say_if_empty
+
+    say_if_empty("", as_json=False)
+    assert "no completion here" in capsys.readouterr().err
+    say_if_empty("x = 1", as_json=False)
+    say_if_empty("", as_json=True)  # the JSON holds "text": "" for scripts
+    assert capsys.readouterr().err == ""
+
+
 def test_repository_of_a_file(tmp_path, monkeypatch):
     from longllama_lsp.commands import repository_of
 

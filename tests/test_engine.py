@@ -603,7 +603,8 @@ def test_a_chunk_that_defines_a_name_the_question_names_is_the_first_source(engi
     assert [s.path for s in engine._assembler.sources(attention, 1.0, asm, named=frozenset({"b"}))] == ["a.py"]
 
 
-def test_a_question_is_told_where_the_names_it_names_are_defined(engine, repo, smol_tokenizer, monkeypatch):
+def test_a_question_is_told_where_the_names_it_names_are_defined(engine, repo, smol_tokenizer,  # noqa: F811
+                                                                  monkeypatch):
     """Memory holds code, not the paths of its files: asked "Which file defines retry_if_exception_type?" the
     model named a file that does not exist. The prompt says where the index has the named names' definitions."""
     from longllama_lsp import engine as engine_module
