@@ -32,8 +32,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,16 @@ class Segment:
     # The buffer's own path: blocks exist only for a file no repository (of the request) holds, so it is
     # not shown relative to one.
     file: str | None = None
+
+
+@dataclass(frozen=True)
+class Definition:
+    """Where the index defines a name a question names (Assembler.defined): its chunk as a Source (weight 0),
+    its definition line(s) as the file has them, and the names defined inside it (a class's methods)."""
+
+    source: Source
+    line: str
+    members: tuple[str, ...] = ()
 
 
 @dataclass
@@ -503,17 +514,47 @@ class Assembler:
 
 
     @staticmethod
-    def defined(asm: Assembled, named: frozenset[str], most: int = 4) -> list[Source]:
-        """Where `asm`'s banks define a name in `named` (a question's names; weight 0: nothing read yet), in
-        file order, at most `most`: a question's prompt says it, since memory holds code and not the paths
-        of its files (asked "Which file defines retry_if_exception_type?", the model named a file that
-        does not exist)."""
-        if not named:
-            return []
-        import torch
+    def defined(asm: Assembled, named: frozenset[str], most: int = 4) -> list[Definition]:
+        """Where `asm`'s banks define a name in `named` (a question's names), in file order, at most `most`,
+        with the definition's line and members: a question's prompt says them, since memory holds code and
+        not the paths of its files (asked "Which file defines retry_if_exception_type?", the model named a
+        file that does not exist)."""
+        found = sorted(((meta, seg) for seg in (asm.segments if named else ())
+                        if seg.bank is not None and seg.repo is not None
+                        for meta in seg.bank.resident().values() if defined_by(meta.symbol) & named),
+                       key=lambda found: (found[0].path, found[0].start_line))
+        return [_definition(seg, meta) for meta, seg in found[:most]]
 
-        found = _defining(torch.zeros(asm.tokens), asm, named).values()
-        return sorted(found, key=lambda s: (s.path, s.start_line))[:most]
+
+def _definition(seg: Segment, meta: Any) -> Definition:
+    """A bank chunk as a Definition: its text read back (or an edited buffer chunk's own) for its line."""
+    assert seg.bank is not None and seg.repo is not None  # Assembler.defined reads bank segments only
+    source = Source(meta.path, meta.start_line, meta.end_line, meta.symbol, 0.0,
+                    str(seg.root / meta.path) if seg.root is not None else None)
+    text = _reader(seg.repo, meta)() or ""
+    return Definition(source, definition_line(text, meta.symbol), members_of(meta.symbol, seg.bank.resident().values()))
+
+
+def definition_line(text: str, symbol: str, most_lines: int = 6) -> str:
+    """The line of a chunk's `text` that defines `symbol`'s last part (`def f(`, `class C`), with the lines
+    it goes on over up to one ending with `:`, `{` or `;` (a signature black broke), whitespace collapsed;
+    "" if no line names it."""
+    name = symbol.rsplit(".", 1)[-1]
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.search(rf"\b{re.escape(name)}\b", line):
+            end = next((j for j in range(i, min(i + most_lines, len(lines)))
+                        if lines[j].rstrip().endswith((":", "{", ";"))), i)
+            return " ".join(" ".join(lines[i:end + 1]).split())[:240]
+    return ""
+
+
+def members_of(symbol: str, chunks: Iterable[Any], most: int = 12) -> tuple[str, ...]:
+    """The names chunks define directly inside `symbol` (a class's methods: `C.f` for `C`), in file order."""
+    head = symbol + "."
+    inside = sorted((m.start_line, m.symbol[len(head):]) for m in chunks
+                    if m.symbol and m.symbol.startswith(head) and "." not in m.symbol[len(head):])
+    return tuple(dict.fromkeys(n for _, n in inside))[:most]
 
 
 def _defining(share: torch.Tensor, asm: Assembled, named: frozenset[str]) -> dict[Any, Source]:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .assembly import NOTHING, Assembled, Assembler, Buffer, Source
+from .assembly import NOTHING, Assembled, Assembler, Buffer, Definition, Source
 from .decode import DecodeOptions, Decoder, Generation
 from .decode import ms as _ms
 from .errors import LongLlamaError, ModelError
@@ -89,7 +89,7 @@ ASK_SYSTEM = ("You are a coding assistant. The code of the user's repository is 
 
 def ask_prompt_ids(tokenizer: Any, question: str, path: str | None = None,
                    conversation: Sequence[Mapping[str, str]] | None = None,
-                   defined: Sequence[Source] = ()) -> list[int]:
+                   defined: Sequence[Definition] = ()) -> list[int]:
     """`ask`'s prompt: ASK_SYSTEM (+ the conversation's system turns), then the turns, ready for the
     assistant's answer. Training and `longllama eval --task passkey --passkey-prompt ask` build the
     same ids, so the model learns to read memory under the prompt users send. `defined`: where the names
@@ -99,8 +99,7 @@ def ask_prompt_ids(tokenizer: Any, question: str, path: str | None = None,
     turns = [{"role": "user", "content": user}] if conversation is None else \
         [dict(m) for m in conversation if m["role"] != "system"]
     if defined and turns and turns[-1]["role"] == "user":
-        where = "; ".join(f"{s.symbol} in {s.path}, line {s.start_line}" for s in defined)
-        turns[-1]["content"] += f"\n\n(Defined in this repository: {where}.)"
+        turns[-1]["content"] += "\n\n(Defined in this repository: " + "; ".join(map(_said, defined)) + ".)"
     system = "\n\n".join([ASK_SYSTEM] + [m["content"] for m in conversation or () if m["role"] == "system"])
     messages = [{"role": "system", "content": system}, *turns]
     if getattr(tokenizer, "chat_template", None):
@@ -108,6 +107,13 @@ def ask_prompt_ids(tokenizer: Any, question: str, path: str | None = None,
         return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
     said = "\n".join(f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}" for m in turns)
     return tokenizer(f"{system}\n\n{said}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+def _said(d: Definition) -> str:
+    """A definition as a question's prompt says it: `C in pkg/m.py, line 12: `class C(Base):`, members a, b`."""
+    line = f": `{d.line}`" if d.line else ""
+    members = f", members {', '.join(d.members)}" if d.members else ""
+    return f"{d.source.symbol} in {d.source.path}, line {d.source.start_line}{line}{members}"
 
 
 @dataclass

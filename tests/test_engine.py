@@ -608,19 +608,35 @@ def test_a_question_is_told_where_the_names_it_names_are_defined(engine, repo, s
     """Memory holds code, not the paths of its files: asked "Which file defines retry_if_exception_type?" the
     model named a file that does not exist. The prompt says where the index has the named names' definitions."""
     from longllama_lsp import engine as engine_module
+    from longllama_lsp.assembly import Definition, Source
     from longllama_lsp.engine import ask_prompt_ids
 
     engine.repositories = lambda: (repo,)
     asm = engine._assembler.assemble(None, [])
-    assert [(s.path, s.symbol) for s in engine._assembler.defined(asm, frozenset({"b", "zz"}))] == [("b.py", "b")]
+    found = engine._assembler.defined(asm, frozenset({"b", "zz"}))
+    assert [(d.source.path, d.source.symbol) for d in found] == [("b.py", "b")]
     assert engine._assembler.defined(asm, frozenset()) == []
     seen = []
     monkeypatch.setattr(engine_module, "ask_prompt_ids", lambda *a: seen.append(a[-1]) or ask_prompt_ids(*a))
     engine.answer("Which file defines b?", max_tokens=1)
-    assert [(s.path, s.symbol, s.start_line) for s in seen[0]] == [("b.py", "b", 1)]
-    text = smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines b?", defined=seen[0]))
-    assert "Which file defines b?\n\n(Defined in this repository: b in b.py, line 1.)" in text
-    assert "Defined in" not in smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines b?"))
+    assert [(d.source.path, d.source.symbol, d.source.start_line) for d in seen[0]] == [("b.py", "b", 1)]
+    said = Definition(Source("pkg/m.py", 12, 20, "C", 0.0), "class C(Base):", ("run", "stop"))
+    text = smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines C?", defined=[said]))
+    assert ("Which file defines C?\n\n(Defined in this repository: C in pkg/m.py, line 12: `class C(Base):`, "
+            "members run, stop.)") in text
+    assert "Defined in" not in smol_tokenizer.decode(ask_prompt_ids(smol_tokenizer, "Which file defines C?"))
+
+
+def test_a_definitions_line_and_members():
+    from longllama_lsp.assembly import definition_line, members_of
+
+    text = "@dataclass\nclass Retry(\n    Base,\n    Other,\n):\n    x = 1\n"
+    assert definition_line(text, "Retry") == "class Retry( Base, Other, ):"  # the signature black broke
+    assert definition_line("    def send(self, request):\n        pass\n", "Session.send") == "def send(self, request):"
+    assert definition_line("x = 1\n", "missing") == ""
+    rows = [SimpleNamespace(symbol=s, start_line=n) for s, n in
+            (("C.stop", 9), ("C", 1), ("C.run", 3), ("C.Inner.deep", 5), ("D.other", 2), (None, 4))]
+    assert members_of("C", rows) == ("run", "stop")  # direct members, in file order
 
 
 def test_answer_streams_tokens_and_names_sources(engine, repo):
