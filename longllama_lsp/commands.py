@@ -173,10 +173,14 @@ def format_sources(sources: list[Source]) -> str:
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question, in quotes")
-    _common(p)
+    _common(p, default=None, default_help="the nearest folder at or above . with a .git or your index "
+                                          "(.longllama), else .")
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    if args.repo is None:
+        args.repo = str(marked_folder(Path.cwd()) or Path.cwd())
+        logger.info("repository: %s (--repo DIR to name another)", shown(args.repo))
     problem = repository_problem(args.repo) or (None if args.question.strip() else "the question is empty")
     if problem:
         return usage_error("ask", problem)
@@ -268,10 +272,17 @@ def repository_of(file: Path) -> Path:
     is in it, else FILE's folder. The current directory it was before: a FILE of another project made
     `complete` index wherever the shell stood (a home folder: all of it) as that file's memory."""
     full, here = file.resolve(), Path.cwd()
-    for folder in full.parents:
+    return marked_folder(full.parent) or (here if full.is_relative_to(here) else full.parent)
+
+
+def marked_folder(start: Path) -> Path | None:
+    """The nearest of `start` (a folder) and the folders above it with a `.git` or an index of this user's
+    (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A subfolder
+    someone indexed by itself has its own index, so it stays its own repository."""
+    for folder in (start, *start.parents):
         if (folder / ".git").exists() or _own_index(folder / ".longllama"):
             return folder
-    return here if full.is_relative_to(here) else full.parent
+    return None
 
 
 def _own_index(folder: Path) -> bool:

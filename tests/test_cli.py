@@ -155,6 +155,23 @@ def test_complete_remembers_the_repository_that_holds_the_file(tiny_model_dir, t
     assert (project / ".longllama").is_dir() and not (elsewhere / ".longllama").exists()
 
 
+def test_ask_in_a_subfolder_remembers_the_whole_repository(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`longllama ask` from a project's subfolder indexed that subfolder alone, in an index of its own beside the
+    editor's. It now finds the repository as git does; a subfolder with its own index stays its own."""
+    project = tmp_path / "proj"
+    (project / ".git").mkdir(parents=True)
+    (project / "src" / "deep").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("def shout(text):\n    return text.upper()\n")
+    monkeypatch.chdir(project / "src" / "deep")
+    argv = ["ask", "What does shout return?", "--model", str(tiny_model_dir), "--max-tokens", "1", "--no-server"]
+    assert main(argv) == 0
+    assert (project / ".longllama").is_dir() and not (project / "src" / ".longllama").exists()
+    (project / "src" / ".longllama").mkdir()
+    from longllama_lsp.commands import marked_folder
+
+    assert marked_folder(project / "src" / "deep") == project / "src"
+
+
 def test_an_empty_completion_says_so_on_stderr(capsys):
     """`longllama complete` where the model only wrote what already follows the cursor printed a blank line."""
     from longllama_lsp.commands import say_if_empty
