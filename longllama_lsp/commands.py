@@ -276,19 +276,24 @@ def repository_of(file: Path) -> Path:
 
 
 def marked_folder(start: Path) -> Path | None:
-    """The nearest of `start` (a folder) and the folders above it with a `.git` or an index of this user's
-    (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A subfolder
-    someone indexed by itself has its own index, so it stays its own repository."""
+    """The nearest of `start` (a folder) and the folders above it, all this user's, with a `.git` or an index
+    of this user's (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A
+    subfolder someone indexed by itself has its own index, so it stays its own repository. The search never
+    climbs to the home folder or above it: a dotfiles repository in ~ (or an index made there once) would
+    make every folder under it all of ~, and a `.git` another user left in /tmp would make it all of /tmp."""
+    home = Path.home()
     for folder in (start, *start.parents):
-        if (folder / ".git").exists() or _own_index(folder / ".longllama"):
+        if folder != start and home.is_relative_to(folder):
+            return None
+        if _owned(folder) and ((folder / ".git").exists() or _owned(folder / ".longllama")):
             return folder
     return None
 
 
-def _own_index(folder: Path) -> bool:
-    """An index folder this user made: one another user left in a shared parent (/tmp) names no repository."""
+def _owned(path: Path) -> bool:
+    """`path` exists and is this user's (not another user's folder or index in a shared parent such as /tmp)."""
     try:
-        return folder.is_dir() and folder.stat().st_uid == os.geteuid()
+        return path.stat().st_uid == os.geteuid()
     except OSError:
         return False
 

@@ -197,15 +197,32 @@ def test_repository_of_a_file(tmp_path, monkeypatch):
     assert repository_of(tmp_path / "plain" / "a" / "m.py") == tmp_path / "plain" / "a"  # nor in it: its folder
 
 
+def test_the_search_for_a_repository_stops_below_the_home_folder(tmp_path, monkeypatch):
+    """A dotfiles repository in ~ made every folder under ~ without a .git of its own all of ~."""
+    from longllama_lsp.commands import marked_folder
+
+    home = tmp_path / "home"
+    (home / ".git").mkdir(parents=True)
+    (home / "notes" / "a").mkdir(parents=True)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    assert marked_folder(home / "notes" / "a") is None
+    assert marked_folder(home) == home  # asked from ~ itself, ~ it is
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a folder away")
-def test_another_users_index_names_no_repository(tmp_path):
-    """A `.longllama/` another user left in a shared parent (/tmp) would have made `complete` index all of it."""
+def test_another_users_index_or_folder_names_no_repository(tmp_path):
+    """A `.longllama/` or `.git` another user left in a shared parent (/tmp) would have made `complete` index all
+    of it."""
     from longllama_lsp.commands import repository_of
 
     (tmp_path / ".longllama").mkdir()
     os.chown(tmp_path / ".longllama", 1, 1)
     (tmp_path / "a").mkdir()
     assert repository_of(tmp_path / "a" / "m.py") == tmp_path / "a"
+    (tmp_path / "b" / ".git").mkdir(parents=True)  # a .git in another user's folder: not a repository of yours
+    (tmp_path / "b" / "c").mkdir()
+    os.chown(tmp_path / "b", 1, 1)
+    assert repository_of(tmp_path / "b" / "c" / "m.py") == tmp_path / "b" / "c"
 
 
 def test_max_tokens_must_be_positive(capsys):
