@@ -88,13 +88,52 @@ def add_model_arguments(p: argparse.ArgumentParser, *, decoding: bool = False) -
                        "in float32 on a CPU, ~1.5x faster decoding; the --dtype value: no copies)")
 
 
+def repository_here() -> str:
+    """The repository every command but `complete` (repository_of) works on without --repo: the one the
+    current directory is in, as git finds it, so a subfolder is not indexed alone beside its repository's
+    index; "." when that is the current directory or there is none."""
+    here = Path.cwd()
+    found = marked_folder(here)
+    return "." if found is None or found == here else str(found)
+
+
+def marked_folder(start: Path) -> Path | None:
+    """The nearest of `start` (a folder) and the folders above it, all this user's, with a `.git` or an index
+    of this user's (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A
+    subfolder someone indexed by itself has its own index, so it stays its own repository. The search never
+    climbs to the home folder or above it: a dotfiles repository in ~ (or an index made there once) would
+    make every folder under it all of ~, and a `.git` another user left in /tmp would make it all of /tmp."""
+    home = Path.home()
+    for folder in (start, *start.parents):
+        if folder != start and home.is_relative_to(folder):
+            return None
+        if _owned(folder) and ((folder / ".git").exists() or _owned(folder / ".longllama")):
+            return folder
+    return None
+
+
+def _owned(path: Path) -> bool:
+    """`path` exists and is this user's (not another user's folder or index in a shared parent such as /tmp)."""
+    try:
+        return path.stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+HERE = "the repository you are in: the nearest of . and the folders above it (yours, below ~) with a .git or " \
+       "your .longllama/, else ."
+
+
 def add_repository_argument(p: argparse.ArgumentParser, help: str, *, repeat: bool = False,
-                            positional_alias: bool = False, required: bool = True, default: str | None = ".",
-                            default_help: str = ".") -> None:
+                            positional_alias: bool = False, required: bool = True, default: str | None = HERE,
+                            default_help: str = "") -> None:
     """`--repo DIR`, the one spelling of the repository in every command (repeat: one or more, required
-    unless `required=False`: then the command checks; else `default`, None when the command must know
-    whether it was given; `default_help` says what that means). Old spellings stay as hidden aliases:
-    `--root DIR` (ask, complete), a positional (index, watch, status)."""
+    unless `required=False`: then the command checks; else `default`: HERE, the repository the current
+    directory is in (repository_here), or None when the command must know whether it was given, with
+    `default_help` saying what that means). Old spellings stay as hidden aliases: `--root DIR` (ask,
+    complete), a positional (index, watch, status)."""
+    if default == HERE:
+        default, default_help = repository_here(), HERE
     if repeat:
         p.add_argument("--repo", action="append", required=required, default=None if required else [],
                        metavar="DIR", help=help + " (repeatable)")

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from .cli import (
     ProgressBars,
     add_model_arguments,
     add_repository_argument,
+    marked_folder,
     repository_problem,
     shown,
     shown_text,
@@ -173,14 +173,10 @@ def format_sources(sources: list[Source]) -> str:
 
 def add_ask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question, in quotes")
-    _common(p, default=None, default_help="the nearest folder at or above . with a .git or your index "
-                                          "(.longllama), else .")
+    _common(p)
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    if args.repo is None:
-        args.repo = str(marked_folder(Path.cwd()) or Path.cwd())
-        logger.info("repository: %s (--repo DIR to name another)", shown(args.repo))
     problem = repository_problem(args.repo) or (None if args.question.strip() else "the question is empty")
     if problem:
         return usage_error("ask", problem)
@@ -273,29 +269,6 @@ def repository_of(file: Path) -> Path:
     `complete` index wherever the shell stood (a home folder: all of it) as that file's memory."""
     full, here = file.resolve(), Path.cwd()
     return marked_folder(full.parent) or (here if full.is_relative_to(here) else full.parent)
-
-
-def marked_folder(start: Path) -> Path | None:
-    """The nearest of `start` (a folder) and the folders above it, all this user's, with a `.git` or an index
-    of this user's (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A
-    subfolder someone indexed by itself has its own index, so it stays its own repository. The search never
-    climbs to the home folder or above it: a dotfiles repository in ~ (or an index made there once) would
-    make every folder under it all of ~, and a `.git` another user left in /tmp would make it all of /tmp."""
-    home = Path.home()
-    for folder in (start, *start.parents):
-        if folder != start and home.is_relative_to(folder):
-            return None
-        if _owned(folder) and ((folder / ".git").exists() or _owned(folder / ".longllama")):
-            return folder
-    return None
-
-
-def _owned(path: Path) -> bool:
-    """`path` exists and is this user's (not another user's folder or index in a shared parent such as /tmp)."""
-    try:
-        return path.stat().st_uid == os.geteuid()
-    except OSError:
-        return False
 
 
 def _repository_for(args: argparse.Namespace, file: Path) -> None:

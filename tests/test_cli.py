@@ -155,9 +155,10 @@ def test_complete_remembers_the_repository_that_holds_the_file(tiny_model_dir, t
     assert (project / ".longllama").is_dir() and not (elsewhere / ".longllama").exists()
 
 
-def test_ask_in_a_subfolder_remembers_the_whole_repository(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_ask_in_a_subfolder_remembers_the_whole_repository(tiny_model_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                            capsys):
     """`longllama ask` from a project's subfolder indexed that subfolder alone, in an index of its own beside the
-    editor's. It now finds the repository as git does; a subfolder with its own index stays its own."""
+    editor's. Every command now finds the repository as git does; a subfolder with its own index stays its own."""
     project = tmp_path / "proj"
     (project / ".git").mkdir(parents=True)
     (project / "src" / "deep").mkdir(parents=True)
@@ -166,8 +167,10 @@ def test_ask_in_a_subfolder_remembers_the_whole_repository(tiny_model_dir, tmp_p
     argv = ["ask", "What does shout return?", "--model", str(tiny_model_dir), "--max-tokens", "1", "--no-server"]
     assert main(argv) == 0
     assert (project / ".longllama").is_dir() and not (project / "src" / ".longllama").exists()
+    assert main(["status"]) == 0  # from the subfolder too: the index ask used
+    assert str(project) in capsys.readouterr().out
     (project / "src" / ".longllama").mkdir()
-    from longllama_lsp.commands import marked_folder
+    from longllama_lsp.cli import marked_folder
 
     assert marked_folder(project / "src" / "deep") == project / "src"
 
@@ -199,7 +202,7 @@ def test_repository_of_a_file(tmp_path, monkeypatch):
 
 def test_the_search_for_a_repository_stops_below_the_home_folder(tmp_path, monkeypatch):
     """A dotfiles repository in ~ made every folder under ~ without a .git of its own all of ~."""
-    from longllama_lsp.commands import marked_folder
+    from longllama_lsp.cli import marked_folder
 
     home = tmp_path / "home"
     (home / ".git").mkdir(parents=True)
