@@ -92,14 +92,17 @@ def repository_here() -> str:
     """The repository every command but `complete` (repository_of) works on without --repo: the one the
     current directory is in, as git finds it, so a subfolder is not indexed alone beside its repository's
     index; "." when that is the current directory or there is none."""
-    here = Path.cwd()
+    try:
+        here = Path.cwd()
+    except OSError:  # the current directory was deleted: "." says so when the command uses it
+        return "."
     found = marked_folder(here)
     return "." if found is None or found == here else str(found)
 
 
 def marked_folder(start: Path) -> Path | None:
     """The nearest of `start` (a folder) and the folders above it, all this user's, with a `.git` or an index
-    of this user's (`.longllama/`): the repository `ask` and `complete` remember when --repo is not given. A
+    of this user's (`.longllama/`): the repository a command works on when --repo is not given. A
     subfolder someone indexed by itself has its own index, so it stays its own repository. The search never
     climbs to the home folder or above it: a dotfiles repository in ~ (or an index made there once) would
     make every folder under it all of ~, and a `.git` another user left in /tmp would make it all of /tmp."""
