@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path (the default repository ".") would end in a traceback
+        print("longllama: error: the current directory no longer exists (deleted?); cd to one that does",
+              file=sys.stderr)
+        return 2
+    try:
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not in Python's flush at exit
         return status

@@ -228,6 +228,17 @@ def test_another_users_index_or_folder_names_no_repository(tmp_path):
     assert repository_of(tmp_path / "b" / "c" / "m.py") == tmp_path / "b" / "c"
 
 
+def test_a_deleted_current_directory_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """`longllama status` in a directory another shell deleted ended in a FileNotFoundError traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "the current directory no longer exists" in err and "Traceback" not in err
+
+
 def test_max_tokens_must_be_positive(capsys):
     with pytest.raises(SystemExit) as done:
         main(["complete", "m.py:1:1", "--max-tokens", "0"])
