@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -512,27 +512,33 @@ class Assembler:
         ranked = sorted(found.values(), key=lambda s: (bool(defined_by(s.symbol) & named), s.weight), reverse=True)
         return [s for s in ranked if s.weight > 0][:top]
 
-
     @staticmethod
     def defined(asm: Assembled, named: frozenset[str], most: int = 4) -> list[Definition]:
         """Where `asm`'s banks define a name in `named` (a question's names), in file order, at most `most`,
         with the definition's line and members: a question's prompt says them, since memory holds code and
         not the paths of its files (asked "Which file defines retry_if_exception_type?", the model named a
         file that does not exist)."""
-        found = sorted(((meta, seg) for seg in (asm.segments if named else ())
-                        if seg.bank is not None and seg.repo is not None
-                        for meta in seg.bank.resident().values() if defined_by(meta.symbol) & named),
+        found = sorted(((meta, seg) for seg, _, meta in _named_chunks(asm, named) if seg.repo is not None),
                        key=lambda found: (found[0].path, found[0].start_line))
         return [_definition(seg, meta) for meta, seg in found[:most]]
+
+
+def _named_chunks(asm: Assembled, named: frozenset[str]) -> Iterator[tuple[Segment, Hashable, Any]]:
+    """(segment, chunk id, row) of the banks' chunks that define a name in `named` (their index symbol's last
+    part): Assembler.sources puts them first, Assembler.defined says where they are."""
+    for seg in asm.segments if named else ():
+        if seg.bank is not None:
+            for chunk_id, meta in seg.bank.resident().items():
+                if defined_by(meta.symbol) & named:
+                    yield seg, chunk_id, meta
 
 
 def _definition(seg: Segment, meta: Any) -> Definition:
     """A bank chunk as a Definition: its text read back (or an edited buffer chunk's own) for its line."""
     assert seg.bank is not None and seg.repo is not None  # Assembler.defined reads bank segments only
-    source = Source(meta.path, meta.start_line, meta.end_line, meta.symbol, 0.0,
-                    str(seg.root / meta.path) if seg.root is not None else None)
     text = _reader(seg.repo, meta)() or ""
-    return Definition(source, definition_line(text, meta.symbol), members_of(meta.symbol, seg.bank.resident().values()))
+    return Definition(_chunk_source(seg, meta, 0.0), definition_line(text, meta.symbol),
+                      members_of(meta.symbol, seg.bank.resident().values()))
 
 
 def definition_line(text: str, symbol: str, most_lines: int = 6) -> str:
@@ -560,15 +566,12 @@ def members_of(symbol: str, chunks: Iterable[Any], most: int = 12) -> tuple[str,
 def _defining(share: torch.Tensor, asm: Assembled, named: frozenset[str]) -> dict[Any, Source]:
     """The sources (as _source_of keys them) of the banks' chunks that define a name in `named`."""
     found: dict[Any, Source] = {}
-    for seg in asm.segments:
-        if seg.bank is None:
-            continue
-        for chunk_id, meta in seg.bank.resident().items():
-            slots = seg.bank.chunk_slots(chunk_id)
-            if slots is not None and defined_by(meta.symbol) & named:
-                key, src = _source_of(seg, seg.start + slots.start, share)
-                if src is not None:
-                    found[key] = src
+    for seg, chunk_id, _ in _named_chunks(asm, named):
+        slots = seg.bank.chunk_slots(chunk_id)
+        if slots is not None:
+            key, src = _source_of(seg, seg.start + slots.start, share)
+            if src is not None:
+                found[key] = src
     return found
 
 
@@ -584,9 +587,13 @@ def _source_of(seg: Segment, slot: int, share: torch.Tensor) -> tuple[Any, Sourc
     chunk_id = getattr(meta, "id", None)
     slots = seg.bank.chunk_slots(chunk_id) if chunk_id is not None else None
     w = float(share[seg.start + slots.start + 1:seg.start + slots.stop].sum()) if slots else float(share[slot])
-    file = str(seg.root / meta.path) if seg.root is not None else None
-    return (id(seg.bank), chunk_id, meta.path, meta.start_line), Source(
-        meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), w, file)
+    return (id(seg.bank), chunk_id, meta.path, meta.start_line), _chunk_source(seg, meta, w)
+
+
+def _chunk_source(seg: Segment, meta: Any, weight: float) -> Source:
+    """A bank chunk as a Source: its path in its repository, the file's absolute path when the root is known."""
+    return Source(meta.path, meta.start_line, meta.end_line, getattr(meta, "symbol", None), weight,
+                  str(seg.root / meta.path) if seg.root is not None else None)
 
 
 def _reader(repo: MemorySource, meta: Any) -> Callable[[], str | None]:
