@@ -367,15 +367,17 @@ class StopRule:
         when lines the model finished come before it; a lone line stays, as in line mode: it is the start
         of what was asked for."""
         if self.mode == "line":
-            return self._first_line(text)[0]
+            return self._first_line(text, self._line_start(text))[0]
         kept, _ = self(text)
         if not out_of_tokens:
             return kept
         head, newline, _cut = kept.rpartition("\n")
         return head.rstrip() if newline and head.strip() else kept
 
-    def _first_line(self, text: str) -> tuple[str, bool]:
-        nl = text.find("\n", self._line_start(text))
+    @staticmethod
+    def _first_line(text: str, start: int) -> tuple[str, bool]:
+        """(`text` up to the first line break at or after `start`, whether there is one)."""
+        nl = text.find("\n", start)
         return (text, False) if nl < 0 else (text[:nl].rstrip("\r"), True)
 
     def _line_start(self, text: str) -> int:
@@ -385,8 +387,8 @@ class StopRule:
     def _line(self, text: str) -> tuple[str, bool]:
         """The first line; when it ends opening a bracket (`foo(`) and the model breaks the line there, the
         lines up to the one that closes it: `foo(` alone was all a user got of a call written black's way."""
-        first, done = self._first_line(text)
         start = self._line_start(text)
+        first, done = self._first_line(text, start)
         line = (self.line_prefix if start == 0 else "") + first[start:]
         if not done or not self.spans_lines or not first[start:].strip() or not _opens_a_bracket(line):
             return first, done
